@@ -1,0 +1,250 @@
+"""The HTTP API: Klein routes, request parsing, and the one map from errors to statuses.
+
+Every response is JSON; every error is ``{"error": {"code": ..., "message": ...}}``.
+Handlers do no blocking work: bodies are parsed here, images are decoded on the decode pool
+and run on the inference thread by the service.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from klein import Klein
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.server import Request
+from werkzeug.exceptions import HTTPException
+
+from batchserve.bodies import RequestLimits, read_images
+from batchserve.errors import (
+    BatchserveError,
+    DeadlineExceeded,
+    InferenceFailed,
+    InvalidInput,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from batchserve.inference import Prediction
+from batchserve.metrics import Metrics
+from batchserve.service import ImageService, Label
+
+log = Logger()
+
+STATUS_BY_ERROR: dict[type[BatchserveError], int] = {
+    InvalidInput: 400,
+    PayloadTooLarge: 413,
+    UnsupportedMediaType: 415,
+    Overloaded: 503,
+    NotReady: 503,
+    DeadlineExceeded: 504,
+    InferenceFailed: 500,
+}
+
+#: Status recorded in metrics for a client that hung up before its response (nginx's code).
+CLIENT_CLOSED = 499
+
+DEFAULT_TOP_K = 5
+
+
+def status_for(error: BatchserveError) -> int:
+    for kind in type(error).__mro__:
+        if kind in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[kind]  # type: ignore[index]
+    return 500
+
+
+class BoundedRequest(Request):
+    """A Request that stops buffering its body once it is over ``max_body_bytes``, judged
+    from Content-Length before any of the body arrives, or while it streams in."""
+
+    max_body_bytes = 32 * 1024 * 1024
+    body_over_limit = False
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.max_body_bytes:
+            self.body_over_limit = True
+        super().gotLength(None if self.body_over_limit else length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.body_over_limit:
+            return
+        if self.content.tell() + len(data) > self.max_body_bytes:
+            self.body_over_limit = True
+            self.content.seek(0)
+            self.content.truncate()
+            return
+        super().handleContentChunk(data)
+
+
+def bounded_request_factory(max_body_bytes: int) -> type[BoundedRequest]:
+    """A BoundedRequest class with its limit, for ``Site(requestFactory=...)``."""
+    return type("BoundedRequest", (BoundedRequest,), {"max_body_bytes": max_body_bytes})
+
+
+def json_body(request: IRequest, status: int, doc: Any) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    return json.dumps(doc, separators=(",", ":")).encode("utf-8")
+
+
+def error_body(request: IRequest, status: int, code: str, message: str) -> bytes:
+    return json_body(request, status, {"error": {"code": code, "message": message}})
+
+
+class BatchserveAPI:
+    """The Klein application; ``app.resource()`` is the root resource to serve."""
+
+    app = Klein()
+
+    def __init__(
+        self, service: ImageService, metrics: Metrics, limits: RequestLimits,
+    ) -> None:
+        self._service = service
+        self._metrics = metrics
+        self._limits = limits
+
+    def resource(self) -> Any:
+        return self.app.resource()
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def _respond(
+        self, request: IRequest, route: str, work: Callable[[], Deferred[Any] | Any]
+    ) -> Deferred[bytes]:
+        """Run ``work`` (returns the JSON document), map errors, record metrics."""
+        started = time.perf_counter()
+
+        def ok(doc: Any) -> bytes:
+            return json_body(request, 200, doc)
+
+        def failed(failure: Failure) -> bytes | Failure:
+            if failure.check(CancelledError):
+                self._metrics.request_done(route, CLIENT_CLOSED, time.perf_counter() - started)
+                return failure  # Klein drops it: the client is gone
+            error = failure.value
+            if isinstance(error, BatchserveError):
+                status = status_for(error)
+                if isinstance(error, Overloaded | NotReady):
+                    request.setHeader(b"Retry-After", str(error.retry_after_s).encode())
+                if status >= 500 and not isinstance(error, Overloaded | NotReady):
+                    log.error("{route}: {error}", route=route, error=error)
+                return error_body(request, status, error.code, str(error))
+            log.failure("{route}: unexpected error", failure, route=route)
+            return error_body(request, 500, "internal", "internal server error")
+
+        def record(result: Any) -> Any:
+            if not isinstance(result, Failure):
+                code = getattr(request, "code", 200)
+                self._metrics.request_done(route, int(code), time.perf_counter() - started)
+            return result
+
+        d: Deferred[Any] = maybeDeferred(work)
+        d.addCallbacks(ok, failed)
+        d.addBoth(record)
+        return d
+
+    def _images(self, request: IRequest) -> list[bytes]:
+        if getattr(request, "body_over_limit", False):
+            raise PayloadTooLarge(
+                f"body is over the limit of {self._limits.max_body_bytes} bytes"
+            )
+        content_type = request.getHeader(b"content-type")
+        body = request.content.read() if request.content is not None else b""
+        return read_images(
+            content_type.decode("latin-1") if content_type else None, body, self._limits
+        )
+
+    # -- inference ----------------------------------------------------------------------
+
+    @app.route("/v1/embed", methods=["POST"])
+    def embed(self, request: IRequest) -> Deferred[bytes]:
+        def work() -> Deferred[Any]:
+            d = self._service.embed(self._images(request))
+            d.addCallback(self._embed_doc)
+            return d
+
+        return self._respond(request, "/v1/embed", work)
+
+    def _embed_doc(self, predictions: list[Prediction]) -> dict[str, Any]:
+        info = self._service.info
+        return {
+            "model": info.name if info else None,
+            "dim": info.dim if info else None,
+            "results": [{"embedding": p.embedding.tolist()} for p in predictions],
+        }
+
+    @app.route("/v1/classify", methods=["POST"])
+    def classify(self, request: IRequest) -> Deferred[bytes]:
+        def work() -> Deferred[Any]:
+            top_k = _int_arg(request, "k", DEFAULT_TOP_K, 1, 1000)
+            d = self._service.classify(self._images(request), top_k)
+            d.addCallback(self._classify_doc)
+            return d
+
+        return self._respond(request, "/v1/classify", work)
+
+    def _classify_doc(self, labels: list[list[Label]]) -> dict[str, Any]:
+        info = self._service.info
+        return {
+            "model": info.name if info else None,
+            "results": [
+                {"labels": [{"label": x.label, "score": x.score} for x in per_image]}
+                for per_image in labels
+            ],
+        }
+
+    # -- what is loaded, health ---------------------------------------------------------
+
+    @app.route("/v1/model", methods=["GET"])
+    def model(self, request: IRequest) -> Deferred[bytes]:
+        def work() -> dict[str, Any]:
+            info = self._service.info
+            if info is None:
+                raise NotReady("the model is loading")
+            return info.as_json()
+
+        return self._respond(request, "/v1/model", work)
+
+    @app.route("/healthz", methods=["GET"])
+    def healthz(self, request: IRequest) -> bytes:
+        return json_body(request, 200, {"status": "ok"})
+
+    @app.route("/readyz", methods=["GET"])
+    def readyz(self, request: IRequest) -> bytes:
+        if self._service.info is None:
+            request.setHeader(b"Retry-After", b"5")
+            return json_body(request, 503, {"status": "loading"})
+        return json_body(request, 200, {"status": "ready"})
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics(self, request: IRequest) -> bytes:
+        request.setHeader(b"Content-Type", self._metrics.content_type.encode())
+        return self._metrics.render()
+
+    @app.handle_errors(HTTPException)
+    def http_error(self, request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        assert isinstance(error, HTTPException)
+        status = error.code or 500
+        code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
+        return error_body(request, status, code, error.description or error.name)
+
+
+def _int_arg(request: IRequest, name: str, default: int, low: int, high: int) -> int:
+    raw = request.args.get(name.encode(), [None])[0]
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError as e:
+        raise InvalidInput(f"{name} must be an integer, got {raw!r}") from e
+    if not low <= value <= high:
+        raise InvalidInput(f"{name} must be between {low} and {high}, got {value}")
+    return value

@@ -1,0 +1,305 @@
+"""The Batcher: turns single submissions into batches for one runner.
+
+Items wait in a bounded queue. A batch is handed to the runner when any of these holds, and
+fewer than ``max_inflight`` batches are already with the runner:
+
+- the queue holds ``max_batch_size`` items (a full batch);
+- the runner is idle (nothing in flight): a lone request pays no batching delay, and under
+  load the queue fills while the previous batch computes;
+- the oldest item has waited ``max_delay_s`` (only matters with ``max_inflight`` > 1).
+
+Every item has a deadline: one still queued when it passes is dropped and fails with
+DeadlineExceeded; one in flight fails at its deadline and its result is discarded. Cancelling
+an item's Deferred (Klein does so when the client hangs up) removes it from the queue, and the
+runner skips items no longer wanted when it starts a batch (``Batch.live_indices``).
+
+Plain Twisted: all methods run on the reactor thread; time comes from the injected clock.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from batchserve.errors import DeadlineExceeded, InferenceFailed, Overloaded
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+In_co = TypeVar("In_co", covariant=True)
+
+log = Logger()
+
+#: Tolerance for comparing float clock times, so a timer firing at its due time counts as due.
+_EPSILON_S = 1e-9
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """When batches are formed. Times in seconds."""
+
+    max_batch_size: int = 32
+    max_delay_s: float = 0.005
+    max_queue: int = 512
+    max_inflight: int = 1
+    timeout_s: float = 10.0
+
+
+class _Item(Generic[In, Out]):
+    __slots__ = ("deadline", "deferred", "done", "enqueued_s", "payload")
+
+    def __init__(self, payload: In, enqueued_s: float) -> None:
+        self.payload = payload
+        self.enqueued_s = enqueued_s
+        self.deferred: Deferred[Out] | None = None
+        self.deadline: IDelayedCall | None = None
+        # Set once on the reactor thread; read by the runner's thread (a benign race: at
+        # worst the runner computes one item that was dropped a moment before).
+        self.done = False
+
+
+class Batch(Generic[In_co]):
+    """A batch handed to a runner: ``payloads[i]`` is the input of item ``i``."""
+
+    def __init__(self, items: Sequence[_Item[Any, Any]]) -> None:
+        self._items = items
+        self.payloads: list[In_co] = [item.payload for item in items]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def live_indices(self) -> list[int]:
+        """Indices of the items still wanted (not cancelled, not expired).
+
+        Safe to call from the runner's thread, when it starts the batch.
+        """
+        return [i for i, item in enumerate(self._items) if not item.done]
+
+
+class BatchRunner(Protocol[In, Out]):
+    """Runs a whole batch; the seam between the Batcher and the model."""
+
+    def run(self, batch: Batch[In]) -> Deferred[Sequence[Out | None]]:
+        """Return one result per item, in order; ``None`` only for items not live when the
+        batch started. The Deferred must fire on the reactor thread."""
+        ...
+
+
+class BatchObserver(Protocol):
+    """Receives the Batcher's measurements (metrics.py implements it)."""
+
+    def queue_size(self, items: int) -> None: ...
+
+    def batch_started(self, size: int, waits_s: Sequence[float]) -> None: ...
+
+    def item_rejected(self, reason: str) -> None: ...
+
+
+class _NoObserver:
+    def queue_size(self, items: int) -> None:
+        pass
+
+    def batch_started(self, size: int, waits_s: Sequence[float]) -> None:
+        pass
+
+    def item_rejected(self, reason: str) -> None:
+        pass
+
+
+class Batcher(Generic[In, Out]):
+    """Collects submitted items into batches for ``runner``, by ``policy``, on ``clock``."""
+
+    def __init__(
+        self,
+        runner: BatchRunner[In, Out],
+        policy: BatchPolicy,
+        clock: IReactorTime,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self._runner = runner
+        self._policy = policy
+        self._clock = clock
+        self._observer: BatchObserver = observer or _NoObserver()
+        self._queue: dict[int, _Item[In, Out]] = {}
+        self._ids = itertools.count()
+        self._inflight = 0
+        self._timer: IDelayedCall | None = None
+        self._flushing = False
+        self._flush_again = False
+        # Moving average of a batch's run time, for the Retry-After estimate.
+        self._batch_s = 0.05
+
+    @property
+    def policy(self) -> BatchPolicy:
+        return self._policy
+
+    @property
+    def queued(self) -> int:
+        """Items waiting to be handed to the runner."""
+        return len(self._queue)
+
+    @property
+    def inflight(self) -> int:
+        """Batches handed to the runner and not finished."""
+        return self._inflight
+
+    def retry_after_s(self) -> int:
+        """Whole seconds a rejected client should wait: the time to drain the queue."""
+        batches = self.queued / self._policy.max_batch_size + self._inflight
+        return max(1, math.ceil(batches * self._batch_s))
+
+    def submit(self, payload: In, timeout_s: float | None = None) -> Deferred[Out]:
+        """Queue ``payload``; the Deferred fires with its result.
+
+        Fails with Overloaded at once when the queue is full, with DeadlineExceeded when
+        ``timeout_s`` (default: the policy's) passes first. Cancel it to drop the item.
+        """
+        if len(self._queue) >= self._policy.max_queue:
+            self._observer.item_rejected("queue_full")
+            return fail(
+                Overloaded(
+                    f"queue full ({self._policy.max_queue} items); retry later",
+                    retry_after_s=self.retry_after_s(),
+                )
+            )
+        item: _Item[In, Out] = _Item(payload, self._clock.seconds())
+        key = next(self._ids)
+        item.deferred = Deferred(lambda _d: self._cancel(key, item))
+        timeout = self._policy.timeout_s if timeout_s is None else timeout_s
+        item.deadline = self._clock.callLater(timeout, self._expire, key, item)
+        self._queue[key] = item
+        self._observer.queue_size(len(self._queue))
+        d = item.deferred
+        self._flush()
+        return d
+
+    def _cancel(self, key: int, item: _Item[In, Out]) -> None:
+        # The canceller runs before Twisted errbacks the Deferred with CancelledError.
+        if item.done:
+            return
+        item.done = True
+        self._stop_deadline(item)
+        if self._queue.pop(key, None) is not None:
+            self._observer.queue_size(len(self._queue))
+        self._observer.item_rejected("cancelled")
+
+    def _expire(self, key: int, item: _Item[In, Out]) -> None:
+        item.deadline = None
+        if item.done:
+            return
+        item.done = True
+        queued = self._queue.pop(key, None) is not None
+        if queued:
+            self._observer.queue_size(len(self._queue))
+        self._observer.item_rejected("deadline")
+        where = "in the queue" if queued else "while its batch ran"
+        assert item.deferred is not None
+        item.deferred.errback(DeadlineExceeded(f"deadline passed {where}"))
+
+    @staticmethod
+    def _stop_deadline(item: _Item[In, Out]) -> None:
+        if item.deadline is not None and item.deadline.active():
+            item.deadline.cancel()
+        item.deadline = None
+
+    def _flush(self) -> None:
+        # Re-entrancy guard: a runner that answers synchronously calls back into _flush.
+        if self._flushing:
+            self._flush_again = True
+            return
+        self._flushing = True
+        try:
+            self._flush_again = True
+            while self._flush_again:
+                self._flush_again = False
+                self._flush_once()
+        finally:
+            self._flushing = False
+
+    def _flush_once(self) -> None:
+        policy = self._policy
+        while self._queue and self._inflight < policy.max_inflight:
+            oldest = next(iter(self._queue.values()))
+            now = self._clock.seconds()
+            due_s = oldest.enqueued_s + policy.max_delay_s
+            full = len(self._queue) >= policy.max_batch_size
+            idle = self._inflight == 0
+            if full or idle or now + _EPSILON_S >= due_s:
+                self._dispatch(now)
+                continue
+            self._arm_timer(due_s - now)
+            return
+        self._disarm_timer()
+
+    def _arm_timer(self, delay_s: float) -> None:
+        if self._timer is not None and self._timer.active():
+            if abs(self._timer.getTime() - (self._clock.seconds() + delay_s)) < _EPSILON_S:
+                return
+            self._timer.cancel()
+        self._timer = self._clock.callLater(delay_s, self._on_timer)
+
+    def _disarm_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._flush()
+
+    def _dispatch(self, now: float) -> None:
+        keys = list(itertools.islice(self._queue, self._policy.max_batch_size))
+        items = [self._queue.pop(k) for k in keys]
+        self._observer.queue_size(len(self._queue))
+        self._observer.batch_started(len(items), [now - item.enqueued_s for item in items])
+        self._inflight += 1
+        d = maybeDeferred(self._runner.run, Batch(items))
+        d.addCallbacks(
+            self._deliver, self._fail, callbackArgs=(items,), errbackArgs=(items,)
+        )
+        d.addBoth(self._finished, now)
+
+    def _deliver(self, results: Sequence[Out | None], items: list[_Item[In, Out]]) -> None:
+        if len(results) != len(items):
+            self._fail(
+                Failure(
+                    InferenceFailed(
+                        f"runner returned {len(results)} results for {len(items)} items"
+                    )
+                ),
+                items,
+            )
+            return
+        for item, result in zip(items, results, strict=True):
+            if item.done:
+                continue
+            item.done = True
+            self._stop_deadline(item)
+            assert item.deferred is not None
+            if result is None:
+                item.deferred.errback(InferenceFailed("runner skipped a live item"))
+            else:
+                item.deferred.callback(result)
+
+    def _fail(self, failure: Failure, items: list[_Item[In, Out]]) -> None:
+        log.failure("batch of {size} failed", failure, size=len(items))
+        for item in items:
+            if item.done:
+                continue
+            item.done = True
+            self._stop_deadline(item)
+            assert item.deferred is not None
+            item.deferred.errback(failure)
+
+    def _finished(self, _result: object, started_s: float) -> None:
+        self._inflight -= 1
+        elapsed = self._clock.seconds() - started_s
+        self._batch_s = 0.8 * self._batch_s + 0.2 * elapsed
+        self._flush()

@@ -1,0 +1,186 @@
+"""The inference thread: one long-lived thread that owns the model and runs whole batches.
+
+The thread loads the model (so TensorFlow's state lives on it), warms up every padded batch
+size, then takes batches from its queue. Each batch is stacked and padded up to the next
+allowed size, so the compiled function sees only a few shapes and never retraces. Results
+and failures go back to the reactor with ``reactor.callFromThread``; no Deferred is fired
+from this thread.
+"""
+
+from __future__ import annotations
+
+import bisect
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from batchserve.batching import Batch
+from batchserve.errors import InferenceFailed, NotReady
+from batchserve.models import EmbeddingModel, ModelInfo, ModelOutputs
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's result: ``embedding`` float32 [dim] (unit norm); ``probabilities``
+    float32 [classes] or None."""
+
+    embedding: npt.NDArray[np.float32]
+    probabilities: npt.NDArray[np.float32] | None
+
+
+class InferenceObserver(Protocol):
+    def inference_done(self, padded_size: int, seconds: float) -> None:
+        """Called on the inference thread after each batch (must be thread-safe)."""
+        ...
+
+
+def padded_size(n: int, sizes: Sequence[int]) -> int:
+    """The smallest allowed size >= n. ``sizes`` ascending; n <= sizes[-1]."""
+    return sizes[bisect.bisect_left(sizes, n)]
+
+
+def pad_batch(images: Sequence[npt.NDArray[np.uint8]], size: int) -> npt.NDArray[np.uint8]:
+    """Stack ``images`` (each uint8 [H, W, 3]) into [size, H, W, 3], zero-padded."""
+    first = images[0]
+    out = np.zeros((size, *first.shape), dtype=np.uint8)
+    for i, image in enumerate(images):
+        out[i] = image
+    return out
+
+
+def split_outputs(outputs: ModelOutputs, n: int) -> list[Prediction]:
+    """The first ``n`` rows of a padded batch's outputs, one Prediction each."""
+    probabilities = outputs.probabilities
+    return [
+        Prediction(
+            embedding=outputs.embeddings[i].copy(),
+            probabilities=None if probabilities is None else probabilities[i].copy(),
+        )
+        for i in range(n)
+    ]
+
+
+_STOP = object()
+
+
+class InferenceWorker:
+    """Runs batches of uint8 images on one thread; implements the Batcher's runner.
+
+    ``load`` is called on the thread and returns the model. ``sizes`` are the padded batch
+    sizes, ascending. ``start()`` fires with the ModelInfo once the model is warm.
+    """
+
+    def __init__(
+        self,
+        load: Callable[[], EmbeddingModel],
+        reactor: IReactorFromThreads,
+        sizes: Sequence[int],
+        warmup: bool = True,
+        observer: InferenceObserver | None = None,
+    ) -> None:
+        self._load = load
+        self._reactor = reactor
+        self._sizes = sorted(sizes)
+        self._warmup = warmup
+        self._observer = observer
+        self._jobs: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._ready: Deferred[ModelInfo] = Deferred()
+        self.info: ModelInfo | None = None
+
+    @property
+    def ready(self) -> bool:
+        """True once the model is loaded and warmed up."""
+        return self.info is not None
+
+    @property
+    def sizes(self) -> list[int]:
+        return list(self._sizes)
+
+    def start(self) -> Deferred[ModelInfo]:
+        """Start the thread; the Deferred fires on the reactor when the model is warm, or
+        fails with the load error."""
+        self._thread = threading.Thread(target=self._main, name="batchserve-inference",
+                                        daemon=True)
+        self._thread.start()
+        return self._ready
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Ask the thread to finish its queued batches and exit; wait up to ``timeout_s``."""
+        if self._thread is None:
+            return
+        self._jobs.put(_STOP)
+        self._thread.join(timeout_s)
+
+    def run(self, batch: Batch[npt.NDArray[np.uint8]]) -> Deferred[Sequence[Prediction | None]]:
+        """Queue ``batch`` for the thread; the Deferred fires on the reactor."""
+        if self._thread is None or not self._thread.is_alive():
+            return fail(NotReady("the inference thread is not running"))
+        d: Deferred[Sequence[Prediction | None]] = Deferred()
+        self._jobs.put((batch, d))
+        return d
+
+    def _main(self) -> None:
+        try:
+            model = self._load()
+            if self._warmup:
+                self._warm(model)
+        except BaseException:
+            self._reactor.callFromThread(self._ready.errback, Failure())
+            return
+        self._reactor.callFromThread(self._became_ready, model.info)
+        while True:
+            job = self._jobs.get()
+            if job is _STOP:
+                return
+            batch, d = job  # type: ignore[misc]
+            try:
+                results = self._run(model, batch)
+            except Exception as e:
+                failure = Failure(InferenceFailed(f"model failed on a batch: {e!r}"))
+                log.error("model failed on a batch of {n}: {e!r}", n=len(batch), e=e)
+                self._reactor.callFromThread(d.errback, failure)
+            else:
+                self._reactor.callFromThread(d.callback, results)
+
+    def _became_ready(self, info: ModelInfo) -> None:
+        self.info = info
+        self._ready.callback(info)
+
+    def _warm(self, model: EmbeddingModel) -> None:
+        height, width = model.info.input_size
+        for size in self._sizes:
+            started = time.perf_counter()
+            model.predict(np.zeros((size, height, width, 3), dtype=np.uint8))
+            log.info("warmed up batch size {size} in {s:.2f} s", size=size,
+                     s=time.perf_counter() - started)
+
+    def _run(
+        self, model: EmbeddingModel, batch: Batch[npt.NDArray[np.uint8]]
+    ) -> list[Prediction | None]:
+        live = batch.live_indices()
+        results: list[Prediction | None] = [None] * len(batch)
+        if not live:
+            return results
+        for start in range(0, len(live), self._sizes[-1]):
+            chunk = live[start:start + self._sizes[-1]]
+            size = padded_size(len(chunk), self._sizes)
+            started = time.perf_counter()
+            outputs = model.predict(pad_batch([batch.payloads[i] for i in chunk], size))
+            if self._observer is not None:
+                self._observer.inference_done(size, time.perf_counter() - started)
+            for i, prediction in zip(chunk, split_outputs(outputs, len(chunk)), strict=True):
+                results[i] = prediction
+        return results

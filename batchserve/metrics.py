@@ -1,0 +1,101 @@
+"""Every Prometheus metric batchserve exports, in one registry owned by one object.
+
+Names are stable (see DESIGN.md); units are base units (seconds, bytes, totals).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
+
+_LATENCY_BUCKETS_S = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 10.0, 30.0,
+)
+_WAIT_BUCKETS_S = (
+    0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    """The registry and its metrics; implements BatchObserver and InferenceObserver."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "batchserve_requests", "HTTP requests by route and status code",
+            ["route", "code"], registry=r,
+        )
+        self.request_seconds = Histogram(
+            "batchserve_request_seconds", "Time from request to response, by route",
+            ["route"], buckets=_LATENCY_BUCKETS_S, registry=r,
+        )
+        self.queue_items = Gauge(
+            "batchserve_queue_items", "Images waiting for the model", registry=r
+        )
+        self.queue_wait_seconds = Histogram(
+            "batchserve_queue_wait_seconds", "Time an image waited in the queue for its batch",
+            buckets=_WAIT_BUCKETS_S, registry=r,
+        )
+        self.batch_size = Histogram(
+            "batchserve_batch_size", "Images per batch handed to the model (before padding)",
+            buckets=_BATCH_BUCKETS, registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "batchserve_inference_seconds", "Model time per batch, by padded batch size",
+            ["batch_size"], buckets=_LATENCY_BUCKETS_S, registry=r,
+        )
+        self.decode_seconds = Histogram(
+            "batchserve_decode_seconds", "Time to decode and resize one image",
+            buckets=_LATENCY_BUCKETS_S, registry=r,
+        )
+        self.rejected = Counter(
+            "batchserve_rejected", "Images refused or dropped, by reason "
+            "(queue_full, deadline, cancelled, not_ready)", ["reason"], registry=r,
+        )
+        self.model_info = Info("batchserve_model", "The model being served", registry=r)
+
+    # BatchObserver
+    def queue_size(self, items: int) -> None:
+        self.queue_items.set(items)
+
+    def batch_started(self, size: int, waits_s: Sequence[float]) -> None:
+        self.batch_size.observe(size)
+        for wait in waits_s:
+            self.queue_wait_seconds.observe(wait)
+
+    def item_rejected(self, reason: str) -> None:
+        self.rejected.labels(reason).inc()
+
+    # InferenceObserver (called on the inference thread; prometheus_client is thread-safe)
+    def inference_done(self, padded_size: int, seconds: float) -> None:
+        self.inference_seconds.labels(str(padded_size)).observe(seconds)
+
+    def request_done(self, route: str, code: int, seconds: float) -> None:
+        self.requests.labels(route, str(code)).inc()
+        self.request_seconds.labels(route).observe(seconds)
+
+    def decoded(self, seconds: float) -> None:
+        self.decode_seconds.observe(seconds)
+
+    def set_model(self, name: str, source: str, dim: int, pretrained: bool) -> None:
+        self.model_info.info(
+            {"name": name, "source": source, "dim": str(dim), "pretrained": str(pretrained)}
+        )
+
+    def render(self) -> bytes:
+        """The exposition text of every metric."""
+        return generate_latest(self.registry)
