@@ -17,7 +17,7 @@ from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from twisted.web.server import Request
+from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException
 
 from batchserve.bodies import RequestLimits, read_images
@@ -56,7 +56,7 @@ DEFAULT_TOP_K = 5
 def status_for(error: BatchserveError) -> int:
     for kind in type(error).__mro__:
         if kind in STATUS_BY_ERROR:
-            return STATUS_BY_ERROR[kind]  # type: ignore[index]
+            return STATUS_BY_ERROR[kind]
     return 500
 
 
@@ -67,13 +67,13 @@ class BoundedRequest(Request):
     max_body_bytes = 32 * 1024 * 1024
     body_over_limit = False
 
-    def gotLength(self, length: int | None) -> None:
+    def gotLength(self, length: int | None) -> None:  # noqa: N802 (Twisted API)
         if length is not None and length > self.max_body_bytes:
             self.body_over_limit = True
         super().gotLength(None if self.body_over_limit else length)
 
-    def handleContentChunk(self, data: bytes) -> None:
-        if self.body_over_limit:
+    def handleContentChunk(self, data: bytes) -> None:  # noqa: N802 (Twisted API)
+        if self.body_over_limit or self.content is None:
             return
         if self.content.tell() + len(data) > self.max_body_bytes:
             self.body_over_limit = True
@@ -86,6 +86,20 @@ class BoundedRequest(Request):
 def bounded_request_factory(max_body_bytes: int) -> type[BoundedRequest]:
     """A BoundedRequest class with its limit, for ``Site(requestFactory=...)``."""
     return type("BoundedRequest", (BoundedRequest,), {"max_body_bytes": max_body_bytes})
+
+
+def _no_access_log(request: Request) -> None:
+    pass
+
+
+def configure_site(site: Site, max_body_bytes: int, access_log: bool) -> Site:
+    """Make ``site`` serve batchserve: bodies bounded, multipart left to us (Twisted would
+    parse it a second time on the reactor), access log on or off."""
+    site.requestFactory = bounded_request_factory(max_body_bytes)
+    site._parsePOSTFormSubmission = False
+    if not access_log:
+        site.log = _no_access_log  # type: ignore[method-assign,assignment]
+    return site
 
 
 def json_body(request: IRequest, status: int, doc: Any) -> bytes:
@@ -104,7 +118,10 @@ class BatchserveAPI:
     app = Klein()
 
     def __init__(
-        self, service: ImageService, metrics: Metrics, limits: RequestLimits,
+        self,
+        service: ImageService,
+        metrics: Metrics,
+        limits: RequestLimits,
     ) -> None:
         self._service = service
         self._metrics = metrics
@@ -152,9 +169,7 @@ class BatchserveAPI:
 
     def _images(self, request: IRequest) -> list[bytes]:
         if getattr(request, "body_over_limit", False):
-            raise PayloadTooLarge(
-                f"body is over the limit of {self._limits.max_body_bytes} bytes"
-            )
+            raise PayloadTooLarge(f"body is over the limit of {self._limits.max_body_bytes} bytes")
         content_type = request.getHeader(b"content-type")
         body = request.content.read() if request.content is not None else b""
         return read_images(

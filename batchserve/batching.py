@@ -34,6 +34,7 @@ from batchserve.errors import DeadlineExceeded, InferenceFailed, Overloaded
 In = TypeVar("In")
 Out = TypeVar("Out")
 In_co = TypeVar("In_co", covariant=True)
+In_contra = TypeVar("In_contra", contravariant=True)
 
 log = Logger()
 
@@ -83,10 +84,10 @@ class Batch(Generic[In_co]):
         return [i for i, item in enumerate(self._items) if not item.done]
 
 
-class BatchRunner(Protocol[In, Out]):
+class BatchRunner(Protocol[In_contra, Out]):
     """Runs a whole batch; the seam between the Batcher and the model."""
 
-    def run(self, batch: Batch[In]) -> Deferred[Sequence[Out | None]]:
+    def run(self, batch: Batch[In_contra]) -> Deferred[Sequence[Out | None]]:
         """Return one result per item, in order; ``None`` only for items not live when the
         batch started. The Deferred must fire on the reactor thread."""
         ...
@@ -154,6 +155,16 @@ class Batcher(Generic[In, Out]):
         """Whole seconds a rejected client should wait: the time to drain the queue."""
         batches = self.queued / self._policy.max_batch_size + self._inflight
         return max(1, math.ceil(batches * self._batch_s))
+
+    def check_room(self, items: int, pending: int = 0) -> None:
+        """Raise Overloaded (and count the rejection) unless ``items`` more fit in the queue
+        beside ``pending`` items that are on their way to it (being decoded)."""
+        if self.queued + pending + items > self._policy.max_queue:
+            self._observer.item_rejected("queue_full")
+            raise Overloaded(
+                f"queue full ({self._policy.max_queue} images); retry later",
+                retry_after_s=self.retry_after_s(),
+            )
 
     def submit(self, payload: In, timeout_s: float | None = None) -> Deferred[Out]:
         """Queue ``payload``; the Deferred fires with its result.
@@ -261,9 +272,7 @@ class Batcher(Generic[In, Out]):
         self._observer.batch_started(len(items), [now - item.enqueued_s for item in items])
         self._inflight += 1
         d = maybeDeferred(self._runner.run, Batch(items))
-        d.addCallbacks(
-            self._deliver, self._fail, callbackArgs=(items,), errbackArgs=(items,)
-        )
+        d.addCallbacks(self._deliver, self._fail, callbackArgs=(items,), errbackArgs=(items,))
         d.addBoth(self._finished, now)
 
     def _deliver(self, results: Sequence[Out | None], items: list[_Item[In, Out]]) -> None:

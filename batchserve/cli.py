@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from batchserve import __version__, config
 from batchserve.errors import BatchserveError
@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"batchserve {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser(
-        "serve", help="serve the HTTP API",
+        "serve",
+        help="serve the HTTP API",
         description="Serve the HTTP API. Every flag can also be set with a BATCHSERVE_<NAME> "
         "environment variable or in a TOML file (--config).",
     )
@@ -41,12 +42,18 @@ def model_spec(settings: Settings) -> ModelSpec:
     from batchserve.models import ModelSpec
 
     return ModelSpec(
-        source=settings.model, weights=settings.weights, input_size=settings.input_size,
-        preprocess=settings.preprocess, signature=settings.signature,
+        source=settings.model,
+        weights=settings.weights,
+        input_size=settings.input_size,
+        preprocess=settings.preprocess,
+        signature=settings.signature,
         embedding_output=settings.embedding_output,
-        classifier_output=settings.classifier_output, labels_file=settings.labels_file,
-        device=settings.device, jit_compile=settings.jit_compile,
-        intra_op_threads=settings.intra_op_threads, inter_op_threads=settings.inter_op_threads,
+        classifier_output=settings.classifier_output,
+        labels_file=settings.labels_file,
+        device=settings.device,
+        jit_compile=settings.jit_compile,
+        intra_op_threads=settings.intra_op_threads,
+        inter_op_threads=settings.inter_op_threads,
     )
 
 
@@ -70,14 +77,14 @@ def serve(settings: Settings) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from functools import partial
 
-    from twisted.internet import reactor
+    from twisted.internet import reactor as installed_reactor
     from twisted.internet.threads import deferToThreadPool
     from twisted.logger import Logger
     from twisted.python.failure import Failure
     from twisted.python.threadpool import ThreadPool
     from twisted.web.server import Site
 
-    from batchserve.api import BatchserveAPI, bounded_request_factory
+    from batchserve.api import BatchserveAPI, configure_site
     from batchserve.batching import Batcher, BatchPolicy
     from batchserve.bodies import RequestLimits
     from batchserve.images import DecodeLimits
@@ -86,6 +93,7 @@ def serve(settings: Settings) -> int:
     from batchserve.models import ModelInfo, load_model
     from batchserve.service import ImageService
 
+    reactor: Any = installed_reactor  # the interfaces it provides are not declared to mypy
     _start_logging(settings.log_level)
     log = Logger(namespace="batchserve")
     started = time.monotonic()
@@ -94,41 +102,49 @@ def serve(settings: Settings) -> int:
     metrics = Metrics()
     spec = model_spec(settings)
     worker = InferenceWorker(
-        lambda: load_model(spec), reactor, settings.padded_batch_sizes(),
-        warmup=settings.warmup, observer=metrics,
+        lambda: load_model(spec),
+        reactor,
+        settings.padded_batch_sizes(),
+        warmup=settings.warmup,
+        observer=metrics,
     )
     policy = BatchPolicy(
-        max_batch_size=settings.max_batch_size, max_delay_s=settings.max_delay_s,
-        max_queue=settings.max_queue, max_inflight=settings.max_inflight,
+        max_batch_size=settings.max_batch_size,
+        max_delay_s=settings.max_delay_s,
+        max_queue=settings.max_queue,
+        max_inflight=settings.max_inflight,
         timeout_s=settings.timeout_s,
     )
     batcher = Batcher(worker, policy, reactor, observer=metrics)
     decode_pool = ThreadPool(
-        minthreads=settings.decode_threads, maxthreads=settings.decode_threads,
+        minthreads=settings.decode_threads,
+        maxthreads=settings.decode_threads,
         name="batchserve-decode",
     )
     decode_pool.start()
     service = ImageService(
-        batcher, partial(deferToThreadPool, reactor, decode_pool), worker,
-        DecodeLimits(max_pixels=settings.max_image_pixels), observer=metrics,
+        batcher,
+        partial(deferToThreadPool, reactor, decode_pool),
+        worker,
+        DecodeLimits(max_pixels=settings.max_image_pixels),
+        observer=metrics,
     )
     api = BatchserveAPI(
-        service, metrics,
-        RequestLimits(max_body_bytes=settings.max_body_bytes,
-                      max_images=settings.max_images_per_request),
+        service,
+        metrics,
+        RequestLimits(
+            max_body_bytes=settings.max_body_bytes, max_images=settings.max_images_per_request
+        ),
     )
-    site = Site(
-        api.resource(), requestFactory=bounded_request_factory(settings.max_body_bytes),
-        parsePOSTFormSubmission=False,
-    )
-    if not settings.access_log:
-        site.log = lambda _request: None  # type: ignore[method-assign]
-    port = reactor.listenTCP(  # type: ignore[attr-defined]
-        settings.port, site, interface=settings.host
-    )
+    site = configure_site(Site(api.resource()), settings.max_body_bytes, settings.access_log)
+    port = reactor.listenTCP(settings.port, site, interface=settings.host)
     address = port.getHost()
-    log.info("batchserve {version} listening on http://{host}:{port}",
-             version=__version__, host=address.host, port=address.port)
+    log.info(
+        "batchserve {version} listening on http://{host}:{port}",
+        version=__version__,
+        host=address.host,
+        port=address.port,
+    )
 
     status = {"code": 0}
 
@@ -137,15 +153,18 @@ def serve(settings: Settings) -> int:
         log.info(
             "ready in {s:.1f} s: model {name} ({dim}-d, input {size}, {device}), "
             "batch sizes {sizes}",
-            s=time.monotonic() - started, name=info.name, dim=info.dim,
-            size="x".join(map(str, info.input_size)), device=info.device,
+            s=time.monotonic() - started,
+            name=info.name,
+            dim=info.dim,
+            size="x".join(map(str, info.input_size)),
+            device=info.device,
             sizes=worker.sizes,
         )
 
     def load_failed(failure: Failure) -> None:
         log.critical("cannot load the model: {error}", error=failure.getErrorMessage())
         status["code"] = 1
-        reactor.stop()  # type: ignore[attr-defined]
+        reactor.stop()
 
     worker.start().addCallbacks(ready, load_failed)
 
@@ -154,8 +173,8 @@ def serve(settings: Settings) -> int:
         decode_pool.stop()
         worker.stop()
 
-    reactor.addSystemEventTrigger("before", "shutdown", shutdown)  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.addSystemEventTrigger("before", "shutdown", shutdown)
+    reactor.run()
     return status["code"]
 
 

@@ -82,9 +82,7 @@ class Settings:
     warmup: bool = _setting(True, "run every padded batch size once before reporting ready")
 
     access_log: bool = _setting(False, "log one line per HTTP request (Common Log Format)")
-    log_level: str = _setting(
-        "info", "log level", ("debug", "info", "warn", "error", "critical")
-    )
+    log_level: str = _setting("info", "log level", ("debug", "info", "warn", "error", "critical"))
 
     @property
     def max_delay_s(self) -> float:
@@ -112,8 +110,13 @@ class Settings:
     def validate(self) -> Settings:
         """Return self, or raise ConfigError naming the first bad value."""
         positive = (
-            "max_batch_size", "max_inflight", "max_queue", "decode_threads",
-            "max_body_bytes", "max_image_pixels", "max_images_per_request",
+            "max_batch_size",
+            "max_inflight",
+            "max_queue",
+            "decode_threads",
+            "max_body_bytes",
+            "max_image_pixels",
+            "max_images_per_request",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -188,7 +191,7 @@ def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     for key, raw in environ.items():
         if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
             continue
-        name = key[len(ENV_PREFIX):].lower()
+        name = key[len(ENV_PREFIX) :].lower()
         if name not in types:
             raise ConfigError(f"unknown environment setting {key}")
         values[name] = _convert(key, types[name], raw)
@@ -198,7 +201,9 @@ def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one ``--flag`` per setting (default ``None``: "not given on the command line")."""
     parser.add_argument(
-        "--config", metavar="FILE", default=None,
+        "--config",
+        metavar="FILE",
+        default=None,
         help="TOML file with settings (also BATCHSERVE_CONFIG)",
     )
     for f in dataclasses.fields(Settings):
@@ -207,13 +212,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = f"{f.metadata['help']} (default: {f.default!r})"
         if kind is bool:
             parser.add_argument(
-                flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
+                flag,
+                dest=f.name,
+                default=None,
+                action=argparse.BooleanOptionalAction,
                 help=help_text,
             )
         else:
             parser.add_argument(
-                flag, dest=f.name, default=None, type=kind, metavar=f.name.upper(),
-                choices=f.metadata.get("choices"), help=help_text,
+                flag,
+                dest=f.name,
+                default=None,
+                type=kind,
+                metavar=f.name.upper(),
+                choices=f.metadata.get("choices"),
+                help=help_text,
             )
 
 

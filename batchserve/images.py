@@ -30,9 +30,7 @@ class DecodeLimits:
     max_pixels: int = 40_000_000
 
 
-def decode_image(
-    data: bytes, size: tuple[int, int], limits: DecodeLimits
-) -> npt.NDArray[np.uint8]:
+def decode_image(data: bytes, size: tuple[int, int], limits: DecodeLimits) -> npt.NDArray[np.uint8]:
     """Decode ``data`` into an RGB uint8 array of shape ``(height, width, 3)``.
 
     ``size`` is ``(height, width)``. The image is turned upright by its EXIF orientation,
@@ -110,4 +108,3 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         scaled = (values - low) * (255.0 / (high - low)) if high > low else values * 0.0
         return Image.fromarray(scaled.astype(np.uint8), mode="L").convert("RGB")
     return image.convert("RGB")
-

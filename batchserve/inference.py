@@ -72,7 +72,33 @@ def split_outputs(outputs: ModelOutputs, n: int) -> list[Prediction]:
     ]
 
 
-_STOP = object()
+def run_batch(
+    model: EmbeddingModel,
+    batch: Batch[npt.NDArray[np.uint8]],
+    sizes: Sequence[int],
+    observer: InferenceObserver | None = None,
+) -> list[Prediction | None]:
+    """Run the live items of ``batch`` through ``model``, padded to an allowed size.
+
+    Items no longer wanted when the batch starts are skipped (their result is None). More
+    live items than ``sizes[-1]`` are run in several chunks.
+    """
+    live = batch.live_indices()
+    results: list[Prediction | None] = [None] * len(batch)
+    largest = sizes[-1]
+    for start in range(0, len(live), largest):
+        chunk = live[start : start + largest]
+        size = padded_size(len(chunk), sizes)
+        started = time.perf_counter()
+        outputs = model.predict(pad_batch([batch.payloads[i] for i in chunk], size))
+        if observer is not None:
+            observer.inference_done(size, time.perf_counter() - started)
+        for i, prediction in zip(chunk, split_outputs(outputs, len(chunk)), strict=True):
+            results[i] = prediction
+    return results
+
+
+_Job = tuple[Batch[npt.NDArray[np.uint8]], Deferred[Sequence[Prediction | None]]]
 
 
 class InferenceWorker:
@@ -95,7 +121,7 @@ class InferenceWorker:
         self._sizes = sorted(sizes)
         self._warmup = warmup
         self._observer = observer
-        self._jobs: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._ready: Deferred[ModelInfo] = Deferred()
         self.info: ModelInfo | None = None
@@ -112,8 +138,7 @@ class InferenceWorker:
     def start(self) -> Deferred[ModelInfo]:
         """Start the thread; the Deferred fires on the reactor when the model is warm, or
         fails with the load error."""
-        self._thread = threading.Thread(target=self._main, name="batchserve-inference",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._main, name="batchserve-inference", daemon=True)
         self._thread.start()
         return self._ready
 
@@ -121,7 +146,7 @@ class InferenceWorker:
         """Ask the thread to finish its queued batches and exit; wait up to ``timeout_s``."""
         if self._thread is None:
             return
-        self._jobs.put(_STOP)
+        self._jobs.put(None)
         self._thread.join(timeout_s)
 
     def run(self, batch: Batch[npt.NDArray[np.uint8]]) -> Deferred[Sequence[Prediction | None]]:
@@ -143,11 +168,11 @@ class InferenceWorker:
         self._reactor.callFromThread(self._became_ready, model.info)
         while True:
             job = self._jobs.get()
-            if job is _STOP:
+            if job is None:
                 return
-            batch, d = job  # type: ignore[misc]
+            batch, d = job
             try:
-                results = self._run(model, batch)
+                results = run_batch(model, batch, self._sizes, self._observer)
             except Exception as e:
                 failure = Failure(InferenceFailed(f"model failed on a batch: {e!r}"))
                 log.error("model failed on a batch of {n}: {e!r}", n=len(batch), e=e)
@@ -164,23 +189,8 @@ class InferenceWorker:
         for size in self._sizes:
             started = time.perf_counter()
             model.predict(np.zeros((size, height, width, 3), dtype=np.uint8))
-            log.info("warmed up batch size {size} in {s:.2f} s", size=size,
-                     s=time.perf_counter() - started)
-
-    def _run(
-        self, model: EmbeddingModel, batch: Batch[npt.NDArray[np.uint8]]
-    ) -> list[Prediction | None]:
-        live = batch.live_indices()
-        results: list[Prediction | None] = [None] * len(batch)
-        if not live:
-            return results
-        for start in range(0, len(live), self._sizes[-1]):
-            chunk = live[start:start + self._sizes[-1]]
-            size = padded_size(len(chunk), self._sizes)
-            started = time.perf_counter()
-            outputs = model.predict(pad_batch([batch.payloads[i] for i in chunk], size))
-            if self._observer is not None:
-                self._observer.inference_done(size, time.perf_counter() - started)
-            for i, prediction in zip(chunk, split_outputs(outputs, len(chunk)), strict=True):
-                results[i] = prediction
-        return results
+            log.info(
+                "warmed up batch size {size} in {s:.2f} s",
+                size=size,
+                s=time.perf_counter() - started,
+            )

@@ -18,11 +18,39 @@ from prometheus_client import (
 )
 
 _LATENCY_BUCKETS_S = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75,
-    1.0, 2.5, 5.0, 10.0, 30.0,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
 )
 _WAIT_BUCKETS_S = (
-    0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+    0.0001,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    10.0,
 )
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -36,35 +64,51 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "batchserve_requests", "HTTP requests by route and status code",
-            ["route", "code"], registry=r,
+            "batchserve_requests",
+            "HTTP requests by route and status code",
+            ["route", "code"],
+            registry=r,
         )
         self.request_seconds = Histogram(
-            "batchserve_request_seconds", "Time from request to response, by route",
-            ["route"], buckets=_LATENCY_BUCKETS_S, registry=r,
+            "batchserve_request_seconds",
+            "Time from request to response, by route",
+            ["route"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
         )
         self.queue_items = Gauge(
             "batchserve_queue_items", "Images waiting for the model", registry=r
         )
         self.queue_wait_seconds = Histogram(
-            "batchserve_queue_wait_seconds", "Time an image waited in the queue for its batch",
-            buckets=_WAIT_BUCKETS_S, registry=r,
+            "batchserve_queue_wait_seconds",
+            "Time an image waited in the queue for its batch",
+            buckets=_WAIT_BUCKETS_S,
+            registry=r,
         )
         self.batch_size = Histogram(
-            "batchserve_batch_size", "Images per batch handed to the model (before padding)",
-            buckets=_BATCH_BUCKETS, registry=r,
+            "batchserve_batch_size",
+            "Images per batch handed to the model (before padding)",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
         )
         self.inference_seconds = Histogram(
-            "batchserve_inference_seconds", "Model time per batch, by padded batch size",
-            ["batch_size"], buckets=_LATENCY_BUCKETS_S, registry=r,
+            "batchserve_inference_seconds",
+            "Model time per batch, by padded batch size",
+            ["batch_size"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
         )
         self.decode_seconds = Histogram(
-            "batchserve_decode_seconds", "Time to decode and resize one image",
-            buckets=_LATENCY_BUCKETS_S, registry=r,
+            "batchserve_decode_seconds",
+            "Time to decode and resize one image",
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
         )
         self.rejected = Counter(
-            "batchserve_rejected", "Images refused or dropped, by reason "
-            "(queue_full, deadline, cancelled, not_ready)", ["reason"], registry=r,
+            "batchserve_rejected",
+            "Images refused or dropped, by reason (queue_full, deadline, cancelled, not_ready)",
+            ["reason"],
+            registry=r,
         )
         self.model_info = Info("batchserve_model", "The model being served", registry=r)
 

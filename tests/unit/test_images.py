@@ -1,0 +1,130 @@
+"""Decoding untrusted bytes: formats, orientation, colour modes, limits, bad data."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image, JpegImagePlugin
+
+from batchserve.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from batchserve.images import DecodeLimits, decode_image
+from batchserve.testing import encode_image
+
+SIZE = (32, 48)  # height, width
+LIMITS = DecodeLimits(max_pixels=10_000_000)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "GIF"])
+def test_accepted_formats_decode_to_rgb_uint8_of_model_size(fmt: str) -> None:
+    array = decode_image(encode_image(fmt=fmt, colour=(200, 30, 30)), SIZE, LIMITS)
+    assert array.shape == (32, 48, 3)
+    assert array.dtype == np.uint8
+    assert np.abs(array.reshape(-1, 3).mean(axis=0) - (200, 30, 30)).max() < 12
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK", "P", "I;16"])
+def test_colour_modes_become_rgb(mode: str) -> None:
+    fmt = "JPEG" if mode in ("L", "CMYK") else "PNG"
+    data = encode_image(fmt=fmt, colour=(90, 90, 90), mode=mode)
+    array = decode_image(data, SIZE, LIMITS)
+    assert array.shape == (32, 48, 3)
+    if mode != "I;16":
+        assert abs(float(array.mean()) - 90) < 8  # palette conversion dithers
+
+
+def test_transparency_is_flattened_onto_white() -> None:
+    image = Image.new("RGBA", (20, 20), (0, 0, 0, 0))
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    array = decode_image(out.getvalue(), SIZE, LIMITS)
+    assert (array == 255).all()
+
+
+def test_exif_orientation_turns_the_image_upright() -> None:
+    # Stored landscape, left half black and right half white; EXIF orientation 6 means
+    # "rotate 90 degrees clockwise to display", which puts black on top.
+    pixels = np.zeros((40, 80, 3), dtype=np.uint8)
+    pixels[:, 40:] = 255
+    image = Image.fromarray(pixels)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = io.BytesIO()
+    image.save(out, format="JPEG", exif=exif.tobytes(), quality=95)
+    array = decode_image(out.getvalue(), (80, 40), LIMITS)
+    assert array[:30].mean() < 40  # top is black
+    assert array[50:].mean() > 215  # bottom is white
+
+
+def test_large_jpeg_is_decoded_in_draft_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    requested: list[tuple[str, tuple[int, int]]] = []
+    original = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self: Image.Image, mode: str, size: tuple[int, int]) -> object:
+        requested.append((mode, size))
+        result = original(self, mode, size)  # type: ignore[arg-type]
+        requested.append(("scaled_to", self.size))
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    data = encode_image(fmt="JPEG", size=(1600, 1200))
+    array = decode_image(data, (160, 160), LIMITS)
+    assert array.shape == (160, 160, 3)
+    assert requested[0] == ("RGB", (160, 160))
+    # libjpeg decoded at 1/4 scale: the largest reduction that still covers 160x160.
+    assert requested[1] == ("scaled_to", (400, 300))
+
+
+def test_image_over_the_pixel_limit_is_refused_before_decoding() -> None:
+    # A PNG header declaring 50000x50000 pixels with almost no data behind it.
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(payload))
+            + kind
+            + payload
+            + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
+        )
+
+    header = struct.pack(">IIBBBBB", 50_000, 50_000, 8, 2, 0, 0, 0)
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0"))
+    with pytest.raises(PayloadTooLarge, match="50000x50000"):
+        decode_image(bomb + chunk(b"IEND", b""), SIZE, LIMITS)
+
+
+def test_limit_is_width_times_height() -> None:
+    data = encode_image(fmt="PNG", size=(100, 100))
+    decode_image(data, SIZE, DecodeLimits(max_pixels=10_000))
+    with pytest.raises(PayloadTooLarge):
+        decode_image(data, SIZE, DecodeLimits(max_pixels=9_999))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"hello, world", b"<svg xmlns='http://www.w3.org/2000/svg'/>", b"\xff\xd8\xff\xe0"],
+    ids=["empty", "text", "svg", "jpeg-magic-only"],
+)
+def test_undecodable_data_is_invalid_input(data: bytes) -> None:
+    with pytest.raises(InvalidInput):
+        decode_image(data, SIZE, LIMITS)
+
+
+def test_truncated_jpeg_is_invalid_input() -> None:
+    data = encode_image(fmt="JPEG", size=(400, 300), colour=(10, 200, 10))
+    with pytest.raises(InvalidInput):
+        decode_image(data[: len(data) // 2], SIZE, LIMITS)
+
+
+def test_unsupported_format_is_unsupported_media_type() -> None:
+    with pytest.raises(UnsupportedMediaType, match="TIFF"):
+        decode_image(encode_image(fmt="TIFF"), SIZE, LIMITS)
+
+
+def test_animated_gif_is_refused() -> None:
+    frames = [Image.new("RGB", (10, 10), c) for c in ((255, 0, 0), (0, 255, 0))]
+    out = io.BytesIO()
+    frames[0].save(out, format="GIF", save_all=True, append_images=frames[1:])
+    with pytest.raises(InvalidInput, match="animated"):
+        decode_image(out.getvalue(), SIZE, LIMITS)
