@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.logger import Logger
@@ -108,6 +109,12 @@ def json_body(request: IRequest, status: int, doc: Any) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode("utf-8")
 
 
+def embedding_json(vector: Any) -> list[float]:
+    """A float32 vector as JSON numbers with 8 decimals (|error| <= 5e-9 per component,
+    below float32 resolution for unit vectors): half the bytes and time of full repr."""
+    return np.round(vector.astype(np.float64), 8).tolist()  # type: ignore[no-any-return]
+
+
 def error_body(request: IRequest, status: int, code: str, message: str) -> bytes:
     return json_body(request, status, {"error": {"code": code, "message": message}})
 
@@ -192,7 +199,7 @@ class BatchserveAPI:
         return {
             "model": info.name if info else None,
             "dim": info.dim if info else None,
-            "results": [{"embedding": p.embedding.tolist()} for p in predictions],
+            "results": [{"embedding": embedding_json(p.embedding)} for p in predictions],
         }
 
     @app.route("/v1/classify", methods=["POST"])

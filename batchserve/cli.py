@@ -117,8 +117,8 @@ def serve(settings: Settings) -> int:
     )
     batcher = Batcher(worker, policy, reactor, observer=metrics)
     decode_pool = ThreadPool(
-        minthreads=settings.decode_threads,
-        maxthreads=settings.decode_threads,
+        minthreads=settings.decode_thread_count(),
+        maxthreads=settings.decode_thread_count(),
         name="batchserve-decode",
     )
     decode_pool.start()

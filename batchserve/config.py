@@ -70,7 +70,9 @@ class Settings:
         "", "comma-separated padded batch sizes (default: 1, 2, 4, ... up to max_batch_size)"
     )
 
-    decode_threads: int = _setting(2, "threads that decode images")
+    decode_threads: int = _setting(
+        0, "threads that decode images (0: half the CPU cores, at least 1)"
+    )
     max_body_bytes: int = _setting(32 * 1024 * 1024, "largest request body in bytes")
     max_image_pixels: int = _setting(40_000_000, "largest image, width times height")
     max_images_per_request: int = _setting(64, "most images in one request")
@@ -91,6 +93,11 @@ class Settings:
     @property
     def timeout_s(self) -> float:
         return self.timeout_ms / 1000.0
+
+    def decode_thread_count(self) -> int:
+        """Decode threads to start: the setting, or half the cores (decoding one image
+        costs a fraction of embedding it, and the model needs the other cores)."""
+        return self.decode_threads or max(1, (os.cpu_count() or 2) // 2)
 
     def padded_batch_sizes(self) -> list[int]:
         """The batch sizes the model is compiled for, ascending; the largest is
@@ -113,7 +120,6 @@ class Settings:
             "max_batch_size",
             "max_inflight",
             "max_queue",
-            "decode_threads",
             "max_body_bytes",
             "max_image_pixels",
             "max_images_per_request",
@@ -121,7 +127,14 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_delay_ms", "intra_op_threads", "inter_op_threads", "input_size"):
+        non_negative = (
+            "max_delay_ms",
+            "intra_op_threads",
+            "inter_op_threads",
+            "input_size",
+            "decode_threads",
+        )
+        for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.timeout_ms <= 0:

@@ -1,0 +1,1 @@
+"""bench: load generator and benchmark report for a batchserve deployment."""

@@ -1,0 +1,152 @@
+"""python -m bench: load-test a batchserve server, or regenerate bench/RESULTS.md.
+
+  python -m bench closed --url http://127.0.0.1:8080 --concurrency 1,32 --duration 20
+  python -m bench report            # starts its own server, writes bench/RESULTS.md
+
+Only ever point it at servers you run; the report starts its own on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from bench import images as bench_images
+from bench import load, offline, scrape, server
+
+RESULTS = Path(__file__).parent / "RESULTS.md"
+
+
+def _bodies(args: argparse.Namespace) -> list[bytes]:
+    if args.images:
+        return bench_images.from_directory(Path(args.images))
+    return bench_images.sample_photos()
+
+
+def run_point(
+    url: str, route: str, bodies: list[bytes], concurrency: int, duration_s: float, warmup_s: float
+) -> dict[str, object]:
+    before = scrape.scrape(url)
+    result = load.closed_loop(
+        url + route, bodies, "image/jpeg", concurrency, duration_s, warmup_s=warmup_s
+    )
+    view = scrape.difference(before, scrape.scrape(url))
+    return {
+        "concurrency": concurrency,
+        "requests": len(result.samples),
+        "images_per_s": round(result.images_per_s, 1),
+        "p50_ms": round(result.percentile_ms(50), 1),
+        "p90_ms": round(result.percentile_ms(90), 1),
+        "p99_ms": round(result.percentile_ms(99), 1),
+        "errors": result.errors,
+        "mean_batch_size": round(view.mean_batch_size, 2),
+        "mean_queue_wait_ms": round(view.mean_queue_wait_ms, 2),
+        "mean_inference_ms": round(view.mean_inference_ms, 2),
+    }
+
+
+def closed(args: argparse.Namespace) -> int:
+    bodies = _bodies(args)
+    for concurrency in (int(c) for c in args.concurrency.split(",")):
+        point = run_point(
+            args.url.rstrip("/"), args.route, bodies, concurrency, args.duration, args.warmup
+        )
+        print(json.dumps(point), flush=True)
+    return 0
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, no GPU"
+
+
+def report(args: argparse.Namespace) -> int:
+    bodies = _bodies(args)
+    sizes = [1, 2, 4, 8, 16, 32]
+    model_name, rates = offline.model_rates(sizes, seconds=args.duration / 4)
+    decode = offline.decode_rate(bodies, (160, 160))
+    running = server.start([])
+    try:
+        points = [
+            run_point(running.url, "/v1/embed", bodies, c, args.duration, args.warmup)
+            for c in (1, 32)
+        ]
+    finally:
+        running.stop()
+    lines = [
+        "# batchserve benchmark results",
+        "",
+        f"- Date: {time.strftime('%Y-%m-%d')}",
+        f"- Machine: {_machine()}",
+        f"- Model: built-in `{model_name}` (160x160, 1280-d), TensorFlow CPU",
+        f"- Images: {len(bodies)} camera-sized JPEGs (640x480) made from scikit-image's photos",
+        f"- Command: `python -m bench report --duration {args.duration:g}` "
+        "(the load generator runs on the same 2 cores as the server)",
+        "",
+        "## The model alone (pre-decoded uint8 batches, no HTTP)",
+        "",
+        "| batch size | images/s |",
+        "|---:|---:|",
+        *[f"| {size} | {rate:.0f} |" for size, rate in rates.items()],
+        "",
+        f"JPEG decode + resize to 160x160 (Pillow, draft mode), one thread: {decode:.0f} images/s",
+        "",
+        "## `POST /v1/embed`, closed loop, one image per request",
+        "",
+        f"Start to ready (process start to `/readyz` 200, warm-up of every batch size "
+        f"included): {running.ready_s:.1f} s",
+        "",
+        "| clients | images/s | p50 ms | p90 ms | p99 ms | mean batch | mean queue wait ms "
+        "| mean inference ms/batch | errors |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        *[
+            f"| {p['concurrency']} | {p['images_per_s']} | {p['p50_ms']} | {p['p90_ms']} | "
+            f"{p['p99_ms']} | {p['mean_batch_size']} | {p['mean_queue_wait_ms']} | "
+            f"{p['mean_inference_ms']} | {p['errors'] or 'none'} |"
+            for p in points
+        ],
+        "",
+    ]
+    text = "\n".join(lines)
+    Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    c = commands.add_parser("closed", help="closed-loop load against a running server")
+    c.add_argument("--url", default="http://127.0.0.1:8080")
+    c.add_argument("--route", default="/v1/embed")
+    c.add_argument("--concurrency", default="1,32", help="comma-separated client counts")
+    c.add_argument("--duration", type=float, default=20.0, help="seconds measured per point")
+    c.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
+    c.add_argument("--images", help="directory of images to send (default: sample photos)")
+    r = commands.add_parser("report", help="start a server, measure, write RESULTS.md")
+    r.add_argument("--duration", type=float, default=20.0)
+    r.add_argument("--warmup", type=float, default=3.0)
+    r.add_argument("--images")
+    r.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    return closed(args) if args.command == "closed" else report(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
