@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -24,6 +25,7 @@ def model_rates(
     batch_sizes: list[int], seconds: float = 4.0, model_args: dict[str, object] | None = None
 ) -> tuple[str, dict[int, float]]:
     """The model's own images/s at each batch size (pre-decoded uint8 input)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from batchserve.models import ModelSpec, load_model
 
     model = load_model(ModelSpec(**(model_args or {})))  # type: ignore[arg-type]
