@@ -156,6 +156,10 @@ class Batcher(Generic[In, Out]):
         batches = self.queued / self._policy.max_batch_size + self._inflight
         return max(1, math.ceil(batches * self._batch_s))
 
+    def count_rejection(self, reason: str) -> None:
+        """Count an item refused before it reached the queue (for the metrics)."""
+        self._observer.item_rejected(reason)
+
     def check_room(self, items: int, pending: int = 0) -> None:
         """Raise Overloaded (and count the rejection) unless ``items`` more fit in the queue
         beside ``pending`` items that are on their way to it (being decoded)."""

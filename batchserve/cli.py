@@ -127,6 +127,7 @@ def serve(settings: Settings) -> int:
         partial(deferToThreadPool, reactor, decode_pool),
         worker,
         DecodeLimits(max_pixels=settings.max_image_pixels),
+        reactor,
         observer=metrics,
     )
     api = BatchserveAPI(

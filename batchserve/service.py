@@ -15,10 +15,11 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import numpy.typing as npt
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from batchserve.batching import Batcher
-from batchserve.errors import InvalidInput, NotReady, Overloaded
+from batchserve.errors import DeadlineExceeded, InvalidInput, NotReady, Overloaded
 from batchserve.images import DecodeLimits, decode_image
 from batchserve.inference import Prediction
 from batchserve.models import ModelInfo
@@ -88,9 +89,11 @@ class ImageService:
         run_in_pool: PoolRunner,
         model: ModelStatus,
         limits: DecodeLimits,
+        clock: IReactorTime,
         observer: DecodeObserver | None = None,
     ) -> None:
         self._batcher = batcher
+        self._clock = clock
         self._run_in_pool = run_in_pool
         self._model = model
         self._limits = limits
@@ -118,7 +121,9 @@ class ImageService:
             self._batcher.check_room(len(images), pending=self._decoding)
         except Overloaded as e:
             return fail(e)
-        return gather([self._embed_one(data, info.input_size) for data in images])
+        # The deadline runs from now: time spent decoding counts against it.
+        deadline_s = self._clock.seconds() + self._batcher.policy.timeout_s
+        return gather([self._embed_one(data, info.input_size, deadline_s) for data in images])
 
     def classify(self, images: Sequence[bytes], top_k: int) -> Deferred[list[list[Label]]]:
         """The ``top_k`` most likely labels of each image, best first."""
@@ -132,16 +137,25 @@ class ImageService:
 
         return self.embed(images).addCallback(labels)
 
-    def _embed_one(self, data: bytes, size: tuple[int, int]) -> Deferred[Prediction]:
+    def _embed_one(
+        self, data: bytes, size: tuple[int, int], deadline_s: float
+    ) -> Deferred[Prediction]:
         self._decoding += 1
 
         def decoded(result: object) -> object:
             self._decoding -= 1
             return result
 
+        def submit(array: npt.NDArray[np.uint8]) -> Deferred[Prediction]:
+            left_s = deadline_s - self._clock.seconds()
+            if left_s <= 0:
+                self._batcher.count_rejection("deadline")
+                return fail(DeadlineExceeded("deadline passed while the image was decoded"))
+            return self._batcher.submit(array, timeout_s=left_s)
+
         d: Deferred[Any] = self._run_in_pool(self._decode, data, size)
         d.addBoth(decoded)
-        d.addCallback(self._batcher.submit)
+        d.addCallback(submit)
         return d
 
     def _decode(self, data: bytes, size: tuple[int, int]) -> npt.NDArray[np.uint8]:

@@ -126,3 +126,41 @@ def test_sigterm_stops_the_server_cleanly(tmp_path: Path) -> None:
     assert server.request("GET", "/readyz").status == 200
     assert stop_server(server) == 0
     assert "shutting down" in server.log()
+
+
+def test_clients_that_hang_up_have_their_queued_images_dropped(
+    tmp_path: Path, photos: list[bytes]
+) -> None:
+    import socket
+    import time
+
+    server = start_server(tmp_path, "--max-batch-size", "1")
+    try:
+        body = photos[0]
+        head = (
+            f"POST /v1/embed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        sockets = []
+        for _ in range(24):
+            s = socket.create_connection(("127.0.0.1", server.port))
+            s.sendall(head + body)
+            sockets.append(s)
+        time.sleep(0.05)  # let the server read them all into its queue
+        for s in sockets:
+            s.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            text = server.request("GET", "/metrics").body.decode()
+            if re.search(r"^batchserve_queue_items 0\.0$", text, re.M):
+                break
+            time.sleep(0.1)
+        cancelled = re.search(
+            r'^batchserve_rejected_total\{reason="cancelled"\} (\S+)$', text, re.M
+        )
+        assert cancelled and float(cancelled.group(1)) >= 1
+        computed = histogram_count(text, "batchserve_batch_size", "+Inf")
+        assert computed < 24, "every image reached the model although its client was gone"
+        embed(server, photos[1])  # and the server goes on
+    finally:
+        stop_server(server)

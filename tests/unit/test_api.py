@@ -52,6 +52,7 @@ class Harness:
             lambda f, *a: maybeDeferred(f, *a),
             Ready(self.model.info if ready else None),
             DecodeLimits(max_pixels=1_000_000),
+            self.clock,
             observer=self.metrics,
         )
         api = BatchserveAPI(
