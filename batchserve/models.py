@@ -241,8 +241,6 @@ def _load_keras_file(
     except Exception as e:  # Keras raises many types for a bad file
         raise ModelLoadError(f"cannot load Keras model {path}: {e}") from e
     features, head = _split_keras(model, spec.embedding_output)
-    if spec.labels_file:
-        classes = read_labels(Path(spec.labels_file).read_text(encoding="utf-8"))
     return _finish(
         spec,
         device,
@@ -347,9 +345,6 @@ def _load_saved_model(spec: ModelSpec, path: Path, device: str) -> TensorFlowMod
     def head(_features: Any, x: Any) -> Any:
         return signature(**{input_name: tf.cast(x, input_dtype)})[spec.classifier_output]
 
-    classes = None
-    if spec.labels_file:
-        classes = read_labels(Path(spec.labels_file).read_text(encoding="utf-8"))
     return _finish(
         spec,
         device,
@@ -360,7 +355,7 @@ def _load_saved_model(spec: ModelSpec, path: Path, device: str) -> TensorFlowMod
         source=str(path),
         pretrained=True,
         digest=sha256_tree(path),
-        classes=classes,
+        classes=None,
         preprocess="none",
     )
 
@@ -425,6 +420,11 @@ def _finish(
 ) -> TensorFlowModel:
     import tensorflow as tf
 
+    if spec.labels_file:
+        try:
+            classes = read_labels(Path(spec.labels_file).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise ModelLoadError(f"cannot read labels file {spec.labels_file}: {e}") from e
     height, width = int(input_shape[0]), int(input_shape[1])
     mode = preprocess if spec.preprocess == "auto" else spec.preprocess
     normalise = preprocess_fn(mode)

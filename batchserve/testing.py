@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
-from typing import Any, Generic, TypeVar
+from pathlib import Path
+from typing import Any, Generic, Self, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -160,3 +169,82 @@ def encode_multipart(
         )
     body = b"".join(parts) + f"--{boundary}--\r\n".encode()
     return body, f"multipart/form-data; boundary={boundary}"
+
+
+class ServerProcess:
+    """A ``batchserve serve`` process on 127.0.0.1 and a free port, for integration tests
+    and benchmarks. ``start`` returns once ``/readyz`` answers 200; ``ready_s`` is the
+    time from process start to ready."""
+
+    def __init__(
+        self, process: subprocess.Popen[bytes], url: str, port: int, ready_s: float, log_path: Path
+    ) -> None:
+        self.process = process
+        self.url = url
+        self.port = port
+        self.ready_s = ready_s
+        self.log_path = log_path
+
+    @classmethod
+    def start(
+        cls, directory: Path, args: Sequence[str] = (), timeout_s: float = 300.0
+    ) -> Self:
+        """Start the server with its data dir and log under ``directory``."""
+        directory.mkdir(parents=True, exist_ok=True)
+        log_path = directory / "server.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHSERVE_")}
+        started = time.monotonic()
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "batchserve.cli",
+                    "serve",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    "0",
+                    "--data-dir",
+                    str(directory / "data"),
+                    *args,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        port = None
+        while time.monotonic() - started < timeout_s and process.poll() is None:
+            if port is None:
+                found = re.search(r"listening on http://127\.0\.0\.1:(\d+)", log_path.read_text())
+                port = int(found.group(1)) if found else None
+            elif _status(f"http://127.0.0.1:{port}/readyz") == 200:
+                url = f"http://127.0.0.1:{port}"
+                return cls(process, url, port, time.monotonic() - started, log_path)
+            time.sleep(0.05)
+        process.kill()
+        process.wait()
+        raise RuntimeError("server did not become ready:\n" + log_path.read_text())
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM, then SIGKILL after ``timeout_s``; return the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        return self.process.wait()
+
+
+def _status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (urllib.error.URLError, OSError):
+        return None

@@ -6,18 +6,14 @@ from __future__ import annotations
 import http.client
 import io
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from batchserve.testing import ServerProcess
 
 READY_TIMEOUT_S = 180.0
 
@@ -38,13 +34,8 @@ class Response:
         return json.loads(self.body)
 
 
-@dataclass
-class Server:
-    """A running batchserve process."""
-
-    process: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
+class Server(ServerProcess):
+    """The server under test, with a small HTTP client."""
 
     def request(
         self,
@@ -62,61 +53,13 @@ class Server:
         finally:
             conn.close()
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
 
 def start_server(tmp: Path, *args: str) -> Server:
-    log_path = tmp / "server.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHSERVE_")}
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "batchserve.cli",
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--data-dir",
-                str(tmp / "data"),
-                *args,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    port = None
-    while time.monotonic() < deadline and process.poll() is None:
-        found = re.search(r"listening on http://127\.0\.0\.1:(\d+)", log_path.read_text())
-        if found:
-            port = int(found.group(1))
-            break
-        time.sleep(0.1)
-    if port is None:
-        process.kill()
-        raise RuntimeError("server did not start:\n" + log_path.read_text())
-    server = Server(process, port, log_path)
-    while time.monotonic() < deadline and process.poll() is None:
-        if server.request("GET", "/readyz").status == 200:
-            return server
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("server never became ready:\n" + server.log())
+    return Server.start(tmp, args, timeout_s=READY_TIMEOUT_S)
 
 
 def stop_server(server: Server) -> int:
-    if server.process.poll() is None:
-        server.process.send_signal(signal.SIGTERM)
-        try:
-            server.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait()
-    return server.process.returncode
+    return server.stop(timeout_s=30)
 
 
 @pytest.fixture(scope="module")
