@@ -186,9 +186,7 @@ class ServerProcess:
         self.log_path = log_path
 
     @classmethod
-    def start(
-        cls, directory: Path, args: Sequence[str] = (), timeout_s: float = 300.0
-    ) -> Self:
+    def start(cls, directory: Path, args: Sequence[str] = (), timeout_s: float = 300.0) -> Self:
         """Start the server with its data dir and log under ``directory``."""
         directory.mkdir(parents=True, exist_ok=True)
         log_path = directory / "server.log"
