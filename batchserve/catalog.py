@@ -1,0 +1,290 @@
+"""The catalog: durable item records in SQLite, the source of truth of the index.
+
+One row per item: its id, label, metadata (JSON), predicted class, embedding and time
+added, under a row id (``fid``) that is the item's id in FAISS and is never reused. Every
+add and delete is also written to a change log, so an index snapshot taken at change
+``seq`` is brought up to date by replaying the changes after it. WAL mode with
+``synchronous=FULL``: a commit is on disk when ``upsert``/``delete`` return, which is when
+the server acknowledges.
+
+Used from one thread (the index thread); numpy in, numpy out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from batchserve.errors import ConfigError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    fid INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    label TEXT,
+    class TEXT,
+    metadata TEXT NOT NULL DEFAULT '{}',
+    embedding BLOB NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    op TEXT NOT NULL CHECK (op IN ('add', 'del')),
+    fid INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class NewItem:
+    """An item to add: ``embedding`` float32 [dim], unit norm."""
+
+    id: str
+    embedding: npt.NDArray[np.float32]
+    label: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    predicted_class: str | None = None
+
+
+@dataclass(frozen=True)
+class Item:
+    fid: int
+    id: str
+    label: str | None
+    predicted_class: str | None
+    metadata: dict[str, Any]
+    created: float
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "label": self.label,
+            "metadata": self.metadata,
+            "created": self.created,
+            "class": self.predicted_class,
+        }
+
+
+class ModelMismatch(ConfigError):
+    """The catalog's embeddings were made by another model."""
+
+    code = "model_mismatch"
+
+
+class Catalog:
+    """Items in SQLite at ``path`` (created readable by this user only)."""
+
+    def __init__(self, path: Path, dim: int) -> None:
+        self.path = path
+        self.dim = dim
+        new = not path.exists()
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if new:
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- model fingerprint ----------------------------------------------------------------
+
+    def check_model(self, fingerprint: dict[str, Any]) -> None:
+        """Record which model makes the embeddings, or refuse another one."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'model'").fetchone()
+        if row is None:
+            self._db.execute(
+                "INSERT INTO meta VALUES ('model', ?)", (json.dumps(fingerprint, sort_keys=True),)
+            )
+            return
+        stored = json.loads(row[0])
+        if stored != fingerprint:
+            raise ModelMismatch(
+                f"the data dir {self.path.parent} holds embeddings of model {stored.get('name')} "
+                f"(dim {stored.get('dim')}, weights {str(stored.get('weights_sha256'))[:12]}), "
+                f"not of {fingerprint.get('name')} (dim {fingerprint.get('dim')}, weights "
+                f"{str(fingerprint.get('weights_sha256'))[:12]}): serve it with that model, "
+                "or use another --data-dir"
+            )
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def upsert(self, items: Sequence[NewItem]) -> tuple[list[int], list[int]]:
+        """Add ``items`` in one transaction, replacing items with the same id.
+
+        Returns (new fids in order, fids of the replaced rows). Durable on return.
+        """
+        added: list[int] = []
+        replaced: list[int] = []
+        now = time.time()
+        with self._transaction():
+            for item in items:
+                vector = np.ascontiguousarray(item.embedding, dtype=np.float32)
+                if vector.shape != (self.dim,):
+                    raise ValueError(f"embedding must have {self.dim} values")
+                old = self._db.execute("SELECT fid FROM items WHERE id = ?", (item.id,)).fetchone()
+                if old is not None:
+                    self._db.execute("DELETE FROM items WHERE fid = ?", (old[0],))
+                    self._db.execute("INSERT INTO changes (op, fid) VALUES ('del', ?)", (old[0],))
+                    replaced.append(int(old[0]))
+                cursor = self._db.execute(
+                    "INSERT INTO items (id, label, class, metadata, embedding, created) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        item.id,
+                        item.label,
+                        item.predicted_class,
+                        json.dumps(item.metadata, separators=(",", ":")),
+                        vector.tobytes(),
+                        now,
+                    ),
+                )
+                fid = int(cursor.lastrowid or 0)
+                self._db.execute("INSERT INTO changes (op, fid) VALUES ('add', ?)", (fid,))
+                added.append(fid)
+        return added, replaced
+
+    def delete(self, item_id: str) -> int | None:
+        """Delete the item; return its fid, or None if there was no such item."""
+        with self._transaction():
+            row = self._db.execute("SELECT fid FROM items WHERE id = ?", (item_id,)).fetchone()
+            if row is None:
+                return None
+            self._db.execute("DELETE FROM items WHERE fid = ?", (row[0],))
+            self._db.execute("INSERT INTO changes (op, fid) VALUES ('del', ?)", (row[0],))
+        return int(row[0])
+
+    def _transaction(self) -> Any:
+        db = self._db
+
+        class _Tx:
+            def __enter__(self) -> None:
+                db.execute("BEGIN IMMEDIATE")
+
+            def __exit__(self, kind: object, value: object, tb: object) -> None:
+                db.execute("COMMIT" if kind is None else "ROLLBACK")
+
+        return _Tx()
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def count(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+
+    def get(self, item_id: str) -> Item | None:
+        row = self._db.execute(
+            "SELECT fid, id, label, class, metadata, created FROM items WHERE id = ?", (item_id,)
+        ).fetchone()
+        return None if row is None else _item(row)
+
+    def items_by_fid(self, fids: Sequence[int]) -> dict[int, Item]:
+        if not fids:
+            return {}
+        found: dict[int, Item] = {}
+        unique = list(dict.fromkeys(int(f) for f in fids))
+        for start in range(0, len(unique), 500):
+            chunk = unique[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self._db.execute(
+                "SELECT fid, id, label, class, metadata, created FROM items "
+                f"WHERE fid IN ({marks})",
+                chunk,
+            ):
+                found[int(row[0])] = _item(row)
+        return found
+
+    def embedding(self, item_id: str) -> tuple[int, npt.NDArray[np.float32]] | None:
+        row = self._db.execute(
+            "SELECT fid, embedding FROM items WHERE id = ?", (item_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return int(row[0]), np.frombuffer(row[1], dtype=np.float32).copy()
+
+    def vectors(
+        self, fids: Sequence[int] | None = None, chunk: int = 10_000
+    ) -> Iterator[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
+        """(fids, embeddings) of the given rows, or of every row, in chunks."""
+        if fids is None:
+            cursor = self._db.execute("SELECT fid, embedding FROM items ORDER BY fid")
+            while rows := cursor.fetchmany(chunk):
+                yield self._stack(rows)
+            return
+        unique = list(dict.fromkeys(int(f) for f in fids))
+        for start in range(0, len(unique), 500):
+            part = unique[start : start + 500]
+            marks = ",".join("?" * len(part))
+            rows = self._db.execute(
+                f"SELECT fid, embedding FROM items WHERE fid IN ({marks}) ORDER BY fid", part
+            ).fetchall()
+            if rows:
+                yield self._stack(rows)
+
+    def _stack(self, rows: list[Any]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
+        return ids, vectors.reshape(len(rows), self.dim)
+
+    def groups(self) -> Iterator[tuple[int, str | None, str | None]]:
+        """(fid, label, predicted class) of every item, for the filter maps."""
+        for fid, label, klass in self._db.execute("SELECT fid, label, class FROM items"):
+            yield int(fid), label, klass
+
+    def ids(self, item_ids: Sequence[str]) -> set[str]:
+        """Which of ``item_ids`` are present."""
+        present: set[str] = set()
+        for start in range(0, len(item_ids), 500):
+            part = list(item_ids[start : start + 500])
+            marks = ",".join("?" * len(part))
+            present.update(
+                r[0] for r in self._db.execute(f"SELECT id FROM items WHERE id IN ({marks})", part)
+            )
+        return present
+
+    # -- change log -----------------------------------------------------------------------
+
+    def last_seq(self) -> int:
+        row = self._db.execute("SELECT MAX(seq) FROM changes").fetchone()
+        return int(row[0] or 0)
+
+    def changes_since(self, seq: int) -> list[tuple[int, str, int]]:
+        return [
+            (int(s), str(op), int(fid))
+            for s, op, fid in self._db.execute(
+                "SELECT seq, op, fid FROM changes WHERE seq > ? ORDER BY seq", (seq,)
+            )
+        ]
+
+    def prune_changes(self, upto_seq: int) -> None:
+        """Forget changes already in every kept snapshot."""
+        self._db.execute("DELETE FROM changes WHERE seq <= ?", (upto_seq,))
+
+
+def _item(row: Sequence[Any]) -> Item:
+    return Item(
+        fid=int(row[0]),
+        id=str(row[1]),
+        label=row[2],
+        predicted_class=row[3],
+        metadata=json.loads(row[4]),
+        created=float(row[5]),
+    )
