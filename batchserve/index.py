@@ -43,8 +43,8 @@ class IndexParams:
     nprobe: int = 32
     train_min: int = 2000
     hnsw_m: int = 32
-    ef_construction: int = 80
-    ef_search: int = 128
+    ef_construction: int = 200
+    ef_search: int = 256
     pq_m: int = 0
     refine_factor: int = 4
     device: str = "auto"
@@ -248,7 +248,9 @@ class VectorIndex:
             )
         if self.kind_in_use == "flat" or len(allowed) <= 20_000:
             # Exact over the subset: one matrix product, whatever the index kind.
-            subset = self._cpu.reconstruct_batch(allowed)
+            allowed, subset = self._reconstruct(allowed)
+            if len(allowed) == 0:
+                return self._search_within(queries, k, allowed)
             sims = queries @ subset.T
             top = min(k, len(allowed))
             order = np.argsort(-sims, axis=1, kind="stable")[:, :top]
@@ -262,6 +264,22 @@ class VectorIndex:
         params = self._search_params(faiss.IDSelectorBatch(allowed))
         scores, ids = self._cpu.search(queries, k, params=params)
         return scores, ids
+
+    def _reconstruct(self, ids: Ids) -> tuple[Ids, Vectors]:
+        """The stored vectors of ``ids``, leaving out ids the index does not hold."""
+        try:
+            return ids, self._cpu.reconstruct_batch(ids)
+        except RuntimeError:
+            present, vectors = [], []
+            for i in ids.tolist():
+                try:
+                    vectors.append(self._cpu.reconstruct(i))
+                    present.append(i)
+                except RuntimeError:
+                    continue
+            if not present:
+                return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)
+            return np.array(present, dtype=np.int64), np.stack(vectors)
 
     def _searcher(self) -> Any:
         if self.device != "gpu":

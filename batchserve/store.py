@@ -1,0 +1,369 @@
+"""The item store: the catalog, the vector index and the filter maps kept in step.
+
+Everything here runs on the index thread, one call at a time, so neither FAISS nor SQLite
+needs a lock. A batch of searches is ONE index search per distinct filter (one in total
+when no query filters); a batch of adds is one SQLite transaction and one index add.
+Snapshots of the index are written atomically and loaded at start; the catalog's change
+log brings a snapshot up to date, or the index is rebuilt from the catalog.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from batchserve.catalog import Catalog, Item, NewItem
+from batchserve.errors import ConfigError
+
+KEEP_SNAPSHOTS = 2
+
+
+class SearchableIndex(Protocol):
+    """What the store needs of an index (VectorIndex; tests hand in a counting one)."""
+
+    dim: int
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def kind_in_use(self) -> str: ...
+
+    @property
+    def trained(self) -> bool: ...
+
+    @property
+    def device(self) -> str: ...
+
+    def add(self, ids: Any, vectors: Any) -> None: ...
+
+    def remove(self, ids: Any) -> None: ...
+
+    def rebuild(self, ids: Any, vectors: Any) -> None: ...
+
+    def needs_training(self) -> bool: ...
+
+    def needs_rebuild(self) -> bool: ...
+
+    def search(
+        self, queries: Any, k: int, allowed: npt.NDArray[np.int64] | None = None
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]: ...
+
+    def write(self, path: Path) -> list[int]: ...
+
+    def load(self, path: Path, tombstones: list[int], trained: bool) -> None: ...
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    """One search: ``vector`` float32 [dim], unit norm. ``label`` and ``predicted_class``
+    restrict the items searched; ``exclude`` leaves one item out (its own neighbours)."""
+
+    vector: npt.NDArray[np.float32]
+    k: int = 10
+    min_score: float | None = None
+    label: str | None = None
+    predicted_class: str | None = None
+    exclude: str | None = None
+
+
+@dataclass(frozen=True)
+class Match:
+    id: str
+    score: float
+    label: str | None
+    metadata: dict[str, Any]
+    predicted_class: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "score": self.score,
+            "label": self.label,
+            "metadata": self.metadata,
+            "class": self.predicted_class,
+        }
+
+
+@dataclass
+class OpenReport:
+    """How the index was brought up at start."""
+
+    snapshot_seq: int | None = None
+    replayed: int = 0
+    rebuilt: bool = False
+    seconds: float = 0.0
+    skipped_snapshots: list[str] = field(default_factory=list)
+
+
+class DataDirLocked(ConfigError):
+    code = "data_dir_locked"
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Take the data dir's exclusive lock (one server or indexer at a time); return the fd,
+    held until the process exits."""
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(data_dir / "lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+        os.close(fd)
+        raise DataDirLocked(
+            f"{data_dir} is in use by another batchserve process (server or indexer)"
+        ) from e
+    return fd
+
+
+class ItemStore:
+    """Items, their vectors and filters, under ``data_dir``."""
+
+    def __init__(self, data_dir: Path, index: SearchableIndex, fingerprint: dict[str, Any]) -> None:
+        self.data_dir = data_dir
+        self.index = index
+        self.fingerprint = fingerprint
+        self.catalog = Catalog(data_dir / "catalog.sqlite3", index.dim)
+        self.catalog.check_model(fingerprint)
+        self.snapshot_dir = data_dir / "snapshots"
+        self.snapshot_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._by_label: dict[str, set[int]] = defaultdict(set)
+        self._by_class: dict[str, set[int]] = defaultdict(set)
+        self._groups: dict[int, tuple[str | None, str | None]] = {}
+        self._snapshot_seq = 0
+        self.search_calls = 0
+
+    # -- start ----------------------------------------------------------------------------
+
+    def open(self) -> OpenReport:
+        """Load the newest usable snapshot and replay later changes, or rebuild."""
+        started = time.perf_counter()
+        report = OpenReport()
+        for fid, label, klass in self.catalog.groups():
+            self._remember(fid, label, klass)
+        for meta_path in sorted(self.snapshot_dir.glob("index-*.json"), reverse=True):
+            try:
+                meta = json.loads(meta_path.read_text())
+                self._check_snapshot(meta)
+                self.index.load(
+                    meta_path.with_suffix(".faiss"), meta["tombstones"], meta["trained"]
+                )
+            except (OSError, ValueError, KeyError, RuntimeError) as e:
+                report.skipped_snapshots.append(f"{meta_path.name}: {e}")
+                continue
+            report.snapshot_seq = self._snapshot_seq = int(meta["seq"])
+            report.replayed = self._replay(self._snapshot_seq)
+            break
+        else:
+            self._rebuild()
+            report.rebuilt = True
+            self._snapshot_seq = -1  # nothing on disk yet: the next snapshot is due
+        self.maintain()
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def _check_snapshot(self, meta: dict[str, Any]) -> None:
+        if meta["fingerprint"] != self.fingerprint:
+            raise ValueError("made with another model")
+        if meta["kind"] != self.index_kind():
+            raise ValueError(f"kind {meta['kind']}, configured {self.index_kind()}")
+
+    def index_kind(self) -> str:
+        params = getattr(self.index, "params", None)
+        return str(getattr(params, "kind", self.index.kind_in_use))
+
+    def _replay(self, seq: int) -> int:
+        changes = self.catalog.changes_since(seq)
+        added = [fid for _s, op, fid in changes if op == "add"]
+        deleted = {fid for _s, op, fid in changes if op == "del"}
+        added_set = set(added)
+        before = [fid for fid in deleted if fid not in added_set]
+        self.index.remove(np.array(sorted(before), dtype=np.int64))
+        alive = [fid for fid in added if fid not in deleted]
+        for fids, vectors in self.catalog.vectors(alive):
+            self.index.add(fids, vectors)
+        return len(changes)
+
+    def _rebuild(self) -> None:
+        chunks = list(self.catalog.vectors())
+        if chunks:
+            fids = np.concatenate([c[0] for c in chunks])
+            vectors = np.concatenate([c[1] for c in chunks])
+        else:
+            fids = np.zeros(0, dtype=np.int64)
+            vectors = np.zeros((0, self.index.dim), dtype=np.float32)
+        self.index.rebuild(fids, vectors)
+
+    def maintain(self) -> bool:
+        """Train an IVF index once enough vectors exist, or compact removed vectors away.
+        Returns True when the index was rebuilt."""
+        if self.index.needs_training() or self.index.needs_rebuild():
+            self._rebuild()
+            return True
+        return False
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def add(self, items: Sequence[NewItem]) -> list[str]:
+        """Add or replace ``items``: durable in the catalog, then in the index."""
+        if not items:
+            return []
+        latest: dict[str, NewItem] = {item.id: item for item in items}  # last one wins
+        batch = list(latest.values())
+        fids, replaced = self.catalog.upsert(batch)
+        self._forget(replaced)
+        self.index.remove(np.array(replaced, dtype=np.int64))
+        self.index.add(np.array(fids, dtype=np.int64), np.stack([i.embedding for i in batch]))
+        for fid, item in zip(fids, batch, strict=True):
+            self._remember(fid, item.label, item.predicted_class)
+        self.maintain()
+        return [item.id for item in items]
+
+    def delete(self, item_id: str) -> bool:
+        fid = self.catalog.delete(item_id)
+        if fid is None:
+            return False
+        self._forget([fid])
+        self.index.remove(np.array([fid], dtype=np.int64))
+        return True
+
+    def _remember(self, fid: int, label: str | None, klass: str | None) -> None:
+        self._groups[fid] = (label, klass)
+        if label is not None:
+            self._by_label[label].add(fid)
+        if klass is not None:
+            self._by_class[klass].add(fid)
+
+    def _forget(self, fids: Sequence[int]) -> None:
+        for fid in fids:
+            label, klass = self._groups.pop(fid, (None, None))
+            if label is not None:
+                self._by_label[label].discard(fid)
+            if klass is not None:
+                self._by_class[klass].discard(fid)
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def get(self, item_id: str) -> Item | None:
+        return self.catalog.get(item_id)
+
+    def embedding(self, item_id: str) -> npt.NDArray[np.float32] | None:
+        found = self.catalog.embedding(item_id)
+        return None if found is None else found[1]
+
+    def search(self, queries: Sequence[SearchQuery]) -> list[list[Match]]:
+        """Matches for every query, best first: one index search per distinct filter."""
+        groups: dict[tuple[str | None, str | None], list[int]] = defaultdict(list)
+        for i, query in enumerate(queries):
+            groups[(query.label, query.predicted_class)].append(i)
+        raw: list[tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]] = [
+            (np.zeros(0, np.float32), np.zeros(0, np.int64))
+        ] * len(queries)
+        for (label, klass), members in groups.items():
+            allowed = self._allowed(label, klass)
+            if allowed is not None and len(allowed) == 0:
+                continue
+            k = max(queries[i].k + (1 if queries[i].exclude else 0) for i in members)
+            vectors = np.stack([queries[i].vector for i in members])
+            self.search_calls += 1
+            scores, ids = self.index.search(vectors, k, allowed)
+            for row, i in enumerate(members):
+                raw[i] = (scores[row], ids[row])
+        found = self.catalog.items_by_fid([int(f) for _s, ids in raw for f in ids if f >= 0])
+        return [self._matches(q, r, found) for q, r in zip(queries, raw, strict=True)]
+
+    def _allowed(self, label: str | None, klass: str | None) -> npt.NDArray[np.int64] | None:
+        sets = []
+        if label is not None:
+            sets.append(self._by_label.get(label, set()))
+        if klass is not None:
+            sets.append(self._by_class.get(klass, set()))
+        if not sets:
+            return None
+        allowed = set.intersection(*sets)
+        return np.fromiter(sorted(allowed), dtype=np.int64, count=len(allowed))
+
+    @staticmethod
+    def _matches(
+        query: SearchQuery,
+        raw: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]],
+        found: dict[int, Item],
+    ) -> list[Match]:
+        out: list[Match] = []
+        for score, fid in zip(raw[0].tolist(), raw[1].tolist(), strict=True):
+            item = found.get(fid)
+            if item is None or item.id == query.exclude:
+                continue
+            if query.min_score is not None and score < query.min_score:
+                break
+            out.append(
+                Match(
+                    item.id, round(float(score), 6), item.label, item.metadata, item.predicted_class
+                )
+            )
+            if len(out) == query.k:
+                break
+        return out
+
+    # -- snapshots ------------------------------------------------------------------------
+
+    def snapshot(self, force: bool = False) -> Path | None:
+        """Write the index if anything changed since the last snapshot; keep the newest
+        KEEP_SNAPSHOTS. A failed write leaves the previous snapshots as they were."""
+        seq = self.catalog.last_seq()
+        if seq == self._snapshot_seq and not force:
+            return None
+        path = self.snapshot_dir / f"index-{seq:012d}.faiss"
+        tombstones = self.index.write(path)
+        meta = {
+            "seq": seq,
+            "kind": self.index_kind(),
+            "trained": self.index.trained,
+            "dim": self.index.dim,
+            "fingerprint": self.fingerprint,
+            "tombstones": tombstones,
+            "count": self.index.size,
+            "written": time.time(),
+        }
+        meta_path = path.with_suffix(".json")
+        tmp = meta_path.with_name(meta_path.name + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, meta_path)
+        self._snapshot_seq = seq
+        self._prune_snapshots()
+        return path
+
+    def _prune_snapshots(self) -> None:
+        metas = sorted(self.snapshot_dir.glob("index-*.json"), reverse=True)
+        for old in metas[KEEP_SNAPSHOTS:]:
+            old.with_suffix(".faiss").unlink(missing_ok=True)
+            old.unlink(missing_ok=True)
+        kept = metas[:KEEP_SNAPSHOTS]
+        if kept:
+            oldest = int(kept[-1].stem.split("-")[1])
+            self.catalog.prune_changes(oldest)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.index_kind(),
+            "kind_in_use": self.index.kind_in_use,
+            "size": self.index.size,
+            "dim": self.index.dim,
+            "device": self.index.device,
+            "labels": len([k for k, v in self._by_label.items() if v]),
+        }
+
+    def close(self) -> None:
+        self.catalog.close()
