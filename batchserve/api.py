@@ -21,37 +21,45 @@ from twisted.web.iweb import IRequest
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException
 
-from batchserve.bodies import RequestLimits, read_images
+from batchserve.bodies import Body, RequestLimits, parse_body, read_images, read_items
 from batchserve.errors import (
     BatchserveError,
     DeadlineExceeded,
     InferenceFailed,
     InvalidInput,
+    NotFound,
     NotReady,
     Overloaded,
     PayloadTooLarge,
+    StorageFailed,
     UnsupportedMediaType,
 )
 from batchserve.inference import Prediction
 from batchserve.metrics import Metrics
+from batchserve.pipeline import AddTask, SearchTask
 from batchserve.service import ImageService, Label
+from batchserve.store import Match
 
 log = Logger()
 
 STATUS_BY_ERROR: dict[type[BatchserveError], int] = {
     InvalidInput: 400,
+    NotFound: 404,
     PayloadTooLarge: 413,
     UnsupportedMediaType: 415,
     Overloaded: 503,
     NotReady: 503,
     DeadlineExceeded: 504,
     InferenceFailed: 500,
+    StorageFailed: 500,
 }
 
 #: Status recorded in metrics for a client that hung up before its response (nginx's code).
 CLIENT_CLOSED = 499
 
 DEFAULT_TOP_K = 5
+DEFAULT_K = 10
+MAX_K = 1000
 
 
 def status_for(error: BatchserveError) -> int:
@@ -174,14 +182,20 @@ class BatchserveAPI:
         d.addBoth(record)
         return d
 
-    def _images(self, request: IRequest) -> list[bytes]:
+    def _read(self, request: IRequest) -> bytes:
         if getattr(request, "body_over_limit", False):
             raise PayloadTooLarge(f"body is over the limit of {self._limits.max_body_bytes} bytes")
+        return request.content.read() if request.content is not None else b""
+
+    def _content_type(self, request: IRequest) -> str | None:
         content_type = request.getHeader(b"content-type")
-        body = request.content.read() if request.content is not None else b""
-        return read_images(
-            content_type.decode("latin-1") if content_type else None, body, self._limits
-        )
+        return content_type.decode("latin-1") if content_type else None
+
+    def _images(self, request: IRequest) -> list[bytes]:
+        return read_images(self._content_type(request), self._read(request), self._limits)
+
+    def _body(self, request: IRequest) -> Body:
+        return parse_body(self._content_type(request), self._read(request), self._limits)
 
     # -- inference ----------------------------------------------------------------------
 
@@ -222,6 +236,81 @@ class BatchserveAPI:
             ],
         }
 
+    # -- search and items -----------------------------------------------------------------
+
+    def _search_task(self, request: IRequest, doc: dict[str, Any] | None = None) -> SearchTask:
+        options = dict(doc or {})
+        for name in ("k", "min_score", "label", "same_class"):
+            raw = request.args.get(name.encode())
+            if raw:
+                options[name] = raw[0].decode("utf-8", "replace")
+        return search_task(options)
+
+    @app.route("/v1/search", methods=["POST"])
+    def search(self, request: IRequest) -> Deferred[bytes]:
+        def work() -> Deferred[Any]:
+            body = self._body(request)
+            if body.doc is not None and "vectors" in body.doc:
+                if body.images:
+                    raise InvalidInput('send "vectors" or "images", not both')
+                task = self._search_task(request, body.doc)
+                d = self._service.search_vectors(body.doc["vectors"], task)
+            else:
+                if not body.images:
+                    raise InvalidInput('no image to search with (or send {"vectors": [...]})')
+                d = self._service.search(body.images, self._search_task(request, body.doc))
+            return d.addCallback(matches_doc)
+
+        return self._respond(request, "/v1/search", work)
+
+    @app.route("/v1/items", methods=["POST"])
+    def add_items(self, request: IRequest) -> Deferred[bytes]:
+        def work() -> Deferred[Any]:
+            content_type = request.getHeader(b"content-type")
+            query = {
+                k.decode("utf-8", "replace"): v[0].decode("utf-8", "replace")
+                for k, v in request.args.items()
+                if v
+            }
+            items = read_items(
+                content_type.decode("latin-1") if content_type else None,
+                self._read(request),
+                self._limits,
+                query,
+            )
+            d = self._service.add(
+                [(item.image, AddTask(item.id, item.label, item.metadata)) for item in items]
+            )
+            return d.addCallback(lambda ids: {"added": ids})
+
+        return self._respond(request, "/v1/items", work)
+
+    @app.route("/v1/items/<path:item_id>/similar", methods=["GET"])
+    def similar(self, request: IRequest, item_id: str) -> Deferred[bytes]:
+        def work() -> Deferred[Any]:
+            d = self._service.similar(item_id, self._search_task(request))
+            return d.addCallback(lambda matches: matches_doc([matches]))
+
+        return self._respond(request, "/v1/items/{id}/similar", work)
+
+    @app.route("/v1/items/<path:item_id>", methods=["GET"])
+    def get_item(self, request: IRequest, item_id: str) -> Deferred[bytes]:
+        def work() -> Deferred[Any]:
+            return self._service.get(item_id).addCallback(lambda item: item.as_json())
+
+        return self._respond(request, "/v1/items/{id}", work)
+
+    @app.route("/v1/items/<path:item_id>", methods=["DELETE"])
+    def delete_item(self, request: IRequest, item_id: str) -> Deferred[bytes]:
+        def work() -> Deferred[Any]:
+            return self._service.delete(item_id).addCallback(lambda _: {"deleted": item_id})
+
+        return self._respond(request, "/v1/items/{id}", work)
+
+    @app.route("/v1/index", methods=["GET"])
+    def index(self, request: IRequest) -> Deferred[bytes]:
+        return self._respond(request, "/v1/index", self._service.index_info)
+
     # -- what is loaded, health ---------------------------------------------------------
 
     @app.route("/v1/model", methods=["GET"])
@@ -240,7 +329,7 @@ class BatchserveAPI:
 
     @app.route("/readyz", methods=["GET"])
     def readyz(self, request: IRequest) -> bytes:
-        if self._service.info is None:
+        if not self._service.ready:
             request.setHeader(b"Retry-After", b"5")
             return json_body(request, 503, {"status": "loading"})
         return json_body(request, 200, {"status": "ready"})
@@ -257,6 +346,47 @@ class BatchserveAPI:
         status = error.code or 500
         code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
         return error_body(request, status, code, error.description or error.name)
+
+
+def search_task(options: dict[str, Any]) -> SearchTask:
+    """Search options from the query string or JSON body, validated."""
+    k = _bounded_int(options.get("k", DEFAULT_K), "k", 1, MAX_K)
+    raw_score = options.get("min_score")
+    min_score = None
+    if raw_score is not None and raw_score != "":
+        try:
+            min_score = float(raw_score)
+        except (TypeError, ValueError) as e:
+            raise InvalidInput(f"min_score must be a number, got {raw_score!r}") from e
+        if not -1.0 <= min_score <= 1.0:
+            raise InvalidInput("min_score must be between -1 and 1 (cosine similarity)")
+    label = options.get("label") or None
+    if label is not None and not isinstance(label, str):
+        raise InvalidInput("label must be a string")
+    same_class = options.get("same_class", False)
+    if isinstance(same_class, str):
+        if same_class.lower() not in ("", "0", "1", "true", "false"):
+            raise InvalidInput("same_class must be true or false")
+        same_class = same_class.lower() in ("1", "true")
+    if not isinstance(same_class, bool):
+        raise InvalidInput("same_class must be true or false")
+    return SearchTask(k=k, min_score=min_score, label=label, same_class=same_class)
+
+
+def matches_doc(per_query: list[list[Match]]) -> dict[str, Any]:
+    return {"results": [{"matches": [m.as_json() for m in ms]} for ms in per_query]}
+
+
+def _bounded_int(raw: object, name: str, low: int, high: int) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int | str):
+        raise InvalidInput(f"{name} must be an integer")
+    try:
+        value = int(raw)
+    except ValueError as e:
+        raise InvalidInput(f"{name} must be an integer, got {raw!r}") from e
+    if not low <= value <= high:
+        raise InvalidInput(f"{name} must be between {low} and {high}, got {value}")
+    return value
 
 
 def _int_arg(request: IRequest, name: str, default: int, low: int, high: int) -> int:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -35,6 +35,7 @@ In = TypeVar("In")
 Out = TypeVar("Out")
 In_co = TypeVar("In_co", covariant=True)
 In_contra = TypeVar("In_contra", contravariant=True)
+T = TypeVar("T")
 
 log = Logger()
 
@@ -69,12 +70,32 @@ class _Item(Generic[In, Out]):
 class Batch(Generic[In_co]):
     """A batch handed to a runner: ``payloads[i]`` is the input of item ``i``."""
 
-    def __init__(self, items: Sequence[_Item[Any, Any]]) -> None:
+    def __init__(
+        self,
+        items: Sequence[_Item[Any, Any]],
+        payloads: list[In_co] | None = None,
+        release: Callable[[], None] | None = None,
+    ) -> None:
         self._items = items
-        self.payloads: list[In_co] = [item.payload for item in items]
+        self.payloads: list[In_co] = (
+            payloads if payloads is not None else [item.payload for item in items]
+        )
+        self._release = release
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def map(self, fn: Callable[[In_co], T]) -> Batch[T]:
+        """The same items (same liveness) with ``fn`` applied to each payload."""
+        return Batch(self._items, [fn(p) for p in self.payloads], self._release)
+
+    def release(self) -> None:
+        """Give the Batcher its slot back before the results are delivered: a runner with a
+        later stage (the index) calls this once the first stage (the model) is done, so the
+        next batch can start. Idempotent; called on the reactor thread."""
+        if self._release is not None:
+            release, self._release = self._release, None
+            release()
 
     def live_indices(self) -> list[int]:
         """Indices of the items still wanted (not cancelled, not expired).
@@ -87,9 +108,10 @@ class Batch(Generic[In_co]):
 class BatchRunner(Protocol[In_contra, Out]):
     """Runs a whole batch; the seam between the Batcher and the model."""
 
-    def run(self, batch: Batch[In_contra]) -> Deferred[Sequence[Out | None]]:
+    def run(self, batch: Batch[In_contra]) -> Deferred[Sequence[Out | Failure | None]]:
         """Return one result per item, in order; ``None`` only for items not live when the
-        batch started. The Deferred must fire on the reactor thread."""
+        batch started; a Failure for an item that failed alone. The Deferred must fire on
+        the reactor thread."""
         ...
 
 
@@ -275,11 +297,14 @@ class Batcher(Generic[In, Out]):
         self._observer.queue_size(len(self._queue))
         self._observer.batch_started(len(items), [now - item.enqueued_s for item in items])
         self._inflight += 1
-        d = maybeDeferred(self._runner.run, Batch(items))
+        batch: Batch[In] = Batch(items, release=lambda: self._release_slot(now))
+        d = maybeDeferred(self._runner.run, batch)
         d.addCallbacks(self._deliver, self._fail, callbackArgs=(items,), errbackArgs=(items,))
-        d.addBoth(self._finished, now)
+        d.addBoth(lambda _result: batch.release())
 
-    def _deliver(self, results: Sequence[Out | None], items: list[_Item[In, Out]]) -> None:
+    def _deliver(
+        self, results: Sequence[Out | Failure | None], items: list[_Item[In, Out]]
+    ) -> None:
         if len(results) != len(items):
             self._fail(
                 Failure(
@@ -298,6 +323,8 @@ class Batcher(Generic[In, Out]):
             assert item.deferred is not None
             if result is None:
                 item.deferred.errback(InferenceFailed("runner skipped a live item"))
+            elif isinstance(result, Failure):
+                item.deferred.errback(result)  # this item alone failed
             else:
                 item.deferred.callback(result)
 
@@ -311,7 +338,7 @@ class Batcher(Generic[In, Out]):
             assert item.deferred is not None
             item.deferred.errback(failure)
 
-    def _finished(self, _result: object, started_s: float) -> None:
+    def _release_slot(self, started_s: float) -> None:
         self._inflight -= 1
         elapsed = self._clock.seconds() - started_s
         self._batch_s = 0.8 * self._batch_s + 0.2 * elapsed

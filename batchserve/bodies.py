@@ -1,4 +1,5 @@
-"""Reading images out of HTTP request bodies: raw bytes, multipart/form-data, JSON base64.
+"""Reading images, items and options out of HTTP request bodies: raw bytes,
+multipart/form-data, JSON with base64.
 
 Pure functions of (content type, body); no Twisted, no Klein. Every failure is a domain
 error that api.py maps to a 4xx status.
@@ -8,10 +9,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import email.message
 import email.parser
 import email.policy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from batchserve.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
@@ -20,6 +22,10 @@ from batchserve.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaTyp
 IMAGE_FIELDS = frozenset({"image", "images", "image[]", "images[]", "file", "files"})
 
 _RAW_TYPES = frozenset({"application/octet-stream"})
+
+MAX_ID_CHARS = 256
+MAX_LABEL_CHARS = 256
+MAX_METADATA_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -30,17 +36,28 @@ class RequestLimits:
     max_images: int = 64
 
 
+@dataclass
+class Body:
+    """What a request body holds: encoded images in order, multipart text fields, and the
+    JSON document (for JSON bodies)."""
+
+    images: list[bytes] = field(default_factory=list)
+    fields: dict[str, list[str]] = field(default_factory=dict)
+    doc: dict[str, Any] | None = None
+
+
 def media_type(content_type: str | None) -> str:
     """The lower-cased media type of a Content-Type header, without parameters."""
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
-def read_images(content_type: str | None, body: bytes, limits: RequestLimits) -> list[bytes]:
-    """The encoded images in a request body, in order.
+def parse_body(content_type: str | None, body: bytes, limits: RequestLimits) -> Body:
+    """Split a request body into images, fields and JSON, checking the limits.
 
     Raw body (``image/*`` or ``application/octet-stream``): one image. Multipart: every
-    part with a filename, or named ``image``/``images``/``file``. JSON:
-    ``{"images": [{"b64": "..."}, ...]}`` (a ``data:`` URL prefix is allowed).
+    part with a filename, or named ``image``/``images``/``file``, is an image; other parts
+    are text fields. JSON: ``{"images": [{"b64": "..."}, ...]}`` (a ``data:`` URL prefix is
+    allowed), or any object for the caller to read (``doc``).
     """
     if len(body) > limits.max_body_bytes:
         raise PayloadTooLarge(
@@ -52,64 +69,71 @@ def read_images(content_type: str | None, body: bytes, limits: RequestLimits) ->
             "missing Content-Type: send image/*, multipart/form-data or application/json"
         )
     if kind.startswith("image/") or kind in _RAW_TYPES:
-        images = [body]
+        parsed = Body(images=[body])
     elif kind == "multipart/form-data":
-        images = _from_multipart(content_type or "", body)
+        parsed = _from_multipart(content_type or "", body)
     elif kind == "application/json" or kind.endswith("+json"):
-        images = _from_json(body)
+        doc = parse_json(body)
+        if not isinstance(doc, dict):
+            raise InvalidInput("the JSON body must be an object")
+        entries = doc.get("images", [])
+        if not isinstance(entries, list):
+            raise InvalidInput('"images" must be a list of {"b64": "..."}')
+        parsed = Body(images=[decode_b64(e, i) for i, e in enumerate(entries)], doc=doc)
     else:
         raise UnsupportedMediaType(
             f"Content-Type {kind} is not accepted: send image/*, multipart/form-data "
             "or application/json"
         )
-    if not images:
-        raise InvalidInput("the request holds no image")
-    if len(images) > limits.max_images:
+    if len(parsed.images) > limits.max_images:
         raise PayloadTooLarge(
-            f"{len(images)} images in one request; the limit is {limits.max_images}"
+            f"{len(parsed.images)} images in one request; the limit is {limits.max_images}"
         )
-    for i, image in enumerate(images):
+    for i, image in enumerate(parsed.images):
         if not image:
             raise InvalidInput(f"image {i} is empty")
+    return parsed
+
+
+def read_images(content_type: str | None, body: bytes, limits: RequestLimits) -> list[bytes]:
+    """The encoded images of a request that must hold at least one."""
+    images = parse_body(content_type, body, limits).images
+    if not images:
+        raise InvalidInput('the request holds no image (send a file field named "image")')
     return images
 
 
-def _from_multipart(content_type: str, body: bytes) -> list[bytes]:
+def _from_multipart(content_type: str, body: bytes) -> Body:
     parser = email.parser.BytesParser(policy=email.policy.HTTP)
     header = b"MIME-Version: 1.0\r\nContent-Type: " + content_type.encode("latin-1") + b"\r\n\r\n"
     message = parser.parsebytes(header + body)
     if not message.is_multipart() or message.defects:
         raise InvalidInput("malformed multipart/form-data body (check the boundary)")
-    images = []
+    parsed = Body()
     for part in message.get_payload():
         if not isinstance(part, email.message.Message):
             continue
         name = part.get_param("name", header="content-disposition")
         filename = part.get_filename()
-        if filename is None and (not isinstance(name, str) or name not in IMAGE_FIELDS):
-            continue
         payload = part.get_payload(decode=True)
         if not isinstance(payload, bytes):
-            raise InvalidInput(f"multipart field {name!r} has no file content")
-        images.append(payload)
-    if not images:
-        raise InvalidInput("multipart body has no image file (use a field named 'image')")
-    return images
+            raise InvalidInput(f"multipart field {name!r} has no content")
+        if filename is not None or (isinstance(name, str) and name in IMAGE_FIELDS):
+            parsed.images.append(payload)
+        elif isinstance(name, str):
+            try:
+                text = payload.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InvalidInput(f"multipart field {name!r} is not UTF-8 text") from e
+            parsed.fields.setdefault(name, []).append(text)
+    return parsed
 
 
 def parse_json(body: bytes) -> Any:
     try:
         return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise InvalidInput(f"invalid JSON: {e}") from e
-
-
-def _from_json(body: bytes) -> list[bytes]:
-    doc = parse_json(body)
-    entries = doc.get("images") if isinstance(doc, dict) else None
-    if not isinstance(entries, list):
-        raise InvalidInput('JSON body must be {"images": [{"b64": "..."}, ...]}')
-    return [decode_b64(entry, i) for i, entry in enumerate(entries)]
 
 
 def decode_b64(entry: object, index: int) -> bytes:
@@ -123,3 +147,112 @@ def decode_b64(entry: object, index: int) -> bytes:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
         raise InvalidInput(f"images[{index}].b64 is not valid base64: {e}") from e
+
+
+# -- items ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ItemInput:
+    image: bytes
+    id: str
+    label: str | None
+    metadata: dict[str, Any]
+
+
+def check_id(value: object) -> str:
+    """A valid item id: a non-empty string of at most MAX_ID_CHARS printable characters."""
+    if not isinstance(value, str) or not value:
+        raise InvalidInput("every item needs an id: a non-empty string")
+    if len(value) > MAX_ID_CHARS:
+        raise InvalidInput(f"id is {len(value)} characters; the limit is {MAX_ID_CHARS}")
+    if not value.isprintable():
+        raise InvalidInput("id must not hold control characters")
+    return value
+
+
+def check_label(value: object) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > MAX_LABEL_CHARS or not value.isprintable():
+        raise InvalidInput(f"label must be a printable string of at most {MAX_LABEL_CHARS}")
+    return value
+
+
+def check_metadata(value: object) -> dict[str, Any]:
+    """A JSON object (or its text) of at most MAX_METADATA_BYTES."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        if len(value.encode("utf-8")) > MAX_METADATA_BYTES:
+            raise PayloadTooLarge(f"metadata is over {MAX_METADATA_BYTES} bytes")
+        value = parse_json(value.encode("utf-8"))
+    if not isinstance(value, dict):
+        raise InvalidInput("metadata must be a JSON object")
+    if len(json.dumps(value).encode("utf-8")) > MAX_METADATA_BYTES:
+        raise PayloadTooLarge(f"metadata is over {MAX_METADATA_BYTES} bytes")
+    return value
+
+
+def read_items(
+    content_type: str | None,
+    body: bytes,
+    limits: RequestLimits,
+    query: dict[str, str],
+) -> list[ItemInput]:
+    """Items to add. Multipart: files ``image`` with fields ``id`` (one per file), ``label``
+    and ``metadata`` (one per file, or one for all). JSON: ``{"items": [{"id", "label",
+    "metadata", "b64"}]}``. Raw image: ``?id=...&label=...``."""
+    kind = media_type(content_type)
+    if kind == "application/json" or kind.endswith("+json"):
+        doc = parse_body(content_type, body, limits).doc or {}
+        entries = doc.get("items")
+        if not isinstance(entries, list) or not entries:
+            raise InvalidInput('JSON body must be {"items": [{"id": ..., "b64": ...}, ...]}')
+        if len(entries) > limits.max_images:
+            raise PayloadTooLarge(
+                f"{len(entries)} items in one request; the limit is {limits.max_images}"
+            )
+        items = []
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise InvalidInput(f"items[{i}] must be an object")
+            image = decode_b64(entry, i)
+            if not image:
+                raise InvalidInput(f"items[{i}] has an empty image")
+            items.append(
+                ItemInput(
+                    image,
+                    check_id(entry.get("id")),
+                    check_label(entry.get("label")),
+                    check_metadata(entry.get("metadata")),
+                )
+            )
+        return items
+    parsed = parse_body(content_type, body, limits)
+    if not parsed.images:
+        raise InvalidInput('no image to add (send a file field named "image")')
+    n = len(parsed.images)
+    fields = dict(parsed.fields)
+    for name in ("id", "label", "metadata"):
+        if name in query and name not in fields:
+            fields[name] = [query[name]]
+    ids = fields.get("id", [])
+    if len(ids) != n:
+        raise InvalidInput(f"{n} image(s) but {len(ids)} id(s): send one id per image")
+
+    def per_image(name: str) -> list[str | None]:
+        values = fields.get(name, [])
+        if not values:
+            return [None] * n
+        if len(values) == 1:
+            return values * n  # type: ignore[return-value]
+        if len(values) != n:
+            raise InvalidInput(f"send one {name} for all images or one per image")
+        return list(values)
+
+    labels, metadata = per_image("label"), per_image("metadata")
+    return [
+        ItemInput(image, check_id(i), check_label(label), check_metadata(meta))
+        for image, i, label, meta in zip(parsed.images, ids, labels, metadata, strict=True)
+    ]

@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchserve import __version__, config
@@ -18,7 +19,11 @@ from batchserve.errors import BatchserveError
 
 if TYPE_CHECKING:
     from batchserve.config import Settings
-    from batchserve.models import ModelSpec
+    from batchserve.index import IndexParams
+    from batchserve.models import ModelInfo, ModelSpec
+    from batchserve.pipeline import IndexWorker
+    from batchserve.service import ImageService
+    from batchserve.store import ItemStore
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +76,31 @@ def _start_logging(level_name: str) -> None:
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
+def index_params(settings: Settings) -> IndexParams:
+    from batchserve.index import IndexParams
+
+    return IndexParams(
+        kind=settings.index_kind,
+        nlist=settings.ivf_nlist,
+        nprobe=settings.ivf_nprobe,
+        train_min=settings.index_train_min,
+        hnsw_m=settings.hnsw_m,
+        ef_construction=settings.hnsw_ef_construction,
+        ef_search=settings.hnsw_ef_search,
+        pq_m=settings.pq_m,
+        device=settings.index_device,
+    )
+
+
+def open_store(settings: Settings, info: ModelInfo) -> ItemStore:
+    """The item store for ``info``'s embeddings under the data dir (refuses another model's)."""
+    from batchserve.index import VectorIndex
+    from batchserve.store import ItemStore
+
+    index = VectorIndex(info.dim, index_params(settings))
+    return ItemStore(Path(settings.data_dir), index, info.fingerprint())
+
+
 def serve(settings: Settings) -> int:
     """Run the server until SIGINT/SIGTERM; return the exit status."""
     # TensorFlow's C++ start-up chatter hides the server's own log lines.
@@ -78,6 +108,7 @@ def serve(settings: Settings) -> int:
     from functools import partial
 
     from twisted.internet import reactor as installed_reactor
+    from twisted.internet.task import LoopingCall
     from twisted.internet.threads import deferToThreadPool
     from twisted.logger import Logger
     from twisted.python.failure import Failure
@@ -90,14 +121,16 @@ def serve(settings: Settings) -> int:
     from batchserve.images import DecodeLimits
     from batchserve.inference import InferenceWorker
     from batchserve.metrics import Metrics
-    from batchserve.models import ModelInfo, load_model
+    from batchserve.models import load_model
+    from batchserve.pipeline import IndexWorker, PipelineRunner
     from batchserve.service import ImageService
+    from batchserve.store import OpenReport, lock_data_dir
 
     reactor: Any = installed_reactor  # the interfaces it provides are not declared to mypy
     _start_logging(settings.log_level)
     log = Logger(namespace="batchserve")
     started = time.monotonic()
-    os.makedirs(settings.data_dir, mode=0o700, exist_ok=True)
+    lock_data_dir(Path(settings.data_dir))
 
     metrics = Metrics()
     spec = model_spec(settings)
@@ -108,6 +141,13 @@ def serve(settings: Settings) -> int:
         warmup=settings.warmup,
         observer=metrics,
     )
+    index_pool = ThreadPool(minthreads=1, maxthreads=1, name="batchserve-index")
+    index_pool.start()
+    index = IndexWorker(
+        lambda: open_store(settings, _loaded(worker.info)),
+        partial(deferToThreadPool, reactor, index_pool),
+        observer=metrics,
+    )
     policy = BatchPolicy(
         max_batch_size=settings.max_batch_size,
         max_delay_s=settings.max_delay_s,
@@ -115,7 +155,10 @@ def serve(settings: Settings) -> int:
         max_inflight=settings.max_inflight,
         timeout_s=settings.timeout_s,
     )
-    batcher = Batcher(worker, policy, reactor, observer=metrics)
+    pipeline = PipelineRunner(
+        worker, index, lambda: worker.info.classes if worker.info else None, observer=metrics
+    )
+    batcher = Batcher(pipeline, policy, reactor, observer=metrics)
     decode_pool = ThreadPool(
         minthreads=settings.decode_thread_count(),
         maxthreads=settings.decode_thread_count(),
@@ -128,6 +171,7 @@ def serve(settings: Settings) -> int:
         worker,
         DecodeLimits(max_pixels=settings.max_image_pixels),
         reactor,
+        index=index,
         observer=metrics,
     )
     api = BatchserveAPI(
@@ -148,11 +192,17 @@ def serve(settings: Settings) -> int:
     )
 
     status = {"code": 0}
+    snapshots = LoopingCall(lambda: index.call(_snapshot).addErrback(snapshot_failed))
 
-    def ready(info: ModelInfo) -> None:
+    def snapshot_failed(failure: Failure) -> None:
+        log.error(
+            "index snapshot failed (the previous one is intact): {e}", e=failure.getErrorMessage()
+        )
+
+    def model_ready(info: ModelInfo) -> Any:
         metrics.set_model(info.name, info.source, info.dim, info.pretrained)
         log.info(
-            "ready in {s:.1f} s: model {name} ({dim}-d, input {size}, {device}), "
+            "model {name} loaded in {s:.1f} s ({dim}-d, input {size}, {device}), "
             "batch sizes {sizes}",
             s=time.monotonic() - started,
             name=info.name,
@@ -161,22 +211,98 @@ def serve(settings: Settings) -> int:
             device=info.device,
             sizes=worker.sizes,
         )
+        return index.start()
 
-    def load_failed(failure: Failure) -> None:
-        log.critical("cannot load the model: {error}", error=failure.getErrorMessage())
+    def index_ready(report: OpenReport) -> Any:
+        how = (
+            "rebuilt from the catalog"
+            if report.rebuilt
+            else f"snapshot {report.snapshot_seq} + {report.replayed} changes replayed"
+        )
+        for skipped in report.skipped_snapshots:
+            log.warn("skipped snapshot {s}", s=skipped)
+        snapshots.start(settings.snapshot_interval_s, now=False)
+        d = index.call(lambda store: store.describe())
+
+        def announce(described: dict[str, Any]) -> Any:
+            log.info(
+                "ready in {s:.1f} s: {size} items in a {kind} index ({how}, {t:.2f} s)",
+                s=time.monotonic() - started,
+                size=described["size"],
+                kind=described["kind_in_use"],
+                how=how,
+                t=report.seconds,
+            )
+            if settings.demo and described["size"] == 0:
+                return seed_demo(service, index, log)
+            return None
+
+        return d.addCallback(announce)
+
+    def start_failed(failure: Failure) -> None:
+        log.critical("cannot start: {error}", error=failure.getErrorMessage())
         status["code"] = 1
         reactor.stop()
 
-    worker.start().addCallbacks(ready, load_failed)
+    worker.start().addCallback(model_ready).addCallback(index_ready).addErrback(start_failed)
 
-    def shutdown() -> None:
+    def shutdown() -> Any:
         log.info("shutting down")
+        if snapshots.running:
+            snapshots.stop()
         decode_pool.stop()
         worker.stop()
+
+        def closed(result: Any) -> Any:
+            if isinstance(result, Failure):
+                log.error("final snapshot failed: {e}", e=result.getErrorMessage())
+            index_pool.stop()
+            return None
+
+        # Twisted waits for this Deferred before the reactor stops.
+        return index.close().addBoth(closed)
 
     reactor.addSystemEventTrigger("before", "shutdown", shutdown)
     reactor.run()
     return status["code"]
+
+
+def _loaded(info: ModelInfo | None) -> ModelInfo:
+    assert info is not None, "the store opens only after the model is loaded"
+    return info
+
+
+def _snapshot(store: ItemStore) -> Path | None:
+    return store.snapshot()
+
+
+def seed_demo(service: ImageService, index: IndexWorker, log: Any) -> Any:
+    """Index the sample photos on a first start, once (an empty data dir stays seeded)."""
+    from batchserve.demo import sample_photos
+    from batchserve.pipeline import AddTask
+
+    def seeded(store: ItemStore) -> bool:
+        return bool(store.catalog.get_meta("demo_seeded"))
+
+    def add_samples(done: bool) -> Any:
+        if done:
+            return None
+        photos = sample_photos()
+        entries = [
+            (data, AddTask(item_id, label, {"source": "scikit-image sample data"}))
+            for item_id, label, data in photos
+        ]
+        d = service.add(entries)
+        d.addCallback(lambda ids: index.call(_mark_seeded, len(ids)))
+        d.addCallback(lambda n: log.info("indexed {n} sample photos to search", n=n))
+        return d
+
+    return index.call(seeded).addCallback(add_samples)
+
+
+def _mark_seeded(store: ItemStore, count: int) -> int:
+    store.catalog.set_meta("demo_seeded", "1")
+    return count
 
 
 def main(argv: Sequence[str] | None = None) -> int:

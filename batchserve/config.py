@@ -77,6 +77,29 @@ class Settings:
     max_image_pixels: int = _setting(40_000_000, "largest image, width times height")
     max_images_per_request: int = _setting(64, "most images in one request")
 
+    index_kind: str = _setting(
+        "flat",
+        "FAISS index kind: flat (exact), ivf, hnsw or ivfpq",
+        ("flat", "ivf", "hnsw", "ivfpq"),
+    )
+    index_device: str = _setting(
+        "auto", "where FAISS searches (gpu needs a GPU build of FAISS)", ("auto", "cpu", "gpu")
+    )
+    ivf_nlist: int = _setting(0, "IVF inverted lists (0: about 4 sqrt(items))")
+    ivf_nprobe: int = _setting(32, "IVF lists searched per query")
+    index_train_min: int = _setting(
+        2000, "items before an ivf/ivfpq index is trained (searched exactly until then)"
+    )
+    hnsw_m: int = _setting(32, "HNSW links per node")
+    hnsw_ef_construction: int = _setting(200, "HNSW candidate list size while adding")
+    hnsw_ef_search: int = _setting(256, "HNSW candidate list size while searching")
+    pq_m: int = _setting(0, "IVF-PQ sub-quantizers (0: dim / 4)")
+    snapshot_interval_s: float = _setting(
+        300.0, "seconds between index snapshots (only when something changed; also at exit)"
+    )
+    demo: bool = _setting(
+        True, "on a first start with an empty data dir, index scikit-image's sample photos"
+    )
     intra_op_threads: int = _setting(0, "TensorFlow intra-op threads (0: TensorFlow decides)")
     inter_op_threads: int = _setting(0, "TensorFlow inter-op threads (0: TensorFlow decides)")
     device: str = _setting("auto", "where the model runs", ("auto", "cpu", "gpu"))
@@ -127,12 +150,25 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.snapshot_interval_s <= 0:
+            raise ConfigError("snapshot_interval_s must be positive")
+        for name in (
+            "ivf_nprobe",
+            "index_train_min",
+            "hnsw_m",
+            "hnsw_ef_construction",
+            "hnsw_ef_search",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         non_negative = (
             "max_delay_ms",
             "intra_op_threads",
             "inter_op_threads",
             "input_size",
             "decode_threads",
+            "ivf_nlist",
+            "pq_m",
         )
         for name in non_negative:
             if getattr(self, name) < 0:

@@ -62,6 +62,19 @@ class InferenceFailed(BatchserveError):
     code = "inference_failed"
 
 
+class StorageFailed(BatchserveError):
+    """The catalog or a snapshot could not be written; nothing acknowledged is lost
+    (HTTP 500)."""
+
+    code = "storage_failed"
+
+
+class NotFound(BatchserveError):
+    """No item with that id (HTTP 404)."""
+
+    code = "not_found"
+
+
 class ModelLoadError(BatchserveError):
     """The configured model cannot be loaded (bad path, hash mismatch, no such signature)."""
 

@@ -111,6 +111,13 @@ class Metrics:
             registry=r,
         )
         self.model_info = Info("batchserve_model", "The model being served", registry=r)
+        self.search_seconds = Histogram(
+            "batchserve_search_seconds",
+            "Index time per batch of searches (one FAISS call per distinct filter)",
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.index_items = Gauge("batchserve_index_items", "Items in the index", registry=r)
 
     # BatchObserver
     def queue_size(self, items: int) -> None:
@@ -127,6 +134,13 @@ class Metrics:
     # InferenceObserver (called on the inference thread; prometheus_client is thread-safe)
     def inference_done(self, padded_size: int, seconds: float) -> None:
         self.inference_seconds.labels(str(padded_size)).observe(seconds)
+
+    # IndexObserver (called on the index thread)
+    def search_done(self, seconds: float) -> None:
+        self.search_seconds.observe(seconds)
+
+    def index_size(self, items: int) -> None:
+        self.index_items.set(items)
 
     def request_done(self, route: str, code: int, seconds: float) -> None:
         self.requests.labels(route, str(code)).inc()

@@ -83,6 +83,10 @@ class ModelInfo:
     device: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What an index remembers of the model that built it."""
+        return {"name": self.name, "weights_sha256": self.weights_sha256, "dim": self.dim}
+
     def as_json(self) -> dict[str, Any]:
         return {
             "name": self.name,

@@ -1,5 +1,6 @@
 """Composes the pipeline for a request: decode each image on the decode pool, submit each
-to the Batcher as its own item, and gather the results in request order.
+to the Batcher as its own job, and gather the results in request order. Item reads,
+deletes and searches by vector go straight to the index thread.
 
 Returns Deferreds; knows nothing of HTTP. Cancelling a returned Deferred (the client hung
 up) cancels every image of the request still queued.
@@ -19,12 +20,25 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from batchserve.batching import Batcher
-from batchserve.errors import DeadlineExceeded, InvalidInput, NotReady, Overloaded
+from batchserve.catalog import Item
+from batchserve.errors import DeadlineExceeded, InvalidInput, NotFound, NotReady, Overloaded
 from batchserve.images import DecodeLimits, decode_image
 from batchserve.inference import Prediction
 from batchserve.models import ModelInfo
+from batchserve.pipeline import (
+    AddTask,
+    EmbedTask,
+    IndexWorker,
+    Job,
+    Outcome,
+    SearchTask,
+    Task,
+)
+from batchserve.store import ItemStore, Match, SearchQuery
 
 T = TypeVar("T")
+
+EMBED = EmbedTask()
 
 #: Runs a blocking function on the decode thread pool: ``run(f, *args) -> Deferred``.
 PoolRunner = Callable[..., Deferred[Any]]
@@ -81,21 +95,24 @@ def gather(deferreds: Sequence[Deferred[T]]) -> Deferred[list[T]]:
 
 
 class ImageService:
-    """Embeds and classifies images through the Batcher."""
+    """Embeds, classifies, searches and adds images through the Batcher; reads and deletes
+    items on the index thread."""
 
     def __init__(
         self,
-        batcher: Batcher[npt.NDArray[np.uint8], Prediction],
+        batcher: Batcher[Job, Outcome],
         run_in_pool: PoolRunner,
         model: ModelStatus,
         limits: DecodeLimits,
         clock: IReactorTime,
+        index: IndexWorker | None = None,
         observer: DecodeObserver | None = None,
     ) -> None:
         self._batcher = batcher
         self._clock = clock
         self._run_in_pool = run_in_pool
         self._model = model
+        self._index = index
         self._limits = limits
         self._observer = observer
         self._decoding = 0
@@ -106,24 +123,21 @@ class ImageService:
         return self._model.info
 
     @property
+    def ready(self) -> bool:
+        """Model warm and index loaded."""
+        return self._model.info is not None and (self._index is None or self._index.ready)
+
+    @property
     def decoding(self) -> int:
         """Images accepted and still being decoded."""
         return self._decoding
 
+    # -- through the model ----------------------------------------------------------------
+
     def embed(self, images: Sequence[bytes]) -> Deferred[list[Prediction]]:
         """One Prediction per image, in order."""
-        info = self._model.info
-        if info is None:
-            return fail(NotReady("the model is loading; retry shortly"))
-        if not images:
-            return fail(InvalidInput("no image in the request"))
-        try:
-            self._batcher.check_room(len(images), pending=self._decoding)
-        except Overloaded as e:
-            return fail(e)
-        # The deadline runs from now: time spent decoding counts against it.
-        deadline_s = self._clock.seconds() + self._batcher.policy.timeout_s
-        return gather([self._embed_one(data, info.input_size, deadline_s) for data in images])
+        d = self._run([(data, EMBED) for data in images])
+        return d.addCallback(lambda outcomes: [o.prediction for o in outcomes])
 
     def classify(self, images: Sequence[bytes], top_k: int) -> Deferred[list[list[Label]]]:
         """The ``top_k`` most likely labels of each image, best first."""
@@ -137,21 +151,54 @@ class ImageService:
 
         return self.embed(images).addCallback(labels)
 
-    def _embed_one(
-        self, data: bytes, size: tuple[int, int], deadline_s: float
-    ) -> Deferred[Prediction]:
+    def search(self, images: Sequence[bytes], task: SearchTask) -> Deferred[list[list[Match]]]:
+        """The nearest items of each image, best first."""
+        info = self._model.info
+        if task.same_class and info is not None and not info.classes:
+            return fail(InvalidInput(f"same_class needs a classifier; {info.name} has none"))
+        d = self._run([(data, task) for data in images], needs_index=True)
+        return d.addCallback(lambda outcomes: [o.matches or [] for o in outcomes])
+
+    def add(self, entries: Sequence[tuple[bytes, AddTask]]) -> Deferred[list[str]]:
+        """Store each image under its id; fires once every row is committed."""
+        d = self._run(list(entries), needs_index=True)
+        return d.addCallback(lambda outcomes: [o.added or "" for o in outcomes])
+
+    def _run(
+        self, jobs: Sequence[tuple[bytes, Task]], needs_index: bool = False
+    ) -> Deferred[list[Outcome]]:
+        info = self._model.info
+        if info is None:
+            return fail(NotReady("the model is loading; retry shortly"))
+        if needs_index and (self._index is None or not self._index.ready):
+            return fail(NotReady("the index is loading; retry shortly"))
+        if not jobs:
+            return fail(InvalidInput("no image in the request"))
+        try:
+            self._batcher.check_room(len(jobs), pending=self._decoding)
+        except Overloaded as e:
+            return fail(e)
+        # The deadline runs from now: time spent decoding counts against it.
+        deadline_s = self._clock.seconds() + self._batcher.policy.timeout_s
+        return gather(
+            [self._run_one(data, task, info.input_size, deadline_s) for data, task in jobs]
+        )
+
+    def _run_one(
+        self, data: bytes, task: Task, size: tuple[int, int], deadline_s: float
+    ) -> Deferred[Outcome]:
         self._decoding += 1
 
         def decoded(result: object) -> object:
             self._decoding -= 1
             return result
 
-        def submit(array: npt.NDArray[np.uint8]) -> Deferred[Prediction]:
+        def submit(array: npt.NDArray[np.uint8]) -> Deferred[Outcome]:
             left_s = deadline_s - self._clock.seconds()
             if left_s <= 0:
                 self._batcher.count_rejection("deadline")
                 return fail(DeadlineExceeded("deadline passed while the image was decoded"))
-            return self._batcher.submit(array, timeout_s=left_s)
+            return self._batcher.submit(Job(array, task), timeout_s=left_s)
 
         d: Deferred[Any] = self._run_in_pool(self._decode, data, size)
         d.addBoth(decoded)
@@ -164,6 +211,87 @@ class ImageService:
         if self._observer is not None:
             self._observer.decoded(time.perf_counter() - started)
         return array
+
+    # -- on the index thread only ---------------------------------------------------------
+
+    def _store_call(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        if self._index is None or not self._index.ready:
+            return fail(NotReady("the index is loading; retry shortly"))
+        return self._index.call(fn, *args)
+
+    def search_vectors(
+        self, vectors: Sequence[Sequence[float]], task: SearchTask
+    ) -> Deferred[list[list[Match]]]:
+        """Nearest items of given embeddings (each of the model's dim, any norm > 0)."""
+        info = self._model.info
+        if info is None:
+            return fail(NotReady("the model is loading; retry shortly"))
+        if task.same_class:
+            return fail(InvalidInput("same_class needs an image, not a vector"))
+        try:
+            queries = unit_vectors(vectors, info.dim)
+        except InvalidInput as e:
+            return fail(e)
+        return self._store_call(_search_vectors, queries, task)
+
+    def similar(self, item_id: str, task: SearchTask) -> Deferred[list[Match]]:
+        """The nearest items of a stored item, itself excluded."""
+        return self._store_call(_similar, item_id, task)
+
+    def get(self, item_id: str) -> Deferred[Item]:
+        return self._store_call(_get, item_id)
+
+    def delete(self, item_id: str) -> Deferred[bool]:
+        return self._store_call(_delete, item_id)
+
+    def index_info(self) -> Deferred[dict[str, Any]]:
+        return self._store_call(lambda store: store.describe())
+
+
+def unit_vectors(vectors: Sequence[Sequence[float]], dim: int) -> npt.NDArray[np.float32]:
+    """Validate and L2-normalise query vectors: [N, dim], finite, non-zero."""
+    try:
+        array = np.asarray(vectors, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise InvalidInput("vectors must be a list of lists of numbers") from e
+    if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] != dim:
+        raise InvalidInput(f"vectors must be a non-empty list of {dim}-number lists")
+    if not np.isfinite(array).all():
+        raise InvalidInput("vectors must not hold NaN or infinity")
+    norms = np.linalg.norm(array, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise InvalidInput("a zero vector has no direction to search")
+    unit: npt.NDArray[np.float32] = (array / norms).astype(np.float32)
+    return unit
+
+
+def _search_vectors(
+    store: ItemStore, queries: npt.NDArray[np.float32], task: SearchTask
+) -> list[list[Match]]:
+    return store.search([SearchQuery(q, task.k, task.min_score, task.label) for q in queries])
+
+
+def _similar(store: ItemStore, item_id: str, task: SearchTask) -> list[Match]:
+    found = store.catalog.get(item_id)
+    vector = store.embedding(item_id)
+    if found is None or vector is None:
+        raise NotFound(f"no item with id {item_id!r}")
+    klass = found.predicted_class if task.same_class else None
+    query = SearchQuery(vector, task.k, task.min_score, task.label, klass, exclude=item_id)
+    return store.search([query])[0]
+
+
+def _get(store: ItemStore, item_id: str) -> Item:
+    item = store.get(item_id)
+    if item is None:
+        raise NotFound(f"no item with id {item_id!r}")
+    return item
+
+
+def _delete(store: ItemStore, item_id: str) -> bool:
+    if not store.delete(item_id):
+        raise NotFound(f"no item with id {item_id!r}")
+    return True
 
 
 def top_labels(prediction: Prediction, classes: Sequence[str], top_k: int) -> list[Label]:

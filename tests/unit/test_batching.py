@@ -274,3 +274,36 @@ def test_retry_after_grows_with_the_queue() -> None:
     for i in range(100):
         batcher.submit(i)
     assert batcher.retry_after_s() > 10
+
+
+def test_released_batch_frees_its_slot_before_its_results_arrive() -> None:
+    batcher, runner, _clock = make(max_batch_size=4)
+    first = batcher.submit(0)
+    batcher.submit(1)
+    assert runner.sizes == [1]
+    runner.batches[0].release()  # e.g. the model is done, the index stage still runs
+    assert runner.sizes == [1, 1]  # the next batch went at once
+    assert not first.called
+    runner.complete()
+    assert result_of(first) == 0
+    assert batcher.inflight == 1  # releasing twice (here, at completion) counts once
+
+
+def test_a_failure_result_fails_only_that_item() -> None:
+    batcher, runner, _clock = make()
+    batcher.submit(0)
+    ok, bad = batcher.submit(1), batcher.submit(2)
+    runner.complete()
+    runner.complete(lambda x: Failure(InferenceFailed("disk full")) if x == 2 else x)
+    assert result_of(ok) == 1
+    assert result_of(bad).check(InferenceFailed)
+
+
+def test_batch_map_keeps_liveness() -> None:
+    batcher, runner, _clock = make(max_inflight=2, max_batch_size=2)
+    batcher.submit(0)
+    batcher.submit(1)
+    dropped = batcher.submit(2)
+    dropped.cancel()
+    mapped = runner.batches[1].map(lambda x: x * 10)
+    assert mapped.payloads == [10, 20] and mapped.live_indices() == [0]
