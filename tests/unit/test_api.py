@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +21,11 @@ from batchserve.bodies import RequestLimits
 from batchserve.images import DecodeLimits, decode_image
 from batchserve.metrics import Metrics
 from batchserve.models import ModelInfo
+from batchserve.index import IndexParams, VectorIndex
+from batchserve.inference import Prediction
+from batchserve.pipeline import AddTask, IndexWorker, Outcome, PipelineRunner, SearchTask
 from batchserve.service import ImageService
+from batchserve.store import ItemStore
 from batchserve.testing import (
     FakeModel,
     FakeRunner,
@@ -38,10 +44,34 @@ class Ready:
         self.info = info
 
 
+def run_now(f: Any, *args: Any) -> Deferred[Any]:
+    """Stands in for a thread pool: runs at once on the test's thread."""
+    return maybeDeferred(f, *args)
+
+
 class Harness:
-    def __init__(self, runner: Any = None, ready: bool = True, **policy: Any) -> None:
+    """The real API, service, Batcher, pipeline, catalog and FAISS index, with a fake
+    model; every "thread" runs at once on the test's thread."""
+
+    def __init__(
+        self, runner: Any = None, ready: bool = True, hold: bool = False, **policy: Any
+    ) -> None:
         self.model = FakeModel()
-        self.runner = runner if runner is not None else SyncModelRunner(self.model)
+        self.directory = tempfile.TemporaryDirectory()
+        self.index = IndexWorker(
+            lambda: ItemStore(
+                Path(self.directory.name),
+                VectorIndex(self.model.info.dim, IndexParams()),
+                self.model.info.fingerprint(),
+            ),
+            run_now,
+        )
+        if ready:
+            self.index.start()
+        pipeline = PipelineRunner(
+            SyncModelRunner(self.model), self.index, lambda: self.model.info.classes
+        )
+        self.runner = runner if runner is not None else Held(pipeline) if hold else pipeline
         self.clock = Clock()
         self.metrics = Metrics()
         self.batcher: Batcher[Any, Any] = Batcher(
@@ -53,6 +83,7 @@ class Harness:
             Ready(self.model.info if ready else None),
             DecodeLimits(max_pixels=1_000_000),
             self.clock,
+            index=self.index,
             observer=self.metrics,
         )
         api = BatchserveAPI(
@@ -138,9 +169,7 @@ def test_several_images_enter_the_batcher_as_separate_items() -> None:
 
 
 def _prediction() -> Any:
-    from batchserve.inference import Prediction
-
-    return Prediction(np.ones(8, dtype=np.float32) / np.sqrt(8), None)
+    return Outcome(Prediction(np.ones(8, dtype=np.float32) / np.sqrt(8), None))
 
 
 def test_embed_json_base64_and_data_url() -> None:
@@ -298,3 +327,186 @@ def test_client_hanging_up_removes_its_queued_items() -> None:
     assert h.batcher.queued == 0
     runner.complete(lambda _img: _prediction())
     assert runner.sizes == [1]  # the dropped images never reached the model
+
+
+def add(h: Harness, item_id: str, image: bytes, label: str | None = None, **meta: Any) -> Any:
+    fields = {"id": item_id, "metadata": json.dumps(meta)}
+    if label:
+        fields["label"] = label
+    body, ctype = encode_multipart([("image", f"{item_id}.png", image)], fields=fields)
+    return h.post_image("/v1/items", body, ctype)
+
+
+def colour(r: int, g: int, b: int) -> bytes:
+    return encode_image(fmt="PNG", colour=(r, g, b))
+
+
+def test_added_item_is_found_by_search_read_and_deleted() -> None:
+    h = Harness()
+    status, _, doc = add(h, "red-1", RED, "reds", sku=7)
+    assert status == 200 and doc == {"added": ["red-1"]}
+    add(h, "blue-1", BLUE, "blues")
+    status, _, doc = h.post_image("/v1/search?k=2", RED)
+    assert status == 200
+    matches = doc["results"][0]["matches"]
+    assert [m["id"] for m in matches] == ["red-1", "blue-1"]
+    assert matches[0]["label"] == "reds" and matches[0]["metadata"] == {"sku": 7}
+    assert matches[0]["score"] > matches[1]["score"]
+
+    status, _, item = h.request("GET", "/v1/items/red-1")
+    assert status == 200 and item["id"] == "red-1" and item["metadata"] == {"sku": 7}
+    assert isinstance(item["created"], float)
+    assert h.request("DELETE", "/v1/items/red-1")[2] == {"deleted": "red-1"}
+    assert h.request("GET", "/v1/items/red-1")[0] == 404
+    assert h.request("DELETE", "/v1/items/red-1")[0] == 404
+    _, _, doc = h.post_image("/v1/search?k=5", RED)
+    assert [m["id"] for m in doc["results"][0]["matches"]] == ["blue-1"]
+
+
+def test_adding_an_existing_id_replaces_it() -> None:
+    h = Harness()
+    add(h, "x", RED, "reds")
+    add(h, "x", BLUE, "blues")
+    _, _, doc = h.post_image("/v1/search?k=5", BLUE)
+    matches = doc["results"][0]["matches"]
+    assert [m["id"] for m in matches] == ["x"] and matches[0]["label"] == "blues"
+    assert matches[0]["score"] > 0.999
+
+
+def test_json_items_with_base64() -> None:
+    h = Harness()
+    items = [
+        {
+            "id": f"c{i}",
+            "label": "l",
+            "metadata": {"n": i},
+            "b64": base64.b64encode(colour(40 * i, 10, 10)).decode(),
+        }
+        for i in range(3)
+    ]
+    status, _, doc = h.request("POST", "/v1/items", json={"items": items})
+    assert status == 200 and doc["added"] == ["c0", "c1", "c2"]
+    assert h.request("GET", "/v1/index")[2]["size"] == 3
+
+
+def test_search_options_k_min_score_and_label() -> None:
+    h = Harness()
+    for i in range(6):
+        add(h, f"i{i}", colour(30 * i, 100, 50), "even" if i % 2 == 0 else "odd")
+    _, _, doc = h.post_image("/v1/search?k=3", colour(0, 100, 50))
+    assert len(doc["results"][0]["matches"]) == 3
+    _, _, doc = h.post_image("/v1/search?k=10&label=odd", colour(0, 100, 50))
+    assert {m["label"] for m in doc["results"][0]["matches"]} == {"odd"}
+    assert len(doc["results"][0]["matches"]) == 3
+    _, _, doc = h.post_image("/v1/search?k=10&min_score=0.9999", colour(0, 100, 50))
+    assert [m["id"] for m in doc["results"][0]["matches"]] == ["i0"]
+
+
+def test_same_class_searches_only_within_the_predicted_class() -> None:
+    h = Harness()
+    colours = [
+        colour(250, 5, 5),
+        colour(5, 250, 5),
+        colour(5, 5, 250),
+        colour(200, 200, 5),
+        colour(5, 200, 200),
+        colour(200, 5, 200),
+    ]
+    for i, image in enumerate(colours):
+        add(h, f"c{i}", image)
+    for query in colours:
+        _, _, doc = h.post_image("/v1/classify?k=1", query)
+        predicted = doc["results"][0]["labels"][0]["label"]
+        _, _, doc = h.post_image("/v1/search?k=10&same_class=true", query)
+        matches = doc["results"][0]["matches"]
+        assert matches and {m["class"] for m in matches} == {predicted}
+
+
+def test_search_by_vector_and_similar() -> None:
+    h = Harness()
+    add(h, "red", RED)
+    add(h, "blue", BLUE)
+    vector = embedding_of(h, RED).tolist()
+    status, _, doc = h.request("POST", "/v1/search", json={"vectors": [vector], "k": 1})
+    assert status == 200 and doc["results"][0]["matches"][0]["id"] == "red"
+    status, _, doc = h.request("GET", "/v1/items/red/similar?k=5")
+    assert status == 200 and [m["id"] for m in doc["results"][0]["matches"]] == ["blue"]
+    assert h.request("GET", "/v1/items/nope/similar")[0] == 404
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"vectors": [[1.0, 2.0]]},
+        {"vectors": [[float("nan")] * 8]},
+        {"vectors": [[0.0] * 8]},
+        {"vectors": "x"},
+        {"vectors": []},
+        {"vectors": [[1.0] * 8], "k": 0},
+        {"vectors": [[1.0] * 8], "min_score": "high"},
+    ],
+    ids=["wrong-dim", "nan", "zero", "not-list", "empty", "k-zero", "bad-min-score"],
+)
+def test_bad_vector_searches_are_400(body: dict[str, Any]) -> None:
+    h = Harness()
+    data = json.dumps(body).replace("NaN", "NaN").encode()
+    status, _, doc = h.post_image("/v1/search", data, "application/json")
+    assert status == 400 and doc["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({}, "id"),
+        ({"id": ""}, "id"),
+        ({"id": "x" * 300}, "limit"),
+        ({"id": "a\x00b"}, "control"),
+        ({"id": "a", "metadata": "[1, 2]"}, "JSON object"),
+        ({"id": "a", "metadata": "{bad"}, "invalid JSON"),
+    ],
+)
+def test_bad_items_are_refused_with_a_clear_message(fields: dict[str, str], message: str) -> None:
+    h = Harness()
+    body, ctype = encode_multipart([("image", "a.png", RED)], fields=fields)
+    status, _, doc = h.post_image("/v1/items", body, ctype)
+    assert status in (400, 413) and message in doc["error"]["message"]
+    assert h.request("GET", "/v1/index")[2]["size"] == 0
+
+
+class Held:
+    """Wraps the real pipeline and holds each batch until the test releases it."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.waiting: list[tuple[Any, Deferred[Any]]] = []
+        self.sizes: list[int] = []
+
+    def run(self, batch: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.waiting.append((batch, d))
+        self.sizes.append(len(batch))
+        return d
+
+    def release_all(self) -> None:
+        while self.waiting:
+            batch, d = self.waiting.pop(0)
+            self.inner.run(batch).chainDeferred(d)
+
+
+def test_one_batch_of_searches_is_one_index_search() -> None:
+    h = Harness(hold=True)
+    held = h.runner
+    assert isinstance(held, Held)
+    added = h.service.add([(colour(60 * i, 0, 0), AddTask(f"r{i}")) for i in range(4)])
+    held.release_all()
+    assert result_of(added) == ["r0", "r1", "r2", "r3"]
+
+    def calls() -> int:
+        return int(result_of(h.index.call(lambda store: store.search_calls)))
+
+    before = calls()
+    searches = [h.service.search([colour(60 * i, 0, 0)], SearchTask(k=2)) for i in range(5)]
+    held.release_all()
+    assert held.sizes[-2:] == [1, 4]  # the first alone (model idle), the other four together
+    assert all(len(result_of(s)[0]) == 2 for s in searches)
+    assert calls() - before == 2  # one index search per batch, not one per request
