@@ -130,6 +130,7 @@ def serve(settings: Settings) -> int:
     _start_logging(settings.log_level)
     log = Logger(namespace="batchserve")
     started = time.monotonic()
+    os.umask(0o077)  # every file the server creates is readable by its own user only
     lock_data_dir(Path(settings.data_dir))
 
     metrics = Metrics()

@@ -324,6 +324,7 @@ class VectorIndex:
         the directory). Returns the tombstones, which the caller stores beside it."""
         tmp = path.with_name(path.name + ".tmp")
         faiss.write_index(self._cpu, str(tmp))
+        os.chmod(tmp, 0o600)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)

@@ -337,7 +337,7 @@ class ItemStore:
         }
         meta_path = path.with_suffix(".json")
         tmp = meta_path.with_name(meta_path.name + ".tmp")
-        with open(tmp, "w") as f:
+        with open(os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600), "w") as f:
             json.dump(meta, f)
             f.flush()
             os.fsync(f.fileno())

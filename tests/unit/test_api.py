@@ -19,10 +19,10 @@ from batchserve.api import BatchserveAPI, configure_site
 from batchserve.batching import Batcher, BatchPolicy
 from batchserve.bodies import RequestLimits
 from batchserve.images import DecodeLimits, decode_image
-from batchserve.metrics import Metrics
-from batchserve.models import ModelInfo
 from batchserve.index import IndexParams, VectorIndex
 from batchserve.inference import Prediction
+from batchserve.metrics import Metrics
+from batchserve.models import ModelInfo
 from batchserve.pipeline import AddTask, IndexWorker, Outcome, PipelineRunner, SearchTask
 from batchserve.service import ImageService
 from batchserve.store import ItemStore

@@ -1,0 +1,143 @@
+"""The item store: durability through snapshots and the change log, filters, model checks.
+Real SQLite and FAISS in a temporary directory; no threads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from batchserve.catalog import ModelMismatch, NewItem
+from batchserve.index import IndexParams, VectorIndex
+from batchserve.store import DataDirLocked, ItemStore, SearchQuery, lock_data_dir
+
+DIM = 16
+MODEL = {"name": "m", "weights_sha256": "abc", "dim": DIM}
+
+
+def vec(seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).normal(size=DIM).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def store(path: Path, kind: str = "flat", model: dict[str, object] = MODEL) -> ItemStore:
+    s = ItemStore(path, VectorIndex(DIM, IndexParams(kind=kind, train_min=50)), dict(model))
+    s.open()
+    return s
+
+
+def items(start: int, n: int, label: str = "a") -> list[NewItem]:
+    return [NewItem(f"id{i}", vec(i), label, {"i": i}) for i in range(start, start + n)]
+
+
+def top_id(s: ItemStore, seed: int) -> str:
+    return s.search([SearchQuery(vec(seed), k=1)])[0][0].id
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_restart_loads_snapshot_and_replays_later_changes(tmp_path: Path, kind: str) -> None:
+    s = store(tmp_path, kind)
+    s.add(items(0, 60))
+    assert s.snapshot() is not None
+    s.add(items(60, 10))
+    s.delete("id3")
+    s.close()  # no snapshot: the last changes exist only in the catalog
+
+    again = store(tmp_path, kind)
+    assert again.index.size == 69
+    assert top_id(again, 65) == "id65"
+    assert all(m.id != "id3" for m in again.search([SearchQuery(vec(3), k=5)])[0])
+
+
+def test_open_report_says_what_happened(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    s.add(items(0, 5))
+    s.snapshot()
+    s.add(items(5, 2))
+    s.close()
+    again = ItemStore(tmp_path, VectorIndex(DIM, IndexParams()), MODEL)
+    report = again.open()
+    assert report.snapshot_seq == 5 and report.replayed == 2 and not report.rebuilt
+
+
+def test_corrupt_snapshot_falls_back_to_an_older_one_or_a_rebuild(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    s.add(items(0, 20))
+    path = s.snapshot()
+    assert path is not None
+    s.close()
+    path.write_bytes(b"not a faiss index")
+    again = ItemStore(tmp_path, VectorIndex(DIM, IndexParams()), MODEL)
+    report = again.open()
+    assert report.rebuilt and report.skipped_snapshots
+    assert again.index.size == 20 and top_id(again, 7) == "id7"
+
+
+def test_only_the_newest_snapshots_are_kept(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    for start in range(0, 40, 10):
+        s.add(items(start, 10))
+        s.snapshot()
+    assert len(list((tmp_path / "snapshots").glob("*.faiss"))) == 2
+    assert s.snapshot() is None  # nothing changed since the last one
+
+
+def test_another_model_is_refused(tmp_path: Path) -> None:
+    store(tmp_path).close()
+    other = dict(MODEL, weights_sha256="def")
+    with pytest.raises(ModelMismatch, match=r"serve it with that model"):
+        ItemStore(tmp_path, VectorIndex(DIM, IndexParams()), other)
+
+
+def test_snapshot_of_another_index_kind_is_not_loaded(tmp_path: Path) -> None:
+    s = store(tmp_path, "flat")
+    s.add(items(0, 10))
+    s.snapshot()
+    s.close()
+    again = ItemStore(tmp_path, VectorIndex(DIM, IndexParams(kind="hnsw")), MODEL)
+    report = again.open()
+    assert report.rebuilt and again.index.size == 10
+
+
+def test_label_filter_never_returns_another_label(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    s.add(items(0, 30, "a") + items(30, 30, "b"))
+    for seed in range(60):
+        for label in ("a", "b"):
+            matches = s.search([SearchQuery(vec(seed), k=10, label=label)])[0]
+            assert len(matches) == 10 and {m.label for m in matches} == {label}
+    assert s.search([SearchQuery(vec(1), k=3, label="none")])[0] == []
+
+
+def test_ivf_is_trained_once_enough_items_exist(tmp_path: Path) -> None:
+    s = store(tmp_path, "ivf")
+    s.add(items(0, 40))
+    assert s.index.kind_in_use == "flat"
+    s.add(items(40, 20))
+    assert s.index.kind_in_use == "ivf"
+    assert top_id(s, 55) == "id55"
+
+
+def test_files_are_private_to_the_user(tmp_path: Path) -> None:
+    s = store(tmp_path / "data")
+    s.add(items(0, 2))
+    s.snapshot()
+    for path in [tmp_path / "data" / "catalog.sqlite3", *(tmp_path / "data").rglob("*.faiss")]:
+        assert path.stat().st_mode & 0o077 == 0, path
+    meta = json.loads(next((tmp_path / "data" / "snapshots").glob("*.json")).read_text())
+    assert meta["count"] == 2
+
+
+def test_data_dir_lock_is_exclusive(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    lock_data_dir(tmp_path)
+    code = (
+        "import sys; from pathlib import Path; from batchserve.store import lock_data_dir\n"
+        f"lock_data_dir(Path({str(tmp_path)!r}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode != 0 and DataDirLocked.__name__ in done.stderr
