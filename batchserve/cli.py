@@ -227,8 +227,7 @@ def serve(settings: Settings) -> int:
 
         def announce(described: dict[str, Any]) -> Any:
             log.info(
-                "ready in {s:.1f} s: {size} items in a {kind} index ({how}, {t:.2f} s)",
-                s=time.monotonic() - started,
+                "index open: {size} items in a {kind} index ({how}, {t:.2f} s)",
                 size=described["size"],
                 kind=described["kind_in_use"],
                 how=how,
@@ -238,7 +237,11 @@ def serve(settings: Settings) -> int:
                 return seed_demo(service, index, log)
             return None
 
-        return d.addCallback(announce)
+        def ready(_: object) -> None:
+            service.mark_started()
+            log.info("ready in {s:.1f} s", s=time.monotonic() - started)
+
+        return d.addCallback(announce).addCallback(ready)
 
     def start_failed(failure: Failure) -> None:
         log.critical("cannot start: {error}", error=failure.getErrorMessage())

@@ -116,6 +116,7 @@ class ImageService:
         self._limits = limits
         self._observer = observer
         self._decoding = 0
+        self._started = index is None
 
     @property
     def info(self) -> ModelInfo | None:
@@ -124,8 +125,16 @@ class ImageService:
 
     @property
     def ready(self) -> bool:
-        """Model warm and index loaded."""
-        return self._model.info is not None and (self._index is None or self._index.ready)
+        """Model warm, index loaded, and start-up work (the demo photos) done."""
+        return (
+            self._started
+            and self._model.info is not None
+            and (self._index is None or self._index.ready)
+        )
+
+    def mark_started(self) -> None:
+        """Start-up is over: /readyz may answer 200 once the model and index are up."""
+        self._started = True
 
     @property
     def decoding(self) -> int:

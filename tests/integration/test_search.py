@@ -1,0 +1,153 @@
+"""Visual search on the real server with the real model: the demo photos, near-duplicates,
+filters, and durability across SIGKILL."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from batchserve.demo import sample_photos
+from batchserve.testing import encode_multipart
+from tests.integration.conftest import Server, start_server, stop_server
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = start_server(tmp_path_factory.mktemp("demo"))
+    yield server
+    stop_server(server)
+
+
+def jpeg(image: Image.Image, quality: int = 90) -> bytes:
+    out = io.BytesIO()
+    image.convert("RGB").save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def edited_copies(data: bytes) -> dict[str, bytes]:
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    w, h = image.size
+    return {
+        "crop": jpeg(image.crop((w // 10, h // 10, w - w // 10, h - h // 10))),
+        "flip": jpeg(ImageOps.mirror(image)),
+        "rescale": jpeg(image.resize((w // 3, h // 3))),
+        "jpeg_q10": jpeg(image, quality=10),
+        "rotate": jpeg(image.rotate(12, fillcolor=(128, 128, 128))),
+        "grayscale": jpeg(ImageOps.grayscale(image)),
+    }
+
+
+def search(server: Server, image: bytes, query: str = "k=5") -> list[dict[str, object]]:
+    response = server.request("POST", f"/v1/search?{query}", image, {"Content-Type": "image/jpeg"})
+    assert response.status == 200, response.body
+    return response.json()["results"][0]["matches"]  # type: ignore[no-any-return]
+
+
+def add(server: Server, item_id: str, image: bytes, label: str | None = None) -> None:
+    fields = {"id": item_id, **({"label": label} if label else {})}
+    body, ctype = encode_multipart([("image", "x.jpg", image)], fields=fields)
+    response = server.request("POST", "/v1/items", body, {"Content-Type": ctype})
+    assert response.status == 200, response.body
+
+
+def test_first_start_indexes_the_sample_photos(demo_server: Server) -> None:
+    info = demo_server.request("GET", "/v1/index").json()
+    assert info["size"] == len(sample_photos()) and info["dim"] == 1280
+    assert info["kind"] == "flat" and info["device"] == "cpu"
+
+
+def test_near_duplicates_find_their_original_first(demo_server: Server) -> None:
+    from skimage import data
+
+    # Real face photos as distractors, so the originals are not alone in the index.
+    for i, face in enumerate(data.lfw_subset()[:40]):
+        add(demo_server, f"face/{i}", jpeg(Image.fromarray((face * 255).astype(np.uint8))),
+            "faces")
+    trials, hits, misses = 0, 0, []
+    for item_id, _label, photo in sample_photos():
+        for edit, copy in edited_copies(photo).items():
+            trials += 1
+            top = search(demo_server, copy, "k=1")[0]["id"]
+            hits += top == item_id
+            if top != item_id:
+                misses.append((item_id, edit, top))
+    assert trials >= 90
+    assert hits / trials >= 0.95, misses
+
+
+def test_label_and_same_class_filters_never_cross(demo_server: Server) -> None:
+    photos = sample_photos()
+    items = {m["id"]: m for p in photos for m in search(demo_server, p[2], "k=50")}
+    for _item_id, label, photo in photos:
+        matches = search(demo_server, photo, f"k=50&label={label}")
+        assert matches and {m["label"] for m in matches} == {label}
+        classify = demo_server.request(
+            "POST", "/v1/classify?k=1", photo, {"Content-Type": "image/jpeg"}
+        ).json()
+        predicted = classify["results"][0]["labels"][0]["label"]
+        matches = search(demo_server, photo, "k=50&same_class=true")
+        assert matches and {m["class"] for m in matches} == {predicted}
+    assert items
+
+
+def test_added_item_is_searchable_at_once_and_similar_excludes_itself(
+    demo_server: Server,
+) -> None:
+    photo = sample_photos()[2][2]
+    copy = edited_copies(photo)["flip"]
+    add(demo_server, "flipped-cat", copy, "animals")
+    assert search(demo_server, copy, "k=1")[0]["id"] == "flipped-cat"
+    similar = demo_server.request("GET", "/v1/items/flipped-cat/similar?k=3").json()
+    ids = [m["id"] for m in similar["results"][0]["matches"]]
+    assert "flipped-cat" not in ids and ids[0] == "sample/cat"
+
+
+def distinct_images(n: int) -> list[bytes]:
+    from skimage import data
+
+    base = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    out = []
+    for i in range(n):
+        image = Image.fromarray(base[i % 4])
+        w, h = image.size
+        left, top = (i * 37) % (w // 3), (i * 53) % (h // 3)
+        out.append(jpeg(image.crop((left, top, left + w // 2, top + h // 2))))
+    return out
+
+
+def test_acknowledged_adds_and_deletes_survive_sigkill(tmp_path: Path) -> None:
+    images = distinct_images(24)
+    server = start_server(tmp_path, "--no-demo")
+    try:
+        for i, image in enumerate(images):
+            add(server, f"item-{i}", image, "crops")
+        for i in range(4):
+            assert server.request("DELETE", f"/v1/items/item-{i}").status == 200
+        server.process.send_signal(signal.SIGKILL)  # no snapshot, no clean shutdown
+        server.process.wait()
+    finally:
+        stop_server(server)
+
+    again = start_server(tmp_path, "--no-demo")
+    try:
+        assert again.request("GET", "/v1/index").json()["size"] == 20
+        for i, image in enumerate(images):
+            status = again.request("GET", f"/v1/items/item-{i}").status
+            if i < 4:
+                assert status == 404
+                continue
+            assert status == 200
+            top = search(again, image, "k=1")[0]
+            assert top["id"] == f"item-{i}" and float(top["score"]) > 0.999  # type: ignore[arg-type]
+        assert stop_server(again) == 0
+    finally:
+        stop_server(again)
+    snapshots = list((tmp_path / "data" / "snapshots").glob("*.json"))
+    assert snapshots and json.loads(snapshots[-1].read_text())["count"] == 20
