@@ -40,6 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
         "environment variable or in a TOML file (--config).",
     )
     config.add_arguments(serve)
+    index = commands.add_parser(
+        "index",
+        help="bulk-index a directory of images or a manifest into the data dir",
+        description="Index PATH into --data-dir with the model the server uses: a directory "
+        "tree (each top-level sub-folder is a label) or a manifest (.csv with a header "
+        "path,id,label,metadata, or .jsonl). Ids already present are skipped, so an "
+        "interrupted run resumes. Stop the server that uses the data dir first.",
+    )
+    index.add_argument("path", metavar="PATH", help="directory or manifest file")
+    config.add_arguments(index)
     return parser
 
 
@@ -271,6 +281,44 @@ def serve(settings: Settings) -> int:
     return status["code"]
 
 
+def index_command(settings: Settings, path: Path) -> int:
+    """``batchserve index PATH``: embed and store every image, then snapshot the index."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from batchserve.images import DecodeLimits
+    from batchserve.ingest import Progress, ingest, print_summary, sources_for
+    from batchserve.models import load_model
+    from batchserve.store import lock_data_dir
+
+    os.umask(0o077)
+    sources = list(sources_for(path))
+    lock_data_dir(Path(settings.data_dir))
+    model = load_model(model_spec(settings))
+    store = open_store(settings, model.info)
+    store.report = store.open()
+    print(
+        f"indexing {len(sources)} images from {path} into {settings.data_dir} "
+        f"({store.index.size} items there already)",
+        file=sys.stderr,
+    )
+    progress = Progress(sys.stderr, len(sources))
+    try:
+        report = ingest(
+            sources,
+            store,
+            model,
+            settings.padded_batch_sizes(),
+            settings.decode_thread_count() + 1,
+            DecodeLimits(settings.max_image_pixels),
+            progress=progress.update,
+        )
+        store.maintain()
+        store.snapshot()
+    finally:
+        store.close()
+    print_summary(report)
+    return 1 if report.failed else 0
+
+
 def _loaded(info: ModelInfo | None) -> ModelInfo:
     assert info is not None, "the store opens only after the model is loaded"
     return info
@@ -319,6 +367,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "serve":
         return serve(settings)
+    if args.command == "index":
+        try:
+            return index_command(settings, Path(args.path))
+        except BatchserveError as e:
+            print(f"batchserve: {e}", file=sys.stderr)
+            return 2
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -68,8 +68,7 @@ def test_near_duplicates_find_their_original_first(demo_server: Server) -> None:
 
     # Real face photos as distractors, so the originals are not alone in the index.
     for i, face in enumerate(data.lfw_subset()[:40]):
-        add(demo_server, f"face/{i}", jpeg(Image.fromarray((face * 255).astype(np.uint8))),
-            "faces")
+        add(demo_server, f"face/{i}", jpeg(Image.fromarray((face * 255).astype(np.uint8))), "faces")
     trials, hits, misses = 0, 0, []
     for item_id, _label, photo in sample_photos():
         for edit, copy in edited_copies(photo).items():
@@ -151,3 +150,37 @@ def test_acknowledged_adds_and_deletes_survive_sigkill(tmp_path: Path) -> None:
         stop_server(again)
     snapshots = list((tmp_path / "data" / "snapshots").glob("*.json"))
     assert snapshots and json.loads(snapshots[-1].read_text())["count"] == 20
+
+
+def test_bulk_index_then_serve_the_result(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    images = tmp_path / "images"
+    for i, image in enumerate(distinct_images(12)):
+        folder = images / ("even" if i % 2 == 0 else "odd")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i}.jpg").write_bytes(image)
+    (images / "odd" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    command = [
+        sys.executable,
+        "-m",
+        "batchserve.cli",
+        "index",
+        str(images),
+        "--data-dir",
+        str(tmp_path / "data"),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr  # one file failed, and is reported
+    assert "indexed 12 images" in done.stderr and "corrupt.jpg" in done.stderr
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert "12 already present" in again.stderr
+
+    server = start_server(tmp_path, "--no-demo")
+    try:
+        assert server.request("GET", "/v1/index").json()["size"] == 12
+        top = search(server, distinct_images(12)[5], "k=3&label=odd")
+        assert top[0]["id"] == "odd/5.jpg" and {m["label"] for m in top} == {"odd"}
+    finally:
+        stop_server(server)

@@ -86,6 +86,7 @@ class Harness:
             index=self.index,
             observer=self.metrics,
         )
+        self.service.mark_started()
         api = BatchserveAPI(
             self.service, self.metrics, RequestLimits(max_body_bytes=200_000, max_images=3)
         )
