@@ -12,12 +12,17 @@ import argparse
 import json
 import os
 import platform
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+from batchserve.testing import ServerProcess
+from bench import fill, load, offline, scrape, server
 from bench import images as bench_images
-from bench import load, offline, scrape, server
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 
@@ -47,6 +52,7 @@ def run_point(
         "mean_batch_size": round(view.mean_batch_size, 2),
         "mean_queue_wait_ms": round(view.mean_queue_wait_ms, 2),
         "mean_inference_ms": round(view.mean_inference_ms, 2),
+        "mean_search_ms": round(view.mean_search_ms, 2),
     }
 
 
@@ -119,10 +125,105 @@ def report(args: argparse.Namespace) -> int:
         ],
         "",
     ]
+    if args.search_items:
+        lines += search_section(args, bodies)
+    if args.bulk_images:
+        lines += bulk_section(args)
     text = "\n".join(lines)
     Path(args.out).write_text(text)
     print(text)
     return 0
+
+
+def _index_open(log: str) -> str:
+    found = re.findall(r"index open: (\d+) items in a (\w+) index \((.*?), ([\d.]+) s\)", log)
+    if not found:
+        return "?"
+    size, kind, how, seconds = found[-1]
+    return f"{float(seconds):.1f} s ({size} items, {kind}, {how})"
+
+
+def search_section(args: argparse.Namespace, bodies: list[bytes]) -> list[str]:
+    """/v1/search on a big index, and restart times with it."""
+    directory = Path(tempfile.mkdtemp(prefix="batchserve-bench-search-"))
+    try:
+        fill_s = fill.fill(directory / "data", args.search_items)
+        running = ServerProcess.start(directory, ["--no-demo"])
+        try:
+            restart = _index_open(running.log())
+            restart_total = running.ready_s
+            points = [
+                run_point(running.url, "/v1/search?k=10", bodies, c, args.duration, args.warmup)
+                for c in (1, 32)
+            ]
+        finally:
+            running.stop()
+        for path in (directory / "data" / "snapshots").glob("*"):
+            path.unlink()
+        running = ServerProcess.start(directory, ["--no-demo"])
+        rebuild = _index_open(running.log())
+        running.stop()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    n = args.search_items
+    return [
+        f"## `POST /v1/search` (k=10) on a flat index of {n} items",
+        "",
+        f"The index holds {n} synthetic clustered unit vectors stored as the built-in model's "
+        f"embeddings (filled in {fill_s:.0f} s by `bench/fill.py`); queries are the same "
+        "photos as above, embedded by the model.",
+        "",
+        "| clients | searches/s | p50 ms | p90 ms | p99 ms | mean batch | mean inference "
+        "ms/batch | mean search ms/batch | errors |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        *[
+            f"| {p['concurrency']} | {p['images_per_s']} | {p['p50_ms']} | {p['p90_ms']} | "
+            f"{p['p99_ms']} | {p['mean_batch_size']} | {p['mean_inference_ms']} | "
+            f"{p['mean_search_ms']} | {p['errors'] or 'none'} |"
+            for p in points
+        ],
+        "",
+        f"Restart with {n} items: index open from the snapshot in {restart}; whole start "
+        f"to ready {restart_total:.1f} s (model load and warm-up included). Without a "
+        f"snapshot (rebuilt from the catalog): {rebuild}.",
+        "",
+    ]
+
+
+def bulk_section(args: argparse.Namespace) -> list[str]:
+    directory = Path(tempfile.mkdtemp(prefix="batchserve-bench-bulk-"))
+    try:
+        images = fill.image_dir(directory / "images", args.bulk_images)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "batchserve.cli",
+                "index",
+                str(images),
+                "--data-dir",
+                str(directory / "data"),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    found = re.search(r"indexed (\d+) images in ([\d.]+) s \((\d+) images/s\)", done.stderr)
+    summary = (
+        f"{found.group(1)} images in {found.group(2)} s: **{found.group(3)} images/s**"
+        if found
+        else f"failed: {done.stderr[-500:]}"
+    )
+    return [
+        "## Bulk indexing (`batchserve index DIR`)",
+        "",
+        f"{args.bulk_images} camera-sized JPEGs (640x480) in 8 class folders, decoded on a "
+        f"thread pool while the model embeds, one catalog transaction per batch of 32: "
+        f"{summary} (model load excluded).",
+        "",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,6 +245,18 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--warmup", type=float, default=3.0)
     r.add_argument("--images")
     r.add_argument("--out", default=str(RESULTS))
+    r.add_argument(
+        "--search-items",
+        type=int,
+        default=100_000,
+        help="index size for the search benchmark (0: skip)",
+    )
+    r.add_argument(
+        "--bulk-images",
+        type=int,
+        default=2000,
+        help="images for the bulk-indexing benchmark (0: skip)",
+    )
     args = parser.parse_args(argv)
     return closed(args) if args.command == "closed" else report(args)
 

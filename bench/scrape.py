@@ -29,6 +29,12 @@ class ServerView:
     images: float
     queue_wait_s: float
     inference_s: float
+    search_batches: float = 0.0
+    search_s: float = 0.0
+
+    @property
+    def mean_search_ms(self) -> float:
+        return 1000.0 * self.search_s / self.search_batches if self.search_batches else 0.0
 
     @property
     def mean_batch_size(self) -> float:
@@ -56,4 +62,6 @@ def difference(before: dict[str, float], after: dict[str, float]) -> ServerView:
         images=delta("batchserve_batch_size_sum"),
         queue_wait_s=delta("batchserve_queue_wait_seconds_sum"),
         inference_s=delta_sum("batchserve_inference_seconds_sum"),
+        search_batches=delta("batchserve_search_seconds_count"),
+        search_s=delta("batchserve_search_seconds_sum"),
     )

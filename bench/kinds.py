@@ -1,0 +1,65 @@
+"""Each index kind against exact flat search: build time, search time per query (alone and
+in a batch of 32), recall@10. Vectors are clustered unit vectors of the model's dimension,
+as image embeddings are (many kinds of things, each a tight group)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from batchserve.index import IndexParams, VectorIndex
+
+
+def clustered(n: int, dim: int, clusters: int, seed: int) -> npt.NDArray[np.float32]:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
+    out = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, 10_000):
+        stop = min(n, start + 10_000)
+        which = rng.integers(0, clusters, stop - start)
+        block = centres[which] + 0.35 * rng.normal(size=(stop - start, dim)).astype(np.float32)
+        out[start:stop] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return out
+
+
+@dataclass
+class KindResult:
+    kind: str
+    build_s: float
+    ms_per_query_alone: float
+    ms_per_query_batch32: float
+    recall_at_10: float
+
+
+def measure(
+    n: int, dim: int, queries: int = 256, kinds: tuple[str, ...] = ("flat", "ivf", "hnsw", "ivfpq")
+) -> list[KindResult]:
+    base = clustered(n, dim, clusters=max(10, n // 1000), seed=0)
+    q = clustered(queries, dim, clusters=max(10, n // 1000), seed=0)[::-1].copy()
+    q = q + 0.0  # same cluster centres (same seed), other members
+    ids = np.arange(n, dtype=np.int64)
+    results: list[KindResult] = []
+    truth: npt.NDArray[np.int64] | None = None
+    for kind in kinds:
+        index = VectorIndex(dim, IndexParams(kind=kind))
+        started = time.perf_counter()
+        index.rebuild(ids, base)
+        build_s = time.perf_counter() - started
+        started = time.perf_counter()
+        for i in range(32):
+            index.search(q[i : i + 1], 10)
+        alone = (time.perf_counter() - started) / 32 * 1000
+        started = time.perf_counter()
+        found = np.concatenate([index.search(q[i : i + 32], 10)[1] for i in range(0, queries, 32)])
+        batched = (time.perf_counter() - started) / queries * 1000
+        if truth is None:
+            truth = found
+        recall = float(
+            np.mean([len(set(t) & set(f)) / 10 for t, f in zip(truth, found, strict=True)])
+        )
+        results.append(KindResult(kind, build_s, alone, batched, recall))
+        del index
+    return results
