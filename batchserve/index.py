@@ -46,7 +46,7 @@ class IndexParams:
     ef_construction: int = 200
     ef_search: int = 256
     pq_m: int = 0
-    refine_factor: int = 4
+    refine_factor: int = 16
     device: str = "auto"
 
     def describe(self) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
 from twisted.python.failure import Failure
 
 from batchserve.batching import Batch
@@ -216,6 +216,10 @@ class PipelineRunner:
         self._index = index
         self._classes = classes
         self._observer = observer
+        # One batch in the index stage at a time: a batch done with the model waits here
+        # while the previous one is searched, holding its Batcher slot, so the next batch
+        # keeps filling instead of queueing tiny searches behind a slow index.
+        self._index_stage_lock = DeferredLock()
 
     def run(self, batch: Batch[Job]) -> Deferred[Sequence[Outcome | Failure | None]]:
         images = batch.map(lambda job: job.image)
@@ -225,7 +229,6 @@ class PipelineRunner:
     def _index_stage(
         self, predictions: Sequence[Prediction | None], batch: Batch[Job]
     ) -> Deferred[Sequence[Outcome | Failure | None]] | Sequence[Outcome | Failure | None]:
-        batch.release()  # the model is free for the next batch while this one is searched
         outcomes: list[Outcome | Failure | None] = [
             None if p is None else Outcome(p) for p in predictions
         ]
@@ -235,17 +238,25 @@ class PipelineRunner:
             if p is not None and not isinstance(job.task, EmbedTask)
         ]
         if not work:
+            batch.release()
             return outcomes
         if not self._index.ready:
+            batch.release()
             failure = Failure(NotReady("the index is loading; retry shortly"))
             for i, _t, _p in work:
                 outcomes[i] = failure
             return succeed(outcomes)
 
-        def merge(results: dict[int, Outcome | Failure]) -> list[Outcome | Failure | None]:
+        def merge(
+            results: dict[int, Outcome | Failure],
+        ) -> Sequence[Outcome | Failure | None]:
             for i, result in results.items():
                 outcomes[i] = result
             return outcomes
 
-        d = self._index.call(apply_tasks, work, self._classes(), self._observer)
-        return d.addCallback(merge)
+        def search_and_add() -> Deferred[Sequence[Outcome | Failure | None]]:
+            batch.release()  # the model is free for the next batch while this one is searched
+            d = self._index.call(apply_tasks, work, self._classes(), self._observer)
+            return d.addCallback(merge)
+
+        return self._index_stage_lock.run(search_and_add)

@@ -235,6 +235,7 @@ class ItemStore:
             return False
         self._forget([fid])
         self.index.remove(np.array([fid], dtype=np.int64))
+        self.maintain()  # hnsw/ivfpq: compact once removed vectors pass 10%
         return True
 
     def _remember(self, fid: int, label: str | None, klass: str | None) -> None:

@@ -511,3 +511,49 @@ def test_one_batch_of_searches_is_one_index_search() -> None:
     assert held.sizes[-2:] == [1, 4]  # the first alone (model idle), the other four together
     assert all(len(result_of(s)[0]) == 2 for s in searches)
     assert calls() - before == 2  # one index search per batch, not one per request
+
+
+class HeldThread:
+    """Stands in for the index thread, running each call only when the test says."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, tuple[Any, ...], Deferred[Any]]] = []
+        self.hold = False
+
+    def __call__(self, f: Any, *args: Any) -> Deferred[Any]:
+        if not self.hold:
+            return maybeDeferred(f, *args)
+        d: Deferred[Any] = Deferred()
+        self.calls.append((f, args, d))
+        return d
+
+    def run_next(self) -> None:
+        f, args, d = self.calls.pop(0)
+        maybeDeferred(f, *args).chainDeferred(d)
+
+
+def test_searches_wait_for_a_busy_index_in_one_growing_batch() -> None:
+    h = Harness()
+    thread = HeldThread()
+    h.index._run = thread  # the same store, now behind a thread the test controls
+    sizes: list[int] = []
+    model_runner = h.runner._model
+    original = model_runner.run
+
+    def counting(batch: Any) -> Any:
+        sizes.append(len(batch))
+        return original(batch)
+
+    model_runner.run = counting
+    add(h, "a", RED)
+    thread.hold = True
+    first = h.service.search([RED], SearchTask(k=1))  # model, then held in the index stage
+    second = h.service.search([BLUE], SearchTask(k=1))
+    assert sizes[-2:] == [1, 1]  # the model was free: the next batch ran at once
+    waiting = [h.service.search([RED], SearchTask(k=1)) for _ in range(5)]
+    assert sizes[-1] == 1 and h.batcher.queued == 5  # the second holds its slot meanwhile
+    thread.run_next()  # the first batch's search finishes
+    assert first.called and sizes[-1] == 5  # the five waiting searches go as one batch
+    thread.run_next()
+    thread.run_next()
+    assert second.called and all(d.called for d in waiting)
