@@ -129,6 +129,8 @@ def report(args: argparse.Namespace) -> int:
         lines += search_section(args, bodies)
     if args.bulk_images:
         lines += bulk_section(args)
+    if args.kinds_items:
+        lines += kinds_section(args.kinds_items)
     text = "\n".join(lines)
     Path(args.out).write_text(text)
     print(text)
@@ -186,6 +188,26 @@ def search_section(args: argparse.Namespace, bodies: list[bytes]) -> list[str]:
         f"Restart with {n} items: index open from the snapshot in {restart}; whole start "
         f"to ready {restart_total:.1f} s (model load and warm-up included). Without a "
         f"snapshot (rebuilt from the catalog): {rebuild}.",
+        "",
+    ]
+
+
+def kinds_section(items: int) -> list[str]:
+    results = kinds.measure(items, 1280)
+    return [
+        f"## Index kinds against flat ({items} x 1280, default parameters)",
+        "",
+        "Synthetic clustered unit vectors (100 points per cluster, isotropic noise: a hard "
+        "case, where neighbours within a cluster are nearly equidistant); 256 queries from "
+        "the same clusters; `bench/kinds.py`.",
+        "",
+        "| kind | build s | ms/query alone | ms/query in batches of 32 | recall@10 |",
+        "|---|---:|---:|---:|---:|",
+        *[
+            f"| {r.kind} | {r.build_s:.1f} | {r.ms_per_query_alone:.2f} | "
+            f"{r.ms_per_query_batch32:.2f} | {r.recall_at_10:.3f} |"
+            for r in results
+        ],
         "",
     ]
 
