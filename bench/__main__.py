@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from batchserve.testing import ServerProcess
-from bench import fill, load, offline, scrape, server
+from bench import fill, kinds, load, offline, scrape, server
 from bench import images as bench_images
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
@@ -278,6 +278,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=2000,
         help="images for the bulk-indexing benchmark (0: skip)",
+    )
+    r.add_argument(
+        "--kinds-items",
+        type=int,
+        default=100_000,
+        help="vectors for the index-kinds comparison (0: skip)",
     )
     args = parser.parse_args(argv)
     return closed(args) if args.command == "closed" else report(args)
