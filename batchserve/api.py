@@ -393,10 +393,4 @@ def _int_arg(request: IRequest, name: str, default: int, low: int, high: int) ->
     raw = request.args.get(name.encode(), [None])[0]
     if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError as e:
-        raise InvalidInput(f"{name} must be an integer, got {raw!r}") from e
-    if not low <= value <= high:
-        raise InvalidInput(f"{name} must be between {low} and {high}, got {value}")
-    return value
+    return _bounded_int(raw.decode("utf-8", "replace"), name, low, high)
