@@ -98,6 +98,7 @@ def index_params(settings: Settings) -> IndexParams:
         ef_construction=settings.hnsw_ef_construction,
         ef_search=settings.hnsw_ef_search,
         pq_m=settings.pq_m,
+        refine_factor=settings.pq_refine_factor,
         device=settings.index_device,
     )
 

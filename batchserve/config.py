@@ -94,6 +94,9 @@ class Settings:
     hnsw_ef_construction: int = _setting(200, "HNSW candidate list size while adding")
     hnsw_ef_search: int = _setting(256, "HNSW candidate list size while searching")
     pq_m: int = _setting(0, "IVF-PQ sub-quantizers (0: dim / 4)")
+    pq_refine_factor: int = _setting(
+        16, "IVF-PQ candidates per result re-ranked with 8-bit vectors"
+    )
     snapshot_interval_s: float = _setting(
         300.0, "seconds between index snapshots (only when something changed; also at exit)"
     )
@@ -158,6 +161,7 @@ class Settings:
             "hnsw_m",
             "hnsw_ef_construction",
             "hnsw_ef_search",
+            "pq_refine_factor",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
