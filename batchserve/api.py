@@ -112,9 +112,12 @@ def configure_site(site: Site, max_body_bytes: int, access_log: bool) -> Site:
 
 
 def json_body(request: IRequest, status: int, doc: Any) -> bytes:
+    body = json.dumps(doc, separators=(",", ":")).encode("utf-8")
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", b"application/json")
-    return json.dumps(doc, separators=(",", ":")).encode("utf-8")
+    # A known length spares the client chunked decoding (Twisted chunks otherwise).
+    request.setHeader(b"Content-Length", str(len(body)).encode())
+    return body
 
 
 def embedding_json(vector: Any) -> list[float]:

@@ -1,7 +1,8 @@
-"""python -m bench: load-test a batchserve server, or regenerate bench/RESULTS.md.
+"""python -m bench: load-test a batchserve deployment, or regenerate bench/RESULTS.md.
 
-  python -m bench closed --url http://127.0.0.1:8080 --concurrency 1,32 --duration 20
-  python -m bench report            # starts its own server, writes bench/RESULTS.md
+  python -m bench run --url http://127.0.0.1:8080 --mode open --rates 20,50,100 --plot out.png
+  python -m bench run --url http://127.0.0.1:8080 --mode closed --concurrency 1,8,32
+  python -m bench report            # starts its own servers, writes bench/RESULTS.md + plots
 
 Only ever point it at servers you run; the report starts its own on 127.0.0.1.
 """
@@ -19,51 +20,336 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from batchserve.testing import ServerProcess
-from bench import fill, kinds, load, offline, scrape, server
+from bench import fill, kinds, load, offline, plots, point, procs
 from bench import images as bench_images
+from bench.bodies import ENCODINGS, build_requests
 
-RESULTS = Path(__file__).parent / "RESULTS.md"
+HERE = Path(__file__).parent
+RESULTS = HERE / "RESULTS.md"
 
 
-def _bodies(args: argparse.Namespace) -> list[bytes]:
-    if args.images:
-        return bench_images.from_directory(Path(args.images))
+def _images(directory: str | None) -> list[bytes]:
+    if directory:
+        return bench_images.from_directory(Path(directory))
     return bench_images.sample_photos()
 
 
-def run_point(
-    url: str, route: str, bodies: list[bytes], concurrency: int, duration_s: float, warmup_s: float
-) -> dict[str, object]:
-    before = scrape.scrape(url)
-    result = load.closed_loop(
-        url + route, bodies, "image/jpeg", concurrency, duration_s, warmup_s=warmup_s
+def _spec(url: str, requests: list[bytes], args: argparse.Namespace, **kw: Any) -> load.LoadSpec:
+    return load.LoadSpec(
+        url=url,
+        requests=requests,
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+        poisson=getattr(args, "poisson", False),
+        **kw,
     )
-    view = scrape.difference(before, scrape.scrape(url))
-    return {
-        "concurrency": concurrency,
-        "requests": len(result.samples),
-        "images_per_s": round(result.images_per_s, 1),
-        "p50_ms": round(result.percentile_ms(50), 1),
-        "p90_ms": round(result.percentile_ms(90), 1),
-        "p99_ms": round(result.percentile_ms(99), 1),
-        "errors": result.errors,
-        "mean_batch_size": round(view.mean_batch_size, 2),
-        "mean_queue_wait_ms": round(view.mean_queue_wait_ms, 2),
-        "mean_inference_ms": round(view.mean_inference_ms, 2),
-        "mean_search_ms": round(view.mean_search_ms, 2),
-    }
 
 
-def closed(args: argparse.Namespace) -> int:
-    bodies = _bodies(args)
-    for concurrency in (int(c) for c in args.concurrency.split(",")):
-        point = run_point(
-            args.url.rstrip("/"), args.route, bodies, concurrency, args.duration, args.warmup
-        )
-        print(json.dumps(point), flush=True)
+def _values(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def run_command(args: argparse.Namespace) -> int:
+    base = args.url.rstrip("/")
+    requests = build_requests(
+        base, args.route, _images(args.images), args.encoding, args.images_per_request
+    )
+    if args.mode == "open":
+        spec = _spec(base + args.route, requests, args, rate=1.0)
+        values = _values(args.rates)
+    else:
+        spec = _spec(base + args.route, requests, args, concurrency=1)
+        values = _values(args.concurrency)
+    points = []
+    for value in values:
+        one = point.sweep(
+            base, spec, [value], args.processes, args.slo_ms, args.images_per_request
+        )[0]
+        print(json.dumps(one), flush=True)
+        points.append(one)
+    if args.json:
+        Path(args.json).write_text(json.dumps(points, indent=2))
+    if args.plot:
+        plots.plot_sweep(points, f"{args.route} ({args.mode} loop)", Path(args.plot))
     return 0
+
+
+# -- the report ---------------------------------------------------------------------------
+
+
+def _row(name: str, p: dict[str, Any]) -> str:
+    server = p.get("server", {})
+    load_text = (
+        f"{p['offered_per_s']:g}/s"
+        if p["offered_per_s"] is not None
+        else f"{p['concurrency']} clients"
+    )
+    errors = ", ".join(f"{k}: {v}" for k, v in p["errors"].items()) or "none"
+    return (
+        f"| {name} | {load_text} | {p['achieved_per_s']} | {p['goodput_per_s']} | "
+        f"{p['p50_ms']} | {p['p90_ms']} | {p['p99_ms']} | {p['p999_ms']} | "
+        f"{server.get('mean_batch_size', '-')} | {errors} |"
+    )
+
+
+def _ratio(p: dict[str, Any], q: dict[str, Any]) -> float:
+    return float(p["images_per_s"]) / max(float(q["images_per_s"]), 1e-9)
+
+
+HEADER = [
+    "| server | load | achieved/s | goodput/s | p50 ms | p90 ms | p99 ms | p99.9 ms "
+    "| mean batch | errors |",
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+]
+
+
+class Report:
+    """Runs every measurement of RESULTS.md on this machine, one after the other."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.images = _images(args.images)
+        self.out_dir = Path(args.out).parent
+        self.lines: list[str] = []
+        self.data: dict[str, Any] = {}
+
+    def spec(self, url: str, requests: list[bytes], **kw: Any) -> load.LoadSpec:
+        return _spec(url, requests, self.args, **kw)
+
+    def points(
+        self, base: str, route: str, rates: list[float], clients: list[int]
+    ) -> list[dict[str, Any]]:
+        requests = build_requests(base, route, self.images)
+        out = []
+        for c in clients:
+            out.append(
+                point.measure(
+                    base, self.spec(base + route, requests, concurrency=c), 1, self.args.slo_ms
+                )
+            )
+        for r in rates:
+            out.append(
+                point.measure(base, self.spec(base + route, requests, rate=r), 1, self.args.slo_ms)
+            )
+        return out
+
+    def batchserve(
+        self, name: str, server_args: list[str], rates: list[float], clients: list[int]
+    ) -> tuple[list[dict[str, Any]], int, float]:
+        running = ServerProcess.start(
+            Path(tempfile.mkdtemp(prefix="batchserve-bench-")), ["--no-demo", *server_args]
+        )
+        try:
+            points = self.points(running.url, "/v1/embed", rates, clients)
+            rss = procs.tree_rss_bytes(running.process.pid)
+        finally:
+            running.stop()
+        self.data[name] = points
+        return points, rss, running.ready_s
+
+    def baseline(
+        self, name: str, module: str, rates: list[float], clients: list[int]
+    ) -> tuple[list[dict[str, Any]], int]:
+        started = procs.start_baseline(module, workers=os.cpu_count() or 2)
+        try:
+            points = self.points(started.url, "/v1/embed", rates, clients)
+            rss = procs.tree_rss_bytes(started.process.pid)
+        finally:
+            started.stop()
+        self.data[name] = points
+        return points, rss
+
+    def run(self) -> str:
+        a = self.args
+        sizes = [1, 2, 4, 8, 16, 32]
+        model_name, rates = offline.model_rates(sizes, seconds=4)
+        decode = offline.decode_rate(self.images, (160, 160))
+        limit = offline.limit_rate(self.images, seconds=10)
+        single_ms = 1000.0 / rates[1]
+        offered = _values(a.rates)
+        clients = [int(c) for c in _values(a.clients)]
+
+        on, on_rss, ready_s = self.batchserve("batchserve", [], offered, clients)
+        low = self.low_load()
+        off, off_rss, _ = self.batchserve("batching off", ["--max-batch-size", "1"], offered, [32])
+        base_a, rss_a = self.baseline("(a) Flask + model.predict", "flask_predict", offered, [32])
+        base_b, rss_b = self.baseline("(b) Flask + tf.function", "flask_function", offered, [32])
+        saturation = max(on, key=lambda p: p["images_per_s"])
+        at32 = {
+            name: next(p for p in pts if p["concurrency"] == 32)
+            for name, pts in (("on", on), ("off", off), ("a", base_a), ("b", base_b))
+        }
+
+        plots.plot_compare(
+            {
+                "batchserve": on,
+                "batching off": off,
+                "(a) Flask+predict": base_a,
+                "(b) Flask+tf.function": base_b,
+            },
+            "POST /v1/embed, open loop",
+            self.out_dir / "embed_sweep.png",
+        )
+        plots.plot_sweep(
+            [p for p in on if p["offered_per_s"]],
+            "batchserve /v1/embed",
+            self.out_dir / "embed_batches.png",
+        )
+
+        lines = self.lines
+        lines += [
+            "# batchserve benchmark results",
+            "",
+            f"- Date: {time.strftime('%Y-%m-%d')}",
+            f"- Machine: {_machine()}",
+            f"- Model: built-in `{model_name}` (160x160, 1280-d), TensorFlow CPU",
+            f"- Images: {len(self.images)} camera-sized JPEGs (640x480) made from "
+            "scikit-image's photos, one per request, raw body",
+            f"- Command: `python -m bench report` (points of {a.duration:g} s after "
+            f"{a.warmup:g} s of warm-up; latency SLO for goodput {a.slo_ms:g} ms; the load "
+            "generator runs on the same 2 cores as the server)",
+            "",
+            "## 1. The limit (no HTTP)",
+            "",
+            "The model alone on pre-decoded uint8 batches:",
+            "",
+            "| batch size | images/s |",
+            "|---:|---:|",
+            *[f"| {size} | {rate:.0f} |" for size, rate in rates.items()],
+            "",
+            f"JPEG decode + resize to 160x160 (draft mode), one thread: {decode:.0f} images/s.",
+            "",
+            f"**The limit**: decoding (one thread, ahead of the model) and embedding the same "
+            f"JPEGs at batch 32 in one loop: **{limit:.0f} images/s**.",
+            "",
+            "## 2. batchserve at saturation",
+            "",
+            f"Best point: {saturation['images_per_s']} images/s "
+            f"(**{saturation['images_per_s'] / limit:.0%} of the limit**), p50 "
+            f"{saturation['p50_ms']} ms, p99 {saturation['p99_ms']} ms "
+            f"({_row('', saturation).split('|')[2].strip()}). Start to ready: {ready_s:.1f} s.",
+            "",
+            *HEADER,
+            *[_row("batchserve", p) for p in on],
+            "",
+            "![latency against throughput](embed_sweep.png)",
+            "",
+            "![batch sizes per point](embed_batches.png)",
+            "",
+            "## 3. Batching off (`--max-batch-size 1`) against on",
+            "",
+            *HEADER,
+            *[_row("batching off", p) for p in off],
+            "",
+            "## 4. The usual alternatives, same model, gunicorn with one worker per core",
+            "",
+            *HEADER,
+            *[_row("(a) Flask + model.predict", p) for p in base_a],
+            *[_row("(b) Flask + tf.function", p) for p in base_b],
+            "",
+            "At 32 concurrent clients (closed loop):",
+            "",
+            "| server | images/s | p99 ms | resident memory |",
+            "|---|---:|---:|---:|",
+            f"| batchserve | {at32['on']['images_per_s']} | {at32['on']['p99_ms']} | "
+            f"{on_rss / 2**20:.0f} MiB |",
+            f"| batching off | {at32['off']['images_per_s']} | {at32['off']['p99_ms']} | "
+            f"{off_rss / 2**20:.0f} MiB |",
+            f"| (a) Flask + model.predict | {at32['a']['images_per_s']} | "
+            f"{at32['a']['p99_ms']} | {rss_a / 2**20:.0f} MiB |",
+            f"| (b) Flask + tf.function | {at32['b']['images_per_s']} | "
+            f"{at32['b']['p99_ms']} | {rss_b / 2**20:.0f} MiB |",
+            "",
+            f"batchserve / (a): {_ratio(at32['on'], at32['a']):.1f}x; "
+            f"batchserve / (b): {_ratio(at32['on'], at32['b']):.1f}x.",
+            "",
+            "## 5. Low load",
+            "",
+            f"Open loop at 1 request/s for {max(a.duration, 20):g} s: p50 {low['p50_ms']} ms, "
+            f"p99 {low['p99_ms']} ms, against {single_ms:.1f} ms for the model alone at batch 1 "
+            f"(difference {low['p50_ms'] - single_ms:.1f} ms: HTTP, decode, JSON).",
+            "",
+        ]
+        if a.search_items:
+            lines += self.search_section()
+        if a.bulk_images:
+            lines += bulk_section(a)
+        if a.kinds_items:
+            lines += kinds_section(a.kinds_items)
+        (self.out_dir / "results.json").write_text(json.dumps(self.data, indent=1))
+        return "\n".join(lines)
+
+    def low_load(self) -> dict[str, Any]:
+        running = ServerProcess.start(
+            Path(tempfile.mkdtemp(prefix="batchserve-bench-")), ["--no-demo"]
+        )
+        try:
+            requests = build_requests(running.url, "/v1/embed", self.images)
+            spec = load.LoadSpec(
+                url=running.url + "/v1/embed",
+                requests=requests,
+                duration_s=max(self.args.duration, 20),
+                warmup_s=2,
+                rate=1.0,
+            )
+            return point.measure(running.url, spec, 1, self.args.slo_ms)
+        finally:
+            running.stop()
+
+    def search_section(self) -> list[str]:
+        n = self.args.search_items
+        directory = Path(tempfile.mkdtemp(prefix="batchserve-bench-search-"))
+        try:
+            fill_s = fill.fill(directory / "data", n)
+            running = ServerProcess.start(directory, ["--no-demo"])
+            try:
+                restart = _index_open(running.log())
+                restart_total = running.ready_s
+                points = self.points(running.url, "/v1/search?k=10", [5, 20, 40], [1, 32])
+            finally:
+                running.stop()
+            for path in (directory / "data" / "snapshots").glob("*"):
+                path.unlink()
+            running = ServerProcess.start(directory, ["--no-demo"])
+            rebuild = _index_open(running.log())
+            running.stop()
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+        self.data["search"] = points
+        plots.plot_sweep(
+            [p for p in points if p["offered_per_s"]],
+            "/v1/search, 100k flat",
+            self.out_dir / "search_sweep.png",
+        )
+        return [
+            f"## 6. `POST /v1/search` (k=10) on a flat index of {n} items",
+            "",
+            f"The index holds {n} synthetic clustered unit vectors stored as the built-in "
+            f"model's embeddings (filled in {fill_s:.0f} s by `bench/fill.py`); queries are "
+            "the photos above, embedded by the model.",
+            "",
+            *HEADER,
+            *[_row("batchserve", p) for p in points],
+            "",
+            "| load | mean inference ms/batch | mean search ms/batch |",
+            "|---|---:|---:|",
+            *[
+                f"| {_row('', p).split('|')[2].strip()} | "
+                f"{p.get('server', {}).get('mean_inference_ms')} | "
+                f"{p.get('server', {}).get('mean_search_ms')} |"
+                for p in points
+            ],
+            "",
+            "![search latency](search_sweep.png)",
+            "",
+            f"Restart with {n} items: index open from the snapshot in {restart}; whole "
+            f"start to ready {restart_total:.1f} s (model load and warm-up included). "
+            f"Without a snapshot (rebuilt from the catalog): {rebuild}.",
+            "",
+        ]
 
 
 def _machine() -> str:
@@ -78,118 +364,12 @@ def _machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, no GPU"
 
 
-def report(args: argparse.Namespace) -> int:
-    bodies = _bodies(args)
-    sizes = [1, 2, 4, 8, 16, 32]
-    model_name, rates = offline.model_rates(sizes, seconds=args.duration / 4)
-    decode = offline.decode_rate(bodies, (160, 160))
-    running = server.start([])
-    try:
-        points = [
-            run_point(running.url, "/v1/embed", bodies, c, args.duration, args.warmup)
-            for c in (1, 32)
-        ]
-    finally:
-        running.stop()
-    lines = [
-        "# batchserve benchmark results",
-        "",
-        f"- Date: {time.strftime('%Y-%m-%d')}",
-        f"- Machine: {_machine()}",
-        f"- Model: built-in `{model_name}` (160x160, 1280-d), TensorFlow CPU",
-        f"- Images: {len(bodies)} camera-sized JPEGs (640x480) made from scikit-image's photos",
-        f"- Command: `python -m bench report --duration {args.duration:g}` "
-        "(the load generator runs on the same 2 cores as the server)",
-        "",
-        "## The model alone (pre-decoded uint8 batches, no HTTP)",
-        "",
-        "| batch size | images/s |",
-        "|---:|---:|",
-        *[f"| {size} | {rate:.0f} |" for size, rate in rates.items()],
-        "",
-        f"JPEG decode + resize to 160x160 (Pillow, draft mode), one thread: {decode:.0f} images/s",
-        "",
-        "## `POST /v1/embed`, closed loop, one image per request",
-        "",
-        f"Start to ready (process start to `/readyz` 200, warm-up of every batch size "
-        f"included): {running.ready_s:.1f} s",
-        "",
-        "| clients | images/s | p50 ms | p90 ms | p99 ms | mean batch | mean queue wait ms "
-        "| mean inference ms/batch | errors |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-        *[
-            f"| {p['concurrency']} | {p['images_per_s']} | {p['p50_ms']} | {p['p90_ms']} | "
-            f"{p['p99_ms']} | {p['mean_batch_size']} | {p['mean_queue_wait_ms']} | "
-            f"{p['mean_inference_ms']} | {p['errors'] or 'none'} |"
-            for p in points
-        ],
-        "",
-    ]
-    if args.search_items:
-        lines += search_section(args, bodies)
-    if args.bulk_images:
-        lines += bulk_section(args)
-    if args.kinds_items:
-        lines += kinds_section(args.kinds_items)
-    text = "\n".join(lines)
-    Path(args.out).write_text(text)
-    print(text)
-    return 0
-
-
 def _index_open(log: str) -> str:
     found = re.findall(r"index open: (\d+) items in a (\w+) index \((.*?), ([\d.]+) s\)", log)
     if not found:
         return "?"
     size, kind, how, seconds = found[-1]
     return f"{float(seconds):.1f} s ({size} items, {kind}, {how})"
-
-
-def search_section(args: argparse.Namespace, bodies: list[bytes]) -> list[str]:
-    """/v1/search on a big index, and restart times with it."""
-    directory = Path(tempfile.mkdtemp(prefix="batchserve-bench-search-"))
-    try:
-        fill_s = fill.fill(directory / "data", args.search_items)
-        running = ServerProcess.start(directory, ["--no-demo"])
-        try:
-            restart = _index_open(running.log())
-            restart_total = running.ready_s
-            points = [
-                run_point(running.url, "/v1/search?k=10", bodies, c, args.duration, args.warmup)
-                for c in (1, 32)
-            ]
-        finally:
-            running.stop()
-        for path in (directory / "data" / "snapshots").glob("*"):
-            path.unlink()
-        running = ServerProcess.start(directory, ["--no-demo"])
-        rebuild = _index_open(running.log())
-        running.stop()
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-    n = args.search_items
-    return [
-        f"## `POST /v1/search` (k=10) on a flat index of {n} items",
-        "",
-        f"The index holds {n} synthetic clustered unit vectors stored as the built-in model's "
-        f"embeddings (filled in {fill_s:.0f} s by `bench/fill.py`); queries are the same "
-        "photos as above, embedded by the model.",
-        "",
-        "| clients | searches/s | p50 ms | p90 ms | p99 ms | mean batch | mean inference "
-        "ms/batch | mean search ms/batch | errors |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-        *[
-            f"| {p['concurrency']} | {p['images_per_s']} | {p['p50_ms']} | {p['p90_ms']} | "
-            f"{p['p99_ms']} | {p['mean_batch_size']} | {p['mean_inference_ms']} | "
-            f"{p['mean_search_ms']} | {p['errors'] or 'none'} |"
-            for p in points
-        ],
-        "",
-        f"Restart with {n} items: index open from the snapshot in {restart}; whole start "
-        f"to ready {restart_total:.1f} s (model load and warm-up included). Without a "
-        f"snapshot (rebuilt from the catalog): {rebuild}.",
-        "",
-    ]
 
 
 def kinds_section(items: int) -> list[str]:
@@ -255,38 +435,57 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    c = commands.add_parser("closed", help="closed-loop load against a running server")
-    c.add_argument("--url", default="http://127.0.0.1:8080")
-    c.add_argument("--route", default="/v1/embed")
-    c.add_argument("--concurrency", default="1,32", help="comma-separated client counts")
-    c.add_argument("--duration", type=float, default=20.0, help="seconds measured per point")
-    c.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
-    c.add_argument("--images", help="directory of images to send (default: sample photos)")
-    r = commands.add_parser("report", help="start a server, measure, write RESULTS.md")
-    r.add_argument("--duration", type=float, default=20.0)
-    r.add_argument("--warmup", type=float, default=3.0)
-    r.add_argument("--images")
-    r.add_argument("--out", default=str(RESULTS))
+    r = commands.add_parser("run", help="load a running server: open or closed loop, a sweep")
+    r.add_argument("--url", default="http://127.0.0.1:8080")
     r.add_argument(
+        "--route", default="/v1/embed", help="/v1/embed, /v1/classify, /v1/search?k=10 or /v1/items"
+    )
+    r.add_argument("--mode", choices=("open", "closed"), default="closed")
+    r.add_argument("--rates", default="10,50,100", help="open loop: requests/s per point")
+    r.add_argument("--poisson", action="store_true", help="open loop: Poisson arrivals")
+    r.add_argument("--concurrency", default="1,32", help="closed loop: clients per point")
+    r.add_argument("--duration", type=float, default=20.0, help="seconds measured per point")
+    r.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
+    r.add_argument("--processes", type=int, default=1, help="load-generator processes")
+    r.add_argument("--slo-ms", type=float, default=1000.0, help="latency SLO for goodput")
+    r.add_argument("--encoding", choices=ENCODINGS, default="raw")
+    r.add_argument("--images-per-request", type=int, default=1)
+    r.add_argument("--images", help="directory of images to send (default: sample photos)")
+    r.add_argument("--json", help="write the points to this JSON file")
+    r.add_argument("--plot", help="write a PNG plot of the sweep")
+    rep = commands.add_parser("report", help="start servers, measure, write RESULTS.md")
+    rep.add_argument("--duration", type=float, default=10.0)
+    rep.add_argument("--warmup", type=float, default=3.0)
+    rep.add_argument("--slo-ms", type=float, default=1000.0)
+    rep.add_argument("--rates", default="5,20,50,100,150,200,250")
+    rep.add_argument("--clients", default="1,8,32,64")
+    rep.add_argument("--images")
+    rep.add_argument("--out", default=str(RESULTS))
+    rep.add_argument(
         "--search-items",
         type=int,
         default=100_000,
         help="index size for the search benchmark (0: skip)",
     )
-    r.add_argument(
+    rep.add_argument(
         "--bulk-images",
         type=int,
         default=2000,
         help="images for the bulk-indexing benchmark (0: skip)",
     )
-    r.add_argument(
+    rep.add_argument(
         "--kinds-items",
         type=int,
         default=100_000,
         help="vectors for the index-kinds comparison (0: skip)",
     )
     args = parser.parse_args(argv)
-    return closed(args) if args.command == "closed" else report(args)
+    if args.command == "run":
+        return run_command(args)
+    text = Report(args).run()
+    Path(args.out).write_text(text)
+    print(text)
+    return 0
 
 
 if __name__ == "__main__":
