@@ -43,6 +43,9 @@ def build_requests(
     if encoding == "raw" and per_request != 1:
         raise ValueError("a raw body holds one image: use multipart or base64")
     target = Target.parse(url.rstrip("/") + route)
+    if route in ("/healthz", "/readyz", "/metrics"):
+        # A trivial GET endpoint: for checking the generator's own ceiling against wrk.
+        return [encode_request(target, b"", "text/plain", method="GET")]
     requests = []
     for n in range(count):
         chosen = [images[(n * per_request + j) % len(images)] for j in range(per_request)]
