@@ -58,7 +58,13 @@ class LoadResult:
         return [s for s in self.measured() if s.status == 200]
 
     def achieved_per_s(self) -> float:
-        return len(self.ok()) / self.spec.duration_s
+        """Successful answers that *completed* inside the window, per second: a server that
+        falls behind an offered rate shows its real rate, not the offered one."""
+        low, high = self.spec.warmup_s, self.spec.warmup_s + self.spec.duration_s
+        done = sum(
+            1 for s in self.samples if s.status == 200 and low <= s.due_s + s.latency_s < high
+        )
+        return done / self.spec.duration_s
 
     def goodput_per_s(self, slo_s: float) -> float:
         return sum(1 for s in self.ok() if s.latency_s <= slo_s) / self.spec.duration_s
