@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import re
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -166,68 +168,57 @@ def test_clients_that_hang_up_have_their_queued_images_dropped(
         stop_server(server)
 
 
-def test_load_generator_smoke_run_against_the_real_server(server: Server, tmp_path: Path) -> None:
-    """The bench/ load generator end to end, for a few seconds (no timing assertions)."""
-    import subprocess
-    import sys
-
-    url = f"http://127.0.0.1:{server.port}"
-    out = tmp_path / "points.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "run",
-            "--url",
-            url,
-            "--mode",
-            "open",
-            "--rates",
-            "15",
-            "--duration",
-            "2",
-            "--warmup",
-            "0.5",
-            "--json",
-            str(out),
-            "--plot",
-            str(tmp_path / "sweep.png"),
-        ],
+def bench_run(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m bench run ARGS`` as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "bench", "run", *args],
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_load_generator_smoke_run_against_the_real_server(server: Server, tmp_path: Path) -> None:
+    """The bench/ load generator end to end, for a few seconds (no timing assertions)."""
+    url = f"http://127.0.0.1:{server.port}"
+    out, plot = tmp_path / "points.json", tmp_path / "sweep.png"
+    done = bench_run(
+        "--url",
+        url,
+        "--mode",
+        "open",
+        "--rates",
+        "15",
+        "--duration",
+        "2",
+        "--warmup",
+        "0.5",
+        "--json",
+        str(out),
+        "--plot",
+        str(plot),
+    )
     assert done.returncode == 0, done.stderr
     [point] = json.loads(out.read_text())
     assert point["mode"] == "open" and point["requests"] > 0 and point["errors"] == {}
-    assert point["server"]["batch_sizes"] and (tmp_path / "sweep.png").stat().st_size > 0
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "run",
-            "--url",
-            url,
-            "--mode",
-            "closed",
-            "--concurrency",
-            "4",
-            "--duration",
-            "2",
-            "--warmup",
-            "0.5",
-            "--processes",
-            "2",
-            "--encoding",
-            "multipart",
-            "--images-per-request",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    assert point["server"]["batch_sizes"] and plot.stat().st_size > 0
+    done = bench_run(
+        "--url",
+        url,
+        "--mode",
+        "closed",
+        "--concurrency",
+        "4",
+        "--duration",
+        "2",
+        "--warmup",
+        "0.5",
+        "--processes",
+        "2",
+        "--encoding",
+        "multipart",
+        "--images-per-request",
+        "2",
     )
     assert done.returncode == 0, done.stderr
     closed = json.loads(done.stdout.splitlines()[-1])
