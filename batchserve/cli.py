@@ -295,7 +295,7 @@ def index_command(settings: Settings, path: Path) -> int:
     lock_data_dir(Path(settings.data_dir))
     model = load_model(model_spec(settings))
     store = open_store(settings, model.info)
-    store.report = store.open()
+    store.open()
     print(
         f"indexing {len(sources)} images from {path} into {settings.data_dir} "
         f"({store.index.size} items there already)",

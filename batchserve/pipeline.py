@@ -95,7 +95,6 @@ class IndexWorker:
         self._run = run_on_thread
         self._observer = observer
         self._store: ItemStore | None = None
-        self.report: OpenReport | None = None
 
     @property
     def ready(self) -> bool:
@@ -103,21 +102,19 @@ class IndexWorker:
 
     def start(self) -> Deferred[OpenReport]:
         """Open the store on the index thread (snapshot load and replay, or rebuild)."""
-        d: Deferred[ItemStore] = self._run(self._open)
+        d: Deferred[tuple[ItemStore, OpenReport]] = self._run(self._open)
         return d.addCallback(self._became_ready)
 
-    def _open(self) -> ItemStore:
+    def _open(self) -> tuple[ItemStore, OpenReport]:
         store = self._open_store()
-        store.report = store.open()
-        return store
+        return store, store.open()
 
-    def _became_ready(self, store: ItemStore) -> OpenReport:
+    def _became_ready(self, opened: tuple[ItemStore, OpenReport]) -> OpenReport:
+        store, report = opened
         self._store = store
-        self.report = store.report
         if self._observer is not None:
             self._observer.index_size(store.index.size)
-        assert store.report is not None
-        return store.report
+        return report
 
     def call(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         """Run ``fn(store, *args)`` on the index thread."""

@@ -141,7 +141,6 @@ class ItemStore:
         self._groups: dict[int, tuple[str | None, str | None]] = {}
         self._snapshot_seq = 0
         self.search_calls = 0
-        self.report: OpenReport | None = None
 
     # -- start ----------------------------------------------------------------------------
 

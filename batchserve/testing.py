@@ -229,13 +229,19 @@ class ServerProcess:
 
     def stop(self, timeout_s: float = 60.0) -> int:
         """SIGTERM, then SIGKILL after ``timeout_s``; return the exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        return self.process.wait()
+        return stop_process(self.process, timeout_s)
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 60.0) -> int:
+    """Stop ``process`` as an orchestrator would: SIGTERM, then SIGKILL after
+    ``timeout_s``. Returns its exit status."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return process.wait()
 
 
 def _status(url: str) -> int | None:

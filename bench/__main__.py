@@ -143,11 +143,9 @@ class Report:
             Path(tempfile.mkdtemp(prefix="batchserve-bench-")), ["--no-demo", *server_args]
         )
         try:
-            points = self.points(running.url, "/v1/embed", rates, clients)
-            rss = procs.tree_rss_bytes(running.process.pid)
+            points, rss = self.embed_load(name, running.url, running.process.pid, rates, clients)
         finally:
             running.stop()
-        self.data[name] = points
         return points, rss, running.ready_s
 
     def baseline(
@@ -155,12 +153,17 @@ class Report:
     ) -> tuple[list[dict[str, Any]], int]:
         started = procs.start_baseline(module, workers=os.cpu_count() or 2)
         try:
-            points = self.points(started.url, "/v1/embed", rates, clients)
-            rss = procs.tree_rss_bytes(started.process.pid)
+            return self.embed_load(name, started.url, started.process.pid, rates, clients)
         finally:
             started.stop()
+
+    def embed_load(
+        self, name: str, url: str, pid: int, rates: list[float], clients: list[int]
+    ) -> tuple[list[dict[str, Any]], int]:
+        """The /v1/embed points of one server, and its resident memory after them."""
+        points = self.points(url, "/v1/embed", rates, clients)
         self.data[name] = points
-        return points, rss
+        return points, procs.tree_rss_bytes(pid)
 
     def run(self) -> str:
         a = self.args
