@@ -284,6 +284,7 @@ class Report:
             lines += bulk_section(a)
         if a.kinds_items:
             lines += kinds_section(a.kinds_items)
+        lines += ceiling_section()
         (self.out_dir / "results.json").write_text(json.dumps(self.data, indent=1))
         return "\n".join(lines)
 
@@ -388,6 +389,75 @@ def _index_open(log: str) -> str:
         return "?"
     size, kind, how, seconds = found[-1]
     return f"{float(seconds):.1f} s ({size} items, {kind}, {how})"
+
+
+CEILING_TITLE = "## 7. The load generator's own ceiling"
+
+
+def ceiling_section(duration_s: float = 10.0) -> list[str]:
+    """``GET /healthz`` of one batchserve at 32 connections: wrk (when installed) against
+    this generator with 1 and 2 processes, on the same cores as the server."""
+    running = ServerProcess.start(Path(tempfile.mkdtemp(prefix="batchserve-bench-")), ["--no-demo"])
+    rows = []
+    try:
+        if shutil.which("wrk"):
+            done = subprocess.run(
+                ["wrk", "-t1", "-c32", f"-d{duration_s:g}s", running.url + "/healthz"],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            found = re.search(r"Requests/sec:\s+([\d.]+)", done.stdout)
+            rows.append(
+                f"| `wrk -t1 -c32 -d{duration_s:g}s` | "
+                f"{float(found.group(1)) if found else float('nan'):,.0f} | - | - |"
+            )
+        else:
+            rows.append("| wrk (not installed: `apt-get install wrk`) | - | - | - |")
+        requests = build_requests(running.url, "/healthz", [])
+        for processes in (1, 2):
+            spec = load.LoadSpec(
+                url=running.url + "/healthz",
+                requests=requests,
+                duration_s=duration_s,
+                warmup_s=2,
+                concurrency=32,
+            )
+            p = point.measure(running.url, spec, processes)
+            rows.append(
+                f"| `python -m bench run --route /healthz --mode closed "
+                f"--concurrency 32 --processes {processes}` | "
+                f"{p['achieved_per_s']:,.0f} | {p['p50_ms']} | {p['p99_ms']} |"
+            )
+    finally:
+        running.stop()
+    return [
+        CEILING_TITLE,
+        "",
+        "A trivial endpoint of the same server, 32 connections; server and generator share "
+        "the machine's cores, so the generator's own CPU is taken from the server.",
+        "",
+        "| generator | requests/s | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|",
+        *rows,
+        "",
+    ]
+
+
+def ceiling_command(args: argparse.Namespace) -> int:
+    """Measure the ceiling alone and put its section into RESULTS.md in place."""
+    section = "\n".join(ceiling_section(args.duration))
+    path = Path(args.out)
+    text = path.read_text() if path.exists() else ""
+    start = text.find(CEILING_TITLE)
+    if start != -1:
+        end = text.find("\n## ", start + len(CEILING_TITLE))
+        text = text[:start] + section + ("\n" + text[end + 1 :] if end != -1 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+    print(section)
+    return 0
 
 
 def kinds_section(items: int) -> list[str]:
@@ -497,9 +567,14 @@ def main(argv: list[str] | None = None) -> int:
         default=100_000,
         help="vectors for the index-kinds comparison (0: skip)",
     )
+    c = commands.add_parser("ceiling", help="the generator against wrk; updates RESULTS.md")
+    c.add_argument("--duration", type=float, default=10.0)
+    c.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     if args.command == "run":
         return run_command(args)
+    if args.command == "ceiling":
+        return ceiling_command(args)
     text = Report(args).run()
     Path(args.out).write_text(text)
     print(text)
