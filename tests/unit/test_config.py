@@ -112,3 +112,13 @@ def test_bad_setting_exits_2_with_a_message() -> None:
     )
     assert done.returncode == 2
     assert "max_queue must be at least 1" in done.stderr
+
+
+def test_decode_threads_default_to_half_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert settings_from([], environ={}).decode_thread_count() == 8
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert settings_from([], environ={}).decode_thread_count() == 1
+    assert settings_from(["--decode-threads", "3"], environ={}).decode_thread_count() == 3

@@ -117,3 +117,36 @@ def test_images_being_decoded_count_toward_the_queue_limit() -> None:
 def test_classify_needs_a_classifier_head() -> None:
     service, *_ = make(model=FakeModel(classes=None))
     assert outcome(service.classify([encode_image()], 3)).check(InvalidInput)
+
+
+def test_a_catalog_that_cannot_be_written_fails_the_adds_only(tmp_path: Any) -> None:
+    import sqlite3
+
+    import numpy as np
+
+    from batchserve.errors import StorageFailed
+    from batchserve.index import IndexParams, VectorIndex
+    from batchserve.inference import Prediction
+    from batchserve.pipeline import AddTask, apply_tasks
+    from batchserve.pipeline import SearchTask as Search
+    from batchserve.store import ItemStore
+
+    model = FakeModel()
+    store = ItemStore(
+        tmp_path, VectorIndex(model.info.dim, IndexParams()), model.info.fingerprint()
+    )
+    store.open()
+    vector = np.ones(model.info.dim, dtype=np.float32) / np.sqrt(model.info.dim)
+
+    def disk_full(_items: Any) -> Any:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    store.catalog.upsert = disk_full  # type: ignore[method-assign]
+    prediction = Prediction(vector, None)
+    results = apply_tasks(
+        store, [(0, AddTask("x"), prediction), (1, Search(k=1), prediction)], None
+    )
+    assert results[0].check(StorageFailed)  # type: ignore[union-attr]
+    assert "disk is full" in results[0].getErrorMessage()  # type: ignore[union-attr]
+    assert results[1].matches == []  # type: ignore[union-attr]
+    assert store.index.size == 0

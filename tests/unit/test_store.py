@@ -141,3 +141,29 @@ def test_data_dir_lock_is_exclusive(tmp_path: Path) -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode != 0 and DataDirLocked.__name__ in done.stderr
+
+
+def test_deletes_past_ten_percent_compact_an_hnsw_index(tmp_path: Path) -> None:
+    s = store(tmp_path, "hnsw")
+    s.add(items(0, 1200))
+    for i in range(120):
+        s.delete(f"id{i}")
+    assert s.index.tombstones == 120 and s.index.size == 1080
+    s.delete("id120")  # past 10% of the 1200 stored vectors: rebuilt without the removed
+    assert s.index.tombstones == 0 and s.index.size == 1079
+    assert top_id(s, 500) == "id500"
+
+
+def test_old_changes_are_pruned_but_the_kept_snapshots_still_replay(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    for start in range(0, 30, 10):
+        s.add(items(start, 10))
+        s.snapshot()
+    assert s.catalog.changes_since(0)[0][0] > 10  # changes before the older kept one are gone
+    s.add(items(30, 5))
+    s.close()
+    newest = max((tmp_path / "snapshots").glob("*.faiss"))
+    newest.write_bytes(b"damaged")  # fall back to the older kept snapshot and replay
+    again = ItemStore(tmp_path, VectorIndex(DIM, IndexParams()), MODEL)
+    report = again.open()
+    assert report.snapshot_seq == 20 and again.index.size == 35
