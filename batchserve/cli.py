@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -358,7 +358,19 @@ def _mark_seeded(store: ItemStore, count: int) -> int:
     return count
 
 
+def quiet_openmp(environ: MutableMapping[str, str]) -> None:
+    """Make idle OpenMP threads (FAISS, its BLAS) sleep at once instead of spinning.
+
+    GNU OpenMP spins after each parallel region by default; beside TensorFlow's own pool on
+    the same cores that spinning is taken from the model (a single-query search added 4 ms
+    to a request instead of 1.5 ms on 2 cores). Read once, when FAISS loads, so this runs
+    before any sub-command imports it; a value already set by the user is kept.
+    """
+    environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_openmp(os.environ)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -366,14 +378,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BatchserveError as e:
         print(f"batchserve: {e}", file=sys.stderr)
         return 2
-    if args.command == "serve":
-        return serve(settings)
-    if args.command == "index":
-        try:
+    try:
+        if args.command == "serve":
+            return serve(settings)
+        if args.command == "index":
             return index_command(settings, Path(args.path))
-        except BatchserveError as e:
-            print(f"batchserve: {e}", file=sys.stderr)
-            return 2
+    except BatchserveError as e:
+        print(f"batchserve: {e}", file=sys.stderr)
+        return 2
     parser.error(f"unknown command {args.command}")
     return 2
 

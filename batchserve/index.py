@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,21 @@ import numpy.typing as npt
 
 # faiss's SWIG stubs know no keyword arguments (SearchParameters(sel=...) is valid).
 faiss: Any = _faiss
+
+
+def search_threads(kind: str, queries: int, available: int) -> int:
+    """OpenMP threads for one search call.
+
+    Graph and inverted-list searches (``hnsw``, ``ivf``, ``ivfpq``) parallelise over
+    queries only, so a batch of one query runs on one thread whatever the pool holds, and
+    waking the rest of the pool costs more than the search (2.6 ms against 1.5 ms per
+    single-query hnsw search on 100k x 1280, next to a busy model). ``flat`` splits one
+    query's matrix product across threads, so it keeps them all.
+    """
+    if kind == "flat":
+        return available
+    return max(1, min(available, queries))
+
 
 KINDS = ("flat", "ivf", "hnsw", "ivfpq")
 
@@ -233,8 +250,21 @@ class VectorIndex:
         if allowed is not None:
             return self._search_within(queries, k, as_ids(allowed))
         fetch = k + len(self._tombstones)
-        scores, ids = self._searcher().search(queries, fetch, params=self._search_params())
+        with self._threads_for(len(queries)):
+            scores, ids = self._searcher().search(queries, fetch, params=self._search_params())
         return self._drop_tombstones(scores, ids, k)
+
+    @contextmanager
+    def _threads_for(self, queries: int) -> Iterator[None]:
+        if self.device == "gpu":
+            yield
+            return
+        available = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(search_threads(self.kind_in_use, queries, available))
+        try:
+            yield
+        finally:
+            faiss.omp_set_num_threads(available)
 
     def _search_within(
         self, queries: Vectors, k: int, allowed: Ids
@@ -262,7 +292,8 @@ class VectorIndex:
                 found = np.pad(found, ((0, 0), (0, pad)), constant_values=-1)
             return scores.astype(np.float32), found.astype(np.int64)
         params = self._search_params(faiss.IDSelectorBatch(allowed))
-        scores, ids = self._cpu.search(queries, k, params=params)
+        with self._threads_for(len(queries)):
+            scores, ids = self._cpu.search(queries, k, params=params)
         return scores, ids
 
     def _reconstruct(self, ids: Ids) -> tuple[Ids, Vectors]:

@@ -10,6 +10,7 @@ Only ever point it at servers you run; the report starts its own on 127.0.0.1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -172,6 +173,7 @@ class Report:
         decode = offline.decode_rate(self.images, (160, 160))
         limit = offline.limit_rate(self.images, seconds=10)
         single_ms = 1000.0 / rates[1]
+        paced_ms = offline.paced_single_ms()
         offered = _values(a.rates)
         clients = [int(c) for c in _values(a.clients)]
 
@@ -271,12 +273,7 @@ class Report:
             f"batchserve / (a): {_ratio(at32['on'], at32['a']):.1f}x; "
             f"batchserve / (b): {_ratio(at32['on'], at32['b']):.1f}x.",
             "",
-            "## 5. Low load",
-            "",
-            f"Open loop at 1 request/s for {max(a.duration, 20):g} s: p50 {low['p50_ms']} ms, "
-            f"p99 {low['p99_ms']} ms, against {single_ms:.1f} ms for the model alone at batch 1 "
-            f"(difference {low['p50_ms'] - single_ms:.1f} ms: HTTP, decode, JSON).",
-            "",
+            *low_load_section(low, single_ms, paced_ms, max(a.duration, 20)),
         ]
         if a.search_items:
             lines += self.search_section()
@@ -305,6 +302,32 @@ class Report:
         finally:
             running.stop()
 
+    def search_adds(self, url: str, rounds: int = 3) -> dict[str, float]:
+        """p50 of /v1/search minus p50 of /v1/embed at one client, alternated so that drift
+        of the machine's speed hits both alike."""
+        embed_requests = build_requests(url, "/v1/embed", self.images)
+        search_requests = build_requests(url, "/v1/search?k=10", self.images)
+        embed, search, stage = [], [], []
+        for _ in range(rounds):
+            for requests, route, out in (
+                (embed_requests, "/v1/embed", embed),
+                (search_requests, "/v1/search?k=10", search),
+            ):
+                spec = _spec(url + route, requests, self.args, concurrency=1)
+                spec = dataclasses.replace(spec, duration_s=5.0, warmup_s=1.0)
+                measured = point.measure(url, spec, 1, self.args.slo_ms)
+                out.append(measured["p50_ms"])
+                if route != "/v1/embed":
+                    stage.append(measured.get("server", {}).get("mean_search_ms", 0.0))
+        result = {
+            "embed_p50_ms": _median(embed),
+            "search_p50_ms": _median(search),
+            "adds_ms": _median(search) - _median(embed),
+            "search_stage_ms": _median(stage),
+        }
+        self.data["search_adds"] = result
+        return result
+
     def search_section(self) -> list[str]:
         n = self.args.search_items
         directory = Path(tempfile.mkdtemp(prefix="batchserve-bench-search-"))
@@ -327,6 +350,7 @@ class Report:
             try:
                 hnsw_build = _index_open(running.log())
                 hnsw = self.points(running.url, "/v1/search?k=10", [5, 20, 40], [1, 32])
+                adds = self.search_adds(running.url)
             finally:
                 running.stop()
         finally:
@@ -362,6 +386,12 @@ class Report:
             f"The HNSW index (M=32, efSearch=256) was built from the catalog at start in "
             f"{hnsw_build}.",
             "",
+            "What search adds to a request (hnsw, 1 client, closed loop, /v1/embed and "
+            "/v1/search?k=10 alternated on the same server, 3 rounds each): p50 "
+            f"{adds['embed_p50_ms']:.1f} ms for embed, {adds['search_p50_ms']:.1f} ms for "
+            f"search: **search adds {adds['adds_ms']:.1f} ms** (the index stage alone: "
+            f"{adds['search_stage_ms']:.2f} ms per single-query batch).",
+            "",
             "![search latency](search_sweep.png)",
             "",
             f"Restart with {n} items: index open from the snapshot in {restart}; whole "
@@ -369,6 +399,46 @@ class Report:
             f"Without a snapshot (rebuilt from the catalog): {rebuild}.",
             "",
         ]
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+def low_load_section(
+    low: dict[str, Any], single_ms: float, paced_ms: float, seconds: float
+) -> list[str]:
+    """Section 5: p50 at 1 request/s against the model's own time, and where the rest goes."""
+    server = low.get("server", {})
+    inside = server.get("mean_request_ms", 0.0)
+    stages = (
+        server.get("mean_decode_ms", 0.0)
+        + server.get("mean_queue_wait_ms", 0.0)
+        + server.get("mean_inference_ms", 0.0)
+    )
+    return [
+        "## 5. Low load",
+        "",
+        f"Open loop at 1 request/s for {seconds:g} s: p50 {low['p50_ms']} ms, p99 "
+        f"{low['p99_ms']} ms. The model alone at batch 1: {single_ms:.1f} ms called back to "
+        f"back, {paced_ms:.1f} ms (p50) called once a second as here. p50 minus the paced "
+        f"model: **{low['p50_ms'] - paced_ms:.1f} ms**; minus the back-to-back model: "
+        f"{low['p50_ms'] - single_ms:.1f} ms.",
+        "",
+        "Where a request's time goes (means, from the server's /metrics):",
+        "",
+        "| stage | ms |",
+        "|---|---:|",
+        f"| decode (decode pool) | {server.get('mean_decode_ms', 0.0):.2f} |",
+        f"| queue wait (Batcher) | {server.get('mean_queue_wait_ms', 0.0):.2f} |",
+        f"| inference (batch of 1) | {server.get('mean_inference_ms', 0.0):.2f} |",
+        f"| rest inside the handler (thread hand-offs, parsing, JSON) | {inside - stages:.2f} |",
+        f"| handler total | {inside:.2f} |",
+        f"| outside the handler (TCP, HTTP framing, the generator), p50 minus total | "
+        f"{low['p50_ms'] - inside:.2f} |",
+        "",
+    ]
 
 
 def _machine() -> str:

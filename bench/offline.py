@@ -45,6 +45,27 @@ def model_rates(
     return model.info.name, rates
 
 
+def paced_single_ms(
+    gap_s: float = 1.0, calls: int = 20, model_args: dict[str, object] | None = None
+) -> float:
+    """p50 ms of the model at batch 1 called once per ``gap_s``, as at low load: caches and
+    TensorFlow's thread pool go cold between calls, which back-to-back calls never see."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from batchserve.models import ModelSpec, load_model
+
+    model = load_model(ModelSpec(**(model_args or {})))  # type: ignore[arg-type]
+    batch = np.zeros((1, *model.info.input_size, 3), dtype=np.uint8)
+    for _ in range(10):
+        model.predict(batch)
+    times = []
+    for _ in range(calls):
+        time.sleep(gap_s)
+        started = time.perf_counter()
+        model.predict(batch)
+        times.append(time.perf_counter() - started)
+    return 1000.0 * float(np.median(times))
+
+
 def limit_rate(
     images: list[bytes],
     batch: int = 32,

@@ -61,6 +61,8 @@ def measure(
             "mean_queue_wait_ms": round(view.mean_queue_wait_ms, 2),
             "mean_inference_ms": round(view.mean_inference_ms, 2),
             "mean_search_ms": round(view.mean_search_ms, 2),
+            "mean_decode_ms": round(view.mean_decode_ms, 2),
+            "mean_request_ms": round(view.mean_request_ms, 2),
         }
     return point
 

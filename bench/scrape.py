@@ -31,6 +31,20 @@ class ServerView:
     inference_s: float
     search_batches: float = 0.0
     search_s: float = 0.0
+    decoded: float = 0.0
+    decode_s: float = 0.0
+    requests: float = 0.0
+    request_s: float = 0.0
+
+    @property
+    def mean_decode_ms(self) -> float:
+        """Per image, on the decode pool."""
+        return 1000.0 * self.decode_s / self.decoded if self.decoded else 0.0
+
+    @property
+    def mean_request_ms(self) -> float:
+        """Per request, from its arrival in the handler to its response."""
+        return 1000.0 * self.request_s / self.requests if self.requests else 0.0
 
     @property
     def mean_search_ms(self) -> float:
@@ -64,4 +78,8 @@ def difference(before: dict[str, float], after: dict[str, float]) -> ServerView:
         inference_s=delta_sum("batchserve_inference_seconds_sum"),
         search_batches=delta("batchserve_search_seconds_count"),
         search_s=delta("batchserve_search_seconds_sum"),
+        decoded=delta("batchserve_decode_seconds_count"),
+        decode_s=delta("batchserve_decode_seconds_sum"),
+        requests=delta_sum("batchserve_request_seconds_count"),
+        request_s=delta_sum("batchserve_request_seconds_sum"),
     )

@@ -202,6 +202,7 @@ def test_load_generator_smoke_run_against_the_real_server(server: Server, tmp_pa
     [point] = json.loads(out.read_text())
     assert point["mode"] == "open" and point["requests"] > 0 and point["errors"] == {}
     assert point["server"]["batch_sizes"] and plot.stat().st_size > 0
+    assert point["server"]["mean_decode_ms"] > 0 and point["server"]["mean_request_ms"] > 0
     done = bench_run(
         "--url",
         url,

@@ -122,3 +122,14 @@ def test_decode_threads_default_to_half_the_cores(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(os, "cpu_count", lambda: 1)
     assert settings_from([], environ={}).decode_thread_count() == 1
     assert settings_from(["--decode-threads", "3"], environ={}).decode_thread_count() == 3
+
+
+def test_serving_makes_idle_openmp_threads_sleep_unless_the_user_chose() -> None:
+    from batchserve.cli import quiet_openmp
+
+    environ: dict[str, str] = {}
+    quiet_openmp(environ)
+    assert environ == {"OMP_WAIT_POLICY": "PASSIVE"}
+    environ = {"OMP_WAIT_POLICY": "ACTIVE"}
+    quiet_openmp(environ)
+    assert environ == {"OMP_WAIT_POLICY": "ACTIVE"}

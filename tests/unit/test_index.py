@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
-from batchserve.index import IndexParams, VectorIndex
+from batchserve.index import IndexParams, VectorIndex, search_threads
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -120,3 +121,28 @@ def test_write_and_load_round_trip(tmp_path: Path, kind: str) -> None:
     again.load(tmp_path / "i.faiss", tombstones, trained=True)
     assert again.size == 499
     np.testing.assert_array_equal(again.search(base[:20], 5)[1], index.search(base[:20], 5)[1])
+
+
+@pytest.mark.parametrize(
+    ("kind", "queries", "threads"),
+    [("hnsw", 1, 1), ("ivf", 1, 1), ("ivfpq", 3, 3), ("hnsw", 32, 8), ("flat", 1, 8)],
+)
+def test_search_threads_follow_the_queries_except_for_flat(
+    kind: str, queries: int, threads: int
+) -> None:
+    assert search_threads(kind, queries, available=8) == threads
+
+
+def test_a_single_query_hnsw_search_runs_on_one_thread_then_restores_the_pool(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = np.random.default_rng(1)
+    index = VectorIndex(16, IndexParams(kind="hnsw"))
+    index.add(np.arange(50), unit(data.standard_normal((50, 16))))
+    before = faiss.omp_get_max_threads()
+    calls: list[int] = []
+    real = faiss.omp_set_num_threads
+    monkeypatch.setattr(faiss, "omp_set_num_threads", lambda n: (calls.append(n), real(n)))
+    index.search(unit(data.standard_normal((1, 16))), 5)
+    assert calls == [1, before]
+    assert faiss.omp_get_max_threads() == before

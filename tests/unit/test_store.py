@@ -167,3 +167,19 @@ def test_old_changes_are_pruned_but_the_kept_snapshots_still_replay(tmp_path: Pa
     again = ItemStore(tmp_path, VectorIndex(DIM, IndexParams()), MODEL)
     report = again.open()
     assert report.snapshot_seq == 20 and again.index.size == 35
+
+
+def test_a_second_server_on_a_locked_data_dir_exits_with_one_clear_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    lock_data_dir(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "batchserve.cli", "serve", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "is in use by another batchserve process" in done.stderr
+    assert "Traceback" not in done.stderr
