@@ -124,12 +124,15 @@ class InferenceWorker:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._ready: Deferred[ModelInfo] = Deferred()
+        self._serving = False
+        self._stopping = False
+        self.restarts = 0
         self.info: ModelInfo | None = None
 
     @property
     def ready(self) -> bool:
-        """True once the model is loaded and warmed up."""
-        return self.info is not None
+        """True while the model is loaded and warm and its thread is running."""
+        return self.info is not None and self._serving
 
     @property
     def sizes(self) -> list[int]:
@@ -138,12 +141,12 @@ class InferenceWorker:
     def start(self) -> Deferred[ModelInfo]:
         """Start the thread; the Deferred fires on the reactor when the model is warm, or
         fails with the load error."""
-        self._thread = threading.Thread(target=self._main, name="batchserve-inference", daemon=True)
-        self._thread.start()
+        self._spawn(self._main)
         return self._ready
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Ask the thread to finish its queued batches and exit; wait up to ``timeout_s``."""
+        self._stopping = True
         if self._thread is None:
             return
         self._jobs.put(None)
@@ -151,11 +154,15 @@ class InferenceWorker:
 
     def run(self, batch: Batch[npt.NDArray[np.uint8]]) -> Deferred[Sequence[Prediction | None]]:
         """Queue ``batch`` for the thread; the Deferred fires on the reactor."""
-        if self._thread is None or not self._thread.is_alive():
+        if not self._serving or self._thread is None or not self._thread.is_alive():
             return fail(NotReady("the inference thread is not running"))
         d: Deferred[Sequence[Prediction | None]] = Deferred()
         self._jobs.put((batch, d))
         return d
+
+    def _spawn(self, target: Callable[[], None]) -> None:
+        self._thread = threading.Thread(target=target, name="batchserve-inference", daemon=True)
+        self._thread.start()
 
     def _main(self) -> None:
         try:
@@ -166,22 +173,64 @@ class InferenceWorker:
             self._reactor.callFromThread(self._ready.errback, Failure())
             return
         self._reactor.callFromThread(self._became_ready, model.info)
+        self._serve(model)
+
+    def _serve(self, model: EmbeddingModel) -> None:
+        """The thread's loop. Whatever kills it (a BaseException out of the model or the
+        runtime) is reported to the reactor with the batch it was running."""
+        job: _Job | None = None
+        try:
+            while True:
+                job = self._jobs.get()
+                if job is None:
+                    return
+                batch, d = job
+                try:
+                    results = run_batch(model, batch, self._sizes, self._observer)
+                except Exception as e:
+                    failure = Failure(InferenceFailed(f"model failed on a batch: {e!r}"))
+                    log.error("model failed on a batch of {n}: {e!r}", n=len(batch), e=e)
+                    self._reactor.callFromThread(d.errback, failure)
+                else:
+                    self._reactor.callFromThread(d.callback, results)
+                job = None
+        except BaseException as e:
+            self._serving = False  # /readyz and new batches see it at once
+            self._reactor.callFromThread(self._died, model, job, repr(e))
+
+    def _died(self, model: EmbeddingModel, job: _Job | None, why: str) -> None:
+        """On the reactor: the thread is gone. Not ready until a new one runs; the batch it
+        was running fails (500), batches queued behind it fail fast (503), and a new thread
+        takes over the loaded model."""
+        self.restarts += 1
+        log.error("the inference thread died ({why}); restarting it", why=why)
+        if job is not None:
+            job[1].errback(Failure(InferenceFailed(f"the inference thread died: {why}")))
+        stop = self._stopping
         while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            batch, d = job
             try:
-                results = run_batch(model, batch, self._sizes, self._observer)
-            except Exception as e:
-                failure = Failure(InferenceFailed(f"model failed on a batch: {e!r}"))
-                log.error("model failed on a batch of {n}: {e!r}", n=len(batch), e=e)
-                self._reactor.callFromThread(d.errback, failure)
-            else:
-                self._reactor.callFromThread(d.callback, results)
+                queued = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if queued is None:
+                stop = True
+                continue
+            queued[1].errback(Failure(NotReady("the inference thread is restarting")))
+        if not stop:
+            self._spawn(lambda: self._resume(model))
+
+    def _resume(self, model: EmbeddingModel) -> None:
+        self._reactor.callFromThread(self._resumed)
+        self._serve(model)
+
+    def _resumed(self) -> None:
+        if not self._stopping:
+            self._serving = True
+            log.info("the inference thread is running again")
 
     def _became_ready(self, info: ModelInfo) -> None:
         self.info = info
+        self._serving = True
         self._ready.callback(info)
 
     def _warm(self, model: EmbeddingModel) -> None:

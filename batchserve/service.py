@@ -56,6 +56,9 @@ class ModelStatus(Protocol):
     @property
     def info(self) -> ModelInfo | None: ...
 
+    @property
+    def ready(self) -> bool: ...
+
 
 @dataclass(frozen=True)
 class Label:
@@ -126,11 +129,7 @@ class ImageService:
     @property
     def ready(self) -> bool:
         """Model warm, index loaded, and start-up work (the demo photos) done."""
-        return (
-            self._started
-            and self._model.info is not None
-            and (self._index is None or self._index.ready)
-        )
+        return self._started and self._model.ready and (self._index is None or self._index.ready)
 
     def mark_started(self) -> None:
         """Start-up is over: /readyz may answer 200 once the model and index are up."""

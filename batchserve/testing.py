@@ -86,7 +86,7 @@ class FakeModel:
             weights_sha256="0" * 64,
         )
         self.batch_shapes: list[tuple[int, ...]] = []
-        self.fail_next: Exception | None = None
+        self.fail_next: BaseException | None = None
 
     @property
     def info(self) -> ModelInfo:
@@ -116,6 +116,7 @@ class SyncModelRunner:
         self.model = model
         self.sizes = list(sizes)
         self.batch_sizes: list[int] = []
+        self.ready = True
 
     @property
     def info(self) -> ModelInfo:

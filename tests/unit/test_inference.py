@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from batchserve.batching import Batch, Batcher, BatchPolicy
-from batchserve.errors import InferenceFailed
+from batchserve.errors import InferenceFailed, NotReady
 from batchserve.inference import InferenceWorker, Prediction, pad_batch, padded_size, run_batch
 from batchserve.testing import FakeModel, FakeRunner
 
@@ -145,3 +145,33 @@ def test_load_failure_fails_start() -> None:
     out: list[Any] = []
     started.addErrback(out.append)
     assert out[0].check(OSError) and not worker.ready
+
+
+class ThreadKilled(BaseException):
+    """What no ``except Exception`` catches: the inference thread dies of it."""
+
+
+def test_a_dead_inference_thread_fails_its_batch_turns_not_ready_and_is_restarted() -> None:
+    model = FakeModel()
+    reactor = ThreadReactor()
+    worker = InferenceWorker(lambda: model, reactor, SIZES, warmup=False)  # type: ignore[arg-type]
+    worker.start()
+    reactor.run_next()
+    assert worker.ready
+    model.fail_next = ThreadKilled()
+    running = worker.run(items(1)[1])
+    reactor.run_next()  # _died, on the reactor
+    assert not worker.ready and worker.restarts == 1
+    out: list[Any] = []
+    running.addErrback(out.append)
+    assert out[0].check(InferenceFailed) and "ThreadKilled" in out[0].getErrorMessage()
+    refused: list[Any] = []
+    worker.run(items(1)[1]).addErrback(refused.append)  # fails fast while restarting
+    assert refused[0].check(NotReady)
+
+    reactor.run_next()  # the new thread reports in
+    assert worker.ready
+    again = worker.run(items(2)[1])
+    reactor.run_next()
+    assert again.called and len(model.batch_shapes) == 2
+    worker.stop()
