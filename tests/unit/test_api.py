@@ -42,6 +42,7 @@ BLUE = encode_image(fmt="PNG", colour=(20, 20, 220))
 class Ready:
     def __init__(self, info: ModelInfo | None) -> None:
         self.info = info
+        self.ready = info is not None
 
 
 def run_now(f: Any, *args: Any) -> Deferred[Any]:
@@ -557,3 +558,10 @@ def test_searches_wait_for_a_busy_index_in_one_growing_batch() -> None:
     thread.run_next()
     thread.run_next()
     assert second.called and all(d.called for d in waiting)
+
+
+def test_readyz_is_503_while_the_inference_thread_restarts() -> None:
+    h = Harness()
+    h.service._model.ready = False  # a loaded model whose thread is being replaced
+    assert h.request("GET", "/readyz")[0] == 503
+    assert h.request("GET", "/healthz")[0] == 200
