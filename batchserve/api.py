@@ -21,10 +21,12 @@ from twisted.web.iweb import IRequest
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException
 
+from batchserve.auth import Tokens
 from batchserve.bodies import Body, RequestLimits, parse_body, read_images, read_items
 from batchserve.errors import (
     BatchserveError,
     DeadlineExceeded,
+    Forbidden,
     InferenceFailed,
     InvalidInput,
     NotFound,
@@ -32,6 +34,7 @@ from batchserve.errors import (
     Overloaded,
     PayloadTooLarge,
     StorageFailed,
+    Unauthorized,
     UnsupportedMediaType,
 )
 from batchserve.inference import Prediction
@@ -44,6 +47,8 @@ log = Logger()
 
 STATUS_BY_ERROR: dict[type[BatchserveError], int] = {
     InvalidInput: 400,
+    Unauthorized: 401,
+    Forbidden: 403,
     NotFound: 404,
     PayloadTooLarge: 413,
     UnsupportedMediaType: 415,
@@ -140,10 +145,14 @@ class BatchserveAPI:
         service: ImageService,
         metrics: Metrics,
         limits: RequestLimits,
+        tokens: Tokens | None = None,
+        metrics_here: bool = True,
     ) -> None:
         self._service = service
         self._metrics = metrics
         self._limits = limits
+        self._tokens = tokens or Tokens()
+        self._metrics_here = metrics_here
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -168,6 +177,8 @@ class BatchserveAPI:
                 status = status_for(error)
                 if isinstance(error, Overloaded | NotReady):
                     request.setHeader(b"Retry-After", str(error.retry_after_s).encode())
+                if isinstance(error, Unauthorized):
+                    request.setHeader(b"WWW-Authenticate", b'Bearer realm="batchserve"')
                 if status >= 500 and not isinstance(error, Overloaded | NotReady):
                     log.error("{route}: {error}", route=route, error=error)
                 return error_body(request, status, error.code, str(error))
@@ -180,10 +191,17 @@ class BatchserveAPI:
                 self._metrics.request_done(route, int(code), time.perf_counter() - started)
             return result
 
-        d: Deferred[Any] = maybeDeferred(work)
+        write = route.startswith("/v1/items") and request.method in (b"POST", b"DELETE")
+        d: Deferred[Any] = maybeDeferred(self._authorized, request, write, work)
         d.addCallbacks(ok, failed)
         d.addBoth(record)
         return d
+
+    def _authorized(
+        self, request: IRequest, write: bool, work: Callable[[], Deferred[Any] | Any]
+    ) -> Deferred[Any] | Any:
+        self._tokens.check(request.getHeader(b"authorization"), write)
+        return work()
 
     def _read(self, request: IRequest) -> bytes:
         if getattr(request, "body_over_limit", False):
@@ -339,6 +357,10 @@ class BatchserveAPI:
 
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request: IRequest) -> bytes:
+        if not self._metrics_here:
+            return error_body(
+                request, 404, "not_found", "metrics are served on the metrics address"
+            )
         request.setHeader(b"Content-Type", self._metrics.content_type.encode())
         return self._metrics.render()
 

@@ -127,11 +127,12 @@ def serve(settings: Settings) -> int:
     from twisted.web.server import Site
 
     from batchserve.api import BatchserveAPI, configure_site
+    from batchserve.auth import Tokens
     from batchserve.batching import Batcher, BatchPolicy
     from batchserve.bodies import RequestLimits
     from batchserve.images import DecodeLimits
     from batchserve.inference import InferenceWorker
-    from batchserve.metrics import Metrics
+    from batchserve.metrics import Metrics, MetricsPage
     from batchserve.models import load_model
     from batchserve.pipeline import IndexWorker, PipelineRunner
     from batchserve.service import ImageService
@@ -192,16 +193,29 @@ def serve(settings: Settings) -> int:
         RequestLimits(
             max_body_bytes=settings.max_body_bytes, max_images=settings.max_images_per_request
         ),
+        Tokens(api=settings.api_token, write=settings.write_token),
+        metrics_here=not settings.metrics_address,
     )
     site = configure_site(Site(api.resource()), settings.max_body_bytes, settings.access_log)
     port = reactor.listenTCP(settings.port, site, interface=settings.host)
     address = port.getHost()
     log.info(
-        "batchserve {version} listening on http://{host}:{port}",
+        "batchserve {version} listening on http://{host}:{port}{auth}",
         version=__version__,
         host=address.host,
         port=address.port,
+        auth=" (bearer tokens required)" if settings.api_token or settings.write_token else "",
     )
+    if settings.metrics_address:
+        metrics_host, metrics_port = settings.metrics_host_port()
+        metrics_site = Site(MetricsPage(metrics))
+        metrics_site.noisy = False
+        listening = reactor.listenTCP(metrics_port, metrics_site, interface=metrics_host)
+        log.info(
+            "metrics on http://{host}:{port}/metrics",
+            host=listening.getHost().host,
+            port=listening.getHost().port,
+        )
 
     status = {"code": 0}
     snapshots = LoopingCall(lambda: index.call(_snapshot).addErrback(snapshot_failed))

@@ -32,6 +32,13 @@ class Settings:
 
     host: str = _setting("127.0.0.1", "address to listen on")
     port: int = _setting(8080, "TCP port to listen on (0 picks a free one)")
+    api_token: str = _setting("", "bearer token every /v1 request must carry (empty: none needed)")
+    write_token: str = _setting(
+        "", "bearer token for adding and deleting items (empty: api_token, if set)"
+    )
+    metrics_address: str = _setting(
+        "", "HOST:PORT to serve /metrics on instead of the API port (empty: the API port)"
+    )
     data_dir: str = _setting("data", "directory for the catalog and index snapshots")
 
     model: str = _setting(
@@ -112,6 +119,13 @@ class Settings:
     access_log: bool = _setting(False, "log one line per HTTP request (Common Log Format)")
     log_level: str = _setting("info", "log level", ("debug", "info", "warn", "error", "critical"))
 
+    def metrics_host_port(self) -> tuple[str, int]:
+        """``metrics_address`` split into host and port; ConfigError when malformed."""
+        host, sep, port = self.metrics_address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError(f"metrics_address must be HOST:PORT, got {self.metrics_address!r}")
+        return host.strip("[]"), int(port)
+
     @property
     def max_delay_s(self) -> float:
         return self.max_delay_ms / 1000.0
@@ -181,6 +195,8 @@ class Settings:
             raise ConfigError(f"timeout_ms must be positive, got {self.timeout_ms}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0..65535, got {self.port}")
+        if self.metrics_address:
+            self.metrics_host_port()
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:

@@ -18,6 +18,18 @@ class InvalidInput(BatchserveError):
     code = "invalid_input"
 
 
+class Unauthorized(BatchserveError):
+    """The route needs a bearer token and the request carries none (HTTP 401)."""
+
+    code = "unauthorized"
+
+
+class Forbidden(BatchserveError):
+    """The request's bearer token does not open this route (HTTP 403)."""
+
+    code = "forbidden"
+
+
 class PayloadTooLarge(BatchserveError):
     """The body, the image count or the pixel count is over its limit (HTTP 413)."""
 

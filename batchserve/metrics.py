@@ -16,6 +16,8 @@ from prometheus_client import (
     Info,
     generate_latest,
 )
+from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
 
 _LATENCY_BUCKETS_S = (
     0.001,
@@ -157,3 +159,21 @@ class Metrics:
     def render(self) -> bytes:
         """The exposition text of every metric."""
         return generate_latest(self.registry)
+
+
+class MetricsPage(Resource):
+    """``/metrics`` alone, for a separate metrics address (``metrics_address``)."""
+
+    isLeaf = True  # noqa: N815 (Twisted API)
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self._metrics = metrics
+
+    def render_GET(self, request: IRequest) -> bytes:  # noqa: N802 (Twisted API)
+        if request.path != b"/metrics":
+            request.setResponseCode(404)
+            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            return b"only /metrics is served here\n"
+        request.setHeader(b"Content-Type", self._metrics.content_type.encode())
+        return self._metrics.render()

@@ -15,6 +15,7 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 
+from batchserve.auth import Tokens
 from batchserve.api import BatchserveAPI, configure_site
 from batchserve.batching import Batcher, BatchPolicy
 from batchserve.bodies import RequestLimits
@@ -55,7 +56,13 @@ class Harness:
     model; every "thread" runs at once on the test's thread."""
 
     def __init__(
-        self, runner: Any = None, ready: bool = True, hold: bool = False, **policy: Any
+        self,
+        runner: Any = None,
+        ready: bool = True,
+        hold: bool = False,
+        tokens: Tokens | None = None,
+        metrics_here: bool = True,
+        **policy: Any,
     ) -> None:
         self.model = FakeModel()
         self.directory = tempfile.TemporaryDirectory()
@@ -89,7 +96,11 @@ class Harness:
         )
         self.service.mark_started()
         api = BatchserveAPI(
-            self.service, self.metrics, RequestLimits(max_body_bytes=200_000, max_images=3)
+            self.service,
+            self.metrics,
+            RequestLimits(max_body_bytes=200_000, max_images=3),
+            tokens,
+            metrics_here,
         )
         self.treq = StubTreq(api.resource())
         # StubTreq builds its own Site; configure it as the server does.
@@ -565,3 +576,65 @@ def test_readyz_is_503_while_the_inference_thread_restarts() -> None:
     h.service._model.ready = False  # a loaded model whose thread is being replaced
     assert h.request("GET", "/readyz")[0] == 503
     assert h.request("GET", "/healthz")[0] == 200
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_with_an_api_token_every_v1_route_needs_it_and_probes_stay_open() -> None:
+    h = Harness(tokens=Tokens(api="s3cret"))
+    status, headers, doc = h.request("GET", "/v1/index")
+    assert status == 401 and doc["error"]["code"] == "unauthorized"
+    assert headers["www-authenticate"].startswith("Bearer")
+    status, _, doc = h.request("GET", "/v1/index", headers=bearer("wrong"))
+    assert status == 403 and doc["error"]["code"] == "forbidden"
+    assert h.request("GET", "/v1/index", headers={"Authorization": "Basic czNjcmV0"})[0] == 401
+    assert h.request("GET", "/v1/index", headers=bearer("s3cret"))[0] == 200
+    status, _, _ = h.request(
+        "POST",
+        "/v1/embed",
+        data=RED,
+        headers={"Content-Type": "image/jpeg", **bearer("s3cret")},
+    )
+    assert status == 200
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert h.request("GET", path)[0] == 200, path
+
+
+def add_as(h: Harness, token: str | None) -> int:
+    body, ctype = encode_multipart([("image", "a.jpg", RED)], fields={"id": "a"})
+    headers = {"Content-Type": ctype, **(bearer(token) if token else {})}
+    return int(h.request("POST", "/v1/items", data=body, headers=headers)[0])
+
+
+def test_the_write_token_guards_adds_and_deletes_only() -> None:
+    h = Harness(tokens=Tokens(write="w-token"))
+    assert add_as(h, None) == 401
+    assert add_as(h, "x") == 403
+    assert add_as(h, "w-token") == 200
+    assert h.request("GET", "/v1/items/a")[0] == 200  # reads stay open
+    assert h.post_image("/v1/search", RED)[0] == 200
+    assert h.request("DELETE", "/v1/items/a")[0] == 401
+    assert h.request("DELETE", "/v1/items/a", headers=bearer("w-token"))[0] == 200
+
+
+def test_with_both_tokens_the_api_token_reads_and_only_the_write_token_writes() -> None:
+    h = Harness(tokens=Tokens(api="r", write="w"))
+    assert add_as(h, "r") == 403
+    assert add_as(h, "w") == 200
+    assert h.request("GET", "/v1/items/a", headers=bearer("r"))[0] == 200
+    assert h.request("GET", "/v1/items/a", headers=bearer("w"))[0] == 200
+    assert h.request("GET", "/v1/items/a")[0] == 401
+
+
+def test_a_refused_request_never_reaches_the_model() -> None:
+    h = Harness(tokens=Tokens(api="s3cret"))
+    assert h.post_image("/v1/embed", RED)[0] == 401
+    assert h.model.batch_shapes == []
+
+
+def test_metrics_moved_to_their_own_address_are_404_on_the_api() -> None:
+    h = Harness(metrics_here=False)
+    status, _, doc = h.request("GET", "/metrics")
+    assert status == 404 and "metrics address" in doc["error"]["message"]

@@ -46,7 +46,7 @@ def test_every_setting_is_read_from_its_env_name_and_its_flag() -> None:
     import dataclasses
 
     samples = {"bool": ("true", True), "int": ("3", 3), "float": ("3.5", 3.5), "str": ("x", "x")}
-    special = {"batch_sizes": ("1,2", "1,2")}
+    special = {"batch_sizes": ("1,2", "1,2"), "metrics_address": ("127.0.0.1:9", "127.0.0.1:9")}
     for f in dataclasses.fields(Settings):
         raw, want = special.get(f.name) or samples[str(f.type)]
         if f.metadata.get("choices"):
@@ -69,6 +69,8 @@ def test_every_setting_is_read_from_its_env_name_and_its_flag() -> None:
         ([], {"BATCHSERVE_MAX_QEUE": "5"}, "unknown environment setting"),
         ([], {"BATCHSERVE_DEVICE": "tpu"}, "device must be one of"),
         (["--batch-sizes", "1,two"], {}, "batch_sizes must be integers"),
+        (["--metrics-address", "9090"], {}, "metrics_address must be HOST:PORT"),
+        ([], {"BATCHSERVE_METRICS_ADDRESS": "localhost:http"}, "metrics_address must be"),
     ],
 )
 def test_bad_values_are_refused_with_the_setting_named(
@@ -133,3 +135,11 @@ def test_serving_makes_idle_openmp_threads_sleep_unless_the_user_chose() -> None
     environ = {"OMP_WAIT_POLICY": "ACTIVE"}
     quiet_openmp(environ)
     assert environ == {"OMP_WAIT_POLICY": "ACTIVE"}
+
+
+def test_metrics_address_splits_into_host_and_port() -> None:
+    assert settings_from(["--metrics-address", "0.0.0.0:9090"]).metrics_host_port() == (
+        "0.0.0.0",
+        9090,
+    )
+    assert settings_from(["--metrics-address", "[::1]:0"]).metrics_host_port() == ("::1", 0)
