@@ -15,8 +15,8 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 
-from batchserve.auth import Tokens
 from batchserve.api import BatchserveAPI, configure_site
+from batchserve.auth import Tokens
 from batchserve.batching import Batcher, BatchPolicy
 from batchserve.bodies import RequestLimits
 from batchserve.images import DecodeLimits, decode_image
