@@ -11,6 +11,7 @@ import json
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import numpy as np
 from klein import Klein
@@ -18,6 +19,7 @@ from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException
 
@@ -72,6 +74,24 @@ def status_for(error: BatchserveError) -> int:
         if kind in STATUS_BY_ERROR:
             return STATUS_BY_ERROR[kind]
     return 500
+
+
+class Utf8URLs(Resource):
+    """Answers a URL that is not UTF-8 once percent-decoded with a JSON 400, before Klein
+    (which would answer in text and log a traceback for every such request)."""
+
+    isLeaf = True  # noqa: N815 (Twisted API)
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def render(self, request: IRequest) -> Any:
+        try:
+            unquote_to_bytes(request.uri).decode("utf-8")
+        except UnicodeDecodeError:
+            return error_body(request, 400, InvalidInput.code, "the URL is not valid UTF-8")
+        return self._inner.render(request)
 
 
 class BoundedRequest(Request):
@@ -155,7 +175,7 @@ class BatchserveAPI:
         self._metrics_here = metrics_here
 
     def resource(self) -> Any:
-        return self.app.resource()
+        return Utf8URLs(self.app.resource())
 
     # -- plumbing ---------------------------------------------------------------------
 
