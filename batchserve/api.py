@@ -15,7 +15,7 @@ from urllib.parse import unquote_to_bytes
 
 import numpy as np
 from klein import Klein
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -25,6 +25,7 @@ from werkzeug.exceptions import HTTPException
 
 from batchserve.auth import Tokens
 from batchserve.bodies import Body, RequestLimits, parse_body, read_images, read_items
+from batchserve.drain import InFlight
 from batchserve.errors import (
     BatchserveError,
     DeadlineExceeded,
@@ -74,6 +75,14 @@ def status_for(error: BatchserveError) -> int:
         if kind in STATUS_BY_ERROR:
             return STATUS_BY_ERROR[kind]
     return 500
+
+
+def close_after_response(request: IRequest) -> None:
+    """Answer, then close the connection (a client should reconnect to another server)."""
+    request.setHeader(b"Connection", b"close")
+    channel = getattr(request, "channel", None)
+    if channel is not None:
+        channel.persistent = False
 
 
 class Utf8URLs(Resource):
@@ -173,6 +182,7 @@ class BatchserveAPI:
         self._limits = limits
         self._tokens = tokens or Tokens()
         self._metrics_here = metrics_here
+        self.in_flight = InFlight()
 
     def resource(self) -> Any:
         return Utf8URLs(self.app.resource())
@@ -206,13 +216,23 @@ class BatchserveAPI:
             return error_body(request, 500, "internal", "internal server error")
 
         def record(result: Any) -> Any:
+            if entered:
+                self.in_flight.leave()
             if not isinstance(result, Failure):
                 code = getattr(request, "code", 200)
                 self._metrics.request_done(route, int(code), time.perf_counter() - started)
             return result
 
         write = route.startswith("/v1/items") and request.method in (b"POST", b"DELETE")
-        d: Deferred[Any] = maybeDeferred(self._authorized, request, write, work)
+        try:
+            self.in_flight.enter()
+        except NotReady as e:
+            entered = False
+            d: Deferred[Any] = fail(e)
+            close_after_response(request)
+        else:
+            entered = True
+            d = maybeDeferred(self._authorized, request, write, work)
         d.addCallbacks(ok, failed)
         d.addBoth(record)
         return d
@@ -370,6 +390,9 @@ class BatchserveAPI:
 
     @app.route("/readyz", methods=["GET"])
     def readyz(self, request: IRequest) -> bytes:
+        if self.in_flight.closing:
+            request.setHeader(b"Retry-After", b"1")
+            return json_body(request, 503, {"status": "shutting down"})
         if not self._service.ready:
             request.setHeader(b"Retry-After", b"5")
             return json_body(request, 503, {"status": "loading"})

@@ -119,6 +119,7 @@ def serve(settings: Settings) -> int:
     from functools import partial
 
     from twisted.internet import reactor as installed_reactor
+    from twisted.internet.defer import maybeDeferred
     from twisted.internet.task import LoopingCall
     from twisted.internet.threads import deferToThreadPool
     from twisted.logger import Logger
@@ -276,20 +277,37 @@ def serve(settings: Settings) -> int:
     worker.start().addCallback(model_ready).addCallback(index_ready).addErrback(start_failed)
 
     def shutdown() -> Any:
-        log.info("shutting down")
+        """Stop listening, answer what is in flight (up to drain_timeout_s), stop the
+        model thread, write the final snapshot. Twisted waits for the returned Deferred."""
+        log.info(
+            "shutting down: {n} requests in flight, waiting up to {s:g} s",
+            n=api.in_flight.count,
+            s=settings.drain_timeout_s,
+        )
         if snapshots.running:
             snapshots.stop()
-        decode_pool.stop()
-        worker.stop()
+        d = maybeDeferred(port.stopListening)
+        d.addCallback(lambda _: api.in_flight.drain(settings.drain_timeout_s, reactor))
+
+        def drained(all_answered: bool) -> Any:
+            if not all_answered:
+                log.warn(
+                    "{n} requests still in flight after {s:g} s; stopping anyway",
+                    n=api.in_flight.count,
+                    s=settings.drain_timeout_s,
+                )
+            decode_pool.stop()
+            worker.stop(timeout_s=5.0)
+            return index.close()
 
         def closed(result: Any) -> Any:
             if isinstance(result, Failure):
                 log.error("final snapshot failed: {e}", e=result.getErrorMessage())
             index_pool.stop()
+            log.info("stopped")
             return None
 
-        # Twisted waits for this Deferred before the reactor stops.
-        return index.close().addBoth(closed)
+        return d.addCallback(drained).addBoth(closed)
 
     reactor.addSystemEventTrigger("before", "shutdown", shutdown)
     reactor.run()

@@ -116,6 +116,9 @@ class Settings:
     jit_compile: bool = _setting(False, "compile the model with XLA (GPU only; slow on CPU)")
     warmup: bool = _setting(True, "run every padded batch size once before reporting ready")
 
+    drain_timeout_s: float = _setting(
+        30.0, "on SIGTERM, longest wait for requests in flight before stopping anyway"
+    )
     access_log: bool = _setting(False, "log one line per HTTP request (Common Log Format)")
     log_level: str = _setting("info", "log level", ("debug", "info", "warn", "error", "critical"))
 
@@ -167,6 +170,8 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.drain_timeout_s < 0:
+            raise ConfigError(f"drain_timeout_s must not be negative, got {self.drain_timeout_s}")
         if self.snapshot_interval_s <= 0:
             raise ConfigError("snapshot_interval_s must be positive")
         for name in (

@@ -130,6 +130,41 @@ def test_sigterm_stops_the_server_cleanly(tmp_path: Path) -> None:
     assert "shutting down" in server.log()
 
 
+def test_sigterm_answers_every_request_already_taken_then_exits_0(
+    tmp_path: Path, photos: list[bytes]
+) -> None:
+    import signal
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = start_server(tmp_path, "--max-batch-size", "1", "--drain-timeout-s", "60")
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            futures = [
+                pool.submit(
+                    server.request,
+                    "POST",
+                    "/v1/embed",
+                    photos[i % len(photos)],
+                    {"Content-Type": "image/jpeg"},
+                )
+                for i in range(12)
+            ]
+            deadline = time.monotonic() + 30
+            while b"batchserve_queue_items 0.0" in server.request("GET", "/metrics").body:
+                assert time.monotonic() < deadline, "the requests never queued"
+                time.sleep(0.01)
+            server.process.send_signal(signal.SIGTERM)
+            statuses = [f.result().status for f in futures]
+        assert statuses == [200] * 12
+        assert server.process.wait(timeout=60) == 0
+    finally:
+        stop_server(server)
+    log = server.log()
+    [in_flight] = re.findall(r"shutting down: (\d+) requests in flight, waiting up to 60 s", log)
+    assert int(in_flight) > 0 and "stopped" in log
+
+
 def test_clients_that_hang_up_have_their_queued_images_dropped(
     tmp_path: Path, photos: list[bytes]
 ) -> None:

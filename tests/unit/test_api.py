@@ -95,7 +95,7 @@ class Harness:
             observer=self.metrics,
         )
         self.service.mark_started()
-        api = BatchserveAPI(
+        self.api = api = BatchserveAPI(
             self.service,
             self.metrics,
             RequestLimits(max_body_bytes=200_000, max_images=3),
@@ -638,3 +638,26 @@ def test_metrics_moved_to_their_own_address_are_404_on_the_api() -> None:
     h = Harness(metrics_here=False)
     status, _, doc = h.request("GET", "/metrics")
     assert status == 404 and "metrics address" in doc["error"]["message"]
+
+
+def test_once_draining_new_requests_get_503_and_readyz_says_shutting_down() -> None:
+    h = Harness()
+    h.api.in_flight.drain(30, h.clock)
+    status, headers, doc = h.post_image("/v1/embed", RED)
+    assert status == 503 and doc["error"]["code"] == "not_ready"
+    assert headers["retry-after"] == "1"  # (the client strips the hop-by-hop Connection)
+    status, _, doc = h.request("GET", "/readyz")
+    assert status == 503 and doc["status"] == "shutting down"
+    assert h.model.batch_shapes == []
+
+
+def test_a_request_in_flight_is_counted_until_it_is_answered() -> None:
+    h = Harness(hold=True)
+    d = h.treq.request("POST", URL + "v1/embed", data=RED, headers={"Content-Type": "image/jpeg"})
+    h.treq.flush()
+    answered: list[Any] = []
+    d.addBoth(answered.append)
+    assert h.api.in_flight.count == 1 and answered == []
+    h.runner.release_all()
+    h.treq.flush()
+    assert h.api.in_flight.count == 0 and answered[0].code == 200
