@@ -661,3 +661,27 @@ def test_a_request_in_flight_is_counted_until_it_is_answered() -> None:
     h.runner.release_all()
     h.treq.flush()
     assert h.api.in_flight.count == 0 and answered[0].code == 200
+
+
+def test_a_stalled_model_call_does_not_stall_the_server() -> None:
+    h = Harness(hold=True, timeout_s=0.5)  # the model never returns until released
+    post = {"data": RED, "headers": {"Content-Type": "image/jpeg"}}
+    running = h.treq.post(URL + "v1/embed", **post)
+    h.treq.flush()
+    h.clock.advance(0.2)
+    queued = h.treq.post(URL + "v1/embed", **post)  # waits behind the stalled batch
+    h.treq.flush()
+    assert h.request("GET", "/healthz")[0] == 200
+    h.clock.advance(0.31)  # the first deadline passes
+    h.treq.flush()
+    assert result_of(running).code == 504
+    h.clock.advance(0.2)  # the second one's too, without ever reaching the model
+    h.treq.flush()
+    assert result_of(queued).code == 504 and h.runner.sizes == [1]
+    h.runner.release_all()  # the stalled call returns at last: its result is dropped
+    h.treq.flush()
+    after = h.treq.post(URL + "v1/embed", **post)
+    h.treq.flush()
+    h.runner.release_all()
+    h.treq.flush()
+    assert result_of(after).code == 200 and h.runner.sizes == [1, 1]

@@ -183,3 +183,26 @@ def test_a_second_server_on_a_locked_data_dir_exits_with_one_clear_line(tmp_path
     assert done.returncode == 2
     assert "is in use by another batchserve process" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_snapshot_that_fails_midway_leaves_the_previous_one_to_open_from(
+    tmp_path: Path,
+) -> None:
+    s = store(tmp_path)
+    s.add(items(0, 10))
+    first = s.snapshot()
+    s.add(items(10, 5))
+
+    def disk_full(path: Path) -> list[int]:
+        path.write_bytes(b"\x00" * 100)  # half a file, then the disk fills up
+        raise OSError(28, "No space left on device")
+
+    s.index.write = disk_full  # type: ignore[method-assign]
+    with pytest.raises(OSError):
+        s.snapshot()
+    assert first is not None and first.exists() and first.with_suffix(".json").exists()
+
+    reopened = ItemStore(tmp_path, VectorIndex(DIM, IndexParams(train_min=50)), dict(MODEL))
+    report = reopened.open()
+    assert report.snapshot_seq == int(first.stem.split("-")[1]) and report.replayed == 5
+    assert reopened.index.size == 15 and top_id(reopened, 12) == "id12"
