@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from batchserve.testing import ServerProcess
-from bench import fill, kinds, load, offline, plots, point, procs
+from bench import fill, kinds, load, offline, overload, plots, point, procs
 from bench import images as bench_images
 from bench.bodies import ENCODINGS, build_requests
 
@@ -282,6 +282,10 @@ class Report:
         if a.kinds_items:
             lines += kinds_section(a.kinds_items)
         lines += ceiling_section()
+        if a.overload_s:
+            figures = overload.measure(self.images, seconds=a.overload_s)
+            self.data["overload"] = figures
+            lines += overload.section(figures, a.overload_s)
         (self.out_dir / "results.json").write_text(json.dumps(self.data, indent=1))
         return "\n".join(lines)
 
@@ -514,20 +518,32 @@ def ceiling_section(duration_s: float = 10.0) -> list[str]:
     ]
 
 
-def ceiling_command(args: argparse.Namespace) -> int:
-    """Measure the ceiling alone and put its section into RESULTS.md in place."""
-    section = "\n".join(ceiling_section(args.duration))
-    path = Path(args.out)
+def put_section(path: Path, title: str, lines: list[str]) -> None:
+    """Put a section (starting with its ``title`` line) into RESULTS.md: in place of the
+    one with that title, or at the end."""
+    section = "\n".join(lines)
     text = path.read_text() if path.exists() else ""
-    start = text.find(CEILING_TITLE)
+    start = text.find(title)
     if start != -1:
-        end = text.find("\n## ", start + len(CEILING_TITLE))
+        end = text.find("\n## ", start + len(title))
         text = text[:start] + section + ("\n" + text[end + 1 :] if end != -1 else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text)
     print(section)
+
+
+def ceiling_command(args: argparse.Namespace) -> int:
+    """Measure the ceiling alone and put its section into RESULTS.md in place."""
+    put_section(Path(args.out), CEILING_TITLE, ceiling_section(args.duration))
     return 0
+
+
+def overload_command(args: argparse.Namespace) -> int:
+    """Run the overload scenario alone and put its section into RESULTS.md in place."""
+    figures = overload.measure(_images(args.images), seconds=args.duration)
+    put_section(Path(args.out), overload.TITLE, overload.section(figures, args.duration))
+    return 0 if figures["server_alive"] else 1
 
 
 def kinds_section(items: int) -> list[str]:
@@ -637,14 +653,26 @@ def main(argv: list[str] | None = None) -> int:
         default=100_000,
         help="vectors for the index-kinds comparison (0: skip)",
     )
+    rep.add_argument(
+        "--overload-s",
+        type=float,
+        default=60.0,
+        help="seconds of the 3x overload scenario (0: skip)",
+    )
     c = commands.add_parser("ceiling", help="the generator against wrk; updates RESULTS.md")
     c.add_argument("--duration", type=float, default=10.0)
     c.add_argument("--out", default=str(RESULTS))
+    o = commands.add_parser("overload", help="3x the saturation rate; updates RESULTS.md")
+    o.add_argument("--duration", type=float, default=60.0)
+    o.add_argument("--images")
+    o.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     if args.command == "run":
         return run_command(args)
     if args.command == "ceiling":
         return ceiling_command(args)
+    if args.command == "overload":
+        return overload_command(args)
     text = Report(args).run()
     Path(args.out).write_text(text)
     print(text)

@@ -3,7 +3,11 @@ and the low-load breakdown built from it."""
 
 from __future__ import annotations
 
-from bench.__main__ import low_load_section
+from pathlib import Path
+
+from bench.__main__ import low_load_section, put_section
+from bench.load import LoadResult, LoadSpec, Sample
+from bench.overload import Watch, summarise
 from bench.scrape import difference
 
 BEFORE = {
@@ -50,3 +54,31 @@ def test_low_load_section_splits_the_p50_into_stages() -> None:
     assert "minus the back-to-back model: 8.0 ms" in text
     assert "| rest inside the handler (thread hand-offs, parsing, JSON) | 1.00 |" in text
     assert "p50 minus total | 1.50 |" in text
+
+
+def test_put_section_replaces_a_section_in_place_or_appends_it(tmp_path: Path) -> None:
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# R\n\n## A\n\nold a\n\n## B\n\nb\n")
+    put_section(path, "## A", ["## A", "", "new a", ""])
+    assert path.read_text() == "# R\n\n## A\n\nnew a\n\n## B\n\nb\n"
+    put_section(path, "## C", ["## C", "", "c", ""])
+    assert path.read_text().endswith("## B\n\nb\n\n## C\n\nc\n")
+
+
+def test_overload_figures_count_goodput_within_the_deadline_and_fast_rejections() -> None:
+    spec = LoadSpec(url="http://127.0.0.1:1/v1/embed", requests=[], duration_s=10, warmup_s=0)
+    samples = (
+        [Sample(0.1 * i, 0.5, 200) for i in range(80)]  # 8/s inside the deadline
+        + [Sample(0.1 * i, 12.0, 200) for i in range(10)]  # answered, but too late
+        + [Sample(0.01 * i, 0.002, 503) for i in range(300)]
+        + [Sample(1.0, 15.0, 0)]
+    )
+    watch = Watch(pid=0, port=0, body=b"")
+    watch.rss = [100 * 2**20, 300 * 2**20, 250 * 2**20]
+    watch.probes = [(503, True, 0.01), (503, True, 0.01), (200, False, 0.4)]
+    f = summarise(LoadResult(spec, samples), peak=10.0, deadline_s=10.0, watch=watch, alive=True)
+    assert f["goodput_per_s"] == 8.0 and f["goodput_of_peak"] == 0.8
+    assert f["rejected_per_s"] == 30.0 and f["rejected_p99_ms"] == 2.0
+    assert f["other_statuses"] == {"0": 1}
+    assert (f["probe_503s"], f["probe_503s_with_retry_after"]) == (2, 2)
+    assert (f["rss_start_mib"], f["rss_max_mib"], f["rss_end_mib"]) == (100, 300, 250)

@@ -1,0 +1,161 @@
+"""Overload: offer three times the saturation rate for a minute and see what holds.
+
+The peak is measured first on the same server (closed loop, 64 clients). Then an open
+loop offers 3x that rate. What must hold: no crash; resident memory bounded (sampled every
+second); goodput (answers within the request deadline) at least 90% of the peak; every
+rejection a fast 503 carrying ``Retry-After`` (checked by a probe once a second, beside
+the load); accepted requests done within their deadline.
+"""
+
+from __future__ import annotations
+
+import http.client
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from batchserve.testing import ServerProcess
+from bench import load, procs
+from bench.bodies import build_requests
+
+TITLE = "## Overload: 3x the saturation rate for 60 s"
+
+
+@dataclass
+class Watch:
+    """Samples the server's memory and probes it once a second, on a thread."""
+
+    pid: int
+    port: int
+    body: bytes
+    rss: list[int] = field(default_factory=list)
+    probes: list[tuple[int, bool, float]] = field(default_factory=list)  # status, Retry-After, s
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self._run, daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self, thread: threading.Thread) -> None:
+        self._stop.set()
+        thread.join(30)
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            self.rss.append(procs.tree_rss_bytes(self.pid))
+            started = time.perf_counter()
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+            try:
+                conn.request("POST", "/v1/embed", self.body, {"Content-Type": "image/jpeg"})
+                response = conn.getresponse()
+                response.read()
+                has_retry = response.getheader("Retry-After") is not None
+                self.probes.append((response.status, has_retry, time.perf_counter() - started))
+            except (OSError, http.client.HTTPException):
+                self.probes.append((0, False, time.perf_counter() - started))
+            finally:
+                conn.close()
+
+
+def summarise(
+    result: load.LoadResult, peak: float, deadline_s: float, watch: Watch, alive: bool
+) -> dict[str, Any]:
+    """The overload figures from the samples of the run and the watcher's."""
+    measured = result.measured()
+    duration = result.spec.duration_s
+    ok = [s.latency_s for s in measured if s.status == 200]
+    rejected = [s.latency_s for s in measured if s.status == 503]
+    other = sorted({s.status for s in measured} - {200, 503})
+    goodput = sum(1 for latency in ok if latency <= deadline_s) / duration
+    probed_503 = [p for p in watch.probes if p[0] == 503]
+
+    def pct(values: list[float], q: float) -> float:
+        return 1000.0 * float(np.percentile(values, q)) if values else float("nan")
+
+    return {
+        "peak_per_s": round(peak, 1),
+        "offered_per_s": result.spec.rate,
+        "goodput_per_s": round(goodput, 1),
+        "goodput_of_peak": round(goodput / peak, 3) if peak else 0.0,
+        "ok_p50_ms": round(pct(ok, 50), 1),
+        "ok_p99_ms": round(pct(ok, 99), 1),
+        "ok_max_ms": round(1000.0 * max(ok), 1) if ok else float("nan"),
+        "deadline_ms": 1000.0 * deadline_s,
+        "rejected_per_s": round(len(rejected) / duration, 1),
+        "rejected_p50_ms": round(pct(rejected, 50), 1),
+        "rejected_p99_ms": round(pct(rejected, 99), 1),
+        "other_statuses": {str(s): sum(1 for m in measured if m.status == s) for s in other},
+        "probe_503s": len(probed_503),
+        "probe_503s_with_retry_after": sum(1 for p in probed_503 if p[1]),
+        "rss_start_mib": round(watch.rss[0] / 2**20) if watch.rss else 0,
+        "rss_max_mib": round(max(watch.rss) / 2**20) if watch.rss else 0,
+        "rss_end_mib": round(watch.rss[-1] / 2**20) if watch.rss else 0,
+        "server_alive": alive,
+    }
+
+
+def measure(
+    images: list[bytes], seconds: float = 60.0, factor: float = 3.0, deadline_s: float = 10.0
+) -> dict[str, Any]:
+    running = ServerProcess.start(
+        Path(tempfile.mkdtemp(prefix="batchserve-bench-overload-")),
+        ["--no-demo", "--timeout-ms", str(int(deadline_s * 1000))],
+    )
+    try:
+        requests = build_requests(running.url, "/v1/embed", images)
+        url = running.url + "/v1/embed"
+        peak_run = load.run(load.LoadSpec(url, requests, duration_s=10, warmup_s=3, concurrency=64))
+        peak = peak_run.achieved_per_s()
+        watch = Watch(running.process.pid, running.port, images[0])
+        thread = watch.start()
+        spec = load.LoadSpec(
+            url,
+            requests,
+            duration_s=seconds,
+            warmup_s=2,
+            rate=factor * peak,
+            max_connections=1024,
+            timeout_s=deadline_s + 5,
+        )
+        try:
+            result = load.run(spec, processes=2)
+        finally:
+            watch.stop(thread)
+        alive = running.process.poll() is None
+        return summarise(result, peak, deadline_s, watch, alive)
+    finally:
+        running.stop()
+
+
+def section(figures: dict[str, Any], seconds: float = 60.0) -> list[str]:
+    f = figures
+    return [
+        TITLE,
+        "",
+        f"Peak first (closed loop, 64 clients, same server): {f['peak_per_s']} images/s. "
+        f"Then an open loop offers {f['offered_per_s']:.0f} requests/s (3x) for {seconds:g} s "
+        "from 2 generator processes on the same cores; request deadline "
+        f"{f['deadline_ms']:.0f} ms (`--timeout-ms`), `max_queue` 512 (default).",
+        "",
+        "| figure | value |",
+        "|---|---:|",
+        f"| goodput (200 within the deadline) | {f['goodput_per_s']}/s = "
+        f"**{100 * f['goodput_of_peak']:.0f}% of the peak** |",
+        f"| accepted: p50 / p99 / max ms | {f['ok_p50_ms']} / {f['ok_p99_ms']} / "
+        f"{f['ok_max_ms']} |",
+        f"| rejected (503) per second | {f['rejected_per_s']} |",
+        f"| rejected: p50 / p99 ms | {f['rejected_p50_ms']} / {f['rejected_p99_ms']} |",
+        f"| probe 503s carrying Retry-After | {f['probe_503s_with_retry_after']} of "
+        f"{f['probe_503s']} |",
+        f"| other statuses | {f['other_statuses'] or 'none'} |",
+        f"| resident memory: start / max / end MiB | {f['rss_start_mib']} / "
+        f"{f['rss_max_mib']} / {f['rss_end_mib']} |",
+        f"| server alive afterwards | {'yes' if f['server_alive'] else 'NO'} |",
+        "",
+    ]
