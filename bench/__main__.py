@@ -16,6 +16,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -324,10 +325,10 @@ class Report:
                 if route != "/v1/embed":
                     stage.append(measured.get("server", {}).get("mean_search_ms", 0.0))
         result = {
-            "embed_p50_ms": _median(embed),
-            "search_p50_ms": _median(search),
-            "adds_ms": _median(search) - _median(embed),
-            "search_stage_ms": _median(stage),
+            "embed_p50_ms": statistics.median(embed),
+            "search_p50_ms": statistics.median(search),
+            "adds_ms": statistics.median(search) - statistics.median(embed),
+            "search_stage_ms": statistics.median(stage),
         }
         self.data["search_adds"] = result
         return result
@@ -403,11 +404,6 @@ class Report:
             f"Without a snapshot (rebuilt from the catalog): {rebuild}.",
             "",
         ]
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2]
 
 
 def low_load_section(

@@ -75,8 +75,9 @@ class LoadResult:
             for k, v in Counter(s.status for s in self.measured() if s.status != 200).items()
         }
 
-    def percentile_ms(self, q: float) -> float:
-        latencies = [s.latency_s for s in self.ok()]
+    def percentile_ms(self, q: float, status: int = 200) -> float:
+        """Latency percentile of the measured requests answered with ``status``."""
+        latencies = [s.latency_s for s in self.measured() if s.status == status]
         return 1000.0 * float(np.percentile(latencies, q)) if latencies else float("nan")
 
 

@@ -11,6 +11,14 @@ import numpy as np
 from batchserve.images import DecodeLimits, decode_image
 
 
+def _load(model_args: dict[str, object] | None) -> Any:
+    """The served model, as the server loads it (``model_args``: ModelSpec fields)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from batchserve.models import ModelSpec, load_model
+
+    return load_model(ModelSpec(**(model_args or {})))  # type: ignore[arg-type]
+
+
 def decode_rate(images: list[bytes], size: tuple[int, int], seconds: float = 3.0) -> float:
     """Images/s decoded and resized to ``size`` on one thread."""
     limits = DecodeLimits()
@@ -26,10 +34,7 @@ def model_rates(
     batch_sizes: list[int], seconds: float = 4.0, model_args: dict[str, object] | None = None
 ) -> tuple[str, dict[int, float]]:
     """The model's own images/s at each batch size (pre-decoded uint8 input)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from batchserve.models import ModelSpec, load_model
-
-    model = load_model(ModelSpec(**(model_args or {})))  # type: ignore[arg-type]
+    model = _load(model_args)
     height, width = model.info.input_size
     rng = np.random.default_rng(0)
     rates = {}
@@ -50,10 +55,7 @@ def paced_single_ms(
 ) -> float:
     """p50 ms of the model at batch 1 called once per ``gap_s``, as at low load: caches and
     TensorFlow's thread pool go cold between calls, which back-to-back calls never see."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from batchserve.models import ModelSpec, load_model
-
-    model = load_model(ModelSpec(**(model_args or {})))  # type: ignore[arg-type]
+    model = _load(model_args)
     batch = np.zeros((1, *model.info.input_size, 3), dtype=np.uint8)
     for _ in range(10):
         model.predict(batch)
@@ -77,10 +79,7 @@ def limit_rate(
     the model) and embeds the same images at the best batch size, with no HTTP."""
     from concurrent.futures import ThreadPoolExecutor
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from batchserve.models import ModelSpec, load_model
-
-    model = load_model(ModelSpec(**(model_args or {})))  # type: ignore[arg-type]
+    model = _load(model_args)
     size = model.info.input_size
     limits = DecodeLimits()
     model.predict(np.zeros((batch, *size, 3), dtype=np.uint8))

@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from batchserve.testing import ServerProcess
 from bench import load, procs
 from bench.bodies import build_requests
@@ -70,26 +68,22 @@ def summarise(
     measured = result.measured()
     duration = result.spec.duration_s
     ok = [s.latency_s for s in measured if s.status == 200]
-    rejected = [s.latency_s for s in measured if s.status == 503]
+    rejected = sum(1 for s in measured if s.status == 503)
     other = sorted({s.status for s in measured} - {200, 503})
-    goodput = sum(1 for latency in ok if latency <= deadline_s) / duration
+    goodput = result.goodput_per_s(deadline_s)
     probed_503 = [p for p in watch.probes if p[0] == 503]
-
-    def pct(values: list[float], q: float) -> float:
-        return 1000.0 * float(np.percentile(values, q)) if values else float("nan")
-
     return {
         "peak_per_s": round(peak, 1),
         "offered_per_s": result.spec.rate,
         "goodput_per_s": round(goodput, 1),
         "goodput_of_peak": round(goodput / peak, 3) if peak else 0.0,
-        "ok_p50_ms": round(pct(ok, 50), 1),
-        "ok_p99_ms": round(pct(ok, 99), 1),
+        "ok_p50_ms": round(result.percentile_ms(50), 1),
+        "ok_p99_ms": round(result.percentile_ms(99), 1),
         "ok_max_ms": round(1000.0 * max(ok), 1) if ok else float("nan"),
         "deadline_ms": 1000.0 * deadline_s,
-        "rejected_per_s": round(len(rejected) / duration, 1),
-        "rejected_p50_ms": round(pct(rejected, 50), 1),
-        "rejected_p99_ms": round(pct(rejected, 99), 1),
+        "rejected_per_s": round(rejected / duration, 1),
+        "rejected_p50_ms": round(result.percentile_ms(50, status=503), 1),
+        "rejected_p99_ms": round(result.percentile_ms(99, status=503), 1),
         "other_statuses": {str(s): sum(1 for m in measured if m.status == s) for s in other},
         "probe_503s": len(probed_503),
         "probe_503s_with_retry_after": sum(1 for p in probed_503 if p[1]),
