@@ -165,6 +165,40 @@ def test_sigterm_answers_every_request_already_taken_then_exits_0(
     assert int(in_flight) > 0 and "stopped" in log
 
 
+def test_tokens_and_the_metrics_address_from_the_settings(
+    tmp_path: Path, photos: list[bytes]
+) -> None:
+    import http.client
+
+    server = start_server(
+        tmp_path,
+        "--api-token",
+        "read-secret",
+        "--write-token",
+        "write-secret",
+        "--metrics-address",
+        "127.0.0.1:0",
+        "--no-demo",
+    )
+    try:
+        jpeg = {"Content-Type": "image/jpeg"}
+        assert server.request("POST", "/v1/embed", photos[0], jpeg).status == 401
+        wrong = {**jpeg, "Authorization": "Bearer nope"}
+        assert server.request("POST", "/v1/embed", photos[0], wrong).status == 403
+        reader = {**jpeg, "Authorization": "Bearer read-secret"}
+        assert server.request("POST", "/v1/embed", photos[0], reader).status == 200
+        assert server.request("DELETE", "/v1/items/x", None, reader).status == 403
+        assert server.request("GET", "/metrics").status == 404
+        [port] = re.findall(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", server.log())
+        conn = http.client.HTTPConnection("127.0.0.1", int(port), timeout=30)
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        assert response.status == 200 and b"batchserve_requests_total" in response.read()
+        conn.close()
+    finally:
+        stop_server(server)
+
+
 def test_clients_that_hang_up_have_their_queued_images_dropped(
     tmp_path: Path, photos: list[bytes]
 ) -> None:

@@ -14,6 +14,7 @@ import pytest
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
+from twisted.web.server import Site
 
 from batchserve.api import BatchserveAPI, configure_site
 from batchserve.auth import Tokens
@@ -22,7 +23,7 @@ from batchserve.bodies import RequestLimits
 from batchserve.images import DecodeLimits, decode_image
 from batchserve.index import IndexParams, VectorIndex
 from batchserve.inference import Prediction
-from batchserve.metrics import Metrics
+from batchserve.metrics import Metrics, MetricsPage
 from batchserve.models import ModelInfo
 from batchserve.pipeline import AddTask, IndexWorker, Outcome, PipelineRunner, SearchTask
 from batchserve.service import ImageService
@@ -685,3 +686,31 @@ def test_a_stalled_model_call_does_not_stall_the_server() -> None:
     h.runner.release_all()
     h.treq.flush()
     assert result_of(after).code == 200 and h.runner.sizes == [1, 1]
+
+
+def test_a_refused_request_during_drain_closes_its_connection() -> None:
+    from twisted.internet.testing import StringTransport
+
+    h = Harness()
+    h.api.in_flight.drain(30, h.clock)
+    site = configure_site(Site(h.api.resource()), 200_000, access_log=False)
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(
+        b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+        + f"Content-Length: {len(RED)}\r\n\r\n".encode()
+        + RED
+    )
+    sent = transport.value()
+    assert sent.startswith(b"HTTP/1.1 503") and b"Connection: close" in sent
+    assert transport.disconnecting
+
+
+def test_the_metrics_page_serves_only_metrics() -> None:
+    metrics = Metrics()
+    page = StubTreq(MetricsPage(metrics))
+    response = result_of(page.get(URL + "metrics"))
+    assert response.code == 200
+    assert b"batchserve_queue_items" in result_of(page.content(response))
+    assert result_of(page.get(URL + "v1/index")).code == 404
