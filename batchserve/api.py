@@ -20,11 +20,17 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException
 
 from batchserve.auth import Tokens
-from batchserve.bodies import Body, RequestLimits, parse_body, read_images, read_items
+from batchserve.bodies import (
+    Body,
+    RequestLimits,
+    carries_images,
+    parse_body,
+    read_images,
+    read_items,
+)
 from batchserve.drain import InFlight
 from batchserve.errors import (
     BatchserveError,
@@ -60,6 +66,14 @@ STATUS_BY_ERROR: dict[type[BatchserveError], int] = {
     DeadlineExceeded: 504,
     InferenceFailed: 500,
     StorageFailed: 500,
+}
+
+#: POST routes whose images go through the model's queue, by path.
+QUEUED_ROUTES = {
+    b"/v1/embed": "/v1/embed",
+    b"/v1/classify": "/v1/classify",
+    b"/v1/search": "/v1/search",
+    b"/v1/items": "/v1/items",
 }
 
 #: Status recorded in metrics for a client that hung up before its response (nginx's code).
@@ -103,48 +117,6 @@ class Utf8URLs(Resource):
         return self._inner.render(request)
 
 
-class BoundedRequest(Request):
-    """A Request that stops buffering its body once it is over ``max_body_bytes``, judged
-    from Content-Length before any of the body arrives, or while it streams in."""
-
-    max_body_bytes = 32 * 1024 * 1024
-    body_over_limit = False
-
-    def gotLength(self, length: int | None) -> None:  # noqa: N802 (Twisted API)
-        if length is not None and length > self.max_body_bytes:
-            self.body_over_limit = True
-        super().gotLength(None if self.body_over_limit else length)
-
-    def handleContentChunk(self, data: bytes) -> None:  # noqa: N802 (Twisted API)
-        if self.body_over_limit or self.content is None:
-            return
-        if self.content.tell() + len(data) > self.max_body_bytes:
-            self.body_over_limit = True
-            self.content.seek(0)
-            self.content.truncate()
-            return
-        super().handleContentChunk(data)
-
-
-def bounded_request_factory(max_body_bytes: int) -> type[BoundedRequest]:
-    """A BoundedRequest class with its limit, for ``Site(requestFactory=...)``."""
-    return type("BoundedRequest", (BoundedRequest,), {"max_body_bytes": max_body_bytes})
-
-
-def _no_access_log(request: Request) -> None:
-    pass
-
-
-def configure_site(site: Site, max_body_bytes: int, access_log: bool) -> Site:
-    """Make ``site`` serve batchserve: bodies bounded, multipart left to us (Twisted would
-    parse it a second time on the reactor), access log on or off."""
-    site.requestFactory = bounded_request_factory(max_body_bytes)
-    site._parsePOSTFormSubmission = False
-    if not access_log:
-        site.log = _no_access_log  # type: ignore[method-assign,assignment]
-    return site
-
-
 def json_body(request: IRequest, status: int, doc: Any) -> bytes:
     body = json.dumps(doc, separators=(",", ":")).encode("utf-8")
     request.setResponseCode(status)
@@ -162,6 +134,15 @@ def embedding_json(vector: Any) -> list[float]:
 
 def error_body(request: IRequest, status: int, code: str, message: str) -> bytes:
     return json_body(request, status, {"error": {"code": code, "message": message}})
+
+
+def domain_error_body(request: IRequest, error: BatchserveError) -> bytes:
+    """The response to ``error``: its status, headers and JSON body."""
+    if isinstance(error, Overloaded | NotReady):
+        request.setHeader(b"Retry-After", str(error.retry_after_s).encode())
+    if isinstance(error, Unauthorized):
+        request.setHeader(b"WWW-Authenticate", b'Bearer realm="batchserve"')
+    return error_body(request, status_for(error), error.code, str(error))
 
 
 class BatchserveAPI:
@@ -204,14 +185,9 @@ class BatchserveAPI:
                 return failure  # Klein drops it: the client is gone
             error = failure.value
             if isinstance(error, BatchserveError):
-                status = status_for(error)
-                if isinstance(error, Overloaded | NotReady):
-                    request.setHeader(b"Retry-After", str(error.retry_after_s).encode())
-                if isinstance(error, Unauthorized):
-                    request.setHeader(b"WWW-Authenticate", b'Bearer realm="batchserve"')
-                if status >= 500 and not isinstance(error, Overloaded | NotReady):
+                if status_for(error) >= 500 and not isinstance(error, Overloaded | NotReady):
                     log.error("{route}: {error}", route=route, error=error)
-                return error_body(request, status, error.code, str(error))
+                return domain_error_body(request, error)
             log.failure("{route}: unexpected error", failure, route=route)
             return error_body(request, 500, "internal", "internal server error")
 
@@ -236,6 +212,41 @@ class BatchserveAPI:
         d.addCallbacks(ok, failed)
         d.addBoth(record)
         return d
+
+    def refuse_early(
+        self, request: IRequest, method: bytes, path: bytes
+    ) -> Callable[[IRequest], None] | None:
+        """How to answer at once, from its headers, a request for the model that cannot be
+        taken now (queue full, model or index loading): the same 503 and ``Retry-After`` its
+        handler would give, without its body ever being buffered or parsed (see site.py).
+        None lets the request through to its handler, which decides: every request that is
+        not plainly images (a JSON search may carry vectors), that fails authentication, or
+        that comes while the server drains. A refused request counts as one image rejected."""
+        route = QUEUED_ROUTES.get(path.split(b"?", 1)[0]) if method == b"POST" else None
+        if route is None or self.in_flight.closing:
+            return None
+        content_type = request.getHeader(b"content-type")
+        if not carries_images(content_type.decode("latin-1") if content_type else None):
+            return None
+        try:
+            self._tokens.check(request.getHeader(b"authorization"), route == "/v1/items")
+        except BatchserveError:
+            return None
+        try:
+            self._service.admit(1, needs_index=route in ("/v1/search", "/v1/items"))
+        except (Overloaded, NotReady) as error:
+            return self._answer_now(route, error)
+        return None
+
+    def _answer_now(self, route: str, error: BatchserveError) -> Callable[[IRequest], None]:
+        started = time.perf_counter()
+
+        def answer(request: IRequest) -> None:
+            request.write(domain_error_body(request, error))
+            request.finish()
+            self._metrics.request_done(route, status_for(error), time.perf_counter() - started)
+
+        return answer
 
     def _authorized(
         self, request: IRequest, write: bool, work: Callable[[], Deferred[Any] | Any]

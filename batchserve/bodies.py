@@ -51,6 +51,13 @@ def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
+def carries_images(content_type: str | None) -> bool:
+    """Whether a body of this type can only be image work: raw image bytes or multipart
+    (a JSON body may instead carry vectors, which never reach the model)."""
+    kind = media_type(content_type)
+    return kind.startswith("image/") or kind in _RAW_TYPES or kind == "multipart/form-data"
+
+
 def parse_body(content_type: str | None, body: bytes, limits: RequestLimits) -> Body:
     """Split a request body into images, fields and JSON, checking the limits.
 

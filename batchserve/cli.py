@@ -127,7 +127,7 @@ def serve(settings: Settings) -> int:
     from twisted.python.threadpool import ThreadPool
     from twisted.web.server import Site
 
-    from batchserve.api import BatchserveAPI, configure_site
+    from batchserve.api import BatchserveAPI
     from batchserve.auth import Tokens
     from batchserve.batching import Batcher, BatchPolicy
     from batchserve.bodies import RequestLimits
@@ -137,6 +137,7 @@ def serve(settings: Settings) -> int:
     from batchserve.models import load_model
     from batchserve.pipeline import IndexWorker, PipelineRunner
     from batchserve.service import ImageService
+    from batchserve.site import configure_site
     from batchserve.store import OpenReport, lock_data_dir
 
     reactor: Any = installed_reactor  # the interfaces it provides are not declared to mypy
@@ -197,7 +198,9 @@ def serve(settings: Settings) -> int:
         Tokens(api=settings.api_token, write=settings.write_token),
         metrics_here=not settings.metrics_address,
     )
-    site = configure_site(Site(api.resource()), settings.max_body_bytes, settings.access_log)
+    site = configure_site(
+        Site(api.resource()), settings.max_body_bytes, settings.access_log, api.refuse_early
+    )
     port = reactor.listenTCP(settings.port, site, interface=settings.host)
     address = port.getHost()
     log.info(

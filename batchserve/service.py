@@ -172,19 +172,26 @@ class ImageService:
         d = self._run(list(entries), needs_index=True)
         return d.addCallback(lambda outcomes: [o.added or "" for o in outcomes])
 
+    def admit(self, images: int, needs_index: bool = False) -> ModelInfo:
+        """The loaded model, if ``images`` more may go through it now. Raises NotReady while
+        the model (or, with ``needs_index``, the index) loads and Overloaded when the queue
+        has no room for them beside the images being decoded (the rejection is counted)."""
+        info = self._model.info
+        if info is None:
+            raise NotReady("the model is loading; retry shortly")
+        if needs_index and (self._index is None or not self._index.ready):
+            raise NotReady("the index is loading; retry shortly")
+        self._batcher.check_room(images, pending=self._decoding)
+        return info
+
     def _run(
         self, jobs: Sequence[tuple[bytes, Task]], needs_index: bool = False
     ) -> Deferred[list[Outcome]]:
-        info = self._model.info
-        if info is None:
-            return fail(NotReady("the model is loading; retry shortly"))
-        if needs_index and (self._index is None or not self._index.ready):
-            return fail(NotReady("the index is loading; retry shortly"))
         if not jobs:
             return fail(InvalidInput("no image in the request"))
         try:
-            self._batcher.check_room(len(jobs), pending=self._decoding)
-        except Overloaded as e:
+            info = self.admit(len(jobs), needs_index)
+        except (NotReady, Overloaded) as e:
             return fail(e)
         # The deadline runs from now: time spent decoding counts against it.
         deadline_s = self._clock.seconds() + self._batcher.policy.timeout_s

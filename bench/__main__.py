@@ -312,7 +312,9 @@ class Report:
         of the machine's speed hits both alike."""
         embed_requests = build_requests(url, "/v1/embed", self.images)
         search_requests = build_requests(url, "/v1/search?k=10", self.images)
-        embed, search, stage = [], [], []
+        embed: list[float] = []
+        search: list[float] = []
+        stage: list[float] = []
         for _ in range(rounds):
             for requests, route, out in (
                 (embed_requests, "/v1/embed", embed),

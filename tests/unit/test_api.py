@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.web.server import Site
 
-from batchserve.api import BatchserveAPI, configure_site
+from batchserve.api import BatchserveAPI
 from batchserve.auth import Tokens
 from batchserve.batching import Batcher, BatchPolicy
 from batchserve.bodies import RequestLimits
@@ -27,6 +27,7 @@ from batchserve.metrics import Metrics, MetricsPage
 from batchserve.models import ModelInfo
 from batchserve.pipeline import AddTask, IndexWorker, Outcome, PipelineRunner, SearchTask
 from batchserve.service import ImageService
+from batchserve.site import configure_site
 from batchserve.store import ItemStore
 from batchserve.testing import (
     FakeModel,
@@ -105,7 +106,7 @@ class Harness:
         )
         self.treq = StubTreq(api.resource())
         # StubTreq builds its own Site; configure it as the server does.
-        configure_site(self.treq._agent._serverFactory, 200_000, access_log=False)
+        configure_site(self.treq._agent._serverFactory, 200_000, False, api.refuse_early)
 
     def request(self, method: str, path: str, **kwargs: Any) -> tuple[int, dict[str, Any], Any]:
         d = self.treq.request(method, URL + path.lstrip("/"), **kwargs)

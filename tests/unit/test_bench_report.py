@@ -7,8 +7,8 @@ from pathlib import Path
 
 from bench.__main__ import low_load_section, put_section
 from bench.load import LoadResult, LoadSpec, Sample
-from bench.overload import Watch, summarise
-from bench.scrape import difference
+from bench.overload import Watch, model_figures, section, summarise
+from bench.scrape import ServerView, difference
 
 BEFORE = {
     "batchserve_decode_seconds_count": 10.0,
@@ -82,3 +82,17 @@ def test_overload_figures_count_goodput_within_the_deadline_and_fast_rejections(
     assert f["other_statuses"] == {"0": 1}
     assert (f["probe_503s"], f["probe_503s_with_retry_after"]) == (2, 2)
     assert (f["rss_start_mib"], f["rss_max_mib"], f["rss_end_mib"]) == (100, 300, 250)
+
+
+def test_overload_section_shows_how_the_model_slowed_under_the_load() -> None:
+    view = ServerView(batches=10, images=320, queue_wait_s=0.0, inference_s=4.8)
+    under = model_figures(view, seconds=6.0)
+    assert under == {"model_ms_per_image": 15.0, "model_busy": 0.8}
+    spec = LoadSpec(url="http://127.0.0.1:1/v1/embed", requests=[], duration_s=10, warmup_s=0)
+    watch = Watch(pid=0, port=0, body=b"")
+    f = summarise(LoadResult(spec, []), peak=10.0, deadline_s=10.0, watch=watch, alive=True)
+    f.update({"peak_model_ms_per_image": 12.0, "peak_model_busy": 0.95, **under})
+    text = "\n".join(section(f, 60))
+    assert "| model time per image: at the peak / at 3x ms | 12.0 / 15.0 |" in text
+    assert "| model busy: at the peak / at 3x | 95% / 80% |" in text
+    assert "1 generator process" in text
