@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Generic, Self, TypeVar
 
@@ -187,11 +187,19 @@ class ServerProcess:
         self.log_path = log_path
 
     @classmethod
-    def start(cls, directory: Path, args: Sequence[str] = (), timeout_s: float = 300.0) -> Self:
-        """Start the server with its data dir and log under ``directory``."""
+    def start(
+        cls,
+        directory: Path,
+        args: Sequence[str] = (),
+        timeout_s: float = 300.0,
+        env: Mapping[str, str] | None = None,
+    ) -> Self:
+        """Start the server with its data dir and log under ``directory``. Its environment
+        is this process's without any ``BATCHSERVE_*`` variable, plus ``env``."""
         directory.mkdir(parents=True, exist_ok=True)
         log_path = directory / "server.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHSERVE_")}
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("BATCHSERVE_")}
+        environ.update(env or {})
         started = time.monotonic()
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
@@ -210,7 +218,7 @@ class ServerProcess:
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=env,
+                env=environ,
             )
         port = None
         while time.monotonic() - started < timeout_s and process.poll() is None:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import http.client
 import io
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from batchserve.testing import ServerProcess
 
@@ -54,8 +56,8 @@ class Server(ServerProcess):
             conn.close()
 
 
-def start_server(tmp: Path, *args: str) -> Server:
-    return Server.start(tmp, args, timeout_s=READY_TIMEOUT_S)
+def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Server:
+    return Server.start(tmp, args, timeout_s=READY_TIMEOUT_S, env=env)
 
 
 def stop_server(server: Server) -> int:
@@ -97,3 +99,22 @@ def photos() -> list[bytes]:
         out.append(_jpeg(image))
         out.append(_jpeg(image[h // 8 : h - h // 8, w // 8 : w - w // 8]))
     return out
+
+
+def metric(server: Server, sample: str, **labels: str) -> float:
+    """The value of one sample of the server's /metrics."""
+    text = server.request("GET", "/metrics").body.decode()
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == sample and found.labels == labels:
+                return float(found.value)
+    raise AssertionError(f"no sample {sample} {labels} in /metrics")
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> float:
+    """Poll ``condition`` until it holds; return the time it first held (monotonic)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+    return time.monotonic()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from batchserve.testing import encode_multipart
+from batchserve.testing import encode_image, encode_multipart
 from tests.integration.conftest import Server, start_server, stop_server
 
 
@@ -130,39 +130,48 @@ def test_sigterm_stops_the_server_cleanly(tmp_path: Path) -> None:
     assert "shutting down" in server.log()
 
 
-def test_sigterm_answers_every_request_already_taken_then_exits_0(
-    tmp_path: Path, photos: list[bytes]
-) -> None:
+def test_sigterm_answers_every_request_already_taken_then_exits_0(tmp_path: Path) -> None:
     import signal
-    import time
-    from concurrent.futures import ThreadPoolExecutor
 
-    server = start_server(tmp_path, "--max-batch-size", "1", "--drain-timeout-s", "60")
+    from tests.integration.conftest import metric, wait_until
+    from tests.integration.gated_model import build_gated_model
+
+    model = build_gated_model(tmp_path / "model")
+    server = start_server(
+        tmp_path / "server",
+        "--model",
+        str(model.path),
+        "--no-demo",
+        "--max-batch-size",
+        "1",
+        "--drain-timeout-s",
+        "60",
+    )
+    png = {"Content-Type": "image/png"}
     try:
+        model.close()
         with ThreadPoolExecutor(12) as pool:
             futures = [
                 pool.submit(
-                    server.request,
-                    "POST",
-                    "/v1/embed",
-                    photos[i % len(photos)],
-                    {"Content-Type": "image/jpeg"},
+                    server.request, "POST", "/v1/embed", encode_image(fmt="PNG"), png, 120.0
                 )
-                for i in range(12)
+                for _ in range(12)
             ]
-            deadline = time.monotonic() + 30
-            while b"batchserve_queue_items 0.0" in server.request("GET", "/metrics").body:
-                assert time.monotonic() < deadline, "the requests never queued"
-                time.sleep(0.01)
+            # Every request is in the server: one held by the model, eleven queued.
+            wait_until(lambda: metric(server, "batchserve_queue_items") == 11, "12 requests in")
             server.process.send_signal(signal.SIGTERM)
+            wait_until(lambda: "shutting down" in server.log(), "the drain to start")
+            model.open()
             statuses = [f.result().status for f in futures]
         assert statuses == [200] * 12
         assert server.process.wait(timeout=60) == 0
     finally:
+        model.open()
         stop_server(server)
     log = server.log()
-    [in_flight] = re.findall(r"shutting down: (\d+) requests in flight, waiting up to 60 s", log)
-    assert int(in_flight) > 0 and "stopped" in log
+    assert "shutting down: 12 requests in flight, waiting up to 60 s" in log
+    assert "stopped" in log
+    assert model.calls()[-12:] == [1] * 12
 
 
 def test_tokens_and_the_metrics_address_from_the_settings(
