@@ -81,6 +81,10 @@ class ModelMismatch(ConfigError):
     code = "model_mismatch"
 
 
+#: SQLite's ``PRAGMA synchronous`` levels by number.
+_SYNCHRONOUS = {0: "off", 1: "normal", 2: "full", 3: "extra"}
+
+
 class Catalog:
     """Items in SQLite at ``path`` (created readable by this user only)."""
 
@@ -95,6 +99,8 @@ class Catalog:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        #: Write transactions committed since opening (one per batch of adds).
+        self.commits = 0
 
     def close(self) -> None:
         self._db.close()
@@ -173,15 +179,26 @@ class Catalog:
             self._db.execute("INSERT INTO changes (op, fid) VALUES ('del', ?)", (row[0],))
         return int(row[0])
 
+    def durability(self) -> dict[str, str]:
+        """The journal mode and synchronous level of the live connection, as SQLite reports
+        them (``wal`` and ``full``: a commit is on disk when it returns)."""
+        journal = str(self._db.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+        level = int(self._db.execute("PRAGMA synchronous").fetchone()[0])
+        return {"journal_mode": journal, "synchronous": _SYNCHRONOUS[level]}
+
     def _transaction(self) -> Any:
-        db = self._db
+        catalog, db = self, self._db
 
         class _Tx:
             def __enter__(self) -> None:
                 db.execute("BEGIN IMMEDIATE")
 
             def __exit__(self, kind: object, value: object, tb: object) -> None:
-                db.execute("COMMIT" if kind is None else "ROLLBACK")
+                if kind is None:
+                    db.execute("COMMIT")
+                    catalog.commits += 1
+                else:
+                    db.execute("ROLLBACK")
 
         return _Tx()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -127,6 +128,9 @@ class VectorIndex:
         self._gpu_resources: Any = None
         self._gpu_stale = True
         self.device = self._choose_device(params.device)
+        #: Calls into the index, counted where they are made: "search" (one per FAISS
+        #: search or exact subset product, whatever the number of queries), "add", "remove".
+        self.calls: Counter[str] = Counter()
 
     # -- construction -------------------------------------------------------------------
 
@@ -199,6 +203,7 @@ class VectorIndex:
             return
         if self._tombstones and not self._tombstones.isdisjoint(ids.tolist()):
             raise ValueError("ids of removed vectors cannot be added again")
+        self.calls["add"] += 1
         self._cpu.add_with_ids(vectors, ids)
         if self._gpu is not None and not self._gpu_stale:
             self._gpu.add_with_ids(vectors, ids)
@@ -207,6 +212,7 @@ class VectorIndex:
         ids = as_ids(ids)
         if len(ids) == 0:
             return
+        self.calls["remove"] += 1
         if self.kind_in_use == "ivf":
             self._cpu.remove_ids(faiss.IDSelectorArray(ids))
         elif self.kind_in_use == "flat":
@@ -250,6 +256,7 @@ class VectorIndex:
         if allowed is not None:
             return self._search_within(queries, k, as_ids(allowed))
         fetch = k + len(self._tombstones)
+        self.calls["search"] += 1
         with self._threads_for(len(queries)):
             scores, ids = self._searcher().search(queries, fetch, params=self._search_params())
         return self._drop_tombstones(scores, ids, k)
@@ -281,6 +288,7 @@ class VectorIndex:
             allowed, subset = self._reconstruct(allowed)
             if len(allowed) == 0:
                 return self._search_within(queries, k, allowed)
+            self.calls["search"] += 1
             sims = queries @ subset.T
             top = min(k, len(allowed))
             order = np.argsort(-sims, axis=1, kind="stable")[:, :top]
@@ -292,6 +300,7 @@ class VectorIndex:
                 found = np.pad(found, ((0, 0), (0, pad)), constant_values=-1)
             return scores.astype(np.float32), found.astype(np.int64)
         params = self._search_params(faiss.IDSelectorBatch(allowed))
+        self.calls["search"] += 1
         with self._threads_for(len(queries)):
             scores, ids = self._cpu.search(queries, k, params=params)
         return scores, ids

@@ -13,7 +13,7 @@ import fcntl
 import json
 import os
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +32,8 @@ class SearchableIndex(Protocol):
     """What the store needs of an index (VectorIndex; tests hand in a counting one)."""
 
     dim: int
+    #: Calls made into the index by kind ("search", "add", "remove").
+    calls: Counter[str]
 
     @property
     def size(self) -> int: ...
@@ -140,7 +142,6 @@ class ItemStore:
         self._by_class: dict[str, set[int]] = defaultdict(set)
         self._groups: dict[int, tuple[str | None, str | None]] = {}
         self._snapshot_seq = 0
-        self.search_calls = 0
 
     # -- start ----------------------------------------------------------------------------
 
@@ -275,7 +276,6 @@ class ItemStore:
                 continue
             k = max(queries[i].k + (1 if queries[i].exclude else 0) for i in members)
             vectors = np.stack([queries[i].vector for i in members])
-            self.search_calls += 1
             scores, ids = self.index.search(vectors, k, allowed)
             for row, i in enumerate(members):
                 raw[i] = (scores[row], ids[row])
@@ -364,6 +364,8 @@ class ItemStore:
             "dim": self.index.dim,
             "device": self.index.device,
             "labels": len([k for k, v in self._by_label.items() if v]),
+            "calls": {op: self.index.calls[op] for op in ("search", "add", "remove")},
+            "catalog": {**self.catalog.durability(), "commits": self.catalog.commits},
         }
 
     def close(self) -> None:

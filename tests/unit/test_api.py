@@ -22,7 +22,7 @@ from batchserve.batching import Batcher, BatchPolicy
 from batchserve.bodies import RequestLimits
 from batchserve.images import DecodeLimits, decode_image
 from batchserve.index import IndexParams, VectorIndex
-from batchserve.inference import Prediction
+from batchserve.inference import InferenceWorker, Prediction
 from batchserve.metrics import Metrics, MetricsPage
 from batchserve.models import ModelInfo
 from batchserve.pipeline import AddTask, IndexWorker, Outcome, PipelineRunner, SearchTask
@@ -64,6 +64,7 @@ class Harness:
         hold: bool = False,
         tokens: Tokens | None = None,
         metrics_here: bool = True,
+        model_state: Any = None,
         **policy: Any,
     ) -> None:
         self.model = FakeModel()
@@ -90,7 +91,7 @@ class Harness:
         self.service = ImageService(
             self.batcher,
             lambda f, *a: maybeDeferred(f, *a),
-            Ready(self.model.info if ready else None),
+            model_state or Ready(self.model.info if ready else None),
             DecodeLimits(max_pixels=1_000_000),
             self.clock,
             index=self.index,
@@ -517,7 +518,7 @@ def test_one_batch_of_searches_is_one_index_search() -> None:
     assert result_of(added) == ["r0", "r1", "r2", "r3"]
 
     def calls() -> int:
-        return int(result_of(h.index.call(lambda store: store.search_calls)))
+        return int(result_of(h.index.call(lambda store: store.index.calls["search"])))
 
     before = calls()
     searches = [h.service.search([colour(60 * i, 0, 0)], SearchTask(k=2)) for i in range(5)]
@@ -574,10 +575,24 @@ def test_searches_wait_for_a_busy_index_in_one_growing_batch() -> None:
 
 
 def test_readyz_is_503_while_the_inference_thread_restarts() -> None:
-    h = Harness()
-    h.service._model.ready = False  # a loaded model whose thread is being replaced
-    assert h.request("GET", "/readyz")[0] == 503
-    assert h.request("GET", "/healthz")[0] == 200
+    from tests.unit.test_inference import ThreadKilled, ThreadReactor, items
+
+    model, reactor = FakeModel(), ThreadReactor()
+    worker = InferenceWorker(lambda: model, reactor, [1, 2], warmup=False)  # type: ignore[arg-type]
+    worker.start()
+    reactor.run_next()
+    h = Harness(model_state=worker)
+    try:
+        assert h.request("GET", "/readyz")[0] == 200
+        model.fail_next = ThreadKilled()
+        worker.run(items(1)[1])
+        reactor.run_next()  # the thread died
+        assert h.request("GET", "/readyz")[0] == 503
+        assert h.request("GET", "/healthz")[0] == 200
+        reactor.run_next()  # its replacement runs the loaded model
+        assert h.request("GET", "/readyz")[0] == 200
+    finally:
+        worker.stop()
 
 
 def bearer(token: str) -> dict[str, str]:

@@ -146,3 +146,25 @@ def test_a_single_query_hnsw_search_runs_on_one_thread_then_restores_the_pool(
     index.search(unit(data.standard_normal((1, 16))), 5)
     assert calls == [1, before]
     assert faiss.omp_get_max_threads() == before
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_a_search_of_many_queries_is_one_call_into_the_index(kind: str) -> None:
+    base = clustered(600, 32)
+    ids = np.arange(600, dtype=np.int64)
+    index = VectorIndex(32, IndexParams(kind=kind, train_min=500, nlist=8))
+    index.rebuild(ids, base)  # trains the ivf kind
+    assert index.kind_in_use == kind
+    _scores, found = index.search(base[:7], 3)
+    assert index.calls["search"] == 1
+    np.testing.assert_array_equal(found[:, 0], ids[:7])  # each query finds itself
+    _scores, within = index.search(base[:5], 2, ids[::2])
+    assert index.calls["search"] == 2
+    assert set(within.ravel().tolist()) <= set(ids[::2].tolist())
+
+
+def test_adds_and_removes_are_one_call_each_whatever_their_size() -> None:
+    index = VectorIndex(16, IndexParams(kind="flat"))
+    index.add(np.arange(50, dtype=np.int64), clustered(50, 16))
+    index.remove(np.arange(10, dtype=np.int64))
+    assert (index.calls["add"], index.calls["remove"], index.size) == (1, 1, 40)

@@ -206,3 +206,29 @@ def test_a_snapshot_that_fails_midway_leaves_the_previous_one_to_open_from(
     report = reopened.open()
     assert report.snapshot_seq == int(first.stem.split("-")[1]) and report.replayed == 5
     assert reopened.index.size == 15 and top_id(reopened, 12) == "id12"
+
+
+def test_a_batch_of_adds_is_one_transaction_and_one_index_add(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    commits, adds = s.catalog.commits, s.index.calls["add"]
+    assert s.add(items(0, 8)) == [f"id{i}" for i in range(8)]
+    assert s.catalog.commits - commits == 1
+    assert s.index.calls["add"] - adds == 1
+    assert s.index.size == 8 and s.catalog.count() == 8
+
+
+def test_searches_are_one_index_call_per_distinct_filter(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    s.add(items(0, 10, "a") + items(10, 10, "b"))
+    before = s.index.calls["search"]
+    found = s.search([SearchQuery(vec(i), k=1) for i in (1, 2, 13)])
+    assert [m[0].id for m in found] == ["id1", "id2", "id13"]
+    assert s.index.calls["search"] - before == 1
+    s.search([SearchQuery(vec(i), k=1, label=label) for i, label in [(1, "a"), (2, "a"), (3, "b")]])
+    assert s.index.calls["search"] - before == 3  # one for label a, one for label b
+
+
+def test_the_live_catalog_connection_commits_durably(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    assert s.catalog.durability() == {"journal_mode": "wal", "synchronous": "full"}
+    assert s.describe()["catalog"] == {"journal_mode": "wal", "synchronous": "full", "commits": 0}
