@@ -30,6 +30,7 @@ from batchserve.bodies import (
     parse_body,
     read_images,
     read_items,
+    read_vectors,
 )
 from batchserve.drain import InFlight
 from batchserve.errors import (
@@ -326,7 +327,9 @@ class BatchserveAPI:
                 if body.images:
                     raise InvalidInput('send "vectors" or "images", not both')
                 task = self._search_task(request, body.doc)
-                d = self._service.search_vectors(body.doc["vectors"], task)
+                d = self._service.search_vectors(
+                    read_vectors(body.doc["vectors"], self._limits), task
+                )
             else:
                 if not body.images:
                     raise InvalidInput('no image to search with (or send {"vectors": [...]})')
@@ -433,9 +436,11 @@ def search_task(options: dict[str, Any]) -> SearchTask:
     raw_score = options.get("min_score")
     min_score = None
     if raw_score is not None and raw_score != "":
+        if isinstance(raw_score, bool):
+            raise InvalidInput(f"min_score must be a number, got {raw_score!r}")
         try:
             min_score = float(raw_score)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:
             raise InvalidInput(f"min_score must be a number, got {raw_score!r}") from e
         if not -1.0 <= min_score <= 1.0:
             raise InvalidInput("min_score must be between -1 and 1 (cosine similarity)")

@@ -143,17 +143,41 @@ def parse_json(body: bytes) -> Any:
         raise InvalidInput(f"invalid JSON: {e}") from e
 
 
-def decode_b64(entry: object, index: int) -> bytes:
-    """The bytes of ``{"b64": "..."}`` (or a bare string), strictly decoded."""
+def decode_b64(entry: object, index: int, key: str = "images") -> bytes:
+    """The bytes of ``{"b64": "..."}`` (or a bare string), strictly decoded; errors name the
+    entry as ``key[index]``."""
     text = entry.get("b64") if isinstance(entry, dict) else entry
     if not isinstance(text, str):
-        raise InvalidInput(f'images[{index}] must be {{"b64": "<base64>"}}')
+        raise InvalidInput(f'{key}[{index}] must be {{"b64": "<base64>"}}')
     if text.startswith("data:"):
         _, _, text = text.partition(",")
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise InvalidInput(f"images[{index}].b64 is not valid base64: {e}") from e
+        raise InvalidInput(f"{key}[{index}].b64 is not valid base64: {e}") from e
+
+
+def read_vectors(value: object, limits: RequestLimits) -> list[list[float]]:
+    """The query vectors of ``{"vectors": [[x, ...], ...]}`` as floats: a list of lists of
+    JSON numbers (not strings, booleans or null), at most ``limits.max_images`` of them (each
+    is a query, as an image is). Their dimension, and that they are finite and non-zero, are
+    for the service to check: it knows the model."""
+    if not isinstance(value, list):
+        raise InvalidInput('"vectors" must be a list of lists of numbers')
+    vectors: list[list[float]] = []
+    for i, vector in enumerate(value):
+        # type() rather than isinstance(): a bool is an int, and not a coordinate.
+        if not isinstance(vector, list) or not all(type(x) in (int, float) for x in vector):
+            raise InvalidInput(f"vectors[{i}] must be a list of numbers")
+        try:
+            vectors.append([float(x) for x in vector])
+        except OverflowError as e:
+            raise InvalidInput(f"vectors[{i}] holds a number too large for a float") from e
+    if len(vectors) > limits.max_images:
+        raise PayloadTooLarge(
+            f"{len(vectors)} vectors in one request; the limit is {limits.max_images}"
+        )
+    return vectors
 
 
 # -- items ------------------------------------------------------------------------------
@@ -196,7 +220,11 @@ def check_metadata(value: object) -> dict[str, Any]:
         value = parse_json(value.encode("utf-8"))
     if not isinstance(value, dict):
         raise InvalidInput("metadata must be a JSON object")
-    if len(json.dumps(value).encode("utf-8")) > MAX_METADATA_BYTES:
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except ValueError as e:  # NaN or Infinity: stored, it would be served back as invalid JSON
+        raise InvalidInput("metadata must not hold NaN or Infinity") from e
+    if len(text.encode("utf-8")) > MAX_METADATA_BYTES:
         raise PayloadTooLarge(f"metadata is over {MAX_METADATA_BYTES} bytes")
     return value
 
@@ -224,7 +252,7 @@ def read_items(
         for i, entry in enumerate(entries):
             if not isinstance(entry, dict):
                 raise InvalidInput(f"items[{i}] must be an object")
-            image = decode_b64(entry, i)
+            image = decode_b64(entry, i, "items")
             if not image:
                 raise InvalidInput(f"items[{i}] has an empty image")
             items.append(

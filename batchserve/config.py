@@ -82,7 +82,7 @@ class Settings:
     )
     max_body_bytes: int = _setting(32 * 1024 * 1024, "largest request body in bytes")
     max_image_pixels: int = _setting(40_000_000, "largest image, width times height")
-    max_images_per_request: int = _setting(64, "most images in one request")
+    max_images_per_request: int = _setting(64, "most images (or query vectors) in one request")
 
     index_kind: str = _setting(
         "flat",

@@ -1,6 +1,10 @@
-"""Hostile input against the real server: every case gets a clear 4xx (never a 5xx), and
-the server goes on serving. The table is the list of cases tried; a property-based test
-then throws random bodies, content types and headers at it."""
+"""Hostile input against the real server: every case gets its exact 4xx status, error code
+and a message naming what was wrong (never a 5xx), and the server goes on serving.
+
+The table is the list of cases tried, one wrong thing at a time, through every parser: raw,
+multipart and JSON images; JSON query vectors; multipart and JSON items; search options in
+the query string and the JSON body. A property-based test then throws random requests built
+from the API's real keys and options, content types and headers at it."""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ import json
 import struct
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
+from urllib.parse import urlencode
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -18,9 +24,12 @@ from PIL import Image
 
 from batchserve.testing import encode_multipart
 
-from .conftest import Server, start_server, stop_server
+from .conftest import Response, Server, start_server, stop_server
 
 MAX_BODY = 2_000_000
+MAX_IMAGES = 4
+#: The built-in model's embedding size: the dimension every query vector must have.
+DIM = 1280
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +40,7 @@ def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "--max-body-bytes",
         str(MAX_BODY),
         "--max-images-per-request",
-        "4",
+        str(MAX_IMAGES),
         "--no-demo",
     )
     yield running
@@ -71,153 +80,711 @@ def encoded(fmt: str, frames: int = 1, size: tuple[int, int] = (64, 48)) -> byte
     return out.getvalue()
 
 
-def multipart(fields: dict[str, str], files: list[tuple[str, str, bytes]]) -> tuple[bytes, str]:
-    return encode_multipart(files, fields=fields)
-
-
 JPEG = encoded("JPEG")
+HTML = b"<html><body>hi</body></html>"
 SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect/></svg>'
 B64 = base64.b64encode(JPEG).decode()
+TEXT_B64 = base64.b64encode(b"hello").decode()
+TIFF_B64 = base64.b64encode(encoded("TIFF")).decode()
+#: A valid query vector (any norm > 0 is accepted).
+VECTOR = [0.1] * DIM
+#: An integer JSON allows and float() cannot hold.
+HUGE_INT = 10**400
+NAN, INF = float("nan"), float("inf")
+
+#: A request body and its Content-Type (None: no header).
+Body = tuple[bytes, str | None]
 
 
-def json_body(doc: object) -> tuple[bytes, str]:
+def raw(data: bytes, ctype: str | None) -> Body:
+    return data, ctype
+
+
+def json_body(doc: object) -> Body:
+    """``doc`` as JSON. Python writes float NaN and infinities as the tokens ``NaN``,
+    ``Infinity`` and ``-Infinity``, which are not JSON but which the server's parser reads."""
     return json.dumps(doc).encode(), "application/json"
 
 
-def item(fields: dict[str, str]) -> tuple[bytes, str]:
+def vectors(*queries: object, **options: object) -> Body:
+    """A search by vectors: ``{"vectors": [queries...], **options}``."""
+    return json_body({"vectors": list(queries), **options})
+
+
+def with_first(value: object) -> list[object]:
+    """A query vector of the right dimension whose first element is ``value``."""
+    return [value, *VECTOR[1:]]
+
+
+def multipart(fields: dict[str, str], files: list[tuple[str, str, bytes]]) -> Body:
+    return encode_multipart(files, fields=fields)
+
+
+def multipart_item(fields: dict[str, str]) -> Body:
+    """One JPEG under ``image`` with ``fields`` (id, label, metadata) as form fields."""
     return multipart(fields, [("image", "a.jpg", JPEG)])
 
 
-# (name, method, path, body, content type or None, expected status)
-CASES: list[tuple[str, str, str, bytes, str | None, int]] = [
-    ("empty body", "POST", "/v1/embed", b"", "image/jpeg", 400),
-    ("truncated JPEG", "POST", "/v1/embed", JPEG[: len(JPEG) // 2], "image/jpeg", 400),
-    ("corrupt JPEG", "POST", "/v1/embed", JPEG[:20] + b"\x00" * 300, "image/jpeg", 400),
-    ("truncated PNG", "POST", "/v1/embed", encoded("PNG")[:60], "image/png", 400),
-    (
+def items(*entries: object) -> Body:
+    return json_body({"items": list(entries)})
+
+
+def json_item(**fields: object) -> dict[str, object]:
+    """A valid JSON item with ``fields`` replaced; a field given as ``...`` is left out."""
+    entry: dict[str, object] = {"id": "hostile-item", "label": "x", "metadata": {}, "b64": B64}
+    entry.update(fields)
+    return {k: v for k, v in entry.items() if v is not ...}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One hostile request and the answer it must get. ``says`` is a fragment of the error
+    message that shows which check answered: a vector case stopped by "no image" gets the
+    same 400 ``invalid_input`` as one stopped by the dimension check."""
+
+    name: str
+    method: str
+    path: str
+    body: bytes
+    ctype: str | None
+    status: int
+    code: str
+    says: str
+
+
+def post(name: str, path: str, body: Body, status: int, code: str, says: str) -> Case:
+    return Case(name, "POST", path, *body, status, code, says)
+
+
+def get(name: str, path: str, status: int, code: str, says: str, method: str = "GET") -> Case:
+    return Case(name, method, path, b"", None, status, code, says)
+
+
+BAD = "invalid_input"
+TOO_LARGE = "payload_too_large"
+UNSUPPORTED = "unsupported_media_type"
+NOT_FOUND = "not_found"
+
+OVER_LIMIT = "over the limit"
+UNREADABLE = "cannot identify the data as an image"
+SHAPE = f"vectors must be a non-empty list of {DIM}-number lists"
+NOT_FINITE = "vectors must not hold NaN or infinity"
+NOT_NUMBERS = "vectors[0] must be a list of numbers"
+NOT_A_LIST = '"vectors" must be a list of lists of numbers'
+ONE_VECTOR = vectors(VECTOR)
+K_RANGE = "k must be between 1 and 1000"
+K_INT = "k must be an integer"
+SCORE_NUMBER = "min_score must be a number"
+SCORE_RANGE = "min_score must be between -1 and 1"
+SAME_CLASS = "same_class must be true or false"
+NO_ITEMS = 'JSON body must be {"items": [{"id": ..., "b64": ...}, ...]}'
+NO_ID = "every item needs an id: a non-empty string"
+LABEL = "label must be a printable string of at most 256"
+META_OBJECT = "metadata must be a JSON object"
+META_NOT_FINITE = "metadata must not hold NaN or Infinity"
+ITEM_NO_B64 = 'items[0] must be {"b64": "<base64>"}'
+
+EMBED, SEARCH, ITEMS = "/v1/embed", "/v1/search", "/v1/items"
+
+IMAGE_CASES = [
+    post("empty body", EMBED, raw(b"", "image/jpeg"), 400, BAD, "image 0 is empty"),
+    post("truncated JPEG", EMBED, raw(JPEG[: len(JPEG) // 2], "image/jpeg"), 400, BAD, "image"),
+    post("corrupt JPEG", EMBED, raw(JPEG[:20] + b"\x00" * 300, "image/jpeg"), 400, BAD, "image"),
+    post("truncated PNG", EMBED, raw(encoded("PNG")[:60], "image/png"), 400, BAD, "image"),
+    post(
         "PNG declaring 50000x50000",
-        "POST",
-        "/v1/embed",
-        png_declaring(50000, 50000),
-        "image/png",
+        EMBED,
+        raw(png_declaring(50000, 50000), "image/png"),
         413,
+        TOO_LARGE,
+        "pixels",
     ),
-    (
+    post(
         "JPEG declaring 50000x50000",
-        "POST",
-        "/v1/embed",
-        jpeg_declaring(50000, 50000),
-        "image/jpeg",
+        EMBED,
+        raw(jpeg_declaring(50000, 50000), "image/jpeg"),
         413,
+        TOO_LARGE,
+        "pixels",
     ),
-    ("animated GIF", "POST", "/v1/embed", encoded("GIF", frames=3), "image/gif", 400),
-    ("TIFF", "POST", "/v1/embed", encoded("TIFF"), "image/tiff", 415),
-    ("SVG", "POST", "/v1/embed", SVG, "image/svg+xml", 400),
-    ("HTML as text/html", "POST", "/v1/embed", b"<html><body>hi</body></html>", "text/html", 415),
-    ("HTML as image/jpeg", "POST", "/v1/embed", b"<html><body>hi</body></html>", "image/jpeg", 400),
-    ("text as image/png", "POST", "/v1/embed", b"just some text\n", "image/png", 400),
-    ("missing Content-Type", "POST", "/v1/embed", JPEG, None, 415),
-    ("wrong Content-Type", "POST", "/v1/embed", JPEG, "application/xml", 415),
-    ("multipart without a file", "POST", "/v1/embed", *multipart({"note": "x"}, []), 400),
-    (
+    post(
+        "animated GIF",
+        EMBED,
+        raw(encoded("GIF", frames=3), "image/gif"),
+        400,
+        BAD,
+        "animated images are not supported",
+    ),
+    post("TIFF", EMBED, raw(encoded("TIFF"), "image/tiff"), 415, UNSUPPORTED, "TIFF"),
+    post("SVG", EMBED, raw(SVG, "image/svg+xml"), 400, BAD, UNREADABLE),
+    post("HTML as text/html", EMBED, raw(HTML, "text/html"), 415, UNSUPPORTED, "text/html"),
+    post("HTML as image/jpeg", EMBED, raw(HTML, "image/jpeg"), 400, BAD, UNREADABLE),
+    post("text as image/png", EMBED, raw(b"just some text\n", "image/png"), 400, BAD, UNREADABLE),
+    post("missing Content-Type", EMBED, raw(JPEG, None), 415, UNSUPPORTED, "missing Content-Type"),
+    post("wrong Content-Type", EMBED, raw(JPEG, "application/xml"), 415, UNSUPPORTED, "xml"),
+    post("multipart without a file", EMBED, multipart({"note": "x"}, []), 400, BAD, "no image"),
+    post(
         "multipart with a bad boundary",
-        "POST",
-        "/v1/embed",
-        b"--zz\r\nnot mime",
-        "multipart/form-data; boundary=other",
+        EMBED,
+        raw(b"--zz\r\nnot mime", "multipart/form-data; boundary=other"),
         400,
+        BAD,
+        "malformed multipart/form-data body",
     ),
-    ("invalid JSON", "POST", "/v1/embed", b'{"images": [', "application/json", 400),
-    ("JSON that is not an object", "POST", "/v1/embed", b"[1, 2]", "application/json", 400),
-    (
+    post("invalid JSON", EMBED, raw(b'{"images": [', "application/json"), 400, BAD, "invalid JSON"),
+    post(
+        "JSON that is not an object",
+        EMBED,
+        raw(b"[1, 2]", "application/json"),
+        400,
+        BAD,
+        "the JSON body must be an object",
+    ),
+    post(
+        "JSON images not a list",
+        EMBED,
+        json_body({"images": {"b64": B64}}),
+        400,
+        BAD,
+        '"images" must be a list',
+    ),
+    post(
         "invalid base64",
-        "POST",
-        "/v1/embed",
-        *json_body({"images": [{"b64": "%%%not base64%%%"}]}),
+        EMBED,
+        json_body({"images": [{"b64": "%%%not base64%%%"}]}),
         400,
+        BAD,
+        "images[0].b64 is not valid base64",
     ),
-    (
-        "base64 of text",
-        "POST",
-        "/v1/embed",
-        *json_body({"images": [{"b64": base64.b64encode(b"hello").decode()}]}),
-        400,
-    ),
-    (
+    post("base64 of text", EMBED, json_body({"images": [{"b64": TEXT_B64}]}), 400, BAD, UNREADABLE),
+    post(
         "a URL instead of bytes (never fetched)",
-        "POST",
-        "/v1/embed",
-        *json_body({"images": [{"url": "http://127.0.0.1:1/x.jpg"}]}),
+        EMBED,
+        json_body({"images": [{"url": "http://127.0.0.1:1/x.jpg"}]}),
         400,
+        BAD,
+        'images[0] must be {"b64": "<base64>"}',
     ),
-    (
+    post(
         "huge base64",
-        "POST",
-        "/v1/embed",
-        *json_body({"images": [{"b64": "A" * (MAX_BODY + 10)}]}),
+        EMBED,
+        json_body({"images": [{"b64": "A" * (MAX_BODY + 10)}]}),
         413,
+        TOO_LARGE,
+        OVER_LIMIT,
     ),
-    (
+    post(
         "more images than the limit",
-        "POST",
-        "/v1/embed",
-        *json_body({"images": [{"b64": B64}] * 5}),
+        EMBED,
+        json_body({"images": [{"b64": B64}] * (MAX_IMAGES + 1)}),
         413,
+        TOO_LARGE,
+        f"{MAX_IMAGES + 1} images in one request; the limit is {MAX_IMAGES}",
     ),
-    ("body over the limit", "POST", "/v1/embed", b"\xff" * (MAX_BODY + 1), "image/jpeg", 413),
-    ("empty id", "POST", "/v1/items", *item({"id": ""}), 400),
-    ("id too long", "POST", "/v1/items", *item({"id": "x" * 5000}), 400),
-    ("id with a NUL", "POST", "/v1/items", *item({"id": "a\x00b"}), 400),
-    ("id not UTF-8 in the path", "GET", "/v1/items/%FF%FE", b"", None, 400),
-    ("metadata not an object", "POST", "/v1/items", *item({"id": "m", "metadata": "[1, 2]"}), 400),
-    ("metadata not JSON", "POST", "/v1/items", *item({"id": "m", "metadata": "{oops"}), 400),
-    (
-        "metadata too large",
-        "POST",
-        "/v1/items",
-        *item({"id": "m", "metadata": json.dumps({"x": "y" * 70000})}),
+    post(
+        "body over the limit",
+        EMBED,
+        raw(b"\xff" * (MAX_BODY + 1), "image/jpeg"),
         413,
+        TOO_LARGE,
+        OVER_LIMIT,
     ),
-    ("k = 0", "POST", "/v1/search?k=0", JPEG, "image/jpeg", 400),
-    ("k too large", "POST", "/v1/search?k=1000000", JPEG, "image/jpeg", 400),
-    ("k not a number", "POST", "/v1/search?k=ten", JPEG, "image/jpeg", 400),
-    ("vector of the wrong dimension", "POST", "/v1/search", *json_body({"vector": [0.1] * 3}), 400),
-    (
-        "vector with NaN",
-        "POST",
-        "/v1/search",
-        b'{"vector": [' + b"NaN, " * 1279 + b"NaN]}",
-        "application/json",
-        400,
-    ),
-    ("vector of strings", "POST", "/v1/search", *json_body({"vector": ["a"] * 1280}), 400),
-    ("unknown item", "GET", "/v1/items/no-such-item", b"", None, 404),
-    ("unknown route", "GET", "/v1/nothing-here", b"", None, 404),
-    ("wrong method", "GET", "/v1/embed", b"", None, 405),
 ]
 
+# POST /v1/search {"vectors": [[...], ...]}: the only route that takes vectors.
+VECTOR_CASES = [
+    post(
+        "the singular key vector is not read",
+        SEARCH,
+        json_body({"vector": VECTOR}),
+        400,
+        BAD,
+        'no image to search with (or send {"vectors": [...]})',
+    ),
+    post("vectors of dimension 3", SEARCH, vectors([0.1] * 3), 400, BAD, SHAPE),
+    post("vectors one short of the dimension", SEARCH, vectors(VECTOR[1:]), 400, BAD, SHAPE),
+    post("vectors one over the dimension", SEARCH, vectors([*VECTOR, 0.1]), 400, BAD, SHAPE),
+    post("a huge vector (100000 numbers)", SEARCH, vectors([0.1] * 100_000), 400, BAD, SHAPE),
+    post(
+        "a valid vector then one of dimension 3",
+        SEARCH,
+        vectors(VECTOR, [0.1] * 3),
+        400,
+        BAD,
+        "vectors must be a list of lists of numbers",
+    ),
+    post("vectors an empty list", SEARCH, vectors(), 400, BAD, SHAPE),
+    post("vectors holding an empty vector", SEARCH, vectors([]), 400, BAD, SHAPE),
+    post("a NaN token", SEARCH, vectors(with_first(NAN)), 400, BAD, NOT_FINITE),
+    post("all NaN tokens", SEARCH, vectors([NAN] * DIM), 400, BAD, NOT_FINITE),
+    post("an Infinity token", SEARCH, vectors(with_first(INF)), 400, BAD, NOT_FINITE),
+    post("a -Infinity token", SEARCH, vectors(with_first(-INF)), 400, BAD, NOT_FINITE),
+    post(
+        "1e400, read as infinity",
+        SEARCH,
+        raw(b'{"vectors": [[1e400' + b", 0.1" * (DIM - 1) + b"]]}", "application/json"),
+        400,
+        BAD,
+        NOT_FINITE,
+    ),
+    post(
+        "an integer too large for a float",
+        SEARCH,
+        vectors(with_first(HUGE_INT)),
+        400,
+        BAD,
+        "vectors[0] holds a number too large for a float",
+    ),
+    post("the string NaN", SEARCH, vectors(with_first("NaN")), 400, BAD, NOT_NUMBERS),
+    post("the string Infinity", SEARCH, vectors(with_first("Infinity")), 400, BAD, NOT_NUMBERS),
+    post("numbers as strings", SEARCH, vectors(["0.1"] * DIM), 400, BAD, NOT_NUMBERS),
+    post("words", SEARCH, vectors(["a"] * DIM), 400, BAD, NOT_NUMBERS),
+    post("booleans", SEARCH, vectors([True] * DIM), 400, BAD, NOT_NUMBERS),
+    post("a null", SEARCH, vectors(with_first(None)), 400, BAD, NOT_NUMBERS),
+    post("an object", SEARCH, vectors(with_first({"x": 0.1})), 400, BAD, NOT_NUMBERS),
+    post("vectors nested one level too deep", SEARCH, vectors([VECTOR]), 400, BAD, NOT_NUMBERS),
+    post(
+        "vectors nested past the JSON parser's depth",
+        SEARCH,
+        raw(b'{"vectors": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "application/json"),
+        400,
+        BAD,
+        "invalid JSON",
+    ),
+    post(
+        "one vector not wrapped in a list",
+        SEARCH,
+        json_body({"vectors": VECTOR}),
+        400,
+        BAD,
+        NOT_NUMBERS,
+    ),
+    post("vectors an object", SEARCH, json_body({"vectors": {"0": VECTOR}}), 400, BAD, NOT_A_LIST),
+    post("vectors a string", SEARCH, json_body({"vectors": "0.1, 0.1"}), 400, BAD, NOT_A_LIST),
+    post("vectors null", SEARCH, json_body({"vectors": None}), 400, BAD, NOT_A_LIST),
+    post("a zero vector", SEARCH, vectors([0.0] * DIM), 400, BAD, "a zero vector has no direction"),
+    post(
+        "more vectors than max_images_per_request",
+        SEARCH,
+        vectors(*[VECTOR] * 5),
+        413,
+        TOO_LARGE,
+        "5 vectors in one request; the limit is 4",
+    ),
+    post(
+        "more vectors than the body limit holds",
+        SEARCH,
+        vectors(*[VECTOR] * (MAX_BODY // (5 * DIM) + 1)),
+        413,
+        TOO_LARGE,
+        OVER_LIMIT,
+    ),
+    post(
+        "vectors and images together",
+        SEARCH,
+        json_body({"vectors": [VECTOR], "images": [{"b64": B64}]}),
+        400,
+        BAD,
+        'send "vectors" or "images", not both',
+    ),
+    post(
+        "vectors with same_class",
+        SEARCH,
+        vectors(VECTOR, same_class=True),
+        400,
+        BAD,
+        "same_class needs an image, not a vector",
+    ),
+    post(
+        "vectors as text/plain",
+        SEARCH,
+        raw(ONE_VECTOR[0], "text/plain"),
+        415,
+        UNSUPPORTED,
+        "text/plain is not accepted",
+    ),
+]
 
-@pytest.mark.parametrize(
-    ("name", "method", "path", "body", "ctype", "status"), CASES, ids=[c[0] for c in CASES]
-)
-def test_hostile_case_gets_a_clear_4xx(
-    strict: Server, name: str, method: str, path: str, body: bytes, ctype: str | None, status: int
-) -> None:
-    headers = {"Content-Type": ctype} if ctype else {}
-    response = strict.request(method, path, body or None, headers)
-    assert response.status == status, (name, response.body[:300])
+# Search options, in the query string and the JSON body, on every route that reads them;
+# all are checked before any search or inference.
+OPTION_CASES = [
+    post("k = 0", SEARCH + "?k=0", raw(JPEG, "image/jpeg"), 400, BAD, K_RANGE),
+    post("k too large", SEARCH + "?k=1000000", raw(JPEG, "image/jpeg"), 400, BAD, K_RANGE),
+    post("k not a number", SEARCH + "?k=ten", raw(JPEG, "image/jpeg"), 400, BAD, K_INT),
+    post("query k negative", SEARCH + "?k=-1", ONE_VECTOR, 400, BAD, K_RANGE + ", got -1"),
+    post("query k 1001", SEARCH + "?k=1001", ONE_VECTOR, 400, BAD, K_RANGE + ", got 1001"),
+    post("query k fractional", SEARCH + "?k=2.5", ONE_VECTOR, 400, BAD, K_INT),
+    post("query k empty", SEARCH + "?k=", ONE_VECTOR, 400, BAD, K_INT),
+    post("query k over a valid body k", SEARCH + "?k=0", vectors(VECTOR, k=3), 400, BAD, K_RANGE),
+    post("body k 0", SEARCH, vectors(VECTOR, k=0), 400, BAD, K_RANGE),
+    post("body k huge", SEARCH, vectors(VECTOR, k=HUGE_INT), 400, BAD, K_RANGE),
+    post("body k a float", SEARCH, vectors(VECTOR, k=2.5), 400, BAD, K_INT),
+    post("body k a boolean", SEARCH, vectors(VECTOR, k=True), 400, BAD, K_INT),
+    post("body k a list", SEARCH, vectors(VECTOR, k=[3]), 400, BAD, K_INT),
+    post("query min_score a word", SEARCH + "?min_score=high", ONE_VECTOR, 400, BAD, SCORE_NUMBER),
+    post("query min_score 2", SEARCH + "?min_score=2", ONE_VECTOR, 400, BAD, SCORE_RANGE),
+    post("query min_score nan", SEARCH + "?min_score=nan", ONE_VECTOR, 400, BAD, SCORE_RANGE),
+    post("query min_score -inf", SEARCH + "?min_score=-inf", ONE_VECTOR, 400, BAD, SCORE_RANGE),
+    post(
+        "body min_score a word", SEARCH, vectors(VECTOR, min_score="high"), 400, BAD, SCORE_NUMBER
+    ),
+    post(
+        "body min_score a boolean", SEARCH, vectors(VECTOR, min_score=True), 400, BAD, SCORE_NUMBER
+    ),
+    post("body min_score a list", SEARCH, vectors(VECTOR, min_score=[0.5]), 400, BAD, SCORE_NUMBER),
+    post(
+        "body min_score an integer too large for a float",
+        SEARCH,
+        vectors(VECTOR, min_score=HUGE_INT),
+        400,
+        BAD,
+        SCORE_NUMBER,
+    ),
+    post(
+        "body min_score a NaN token", SEARCH, vectors(VECTOR, min_score=NAN), 400, BAD, SCORE_RANGE
+    ),
+    post(
+        "body label not a string",
+        SEARCH,
+        vectors(VECTOR, label=5),
+        400,
+        BAD,
+        "label must be a string",
+    ),
+    post("query same_class a word", SEARCH + "?same_class=maybe", ONE_VECTOR, 400, BAD, SAME_CLASS),
+    post("body same_class a number", SEARCH, vectors(VECTOR, same_class=1), 400, BAD, SAME_CLASS),
+    post("body same_class a word", SEARCH, vectors(VECTOR, same_class="yes"), 400, BAD, SAME_CLASS),
+    get("similar with k = 0", "/v1/items/any/similar?k=0", 400, BAD, K_RANGE),
+    get(
+        "similar with min_score a word", "/v1/items/any/similar?min_score=x", 400, BAD, SCORE_NUMBER
+    ),
+    get(
+        "similar with same_class a word", "/v1/items/any/similar?same_class=2", 400, BAD, SAME_CLASS
+    ),
+    post("classify with k = 0", "/v1/classify?k=0", raw(JPEG, "image/jpeg"), 400, BAD, K_RANGE),
+    post("classify with k a word", "/v1/classify?k=five", raw(JPEG, "image/jpeg"), 400, BAD, K_INT),
+]
+
+# POST /v1/items, multipart then JSON: every field wrong in turn, the rest valid.
+ITEM_CASES = [
+    post("empty id", ITEMS, multipart_item({"id": ""}), 400, BAD, NO_ID),
+    post("id too long", ITEMS, multipart_item({"id": "x" * 5000}), 400, BAD, "the limit is 256"),
+    post("id with a NUL", ITEMS, multipart_item({"id": "a\x00b"}), 400, BAD, "control characters"),
+    post("image without an id", ITEMS, multipart_item({}), 400, BAD, "1 image(s) but 0 id(s)"),
+    get("id not UTF-8 in the path", "/v1/items/%FF%FE", 400, BAD, "the URL is not valid UTF-8"),
+    post(
+        "metadata not an object",
+        ITEMS,
+        multipart_item({"id": "m", "metadata": "[1, 2]"}),
+        400,
+        BAD,
+        META_OBJECT,
+    ),
+    post(
+        "metadata not JSON",
+        ITEMS,
+        multipart_item({"id": "m", "metadata": "{oops"}),
+        400,
+        BAD,
+        "invalid JSON",
+    ),
+    post(
+        "metadata too large",
+        ITEMS,
+        multipart_item({"id": "m", "metadata": json.dumps({"x": "y" * 70000})}),
+        413,
+        TOO_LARGE,
+        "metadata is over 16384 bytes",
+    ),
+    post(
+        "metadata with NaN",
+        ITEMS,
+        multipart_item({"id": "m", "metadata": '{"x": NaN}'}),
+        400,
+        BAD,
+        META_NOT_FINITE,
+    ),
+    post("JSON without items", ITEMS, json_body({"images": [{"b64": B64}]}), 400, BAD, NO_ITEMS),
+    post("JSON items an object", ITEMS, json_body({"items": json_item()}), 400, BAD, NO_ITEMS),
+    post("JSON items a string", ITEMS, json_body({"items": "hostile-item"}), 400, BAD, NO_ITEMS),
+    post("JSON items null", ITEMS, json_body({"items": None}), 400, BAD, NO_ITEMS),
+    post("JSON items an empty list", ITEMS, items(), 400, BAD, NO_ITEMS),
+    post(
+        "JSON items more than the limit",
+        ITEMS,
+        items(*[json_item(id=f"n{i}") for i in range(MAX_IMAGES + 1)]),
+        413,
+        TOO_LARGE,
+        f"{MAX_IMAGES + 1} items in one request; the limit is {MAX_IMAGES}",
+    ),
+    post("JSON item not an object", ITEMS, items(B64), 400, BAD, "items[0] must be an object"),
+    post("JSON item without an id", ITEMS, items(json_item(id=...)), 400, BAD, NO_ID),
+    post("JSON item with an empty id", ITEMS, items(json_item(id="")), 400, BAD, NO_ID),
+    post("JSON item with a numeric id", ITEMS, items(json_item(id=5)), 400, BAD, NO_ID),
+    post("JSON item with a null id", ITEMS, items(json_item(id=None)), 400, BAD, NO_ID),
+    post(
+        "JSON item with an id too long",
+        ITEMS,
+        items(json_item(id="x" * 257)),
+        400,
+        BAD,
+        "id is 257 characters; the limit is 256",
+    ),
+    post(
+        "JSON item with a newline in its id",
+        ITEMS,
+        items(json_item(id="a\nb")),
+        400,
+        BAD,
+        "id must not hold control characters",
+    ),
+    post("JSON item with a numeric label", ITEMS, items(json_item(label=5)), 400, BAD, LABEL),
+    post("JSON item with a list label", ITEMS, items(json_item(label=["x"])), 400, BAD, LABEL),
+    post(
+        "JSON item with a label too long", ITEMS, items(json_item(label="x" * 257)), 400, BAD, LABEL
+    ),
+    post(
+        "JSON item with a bell in its label",
+        ITEMS,
+        items(json_item(label="a\x07")),
+        400,
+        BAD,
+        LABEL,
+    ),
+    post(
+        "JSON item with list metadata", ITEMS, items(json_item(metadata=[1])), 400, BAD, META_OBJECT
+    ),
+    post(
+        "JSON item with numeric metadata",
+        ITEMS,
+        items(json_item(metadata=5)),
+        400,
+        BAD,
+        META_OBJECT,
+    ),
+    post(
+        "JSON item with metadata text not JSON",
+        ITEMS,
+        items(json_item(metadata="{oops")),
+        400,
+        BAD,
+        "invalid JSON",
+    ),
+    post(
+        "JSON item with metadata holding NaN",
+        ITEMS,
+        items(json_item(metadata={"x": NAN})),
+        400,
+        BAD,
+        META_NOT_FINITE,
+    ),
+    post(
+        "JSON item with metadata holding Infinity",
+        ITEMS,
+        items(json_item(metadata={"x": [INF]})),
+        400,
+        BAD,
+        META_NOT_FINITE,
+    ),
+    post(
+        "JSON item with metadata too large",
+        ITEMS,
+        items(json_item(metadata={"x": "y" * 70000})),
+        413,
+        TOO_LARGE,
+        "metadata is over 16384 bytes",
+    ),
+    post("JSON item without b64", ITEMS, items(json_item(b64=...)), 400, BAD, ITEM_NO_B64),
+    post("JSON item with numeric b64", ITEMS, items(json_item(b64=5)), 400, BAD, ITEM_NO_B64),
+    post(
+        "JSON item with empty b64",
+        ITEMS,
+        items(json_item(b64="")),
+        400,
+        BAD,
+        "items[0] has an empty image",
+    ),
+    post(
+        "JSON item with b64 not base64",
+        ITEMS,
+        items(json_item(b64="%%%not base64%%%")),
+        400,
+        BAD,
+        "items[0].b64 is not valid base64",
+    ),
+    post("JSON item with b64 of text", ITEMS, items(json_item(b64=TEXT_B64)), 400, BAD, UNREADABLE),
+    post(
+        "JSON item with b64 of a TIFF",
+        ITEMS,
+        items(json_item(b64=TIFF_B64)),
+        415,
+        UNSUPPORTED,
+        "TIFF",
+    ),
+    post(
+        "JSON items, the second without an id",
+        ITEMS,
+        items(json_item(id="first"), json_item(id=...)),
+        400,
+        BAD,
+        NO_ID,
+    ),
+    get("unknown item", "/v1/items/no-such-item", 404, NOT_FOUND, "no item with id"),
+    get("similar of an unknown item", "/v1/items/no-such-item/similar", 404, NOT_FOUND, "no item"),
+    get("delete of an unknown item", "/v1/items/no-such-item", 404, NOT_FOUND, "no item", "DELETE"),
+]
+
+ROUTE_CASES = [
+    get("unknown route", "/v1/nothing-here", 404, NOT_FOUND, "not found"),
+    get("wrong method", "/v1/embed", 405, "method_not_allowed", "not allowed"),
+]
+
+CASES = IMAGE_CASES + VECTOR_CASES + OPTION_CASES + ITEM_CASES + ROUTE_CASES
+
+
+def send(server: Server, case: Case) -> Response:
+    headers = {"Content-Type": case.ctype} if case.ctype else {}
+    return server.request(case.method, case.path, case.body or None, headers)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_hostile_case_gets_its_exact_status_code_and_message(strict: Server, case: Case) -> None:
+    response = send(strict, case)
+    assert response.status == case.status, response.body[:300]
+    assert response.headers["content-type"] == "application/json"
     error = response.json()["error"]
-    assert error["code"] and error["message"]
+    assert error["code"] == case.code, error
+    assert case.says in error["message"], error
 
 
 def test_after_every_hostile_case_the_server_still_serves(strict: Server) -> None:
-    for _name, method, path, body, ctype, _status in CASES:
-        strict.request(method, path, body or None, {"Content-Type": ctype} if ctype else {})
+    for case in CASES:
+        send(strict, case)
     assert strict.request("GET", "/healthz").status == 200
     response = strict.request("POST", "/v1/embed", JPEG, {"Content-Type": "image/jpeg"})
-    assert response.status == 200 and len(response.json()["results"][0]["embedding"]) == 1280
+    assert response.status == 200 and len(response.json()["results"][0]["embedding"]) == DIM
+    json_type = {"Content-Type": "application/json"}
+    response = strict.request("POST", "/v1/search", ONE_VECTOR[0], json_type)
+    assert response.status == 200 and len(response.json()["results"]) == 1
 
 
+def test_a_refused_item_request_stores_none_of_its_items(strict: Server) -> None:
+    for case in ITEM_CASES:
+        send(strict, case)
+    for item_id in ["hostile-item", "first", "m", *(f"n{i}" for i in range(MAX_IMAGES + 1))]:
+        assert strict.request("GET", f"/v1/items/{item_id}").status == 404, item_id
+
+
+# -- random requests from the API's own vocabulary --------------------------------------------
+
+#: JSON values that no field should take whole, and a few that every parser must survive.
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=20)
+    | st.sampled_from([HUGE_INT, -HUGE_INT, 2**63, NAN, INF, -INF, "NaN", "Infinity", "0.1", ""])
+)
+HOSTILE = st.recursive(
+    SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+#: Search option values as the query string carries them.
+OPTION_TEXT = st.sampled_from(
+    ["3", "0", "-1", "1001", "2.5", "ten", "", "0.5", "nan", "-inf", "1e400", "true", "maybe"]
+)
+#: Text that http.client and encode_multipart can send (no lone surrogates).
+SENDABLE = st.text(st.characters(exclude_categories=["Cs"]), max_size=40)
+#: Most often no query string, so that the body's checks are reached.
+QUERY = st.sampled_from([{}, {}, {"k": "3"}]) | st.dictionaries(
+    st.sampled_from(["k", "min_score", "label", "same_class", "id", "metadata"]),
+    OPTION_TEXT | SENDABLE,
+    max_size=3,
+)
+#: Search options in a JSON body: a valid value or a hostile one.
+SEARCH_OPTIONS = {
+    "k": st.integers(1, 20) | OPTION_TEXT | HOSTILE,
+    "min_score": st.floats(-1, 1) | OPTION_TEXT | HOSTILE,
+    "label": st.just("x") | HOSTILE,
+    "same_class": st.booleans() | OPTION_TEXT | HOSTILE,
+}
+#: No options half the time, so that the checks after theirs are reached.
+OPTIONS: st.SearchStrategy[dict[str, object]] = st.just({}) | st.fixed_dictionaries(
+    {}, optional=SEARCH_OPTIONS
+)
+B64S = st.sampled_from(
+    [B64, "data:image/jpeg;base64," + B64, "", TEXT_B64, TIFF_B64, "%%%", B64[:101]]
+)
+IMAGES = st.lists(st.fixed_dictionaries({"b64": B64S}) | B64S, max_size=MAX_IMAGES + 1) | HOSTILE
+
+
+@st.composite
+def query_vectors(draw: st.DrawFn) -> list[list[object]]:
+    """Vectors near the valid shape: mostly the right dimension, else one off or none, with
+    one element perhaps replaced by a hostile value; zero to one over the image limit."""
+    length = draw(st.sampled_from([DIM, DIM, DIM, DIM - 1, DIM + 1, 1, 0]))
+    vector: list[object] = [draw(st.floats(-1, 1))] * length
+    if length and draw(st.booleans()):
+        vector[draw(st.integers(0, length - 1))] = draw(HOSTILE)
+    return [vector] * draw(st.integers(0, MAX_IMAGES + 1))
+
+
+ITEM_FIELDS = {
+    "id": st.sampled_from(["fuzz-1", "fuzz/2", "fuzz 3"]) | SENDABLE | HOSTILE,
+    "label": st.just("x") | SENDABLE | HOSTILE,
+    "metadata": st.dictionaries(st.text(max_size=8), HOSTILE, max_size=4) | SENDABLE | HOSTILE,
+    "b64": B64S | HOSTILE,
+}
+#: An item with an id and an image and perhaps the rest; one with any fields; anything.
+ITEM = (
+    st.fixed_dictionaries(
+        {"id": ITEM_FIELDS["id"], "b64": ITEM_FIELDS["b64"]},
+        optional={"label": ITEM_FIELDS["label"], "metadata": ITEM_FIELDS["metadata"]},
+    )
+    | st.fixed_dictionaries({}, optional={**ITEM_FIELDS, "colour": HOSTILE})
+    | HOSTILE
+)
+
+
+def with_options(fields: dict[str, st.SearchStrategy[object]]) -> st.SearchStrategy[object]:
+    """Documents of ``fields`` and perhaps search options."""
+    return st.tuples(st.fixed_dictionaries(fields), OPTIONS).map(lambda d: {**d[1], **d[0]})
+
+
+#: JSON documents, each meant for one route, and one of every key at once.
+DOCUMENTS = {
+    "vectors": with_options({"vectors": query_vectors() | HOSTILE}),
+    "items": st.fixed_dictionaries({"items": st.lists(ITEM, max_size=MAX_IMAGES + 1) | HOSTILE}),
+    "images": with_options({"images": IMAGES}),
+    "keys": st.fixed_dictionaries(
+        {},
+        optional={
+            "images": IMAGES,
+            "vectors": query_vectors() | HOSTILE,
+            "vector": HOSTILE,
+            "items": st.lists(ITEM, max_size=2) | HOSTILE,
+            **SEARCH_OPTIONS,
+            **ITEM_FIELDS,
+        },
+    ),
+}
+ROUTES = [
+    ("POST", "/v1/embed"),
+    ("POST", "/v1/classify"),
+    ("POST", "/v1/search"),
+    ("POST", "/v1/items"),
+    ("GET", "/v1/items/x/similar"),
+]
+#: The route each kind of body is meant for (the others go to any route).
+ROUTE_FOR = {
+    "vectors": ("POST", "/v1/search"),
+    "items": ("POST", "/v1/items"),
+    "multipart item": ("POST", "/v1/items"),
+}
 CONTENT_TYPES = st.sampled_from(
     [
         "image/jpeg",
@@ -230,55 +797,71 @@ CONTENT_TYPES = st.sampled_from(
         "",
     ]
 ) | st.text(max_size=40)
+JSON_TYPES = st.sampled_from(["application/json", "application/json; charset=utf-8", "x/y+json"])
 
 
 @st.composite
-def bodies(draw: st.DrawFn) -> bytes:
-    kind = draw(st.sampled_from(["bytes", "mutated", "json", "multipart"]))
-    if kind == "bytes":
-        return draw(st.binary(max_size=4096))
+def bodies(draw: st.DrawFn, kind: str) -> Body:
+    """A body of ``kind`` and its Content-Type: a JSON document of the API's keys (mostly
+    sent as JSON, so that it reaches the parsers), a multipart item, a mutated JPEG, a
+    multipart text part, or any bytes."""
+    if kind in DOCUMENTS:
+        doc = json.dumps(draw(DOCUMENTS[kind])).encode()
+        return doc, draw(CONTENT_TYPES) if draw(st.integers(0, 4)) == 0 else draw(JSON_TYPES)
+    if kind == "multipart item":
+        fields = st.dictionaries(st.sampled_from(["id", "label", "metadata"]), SENDABLE)
+        return multipart_item(draw(fields))
     if kind == "mutated":
         data = bytearray(JPEG)
         for _ in range(draw(st.integers(1, 8))):
             data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
-        return bytes(data[: draw(st.integers(0, len(data)))])
-    if kind == "json":
-        value = st.recursive(
-            st.none() | st.booleans() | st.floats() | st.text(max_size=20),
-            lambda inner: (
-                st.lists(inner, max_size=4)
-                | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-            ),
-            max_leaves=12,
-        )
-        doc = draw(st.dictionaries(st.sampled_from(["images", "vector", "k", "b64", "x"]), value))
-        return json.dumps(doc).encode()
-    text = draw(st.text(max_size=200))
-    return f'--b\r\nContent-Disposition: form-data; name="image"\r\n\r\n{text}\r\n--b--\r\n'.encode(
-        "utf-8", "surrogatepass"
-    )
+        return bytes(data[: draw(st.integers(0, len(data)))]), draw(CONTENT_TYPES)
+    if kind == "multipart":
+        text = draw(st.text(max_size=200))
+        part = f'--b\r\nContent-Disposition: form-data; name="image"\r\n\r\n{text}\r\n--b--\r\n'
+        return part.encode("utf-8", "surrogatepass"), draw(CONTENT_TYPES)
+    return draw(st.binary(max_size=4096)), draw(CONTENT_TYPES)
+
+
+#: Kinds of body, JSON documents of the API's keys weighted up: they reach the most parsers.
+KINDS = [*DOCUMENTS, "vectors", "items", "multipart item", "mutated", "multipart", "bytes"]
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> tuple[str, str, bytes, str | None]:
+    """(method, path with a query string, body, Content-Type)."""
+    kind = draw(st.sampled_from(KINDS))
+    route = ROUTE_FOR.get(kind)
+    if route is None or draw(st.integers(0, 3)) == 0:
+        route = draw(st.sampled_from(ROUTES))
+    method, path = route
+    query = draw(QUERY)
+    if query:
+        path += "?" + urlencode(query)
+    return (method, path, *draw(bodies(kind)))
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
-    path=st.sampled_from(
-        ["/v1/embed", "/v1/classify", "/v1/search", "/v1/search?k=3", "/v1/items", "/v1/items?id=x"]
-    ),
-    body=bodies(),
-    ctype=CONTENT_TYPES,
+    request=requests(),
     extra=st.dictionaries(
         st.sampled_from(["Accept", "X-Request-Id", "Authorization", "Content-Encoding"]),
         st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=40),
         max_size=3,
     ),
 )
-def test_no_body_or_header_gets_a_5xx(
-    strict: Server, path: str, body: bytes, ctype: str, extra: dict[str, str]
+def test_no_request_gets_a_5xx_and_every_refusal_says_why(
+    strict: Server, request: tuple[str, str, bytes, str | None], extra: dict[str, str]
 ) -> None:
-    headers = {**extra, "Content-Type": ctype} if ctype.isprintable() else dict(extra)
+    method, path, data, ctype = request
+    headers = {**extra, "Content-Type": ctype} if ctype and ctype.isprintable() else dict(extra)
     try:
-        response = strict.request("POST", path, body, headers)
+        response = strict.request(method, path, data, headers)
     except ValueError:
         return  # http.client refused to send the header; the server never saw it
-    assert response.status < 500, (path, ctype, body[:80], response.body[:200])
+    assert response.status < 500, (path, ctype, data[:80], response.body[:200])
+    if response.status >= 400:
+        error = response.json()["error"]
+        assert isinstance(error["code"], str) and error["code"], error
+        assert isinstance(error["message"], str) and error["message"], error
     assert strict.request("GET", "/healthz").status == 200
