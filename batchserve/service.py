@@ -195,30 +195,32 @@ class ImageService:
             return fail(e)
         # The deadline runs from now: time spent decoding counts against it.
         deadline_s = self._clock.seconds() + self._batcher.policy.timeout_s
-        return gather(
-            [self._run_one(data, task, info.input_size, deadline_s) for data, task in jobs]
-        )
-
-    def _run_one(
-        self, data: bytes, task: Task, size: tuple[int, int], deadline_s: float
-    ) -> Deferred[Outcome]:
-        self._decoding += 1
+        # Every image is decoded before any is queued: one bad image fails the request
+        # before the model sees (or the catalog stores) any of its images.
+        self._decoding += len(jobs)
 
         def decoded(result: object) -> object:
-            self._decoding -= 1
+            self._decoding -= len(jobs)
             return result
 
-        def submit(array: npt.NDArray[np.uint8]) -> Deferred[Outcome]:
-            left_s = deadline_s - self._clock.seconds()
-            if left_s <= 0:
-                self._batcher.count_rejection("deadline")
-                return fail(DeadlineExceeded("deadline passed while the image was decoded"))
-            return self._batcher.submit(Job(array, task), timeout_s=left_s)
-
-        d: Deferred[Any] = self._run_in_pool(self._decode, data, size)
+        d = gather([self._run_in_pool(self._decode, data, info.input_size) for data, _t in jobs])
         d.addBoth(decoded)
-        d.addCallback(submit)
-        return d
+        return d.addCallback(self._submit_all, [task for _data, task in jobs], deadline_s)
+
+    def _submit_all(
+        self, arrays: Sequence[npt.NDArray[np.uint8]], tasks: Sequence[Task], deadline_s: float
+    ) -> Deferred[list[Outcome]]:
+        left_s = deadline_s - self._clock.seconds()
+        if left_s <= 0:
+            for _task in tasks:
+                self._batcher.count_rejection("deadline")
+            return fail(DeadlineExceeded("deadline passed while the images were decoded"))
+        return gather(
+            [
+                self._batcher.submit(Job(array, task), timeout_s=left_s)
+                for array, task in zip(arrays, tasks, strict=True)
+            ]
+        )
 
     def _decode(self, data: bytes, size: tuple[int, int]) -> npt.NDArray[np.uint8]:
         started = time.perf_counter()

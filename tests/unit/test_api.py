@@ -405,6 +405,18 @@ def test_json_items_with_base64() -> None:
     assert h.request("GET", "/v1/index")[2]["size"] == 3
 
 
+def test_one_undecodable_image_fails_the_request_before_any_image_is_stored() -> None:
+    h = Harness()
+    good = base64.b64encode(colour(40, 10, 10)).decode()
+    bad = base64.b64encode(b"not an image at all").decode()
+    items = [{"id": "kept-out", "b64": good}, {"id": "broken", "b64": bad}]
+    status, _, doc = h.request("POST", "/v1/items", json={"items": items})
+    assert status == 400 and doc["error"]["code"] == "invalid_input"
+    assert h.request("GET", "/v1/items/kept-out")[0] == 404
+    assert h.model.batch_shapes == []  # the model never saw the good image either
+    assert h.request("GET", "/v1/index")[2]["calls"]["add"] == 0
+
+
 def test_search_options_k_min_score_and_label() -> None:
     h = Harness()
     for i in range(6):
@@ -568,10 +580,10 @@ def test_searches_wait_for_a_busy_index_in_one_growing_batch() -> None:
     waiting = [h.service.search([RED], SearchTask(k=1)) for _ in range(5)]
     assert sizes[-1] == 1 and h.batcher.queued == 5  # the second holds its slot meanwhile
     thread.run_next()  # the first batch's search finishes
-    assert first.called and sizes[-1] == 5  # the five waiting searches go as one batch
+    assert len(result_of(first)) == 1 and sizes[-1] == 5  # the five waiting go as one batch
     thread.run_next()
     thread.run_next()
-    assert second.called and all(d.called for d in waiting)
+    assert len(result_of(second)) == 1 and all(len(result_of(d)) == 1 for d in waiting)
 
 
 def test_readyz_is_503_while_the_inference_thread_restarts() -> None:
