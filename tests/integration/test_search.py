@@ -12,8 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from batchserve.demo import sample_photos
 from batchserve.testing import encode_multipart
@@ -34,16 +35,47 @@ def jpeg(image: Image.Image, quality: int = 90) -> bytes:
 
 
 def edited_copies(data: bytes) -> dict[str, bytes]:
+    """Edited copies of a photo, as JPEG: geometric edits and recompression, which leave
+    its colours as they were, and photometric ones, which do not."""
     image = Image.open(io.BytesIO(data)).convert("RGB")
     w, h = image.size
+    red, green, blue = image.split()
+    warm = Image.merge(
+        "RGB", (red.point(lambda v: min(255, v * 5 // 4)), green, blue.point(lambda v: v * 3 // 4))
+    )
     return {
         "crop": jpeg(image.crop((w // 10, h // 10, w - w // 10, h - h // 10))),
         "flip": jpeg(ImageOps.mirror(image)),
         "rescale": jpeg(image.resize((w // 3, h // 3))),
         "jpeg_q10": jpeg(image, quality=10),
         "rotate": jpeg(image.rotate(12, fillcolor=(128, 128, 128))),
+        "blur": jpeg(image.filter(ImageFilter.GaussianBlur(2))),
         "grayscale": jpeg(ImageOps.grayscale(image)),
+        "brighter": jpeg(ImageEnhance.Brightness(image).enhance(1.5)),
+        "darker": jpeg(ImageEnhance.Brightness(image).enhance(0.6)),
+        "low_contrast": jpeg(ImageEnhance.Contrast(image).enhance(0.5)),
+        "warm_tint": jpeg(warm),
     }
+
+
+def quarters(data: bytes) -> list[bytes]:
+    """The four quarters of a photo (a 2x2 grid, no overlap), as JPEG: the same scene, the
+    same colours, and not the photo."""
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    w, h = image.size
+    corners = [(0, 0), (w // 2, 0), (0, h // 2), (w // 2, h // 2)]
+    return [jpeg(image.crop((x, y, x + w // 2, y + h // 2))) for x, y in corners]
+
+
+def colour_histogram(data: bytes, bins: int = 32) -> npt.NDArray[np.float64]:
+    """Per-channel RGB histogram of an image, ``bins`` per channel, float64 [3 * bins],
+    summing to 1: the baseline that needs no model."""
+    pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    counts = [
+        np.bincount(pixels[..., c].ravel() // (256 // bins), minlength=bins) for c in range(3)
+    ]
+    histogram = np.concatenate(counts).astype(np.float64)
+    return histogram / float(histogram.sum())
 
 
 def search(server: Server, image: bytes, query: str = "k=5") -> list[dict[str, object]]:
@@ -65,37 +97,75 @@ def test_first_start_indexes_the_sample_photos(demo_server: Server) -> None:
     assert info["kind"] == "flat" and info["device"] == "cpu"
 
 
-def test_near_duplicates_find_their_original_first(demo_server: Server) -> None:
-    from skimage import data
+@pytest.fixture(scope="module")
+def near_duplicate_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = start_server(tmp_path_factory.mktemp("near-duplicates"), "--no-demo")
+    yield server
+    stop_server(server)
 
-    # Real face photos as distractors, so the originals are not alone in the index.
-    for i, face in enumerate(data.lfw_subset()[:40]):
-        add(demo_server, f"face/{i}", jpeg(Image.fromarray((face * 255).astype(np.uint8))), "faces")
-    trials, hits, misses = 0, 0, []
+
+def test_near_duplicates_find_their_original_first_where_a_colour_histogram_does_not(
+    near_duplicate_server: Server,
+) -> None:
+    """The index holds each sample photo and, as distractors, its four quarters: same scene,
+    same colours. Edited copies of each photo must find the photo itself first, through the
+    server's search, far more often than a colour histogram finds it in the same index."""
+    server = near_duplicate_server
+    catalog: dict[str, bytes] = {}
+    for item_id, _label, photo in sample_photos():
+        catalog[item_id] = photo
+        for i, quarter in enumerate(quarters(photo)):
+            catalog[f"{item_id}/quarter-{i}"] = quarter
+    for item_id, image in catalog.items():
+        add(server, item_id, image)
+    assert server.request("GET", "/v1/index").json()["size"] == len(catalog) == 80
+
+    ids = list(catalog)
+    histograms = np.stack([colour_histogram(image) for image in catalog.values()])
+    queries, model_misses, histogram_hits = 0, [], 0
     for item_id, _label, photo in sample_photos():
         for edit, copy in edited_copies(photo).items():
-            trials += 1
-            top = search(demo_server, copy, "k=1")[0]["id"]
-            hits += top == item_id
+            queries += 1
+            top = search(server, copy, "k=1")[0]["id"]
             if top != item_id:
-                misses.append((item_id, edit, top))
-    assert trials >= 90
-    assert hits / trials >= 0.95, misses
+                model_misses.append((item_id, edit, top))
+            intersection = np.minimum(histograms, colour_histogram(copy)).sum(axis=1)
+            histogram_hits += ids[int(np.argmax(intersection))] == item_id
+    model_top1 = 1 - len(model_misses) / queries
+    histogram_top1 = histogram_hits / queries
+    # Measured on 176 queries (16 photos x 11 edits) against 80 items (16 photos, 64
+    # quarters): the model 0.972 (171; it misses 4 crops, which it puts nearer a quarter,
+    # and one rotation); the histogram 0.608 (107: 81 of the 96 geometric and recompressed
+    # copies, 26 of the 80 photometric ones). Joint 8x8x8 or 4x4x4 histograms and cosine
+    # similarity do worse (0.47 to 0.58).
+    assert model_top1 >= 0.93, model_misses
+    assert model_top1 >= histogram_top1 + 0.25, (model_top1, histogram_top1, model_misses)
 
 
-def test_label_and_same_class_filters_never_cross(demo_server: Server) -> None:
-    photos = sample_photos()
-    items = {m["id"]: m for p in photos for m in search(demo_server, p[2], "k=50")}
-    for _item_id, label, photo in photos:
-        matches = search(demo_server, photo, f"k=50&label={label}")
-        assert matches and {m["label"] for m in matches} == {label}
+def test_label_and_same_class_filters_return_exactly_the_unfiltered_matches_they_keep(
+    demo_server: Server,
+) -> None:
+    size = demo_server.request("GET", "/v1/index").json()["size"]
+    for _item_id, label, photo in sample_photos():
+        everything = search(demo_server, photo, "k=50")
+        assert len(everything) == size  # k is above the size: the whole index, ranked
+        assert len({m["label"] for m in everything}) > 1  # so the filter has work to do
+        by_label = search(demo_server, photo, f"k=50&label={label}")
+        kept = [m for m in everything if m["label"] == label]
+        assert by_label and ranking(by_label) == pytest.approx(ranking(kept), abs=1e-5)
         classify = demo_server.request(
             "POST", "/v1/classify?k=1", photo, {"Content-Type": "image/jpeg"}
         ).json()
         predicted = classify["results"][0]["labels"][0]["label"]
-        matches = search(demo_server, photo, "k=50&same_class=true")
-        assert matches and {m["class"] for m in matches} == {predicted}
-    assert items
+        by_class = search(demo_server, photo, "k=50&same_class=true")
+        kept = [m for m in everything if m["class"] == predicted]
+        assert by_class and ranking(by_class) == pytest.approx(ranking(kept), abs=1e-5)
+
+
+def ranking(matches: list[dict[str, object]]) -> list[object]:
+    """id, score, id, score... of the matches in order (flat, as pytest.approx takes it;
+    a filtered search computes its scores on another path, so they agree to rounding)."""
+    return [x for m in matches for x in (m["id"], float(m["score"]))]  # type: ignore[arg-type]
 
 
 def test_added_item_is_searchable_at_once_and_similar_excludes_itself(
@@ -131,6 +201,10 @@ def test_acknowledged_adds_and_deletes_survive_sigkill(tmp_path: Path) -> None:
             add(server, f"item-{i}", image, "crops")
         for i in range(4):
             assert server.request("DELETE", f"/v1/items/item-{i}").status == 200
+        # SIGKILL alone cannot tell a commit on disk from one in the OS's cache: the live
+        # catalog connection says how it commits (WAL, synchronous=FULL: fsync'd before 200).
+        catalog = server.request("GET", "/v1/index").json()["catalog"]
+        assert catalog == {"journal_mode": "wal", "synchronous": "full", "commits": 28}
         server.process.send_signal(signal.SIGKILL)  # no snapshot, no clean shutdown
         server.process.wait()
     finally:

@@ -5,6 +5,7 @@ server and used by the bulk indexer."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,10 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from batchserve.models import BUILTIN_SHA256
 from batchserve.testing import PATTERN_CLASSES, write_class_folders
 from tests.integration.conftest import Server, start_server, stop_server
 
-CHANCE = 1 / len(PATTERN_CLASSES)
+# Training is deterministic (the split, the weights and the augmentation follow --seed): on
+# this machine three runs gave the same losses to 4 decimals, val accuracy 1.0 (30 of 30)
+# and 29 of the 30 held-out images right (seed 7; 30 of 30 on seeds 8 and 9).
+MIN_ACCURACY = 0.9
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -58,11 +63,15 @@ def test_training_writes_the_model_dir_with_its_report(trained: Path) -> None:
     assert (trained / "labels.txt").read_text().split() == sorted(PATTERN_CLASSES)
     assert manifest["embedding_dim"] == 256 and manifest["input_size"] == [160, 160]
     assert manifest["base"]["source"] == "builtin" and manifest["preprocess"] == "tf"
-    assert manifest["metrics"]["val_accuracy"] > 2 * CHANCE
+    assert manifest["base"]["weights_sha256"] == BUILTIN_SHA256
+    assert manifest["metrics"]["val_accuracy"] >= MIN_ACCURACY
     assert manifest["metrics"]["skipped_files"] == 2 and manifest["metrics"]["epochs_run"] == 3
     report = json.loads((trained / "report.json").read_text())
     confusion = np.array(report["confusion"])
     assert confusion.shape == (5, 5) and confusion.sum() == manifest["metrics"]["val_images"]
+    assert np.trace(confusion) / confusion.sum() == pytest.approx(
+        manifest["metrics"]["val_accuracy"], abs=1e-4
+    )
     assert {Path(s["path"]).name for s in report["skipped"]} == {"notes.txt", "truncated.jpg"}
 
 
@@ -81,7 +90,7 @@ def test_the_server_classifies_held_out_images_with_the_trained_labels(
             assert response.status == 200, response.body
             right += response.json()["results"][0]["labels"][0]["label"] == label
             total += 1
-    assert right / total > 2 * CHANCE, f"{right} of {total}"
+    assert right / total >= MIN_ACCURACY, f"{right} of {total}"
 
 
 def test_embeddings_are_unit_vectors_of_the_configured_dimension(
@@ -116,8 +125,8 @@ def test_the_bulk_indexer_takes_the_model_and_same_class_search_uses_its_classes
         response = server.request("POST", "/v1/search?k=5&same_class=true", image, jpeg)
         assert response.status == 200, response.body
         matches = response.json()["results"][0]["matches"]
-        assert matches and {m["class"] for m in matches} == {predicted}
-        assert predicted in PATTERN_CLASSES
+        assert predicted == "stripes"
+        assert matches and {m["class"] for m in matches} == {"stripes"}
     finally:
         stop_server(server)
 
@@ -152,3 +161,29 @@ def test_a_model_dir_whose_weights_changed_is_refused(trained: Path, tmp_path: P
         "--model", str(copy),
     )  # fmt: skip
     assert done.returncode == 2 and "refusing to load it" in done.stderr
+
+
+def test_training_refuses_a_builtin_model_whose_digest_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One weight of the backbone changed: the file still loads as a model, so only the
+    digest check stands between it and training."""
+    import shutil
+
+    import h5py
+
+    from batchserve import models
+    from batchserve.errors import ModelLoadError
+    from batchserve.train import TrainSettings, train
+
+    tampered = tmp_path / "dog_breed_mobilenetv2.h5"
+    shutil.copy(models.builtin_model_path(), tampered)
+    with h5py.File(tampered, "r+") as f:
+        f["model_weights/mobilenetv2_1.00_160/Conv1/kernel"][0, 0, 0, 0] += 1.0
+    monkeypatch.setattr(models, "builtin_model_path", lambda: tampered)
+    write_class_folders(tmp_path / "data", per_class=4, classes=["stripes", "checkers"])
+    settings = TrainSettings(tmp_path / "data", tmp_path / "model", epochs=1, val_split=0.25)
+    expected = f"{re.escape(str(tampered))} has sha256 [0-9a-f]{{64}}, expected {BUILTIN_SHA256}"
+    with pytest.raises(ModelLoadError, match=expected):
+        train(settings, log=lambda line: None)
+    assert not (tmp_path / "model").exists()
