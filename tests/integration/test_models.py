@@ -74,7 +74,7 @@ def _small_classifier(size: int = 64) -> object:
 
     inputs = keras.Input((size, size, 3))
     x = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(inputs)
-    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pooled")(x)
     x = keras.layers.Dense(16, activation="relu", name="features")(x)
     outputs = keras.layers.Dense(3, activation="softmax", name="head")(x)
     return keras.Model(inputs, outputs)
@@ -99,8 +99,9 @@ def test_keras_file_serves_penultimate_features_and_its_head(tmp_path: Path) -> 
 def test_keras_file_with_named_embedding_layer(tmp_path: Path) -> None:
     path = tmp_path / "mine.h5"
     _small_classifier().save(path)  # type: ignore[attr-defined]
-    loaded = load_model(ModelSpec(source=str(path), embedding_output="features"))
-    assert loaded.info.dim == 16 and loaded.info.classes is None
+    # Not the penultimate layer (what serves by default): the pooled convolution, 8 wide.
+    loaded = load_model(ModelSpec(source=str(path), embedding_output="pooled"))
+    assert loaded.info.dim == 8 and loaded.info.classes is None
 
 
 def test_saved_model_with_named_signature_and_outputs(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from batchserve.testing import encode_image, encode_multipart
 from tests.integration.conftest import Server, start_server, stop_server
@@ -82,14 +83,19 @@ def test_multipart_and_base64_give_the_same_embeddings_as_raw(
         np.testing.assert_allclose(got, np.stack(raw), atol=1e-4)
 
 
-def test_classify_returns_dog_breeds(server: Server, photos: list[bytes]) -> None:
-    response = server.request("POST", "/v1/classify?k=3", photos[0], {"Content-Type": "image/jpeg"})
-    assert response.status == 200
-    labels = response.json()["results"][0]["labels"]
-    assert len(labels) == 3
-    assert all(0.0 <= x["score"] <= 1.0 for x in labels)
+def test_classify_ranks_every_breed_by_a_softmax_best_first(
+    server: Server, photos: list[bytes]
+) -> None:
     classes = server.request("GET", "/v1/model").json()["classes"]
-    assert {x["label"] for x in labels} <= set(classes)
+    jpeg = {"Content-Type": "image/jpeg"}
+    everything = server.request("POST", f"/v1/classify?k={len(classes)}", photos[0], jpeg)
+    assert everything.status == 200
+    ranked = everything.json()["results"][0]["labels"]
+    scores = [x["score"] for x in ranked]
+    assert sorted(x["label"] for x in ranked) == sorted(classes)  # each breed once
+    assert scores == sorted(scores, reverse=True) and sum(scores) == pytest.approx(1, abs=1e-3)
+    top3 = server.request("POST", "/v1/classify?k=3", photos[0], jpeg).json()
+    assert top3["results"][0]["labels"] == ranked[:3]
 
 
 def test_bad_input_is_4xx_and_the_server_goes_on(server: Server, photos: list[bytes]) -> None:

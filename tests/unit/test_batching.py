@@ -270,10 +270,16 @@ def test_retry_after_grows_with_the_queue() -> None:
     batcher.submit(0)
     clock.advance(2.0)
     runner.complete()  # one batch took 2 s
-    batcher.submit(0)
-    for i in range(100):
+    # The time to drain the queue: (queued / max_batch_size + batches in flight) x the
+    # moving average of a batch (0.8 x 0.05 s + 0.2 x 2 s = 0.44 s), rounded up.
+    batcher.submit(0)  # in flight
+    assert batcher.retry_after_s() == 1  # ceil(1 x 0.44)
+    for i in range(10):
         batcher.submit(i)
-    assert batcher.retry_after_s() > 10
+    assert batcher.retry_after_s() == 3  # ceil(6 x 0.44)
+    for i in range(90):
+        batcher.submit(i)
+    assert batcher.retry_after_s() == 23  # ceil(51 x 0.44)
 
 
 def test_released_batch_frees_its_slot_before_its_results_arrive() -> None:

@@ -24,6 +24,17 @@ def image(value: int) -> np.ndarray:
     return np.full((32, 32, 3), value, dtype=np.uint8)
 
 
+def embeddings_of(*values: int) -> np.ndarray:
+    """The fake model's embeddings of ``image(v)`` for each value, computed directly."""
+    return FakeModel().predict(np.stack([image(v) for v in values])).embeddings
+
+
+def embeddings(results: Any) -> np.ndarray:
+    """The embeddings of a list of Predictions (none may be missing)."""
+    assert all(r is not None for r in results)
+    return np.stack([r.embedding for r in results])
+
+
 def items(*values: int) -> tuple[Batcher[np.ndarray, Prediction], Batch[np.ndarray], list[Any]]:
     """A real Batch of the given images, as the Batcher hands it to a runner."""
     runner: FakeRunner[np.ndarray] = FakeRunner()
@@ -64,7 +75,10 @@ def test_items_dropped_before_the_batch_starts_are_not_computed() -> None:
     ds[1].cancel()
     results = run_batch(model, batch, SIZES)
     assert model.batch_shapes == [(2, 32, 32, 3)]
-    assert results[1] is None and results[0] is not None and results[2] is not None
+    assert results[1] is None
+    np.testing.assert_allclose(
+        embeddings([results[0], results[2]]), embeddings_of(10, 30), atol=1e-6
+    )
 
 
 def test_batch_larger_than_the_largest_size_runs_in_chunks() -> None:
@@ -72,7 +86,7 @@ def test_batch_larger_than_the_largest_size_runs_in_chunks() -> None:
     _b, batch, _ds = items(*range(11))
     results = run_batch(model, batch, SIZES)
     assert model.batch_shapes == [(8, 32, 32, 3), (4, 32, 32, 3)]
-    assert all(r is not None for r in results)
+    np.testing.assert_allclose(embeddings(results), embeddings_of(*range(11)), atol=1e-6)
 
 
 class ThreadReactor:
@@ -109,7 +123,7 @@ def test_worker_warms_every_size_then_answers_through_call_from_thread() -> None
     reactor.run_next()
     out: list[Any] = []
     d.addBoth(out.append)
-    assert len(out[0]) == 3
+    np.testing.assert_allclose(embeddings(out[0]), embeddings_of(5, 6, 7), atol=1e-6)
     assert reactor.threads == {"batchserve-inference"}
     worker.stop()
 
@@ -130,7 +144,9 @@ def test_model_error_fails_only_that_batch_and_the_worker_goes_on() -> None:
 
     ok = worker.run(items(2)[1])
     reactor.run_next()
-    assert ok.called
+    answered: list[Any] = []
+    ok.addBoth(answered.append)
+    np.testing.assert_allclose(embeddings(answered[0]), embeddings_of(2), atol=1e-6)
     worker.stop()
 
 
@@ -173,5 +189,8 @@ def test_a_dead_inference_thread_fails_its_batch_turns_not_ready_and_is_restarte
     assert worker.ready
     again = worker.run(items(2)[1])
     reactor.run_next()
-    assert again.called and len(model.batch_shapes) == 2
+    answered: list[Any] = []
+    again.addBoth(answered.append)
+    np.testing.assert_allclose(embeddings(answered[0]), embeddings_of(2), atol=1e-6)
+    assert len(model.batch_shapes) == 2
     worker.stop()

@@ -161,11 +161,28 @@ def test_a_body_over_the_limit_is_not_buffered_and_is_not_refused_early() -> Non
 
     h = Harness()
     site = configure_site(Site(h.api.resource()), 1000, False, refuse)
+    made: list[Any] = []
+    factory = site.requestFactory
+
+    def remember(*args: Any) -> Any:
+        request = factory(*args)
+        made.append(request)
+        process = request.process
+
+        def recording() -> None:
+            request.buffered = request.content.getvalue() if request.content else b""
+            process()
+
+        request.process = recording
+        return request
+
+    site.requestFactory = remember
     connection = Connection(site)
     body = b"x" * 5000
     connection.send(post("/v1/embed", body), body)
     [(status, _, doc)] = connection.responses()
     assert status == 413 and "limit" in doc["error"]["message"]
+    assert made[0].body_over_limit and made[0].buffered == b""  # none of the 5000 bytes held
     assert calls == []
     connection.send(post("/v1/embed", RED[:500]), RED[:500])
     assert calls == [b"/v1/embed"]
