@@ -59,6 +59,12 @@ def full_harness(**kwargs: Any) -> tuple[Harness, Site, list[BoundedRequest]]:
     h.service.embed([RED])  # waits in the queue
     assert h.batcher.queued == 1
     site = configure_site(Site(h.api.resource()), 200_000, False, h.api.refuse_early)
+    return h, site, recorded_requests(site)
+
+
+def recorded_requests(site: Site) -> list[BoundedRequest]:
+    """Make ``site`` remember every request it makes, each with ``buffered``: the body bytes
+    it held when it was processed."""
     made: list[BoundedRequest] = []
     factory = site.requestFactory
 
@@ -68,14 +74,15 @@ def full_harness(**kwargs: Any) -> tuple[Harness, Site, list[BoundedRequest]]:
         process = request.process
 
         def recording() -> None:
-            request.buffered = request.content.getvalue()  # type: ignore[attr-defined]
+            held = request.content.getvalue() if request.content is not None else b""
+            request.buffered = held  # type: ignore[attr-defined]
             process()
 
         request.process = recording  # type: ignore[method-assign]
         return request
 
     site.requestFactory = remember
-    return h, site, made
+    return made
 
 
 def test_a_full_queue_refuses_image_work_from_the_headers_without_buffering_the_body() -> None:
@@ -161,22 +168,7 @@ def test_a_body_over_the_limit_is_not_buffered_and_is_not_refused_early() -> Non
 
     h = Harness()
     site = configure_site(Site(h.api.resource()), 1000, False, refuse)
-    made: list[Any] = []
-    factory = site.requestFactory
-
-    def remember(*args: Any) -> Any:
-        request = factory(*args)
-        made.append(request)
-        process = request.process
-
-        def recording() -> None:
-            request.buffered = request.content.getvalue() if request.content else b""
-            process()
-
-        request.process = recording
-        return request
-
-    site.requestFactory = remember
+    made: list[Any] = recorded_requests(site)
     connection = Connection(site)
     body = b"x" * 5000
     connection.send(post("/v1/embed", body), body)
