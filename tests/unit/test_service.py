@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred
+import numpy as np
+import numpy.typing as npt
+import pytest
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.task import Clock
 
 from batchserve.batching import Batcher, BatchPolicy
-from batchserve.errors import DeadlineExceeded, InvalidInput, Overloaded
+from batchserve.catalog import NewItem
+from batchserve.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    NotFound,
+    NotReady,
+    Overloaded,
+)
 from batchserve.images import DecodeLimits
+from batchserve.index import IndexParams, VectorIndex
+from batchserve.pipeline import AddTask, IndexWorker, SearchTask
 from batchserve.service import ImageService, gather
+from batchserve.store import ItemStore, Match
 from batchserve.testing import FakeModel, FakeRunner, encode_image
 
 
@@ -151,3 +165,275 @@ def test_a_catalog_that_cannot_be_written_fails_the_adds_only(tmp_path: Any) -> 
     assert "disk is full" in results[0].getErrorMessage()  # type: ignore[union-attr]
     assert results[1].matches == []  # type: ignore[union-attr]
     assert store.index.size == 0
+
+
+# -- admission, readiness and the index thread ------------------------------------------
+
+
+class RecordingObserver:
+    """A BatchObserver and DecodeObserver that keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.rejected: list[str] = []
+        self.decode_s: list[float] = []
+
+    def queue_size(self, items: int) -> None:
+        pass
+
+    def batch_started(self, size: int, waits_s: Any) -> None:
+        pass
+
+    def item_rejected(self, reason: str) -> None:
+        self.rejected.append(reason)
+
+    def decoded(self, seconds: float) -> None:
+        self.decode_s.append(seconds)
+
+
+class ModelState:
+    """What the service sees of the inference worker; ``info`` is None while it loads."""
+
+    def __init__(self, model: FakeModel | None) -> None:
+        self.info = model.info if model is not None else None
+        self.ready = model is not None
+
+
+def run_now(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    """Stands in for the index thread: runs at once on the test's thread."""
+    return maybeDeferred(f, *args)
+
+
+def unit(*components: float) -> npt.NDArray[np.float32]:
+    """A unit float32 vector of DIM numbers starting with ``components``."""
+    v = np.zeros(DIM, dtype=np.float32)
+    v[: len(components)] = components
+    return (v / np.linalg.norm(v)).astype(np.float32)
+
+
+DIM = 8
+E0 = unit(1.0)
+E1 = unit(0.0, 1.0)
+
+
+def at_cosine(c: float) -> npt.NDArray[np.float32]:
+    """A unit vector whose cosine with E0 is ``c``."""
+    return unit(c, float(np.sqrt(1 - c * c)))
+
+
+class IndexedService:
+    """The service over a real ItemStore and IndexWorker in ``directory``, run at once on
+    the test's thread; decodes wait in a SlowPool so a test can see whether any began."""
+
+    def __init__(
+        self,
+        directory: Path,
+        model: FakeModel | None = None,
+        model_loaded: bool = True,
+        index_loaded: bool = True,
+        started: bool = True,
+    ) -> None:
+        self.model = model or FakeModel(dim=DIM)
+        self.index = IndexWorker(
+            lambda: ItemStore(
+                directory,
+                VectorIndex(DIM, IndexParams()),
+                {"name": "fake", "dim": DIM},
+            ),
+            run_now,
+        )
+        if index_loaded:
+            self.index.start()
+        self.clock = Clock()
+        self.runner: FakeRunner[Any] = FakeRunner()
+        self.observer = RecordingObserver()
+        self.batcher: Batcher[Any, Any] = Batcher(
+            self.runner, BatchPolicy(timeout_s=0.5, max_queue=10), self.clock, self.observer
+        )
+        self.pool = SlowPool()
+        self.service = ImageService(
+            self.batcher,
+            self.pool,
+            ModelState(self.model if model_loaded else None),
+            DecodeLimits(),
+            self.clock,
+            index=self.index,
+            observer=self.observer,
+        )
+        if started:
+            self.service.mark_started()
+
+    def store(self, *items: NewItem) -> None:
+        outcome(self.index.call(lambda store: store.add(list(items))))
+
+
+def test_image_search_and_add_while_the_index_loads_fail_before_any_image_is_decoded(
+    tmp_path: Path,
+) -> None:
+    h = IndexedService(tmp_path, index_loaded=False)
+    assert outcome(h.service.search([encode_image()], SearchTask())).check(NotReady)
+    assert outcome(h.service.add([(encode_image(), AddTask("a"))])).check(NotReady)
+    assert h.pool.jobs == []  # nothing was decoded
+    assert h.service.decoding == 0
+    # embedding needs no index, so it is admitted
+    h.service.embed([encode_image()])
+    assert len(h.pool.jobs) == 1
+
+
+def test_same_class_search_on_a_model_without_classifier_is_invalid_and_decodes_nothing(
+    tmp_path: Path,
+) -> None:
+    h = IndexedService(tmp_path, model=FakeModel(dim=DIM, classes=None))
+    result = outcome(h.service.search([encode_image()], SearchTask(same_class=True)))
+    assert result.check(InvalidInput)
+    assert h.pool.jobs == []
+    # without same_class the same model may search
+    h.service.search([encode_image()], SearchTask())
+    assert len(h.pool.jobs) == 1
+
+
+def test_classify_while_the_model_loads_fails_with_not_ready(tmp_path: Path) -> None:
+    h = IndexedService(tmp_path, model_loaded=False)
+    assert outcome(h.service.classify([encode_image()], 3)).check(NotReady)
+    assert h.pool.jobs == []
+
+
+def test_item_routes_while_the_index_loads_fail_with_not_ready(tmp_path: Path) -> None:
+    h = IndexedService(tmp_path, index_loaded=False)
+    # each is a failed Deferred, not an exception raised at the caller
+    assert outcome(h.service.get("a")).check(NotReady)
+    assert outcome(h.service.delete("a")).check(NotReady)
+    assert outcome(h.service.similar("a", SearchTask())).check(NotReady)
+    assert outcome(h.service.index_info()).check(NotReady)
+    assert outcome(h.service.search_vectors([list(E0)], SearchTask())).check(NotReady)
+
+
+def test_item_routes_without_an_index_fail_with_not_ready() -> None:
+    service, *_ = make()  # a service built with no index at all
+    assert outcome(service.get("a")).check(NotReady)
+    assert outcome(service.similar("a", SearchTask())).check(NotReady)
+
+
+def test_vector_search_while_the_model_loads_fails_with_not_ready(tmp_path: Path) -> None:
+    h = IndexedService(tmp_path, model_loaded=False)
+    assert outcome(h.service.search_vectors([list(E0)], SearchTask())).check(NotReady)
+
+
+def test_vector_search_with_same_class_is_invalid(tmp_path: Path) -> None:
+    h = IndexedService(tmp_path)
+    result = outcome(h.service.search_vectors([list(E0)], SearchTask(same_class=True)))
+    assert result.check(InvalidInput)
+
+
+def test_not_ready_until_start_up_is_marked_over_even_with_model_and_index_up(
+    tmp_path: Path,
+) -> None:
+    h = IndexedService(tmp_path, started=False)
+    assert h.index.ready
+    assert not h.service.ready
+    h.service.mark_started()
+    assert h.service.ready
+
+
+def test_item_routes_read_and_delete_stored_items(tmp_path: Path) -> None:
+    h = IndexedService(tmp_path)
+    h.store(NewItem("a", E0, "x"))
+    assert outcome(h.service.get("a")).label == "x"
+    assert outcome(h.service.delete("a")) is True
+    assert outcome(h.service.get("a")).check(NotFound)
+    assert outcome(h.service.delete("a")).check(NotFound)
+    assert outcome(h.service.similar("a", SearchTask())).check(NotFound)
+
+
+# -- search by vector and by stored item --------------------------------------------------
+
+
+def ids(matches: list[Match]) -> list[str]:
+    return [m.id for m in matches]
+
+
+def test_each_query_vector_is_normalised_on_its_own(tmp_path: Path) -> None:
+    h = IndexedService(tmp_path)
+    h.store(NewItem("a", E0))
+    rows = [list(map(float, E0)), list(map(float, 3 * E0))]
+    found = outcome(h.service.search_vectors(rows, SearchTask(k=1)))
+    assert [ids(m) for m in found] == [["a"], ["a"]]
+    assert [m[0].score for m in found] == [pytest.approx(1.0), pytest.approx(1.0)]
+
+
+@pytest.mark.parametrize(
+    "vectors",
+    [
+        [["x"] * DIM],  # the right length, but not numbers
+        [1.0] * DIM,  # one flat list, not a list of rows
+        [[1.0] * (DIM - 1)],  # the wrong length
+        [],  # no row
+        [[0.0] * DIM],  # no direction
+        [[float("nan")] + [1.0] * (DIM - 1)],
+    ],
+)
+def test_malformed_query_vectors_are_invalid_input(tmp_path: Path, vectors: Any) -> None:
+    h = IndexedService(tmp_path)
+    assert outcome(h.service.search_vectors(vectors, SearchTask())).check(InvalidInput)
+
+
+def test_vector_search_honours_k_min_score_and_label(tmp_path: Path) -> None:
+    h = IndexedService(tmp_path)
+    h.store(
+        NewItem("a", at_cosine(0.9), "x"),
+        NewItem("b", at_cosine(0.8), "y"),
+        NewItem("c", at_cosine(0.1), "x"),
+    )
+
+    def search(**task: Any) -> list[str]:
+        return ids(outcome(h.service.search_vectors([list(E0)], SearchTask(**task)))[0])
+
+    assert search() == ["a", "b", "c"]
+    assert search(k=2) == ["a", "b"]
+    assert search(min_score=0.5) == ["a", "b"]
+    assert search(label="x") == ["a", "c"]
+    assert search(label="x", min_score=0.5) == ["a"]
+
+
+def test_similar_honours_k_min_score_label_and_same_class(tmp_path: Path) -> None:
+    h = IndexedService(tmp_path)
+    h.store(
+        NewItem("q", E0, "x", predicted_class="cat"),
+        NewItem("a", at_cosine(0.9), "x", predicted_class="cat"),
+        NewItem("b", at_cosine(0.8), "y", predicted_class="cat"),
+        NewItem("c", at_cosine(0.7), "x", predicted_class="dog"),
+        NewItem("d", at_cosine(0.1), "x", predicted_class="cat"),
+    )
+
+    def similar(**task: Any) -> list[str]:
+        return ids(outcome(h.service.similar("q", SearchTask(**task))))
+
+    assert similar() == ["a", "b", "c", "d"]  # never itself
+    assert similar(k=2) == ["a", "b"]
+    assert similar(min_score=0.5) == ["a", "b", "c"]
+    assert similar(label="x") == ["a", "c", "d"]
+    assert similar(same_class=True) == ["a", "b", "d"]
+    assert similar(label="x", same_class=True) == ["a", "d"]
+    assert similar(label="x", same_class=True, min_score=0.5) == ["a"]
+
+
+# -- what operators see --------------------------------------------------------------------
+
+
+def test_decode_time_is_reported_once_per_image(tmp_path: Path) -> None:
+    h = IndexedService(tmp_path)
+    h.service.embed([encode_image(), encode_image()])
+    h.pool.finish_all()
+    assert len(h.observer.decode_s) == 2
+    assert all(0 <= s < 1 for s in h.observer.decode_s)
+
+
+def test_images_past_the_deadline_after_decoding_are_counted_as_deadline_rejections(
+    tmp_path: Path,
+) -> None:
+    h = IndexedService(tmp_path)
+    d = h.service.embed([encode_image(), encode_image()])
+    h.clock.advance(0.5)  # decoding used up the whole deadline, to the microsecond
+    h.pool.finish_all()
+    assert outcome(d).check(DeadlineExceeded)
+    assert h.observer.rejected == ["deadline", "deadline"]
+    assert h.runner.sizes == []
