@@ -67,16 +67,6 @@ class IndexParams:
     refine_factor: int = 16
     device: str = "auto"
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "nlist": self.nlist,
-            "nprobe": self.nprobe,
-            "hnsw_m": self.hnsw_m,
-            "ef_search": self.ef_search,
-            "pq_m": self.pq_m,
-        }
-
 
 def as_vectors(x: Any, dim: int) -> Vectors:
     """``x`` as a contiguous float32 [N, dim] array (FAISS refuses float64)."""

@@ -4,12 +4,20 @@ kinds reach recall@10 >= 0.95 at their default parameters on clustered data."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
 import pytest
 
-from batchserve.index import IndexParams, VectorIndex, search_threads
+from batchserve.index import (
+    IndexParams,
+    VectorIndex,
+    auto_nlist,
+    auto_pq_m,
+    gpu_available,
+    search_threads,
+)
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -27,6 +35,10 @@ def clustered(n: int, dim: int, clusters: int = 100, seed: int = 0) -> np.ndarra
 def brute_force(base: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     sims = queries @ base.T
     return ids[np.argsort(-sims, axis=1, kind="stable")[:, :k]]
+
+
+def brute_force_scores(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    return np.sort(queries @ base.T, axis=1)[:, ::-1][:, :k]
 
 
 def test_flat_equals_brute_force_top_k() -> None:
@@ -168,3 +180,145 @@ def test_adds_and_removes_are_one_call_each_whatever_their_size() -> None:
     index.add(np.arange(50, dtype=np.int64), clustered(50, 16))
     index.remove(np.arange(10, dtype=np.int64))
     assert (index.calls["add"], index.calls["remove"], index.size) == (1, 1, 40)
+
+
+@pytest.mark.parametrize(
+    ("n", "nlist"),
+    [
+        (100, 16),  # n / 39 = 2, but never fewer than 16 lists
+        (10_000, 256),  # n / 39 = 256 is below 4 sqrt(n) = 400
+        (1_000_000, 4000),  # 4 sqrt(n) = 4000 is below n / 39 = 25641
+        (10**9, 65536),  # both past the cap
+    ],
+)
+def test_auto_nlist_is_about_4_sqrt_n_within_16_and_n_over_39(n: int, nlist: int) -> None:
+    assert auto_nlist(n) == nlist
+
+
+@pytest.mark.parametrize(
+    ("dim", "m"),
+    [(4, 1), (128, 32), (1280, 320), (30, 6), (3, 1)],  # 30 / 4 = 7 does not divide 30
+)
+def test_auto_pq_m_is_the_largest_divisor_of_dim_up_to_a_quarter_of_it(dim: int, m: int) -> None:
+    assert auto_pq_m(dim) == m
+
+
+def test_a_flat_index_never_needs_training() -> None:
+    index = VectorIndex(8, IndexParams(kind="flat", train_min=10))
+    index.add(np.arange(20), clustered(20, 8))
+    assert index.trained and not index.needs_training()
+
+
+def test_ivf_scores_are_the_cosine_similarities_of_a_flat_oracle() -> None:
+    base, queries = clustered(600, 16), clustered(5, 16, seed=4)
+    ids = np.arange(600, dtype=np.int64) * 3 + 1
+    index = VectorIndex(16, IndexParams(kind="ivf", train_min=500, nlist=8, nprobe=8))
+    index.rebuild(ids, base)  # nprobe = nlist: every list is searched, so results are exact
+    assert index.kind_in_use == "ivf"
+    scores, found = index.search(queries, 5)
+    np.testing.assert_array_equal(found, brute_force(base, ids, queries, 5))
+    np.testing.assert_allclose(scores, brute_force_scores(base, queries, 5), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kind", "params"),
+    [("hnsw", {"ef_search": 16}), ("ivfpq", {"nprobe": 1})],  # too narrow to find them all
+)
+def test_a_small_filter_on_an_approximate_kind_is_searched_exactly(
+    kind: str, params: dict[str, Any]
+) -> None:
+    base, queries = clustered(600, 16), clustered(4, 16, seed=5)
+    ids = np.arange(600, dtype=np.int64) * 5 + 7
+    index = VectorIndex(16, IndexParams(kind=kind, train_min=500, nlist=8, **params))
+    index.rebuild(ids, base)
+    assert index.kind_in_use == kind
+    allowed = ids[::50]
+    mask = np.isin(ids, allowed)
+    scores, found = index.search(queries, len(allowed), allowed)
+    expected = brute_force_scores(base[mask], queries, len(allowed))
+    if kind == "hnsw":  # stores the vectors as they are
+        np.testing.assert_array_equal(found, brute_force(base[mask], ids[mask], queries, 12))
+        np.testing.assert_allclose(scores, expected, atol=1e-5)
+    else:  # ivfpq keeps 8-bit vectors: every allowed id, scored within quantisation error
+        assert all(set(row) == set(allowed.tolist()) for row in found.tolist())
+        np.testing.assert_allclose(scores, expected, atol=0.02)
+
+
+def _large_filter_data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(3)
+    base = unit(rng.normal(size=(21_000, 4)))
+    ids = np.arange(21_000, dtype=np.int64) * 3 + 1000
+    refused = np.arange(21_000) % 50 == 0  # 420 refused, 20,580 allowed
+    return base, ids, refused
+
+
+@pytest.mark.parametrize(
+    ("kind", "params"),
+    [
+        ("ivf", {"nlist": 8, "nprobe": 8}),
+        ("hnsw", {"hnsw_m": 4, "ef_construction": 16}),
+        ("ivfpq", {"nlist": 8, "nprobe": 8, "pq_m": 2}),
+    ],
+)
+def test_a_filter_of_more_than_20000_ids_returns_only_allowed_ids(
+    kind: str, params: dict[str, Any]
+) -> None:
+    base, ids, refused = _large_filter_data()
+    index = VectorIndex(4, IndexParams(kind=kind, train_min=1000, **params))
+    index.rebuild(ids, base)
+    assert index.kind_in_use == kind
+    queries = base[refused][:20]  # each query's own vector is refused
+    allowed = ids[~refused]
+    assert len(allowed) > 20_000
+    scores, found = index.search(queries, 5, allowed)
+    assert np.isin(found, allowed).all()
+    best = brute_force_scores(base[~refused], queries, 5)
+    if kind == "ivf":  # every list probed: exact
+        np.testing.assert_array_equal(found, brute_force(base[~refused], allowed, queries, 5))
+        np.testing.assert_allclose(scores, best, atol=1e-5)
+    else:  # approximate: scores true to the ids found and near the best, within 8-bit error
+        true_scores = np.einsum("qd,qkd->qk", queries, base[(found - 1000) // 3])
+        np.testing.assert_allclose(scores, true_scores, atol=0.02)
+        np.testing.assert_allclose(scores, best, atol=0.02)
+
+
+def test_a_filter_of_fewer_ids_than_k_returns_them_with_their_true_scores() -> None:
+    base, queries = clustered(100, 16), clustered(2, 16, seed=6)
+    ids = np.arange(100, dtype=np.int64)
+    index = VectorIndex(16, IndexParams(kind="flat"))
+    index.add(ids, base)
+    allowed = np.array([5, 50, 95], dtype=np.int64)
+    scores, found = index.search(queries, 10, allowed)
+    assert scores.shape == found.shape == (2, 10)
+    np.testing.assert_array_equal(found[:, :3], brute_force(base[allowed], allowed, queries, 3))
+    np.testing.assert_allclose(scores[:, :3], brute_force_scores(base[allowed], queries, 3))
+    assert (found[:, 3:] == -1).all() and (scores[:, 3:] == -np.inf).all()
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
+def test_after_removing_the_top_hits_a_search_still_returns_k_live_results(kind: str) -> None:
+    base, queries = clustered(600, 16), clustered(5, 16, seed=7)
+    ids = np.arange(600, dtype=np.int64) + 100
+    index = VectorIndex(16, IndexParams(kind=kind, train_min=500, nlist=8))
+    index.rebuild(ids, base)
+    removed = np.unique(brute_force(base, ids, queries, 5))
+    index.remove(removed)
+    live = ~np.isin(ids, removed)
+    scores, found = index.search(queries, 5)
+    assert found.dtype == np.int64 and np.isin(found, ids[live]).all()
+    assert np.isfinite(scores).all()
+    if kind == "hnsw":
+        np.testing.assert_array_equal(found, brute_force(base[live], ids[live], queries, 5))
+    np.testing.assert_allclose(scores, brute_force_scores(base[live], queries, 5), atol=0.02)
+
+
+@pytest.mark.skipif(gpu_available(), reason="FAISS here has GPU support and sees a GPU")
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_without_a_gpu_the_index_runs_on_the_cpu(device: str) -> None:
+    assert VectorIndex(8, IndexParams(device=device)).device == "cpu"
+
+
+@pytest.mark.skipif(gpu_available(), reason="FAISS here has GPU support and sees a GPU")
+def test_asking_for_a_gpu_without_one_is_refused() -> None:
+    with pytest.raises(RuntimeError, match="index_device=gpu"):
+        VectorIndex(8, IndexParams(device="gpu"))

@@ -4,6 +4,8 @@ Real SQLite and FAISS in a temporary directory; no threads."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ import pytest
 
 from batchserve.catalog import ModelMismatch, NewItem
 from batchserve.index import IndexParams, VectorIndex
-from batchserve.store import DataDirLocked, ItemStore, SearchQuery, lock_data_dir
+from batchserve.store import DataDirLocked, ItemStore, Match, SearchQuery, lock_data_dir
 
 DIM = 16
 MODEL = {"name": "m", "weights_sha256": "abc", "dim": DIM}
@@ -34,6 +36,18 @@ def items(start: int, n: int, label: str = "a") -> list[NewItem]:
 
 def top_id(s: ItemStore, seed: int) -> str:
     return s.search([SearchQuery(vec(seed), k=1)])[0][0].id
+
+
+def oracle(query_seed: int, candidates: list[int], k: int) -> list[tuple[str, float]]:
+    """Exact top-``k`` of ``candidates`` (seeds of ``vec``) by cosine, with the scores
+    rounded as the store reports them."""
+    sims = np.stack([vec(c) for c in candidates]) @ vec(query_seed)
+    order = np.argsort(-sims, kind="stable")[:k]
+    return [(f"id{candidates[j]}", round(float(sims[j]), 6)) for j in order]
+
+
+def found(matches: list[Match]) -> list[tuple[str, float]]:
+    return [(m.id, m.score) for m in matches]
 
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
@@ -233,3 +247,143 @@ def test_the_live_catalog_connection_commits_durably(tmp_path: Path) -> None:
     s = store(tmp_path)
     assert s.catalog.durability() == {"journal_mode": "wal", "synchronous": "full"}
     assert s.describe()["catalog"] == {"journal_mode": "wal", "synchronous": "full", "commits": 0}
+
+
+def test_label_and_class_filters_still_find_the_items_after_a_restart(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    s.add(
+        [
+            NewItem(f"id{i}", vec(i), "a" if i < 6 else "b", {}, "cat" if i % 2 else "dog")
+            for i in range(12)
+        ]
+    )
+    s.snapshot()
+    s.close()
+
+    again = store(tmp_path)
+    by_label = again.search([SearchQuery(vec(20), k=10, label="b")])[0]
+    assert found(by_label) == oracle(20, list(range(6, 12)), 10)
+    by_class = again.search([SearchQuery(vec(20), k=10, predicted_class="cat")])[0]
+    assert found(by_class) == oracle(20, [1, 3, 5, 7, 9, 11], 10)
+    both = again.search([SearchQuery(vec(20), k=10, label="a", predicted_class="dog")])[0]
+    assert found(both) == oracle(20, [0, 2, 4], 10)
+
+
+def test_a_filter_that_matches_nothing_leaves_the_other_queries_of_the_batch_alone(
+    tmp_path: Path,
+) -> None:
+    s = store(tmp_path)
+    s.add(items(0, 10, "a") + items(10, 10, "b"))
+    nothing, unfiltered, label_b = s.search(
+        [
+            SearchQuery(vec(1), k=3, label="none"),
+            SearchQuery(vec(2), k=3),
+            SearchQuery(vec(3), k=2, label="b"),
+        ]
+    )
+    assert nothing == []
+    assert found(unfiltered) == oracle(2, list(range(20)), 3)
+    assert found(label_b) == oracle(3, list(range(10, 20)), 2)
+
+
+def test_excluding_the_query_item_still_returns_k_other_items(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    s.add(items(0, 10))
+    matches = s.search([SearchQuery(vec(4), k=2, exclude="id4")])[0]
+    assert found(matches) == oracle(4, [i for i in range(10) if i != 4], 2)
+
+
+def test_a_class_no_item_has_matches_nothing(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    s.add([NewItem(f"id{i}", vec(i), "a", {}, "cat") for i in range(5)])
+    assert s.search([SearchQuery(vec(1), k=3, predicted_class="dog")]) == [[]]
+    assert s.search([SearchQuery(vec(1), k=3, label="a", predicted_class="dog")]) == [[]]
+
+
+def axis(*values: float) -> np.ndarray:
+    return np.array([*values, *[0.0] * (DIM - len(values))], dtype=np.float32)
+
+
+def test_match_scores_are_rounded_to_six_decimals(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    diagonal = (axis(1.0, 1.0) / np.sqrt(2)).astype(np.float32)
+    s.add([NewItem("x", axis(1.0), "a"), NewItem("d", diagonal, "a")])
+    matches = s.search([SearchQuery(axis(1.0), k=2)])[0]
+    assert found(matches) == [("x", 1.0), ("d", round(float(axis(1.0) @ diagonal), 6))]
+    assert matches[1].score == 0.707107
+
+
+def test_min_score_keeps_a_match_scoring_exactly_the_minimum(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    half = axis(0.5, float(np.sqrt(0.75)))
+    s.add([NewItem("x", axis(1.0)), NewItem("half", half), NewItem("y", axis(0.0, 1.0))])
+    assert float(axis(1.0) @ half) == 0.5  # exact in float32
+    matches = s.search([SearchQuery(axis(1.0), k=3, min_score=0.5)])[0]
+    assert found(matches) == [("x", 1.0), ("half", 0.5)]
+
+
+def test_describe_an_untrained_ivf_index(tmp_path: Path) -> None:
+    index = VectorIndex(DIM, IndexParams(kind="ivf", train_min=50, device="cpu"))
+    s = ItemStore(tmp_path, index, dict(MODEL))
+    s.open()
+    s.add(items(0, 3, "a") + items(3, 2, "b"))
+    assert s.describe() == {
+        "kind": "ivf",
+        "kind_in_use": "flat",
+        "size": 5,
+        "dim": DIM,
+        "device": "cpu",
+        "labels": 2,
+        "calls": {"search": 0, "add": 1, "remove": 0},
+        "catalog": {"journal_mode": "wal", "synchronous": "full", "commits": 1},
+    }
+
+
+def test_with_umask_0_the_data_and_snapshot_files_are_still_private(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    old = os.umask(0)
+    try:
+        fd = lock_data_dir(data)
+        s = store(data)
+        s.add(items(0, 2))
+        snapshot = s.snapshot()
+    finally:
+        os.umask(old)
+    os.close(fd)
+    s.close()
+    assert snapshot is not None
+    paths = [data, data / "snapshots", data / "lock", snapshot.with_suffix(".json"), snapshot]
+    modes = [oct(stat.S_IMODE(p.stat().st_mode)) for p in paths]
+    assert modes == ["0o700", "0o700", "0o600", "0o600", "0o600"]
+
+
+def test_a_data_dir_whose_parents_do_not_exist_yet_is_created(tmp_path: Path) -> None:
+    data = tmp_path / "not" / "yet" / "data"
+    fd = lock_data_dir(data)
+    try:
+        assert (data / "lock").is_file()
+    finally:
+        os.close(fd)
+
+
+def test_a_label_is_no_longer_counted_once_its_last_item_is_deleted(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    s.add(items(0, 3, "a") + items(3, 2, "b"))
+    assert s.describe()["labels"] == 2
+    assert s.delete("id3") and s.delete("id4")
+    assert s.describe()["labels"] == 1
+    assert s.search([SearchQuery(vec(3), k=3, label="b")]) == [[]]
+
+
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+def test_an_untrained_store_reopened_without_a_snapshot_still_serves_its_items(
+    tmp_path: Path, kind: str
+) -> None:
+    s = store(tmp_path, kind)
+    s.add(items(0, 10))
+    s.close()  # never snapshotted: the index is rebuilt from the catalog
+
+    again = ItemStore(tmp_path, VectorIndex(DIM, IndexParams(kind=kind, train_min=50)), MODEL)
+    report = again.open()
+    assert report.rebuilt and again.index.kind_in_use == "flat"
+    assert found(again.search([SearchQuery(vec(3), k=4)])[0]) == oracle(3, list(range(10)), 4)
