@@ -3,6 +3,7 @@ runner: no reactor, no threads, no sleep."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -210,21 +211,42 @@ def test_runner_giving_wrong_number_of_results_fails_the_batch() -> None:
     assert result_of(batcher.submit(1)).check(InferenceFailed)
 
 
-def test_synchronous_runner_drains_queue_without_recursion() -> None:
+def stack_depth() -> int:
+    frame, depth = inspect.currentframe(), 0
+    while frame is not None:
+        frame, depth = frame.f_back, depth + 1
+    return depth
+
+
+def test_synchronous_runner_drains_a_long_queue_at_a_constant_stack_depth() -> None:
     class EchoRunner:
+        """Holds the first batch until the test fires it; answers the rest synchronously."""
+
         def __init__(self) -> None:
-            self.sizes: list[int] = []
+            self.first: Deferred[Sequence[int | None]] | None = None
+            self.first_payloads: list[int] = []
+            self.depths: list[int] = []
 
         def run(self, batch: Batch[int]) -> Deferred[Sequence[int | None]]:
-            self.sizes.append(len(batch))
             d: Deferred[Sequence[int | None]] = Deferred()
+            if self.first is None:
+                self.first, self.first_payloads = d, list(batch.payloads)
+                return d
+            self.depths.append(stack_depth())
             d.callback(list(batch.payloads))
             return d
 
     runner = EchoRunner()
-    batcher: Batcher[int, int] = Batcher(runner, BatchPolicy(max_batch_size=4), Clock())
+    batcher: Batcher[int, int] = Batcher(
+        runner, BatchPolicy(max_batch_size=4, max_queue=4000), Clock()
+    )
     results = [batcher.submit(i) for i in range(3000)]
+    assert batcher.queued == 2999
+    assert runner.first is not None
+    runner.first.callback(runner.first_payloads)  # the other 750 batches run from here
     assert [result_of(d) for d in results] == list(range(3000))
+    assert len(runner.depths) == 750
+    assert set(runner.depths) == {runner.depths[0]}  # each batch starts from the same frame
     assert batcher.queued == 0 and batcher.inflight == 0
 
 
@@ -266,7 +288,7 @@ def test_observer_sees_batch_sizes_queue_waits_and_rejections() -> None:
 
 
 def test_retry_after_grows_with_the_queue() -> None:
-    batcher, runner, clock = make(max_batch_size=2, max_queue=1000)
+    batcher, runner, clock = make(max_batch_size=2, max_queue=1000, timeout_s=10.0)
     batcher.submit(0)
     clock.advance(2.0)
     runner.complete()  # one batch took 2 s
@@ -311,5 +333,115 @@ def test_batch_map_keeps_liveness() -> None:
     batcher.submit(1)
     dropped = batcher.submit(2)
     dropped.cancel()
+    assert result_of(dropped).check(CancelledError)
     mapped = runner.batches[1].map(lambda x: x * 10)
     assert mapped.payloads == [10, 20] and mapped.live_indices() == [0]
+
+
+def test_retry_after_is_at_least_one_second_before_any_batch_has_finished() -> None:
+    batcher, _runner, _clock = make(max_batch_size=4)
+    for i in range(9):
+        batcher.submit(i)
+    # 8 queued and 1 in flight: (8 / 4 + 1) x the initial 0.05 s = 0.15 s, rounded up.
+    assert (batcher.queued, batcher.inflight) == (8, 1)
+    assert batcher.retry_after_s() == 1
+
+
+def test_overloaded_carries_the_retry_after_of_batches_timed_on_the_clock() -> None:
+    batcher, runner, clock = make(max_batch_size=4, max_queue=10, timeout_s=60.0)
+    clock.advance(10.0)
+    batcher.submit(0)
+    clock.advance(5.0)
+    runner.complete()  # started at 10 s, ended at 15 s: 0.8 x 0.05 + 0.2 x 5 = 1.04 s
+    batcher.submit(1)
+    clock.advance(5.0)
+    runner.complete()  # another 5 s batch: 0.8 x 1.04 + 0.2 x 5 = 1.832 s
+    batcher.submit(2)  # in flight
+    for i in range(9):
+        batcher.submit(i)
+    batcher.check_room(1)  # exactly one place left: no rejection
+    batcher.submit(9)
+    # (10 queued / 4 + 1 in flight) x 1.832 s = 6.41 s, rounded up.
+    assert batcher.retry_after_s() == 7
+    rejected = result_of(batcher.submit(10))
+    assert rejected.check(Overloaded) and rejected.value.retry_after_s == 7
+    with pytest.raises(Overloaded) as refused:
+        batcher.check_room(1)
+    assert refused.value.retry_after_s == 7
+
+
+def test_item_expiring_while_its_batch_runs_is_not_live_and_the_rest_get_results() -> None:
+    batcher, runner, clock = make(max_batch_size=2, max_inflight=2, timeout_s=1.0)
+    batcher.submit(0)
+    late = batcher.submit(1, timeout_s=0.1)
+    kept = batcher.submit(2)  # a full batch of 2, handed over at once
+    assert runner.sizes == [1, 2]
+    clock.advance(0.2)
+    assert result_of(late).check(DeadlineExceeded)
+    assert runner.batches[1].live_indices() == [1]
+    runner.complete()
+    runner.complete(lambda x: x * 10)  # would raise AlreadyCalledError if `late` were live
+    assert result_of(kept) == 20
+    assert batcher.inflight == 0
+
+
+def test_delivered_and_failed_items_leave_no_deadline_timers_behind() -> None:
+    batcher, runner, clock = make(timeout_s=1.0)
+    done = batcher.submit(0)
+    failed = batcher.submit(1)
+    runner.complete()
+    runner.fail(InferenceFailed("boom"))
+    assert result_of(done) == 0 and result_of(failed).check(InferenceFailed)
+    assert clock.getDelayedCalls() == []
+
+
+def test_cancelling_the_first_item_of_a_running_batch_delivers_the_others_at_once() -> None:
+    batcher, runner, _clock = make(max_batch_size=3, timeout_s=1.0)
+    batcher.submit(0)
+    first, second, third = batcher.submit(1), batcher.submit(2), batcher.submit(3)
+    runner.complete()
+    assert runner.sizes == [1, 3]
+    first.cancel()
+    runner.complete(lambda x: x * 10)
+    assert [result_of(second), result_of(third)] == [20, 30]  # now, not at their deadline
+
+
+def test_cancelling_the_first_item_of_a_failing_batch_fails_the_others_at_once() -> None:
+    batcher, runner, _clock = make(max_batch_size=3, timeout_s=1.0)
+    batcher.submit(0)
+    first, second, third = batcher.submit(1), batcher.submit(2), batcher.submit(3)
+    runner.complete()
+    first.cancel()
+    runner.fail(InferenceFailed("boom"))
+    assert result_of(second).check(InferenceFailed)
+    assert result_of(third).check(InferenceFailed)
+
+
+def test_runner_skipping_a_live_item_fails_that_item_and_delivers_the_rest() -> None:
+    batcher, runner, _clock = make(max_batch_size=3)
+    batcher.submit(0)
+    ok, skipped, also_ok = batcher.submit(1), batcher.submit(2), batcher.submit(3)
+    runner.complete()
+    runner.complete(lambda x: None if x == 2 else x * 10)
+    assert result_of(ok) == 10 and result_of(also_ok) == 30
+    assert result_of(skipped).check(InferenceFailed)
+
+
+def test_observer_sees_each_rejection_reason_and_the_queue_after_cancel_and_expiry() -> None:
+    clock = Clock()
+    runner: FakeRunner[int] = FakeRunner()
+    observer = RecordingObserver()
+    batcher: Batcher[int, int] = Batcher(
+        runner, BatchPolicy(max_queue=3, timeout_s=1.0), clock, observer
+    )
+    batcher.submit(0)  # in flight
+    cancelled = batcher.submit(1)
+    batcher.submit(2, timeout_s=0.5)
+    batcher.submit(3)
+    batcher.submit(4)  # queue full
+    cancelled.cancel()
+    assert observer.queue[-1] == batcher.queued == 2
+    clock.advance(0.6)
+    assert observer.queue[-1] == batcher.queued == 1
+    batcher.count_rejection("too_many_images")
+    assert observer.rejections == ["queue_full", "cancelled", "deadline", "too_many_images"]
