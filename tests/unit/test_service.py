@@ -123,9 +123,10 @@ def test_queue_deadline_is_what_is_left_after_decoding() -> None:
 
 def test_images_being_decoded_count_toward_the_queue_limit() -> None:
     service, _batcher, _runner, _pool, _clock = make(max_queue=3)
-    service.embed([encode_image(), encode_image()])  # still decoding
+    service.embed([encode_image()])  # two requests, still decoding
+    service.embed([encode_image()])
     assert service.decoding == 2
-    rejected = service.embed([encode_image(), encode_image()])
+    rejected = service.embed([encode_image(), encode_image()])  # 2 + 2 > 3
     assert outcome(rejected).check(Overloaded)
 
 
