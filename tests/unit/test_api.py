@@ -268,10 +268,15 @@ def test_full_queue_is_503_with_retry_after() -> None:
     runner: FakeRunner[Any] = FakeRunner()
     h = Harness(runner=runner, max_queue=1)
     h.treq.post(URL + "v1/embed", data=RED, headers={"Content-Type": "image/jpeg"})
+    h.clock.advance(9.0)
+    runner.complete(lambda _job: _prediction())  # a batch that took 9 s
+    h.treq.post(URL + "v1/embed", data=RED, headers={"Content-Type": "image/jpeg"})
     h.treq.post(URL + "v1/embed", data=RED, headers={"Content-Type": "image/jpeg"})
     status, headers, doc = h.post_image("/v1/embed", RED)
     assert status == 503 and doc["error"]["code"] == "overloaded"
-    assert int(headers["retry-after"]) >= 1
+    # One batch in flight and one image queued, at 0.8 x 0.05 + 0.2 x 9 = 1.84 s a batch:
+    # ceil((1 / 32 + 1) x 1.84) = 2 seconds.
+    assert headers["retry-after"] == "2" == str(h.batcher.retry_after_s())
     assert 'batchserve_rejected_total{reason="queue_full"} 1.0' in h.metrics.render().decode()
 
 
