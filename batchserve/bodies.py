@@ -157,26 +157,39 @@ def decode_b64(entry: object, index: int, key: str = "images") -> bytes:
         raise InvalidInput(f"{key}[{index}].b64 is not valid base64: {e}") from e
 
 
+def _fit_floats(numbers: list[Any]) -> bool:
+    """Whether every integer of ``numbers`` converts to a float: JSON gives the other numbers
+    as floats already, but an integer may be too large for one."""
+    try:
+        for x in numbers:
+            if type(x) is int:
+                float(x)
+    except OverflowError:
+        return False
+    return True
+
+
 def read_vectors(value: object, limits: RequestLimits) -> list[list[float]]:
-    """The query vectors of ``{"vectors": [[x, ...], ...]}`` as floats: a list of lists of
-    JSON numbers (not strings, booleans or null), at most ``limits.max_images`` of them (each
-    is a query, as an image is). Their dimension, and that they are finite and non-zero, are
-    for the service to check: it knows the model."""
+    """The query vectors of ``{"vectors": [[x, ...], ...]}``, checked to be a list of lists
+    of JSON numbers that fit a float (not strings, booleans or null), at most
+    ``limits.max_images`` of them (each is a query, as an image is). Their dimension, and that
+    they are finite and non-zero, are for the service to check: it knows the model."""
     if not isinstance(value, list):
         raise InvalidInput('"vectors" must be a list of lists of numbers')
-    vectors: list[list[float]] = []
     for i, vector in enumerate(value):
-        # type() rather than isinstance(): a bool is an int, and not a coordinate.
-        if not isinstance(vector, list) or not all(type(x) in (int, float) for x in vector):
+        if not isinstance(vector, list):
             raise InvalidInput(f"vectors[{i}] must be a list of numbers")
-        try:
-            vectors.append([float(x) for x in vector])
-        except OverflowError as e:
-            raise InvalidInput(f"vectors[{i}] holds a number too large for a float") from e
-    if len(vectors) > limits.max_images:
+        # type() rather than isinstance(): a bool is an int, and not a coordinate.
+        kinds = {type(x) for x in vector}
+        if not kinds <= {int, float}:
+            raise InvalidInput(f"vectors[{i}] must be a list of numbers")
+        if int in kinds and not _fit_floats(vector):
+            raise InvalidInput(f"vectors[{i}] holds a number too large for a float")
+    if len(value) > limits.max_images:
         raise PayloadTooLarge(
-            f"{len(vectors)} vectors in one request; the limit is {limits.max_images}"
+            f"{len(value)} vectors in one request; the limit is {limits.max_images}"
         )
+    vectors: list[list[float]] = value
     return vectors
 
 

@@ -18,7 +18,7 @@ from typing import Any, Generic, Self, TypeVar
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 
 from batchserve.batching import Batch
 from batchserve.errors import InferenceFailed
@@ -58,6 +58,21 @@ class FakeRunner(Generic[In]):
         batch, d = self.pending.pop(0)
         d.errback(error)
         return batch
+
+
+def run_now(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    """Stands in for a thread pool (decode pool, index thread): runs ``f(*args)`` at once on
+    the caller's thread."""
+    return maybeDeferred(f, *args)
+
+
+def result_of(d: Deferred[Any]) -> Any:
+    """What ``d`` has fired with: its result, or the Failure; an AssertionError if it has not
+    fired yet."""
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out, "the Deferred has not fired"
+    return out[0]
 
 
 class FakeModel:

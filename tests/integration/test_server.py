@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from batchserve.testing import encode_image, encode_multipart
-from tests.integration.conftest import Server, start_server, stop_server
+from tests.integration.conftest import Server, metric, start_server, stop_server, wait_until
+from tests.integration.gated_model import build_gated_model
 
 
 def embed(server: Server, image: bytes) -> np.ndarray:
@@ -139,9 +140,6 @@ def test_sigterm_stops_the_server_cleanly(tmp_path: Path) -> None:
 def test_sigterm_answers_every_request_already_taken_then_exits_0(tmp_path: Path) -> None:
     import signal
 
-    from tests.integration.conftest import metric, wait_until
-    from tests.integration.gated_model import build_gated_model
-
     model = build_gated_model(tmp_path / "model")
     server = start_server(
         tmp_path / "server",
@@ -216,9 +214,6 @@ def test_tokens_and_the_metrics_address_from_the_settings(
 
 def test_clients_that_hang_up_have_their_queued_images_dropped(tmp_path: Path) -> None:
     import socket
-
-    from tests.integration.conftest import metric, wait_until
-    from tests.integration.gated_model import build_gated_model
 
     model = build_gated_model(tmp_path / "model")
     server = start_server(

@@ -36,6 +36,7 @@ from batchserve.testing import (
     SyncModelRunner,
     encode_image,
     encode_multipart,
+    run_now,
 )
 
 URL = "http://127.0.0.1/"
@@ -47,11 +48,6 @@ class Ready:
     def __init__(self, info: ModelInfo | None) -> None:
         self.info = info
         self.ready = info is not None
-
-
-def run_now(f: Any, *args: Any) -> Deferred[Any]:
-    """Stands in for a thread pool: runs at once on the test's thread."""
-    return maybeDeferred(f, *args)
 
 
 class Harness:

@@ -14,7 +14,7 @@ from twisted.python.failure import Failure
 
 from batchserve.batching import Batch, Batcher, BatchPolicy
 from batchserve.errors import DeadlineExceeded, InferenceFailed, Overloaded
-from batchserve.testing import FakeRunner
+from batchserve.testing import FakeRunner, result_of
 
 
 def make(**policy: Any) -> tuple[Batcher[int, int], FakeRunner[int], Clock]:
@@ -29,13 +29,6 @@ def make(**policy: Any) -> tuple[Batcher[int, int], FakeRunner[int], Clock]:
     clock = Clock()
     runner: FakeRunner[int] = FakeRunner()
     return Batcher(runner, BatchPolicy(**defaults), clock), runner, clock
-
-
-def result_of(d: Deferred[Any]) -> Any:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    return out[0]
 
 
 def has_fired(d: Deferred[Any]) -> bool:

@@ -30,7 +30,7 @@ from batchserve.pipeline import (
     apply_tasks,
 )
 from batchserve.store import ItemStore
-from batchserve.testing import FakeModel, SyncModelRunner
+from batchserve.testing import FakeModel, SyncModelRunner, result_of
 
 DIM = 8
 CLASSES = ["cat", "dog"]
@@ -98,13 +98,6 @@ def test_a_model_without_classes_stores_no_predicted_class(tmp_path: Path) -> No
 
 
 # -- the index worker and the pipeline runner --------------------------------------------
-
-
-def result_of(d: Deferred[Any]) -> Any:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    return out[0]
 
 
 class RecordingThread:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 
 from batchserve.batching import Batcher, BatchPolicy
@@ -26,14 +26,7 @@ from batchserve.index import IndexParams, VectorIndex
 from batchserve.pipeline import AddTask, IndexWorker, SearchTask
 from batchserve.service import ImageService, gather
 from batchserve.store import ItemStore, Match
-from batchserve.testing import FakeModel, FakeRunner, encode_image
-
-
-def outcome(d: Deferred[Any]) -> Any:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "not fired"
-    return out[0]
+from batchserve.testing import FakeModel, FakeRunner, encode_image, result_of, run_now
 
 
 def test_gather_keeps_order() -> None:
@@ -42,7 +35,7 @@ def test_gather_keeps_order() -> None:
     d = gather([a, b])
     b.callback(2)
     a.callback(1)
-    assert outcome(d) == [1, 2]
+    assert result_of(d) == [1, 2]
 
 
 def test_gather_fails_with_the_first_failure_and_cancels_the_rest() -> None:
@@ -51,7 +44,7 @@ def test_gather_fails_with_the_first_failure_and_cancels_the_rest() -> None:
     b: Deferred[int] = Deferred(lambda _d: cancelled.append("b"))
     d = gather([a, b])
     a.errback(InvalidInput("image 0 is corrupt"))
-    assert outcome(d).check(InvalidInput)
+    assert result_of(d).check(InvalidInput)
     assert cancelled == ["b"]
 
 
@@ -61,7 +54,7 @@ def test_cancelling_gather_cancels_every_part() -> None:
     d = gather(parts)
     d.cancel()
     assert cancelled == [0, 1]
-    assert outcome(d).check(CancelledError)
+    assert result_of(d).check(CancelledError)
 
 
 class SlowPool:
@@ -104,7 +97,7 @@ def test_time_spent_decoding_counts_against_the_deadline() -> None:
     d = service.embed([encode_image()])
     clock.advance(0.6)  # decoding took longer than the whole deadline
     pool.finish_all()
-    assert outcome(d).check(DeadlineExceeded)
+    assert result_of(d).check(DeadlineExceeded)
     assert runner.sizes == []  # it never reached the model
 
 
@@ -127,12 +120,12 @@ def test_images_being_decoded_count_toward_the_queue_limit() -> None:
     service.embed([encode_image()])
     assert service.decoding == 2
     rejected = service.embed([encode_image(), encode_image()])  # 2 + 2 > 3
-    assert outcome(rejected).check(Overloaded)
+    assert result_of(rejected).check(Overloaded)
 
 
 def test_classify_needs_a_classifier_head() -> None:
     service, *_ = make(model=FakeModel(classes=None))
-    assert outcome(service.classify([encode_image()], 3)).check(InvalidInput)
+    assert result_of(service.classify([encode_image()], 3)).check(InvalidInput)
 
 
 def test_a_catalog_that_cannot_be_written_fails_the_adds_only(tmp_path: Any) -> None:
@@ -199,11 +192,6 @@ class ModelState:
         self.ready = model is not None
 
 
-def run_now(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-    """Stands in for the index thread: runs at once on the test's thread."""
-    return maybeDeferred(f, *args)
-
-
 def unit(*components: float) -> npt.NDArray[np.float32]:
     """A unit float32 vector of DIM numbers starting with ``components``."""
     v = np.zeros(DIM, dtype=np.float32)
@@ -264,15 +252,15 @@ class IndexedService:
             self.service.mark_started()
 
     def store(self, *items: NewItem) -> None:
-        outcome(self.index.call(lambda store: store.add(list(items))))
+        result_of(self.index.call(lambda store: store.add(list(items))))
 
 
 def test_image_search_and_add_while_the_index_loads_fail_before_any_image_is_decoded(
     tmp_path: Path,
 ) -> None:
     h = IndexedService(tmp_path, index_loaded=False)
-    assert outcome(h.service.search([encode_image()], SearchTask())).check(NotReady)
-    assert outcome(h.service.add([(encode_image(), AddTask("a"))])).check(NotReady)
+    assert result_of(h.service.search([encode_image()], SearchTask())).check(NotReady)
+    assert result_of(h.service.add([(encode_image(), AddTask("a"))])).check(NotReady)
     assert h.pool.jobs == []  # nothing was decoded
     assert h.service.decoding == 0
     # embedding needs no index, so it is admitted
@@ -284,7 +272,7 @@ def test_same_class_search_on_a_model_without_classifier_is_invalid_and_decodes_
     tmp_path: Path,
 ) -> None:
     h = IndexedService(tmp_path, model=FakeModel(dim=DIM, classes=None))
-    result = outcome(h.service.search([encode_image()], SearchTask(same_class=True)))
+    result = result_of(h.service.search([encode_image()], SearchTask(same_class=True)))
     assert result.check(InvalidInput)
     assert h.pool.jobs == []
     # without same_class the same model may search
@@ -294,34 +282,34 @@ def test_same_class_search_on_a_model_without_classifier_is_invalid_and_decodes_
 
 def test_classify_while_the_model_loads_fails_with_not_ready(tmp_path: Path) -> None:
     h = IndexedService(tmp_path, model_loaded=False)
-    assert outcome(h.service.classify([encode_image()], 3)).check(NotReady)
+    assert result_of(h.service.classify([encode_image()], 3)).check(NotReady)
     assert h.pool.jobs == []
 
 
 def test_item_routes_while_the_index_loads_fail_with_not_ready(tmp_path: Path) -> None:
     h = IndexedService(tmp_path, index_loaded=False)
     # each is a failed Deferred, not an exception raised at the caller
-    assert outcome(h.service.get("a")).check(NotReady)
-    assert outcome(h.service.delete("a")).check(NotReady)
-    assert outcome(h.service.similar("a", SearchTask())).check(NotReady)
-    assert outcome(h.service.index_info()).check(NotReady)
-    assert outcome(h.service.search_vectors([list(E0)], SearchTask())).check(NotReady)
+    assert result_of(h.service.get("a")).check(NotReady)
+    assert result_of(h.service.delete("a")).check(NotReady)
+    assert result_of(h.service.similar("a", SearchTask())).check(NotReady)
+    assert result_of(h.service.index_info()).check(NotReady)
+    assert result_of(h.service.search_vectors([list(E0)], SearchTask())).check(NotReady)
 
 
 def test_item_routes_without_an_index_fail_with_not_ready() -> None:
     service, *_ = make()  # a service built with no index at all
-    assert outcome(service.get("a")).check(NotReady)
-    assert outcome(service.similar("a", SearchTask())).check(NotReady)
+    assert result_of(service.get("a")).check(NotReady)
+    assert result_of(service.similar("a", SearchTask())).check(NotReady)
 
 
 def test_vector_search_while_the_model_loads_fails_with_not_ready(tmp_path: Path) -> None:
     h = IndexedService(tmp_path, model_loaded=False)
-    assert outcome(h.service.search_vectors([list(E0)], SearchTask())).check(NotReady)
+    assert result_of(h.service.search_vectors([list(E0)], SearchTask())).check(NotReady)
 
 
 def test_vector_search_with_same_class_is_invalid(tmp_path: Path) -> None:
     h = IndexedService(tmp_path)
-    result = outcome(h.service.search_vectors([list(E0)], SearchTask(same_class=True)))
+    result = result_of(h.service.search_vectors([list(E0)], SearchTask(same_class=True)))
     assert result.check(InvalidInput)
 
 
@@ -338,11 +326,11 @@ def test_not_ready_until_start_up_is_marked_over_even_with_model_and_index_up(
 def test_item_routes_read_and_delete_stored_items(tmp_path: Path) -> None:
     h = IndexedService(tmp_path)
     h.store(NewItem("a", E0, "x"))
-    assert outcome(h.service.get("a")).label == "x"
-    assert outcome(h.service.delete("a")) is True
-    assert outcome(h.service.get("a")).check(NotFound)
-    assert outcome(h.service.delete("a")).check(NotFound)
-    assert outcome(h.service.similar("a", SearchTask())).check(NotFound)
+    assert result_of(h.service.get("a")).label == "x"
+    assert result_of(h.service.delete("a")) is True
+    assert result_of(h.service.get("a")).check(NotFound)
+    assert result_of(h.service.delete("a")).check(NotFound)
+    assert result_of(h.service.similar("a", SearchTask())).check(NotFound)
 
 
 # -- search by vector and by stored item --------------------------------------------------
@@ -356,7 +344,7 @@ def test_each_query_vector_is_normalised_on_its_own(tmp_path: Path) -> None:
     h = IndexedService(tmp_path)
     h.store(NewItem("a", E0))
     rows = [list(map(float, E0)), list(map(float, 3 * E0))]
-    found = outcome(h.service.search_vectors(rows, SearchTask(k=1)))
+    found = result_of(h.service.search_vectors(rows, SearchTask(k=1)))
     assert [ids(m) for m in found] == [["a"], ["a"]]
     assert [m[0].score for m in found] == [pytest.approx(1.0), pytest.approx(1.0)]
 
@@ -374,7 +362,7 @@ def test_each_query_vector_is_normalised_on_its_own(tmp_path: Path) -> None:
 )
 def test_malformed_query_vectors_are_invalid_input(tmp_path: Path, vectors: Any) -> None:
     h = IndexedService(tmp_path)
-    assert outcome(h.service.search_vectors(vectors, SearchTask())).check(InvalidInput)
+    assert result_of(h.service.search_vectors(vectors, SearchTask())).check(InvalidInput)
 
 
 def test_vector_search_honours_k_min_score_and_label(tmp_path: Path) -> None:
@@ -386,7 +374,7 @@ def test_vector_search_honours_k_min_score_and_label(tmp_path: Path) -> None:
     )
 
     def search(**task: Any) -> list[str]:
-        return ids(outcome(h.service.search_vectors([list(E0)], SearchTask(**task)))[0])
+        return ids(result_of(h.service.search_vectors([list(E0)], SearchTask(**task)))[0])
 
     assert search() == ["a", "b", "c"]
     assert search(k=2) == ["a", "b"]
@@ -406,7 +394,7 @@ def test_similar_honours_k_min_score_label_and_same_class(tmp_path: Path) -> Non
     )
 
     def similar(**task: Any) -> list[str]:
-        return ids(outcome(h.service.similar("q", SearchTask(**task))))
+        return ids(result_of(h.service.similar("q", SearchTask(**task))))
 
     assert similar() == ["a", "b", "c", "d"]  # never itself
     assert similar(k=2) == ["a", "b"]
@@ -435,6 +423,6 @@ def test_images_past_the_deadline_after_decoding_are_counted_as_deadline_rejecti
     d = h.service.embed([encode_image(), encode_image()])
     h.clock.advance(0.5)  # decoding used up the whole deadline, to the microsecond
     h.pool.finish_all()
-    assert outcome(d).check(DeadlineExceeded)
+    assert result_of(d).check(DeadlineExceeded)
     assert h.observer.rejected == ["deadline", "deadline"]
     assert h.runner.sizes == []
