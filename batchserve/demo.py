@@ -1,50 +1,26 @@
-"""Sample photos to search on a first start: the real photos that scikit-image ships inside
-its wheel (nothing is downloaded)."""
+"""Sample photos to search on a first start: eight public-domain and CC0 photos from
+scikit-image's sample data, shipped as package data in ``batchserve/data/demo/`` (JPEG, at
+most 512 px on the long side; sources and licences in ``SOURCES.md`` there). Nothing is
+downloaded and scikit-image is not needed to serve them."""
 
 from __future__ import annotations
 
-import io
-from collections.abc import Callable
-from typing import Any
+import importlib.resources
 
-#: (item id, label, loader name in skimage.data, frame index for loaders returning several)
-SAMPLES: tuple[tuple[str, str, str, int | None], ...] = (
-    ("sample/astronaut", "people", "astronaut", None),
-    ("sample/camera", "people", "camera", None),
-    ("sample/cat", "animals", "chelsea", None),
-    ("sample/coffee", "food", "coffee", None),
-    ("sample/rocket", "vehicles", "rocket", None),
-    ("sample/motorcycle", "vehicles", "stereo_motorcycle", 0),
-    ("sample/hubble", "space", "hubble_deep_field", None),
-    ("sample/moon", "space", "moon", None),
-    ("sample/coins", "objects", "coins", None),
-    ("sample/brick", "textures", "brick", None),
-    ("sample/grass", "textures", "grass", None),
-    ("sample/gravel", "textures", "gravel", None),
-    ("sample/retina", "science", "retina", None),
-    ("sample/ihc", "science", "immunohistochemistry", None),
-    ("sample/page", "documents", "page", None),
-    ("sample/text", "documents", "text", None),
+#: (item id, label, file name in batchserve/data/demo/)
+SAMPLES: tuple[tuple[str, str, str], ...] = (
+    ("sample/astronaut", "people", "astronaut.jpg"),
+    ("sample/camera", "people", "camera.jpg"),
+    ("sample/cat", "animals", "cat.jpg"),
+    ("sample/coffee", "food", "coffee.jpg"),
+    ("sample/rocket", "vehicles", "rocket.jpg"),
+    ("sample/brick", "textures", "brick.jpg"),
+    ("sample/retina", "science", "retina.jpg"),
+    ("sample/text", "documents", "text.jpg"),
 )
 
 
 def sample_photos() -> list[tuple[str, str, bytes]]:
-    """(id, label, JPEG bytes) of every sample photo this scikit-image has offline."""
-    from PIL import Image
-    from skimage import data
-
-    photos = []
-    for item_id, label, name, frame in SAMPLES:
-        loader: Callable[[], Any] | None = getattr(data, name, None)
-        if loader is None:
-            continue
-        try:
-            pixels = loader()
-        except Exception:
-            continue
-        if frame is not None:
-            pixels = pixels[frame]
-        out = io.BytesIO()
-        Image.fromarray(pixels).convert("RGB").save(out, format="JPEG", quality=92)
-        photos.append((item_id, label, out.getvalue()))
-    return photos
+    """(id, label, JPEG bytes) of every sample photo, in ``SAMPLES`` order."""
+    folder = importlib.resources.files("batchserve") / "data" / "demo"
+    return [(item_id, label, (folder / name).read_bytes()) for item_id, label, name in SAMPLES]

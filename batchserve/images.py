@@ -15,6 +15,7 @@ import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from batchserve.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from batchserve.settings import setting
 
 #: Formats accepted as input. Animated images are refused: which frame to embed is ambiguous.
 ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF"})
@@ -27,7 +28,9 @@ Image.MAX_IMAGE_PIXELS = None
 class DecodeLimits:
     """Limits applied to every image before its pixels are decoded."""
 
-    max_pixels: int = 40_000_000
+    max_pixels: int = setting(
+        40_000_000, "largest image, width times height", name="max_image_pixels", at_least=1
+    )
 
 
 def decode_image(data: bytes, size: tuple[int, int], limits: DecodeLimits) -> npt.NDArray[np.uint8]:

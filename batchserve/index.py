@@ -28,6 +28,8 @@ import faiss as _faiss
 import numpy as np
 import numpy.typing as npt
 
+from batchserve.settings import setting
+
 # faiss's SWIG stubs know no keyword arguments (SearchParameters(sel=...) is valid).
 faiss: Any = _faiss
 
@@ -56,16 +58,42 @@ Ids = npt.NDArray[np.int64]
 class IndexParams:
     """How the index is built and searched. 0 means "pick from the data"."""
 
-    kind: str = "flat"
-    nlist: int = 0
-    nprobe: int = 32
-    train_min: int = 2000
-    hnsw_m: int = 32
-    ef_construction: int = 200
-    ef_search: int = 256
-    pq_m: int = 0
-    refine_factor: int = 16
-    device: str = "auto"
+    kind: str = setting(
+        "flat",
+        "FAISS index kind: flat (exact), ivf, hnsw or ivfpq",
+        name="index_kind",
+        choices=("flat", "ivf", "hnsw", "ivfpq"),
+    )
+    nlist: int = setting(
+        0, "IVF inverted lists (0: about 4 sqrt(items))", name="ivf_nlist", at_least=0
+    )
+    nprobe: int = setting(32, "IVF lists searched per query", name="ivf_nprobe", at_least=1)
+    train_min: int = setting(
+        2000,
+        "items before an ivf/ivfpq index is trained (searched exactly until then)",
+        name="index_train_min",
+        at_least=1,
+    )
+    hnsw_m: int = setting(32, "HNSW links per node", at_least=1)
+    ef_construction: int = setting(
+        200, "HNSW candidate list size while adding", name="hnsw_ef_construction", at_least=1
+    )
+    ef_search: int = setting(
+        256, "HNSW candidate list size while searching", name="hnsw_ef_search", at_least=1
+    )
+    pq_m: int = setting(0, "IVF-PQ sub-quantizers (0: dim / 4)", at_least=0)
+    refine_factor: int = setting(
+        16,
+        "IVF-PQ candidates per result re-ranked with 8-bit vectors",
+        name="pq_refine_factor",
+        at_least=1,
+    )
+    device: str = setting(
+        "auto",
+        "where FAISS searches (gpu needs a GPU build of FAISS)",
+        name="index_device",
+        choices=("auto", "cpu", "gpu"),
+    )
 
 
 def as_vectors(x: Any, dim: int) -> Vectors:

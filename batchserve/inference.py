@@ -157,7 +157,7 @@ class InferenceWorker:
         if not self._serving or self._thread is None or not self._thread.is_alive():
             return fail(NotReady("the inference thread is not running"))
         d: Deferred[Sequence[Prediction | None]] = Deferred()
-        self._jobs.put((batch, d))
+        self._jobs.put((batch.frozen(), d))
         return d
 
     def _spawn(self, target: Callable[[], None]) -> None:

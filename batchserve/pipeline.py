@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
@@ -23,36 +23,10 @@ from batchserve.batching import Batch
 from batchserve.catalog import NewItem
 from batchserve.errors import NotReady, StorageFailed
 from batchserve.inference import Prediction
-from batchserve.store import ItemStore, Match, OpenReport, SearchQuery
+from batchserve.records import AddTask, EmbedTask, Match, SearchTask, Task
+from batchserve.store import ItemStore, OpenReport, SearchQuery
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class EmbedTask:
-    """Return the embedding (and class probabilities)."""
-
-
-@dataclass(frozen=True)
-class SearchTask:
-    """Find the ``k`` nearest items; ``same_class`` searches within the predicted class."""
-
-    k: int = 10
-    min_score: float | None = None
-    label: str | None = None
-    same_class: bool = False
-
-
-@dataclass(frozen=True)
-class AddTask:
-    """Store the image's embedding under ``id``."""
-
-    id: str
-    label: str | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-
-Task = EmbedTask | SearchTask | AddTask
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
-"""Composes the pipeline for a request: decode each image on the decode pool, submit each
-to the Batcher as its own job, and gather the results in request order. Item reads,
-deletes and searches by vector go straight to the index thread.
+"""Composes the pipeline for a request: read the request's body and decode its images as
+one job on the decode pool, submit each image to the Batcher as its own job, and gather the
+results in request order. Item reads, deletes and searches by vector go to the index thread.
 
-Returns Deferreds; knows nothing of HTTP. Cancelling a returned Deferred (the client hung
-up) cancels every image of the request still queued.
+The reactor only admits a request (model and index ready, room in the queue) and queues
+its decoded images; reading the body, splitting it and decoding happen off it. Returns
+Deferreds; knows nothing of HTTP: a request's body comes as a function that reads it.
+Cancelling a returned Deferred (the client hung up) cancels every image still queued.
 """
 
 from __future__ import annotations
@@ -20,21 +22,22 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from batchserve.batching import Batcher
-from batchserve.catalog import Item
 from batchserve.errors import DeadlineExceeded, InvalidInput, NotFound, NotReady, Overloaded
 from batchserve.images import DecodeLimits, decode_image
 from batchserve.inference import Prediction
 from batchserve.models import ModelInfo
-from batchserve.pipeline import (
+from batchserve.pipeline import IndexWorker, Job, Outcome
+from batchserve.records import (
     AddTask,
     EmbedTask,
-    IndexWorker,
-    Job,
-    Outcome,
+    Item,
+    Label,
+    Match,
+    SearchRequest,
     SearchTask,
     Task,
 )
-from batchserve.store import ItemStore, Match, SearchQuery
+from batchserve.store import ItemStore, SearchQuery
 
 T = TypeVar("T")
 
@@ -42,6 +45,9 @@ EMBED = EmbedTask()
 
 #: Runs a blocking function on the decode thread pool: ``run(f, *args) -> Deferred``.
 PoolRunner = Callable[..., Deferred[Any]]
+
+#: Reads a request's body (on the decode pool): its encoded images, or more.
+Reader = Callable[[], T]
 
 
 class DecodeObserver(Protocol):
@@ -61,9 +67,11 @@ class ModelStatus(Protocol):
 
 
 @dataclass(frozen=True)
-class Label:
-    label: str
-    score: float
+class _VectorSearch:
+    """A search by query vectors, checked and L2-normalised: [N, dim] float32."""
+
+    queries: npt.NDArray[np.float32]
+    task: SearchTask
 
 
 def gather(deferreds: Sequence[Deferred[T]]) -> Deferred[list[T]]:
@@ -118,7 +126,7 @@ class ImageService:
         self._index = index
         self._limits = limits
         self._observer = observer
-        self._decoding = 0
+        self._reading = 0
         self._started = index is None
 
     @property
@@ -136,120 +144,121 @@ class ImageService:
         self._started = True
 
     @property
-    def decoding(self) -> int:
-        """Images accepted and still being decoded."""
-        return self._decoding
+    def reading(self) -> int:
+        """Requests accepted whose bodies are still being read and decoded."""
+        return self._reading
+
+    def loaded(self, needs_index: bool = False) -> ModelInfo:
+        """The loaded model; NotReady while it (or, with ``needs_index``, the index) loads."""
+        info = self._model.info
+        if info is None:
+            raise NotReady("the model is loading; retry shortly")
+        if needs_index and (self._index is None or not self._index.ready):
+            raise NotReady("the index is loading; retry shortly")
+        return info
+
+    def admit(self, needs_index: bool = False) -> ModelInfo:
+        """The loaded model, if a request for it may start now: NotReady while the model
+        (or, with ``needs_index``, the index) loads, Overloaded (counted) when the queue has
+        no room for one more image beside the requests still being read. The HTTP layer
+        calls it from a request's headers, before its body is in; the service again when
+        the body is in; the queue checks the full count once the images are decoded."""
+        info = self.loaded(needs_index)
+        self._batcher.check_room(1, pending=self._reading)
+        return info
 
     # -- through the model ----------------------------------------------------------------
 
-    def embed(self, images: Sequence[bytes]) -> Deferred[list[Prediction]]:
-        """One Prediction per image, in order."""
-        d = self._run([(data, EMBED) for data in images])
-        return d.addCallback(lambda outcomes: [o.prediction for o in outcomes])
+    def embed(self, read: Reader[Sequence[bytes]]) -> Deferred[list[npt.NDArray[np.float32]]]:
+        """The embedding of each image ``read()`` returns, in order: float32 [dim]."""
+        d = self._through_model(lambda: [(data, EMBED) for data in read()])
+        return d.addCallback(lambda outcomes: [o.prediction.embedding for o in outcomes])
 
-    def classify(self, images: Sequence[bytes], top_k: int) -> Deferred[list[list[Label]]]:
+    def classify(self, read: Reader[Sequence[bytes]], top_k: int) -> Deferred[list[list[Label]]]:
         """The ``top_k`` most likely labels of each image, best first."""
         info = self._model.info
         if info is not None and not info.classes:
             return fail(InvalidInput(f"model {info.name} has no classifier head"))
         classes = info.classes if info is not None else []
 
-        def labels(predictions: list[Prediction]) -> list[list[Label]]:
-            return [top_labels(p, classes or [], top_k) for p in predictions]
+        def labels(outcomes: list[Outcome]) -> list[list[Label]]:
+            return [top_labels(o.prediction, classes or [], top_k) for o in outcomes]
 
-        return self.embed(images).addCallback(labels)
+        d = self._through_model(lambda: [(data, EMBED) for data in read()])
+        return d.addCallback(labels)
 
-    def search(self, images: Sequence[bytes], task: SearchTask) -> Deferred[list[list[Match]]]:
-        """The nearest items of each image, best first."""
-        info = self._model.info
-        if task.same_class and info is not None and not info.classes:
-            return fail(InvalidInput(f"same_class needs a classifier; {info.name} has none"))
-        d = self._run([(data, task) for data in images], needs_index=True)
-        return d.addCallback(lambda outcomes: [o.matches or [] for o in outcomes])
-
-    def add(self, entries: Sequence[tuple[bytes, AddTask]]) -> Deferred[list[str]]:
+    def add(self, read: Reader[Sequence[tuple[bytes, AddTask]]]) -> Deferred[list[str]]:
         """Store each image under its id; fires once every row is committed."""
-        d = self._run(list(entries), needs_index=True)
+        d = self._through_model(read, needs_index=True)
         return d.addCallback(lambda outcomes: [o.added or "" for o in outcomes])
 
-    def admit(self, images: int, needs_index: bool = False) -> ModelInfo:
-        """The loaded model, if ``images`` more may go through it now. Raises NotReady while
-        the model (or, with ``needs_index``, the index) loads and Overloaded when the queue
-        has no room for them beside the images being decoded (the rejection is counted)."""
-        info = self._model.info
-        if info is None:
-            raise NotReady("the model is loading; retry shortly")
-        if needs_index and (self._index is None or not self._index.ready):
-            raise NotReady("the index is loading; retry shortly")
-        self._batcher.check_room(images, pending=self._decoding)
-        return info
-
-    def _run(
-        self, jobs: Sequence[tuple[bytes, Task]], needs_index: bool = False
-    ) -> Deferred[list[Outcome]]:
-        if not jobs:
-            return fail(InvalidInput("no image in the request"))
+    def search(self, read: Reader[SearchRequest]) -> Deferred[list[list[Match]]]:
+        """The nearest items of each query image or vector, best first."""
         try:
-            info = self.admit(len(jobs), needs_index)
+            info = self.loaded(needs_index=True)
+        except NotReady as e:
+            return fail(e)
+        # Whether the request holds images or vectors is known once it is read: a search by
+        # vectors never reaches the model's queue, so only the queue refuses image searches.
+        deadline_s = self._deadline_s()
+        d = self._off_reactor(_search_jobs, read, info, self._limits, self._observer)
+
+        def route(prepared: list[Job] | _VectorSearch) -> Deferred[list[list[Match]]]:
+            if isinstance(prepared, _VectorSearch):
+                return self._store_call(_search_vectors, prepared.queries, prepared.task)
+            found = self._submit_all(prepared, deadline_s)
+            return found.addCallback(lambda outcomes: [o.matches or [] for o in outcomes])
+
+        return d.addCallback(route)
+
+    def _through_model(
+        self, read: Reader[Sequence[tuple[bytes, Task]]], needs_index: bool = False
+    ) -> Deferred[list[Outcome]]:
+        try:
+            info = self.admit(needs_index)
         except (NotReady, Overloaded) as e:
             return fail(e)
-        # The deadline runs from now: time spent decoding counts against it.
-        deadline_s = self._clock.seconds() + self._batcher.policy.timeout_s
-        # Every image is decoded before any is queued: one bad image fails the request
-        # before the model sees (or the catalog stores) any of its images.
-        self._decoding += len(jobs)
+        deadline_s = self._deadline_s()
+        d = self._off_reactor(_decoded_jobs, read, info, self._limits, self._observer)
+        return d.addCallback(self._submit_all, deadline_s)
 
-        def decoded(result: object) -> object:
-            self._decoding -= len(jobs)
+    def _deadline_s(self) -> float:
+        # The deadline runs from admission: time spent reading and decoding counts.
+        return self._clock.seconds() + self._batcher.policy.timeout_s
+
+    def _off_reactor(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        """Run ``fn(*args)`` on the decode pool, counted as a request being read."""
+        self._reading += 1
+
+        def done(result: T) -> T:
+            self._reading -= 1
             return result
 
-        d = gather([self._run_in_pool(self._decode, data, info.input_size) for data, _t in jobs])
-        d.addBoth(decoded)
-        return d.addCallback(self._submit_all, [task for _data, task in jobs], deadline_s)
+        d: Deferred[T] = self._run_in_pool(fn, *args)
+        return d.addBoth(done)
 
-    def _submit_all(
-        self, arrays: Sequence[npt.NDArray[np.uint8]], tasks: Sequence[Task], deadline_s: float
-    ) -> Deferred[list[Outcome]]:
+    def _submit_all(self, jobs: Sequence[Job], deadline_s: float) -> Deferred[list[Outcome]]:
         left_s = deadline_s - self._clock.seconds()
         if left_s <= 0:
-            for _task in tasks:
+            for _job in jobs:
                 self._batcher.count_rejection("deadline")
             return fail(DeadlineExceeded("deadline passed while the images were decoded"))
-        return gather(
-            [
-                self._batcher.submit(Job(array, task), timeout_s=left_s)
-                for array, task in zip(arrays, tasks, strict=True)
-            ]
-        )
-
-    def _decode(self, data: bytes, size: tuple[int, int]) -> npt.NDArray[np.uint8]:
-        started = time.perf_counter()
-        array = decode_image(data, size, self._limits)
-        if self._observer is not None:
-            self._observer.decoded(time.perf_counter() - started)
-        return array
+        try:
+            # All of a request's images fit in the queue, or none is queued.
+            self._batcher.check_room(len(jobs), pending=self._reading)
+        except Overloaded as e:
+            return fail(e)
+        return gather([self._batcher.submit(job, timeout_s=left_s) for job in jobs])
 
     # -- on the index thread only ---------------------------------------------------------
 
     def _store_call(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
-        if self._index is None or not self._index.ready:
-            return fail(NotReady("the index is loading; retry shortly"))
-        return self._index.call(fn, *args)
-
-    def search_vectors(
-        self, vectors: Sequence[Sequence[float]], task: SearchTask
-    ) -> Deferred[list[list[Match]]]:
-        """Nearest items of given embeddings (each of the model's dim, any norm > 0)."""
-        info = self._model.info
-        if info is None:
-            return fail(NotReady("the model is loading; retry shortly"))
-        if task.same_class:
-            return fail(InvalidInput("same_class needs an image, not a vector"))
         try:
-            queries = unit_vectors(vectors, info.dim)
-        except InvalidInput as e:
+            self.loaded(needs_index=True)
+        except NotReady as e:
             return fail(e)
-        return self._store_call(_search_vectors, queries, task)
+        assert self._index is not None
+        return self._index.call(fn, *args)
 
     def similar(self, item_id: str, task: SearchTask) -> Deferred[list[Match]]:
         """The nearest items of a stored item, itself excluded."""
@@ -263,6 +272,50 @@ class ImageService:
 
     def index_info(self) -> Deferred[dict[str, Any]]:
         return self._store_call(lambda store: store.describe())
+
+
+# -- on the decode pool -----------------------------------------------------------------
+
+
+def _decoded_jobs(
+    read: Reader[Sequence[tuple[bytes, Task]]],
+    info: ModelInfo,
+    limits: DecodeLimits,
+    observer: DecodeObserver | None,
+) -> list[Job]:
+    """Read the request, then decode every image: one bad image fails the request before
+    the model sees (or the catalog stores) any of its images."""
+    entries = read()
+    if not entries:
+        raise InvalidInput("no image in the request")
+    return [Job(_decode(data, info, limits, observer), task) for data, task in entries]
+
+
+def _search_jobs(
+    read: Reader[SearchRequest],
+    info: ModelInfo,
+    limits: DecodeLimits,
+    observer: DecodeObserver | None,
+) -> list[Job] | _VectorSearch:
+    request = read()
+    if request.vectors is not None:
+        if request.task.same_class:
+            raise InvalidInput("same_class needs an image, not a vector")
+        return _VectorSearch(unit_vectors(request.vectors, info.dim), request.task)
+    if request.task.same_class and not info.classes:
+        raise InvalidInput(f"same_class needs a classifier; {info.name} has none")
+    entries = [(data, request.task) for data in request.images]
+    return _decoded_jobs(lambda: entries, info, limits, observer)
+
+
+def _decode(
+    data: bytes, info: ModelInfo, limits: DecodeLimits, observer: DecodeObserver | None
+) -> npt.NDArray[np.uint8]:
+    started = time.perf_counter()
+    array = decode_image(data, info.input_size, limits)
+    if observer is not None:
+        observer.decoded(time.perf_counter() - started)
+    return array
 
 
 def unit_vectors(vectors: Sequence[Sequence[float]], dim: int) -> npt.NDArray[np.float32]:

@@ -11,8 +11,9 @@ their cost to reading the bytes off the socket, not routing, parsing and JSON-en
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
-from twisted.web.http import datetimeToString
+from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.server import Request, Site, version
 
 #: Writes a whole response to ``request`` and finishes it.
@@ -27,6 +28,25 @@ def _let_through(request: Request, method: bytes, path: bytes) -> EarlyAnswer | 
     return None
 
 
+class RequestLineChannel(HTTPChannel):
+    """An HTTPChannel that keeps the request line of the request whose headers it is
+    reading, so that the request can be judged from its method and path once its headers
+    are in, before its body (Twisted sets ``Request.method`` and ``uri`` only after it)."""
+
+    request_line = b""
+    _awaiting_request_line = True
+
+    def lineReceived(self, line: bytes) -> None:  # noqa: N802 (Twisted API)
+        if self._awaiting_request_line and line:
+            self.request_line = line
+            self._awaiting_request_line = False
+        super().lineReceived(line)
+
+    def allHeadersReceived(self) -> None:  # noqa: N802 (Twisted API)
+        self._awaiting_request_line = True  # the next line starts the next request
+        super().allHeadersReceived()
+
+
 class BoundedRequest(Request):
     """A Request that stops buffering its body once it is over ``max_body_bytes``, judged
     from Content-Length before any of the body arrives, or while it streams in; and that
@@ -34,6 +54,8 @@ class BoundedRequest(Request):
 
     max_body_bytes = 32 * 1024 * 1024
     body_over_limit = False
+    #: Set by the API when its token and room were checked from the headers.
+    admitted_early = False
     early_answer: EarlyAnswer | None = None
     refuse_early: RefuseEarly = staticmethod(_let_through)
 
@@ -41,11 +63,11 @@ class BoundedRequest(Request):
         if length is not None and length > self.max_body_bytes:
             self.body_over_limit = True
         else:
-            # The request line as HTTPChannel parsed it; Request.method and .uri are only
-            # set once the body is in. Without them (another Twisted), nothing is refused.
-            method = getattr(self.channel, "_command", None)
-            path = getattr(self.channel, "_path", None)
-            if isinstance(method, bytes) and isinstance(path, bytes):
+            # Served by a RequestLineChannel; another channel gives no line: nothing is
+            # refused early.
+            method, _, rest = getattr(self.channel, "request_line", b"").partition(b" ")
+            path = rest.partition(b" ")[0]
+            if method and path:
                 self.early_answer = self.refuse_early(self, method, path)
         dropped = self.body_over_limit or self.early_answer is not None
         super().gotLength(0 if dropped else length)
@@ -87,14 +109,25 @@ def _no_access_log(request: Request) -> None:
     pass
 
 
-def configure_site(
-    site: Site, max_body_bytes: int, access_log: bool, refuse_early: RefuseEarly | None = None
+class _Site(Site):
+    # Twisted declares the protocol factory as a method; a channel class is what it calls.
+    protocol = RequestLineChannel  # type: ignore[assignment]
+
+
+def make_site(
+    resource: Any,
+    max_body_bytes: int,
+    access_log: bool,
+    refuse_early: RefuseEarly | None = None,
 ) -> Site:
-    """Make ``site`` serve batchserve: bodies bounded, requests refused from their headers
-    by ``refuse_early``, multipart left to the API (Twisted would parse it a second time on
-    the reactor), access log on or off."""
-    site.requestFactory = bounded_request_factory(max_body_bytes, refuse_early)
-    site._parsePOSTFormSubmission = False
+    """A Site that serves ``resource`` as batchserve does: bodies bounded, requests refused
+    from their headers by ``refuse_early``, multipart left to the API (Twisted would parse
+    it a second time, on the reactor), access log on or off."""
+    site = _Site(
+        resource,
+        requestFactory=bounded_request_factory(max_body_bytes, refuse_early),
+        parsePOSTFormSubmission=False,
+    )
     if not access_log:
         site.log = _no_access_log  # type: ignore[method-assign,assignment]
     return site

@@ -22,10 +22,27 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from batchserve.catalog import Catalog, Item, NewItem
+from batchserve.catalog import Catalog, NewItem
 from batchserve.errors import ConfigError
+from batchserve.records import Item, Match
+from batchserve.settings import setting
 
 KEEP_SNAPSHOTS = 2
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """Where items live and how often the index is written down. Times in seconds."""
+
+    data_dir: str = setting("data", "directory for the catalog and index snapshots")
+    snapshot_interval_s: float = setting(
+        300.0,
+        "seconds between index snapshots (only when something changed; also at exit)",
+        above=0,
+    )
+    demo: bool = setting(
+        True, "on a first start with an empty data dir, index the sample photos shipped"
+    )
 
 
 class SearchableIndex(Protocol):
@@ -77,24 +94,6 @@ class SearchQuery:
     label: str | None = None
     predicted_class: str | None = None
     exclude: str | None = None
-
-
-@dataclass(frozen=True)
-class Match:
-    id: str
-    score: float
-    label: str | None
-    metadata: dict[str, Any]
-    predicted_class: str | None = None
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "score": self.score,
-            "label": self.label,
-            "metadata": self.metadata,
-            "class": self.predicted_class,
-        }
 
 
 @dataclass

@@ -3,27 +3,27 @@
 from __future__ import annotations
 
 import io
-import os
-import re
-import signal
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, Self, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.web.server import Site
 
 from batchserve.batching import Batch
 from batchserve.errors import InferenceFailed
 from batchserve.inference import Prediction, run_batch
 from batchserve.models import ModelInfo, ModelOutputs
+from batchserve.server import Threads
 
 In = TypeVar("In")
 
@@ -124,18 +124,28 @@ class FakeModel:
 
 
 class SyncModelRunner:
-    """A BatchRunner that runs the model at once on the calling thread, with the same
-    padding and skipping as the inference thread. Records batch sizes."""
+    """The model's thread as the server drives it (a ``ModelWorker``), running each batch
+    at once on the calling thread with the same padding and skipping as the inference
+    thread. Records batch sizes. ``loaded=False``: no model until ``start()``."""
 
-    def __init__(self, model: FakeModel, sizes: Sequence[int] = (1, 2, 4, 8)) -> None:
+    def __init__(
+        self, model: FakeModel, sizes: Sequence[int] = (1, 2, 4, 8), loaded: bool = True
+    ) -> None:
         self.model = model
         self.sizes = list(sizes)
         self.batch_sizes: list[int] = []
-        self.ready = True
+        self.ready = loaded
 
     @property
-    def info(self) -> ModelInfo:
-        return self.model.info
+    def info(self) -> ModelInfo | None:
+        return self.model.info if self.ready else None
+
+    def start(self) -> Deferred[ModelInfo]:
+        self.ready = True
+        return succeed(self.model.info)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self.ready = False
 
     def run(self, batch: Batch[npt.NDArray[np.uint8]]) -> Deferred[Sequence[Prediction | None]]:
         self.batch_sizes.append(len(batch))
@@ -143,6 +153,82 @@ class SyncModelRunner:
             return succeed(run_batch(self.model, batch, self.sizes))
         except Exception as e:
             return fail(InferenceFailed(f"model failed on a batch: {e!r}"))
+
+
+@dataclass
+class Response:
+    """An HTTP response: status, headers (lower-case names, last value wins), body."""
+
+    code: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class SiteClient:
+    """Speaks HTTP/1.0 to a ``Site`` over in-memory transports: the server's whole HTTP
+    stack (its request factory, refusals from headers, body limits, Klein routes) with no
+    socket and no reactor. ``request`` returns a Deferred that ``flush()`` fires once the
+    server has finished the response; cancelling it hangs up."""
+
+    def __init__(self, site: Site) -> None:
+        self._site = site
+        self._open: list[tuple[StringTransport, Deferred[Response]]] = []
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+    ) -> Deferred[Response]:
+        head = [f"{method} {path} HTTP/1.0", "Host: 127.0.0.1"]
+        head += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        if body or method in ("POST", "PUT"):
+            head.append(f"Content-Length: {len(body)}")
+        address = IPv4Address("TCP", "127.0.0.1", 8080)
+        protocol = self._site.buildProtocol(address)
+        assert protocol is not None
+        transport = StringTransport(address, IPv4Address("TCP", "127.0.0.1", 40000))
+        protocol.makeConnection(transport)
+
+        def hang_up(_d: Deferred[Response]) -> None:
+            protocol.connectionLost(Failure(ConnectionDone("the client hung up")))
+
+        d: Deferred[Response] = Deferred(hang_up)
+        self._open.append((transport, d))
+        protocol.dataReceived(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+        self.flush()
+        return d
+
+    def flush(self) -> None:
+        """Fire the Deferred of every response the server has finished."""
+        still_open = []
+        for transport, d in self._open:
+            if d.called:
+                continue
+            if transport.disconnecting:
+                d.callback(_parse_response(transport.value()))
+            else:
+                still_open.append((transport, d))
+        self._open = still_open
+
+
+def _parse_response(raw: bytes) -> Response:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return Response(int(status.split()[1]), headers, body)
+
+
+def inline_threads() -> Threads:
+    """Threads that run every job at once on the calling thread."""
+    return Threads(decode=run_now, index=run_now)
 
 
 def encode_image(
@@ -185,97 +271,6 @@ def encode_multipart(
         )
     body = b"".join(parts) + f"--{boundary}--\r\n".encode()
     return body, f"multipart/form-data; boundary={boundary}"
-
-
-class ServerProcess:
-    """A ``batchserve serve`` process on 127.0.0.1 and a free port, for integration tests
-    and benchmarks. ``start`` returns once ``/readyz`` answers 200; ``ready_s`` is the
-    time from process start to ready."""
-
-    def __init__(
-        self, process: subprocess.Popen[bytes], url: str, port: int, ready_s: float, log_path: Path
-    ) -> None:
-        self.process = process
-        self.url = url
-        self.port = port
-        self.ready_s = ready_s
-        self.log_path = log_path
-
-    @classmethod
-    def start(
-        cls,
-        directory: Path,
-        args: Sequence[str] = (),
-        timeout_s: float = 300.0,
-        env: Mapping[str, str] | None = None,
-    ) -> Self:
-        """Start the server with its data dir and log under ``directory``. Its environment
-        is this process's without any ``BATCHSERVE_*`` variable, plus ``env``."""
-        directory.mkdir(parents=True, exist_ok=True)
-        log_path = directory / "server.log"
-        environ = {k: v for k, v in os.environ.items() if not k.startswith("BATCHSERVE_")}
-        environ.update(env or {})
-        started = time.monotonic()
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "batchserve.cli",
-                    "serve",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    "0",
-                    "--data-dir",
-                    str(directory / "data"),
-                    *args,
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=environ,
-            )
-        port = None
-        while time.monotonic() - started < timeout_s and process.poll() is None:
-            if port is None:
-                found = re.search(r"listening on http://127\.0\.0\.1:(\d+)", log_path.read_text())
-                port = int(found.group(1)) if found else None
-            elif _status(f"http://127.0.0.1:{port}/readyz") == 200:
-                url = f"http://127.0.0.1:{port}"
-                return cls(process, url, port, time.monotonic() - started, log_path)
-            time.sleep(0.05)
-        process.kill()
-        process.wait()
-        raise RuntimeError("server did not become ready:\n" + log_path.read_text())
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout_s: float = 60.0) -> int:
-        """SIGTERM, then SIGKILL after ``timeout_s``; return the exit status."""
-        return stop_process(self.process, timeout_s)
-
-
-def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 60.0) -> int:
-    """Stop ``process`` as an orchestrator would: SIGTERM, then SIGKILL after
-    ``timeout_s``. Returns its exit status."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-    return process.wait()
-
-
-def _status(url: str) -> int | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as e:
-        return e.code
-    except (urllib.error.URLError, OSError):
-        return None
 
 
 #: Classes of ``write_class_folders``: crops of texture photos scikit-image ships, and

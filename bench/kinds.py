@@ -5,7 +5,8 @@ as image embeddings are (many kinds of things, each a tight group)."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -63,3 +64,12 @@ def measure(
         results.append(KindResult(kind, build_s, alone, batched, recall))
         del index
     return results
+
+
+def measure_table(items: int, dim: int = 1280) -> dict[str, Any]:
+    """Every kind on ``items`` vectors of ``dim``, rounded as RESULTS.md shows them."""
+    rows = [
+        {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(r).items()}
+        for r in measure(items, dim)
+    ]
+    return {"items": items, "dim": dim, "rows": rows}

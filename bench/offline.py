@@ -101,3 +101,19 @@ def limit_rate(
             done += batch
         elapsed = time.perf_counter() - started
     return done / elapsed
+
+
+def measure(images: list[bytes], limit_s: float = 10.0) -> dict[str, Any]:
+    """Section 1 of RESULTS.md: the model alone per batch size, decoding alone, the limit
+    (its loop run for ``limit_s``; the others in proportion), and the model at batch 1
+    back to back and paced as at low load."""
+    name, rates = model_rates([1, 2, 4, 8, 16, 32], seconds=0.4 * limit_s)
+    return {
+        "model": name,
+        "images": len(images),
+        "batch_images_per_s": {str(size): round(rate, 1) for size, rate in rates.items()},
+        "decode_per_s": round(decode_rate(images, (160, 160), seconds=0.3 * limit_s), 1),
+        "limit_per_s": round(limit_rate(images, seconds=limit_s), 1),
+        "single_ms": round(1000.0 / rates[1], 2),
+        "paced_ms": round(paced_single_ms(calls=max(3, round(2 * limit_s))), 2),
+    }

@@ -10,18 +10,13 @@ the load); accepted requests done within their deadline.
 from __future__ import annotations
 
 import http.client
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from batchserve.testing import ServerProcess
 from bench import load, procs, scrape
 from bench.bodies import build_requests
-
-TITLE = "## Overload: 3x the saturation rate for 60 s"
 
 
 @dataclass
@@ -104,86 +99,68 @@ def summarise(
     }
 
 
+def peak_phase(
+    running: procs.ServerProcess, requests: list[bytes]
+) -> tuple[float, dict[str, float]]:
+    """The peak (closed loop, 64 clients, 10 s after 3 s of warm-up) and the model's share
+    of it."""
+    before = scrape.scrape(running.url)
+    started = time.perf_counter()
+    spec = load.LoadSpec(running.url + "/v1/embed", requests, 10, warmup_s=3, concurrency=64)
+    peak = load.run(spec).achieved_per_s()
+    view = scrape.difference(before, scrape.scrape(running.url))
+    return peak, model_figures(view, time.perf_counter() - started)
+
+
+def overload_phase(
+    running: procs.ServerProcess,
+    requests: list[bytes],
+    probe: bytes,
+    rate: float,
+    seconds: float,
+    deadline_s: float,
+) -> tuple[load.LoadResult, Watch, dict[str, float] | None]:
+    """Open loop at ``rate`` for ``seconds`` with the watcher beside it; the model's share
+    of the run, when the server lived through it."""
+    watch = Watch(running.process.pid, running.port, probe)
+    spec = load.LoadSpec(
+        running.url + "/v1/embed",
+        requests,
+        duration_s=seconds,
+        warmup_s=2,
+        rate=rate,
+        max_connections=1024,
+        timeout_s=deadline_s + 5,
+    )
+    before = scrape.scrape(running.url)
+    started = time.perf_counter()
+    thread = watch.start()
+    try:
+        # One process: 3x is far below its ceiling (bench README), and every core-second
+        # the generator spends is taken from the server sharing its cores.
+        result = load.run(spec, processes=1)
+    finally:
+        watch.stop(thread)
+    if running.process.poll() is not None:
+        return result, watch, None
+    view = scrape.difference(before, scrape.scrape(running.url))
+    return result, watch, model_figures(view, time.perf_counter() - started)
+
+
 def measure(
     images: list[bytes], seconds: float = 60.0, factor: float = 3.0, deadline_s: float = 10.0
 ) -> dict[str, Any]:
-    running = ServerProcess.start(
-        Path(tempfile.mkdtemp(prefix="batchserve-bench-overload-")),
-        ["--no-demo", "--timeout-ms", str(int(deadline_s * 1000))],
-    )
-    try:
+    """The peak, then ``factor`` times it for ``seconds``, on one server."""
+    flags = ["--no-demo", "--timeout-s", f"{deadline_s:g}"]
+    with procs.temporary_server(flags, prefix="batchserve-bench-overload-") as running:
         requests = build_requests(running.url, "/v1/embed", images)
-        url = running.url + "/v1/embed"
-        before = scrape.scrape(running.url)
-        started = time.perf_counter()
-        peak_run = load.run(load.LoadSpec(url, requests, duration_s=10, warmup_s=3, concurrency=64))
-        peak = peak_run.achieved_per_s()
-        at_peak = model_figures(
-            scrape.difference(before, scrape.scrape(running.url)), time.perf_counter() - started
+        peak, at_peak = peak_phase(running, requests)
+        result, watch, under = overload_phase(
+            running, requests, images[0], factor * peak, seconds, deadline_s
         )
-        watch = Watch(running.process.pid, running.port, images[0])
-        thread = watch.start()
-        spec = load.LoadSpec(
-            url,
-            requests,
-            duration_s=seconds,
-            warmup_s=2,
-            rate=factor * peak,
-            max_connections=1024,
-            timeout_s=deadline_s + 5,
-        )
-        before = scrape.scrape(running.url)
-        started = time.perf_counter()
-        try:
-            # One process: 3x is far below its ceiling (bench README), and every core-second
-            # the generator spends is taken from the server sharing its cores.
-            result = load.run(spec, processes=1)
-        finally:
-            watch.stop(thread)
-        alive = running.process.poll() is None
-        figures = summarise(result, peak, deadline_s, watch, alive)
-        if alive:
-            under = model_figures(
-                scrape.difference(before, scrape.scrape(running.url)),
-                time.perf_counter() - started,
-            )
-            figures.update({f"peak_{k}": v for k, v in at_peak.items()})
-            figures.update(under)
-        return figures
-    finally:
-        running.stop()
-
-
-def section(figures: dict[str, Any], seconds: float = 60.0) -> list[str]:
-    f = figures
-    lines = [
-        TITLE,
-        "",
-        f"Peak first (closed loop, 64 clients, same server): {f['peak_per_s']} images/s. "
-        f"Then an open loop offers {f['offered_per_s']:.0f} requests/s (3x) for {seconds:g} s "
-        "from 1 generator process on the same cores; request deadline "
-        f"{f['deadline_ms']:.0f} ms (`--timeout-ms`), `max_queue` 512 (default).",
-        "",
-        "| figure | value |",
-        "|---|---:|",
-        f"| goodput (200 within the deadline) | {f['goodput_per_s']}/s = "
-        f"**{100 * f['goodput_of_peak']:.0f}% of the peak** |",
-        f"| accepted: p50 / p99 / max ms | {f['ok_p50_ms']} / {f['ok_p99_ms']} / "
-        f"{f['ok_max_ms']} |",
-        f"| rejected (503) per second | {f['rejected_per_s']} |",
-        f"| rejected: p50 / p99 ms | {f['rejected_p50_ms']} / {f['rejected_p99_ms']} |",
-        f"| probe 503s carrying Retry-After | {f['probe_503s_with_retry_after']} of "
-        f"{f['probe_503s']} |",
-        f"| other statuses | {f['other_statuses'] or 'none'} |",
-        f"| resident memory: start / max / end MiB | {f['rss_start_mib']} / "
-        f"{f['rss_max_mib']} / {f['rss_end_mib']} |",
-        f"| server alive afterwards | {'yes' if f['server_alive'] else 'NO'} |",
-    ]
-    if "model_ms_per_image" in f:
-        lines += [
-            f"| model time per image: at the peak / at 3x ms | {f['peak_model_ms_per_image']} / "
-            f"{f['model_ms_per_image']} |",
-            f"| model busy: at the peak / at 3x | {100 * f['peak_model_busy']:.0f}% / "
-            f"{100 * f['model_busy']:.0f}% |",
-        ]
-    return [*lines, ""]
+    figures: dict[str, Any] = {"seconds": seconds, "factor": factor}
+    figures.update(summarise(result, peak, deadline_s, watch, alive=under is not None))
+    if under is not None:
+        figures.update({f"peak_{k}": v for k, v in at_peak.items()})
+        figures.update(under)
+    return figures

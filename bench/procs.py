@@ -1,8 +1,13 @@
-"""Processes under test: the baselines under gunicorn, and the memory of a process tree."""
+"""Processes under test, for benchmarks and integration tests alike: a ``batchserve serve``
+process (``ServerProcess``), the Flask + gunicorn baselines, and what the kernel says about
+a process: resident memory of its tree, CPU time per thread."""
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -10,10 +15,120 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
-from batchserve.testing import stop_process
+
+class ServerProcess:
+    """A ``batchserve serve`` process on 127.0.0.1 and a free port, for integration tests
+    and benchmarks. ``start`` returns once ``/readyz`` answers 200; ``ready_s`` is the
+    time from process start to ready."""
+
+    def __init__(
+        self, process: subprocess.Popen[bytes], url: str, port: int, ready_s: float, log_path: Path
+    ) -> None:
+        self.process = process
+        self.url = url
+        self.port = port
+        self.ready_s = ready_s
+        self.log_path = log_path
+
+    @classmethod
+    def start(
+        cls,
+        directory: Path,
+        args: Sequence[str] = (),
+        timeout_s: float = 300.0,
+        env: Mapping[str, str] | None = None,
+    ) -> Self:
+        """Start the server with its data dir and log under ``directory``. Its environment
+        is this process's without any ``BATCHSERVE_*`` variable, plus ``env``."""
+        directory.mkdir(parents=True, exist_ok=True)
+        log_path = directory / "server.log"
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("BATCHSERVE_")}
+        environ.update(env or {})
+        started = time.monotonic()
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "batchserve.cli",
+                    "serve",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    "0",
+                    "--data-dir",
+                    str(directory / "data"),
+                    *args,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=environ,
+            )
+        port = None
+        while time.monotonic() - started < timeout_s and process.poll() is None:
+            if port is None:
+                # The port the server picked is known only from its own announcement.
+                found = re.search(r"listening on http://127\.0\.0\.1:(\d+)", log_path.read_text())
+                port = int(found.group(1)) if found else None
+            elif _status(f"http://127.0.0.1:{port}/readyz") == 200:
+                url = f"http://127.0.0.1:{port}"
+                return cls(process, url, port, time.monotonic() - started, log_path)
+            time.sleep(0.05)
+        process.kill()
+        process.wait()
+        raise RuntimeError("server did not become ready:\n" + log_path.read_text())
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM, then SIGKILL after ``timeout_s``; return the exit status."""
+        return stop_process(self.process, timeout_s)
+
+
+@contextmanager
+def temporary_server(
+    args: Sequence[str], prefix: str = "batchserve-bench-", directory: Path | None = None
+) -> Iterator[ServerProcess]:
+    """A server with its data dir and log in ``directory`` (default: a new temporary one),
+    stopped and the directory removed on leaving."""
+    directory = directory or Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        running = ServerProcess.start(directory, args)
+        try:
+            yield running
+        finally:
+            running.stop()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 60.0) -> int:
+    """Stop ``process`` as an orchestrator would: SIGTERM, then SIGKILL after
+    ``timeout_s``. Returns its exit status."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return process.wait()
+
+
+def _status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (urllib.error.URLError, OSError):
+        return None
 
 
 def free_port() -> int:
@@ -43,14 +158,42 @@ def tree_rss_bytes(pid: int) -> int:
     return total
 
 
+@dataclass(frozen=True)
+class ThreadCpu:
+    """CPU time (user + system, seconds) of one thread of a process."""
+
+    tid: int
+    name: str  # the kernel's name of the thread (comm), at most 15 characters
+    cpu_s: float
+
+
+def thread_cpu(pid: int) -> list[ThreadCpu]:
+    """Every live thread of ``pid`` with its CPU time so far (Linux /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    threads = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue  # the thread ended meanwhile
+        # The name is in parentheses and may hold spaces: the fields follow the last ")".
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+        threads.append(ThreadCpu(int(task.name), name, (utime + stime) / ticks))
+    return threads
+
+
 @dataclass
 class Baseline:
     name: str
     process: subprocess.Popen[bytes]
     url: str
+    log_dir: Path
 
     def stop(self) -> None:
         stop_process(self.process, timeout_s=30)
+        shutil.rmtree(self.log_dir, ignore_errors=True)
 
 
 def start_baseline(module: str, workers: int, timeout_s: float = 180.0) -> Baseline:
@@ -80,15 +223,11 @@ def start_baseline(module: str, workers: int, timeout_s: float = 180.0) -> Basel
     deadline = time.monotonic() + timeout_s
     ready = 0
     while time.monotonic() < deadline and process.poll() is None:
-        try:
-            # Every worker loads its own model: wait until several answers came back.
-            with urllib.request.urlopen(url + "/healthz", timeout=2) as response:
-                ready += response.status == 200
-        except (urllib.error.URLError, OSError):
-            pass
+        # Every worker loads its own model: wait until several answers came back.
+        ready += _status(url + "/healthz") == 200
         if ready >= 3 * workers:
             time.sleep(10)  # workers load their models lazily on import: let all finish
-            return Baseline(module, process, url)
+            return Baseline(module, process, url, log.parent)
         time.sleep(0.5)
     process.kill()
     raise SystemExit(f"baseline {module} did not start:\n{log.read_text()[-2000:]}")

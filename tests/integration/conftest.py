@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from batchserve.testing import ServerProcess
+from bench.procs import ServerProcess
 
 READY_TIMEOUT_S = 180.0
 
@@ -66,7 +66,7 @@ def stop_server(server: Server) -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = start_server(tmp_path_factory.mktemp("server"), "--max-delay-ms", "5")
+    running = start_server(tmp_path_factory.mktemp("server"), "--max-delay-s", "0.005")
     yield running
     stop_server(running)
 

@@ -1,6 +1,6 @@
 """The batching settings, given as flags, environment variables or a TOML file, observed
 from outside a real server: ``max_queue`` (503 + Retry-After exactly past the bound),
-``timeout_ms`` (504, and the model never sees an expired image) and ``max_delay_ms`` (how
+``timeout_s`` (504, and the model never sees an expired image) and ``max_delay_s`` (how
 long a lone image waits for company while the model is busy).
 
 The server serves a gated SavedModel (gated_model.py): the test closes the gate to hold the
@@ -76,14 +76,14 @@ def test_max_delay_and_max_queue_are_observed_from_outside(
         tmp_path,
         model,
         form,
-        # Two batches may be with the model at once, so a lone image waits max_delay_ms for
+        # Two batches may be with the model at once, so a lone image waits max_delay_s for
         # company instead of going at once; a deadline far away.
         {
             "max_queue": 3,
-            "max_delay_ms": 400,
+            "max_delay_s": 0.4,
             "max_inflight": 2,
             "max_batch_size": 2,
-            "timeout_ms": 120_000,
+            "timeout_s": 120,
         },
     )
     try:
@@ -100,7 +100,7 @@ def test_max_delay_and_max_queue_are_observed_from_outside(
             lambda: metric(server, "batchserve_batch_size_count") == batches + 1,
             "the lone image handed over",
         )
-        # It was handed over no sooner than max_delay_ms after it was sent, and not 1000
+        # It was handed over no sooner than max_delay_s after it was sent, and not 1000
         # times later (a unit slip); the server's own measure of its wait agrees.
         assert 0.4 <= handed_over - sent < 30.0
         waited = metric(server, "batchserve_queue_wait_seconds_sum") - waits
@@ -128,10 +128,10 @@ def test_max_delay_and_max_queue_are_observed_from_outside(
 
 
 @pytest.mark.parametrize("form", FORMS)
-def test_timeout_ms_is_the_deadline_and_expired_images_never_reach_the_model(
+def test_timeout_s_is_the_deadline_and_expired_images_never_reach_the_model(
     form: str, model: GatedModel, tmp_path: Path, pool: ThreadPoolExecutor
 ) -> None:
-    server = start_with(tmp_path, model, form, {"timeout_ms": 1500, "max_batch_size": 1})
+    server = start_with(tmp_path, model, form, {"timeout_s": 1.5, "max_batch_size": 1})
     try:
         model.close()
         started = len(model.calls())

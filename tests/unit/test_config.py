@@ -1,69 +1,93 @@
-"""Settings: defaults, TOML file, BATCHSERVE_* environment, flags, and their precedence."""
+"""Settings: one tree of the components' own dataclasses; defaults, TOML file,
+BATCHSERVE_* environment, flags, their precedence, and what each command shows."""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from batchserve.config import Settings, settings_from
+from batchserve.config import IndexSettings, ServeSettings, add_arguments, leaves, load, parse
 from batchserve.errors import ConfigError
+from batchserve.train.settings import TrainSettings
+
+
+def serve(argv: list[str], environ: dict[str, str] | None = None) -> ServeSettings:
+    return parse(ServeSettings, argv, {} if environ is None else environ)
 
 
 def test_defaults_serve_the_builtin_model_on_localhost_8080() -> None:
-    s = settings_from([], environ={})
-    assert (s.host, s.port, s.model) == ("127.0.0.1", 8080, "builtin")
-    assert s.padded_batch_sizes() == [1, 2, 4, 8, 16, 32]
+    s = serve([])
+    assert (s.server.host, s.server.port, s.model.source) == ("127.0.0.1", 8080, "builtin")
+    assert s.batching.padded_batch_sizes() == [1, 2, 4, 8, 16, 32]
+    assert s == ServeSettings()  # the defaults are the components' own
 
 
 def test_precedence_is_flag_then_env_then_file_then_default(tmp_path: Path) -> None:
     toml = tmp_path / "batchserve.toml"
-    toml.write_text('port = 9000\nmax_batch_size = 16\nmax_delay_ms = 2.5\nhost = "0.0.0.0"\n')
+    toml.write_text('port = 9000\nmax_batch_size = 16\nmax_delay_s = 0.0025\nhost = "0.0.0.0"\n')
     env = {
         "BATCHSERVE_CONFIG": str(toml),
         "BATCHSERVE_MAX_BATCH_SIZE": "8",
         "BATCHSERVE_WARMUP": "false",
     }
-    s = settings_from(["--port", "9100"], environ=env)
-    assert s.port == 9100  # flag beats file
-    assert s.max_batch_size == 8  # env beats file
-    assert s.max_delay_ms == 2.5 and s.max_delay_s == 0.0025  # file beats default
-    assert s.host == "0.0.0.0"
-    assert s.warmup is False
-    assert s.timeout_ms == Settings().timeout_ms  # default
+    s = serve(["--port", "9100"], env)
+    assert s.server.port == 9100  # flag beats file
+    assert s.batching.max_batch_size == 8  # env beats file
+    assert s.batching.max_delay_s == 0.0025  # file beats default
+    assert s.server.host == "0.0.0.0"
+    assert s.server.warmup is False
+    assert s.batching.timeout_s == ServeSettings().batching.timeout_s == 10.0  # default
 
 
 def test_config_flag_and_batchserve_table(tmp_path: Path) -> None:
     toml = tmp_path / "c.toml"
     toml.write_text("[batchserve]\nmax_queue = 7\naccess_log = true\n")
-    s = settings_from(["--config", str(toml)], environ={})
-    assert s.max_queue == 7 and s.access_log is True
+    s = serve(["--config", str(toml)])
+    assert s.batching.max_queue == 7 and s.server.access_log is True
 
 
-def test_every_setting_is_read_from_its_env_name_and_its_flag() -> None:
-    import dataclasses
-
-    samples = {"bool": ("true", True), "int": ("3", 3), "float": ("3.5", 3.5), "str": ("x", "x")}
+def test_every_setting_lands_in_its_component_from_its_env_name_and_its_flag() -> None:
+    samples = {bool: ("true", True), int: ("3", 3), float: ("3.5", 3.5), str: ("x", "x")}
     special = {"batch_sizes": ("1,2", "1,2"), "metrics_address": ("127.0.0.1:9", "127.0.0.1:9")}
-    for f in dataclasses.fields(Settings):
-        raw, want = special.get(f.name) or samples[str(f.type)]
-        if f.metadata.get("choices"):
-            raw = want = f.metadata["choices"][-1]
-        from_env = settings_from([], environ={"BATCHSERVE_" + f.name.upper(): raw})
-        assert getattr(from_env, f.name) == want, f.name
-        flag = "--" + f.name.replace("_", "-")
-        argv = [flag] if want is True else [flag, raw]
-        assert getattr(settings_from(argv, environ={}), f.name) == want, f.name
+    for leaf in leaves(ServeSettings):
+        raw, want = special.get(leaf.name) or samples[leaf.kind]
+        if leaf.meta.choices:
+            raw = want = leaf.meta.choices[-1]
+
+        def value(s: ServeSettings, path: tuple[str, ...] = leaf.path) -> object:
+            return getattr(getattr(s, path[0]), path[1])
+
+        assert value(serve([], {"BATCHSERVE_" + leaf.name.upper(): raw})) == want, leaf.name
+        flag = "--" + leaf.name.replace("_", "-")
+        assert value(serve([flag] if want is True else [flag, raw])) == want, leaf.name
+
+
+def test_every_flat_name_is_unique_and_durations_are_in_seconds() -> None:
+    for root in (ServeSettings, IndexSettings, TrainSettings):
+        names = [leaf.name for leaf in leaves(root)]
+        assert len(names) == len(set(names)), root
+        assert not [n for n in names if n.endswith("_ms")]
+
+
+def test_each_command_shows_only_the_settings_it_uses() -> None:
+    index = {leaf.name for leaf in leaves(IndexSettings)}
+    assert {"max_batch_size", "batch_sizes", "index_kind", "data_dir", "decode_threads"} <= index
+    assert not index & {"port", "host", "api_token", "max_queue", "max_delay_s", "demo"}
+    train = {leaf.name for leaf in leaves(TrainSettings)}
+    assert {"model", "weights", "epochs", "embedding_dim", "max_image_pixels"} <= train
+    assert not train & {"port", "max_queue", "index_kind", "signature", "device"}
 
 
 @pytest.mark.parametrize(
     ("argv", "env", "message"),
     [
         (["--max-batch-size", "0"], {}, "max_batch_size must be at least 1"),
-        (["--timeout-ms", "0"], {}, "timeout_ms must be positive"),
-        (["--port", "70000"], {}, "port must be"),
+        (["--timeout-s", "0"], {}, "timeout_s must be above 0"),
+        (["--port", "70000"], {}, "port must be at most 65535"),
         ([], {"BATCHSERVE_MAX_QUEUE": "many"}, "must be int"),
         ([], {"BATCHSERVE_WARMUP": "maybe"}, "true or false"),
         ([], {"BATCHSERVE_MAX_QEUE": "5"}, "unknown environment setting"),
@@ -71,38 +95,65 @@ def test_every_setting_is_read_from_its_env_name_and_its_flag() -> None:
         (["--batch-sizes", "1,two"], {}, "batch_sizes must be integers"),
         (["--metrics-address", "9090"], {}, "metrics_address must be HOST:PORT"),
         ([], {"BATCHSERVE_METRICS_ADDRESS": "localhost:http"}, "metrics_address must be"),
+        ([], {"BATCHSERVE_SNAPSHOT_INTERVAL_S": "0"}, "snapshot_interval_s must be above 0"),
     ],
 )
 def test_bad_values_are_refused_with_the_setting_named(
     argv: list[str], env: dict[str, str], message: str
 ) -> None:
     with pytest.raises(ConfigError, match=message):
-        settings_from(argv, environ=env)
+        serve(argv, env)
+
+
+def test_a_setting_of_another_command_in_the_environment_is_ignored_not_refused(
+    tmp_path: Path,
+) -> None:
+    environ = {"BATCHSERVE_EPOCHS": "3", "BATCHSERVE_MAX_QUEUE": "9"}  # one for all commands
+    assert serve([], environ).batching.max_queue == 9
+    assert train(tmp_path, [], environ).epochs == 3
 
 
 def test_unknown_key_in_file_is_refused(tmp_path: Path) -> None:
     toml = tmp_path / "c.toml"
     toml.write_text("max_batchsize = 4\n")
     with pytest.raises(ConfigError, match=r"unknown settings.*max_batchsize"):
-        settings_from(["--config", str(toml)], environ={})
+        serve(["--config", str(toml)])
+    toml.write_text("port = 4\n")  # a serve setting is not one of batchserve index
+    with pytest.raises(ConfigError, match=r"unknown settings.*port"):
+        parse(IndexSettings, ["--config", str(toml)], {})
 
 
 def test_explicit_batch_sizes_always_include_the_max() -> None:
-    s = settings_from(["--batch-sizes", "1,8,4", "--max-batch-size", "12"], environ={})
-    assert s.padded_batch_sizes() == [1, 4, 8, 12]
+    s = serve(["--batch-sizes", "1,8,4", "--max-batch-size", "12"])
+    assert s.batching.padded_batch_sizes() == [1, 4, 8, 12]
 
 
-def test_help_answers_without_importing_tensorflow() -> None:
+def test_help_answers_without_importing_tensorflow_or_faiss_before_openmp_is_quiet() -> None:
     code = (
         "import sys\n"
-        "from batchserve.cli import main\n"
-        "try:\n    main(['serve', '--help'])\nexcept SystemExit:\n    pass\n"
+        "import batchserve.cli\n"
+        "assert 'faiss' not in sys.modules, 'faiss imported before quiet_openmp ran'\n"
+        "try:\n    batchserve.cli.main(['serve', '--help'])\nexcept SystemExit:\n    pass\n"
         "assert 'tensorflow' not in sys.modules, 'tensorflow imported'\n"
         "assert 'klein' not in sys.modules, 'klein imported'\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert "--max-delay-ms" in done.stdout and "BATCHSERVE_" in done.stdout
+    assert "--max-delay-s" in done.stdout and "BATCHSERVE_" in done.stdout
+    assert "model settings:" in done.stdout and "batching settings:" in done.stdout
+
+
+def test_index_help_lists_no_server_flag() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "batchserve.cli", "index", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--index-kind" in done.stdout and "--max-batch-size" in done.stdout
+    for flag in ("--port", "--api-token", "--max-queue", "--max-delay-s", "--demo"):
+        assert flag not in done.stdout, flag
 
 
 def test_bad_setting_exits_2_with_a_message() -> None:
@@ -120,10 +171,10 @@ def test_decode_threads_default_to_half_the_cores(monkeypatch: pytest.MonkeyPatc
     import os
 
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    assert settings_from([], environ={}).decode_thread_count() == 8
+    assert serve([]).server.decode_thread_count() == 8
     monkeypatch.setattr(os, "cpu_count", lambda: 1)
-    assert settings_from([], environ={}).decode_thread_count() == 1
-    assert settings_from(["--decode-threads", "3"], environ={}).decode_thread_count() == 3
+    assert serve([]).server.decode_thread_count() == 1
+    assert serve(["--decode-threads", "3"]).server.decode_thread_count() == 3
 
 
 def test_serving_makes_idle_openmp_threads_sleep_unless_the_user_chose() -> None:
@@ -138,8 +189,25 @@ def test_serving_makes_idle_openmp_threads_sleep_unless_the_user_chose() -> None
 
 
 def test_metrics_address_splits_into_host_and_port() -> None:
-    assert settings_from(["--metrics-address", "0.0.0.0:9090"]).metrics_host_port() == (
+    assert serve(["--metrics-address", "0.0.0.0:9090"]).server.metrics_host_port() == (
         "0.0.0.0",
         9090,
     )
-    assert settings_from(["--metrics-address", "[::1]:0"]).metrics_host_port() == ("::1", 0)
+    assert serve(["--metrics-address", "[::1]:0"]).server.metrics_host_port() == ("::1", 0)
+
+
+def train(tmp_path: Path, argv: list[str], environ: dict[str, str]) -> TrainSettings:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, TrainSettings)
+    args = parser.parse_args(argv)
+    return load(TrainSettings, args, environ, data_dir=tmp_path, out=tmp_path / "model")
+
+
+def test_train_settings_come_from_the_same_tree(tmp_path: Path) -> None:
+    s = train(tmp_path, ["--epochs", "2", "--max-image-pixels", "1000"], {"BATCHSERVE_SEED": "7"})
+    assert (s.epochs, s.seed, s.images.max_pixels, s.out) == (2, 7, 1000, tmp_path / "model")
+    assert s.model.source == "builtin"
+    with pytest.raises(ConfigError, match=r"dropout must be at most 0\.99"):
+        train(tmp_path, ["--dropout", "1"], {})
+    with pytest.raises(ConfigError, match="embedding_dim must be at least 1"):
+        TrainSettings(tmp_path, tmp_path, embedding_dim=0).check()  # built in code, too

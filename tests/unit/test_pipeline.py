@@ -19,16 +19,8 @@ from batchserve.batching import Batch, Batcher, BatchPolicy
 from batchserve.errors import NotReady
 from batchserve.index import IndexParams, VectorIndex
 from batchserve.inference import Prediction
-from batchserve.pipeline import (
-    AddTask,
-    EmbedTask,
-    IndexWorker,
-    Job,
-    Outcome,
-    PipelineRunner,
-    SearchTask,
-    apply_tasks,
-)
+from batchserve.pipeline import IndexWorker, Job, Outcome, PipelineRunner, apply_tasks
+from batchserve.records import AddTask, EmbedTask, SearchTask
 from batchserve.store import ItemStore
 from batchserve.testing import FakeModel, SyncModelRunner, result_of
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.task import Clock
 
 from batchserve.batching import Batcher, BatchPolicy
@@ -23,9 +23,10 @@ from batchserve.errors import (
 )
 from batchserve.images import DecodeLimits
 from batchserve.index import IndexParams, VectorIndex
-from batchserve.pipeline import AddTask, IndexWorker, SearchTask
+from batchserve.pipeline import IndexWorker
+from batchserve.records import AddTask, Match, SearchRequest, SearchTask
 from batchserve.service import ImageService, gather
-from batchserve.store import ItemStore, Match
+from batchserve.store import ItemStore
 from batchserve.testing import FakeModel, FakeRunner, encode_image, result_of, run_now
 
 
@@ -71,7 +72,7 @@ class SlowPool:
     def finish_all(self) -> None:
         while self.jobs:
             d, f, args = self.jobs.pop(0)
-            d.callback(f(*args))
+            maybeDeferred(f, *args).chainDeferred(d)
 
 
 class Ready:
@@ -94,7 +95,7 @@ def make(
 
 def test_time_spent_decoding_counts_against_the_deadline() -> None:
     service, _batcher, runner, pool, clock = make(timeout_s=0.5)
-    d = service.embed([encode_image()])
+    d = service.embed(lambda: [encode_image()])
     clock.advance(0.6)  # decoding took longer than the whole deadline
     pool.finish_all()
     assert result_of(d).check(DeadlineExceeded)
@@ -105,7 +106,7 @@ def test_queue_deadline_is_what_is_left_after_decoding() -> None:
     service, batcher, _runner, pool, clock = make(timeout_s=0.5)
     batcher.submit("busy")  # occupies the runner, so the next image waits in the queue
     results: list[Any] = []
-    service.embed([encode_image()]).addBoth(results.append)
+    service.embed(lambda: [encode_image()]).addBoth(results.append)
     clock.advance(0.3)
     pool.finish_all()
     clock.advance(0.19)
@@ -114,18 +115,28 @@ def test_queue_deadline_is_what_is_left_after_decoding() -> None:
     assert results[0].check(DeadlineExceeded)
 
 
-def test_images_being_decoded_count_toward_the_queue_limit() -> None:
-    service, _batcher, _runner, _pool, _clock = make(max_queue=3)
-    service.embed([encode_image()])  # two requests, still decoding
-    service.embed([encode_image()])
-    assert service.decoding == 2
-    rejected = service.embed([encode_image(), encode_image()])  # 2 + 2 > 3
+def test_requests_being_read_count_toward_the_queue_limit() -> None:
+    service, _batcher, _runner, pool, _clock = make(max_queue=3)
+    for _ in range(3):  # three requests admitted, their bodies still being read
+        service.embed(lambda: [encode_image()])
+    assert service.reading == 3
+    rejected = service.embed(lambda: [encode_image()])  # 3 + 1 > 3
     assert result_of(rejected).check(Overloaded)
+    assert len(pool.jobs) == 3  # the refused request's body is never read
+
+
+def test_a_request_whose_images_do_not_fit_the_queue_queues_none_of_them() -> None:
+    service, batcher, runner, pool, _clock = make(max_queue=3)
+    batcher.submit("busy")  # the runner is busy, so queued images stay queued
+    d = service.embed(lambda: [encode_image() for _ in range(4)])  # 4 > 3
+    pool.finish_all()
+    assert result_of(d).check(Overloaded)
+    assert batcher.queued == 0 and runner.sizes == [1]
 
 
 def test_classify_needs_a_classifier_head() -> None:
     service, *_ = make(model=FakeModel(classes=None))
-    assert result_of(service.classify([encode_image()], 3)).check(InvalidInput)
+    assert result_of(service.classify(lambda: [encode_image()], 3)).check(InvalidInput)
 
 
 def test_a_catalog_that_cannot_be_written_fails_the_adds_only(tmp_path: Any) -> None:
@@ -136,8 +147,9 @@ def test_a_catalog_that_cannot_be_written_fails_the_adds_only(tmp_path: Any) -> 
     from batchserve.errors import StorageFailed
     from batchserve.index import IndexParams, VectorIndex
     from batchserve.inference import Prediction
-    from batchserve.pipeline import AddTask, apply_tasks
-    from batchserve.pipeline import SearchTask as Search
+    from batchserve.pipeline import apply_tasks
+    from batchserve.records import AddTask
+    from batchserve.records import SearchTask as Search
     from batchserve.store import ItemStore
 
     model = FakeModel()
@@ -254,17 +266,29 @@ class IndexedService:
     def store(self, *items: NewItem) -> None:
         result_of(self.index.call(lambda store: store.add(list(items))))
 
+    def search(
+        self,
+        task: SearchTask,
+        images: list[bytes] | None = None,
+        vectors: Any = None,
+    ) -> Any:
+        """The result (or Failure) of a search, once its request is read on the pool."""
+        d = self.service.search(lambda: SearchRequest(task, images=images or [], vectors=vectors))
+        self.pool.finish_all()
+        return result_of(d)
+
 
 def test_image_search_and_add_while_the_index_loads_fail_before_any_image_is_decoded(
     tmp_path: Path,
 ) -> None:
     h = IndexedService(tmp_path, index_loaded=False)
-    assert result_of(h.service.search([encode_image()], SearchTask())).check(NotReady)
-    assert result_of(h.service.add([(encode_image(), AddTask("a"))])).check(NotReady)
+    d = h.service.search(lambda: SearchRequest(SearchTask(), images=[encode_image()]))
+    assert result_of(d).check(NotReady)
+    assert result_of(h.service.add(lambda: [(encode_image(), AddTask("a"))])).check(NotReady)
     assert h.pool.jobs == []  # nothing was decoded
-    assert h.service.decoding == 0
+    assert h.service.reading == 0
     # embedding needs no index, so it is admitted
-    h.service.embed([encode_image()])
+    h.service.embed(lambda: [encode_image()])
     assert len(h.pool.jobs) == 1
 
 
@@ -272,17 +296,17 @@ def test_same_class_search_on_a_model_without_classifier_is_invalid_and_decodes_
     tmp_path: Path,
 ) -> None:
     h = IndexedService(tmp_path, model=FakeModel(dim=DIM, classes=None))
-    result = result_of(h.service.search([encode_image()], SearchTask(same_class=True)))
-    assert result.check(InvalidInput)
-    assert h.pool.jobs == []
+    assert h.search(SearchTask(same_class=True), images=[encode_image()]).check(InvalidInput)
+    assert h.observer.decode_s == [] and h.runner.sizes == []
     # without same_class the same model may search
-    h.service.search([encode_image()], SearchTask())
-    assert len(h.pool.jobs) == 1
+    h.service.search(lambda: SearchRequest(SearchTask(), images=[encode_image()]))
+    h.pool.finish_all()
+    assert len(h.observer.decode_s) == 1 and h.runner.sizes == [1]
 
 
 def test_classify_while_the_model_loads_fails_with_not_ready(tmp_path: Path) -> None:
     h = IndexedService(tmp_path, model_loaded=False)
-    assert result_of(h.service.classify([encode_image()], 3)).check(NotReady)
+    assert result_of(h.service.classify(lambda: [encode_image()], 3)).check(NotReady)
     assert h.pool.jobs == []
 
 
@@ -293,7 +317,7 @@ def test_item_routes_while_the_index_loads_fail_with_not_ready(tmp_path: Path) -
     assert result_of(h.service.delete("a")).check(NotReady)
     assert result_of(h.service.similar("a", SearchTask())).check(NotReady)
     assert result_of(h.service.index_info()).check(NotReady)
-    assert result_of(h.service.search_vectors([list(E0)], SearchTask())).check(NotReady)
+    assert h.search(SearchTask(), vectors=[list(E0)]).check(NotReady)
 
 
 def test_item_routes_without_an_index_fail_with_not_ready() -> None:
@@ -304,13 +328,12 @@ def test_item_routes_without_an_index_fail_with_not_ready() -> None:
 
 def test_vector_search_while_the_model_loads_fails_with_not_ready(tmp_path: Path) -> None:
     h = IndexedService(tmp_path, model_loaded=False)
-    assert result_of(h.service.search_vectors([list(E0)], SearchTask())).check(NotReady)
+    assert h.search(SearchTask(), vectors=[list(E0)]).check(NotReady)
 
 
 def test_vector_search_with_same_class_is_invalid(tmp_path: Path) -> None:
     h = IndexedService(tmp_path)
-    result = result_of(h.service.search_vectors([list(E0)], SearchTask(same_class=True)))
-    assert result.check(InvalidInput)
+    assert h.search(SearchTask(same_class=True), vectors=[list(E0)]).check(InvalidInput)
 
 
 def test_not_ready_until_start_up_is_marked_over_even_with_model_and_index_up(
@@ -344,7 +367,7 @@ def test_each_query_vector_is_normalised_on_its_own(tmp_path: Path) -> None:
     h = IndexedService(tmp_path)
     h.store(NewItem("a", E0))
     rows = [list(map(float, E0)), list(map(float, 3 * E0))]
-    found = result_of(h.service.search_vectors(rows, SearchTask(k=1)))
+    found = h.search(SearchTask(k=1), vectors=rows)
     assert [ids(m) for m in found] == [["a"], ["a"]]
     assert [m[0].score for m in found] == [pytest.approx(1.0), pytest.approx(1.0)]
 
@@ -362,7 +385,7 @@ def test_each_query_vector_is_normalised_on_its_own(tmp_path: Path) -> None:
 )
 def test_malformed_query_vectors_are_invalid_input(tmp_path: Path, vectors: Any) -> None:
     h = IndexedService(tmp_path)
-    assert result_of(h.service.search_vectors(vectors, SearchTask())).check(InvalidInput)
+    assert h.search(SearchTask(), vectors=vectors).check(InvalidInput)
 
 
 def test_vector_search_honours_k_min_score_and_label(tmp_path: Path) -> None:
@@ -374,7 +397,7 @@ def test_vector_search_honours_k_min_score_and_label(tmp_path: Path) -> None:
     )
 
     def search(**task: Any) -> list[str]:
-        return ids(result_of(h.service.search_vectors([list(E0)], SearchTask(**task)))[0])
+        return ids(h.search(SearchTask(**task), vectors=[list(E0)])[0])
 
     assert search() == ["a", "b", "c"]
     assert search(k=2) == ["a", "b"]
@@ -410,7 +433,7 @@ def test_similar_honours_k_min_score_label_and_same_class(tmp_path: Path) -> Non
 
 def test_decode_time_is_reported_once_per_image(tmp_path: Path) -> None:
     h = IndexedService(tmp_path)
-    h.service.embed([encode_image(), encode_image()])
+    h.service.embed(lambda: [encode_image(), encode_image()])
     h.pool.finish_all()
     assert len(h.observer.decode_s) == 2
     assert all(0 <= s < 1 for s in h.observer.decode_s)
@@ -420,7 +443,7 @@ def test_images_past_the_deadline_after_decoding_are_counted_as_deadline_rejecti
     tmp_path: Path,
 ) -> None:
     h = IndexedService(tmp_path)
-    d = h.service.embed([encode_image(), encode_image()])
+    d = h.service.embed(lambda: [encode_image(), encode_image()])
     h.clock.advance(0.5)  # decoding used up the whole deadline, to the microsecond
     h.pool.finish_all()
     assert result_of(d).check(DeadlineExceeded)

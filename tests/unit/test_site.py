@@ -11,9 +11,11 @@ from twisted.internet.testing import StringTransport
 from twisted.web.server import Site
 
 from batchserve.auth import Tokens
-from batchserve.site import BoundedRequest, configure_site
-from batchserve.testing import FakeRunner, encode_multipart
-from tests.unit.test_api import RED, URL, Harness, result_of
+from batchserve.site import BoundedRequest, make_site
+from batchserve.testing import FakeRunner, SiteClient, encode_multipart, result_of
+from tests.unit.test_api import RED, Harness
+
+IMAGE = {"Content-Type": "image/jpeg"}
 
 
 class Connection:
@@ -55,10 +57,10 @@ def full_harness(**kwargs: Any) -> tuple[Harness, Site, list[BoundedRequest]]:
     remembers the requests it made, each with ``buffered``: the body bytes it held when
     it was processed."""
     h = Harness(runner=FakeRunner(), max_queue=1, **kwargs)
-    h.service.embed([RED])  # runs: the FakeRunner never finishes it
-    h.service.embed([RED])  # waits in the queue
+    h.service.embed(lambda: [RED])  # runs: the FakeRunner never finishes it
+    h.service.embed(lambda: [RED])  # waits in the queue
     assert h.batcher.queued == 1
-    site = configure_site(Site(h.api.resource()), 200_000, False, h.api.refuse_early)
+    site = make_site(h.api.resource(), 200_000, False, h.api.refuse_early)
     return h, site, recorded_requests(site)
 
 
@@ -129,23 +131,36 @@ def test_every_image_route_and_encoding_is_refused_early() -> None:
         assert made[0].early_answer is not None, path
 
 
-def test_what_needs_no_model_or_may_not_pass_goes_to_its_handler() -> None:
+def test_what_needs_no_model_goes_to_its_handler() -> None:
     h, site, made = full_harness(tokens=Tokens(api="secret"))
     connection = Connection(site)
     auth = "Authorization: Bearer secret\n"
     vector = json.dumps({"vectors": [[1.0] + [0.0] * (h.model.info.dim - 1)], "k": 1}).encode()
     connection.send(post("/v1/search", vector, "application/json", auth), vector)
-    connection.send(post("/v1/embed", RED), RED)  # no token
-    connection.send(post("/v1/embed", RED, extra="Authorization: Bearer wrong\n"), RED)
     connection.send("GET /v1/index HTTP/1.1\nHost: x\n" + auth + "\n")
     statuses = [r[0] for r in connection.responses()]
-    assert statuses == [200, 401, 403, 200]
+    assert statuses == [200, 200]
     assert all(request.early_answer is None for request in made)
+
+
+def test_image_work_without_a_valid_token_is_refused_from_its_headers() -> None:
+    _h, site, made = full_harness(tokens=Tokens(api="secret"))
+    connection = Connection(site)
+    connection.send(post("/v1/embed", RED), RED)  # no token
+    connection.send(post("/v1/embed", RED, extra="Authorization: Bearer wrong\n"), RED)
+    answers = connection.responses()
+    assert [(status, doc["error"]["code"]) for status, _h2, doc in answers] == [
+        (401, "unauthorized"),
+        (403, "forbidden"),
+    ]
+    assert answers[0][1]["www-authenticate"] == 'Bearer realm="batchserve"'
+    assert all(request.early_answer is not None for request in made)
+    assert all(request.buffered == b"" for request in made)  # no body byte kept
 
 
 def test_nothing_is_refused_early_while_there_is_room() -> None:
     h = Harness()
-    site = configure_site(Site(h.api.resource()), 200_000, False, h.api.refuse_early)
+    site = make_site(h.api.resource(), 200_000, False, h.api.refuse_early)
     connection = Connection(site)
     connection.send(post("/v1/embed", RED), RED)
     [(status, _, doc)] = connection.responses()
@@ -154,7 +169,7 @@ def test_nothing_is_refused_early_while_there_is_room() -> None:
 
 def test_a_loading_model_is_refused_early_with_retry_after() -> None:
     h = Harness(ready=False)
-    site = configure_site(Site(h.api.resource()), 200_000, False, h.api.refuse_early)
+    site = make_site(h.api.resource(), 200_000, False, h.api.refuse_early)
     connection = Connection(site)
     connection.send(post("/v1/embed", RED), RED)
     [(status, headers, doc)] = connection.responses()
@@ -168,7 +183,7 @@ def test_a_body_over_the_limit_is_not_buffered_and_is_not_refused_early() -> Non
         calls.append(path)
 
     h = Harness()
-    site = configure_site(Site(h.api.resource()), 1000, False, refuse)
+    site = make_site(h.api.resource(), 1000, False, refuse)
     made: list[Any] = recorded_requests(site)
     connection = Connection(site)
     body = b"x" * 5000
@@ -183,14 +198,11 @@ def test_a_body_over_the_limit_is_not_buffered_and_is_not_refused_early() -> Non
 
 def test_a_refused_request_is_answered_like_its_handler_would() -> None:
     h, site, _ = full_harness()
-    # StubTreq's site, configured without early refusal: the handler answers.
-    configure_site(h.treq._agent._serverFactory, 200_000, False)
-    d = h.treq.post(URL + "v1/embed", data=RED, headers={"Content-Type": "image/jpeg"})
-    h.treq.flush()
-    response = result_of(d)
-    by_handler = result_of(h.treq.json_content(response))
+    # The same API on a Site without early refusal: the handler answers.
+    handler_site = make_site(h.api.resource(), 200_000, False)
+    response = result_of(SiteClient(handler_site).request("POST", "/v1/embed", RED, IMAGE))
     connection = Connection(site)
     connection.send(post("/v1/embed", RED), RED)
     [(status, headers, early)] = connection.responses()
-    assert (status, early) == (response.code, by_handler)
-    assert headers["retry-after"] == response.headers.getRawHeaders("Retry-After")[0]
+    assert (status, early) == (response.code, response.json())
+    assert headers["retry-after"] == response.headers["retry-after"]

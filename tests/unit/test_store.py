@@ -13,7 +13,8 @@ import pytest
 
 from batchserve.catalog import ModelMismatch, NewItem
 from batchserve.index import IndexParams, VectorIndex
-from batchserve.store import DataDirLocked, ItemStore, Match, SearchQuery, lock_data_dir
+from batchserve.records import Match
+from batchserve.store import DataDirLocked, ItemStore, SearchQuery, lock_data_dir
 
 DIM = 16
 MODEL = {"name": "m", "weights_sha256": "abc", "dim": DIM}

@@ -1,5 +1,5 @@
 """Class folders for training: listing, the stratified split, the decode that skips bad
-files, the manifest the server reads back. No TensorFlow."""
+files; the validation confusion matrix and the epoch history. No TensorFlow."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from batchserve import model_dir
-from batchserve.dataset import Skipped, find_examples, load_example
-from batchserve.errors import DatasetError, ModelLoadError
+from batchserve.errors import DatasetError
 from batchserve.images import DecodeLimits
 from batchserve.testing import encode_image
-from batchserve.train import confusion_matrix
+from batchserve.train.dataset import Skipped, find_examples, load_example
+from batchserve.train.evaluate import confusion_matrix
+from batchserve.train.fit import History
 
 
 def folders(root: Path, counts: dict[str, int]) -> Path:
@@ -82,21 +82,14 @@ def test_the_confusion_matrix_counts_true_against_predicted() -> None:
     assert matrix.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 1]]
 
 
-def test_the_manifest_round_trips_and_a_foreign_one_is_refused(tmp_path: Path) -> None:
-    manifest = model_dir.Manifest(
-        name="furniture",
-        base={"source": "builtin"},
-        input_size=(160, 160),
-        preprocess="tf",
-        embedding_dim=256,
-        classes=["bed", "sofa"],
-        weights_sha256="ab" * 32,
-        metrics={"val_accuracy": 0.9},
-    )
-    model_dir.write(tmp_path, manifest)
-    assert model_dir.is_model_dir(tmp_path)
-    assert model_dir.read(tmp_path) == manifest
-    assert (tmp_path / "labels.txt").read_text() == "bed\nsofa\n"
-    (tmp_path / "manifest.json").write_text('{"format": "something-else"}')
-    with pytest.raises(ModelLoadError, match="not a batchserve-trained-model manifest"):
-        model_dir.read(tmp_path)
+def test_the_history_keeps_the_first_epoch_with_the_lowest_monitored_loss() -> None:
+    history = History("val_loss")
+    bests = [
+        history.record({"epoch": 1, "loss": 0.9, "val_loss": 0.8}),
+        history.record({"epoch": 2, "loss": 0.5, "val_loss": 0.6}),
+        history.record({"epoch": 3, "loss": 0.1, "val_loss": 0.6}),  # a tie is not better
+        history.record({"epoch": 4, "loss": 0.05, "val_loss": 0.7}),
+    ]
+    assert bests == [True, True, False, False]
+    assert (history.best_epoch, history.best_value) == (2, 0.6)
+    assert [row["epoch"] for row in history.epochs] == [1, 2, 3, 4]

@@ -1,16 +1,19 @@
 """What ``batchserve train`` writes next to the model besides it: ``report.json`` (the final
 metrics, every epoch, the confusion matrix, the skipped files), ``history.png`` and
-``confusion.png``."""
+``confusion.png``.
+
+The plots need matplotlib, which the ``train`` extra installs and serving does without: it
+is imported when a plot is drawn, and ``require_matplotlib`` checks for it up front.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from batchserve.model_dir import Manifest
-    from batchserve.train import Evaluation
+from batchserve.model_dir import Manifest
+from batchserve.train.evaluate import Evaluation
 
 REPORT = "report.json"
 HISTORY_PLOT = "history.png"
@@ -39,6 +42,12 @@ def write(
     plot_history(out / HISTORY_PLOT, epochs, int(manifest.training.get("epochs", 0)))
     if evaluation is not None:
         plot_confusion(out / CONFUSION_PLOT, evaluation.confusion, manifest.classes)
+
+
+def require_matplotlib() -> None:
+    """Import matplotlib now: ModuleNotFoundError (``name`` "matplotlib") without the
+    ``train`` extra, so a run stops before training rather than at the plots after it."""
+    import matplotlib  # noqa: F401
 
 
 def _pyplot() -> Any:

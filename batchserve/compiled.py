@@ -1,0 +1,183 @@
+"""The one compiled serving function of a model: uint8 pixels in, normalised inside the
+graph, L2-normalised embeddings (and class probabilities) out, under a fixed input
+signature so that it never retraces; and TensorFlow's threads and devices."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from batchserve.errors import ModelLoadError
+from batchserve.models import ModelInfo, ModelOutputs, ModelSpec, read_labels
+
+
+def configure_tensorflow(spec: ModelSpec) -> str:
+    """Set TensorFlow's thread counts and devices; return the device the model will use.
+
+    Must run before TensorFlow executes anything. GPU memory growth is turned on so that
+    FAISS can share the card.
+    """
+    import tensorflow as tf
+
+    if spec.intra_op_threads:
+        tf.config.threading.set_intra_op_parallelism_threads(spec.intra_op_threads)
+    if spec.inter_op_threads:
+        tf.config.threading.set_inter_op_parallelism_threads(spec.inter_op_threads)
+    gpus = tf.config.list_physical_devices("GPU")
+    if spec.device == "cpu" or not gpus:
+        if spec.device == "gpu":
+            raise ModelLoadError("device=gpu but TensorFlow sees no GPU")
+        if gpus:
+            tf.config.set_visible_devices([], "GPU")
+        return "cpu"
+    for gpu in gpus:
+        tf.config.experimental.set_memory_growth(gpu, True)
+    return "gpu"
+
+
+class InputHead:
+    """A classifier computed from the preprocessed input rather than from the features."""
+
+    def __init__(self, fn: Callable[[Any, Any], Any]) -> None:
+        self.fn = fn
+
+
+def weights_digest(variables: Any) -> str:
+    digest = hashlib.sha256()
+    for variable in variables:
+        digest.update(np.ascontiguousarray(variable.numpy()).tobytes())
+    return digest.hexdigest()
+
+
+def preprocess_fn(mode: str) -> Callable[[Any], Any]:
+    """Pixel normalisation in TensorFlow ops: float32 0..255 RGB in, model input out."""
+    import tensorflow as tf
+
+    if mode == "tf":
+        return lambda x: x / 127.5 - 1.0
+    if mode == "unit":
+        return lambda x: x / 255.0
+    if mode == "torch":
+        mean = tf.constant([0.485, 0.456, 0.406])
+        std = tf.constant([0.229, 0.224, 0.225])
+        return lambda x: (x / 255.0 - mean) / std
+    if mode == "caffe":
+        mean_bgr = tf.constant([103.939, 116.779, 123.68])
+        return lambda x: x[..., ::-1] - mean_bgr
+    if mode == "none":
+        return lambda x: x
+    raise ModelLoadError(f"unknown preprocess mode {mode!r}")
+
+
+def l2_normalise(features: Any) -> Any:
+    """Rows scaled to unit L2 norm. Scales by the largest magnitude first, so that tiny
+    features (random weights give norms near 1e-9) still come out with norm 1."""
+    import tensorflow as tf
+
+    scale = tf.reduce_max(tf.abs(features), axis=1, keepdims=True)
+    scaled = features / tf.maximum(scale, 1e-30)
+    return tf.math.l2_normalize(scaled, axis=1, epsilon=1e-12)
+
+
+def compile_model(
+    spec: ModelSpec,
+    device: str,
+    *,
+    features: Any,
+    head: Any,
+    input_shape: tuple[Any, ...],
+    name: str,
+    source: str,
+    pretrained: bool,
+    digest: str,
+    classes: list[str] | None,
+    preprocess: str,
+) -> TensorFlowModel:
+    import tensorflow as tf
+
+    if spec.labels_file:
+        try:
+            classes = read_labels(Path(spec.labels_file).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise ModelLoadError(f"cannot read labels file {spec.labels_file}: {e}") from e
+    height, width = int(input_shape[0]), int(input_shape[1])
+    mode = preprocess if spec.preprocess == "auto" else spec.preprocess
+    normalise = preprocess_fn(mode)
+    jit = spec.jit_compile and device == "gpu"
+
+    def serve(images: Any) -> dict[str, Any]:
+        x = normalise(tf.cast(images, tf.float32))
+        feats = features(x, training=False) if hasattr(features, "layers") else features(x)
+        if len(feats.shape) == 4:  # a feature map: pool it, as global-average pooling does
+            feats = tf.reduce_mean(feats, axis=[1, 2])
+        out = {"embedding": l2_normalise(tf.cast(feats, tf.float32))}
+        if isinstance(head, InputHead):
+            out["probabilities"] = tf.cast(head.fn(feats, x), tf.float32)
+        elif head is not None:
+            logits = head(feats, training=False)
+            activation = getattr(head, "activation", None)
+            if getattr(activation, "__name__", "") != "softmax":
+                logits = tf.nn.softmax(logits)
+            out["probabilities"] = tf.cast(logits, tf.float32)
+        return out
+
+    compiled = tf.function(
+        serve,
+        input_signature=[tf.TensorSpec([None, height, width, 3], tf.uint8)],
+        jit_compile=jit,
+        autograph=False,
+    )
+    concrete = compiled.get_concrete_function()
+    dim = int(concrete.structured_outputs["embedding"].shape[-1])
+    n_classes = (
+        int(concrete.structured_outputs["probabilities"].shape[-1])
+        if "probabilities" in concrete.structured_outputs
+        else 0
+    )
+    if classes is not None and n_classes and len(classes) != n_classes:
+        raise ModelLoadError(f"{len(classes)} labels given for a head of {n_classes} classes")
+    if classes is None and n_classes:
+        classes = [str(i) for i in range(n_classes)]
+    info = ModelInfo(
+        name=name,
+        source=source,
+        input_size=(height, width),
+        dim=dim,
+        classes=classes,
+        pretrained=pretrained,
+        weights_sha256=digest,
+        preprocess=mode,
+        device=device,
+    )
+    return TensorFlowModel(info, concrete)
+
+
+class TensorFlowModel:
+    """A loaded model: one concrete function with a fixed uint8 input signature."""
+
+    def __init__(self, info: ModelInfo, concrete: Any) -> None:
+        self._info = info
+        self._concrete = concrete
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    def predict(self, images: npt.NDArray[np.uint8]) -> ModelOutputs:
+        import tensorflow as tf
+
+        out = self._concrete(tf.constant(images))
+        probabilities = out.get("probabilities")
+        return ModelOutputs(
+            embeddings=np.asarray(out["embedding"].numpy(), dtype=np.float32),
+            probabilities=(
+                None
+                if probabilities is None
+                else np.asarray(probabilities.numpy(), dtype=np.float32)
+            ),
+        )

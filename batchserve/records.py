@@ -1,0 +1,81 @@
+"""The records that travel between the layers: what a request asks of the pipeline (embed,
+search, add), and what it gets back (labels, matches, stored items).
+
+Plain frozen dataclasses: no numpy, no Twisted, no JSON. The HTTP layer alone turns them
+into wire documents; the catalog and the index build them from their rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class EmbedTask:
+    """Return the embedding (and class probabilities)."""
+
+
+@dataclass(frozen=True)
+class SearchTask:
+    """Find the ``k`` nearest items (cosine similarity at least ``min_score``, with
+    ``label`` if given); ``same_class`` searches within the image's predicted class."""
+
+    k: int = 10
+    min_score: float | None = None
+    label: str | None = None
+    same_class: bool = False
+
+
+@dataclass(frozen=True)
+class AddTask:
+    """Store the image's embedding under ``id`` (replacing an item of that id)."""
+
+    id: str
+    label: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+Task = EmbedTask | SearchTask | AddTask
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """A search as read from a request: encoded query ``images``, or query ``vectors`` (JSON
+    numbers, not yet checked against the model), and the options for every query."""
+
+    task: SearchTask
+    images: list[bytes] = field(default_factory=list)
+    vectors: list[list[float]] | None = None
+
+
+@dataclass(frozen=True)
+class Label:
+    """A class of the model's classifier head and its probability."""
+
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Item:
+    """A stored item: ``fid`` is its row (and FAISS id), ``created`` a Unix time in seconds,
+    ``predicted_class`` the model's class when it was added (None without a head)."""
+
+    fid: int
+    id: str
+    label: str | None
+    predicted_class: str | None
+    metadata: dict[str, Any]
+    created: float
+
+
+@dataclass(frozen=True)
+class Match:
+    """A stored item found by a search, with its cosine similarity to the query."""
+
+    id: str
+    score: float
+    label: str | None
+    metadata: dict[str, Any]
+    predicted_class: str | None = None

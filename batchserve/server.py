@@ -1,0 +1,381 @@
+"""The one place where the server's objects are built and wired, and its lifecycle.
+
+``build(settings, reactor)`` returns a ``Server``; ``start()`` listens, loads the model and
+the index and fires once the server is ready; ``stop()`` stops listening, answers what is in
+flight, stops the model thread and writes the final snapshot. The CLI runs it under
+``twisted.internet.task.react``; tests build the same graph with fakes in place of the
+model, the thread pools and the reactor.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from twisted.web.server import Site
+
+from batchserve import __version__
+from batchserve.api import BatchserveAPI
+from batchserve.auth import Tokens
+from batchserve.batching import Batch, Batcher
+from batchserve.config import ServeSettings
+from batchserve.inference import Prediction
+from batchserve.metrics import Metrics, MetricsPage
+from batchserve.models import ModelInfo
+from batchserve.pipeline import IndexWorker, PipelineRunner
+from batchserve.records import AddTask
+from batchserve.service import ImageService, PoolRunner
+from batchserve.site import make_site
+from batchserve.store import ItemStore, OpenReport, lock_data_dir
+
+if TYPE_CHECKING:
+    from batchserve.index import IndexParams
+
+log = Logger(namespace="batchserve")
+
+
+class ModelWorker(Protocol):
+    """The model's thread, as the server drives it (``InferenceWorker``, or a fake)."""
+
+    @property
+    def info(self) -> ModelInfo | None: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def sizes(self) -> list[int]: ...
+
+    def start(self) -> Deferred[ModelInfo]: ...
+
+    def stop(self, timeout_s: float = 30.0) -> None: ...
+
+    def run(self, batch: Batch[npt.NDArray[np.uint8]]) -> Deferred[Sequence[Prediction | None]]: ...
+
+
+@dataclass
+class Threads:
+    """Where blocking work runs: ``decode(f, *args)`` on the decode pool (reading bodies,
+    decoding images), ``index(f, *args)`` on the one index thread. Both return Deferreds
+    that fire on the reactor."""
+
+    decode: PoolRunner
+    index: PoolRunner
+    pools: Sequence[ThreadPool] = ()
+
+    @classmethod
+    def pools_for(cls, reactor: Any, decode_threads: int) -> Threads:
+        decode = ThreadPool(decode_threads, decode_threads, name="batchserve-decode")
+        index = ThreadPool(1, 1, name="batchserve-index")
+        return cls(
+            partial(deferToThreadPool, reactor, decode),
+            partial(deferToThreadPool, reactor, index),
+            (decode, index),
+        )
+
+    def start(self) -> None:
+        for pool in self.pools:
+            pool.start()
+
+    def stop(self) -> None:
+        for pool in self.pools:
+            pool.stop()
+
+
+def default_model(settings: ServeSettings, reactor: Any, metrics: Metrics) -> ModelWorker:
+    """The inference thread, loading the model the settings name (TensorFlow on it)."""
+    from batchserve.inference import InferenceWorker
+    from batchserve.models import load_model
+
+    spec = settings.model
+    return InferenceWorker(
+        lambda: load_model(spec),
+        reactor,
+        settings.batching.padded_batch_sizes(),
+        warmup=settings.server.warmup,
+        observer=metrics,
+    )
+
+
+def open_store(data_dir: str, params: IndexParams, info: ModelInfo) -> ItemStore:
+    """The item store for ``info``'s embeddings in ``data_dir`` (refuses another model's)."""
+    from batchserve.index import VectorIndex
+
+    return ItemStore(Path(data_dir), VectorIndex(info.dim, params), info.fingerprint())
+
+
+def build(
+    settings: ServeSettings,
+    reactor: Any,
+    model: ModelWorker | None = None,
+    threads: Threads | None = None,
+    store: Callable[[ModelInfo], ItemStore] | None = None,
+) -> Server:
+    """The server for ``settings`` on ``reactor``, not started. ``model``, ``threads`` and
+    ``store`` replace the inference thread, the thread pools and the data-dir store."""
+    metrics = Metrics()
+    worker = model or default_model(settings, reactor, metrics)
+    threads = threads or Threads.pools_for(reactor, settings.server.decode_thread_count())
+    make_store = store or partial(open_store, settings.store.data_dir, settings.index)
+    index = IndexWorker(lambda: make_store(_loaded(worker.info)), threads.index, metrics)
+    pipeline = PipelineRunner(
+        worker, index, lambda: worker.info.classes if worker.info else None, observer=metrics
+    )
+    batcher = Batcher(pipeline, settings.batching, reactor, observer=metrics)
+    service = ImageService(
+        batcher,
+        threads.decode,
+        worker,
+        settings.images,
+        reactor,
+        index=index,
+        observer=metrics,
+    )
+    api = BatchserveAPI(
+        service,
+        metrics,
+        settings.limits,
+        Tokens(api=settings.server.api_token, write=settings.server.write_token),
+        metrics_here=not settings.server.metrics_address,
+    )
+    site = make_site(
+        api.resource(), settings.limits.max_body_bytes, settings.server.access_log, api.refuse_early
+    )
+    return Server(settings, reactor, metrics, worker, threads, index, batcher, service, api, site)
+
+
+def _loaded(info: ModelInfo | None) -> ModelInfo:
+    assert info is not None, "the store opens only after the model is loaded"
+    return info
+
+
+@dataclass
+class Server:
+    """A built server: every object of the graph, and its lifecycle."""
+
+    settings: ServeSettings
+    reactor: Any
+    metrics: Metrics
+    model: ModelWorker
+    threads: Threads
+    index: IndexWorker
+    batcher: Batcher[Any, Any]
+    service: ImageService
+    api: BatchserveAPI
+    site: Site
+
+    def __post_init__(self) -> None:
+        self.port: Any = None
+        self._metrics_port: Any = None
+        self._started_s = time.monotonic()
+        self._snapshots = LoopingCall(self._snapshot)
+        self._snapshots.clock = self.reactor
+
+    @property
+    def address(self) -> Any:
+        """The address the API listens on (an ``IAddress``) once started."""
+        return self.port.getHost()
+
+    def start(self) -> Deferred[None]:
+        """Listen, then load the model and open the index; fires once the server is ready
+        (after indexing the demo photos on a first start), or fails with why it cannot."""
+        self._started_s = time.monotonic()
+        self.threads.start()
+        self._listen()
+        d: Deferred[Any] = self.model.start()
+        d.addCallback(self._model_ready)
+        d.addCallback(self._index_ready)
+        return d
+
+    def _listen(self) -> None:
+        settings = self.settings.server
+        self.port = self.reactor.listenTCP(settings.port, self.site, interface=settings.host)
+        secured = settings.api_token or settings.write_token
+        log.info(
+            "batchserve {version} listening on http://{host}:{port}{auth}",
+            version=__version__,
+            host=self.address.host,
+            port=self.address.port,
+            auth=" (bearer tokens required)" if secured else "",
+        )
+        if settings.metrics_address:
+            host, port = settings.metrics_host_port()
+            page = Site(MetricsPage(self.metrics))
+            page.noisy = False
+            self._metrics_port = self.reactor.listenTCP(port, page, interface=host)
+            where = self._metrics_port.getHost()
+            log.info("metrics on http://{host}:{port}/metrics", host=where.host, port=where.port)
+
+    def _model_ready(self, info: ModelInfo) -> Deferred[OpenReport]:
+        self.metrics.set_model(info.name, info.source, info.dim, info.pretrained)
+        log.info(
+            "model {name} loaded in {s:.1f} s ({dim}-d, input {size}, {device}), "
+            "batch sizes {sizes}",
+            s=time.monotonic() - self._started_s,
+            name=info.name,
+            dim=info.dim,
+            size="x".join(map(str, info.input_size)),
+            device=info.device,
+            sizes=self.model.sizes,
+        )
+        return self.index.start()
+
+    def _index_ready(self, report: OpenReport) -> Deferred[None]:
+        for skipped in report.skipped_snapshots:
+            log.warn("skipped snapshot {s}", s=skipped)
+        self._snapshots.start(self.settings.store.snapshot_interval_s, now=False)
+        d: Deferred[Any] = self.index.call(_describe)
+        d.addCallback(self._announce, report)
+        return d.addCallback(self._ready)
+
+    def _announce(self, described: dict[str, Any], report: OpenReport) -> Deferred[Any] | None:
+        how = (
+            "rebuilt from the catalog"
+            if report.rebuilt
+            else f"snapshot {report.snapshot_seq} + {report.replayed} changes replayed"
+        )
+        log.info(
+            "index open: {size} items in a {kind} index ({how}, {t:.2f} s)",
+            size=described["size"],
+            kind=described["kind_in_use"],
+            how=how,
+            t=report.seconds,
+        )
+        if self.settings.store.demo and described["size"] == 0:
+            return seed_demo(self.service, self.index)
+        return None
+
+    def _ready(self, _: object) -> None:
+        self.service.mark_started()
+        log.info("ready in {s:.1f} s", s=time.monotonic() - self._started_s)
+
+    def _snapshot(self) -> Deferred[Any]:
+        d: Deferred[Any] = self.index.call(_take_snapshot)
+        return d.addErrback(_snapshot_failed)
+
+    def stop(self) -> Deferred[None]:
+        """Stop listening, answer what is in flight (up to ``drain_timeout_s``), stop the
+        model thread and the pools, write the final snapshot."""
+        drain_s = self.settings.server.drain_timeout_s
+        log.info(
+            "shutting down: {n} requests in flight, waiting up to {s:g} s",
+            n=self.api.in_flight.count,
+            s=drain_s,
+        )
+        if self._snapshots.running:
+            self._snapshots.stop()
+        ports = [p for p in (self.port, self._metrics_port) if p is not None]
+        d: Deferred[Any] = gatherResults([maybeDeferred(p.stopListening) for p in ports])
+        d.addCallback(lambda _: self.api.in_flight.drain(drain_s, self.reactor))
+        d.addCallback(self._drained)
+        return d.addBoth(self._closed)
+
+    def _drained(self, all_answered: bool) -> Deferred[None]:
+        if not all_answered:
+            log.warn(
+                "{n} requests still in flight after {s:g} s; stopping anyway",
+                n=self.api.in_flight.count,
+                s=self.settings.server.drain_timeout_s,
+            )
+        self.model.stop(timeout_s=5.0)
+        return self.index.close()
+
+    def _closed(self, result: object) -> None:
+        if isinstance(result, Failure):
+            log.error("final snapshot failed: {e}", e=result.getErrorMessage())
+        self.threads.stop()
+        log.info("stopped")
+
+
+def _describe(store: ItemStore) -> dict[str, Any]:
+    return store.describe()
+
+
+def _take_snapshot(store: ItemStore) -> Path | None:
+    return store.snapshot()
+
+
+def _snapshot_failed(failure: Failure) -> None:
+    log.error(
+        "index snapshot failed (the previous one is intact): {e}", e=failure.getErrorMessage()
+    )
+
+
+def seed_demo(service: ImageService, index: IndexWorker) -> Deferred[Any]:
+    """Index the sample photos on a first start, once (an emptied data dir stays so)."""
+    from batchserve.demo import sample_photos
+
+    def add_samples(done: bool) -> Deferred[Any] | None:
+        if done:
+            return None
+        entries = [
+            (data, AddTask(item_id, label, {"source": "scikit-image sample data"}))
+            for item_id, label, data in sample_photos()
+        ]
+        d = service.add(lambda: entries)
+        d.addCallback(lambda ids: index.call(_mark_seeded, len(ids)))
+        d.addCallback(lambda n: log.info("indexed {n} sample photos to search", n=n))
+        return d
+
+    seeded: Deferred[bool] = index.call(_seeded)
+    return seeded.addCallback(add_samples)
+
+
+def _seeded(store: ItemStore) -> bool:
+    return bool(store.catalog.get_meta("demo_seeded"))
+
+
+def _mark_seeded(store: ItemStore, count: int) -> int:
+    store.catalog.set_meta("demo_seeded", "1")
+    return count
+
+
+def start_logging(level_name: str) -> None:
+    """Log to stderr from ``level_name`` (debug, info, warn, error, critical) up."""
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
+
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level_name))
+    observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+def serve(settings: ServeSettings) -> None:
+    """Run the server until SIGINT or SIGTERM; exits 1 when it cannot start."""
+    from twisted.internet.task import react
+
+    def main(reactor: Any) -> Deferred[None]:
+        server = build(settings, reactor)
+        reactor.addSystemEventTrigger("before", "shutdown", server.stop)
+        d = server.start()
+        d.addCallbacks(lambda _: Deferred(), partial(_cannot_start, reactor))
+        return d
+
+    start_logging(settings.server.log_level)
+    os.umask(0o077)  # every file the server creates is readable by its own user only
+    lock_data_dir(Path(settings.store.data_dir))
+    react(main)
+
+
+def _cannot_start(reactor: Any, failure: Failure) -> Failure:
+    log.critical("cannot start: {error}", error=failure.getErrorMessage())
+    return Failure(SystemExit(1))

@@ -1,0 +1,166 @@
+"""Rendering bench/results.json: RESULTS.md, the README's benchmark block and the plots.
+Nothing here measures, and nothing is read back from markdown.
+
+``python -m bench render`` rewrites RESULTS.md and the README's block between
+``<!-- bench:start -->`` and ``<!-- bench:end -->``; every measuring command does too.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import goals, plots, scenario_sections, sections
+
+HERE = Path(__file__).parent
+RESULTS_MD = HERE / "RESULTS.md"
+README = HERE.parent / "README.md"
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+Data = dict[str, dict[str, Any]]
+Lines = list[str]
+
+
+def header(data: Data) -> Lines:
+    """Date, machine, model, images and command of the report (its /v1/embed sweep)."""
+    embed, limit = data.get("embed"), data.get("limit")
+    first = embed or next(iter(data.values()), None)
+    if first is None:
+        return []
+    lines = [f"- Date: {first['date']}", f"- Machine: {first['machine']}"]
+    if limit:
+        lines.append(f"- Model: built-in `{limit['model']}` (160x160, 1280-d), TensorFlow CPU")
+    if embed:
+        lines += [
+            f"- Images: {embed['images']} camera-sized JPEGs (640x480) made from scikit-image's "
+            "photos, one per request, raw body",
+            f"- Command: `{embed['command']}` (points of {embed['duration_s']:g} s after "
+            f"{embed['warmup_s']:g} s of warm-up; latency SLO for goodput {embed['slo_ms']:g} "
+            "ms; the load generator runs on the same cores as the server)",
+        ]
+    return [*lines, ""]
+
+
+def provenance(section: dict[str, Any], reference: dict[str, Any] | None) -> Lines:
+    """A line saying when, where and how a section was measured, where that differs from
+    the report's header."""
+    if reference is None or section is reference:
+        return []
+    differs = [k for k in ("date", "machine", "command") if section[k] != reference[k]]
+    if not differs:
+        return []
+    parts = [f"on {section[k]}" for k in ("date", "machine") if k in differs]
+    parts.append(f"with `{section['command']}`")
+    return [f"_Measured {', '.join(parts)}._", ""]
+
+
+def _embed_sections(data: Data) -> Lines:
+    embed = data["embed"]
+    return [
+        *sections.saturation_section(embed, data.get("limit")),
+        *sections.batching_off(embed),
+        *sections.alternatives(embed),
+    ]
+
+
+def _low_load(data: Data) -> Lines:
+    low, limit = data["low_load"], data.get("limit", {})
+    return sections.low_load_section(
+        low["point"],
+        limit.get("single_ms", float("nan")),
+        limit.get("paced_ms", float("nan")),
+        low["seconds"],
+    )
+
+
+#: Each results.json section and how it renders (given every section, for comparisons).
+RENDERERS: dict[str, Callable[[Data], Lines]] = {
+    "limit": lambda d: sections.limit(d["limit"]),
+    "embed": _embed_sections,
+    "low_load": _low_load,
+    "search": lambda d: sections.search(d["search"]),
+    "bulk": lambda d: sections.bulk(d["bulk"]),
+    "kinds": lambda d: sections.kinds(d["kinds"]),
+    "ceiling": lambda d: sections.ceiling(d["ceiling"]),
+    "train": lambda d: scenario_sections.train(d["train"]),
+    "overload": lambda d: scenario_sections.overload(d["overload"]),
+    "frontend": lambda d: scenario_sections.frontend(d["frontend"]),
+    "versus": lambda d: scenario_sections.versus(d["versus"]),
+}
+
+
+def body(data: Data, leave_out: tuple[str, ...] = ()) -> Lines:
+    """Every measured section in the report's order, each with its provenance where it
+    differs from the header's."""
+    reference = data.get("embed") or next(iter(data.values()), None)
+    lines: Lines = []
+    for name, render in RENDERERS.items():
+        if name not in data or name in leave_out:
+            continue
+        rendered = render(data)
+        if name != "train":  # its own lines say where it was measured
+            rendered[2:2] = provenance(data[name], reference)
+        lines += rendered
+    return lines
+
+
+def results_markdown(data: Data) -> str:
+    lines = ["# batchserve benchmark results", "", *header(data), *body(data)]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def readme_block(data: Data) -> str:
+    """The README's part: the goals, then RESULTS.md's sections one level down, with image
+    paths from the repository root (transfer learning is in the README's own section)."""
+    lines = [*goals.table(data), *goals.why_missed(data), *header(data)]
+    for line in body(data, leave_out=("train",)):
+        line = "#" + line if line.startswith("## ") else line
+        lines.append(re.sub(r"^(!\[[^\]]*\]\()(?!https?:)", r"\1bench/", line))
+    return "\n".join(lines).rstrip("\n")
+
+
+def put_block(text: str, block: str) -> str:
+    """``text`` with what lies between the bench markers replaced by ``block``."""
+    start, end = text.find(START), text.find(END)
+    if start == -1 or end < start:
+        raise ValueError(f"no {START} ... {END} block")
+    return text[: start + len(START)] + "\n" + block + "\n\n" + text[end:]
+
+
+def readme_numbers(text: str) -> str:
+    """What the README holds between the bench markers."""
+    start, end = text.find(START), text.find(END)
+    if start == -1 or end < start:
+        raise ValueError(f"no {START} ... {END} block")
+    return text[start + len(START) : end].strip("\n")
+
+
+def draw(data: Data, out_dir: Path, names: tuple[str, ...]) -> None:
+    """The plots of the sections ``names`` (those just measured), next to RESULTS.md."""
+    if "embed" in names and "embed" in data:
+        servers = data["embed"]["servers"]
+        plots.plot_compare(
+            {
+                "batchserve": servers["batchserve"]["points"],
+                "batching off": servers["batching off"]["points"],
+                "(a) Flask+predict": servers["(a) Flask + model.predict"]["points"],
+                "(b) Flask+tf.function": servers["(b) Flask + tf.function"]["points"],
+            },
+            "POST /v1/embed, open loop",
+            out_dir / "embed_sweep.png",
+        )
+        opened = [p for p in servers["batchserve"]["points"] if p["offered_per_s"]]
+        plots.plot_sweep(opened, "batchserve /v1/embed", out_dir / "embed_batches.png")
+    if "search" in names and "search" in data:
+        opened = [p for p in data["search"]["flat"] if p["offered_per_s"]]
+        title = f"/v1/search, {data['search']['items'] // 1000}k flat"
+        plots.plot_sweep(opened, title, out_dir / "search_sweep.png")
+
+
+def write(data: Data, out: Path, readme: Path | None) -> None:
+    """RESULTS.md at ``out``, and the README's block when ``readme`` is given."""
+    out.write_text(results_markdown(data))
+    if readme is not None:
+        readme.write_text(put_block(readme.read_text(), readme_block(data)))

@@ -1,0 +1,154 @@
+"""Sections of RESULTS.md for what is measured on its own: transfer learning (recorded by
+hand), overload, the HTTP front end, and batchserve against baseline (b) side by side."""
+
+from __future__ import annotations
+
+from typing import Any
+
+Section = dict[str, Any]
+Lines = list[str]
+
+
+def train(s: Section) -> Lines:
+    low, high = s["frozen_images_per_s"]
+    accuracy = " / ".join(f"{v:.3f}" for v in s["val_accuracy"].values())
+    return [
+        "## Transfer learning (`batchserve train`)",
+        "",
+        f"- Date: {s['date']}; machine: {s['machine']}.",
+        f"- Data: `{s['data_command']}`: {s['classes']} classes (crops of the brick, grass and "
+        "gravel photos scikit-image ships; random stripes; random checkers) of "
+        f"{s['per_class']} images each, plus one unreadable file; held-out set: the same with "
+        f"{s['held_out_per_class']} per class and seed {s['held_out_seed']}.",
+        f"- Train: `{s['command']}` (base: the built-in model, 160x160).",
+        "",
+        "| figure | value |",
+        "|---|---:|",
+        f"| decode of {s['decode_images']} images (first pass, cached) | {s['decode_s']} s |",
+        f"| epoch 1 (frozen; also builds the graph) | {s['epoch1_s']} s, "
+        f"{s['epoch1_images_per_s']} images/s |",
+        f"| later frozen epochs | {s['frozen_epoch_s']} s, {low}-{high} images/s |",
+        f"| fine-tuning epochs (top {s['fine_tune_layers']} weighted layers, batch norm "
+        f"frozen) | {s['fine_tune_first_s']} s first, then {s['fine_tune_later_s']} s |",
+        f"| validation accuracy ({s['val_images']} images) after epoch "
+        f"{' / '.join(s['val_accuracy'])} | {accuracy} |",
+        f"| held-out accuracy through `POST /v1/classify` ({s['held_out_images']} images) | "
+        f"{s['held_out_correct']} / {s['held_out_images']} |",
+        f"| skipped unreadable files | {s['skipped']} of {s['unreadable']} |",
+        "",
+        "Serving the exported model against the built-in one, each alone on the machine:",
+        f"`{s['serve_command']}`.",
+        "",
+        "| model | images/s | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|",
+        *[
+            f"| {m['model']} | {m['images_per_s']} | {m['p50_ms']} | {m['p99_ms']} |"
+            for m in s["serving"]
+        ],
+        "",
+    ]
+
+
+def overload(f: Section) -> Lines:
+    x = f"{f['factor']:g}x"
+    lines = [
+        f"## Overload: {x} the saturation rate for {f['seconds']:g} s",
+        "",
+        f"Peak first (closed loop, 64 clients, same server): {f['peak_per_s']} images/s. "
+        f"Then an open loop offers {f['offered_per_s']:.0f} requests/s ({x}) for "
+        f"{f['seconds']:g} s from 1 generator process on the same cores; request deadline "
+        f"{f['deadline_ms']:.0f} ms (`--timeout-s`), `max_queue` 512 (default).",
+        "",
+        "| figure | value |",
+        "|---|---:|",
+        f"| goodput (200 within the deadline) | {f['goodput_per_s']}/s = "
+        f"**{100 * f['goodput_of_peak']:.0f}% of the peak** |",
+        f"| accepted: p50 / p99 / max ms | {f['ok_p50_ms']} / {f['ok_p99_ms']} / "
+        f"{f['ok_max_ms']} |",
+        f"| rejected (503) per second | {f['rejected_per_s']} |",
+        f"| rejected: p50 / p99 ms | {f['rejected_p50_ms']} / {f['rejected_p99_ms']} |",
+        f"| probe 503s carrying Retry-After | {f['probe_503s_with_retry_after']} of "
+        f"{f['probe_503s']} |",
+        f"| other statuses | {f['other_statuses'] or 'none'} |",
+        f"| resident memory: start / max / end MiB | {f['rss_start_mib']} / "
+        f"{f['rss_max_mib']} / {f['rss_end_mib']} |",
+        f"| server alive afterwards | {'yes' if f['server_alive'] else 'NO'} |",
+    ]
+    if "model_ms_per_image" in f:
+        lines += [
+            f"| model time per image: at the peak / at {x} ms | "
+            f"{f['peak_model_ms_per_image']} / {f['model_ms_per_image']} |",
+            f"| model busy: at the peak / at {x} | {100 * f['peak_model_busy']:.0f}% / "
+            f"{100 * f['model_busy']:.0f}% |",
+        ]
+    return [*lines, ""]
+
+
+def _phase_row(name: str, p: Section) -> str:
+    errors = ", ".join(f"{k}: {v}" for k, v in p["errors"].items()) or "none"
+    return (
+        f"| {name} | {p['images_per_s']} | {p['mean_batch_size']} | {p['p50_ms']} | "
+        f"{p['p99_ms']} | {p['reactor_cpu_ms_per_request']:.3f} | "
+        f"{p['others_cpu_ms_per_request']:.3f} | {errors} |"
+    )
+
+
+def _probe_row(name: str, p: Section) -> str:
+    errors = ", ".join(f"{k}: {v}" for k, v in p["errors"].items()) or "none"
+    return f"| {name} | {p['probes']} | {p['p50_ms']} | {p['p99_ms']} | {p['max_ms']} | {errors} |"
+
+
+def frontend(s: Section) -> Lines:
+    h = s["healthz"]
+    return [
+        "## The HTTP front end (`python -m bench frontend`)",
+        "",
+        "A model that costs next to nothing (uint8 160x160x3 -> Rescaling -> global average "
+        "pooling -> Dense(32), built as a .keras file and served with `--model`), so that "
+        f"reading, parsing and answering requests is what limits. {s['clients']} clients, "
+        f"closed loop, {s['seconds']:g} s after {s['warmup_s']:g} s of warm-up, one 640x480 "
+        f"JPEG (~{s['image_kib']} KiB) per request. CPU per request from /proc: the main "
+        f"thread (the reactor), and {s['raw']['others_are']}.",
+        "",
+        "| body | images/s | mean batch | p50 ms | p99 ms | reactor CPU ms/request "
+        "| other threads' CPU ms/request | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+        _phase_row("raw (`image/jpeg`)", s["raw"]),
+        _phase_row("multipart (`image` field)", s["multipart"]),
+        "",
+        f"Multipart against raw: **{s['multipart_of_raw']:.0%}** of the images/s.",
+        "",
+        f"`GET /healthz` (open loop, 20/s) idle, then while {h['uploaders']} clients upload "
+        f"~{h['upload_mib']} MiB multipart bodies of {h['images_per_upload']} images in a loop "
+        f"({h['uploads_per_s']} uploads/s done):",
+        "",
+        "| /healthz | probes | p50 ms | p99 ms | max ms | errors |",
+        "|---|---:|---:|---:|---:|---|",
+        _probe_row("idle", h["idle"]),
+        _probe_row("during the uploads", h["during_uploads"]),
+        "",
+    ]
+
+
+def versus(s: Section) -> Lines:
+    ours, theirs = s["batchserve"], s["baseline"]
+    rounds = ", ".join(f"{r:.2f}" for r in s["ratios"])
+    return [
+        f"## batchserve and {s['baseline_name']} side by side",
+        "",
+        f"Both servers up at once; {s['clients']} clients, closed loop, on each in turn: "
+        f"{s['rounds']} rounds each of {s['seconds']:g} s (after {s['warmup_s']:g} s of "
+        "warm-up), alternating A/B so that drift of the machine's speed hits both alike.",
+        "",
+        "| server | images/s per round | median images/s | p50 ms | p99 ms (all rounds) |",
+        "|---|---|---:|---:|---:|",
+        *[
+            f"| {name} | {', '.join(f'{v:g}' for v in side['images_per_s'])} | "
+            f"{side['median_images_per_s']} | {side['p50_ms']} | {side['p99_ms']} |"
+            for name, side in (("batchserve", ours), (s["baseline_name"], theirs))
+        ],
+        "",
+        f"batchserve / (b), median of the per-pair ratios: **{s['median_ratio']:.2f}x** "
+        f"(pairs: {rounds}).",
+        "",
+    ]

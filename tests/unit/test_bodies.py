@@ -1,0 +1,110 @@
+"""Reading request bodies: the streaming multipart parser, JSON, and search options."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+
+from batchserve.bodies import (
+    RequestLimits,
+    parse_body,
+    parse_json,
+    read_items,
+    read_search,
+)
+from batchserve.errors import InvalidInput, PayloadTooLarge
+from batchserve.records import AddTask, SearchTask
+from batchserve.testing import encode_multipart
+
+LIMITS = RequestLimits(max_body_bytes=8 * 1024 * 1024, max_images=4)
+
+
+def test_a_multipart_body_spooled_to_a_file_is_parsed_across_chunk_boundaries() -> None:
+    # Three parts of ~1.5 MB: every part spans the parser's 1 MiB chunks.
+    images = [os.urandom(1_500_000) for _ in range(3)]
+    body, content_type = encode_multipart(
+        [("image", f"{i}.jpg", data) for i, data in enumerate(images)], {"id": "x"}
+    )
+    with tempfile.TemporaryFile() as spooled:  # as Twisted keeps a large body
+        spooled.write(body)
+        spooled.seek(0)
+        parsed = parse_body(content_type, spooled, LIMITS)
+    assert parsed.images == images
+    assert parsed.fields == {"id": ["x"]}
+
+
+def test_parts_named_as_images_are_images_and_other_parts_are_text_fields() -> None:
+    body, content_type = encode_multipart([("upload", "a.png", b"A")], {"label": "cat"})
+    body = body.replace(b'; filename="a.png"', b"")  # a part named "upload" with no filename
+    images_too, _ = encode_multipart([("file", "b.png", b"B")])
+    assert parse_body(content_type, body, LIMITS).fields == {"label": ["cat"], "upload": ["A"]}
+    assert parse_body(content_type, images_too, LIMITS).images == [b"B"]
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [
+        lambda body: body[: len(body) // 2],  # the upload stopped half-way
+        lambda body: body[: -len(b"--\r\n") - len(b"batchserve-test-boundary")],  # no close
+        lambda body: body.replace(b"batchserve-test-boundary", b"another-boundary"),
+    ],
+)
+def test_a_multipart_body_that_does_not_close_its_boundary_is_invalid(cut: object) -> None:
+    body, content_type = encode_multipart([("image", "a.jpg", b"\xff\xd8data")])
+    with pytest.raises(InvalidInput, match="malformed multipart/form-data body"):
+        parse_body(content_type, cut(body), LIMITS)  # type: ignore[operator]
+
+
+def test_multipart_without_a_boundary_parameter_is_invalid() -> None:
+    body, _ = encode_multipart([("image", "a.jpg", b"x")])
+    with pytest.raises(InvalidInput, match="check the boundary"):
+        parse_body("multipart/form-data", body, LIMITS)
+
+
+def test_the_fifth_image_part_is_refused_at_once() -> None:
+    body, content_type = encode_multipart([("image", f"{i}.jpg", b"x") for i in range(5)])
+    with pytest.raises(PayloadTooLarge, match="5 images in one request; the limit is 4"):
+        parse_body(content_type, body, LIMITS)
+
+
+def test_a_body_over_the_limit_is_refused_while_it_is_read() -> None:
+    small = RequestLimits(max_body_bytes=1000, max_images=4)
+    body, content_type = encode_multipart([("image", "a.jpg", os.urandom(2000))])
+    with pytest.raises(PayloadTooLarge, match="over the limit of 1000 bytes"):
+        parse_body(content_type, body, small)
+    with pytest.raises(PayloadTooLarge, match="over the limit of 1000 bytes"):
+        parse_body("image/jpeg", os.urandom(1001), small)
+
+
+def test_json_is_strict_and_reads_integers_past_64_bits_as_floats() -> None:
+    assert parse_json(b'{"a": 100000000000000000000000}') == {"a": 1e23}
+    for bad in (b"[NaN]", b"[1e400]", b'{"a": ', b"\xff"):
+        with pytest.raises(InvalidInput, match="invalid JSON"):
+            parse_json(bad)
+
+
+def test_query_string_options_override_the_json_body() -> None:
+    body = b'{"vectors": [[1, 0]], "k": 3, "label": "a"}'
+    request = read_search("application/json", body, LIMITS, {"k": "7", "other": "x"})
+    assert request.task == SearchTask(k=7, label="a")
+    assert request.vectors == [[1, 0]] and request.images == []
+
+
+def test_multipart_items_take_one_label_for_all_and_one_id_each() -> None:
+    body, content_type = encode_multipart(
+        [("image", "a.jpg", b"A"), ("image", "b.jpg", b"B")], {"label": "cat"}
+    )
+    body = body.replace(
+        b"--batchserve-test-boundary\r\n",
+        b'--batchserve-test-boundary\r\nContent-Disposition: form-data; name="id"\r\n\r\n'
+        b"a1\r\n--batchserve-test-boundary\r\n"
+        b'Content-Disposition: form-data; name="id"\r\n\r\nb1\r\n'
+        b"--batchserve-test-boundary\r\n",
+        1,
+    )
+    assert read_items(content_type, body, LIMITS, {}) == [
+        (b"A", AddTask("a1", "cat", {})),
+        (b"B", AddTask("b1", "cat", {})),
+    ]
