@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from batchserve.batching import Batch
 from batchserve.errors import InferenceFailed, NotReady
 from batchserve.models import EmbeddingModel, ModelInfo, ModelOutputs
+from batchserve.threads import KernelNamedThread
 
 log = Logger()
 
@@ -161,7 +162,7 @@ class InferenceWorker:
         return d
 
     def _spawn(self, target: Callable[[], None]) -> None:
-        self._thread = threading.Thread(target=target, name="batchserve-inference", daemon=True)
+        self._thread = KernelNamedThread(target=target, name="batchserve-inference", daemon=True)
         self._thread.start()
 
     def _main(self) -> None:

@@ -41,6 +41,7 @@ from batchserve.records import AddTask
 from batchserve.service import ImageService, PoolRunner
 from batchserve.site import make_site
 from batchserve.store import ItemStore, OpenReport, lock_data_dir
+from batchserve.threads import NamedThreadPool, name_this_thread
 
 if TYPE_CHECKING:
     from batchserve.index import IndexParams
@@ -79,8 +80,8 @@ class Threads:
 
     @classmethod
     def pools_for(cls, reactor: Any, decode_threads: int) -> Threads:
-        decode = ThreadPool(decode_threads, decode_threads, name="batchserve-decode")
-        index = ThreadPool(1, 1, name="batchserve-index")
+        decode = NamedThreadPool(decode_threads, decode_threads, name="batchserve-decode")
+        index = NamedThreadPool(1, 1, name="batchserve-index")
         return cls(
             partial(deferToThreadPool, reactor, decode),
             partial(deferToThreadPool, reactor, index),
@@ -370,6 +371,7 @@ def serve(settings: ServeSettings) -> None:
         d.addCallbacks(lambda _: Deferred(), partial(_cannot_start, reactor))
         return d
 
+    name_this_thread("batchserve")  # the reactor's thread, as top -H and /proc show it
     start_logging(settings.server.log_level)
     os.umask(0o077)  # every file the server creates is readable by its own user only
     lock_data_dir(Path(settings.store.data_dir))

@@ -167,12 +167,12 @@ def test_bad_setting_exits_2_with_a_message() -> None:
     assert "max_queue must be at least 1" in done.stderr
 
 
-def test_decode_threads_default_to_half_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_decode_threads_default_to_one_per_core(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    assert serve([]).server.decode_thread_count() == 8
-    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert serve([]).server.decode_thread_count() == 16
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
     assert serve([]).server.decode_thread_count() == 1
     assert serve(["--decode-threads", "3"]).server.decode_thread_count() == 3
 
