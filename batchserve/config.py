@@ -248,6 +248,13 @@ class ServerSettings:
         "threads that read request bodies and decode images (0: one per CPU core)",
         at_least=0,
     )
+    decode_nice: int = setting(
+        10,
+        "how much lower the decode threads' CPU priority is than the model's (0-19): when "
+        "both want a core the model goes first, and decoding fills the gaps",
+        at_least=0,
+        at_most=19,
+    )
     drain_timeout_s: float = setting(
         30.0, "on SIGTERM, longest wait for requests in flight before stopping anyway", at_least=0
     )

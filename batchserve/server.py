@@ -79,8 +79,10 @@ class Threads:
     pools: Sequence[ThreadPool] = ()
 
     @classmethod
-    def pools_for(cls, reactor: Any, decode_threads: int) -> Threads:
-        decode = NamedThreadPool(decode_threads, decode_threads, name="batchserve-decode")
+    def pools_for(cls, reactor: Any, decode_threads: int, decode_nice: int = 0) -> Threads:
+        decode = NamedThreadPool(
+            decode_threads, decode_threads, name="batchserve-decode", nice=decode_nice
+        )
         index = NamedThreadPool(1, 1, name="batchserve-index")
         return cls(
             partial(deferToThreadPool, reactor, decode),
@@ -130,7 +132,9 @@ def build(
     ``store`` replace the inference thread, the thread pools and the data-dir store."""
     metrics = Metrics()
     worker = model or default_model(settings, reactor, metrics)
-    threads = threads or Threads.pools_for(reactor, settings.server.decode_thread_count())
+    threads = threads or Threads.pools_for(
+        reactor, settings.server.decode_thread_count(), settings.server.decode_nice
+    )
     make_store = store or partial(open_store, settings.store.data_dir, settings.index)
     index = IndexWorker(lambda: make_store(_loaded(worker.info)), threads.index, metrics)
     pipeline = PipelineRunner(

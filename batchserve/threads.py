@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 import threading
 from typing import Any
@@ -31,17 +32,41 @@ def name_this_thread(name: str) -> bool:
     return bool(_libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0) == 0)
 
 
+def lower_this_thread(nice: int) -> bool:
+    """Raise the calling thread's niceness by ``nice`` (Linux schedules threads on their
+    own); whether it took."""
+    if not nice or not sys.platform.startswith("linux"):
+        return False
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, current + nice))
+    except OSError:
+        return False
+    return True
+
+
 class KernelNamedThread(threading.Thread):
-    """A ``threading.Thread`` that names itself in the kernel once it runs. Twisted's pool
-    names its threads "PoolThread-<pool>-<n>"; the kernel keeps 15 bytes, which should say
-    which pool ("batchserve-deco")."""
+    """A ``threading.Thread`` that names itself in the kernel once it runs, and lowers its
+    priority by ``nice``. Twisted's pool names its threads "PoolThread-<pool>-<n>"; the
+    kernel keeps 15 bytes, which should say which pool ("batchserve-deco")."""
+
+    nice = 0
 
     def run(self) -> None:
         name_this_thread(self.name.removeprefix("PoolThread-"))
+        lower_this_thread(self.nice)
         super().run()
 
 
 class NamedThreadPool(ThreadPool):
-    """A Twisted ThreadPool whose threads the kernel knows by the pool's name."""
+    """A Twisted ThreadPool whose threads the kernel knows by the pool's name, run ``nice``
+    steps below the process's priority."""
 
-    threadFactory = KernelNamedThread  # noqa: N815 (Twisted API)
+    def __init__(self, minthreads: int, maxthreads: int, name: str, nice: int = 0) -> None:
+        super().__init__(minthreads, maxthreads, name)
+
+        class PoolThread(KernelNamedThread):
+            pass
+
+        PoolThread.nice = nice
+        self.threadFactory = PoolThread

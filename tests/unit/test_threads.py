@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from pathlib import Path
@@ -44,3 +45,22 @@ def test_the_pool_threads_are_known_by_the_pool_name() -> None:
     finally:
         pool.stop()
     assert names == ["batchserve-deco"]
+
+
+def test_a_pool_can_run_its_threads_below_the_process_priority() -> None:
+    pool = NamedThreadPool(1, 1, name="batchserve-decode", nice=5)
+    seen: list[int] = []
+    done = threading.Event()
+
+    def record() -> None:
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        done.set()
+
+    pool.start()
+    try:
+        pool.callInThread(record)
+        assert done.wait(10)
+    finally:
+        pool.stop()
+    assert seen == [min(19, os.getpriority(os.PRIO_PROCESS, 0) + 5)]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < seen[0]  # not ours
