@@ -22,15 +22,7 @@ from twisted.web.resource import Resource
 from werkzeug.exceptions import HTTPException
 
 from batchserve.auth import Tokens
-from batchserve.bodies import (
-    RequestLimits,
-    bounded_int,
-    carries_images,
-    read_images,
-    read_items,
-    read_search,
-    search_task,
-)
+from batchserve.bodies import RequestLimits, carries_images, read_images
 from batchserve.drain import InFlight
 from batchserve.errors import (
     BatchserveError,
@@ -46,6 +38,7 @@ from batchserve.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
+from batchserve.inputs import bounded_int, read_items, read_search, search_task
 from batchserve.metrics import Metrics
 from batchserve.records import Item, Label, Match
 from batchserve.service import ImageService

@@ -107,8 +107,34 @@ def compile_model(
             raise ModelLoadError(f"cannot read labels file {spec.labels_file}: {e}") from e
     height, width = int(input_shape[0]), int(input_shape[1])
     mode = preprocess if spec.preprocess == "auto" else spec.preprocess
-    normalise = preprocess_fn(mode)
-    jit = spec.jit_compile and device == "gpu"
+    compiled = tf.function(
+        serving_function(preprocess_fn(mode), features, head),
+        input_signature=[tf.TensorSpec([None, height, width, 3], tf.uint8)],
+        jit_compile=spec.jit_compile and device == "gpu",
+        autograph=False,
+    )
+    concrete = compiled.get_concrete_function()
+    dim, classes = _outputs(concrete.structured_outputs, classes)
+    info = ModelInfo(
+        name=name,
+        source=source,
+        input_size=(height, width),
+        dim=dim,
+        classes=classes,
+        pretrained=pretrained,
+        weights_sha256=digest,
+        preprocess=mode,
+        device=device,
+    )
+    return TensorFlowModel(info, concrete)
+
+
+def serving_function(
+    normalise: Callable[[Any], Any], features: Any, head: Any
+) -> Callable[[Any], dict[str, Any]]:
+    """uint8 images -> {"embedding": unit rows, "probabilities": softmax rows (with a head)}:
+    the graph that ``compile_model`` traces once."""
+    import tensorflow as tf
 
     def serve(images: Any) -> dict[str, Any]:
         x = normalise(tf.cast(images, tf.float32))
@@ -126,35 +152,18 @@ def compile_model(
             out["probabilities"] = tf.cast(logits, tf.float32)
         return out
 
-    compiled = tf.function(
-        serve,
-        input_signature=[tf.TensorSpec([None, height, width, 3], tf.uint8)],
-        jit_compile=jit,
-        autograph=False,
-    )
-    concrete = compiled.get_concrete_function()
-    dim = int(concrete.structured_outputs["embedding"].shape[-1])
-    n_classes = (
-        int(concrete.structured_outputs["probabilities"].shape[-1])
-        if "probabilities" in concrete.structured_outputs
-        else 0
-    )
+    return serve
+
+
+def _outputs(outputs: dict[str, Any], classes: list[str] | None) -> tuple[int, list[str] | None]:
+    """The embedding's dim, and the class labels checked against the head's width."""
+    dim = int(outputs["embedding"].shape[-1])
+    n_classes = int(outputs["probabilities"].shape[-1]) if "probabilities" in outputs else 0
     if classes is not None and n_classes and len(classes) != n_classes:
         raise ModelLoadError(f"{len(classes)} labels given for a head of {n_classes} classes")
     if classes is None and n_classes:
         classes = [str(i) for i in range(n_classes)]
-    info = ModelInfo(
-        name=name,
-        source=source,
-        input_size=(height, width),
-        dim=dim,
-        classes=classes,
-        pretrained=pretrained,
-        weights_sha256=digest,
-        preprocess=mode,
-        device=device,
-    )
-    return TensorFlowModel(info, concrete)
+    return dim, classes
 
 
 class TensorFlowModel:

@@ -23,11 +23,11 @@ from typing import Any, TextIO
 import numpy as np
 import numpy.typing as npt
 
-from batchserve.bodies import check_id, check_label, check_metadata
 from batchserve.catalog import NewItem
 from batchserve.errors import BatchserveError, InvalidInput
 from batchserve.images import DecodeLimits, decode_image
 from batchserve.inference import pad_batch, padded_size
+from batchserve.inputs import check_id, check_label, check_metadata
 from batchserve.models import EmbeddingModel
 from batchserve.pipeline import predicted_class
 from batchserve.store import ItemStore

@@ -8,6 +8,7 @@ Nothing here measures, and nothing is read back from markdown.
 from __future__ import annotations
 
 import re
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -163,4 +164,39 @@ def write(data: Data, out: Path, readme: Path | None) -> None:
     """RESULTS.md at ``out``, and the README's block when ``readme`` is given."""
     out.write_text(results_markdown(data))
     if readme is not None:
-        readme.write_text(put_block(readme.read_text(), readme_block(data)))
+        text = put_block(readme.read_text(), readme_block(data))
+        readme.write_text(put_headline(text, data) if "versus" in data else text)
+
+
+HEADLINE_START, HEADLINE_END = "<!-- headline:start -->", "<!-- headline:end -->"
+
+
+def headline(data: Data) -> str:
+    """The README's opening claim, from the embed section (against (a)) and the side-by-side
+    comparison (against (b)), with the p99 and memory clauses the numbers support."""
+    servers = data["embed"]["servers"]
+    ours = sections.at_clients(servers["batchserve"])
+    a = sections.at_clients(servers["(a) Flask + model.predict"])
+    versus = data["versus"]
+    p99 = versus["batchserve"]["p99_ms"] < versus["baseline"]["p99_ms"]
+    memory = servers["batchserve"]["rss_mib"] < servers["(b) Flask + tf.function"]["rss_mib"]
+    clauses = [f"at a {'lower' if p99 else 'higher'} p99"]
+    clauses.append(f"in {'less' if memory else 'more'} memory")
+    return textwrap.fill(
+        f"On this machine ({data['versus']['machine']}), with "
+        f"{versus['clients']} concurrent clients, batchserve serves "
+        f"{sections.ratio(ours, a):.1f}x the images/s of Flask + `model.predict` and "
+        f"{versus['median_ratio']:.2f}x the strongest per-request setup (Flask + a compiled "
+        f"`tf.function`; the median of {versus['rounds']} rounds run in turn with both "
+        f"servers up), {' and '.join(clauses)} (see [Benchmarks](#benchmarks)).",
+        width=90,
+        break_on_hyphens=False,
+    )
+
+
+def put_headline(text: str, data: Data) -> str:
+    """``text`` with its headline between the headline markers rewritten."""
+    start, end = text.find(HEADLINE_START), text.find(HEADLINE_END)
+    if start == -1 or end < start:
+        raise ValueError(f"no {HEADLINE_START} ... {HEADLINE_END} block")
+    return text[: start + len(HEADLINE_START)] + "\n" + headline(data) + "\n" + text[end:]

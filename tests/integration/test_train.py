@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from batchserve.models import BUILTIN_SHA256
-from batchserve.testing import PATTERN_CLASSES, write_class_folders
+from tests.integration.class_folders import PATTERN_CLASSES, write_class_folders
 from tests.integration.conftest import Server, start_server, stop_server
 
 # Training is deterministic (the split, the weights and the augmentation follow --seed): on

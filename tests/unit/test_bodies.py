@@ -7,14 +7,9 @@ import tempfile
 
 import pytest
 
-from batchserve.bodies import (
-    RequestLimits,
-    parse_body,
-    parse_json,
-    read_items,
-    read_search,
-)
+from batchserve.bodies import RequestLimits, parse_body, parse_json
 from batchserve.errors import InvalidInput, PayloadTooLarge
+from batchserve.inputs import read_items, read_search
 from batchserve.records import AddTask, SearchTask
 from batchserve.testing import encode_multipart
 

@@ -3,7 +3,6 @@ quotes benchmark numbers only as bench/results.json has them."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from batchserve.config import ServeSettings, leaves, settings_table
@@ -37,22 +36,21 @@ def test_the_benchmark_numbers_are_rendered_from_results_json() -> None:
     assert render.readme_numbers(README) == render.readme_block(RESULTS)
 
 
-def test_the_headline_ratios_are_those_of_results_json() -> None:
+def test_the_headline_is_rendered_from_results_json() -> None:
+    # Fails after a measurement until `python -m bench render` rewrites it.
+    start = README.index("\n", README.index(render.HEADLINE_START)) + 1
+    assert README[start : README.index(render.HEADLINE_END)].strip() == render.headline(RESULTS)
+
+
+def test_the_headline_says_what_the_numbers_say() -> None:
+    versus = RESULTS["versus"]
     servers = RESULTS["embed"]["servers"]
-    ours, a, b = (
-        at_clients(servers[name])
-        for name in ("batchserve", "(a) Flask + model.predict", "(b) Flask + tf.function")
-    )
-    text = " ".join(README.split())
-    found = re.search(
-        r"serves ([\d.]+)x the images/s of Flask \+ `model.predict` and ([\d.]+)x the strongest",
-        text,
-    )
-    assert found, "the headline sentence moved: update this test"
-    assert found.groups() == (f"{ratio(ours, a):.1f}", f"{ratio(ours, b):.1f}")
-    assert "at a lower p99 and in less memory" in text
-    assert ours["p99_ms"] < b["p99_ms"]
-    assert servers["batchserve"]["rss_mib"] < servers["(b) Flask + tf.function"]["rss_mib"]
+    text = render.headline(RESULTS)
+    assert f"{versus['median_ratio']:.2f}x the strongest" in text
+    ours, a = at_clients(servers["batchserve"]), at_clients(servers["(a) Flask + model.predict"])
+    assert f"serves {ratio(ours, a):.1f}x the images/s of Flask" in text
+    lower = versus["batchserve"]["p99_ms"] < versus["baseline"]["p99_ms"]
+    assert ("at a lower p99" in text) == lower and ("at a higher p99" in text) == (not lower)
 
 
 def test_the_trained_model_serving_numbers_are_those_of_results_json() -> None:
