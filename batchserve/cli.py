@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +19,7 @@ from batchserve.errors import BatchserveError
 
 if TYPE_CHECKING:
     from batchserve.config import IndexSettings
+    from batchserve.ingest import IngestReport, Source
 
 SETTINGS_HELP = (
     " Every flag can also be set with a BATCHSERVE_<NAME> environment variable or in a "
@@ -91,24 +92,44 @@ def train_command(args: argparse.Namespace) -> int:
 def index_command(settings: IndexSettings, path: Path) -> int:
     """``batchserve index PATH``: embed and store every image, then snapshot the index."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from batchserve.ingest import Progress, ingest, print_summary, sources_for
-    from batchserve.models import load_model
-    from batchserve.server import open_store
+    from batchserve.ingest import Progress, print_summary, sources_for
     from batchserve.store import lock_data_dir
 
     os.umask(0o077)
     sources = list(sources_for(path))
     data_dir = settings.store.data_dir
     lock_data_dir(Path(data_dir))
-    model = load_model(settings.model)
-    store = open_store(data_dir, settings.index, model.info)
-    store.open()
-    print(
-        f"indexing {len(sources)} images from {path} into {data_dir} "
-        f"({store.index.size} items there already)",
-        file=sys.stderr,
-    )
+
+    def announce(already: int) -> None:
+        print(
+            f"indexing {len(sources)} images from {path} into {data_dir} "
+            f"({already} items there already)",
+            file=sys.stderr,
+        )
+
     progress = Progress(sys.stderr, len(sources))
+    report = index_into(settings, sources, announce, progress.update)
+    print_summary(report)
+    return 1 if report.failed else 0
+
+
+def index_into(
+    settings: IndexSettings,
+    sources: Sequence[Source],
+    announce: Callable[[int], None] = lambda _already: None,
+    progress: Callable[[IngestReport], None] = lambda _report: None,
+) -> IngestReport:
+    """What ``batchserve index`` does with its sources: load the model, open the data dir's
+    store (``announce`` gets the items already there), embed and store every new image,
+    then compact and snapshot the index."""
+    from batchserve.ingest import ingest
+    from batchserve.models import load_model
+    from batchserve.server import open_store
+
+    model = load_model(settings.model)
+    store = open_store(settings.store.data_dir, settings.index, model.info)
+    store.open()
+    announce(store.index.size)
     try:
         report = ingest(
             sources,
@@ -117,14 +138,13 @@ def index_command(settings: IndexSettings, path: Path) -> int:
             settings.batching.padded_batch_sizes(),
             settings.server.decode_thread_count() + 1,
             settings.images,
-            progress=progress.update,
+            progress=progress,
         )
         store.maintain()
         store.snapshot()
     finally:
         store.close()
-    print_summary(report)
-    return 1 if report.failed else 0
+    return report
 
 
 def quiet_openmp(environ: MutableMapping[str, str]) -> None:

@@ -10,8 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from batchserve.cli import index_into
 from batchserve.config import IndexSettings
-from batchserve.server import open_store
 from batchserve.store import StoreSettings
 from bench import fill
 
@@ -19,27 +19,10 @@ from bench import fill
 def index_directory(images: Path, data_dir: Path) -> dict[str, Any]:
     """``batchserve index IMAGES --data-dir DATA_DIR`` with default settings."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from batchserve.ingest import ingest, sources_for
-    from batchserve.models import load_model
+    from batchserve.ingest import sources_for
 
     settings = IndexSettings(store=StoreSettings(data_dir=str(data_dir)))
-    sources = list(sources_for(images))
-    model = load_model(settings.model)
-    store = open_store(settings.store.data_dir, settings.index, model.info)
-    store.open()
-    try:
-        report = ingest(
-            sources,
-            store,
-            model,
-            settings.batching.padded_batch_sizes(),
-            settings.server.decode_thread_count() + 1,
-            settings.images,
-        )
-        store.maintain()
-        store.snapshot()
-    finally:
-        store.close()
+    report = index_into(settings, list(sources_for(images)))
     return {
         "indexed": report.indexed,
         "failed": len(report.failed),
