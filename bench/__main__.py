@@ -4,6 +4,7 @@
   python -m bench run --url http://127.0.0.1:8080 --mode closed --concurrency 1,8,32
   python -m bench report            # starts its own servers, measures every scenario
   python -m bench render            # RESULTS.md and the README's numbers from results.json
+  python -m bench ab --b-flags "--decode-nice 0"   # two settings side by side
 
 Every measuring command records its section in bench/results.json, then renders RESULTS.md
 and the README's benchmark block from that file. Only ever point ``run`` at servers you
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import (
+    ab,
     bulk,
     ceiling,
     embed,
@@ -139,6 +141,17 @@ def report_command(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def ab_command(args: argparse.Namespace) -> int:
+    """Two batchserve servers side by side; prints what it found, records nothing."""
+    a = ab.Side(args.a_flags, args.a_code)
+    b = ab.Side(args.b_flags, args.b_code)
+    compared = ab.measure(
+        _images(args.images), a, b, args.rounds, args.clients, args.duration, args.tiny_model
+    )
+    print(ab.summary(compared, a, b))
+    return 0
+
+
 def scenario_command(args: argparse.Namespace, argv: list[str]) -> int:
     """One scenario on its own: ceiling, overload, frontend or versus."""
     if args.command == "ceiling":
@@ -221,6 +234,16 @@ def _scenario_parsers(commands: Any) -> None:
     for p in (c, o, f, v):
         p.add_argument("--images", help="directory of images to send (default: sample photos)")
         _outputs(p)
+    a = commands.add_parser("ab", help="two batchserve settings or checkouts side by side")
+    a.add_argument("--a-flags", default="", help="serve flags of server A")
+    a.add_argument("--b-flags", default="", help="serve flags of server B")
+    a.add_argument("--a-code", help="checkout whose batchserve A runs (default: this one)")
+    a.add_argument("--b-code", help="checkout whose batchserve B runs (default: this one)")
+    a.add_argument("--rounds", type=int, default=4, help="rounds per server")
+    a.add_argument("--clients", type=int, default=32)
+    a.add_argument("--duration", type=float, default=8.0, help="seconds per round")
+    a.add_argument("--tiny-model", action="store_true", help="the front end's near-zero-cost model")
+    a.add_argument("--images", help="directory of images to send (default: sample photos)")
     rendering = commands.add_parser("render", help="RESULTS.md and the README from results.json")
     rendering.add_argument("--plots", action="store_true", help="redraw the plots too")
     _outputs(rendering)
@@ -248,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         return render_command(args)
     if args.command == "report":
         return report_command(args, argv)
+    if args.command == "ab":
+        return ab_command(args)
     return scenario_command(args, argv)
 
 

@@ -43,9 +43,11 @@ class ServerProcess:
         args: Sequence[str] = (),
         timeout_s: float = 300.0,
         env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> Self:
         """Start the server with its data dir and log under ``directory``. Its environment
-        is this process's without any ``BATCHSERVE_*`` variable, plus ``env``."""
+        is this process's without any ``BATCHSERVE_*`` variable, plus ``env``; it runs in
+        ``cwd`` (default: this process's)."""
         directory.mkdir(parents=True, exist_ok=True)
         log_path = directory / "server.log"
         environ = {k: v for k, v in os.environ.items() if not k.startswith("BATCHSERVE_")}
@@ -69,6 +71,7 @@ class ServerProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=environ,
+                cwd=cwd,
             )
         port = None
         while time.monotonic() - started < timeout_s and process.poll() is None:

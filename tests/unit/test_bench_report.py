@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from bench import frontend, goals, render, results, scenario_sections, versus
 from bench.load import LoadResult, LoadSpec, Sample
@@ -188,3 +191,23 @@ def test_side_by_side_quotes_the_median_of_the_per_pair_ratios() -> None:
     ratios = [versus.ratio_of(a, b) for a, b in zip(ours, theirs, strict=True)]
     assert [round(r, 6) for r in ratios] == [3.0, 1.0, 2.0]
     assert versus.side(ours)["median_images_per_s"] == 30.0
+
+
+def test_ab_runs_another_checkout_from_its_data_dir_so_that_pythonpath_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bench import ab, procs
+
+    started: list[tuple[Any, ...]] = []
+
+    def start(directory: Path, flags: Any, env: Any = None, cwd: Any = None) -> str:
+        started.append((directory, list(flags), env, cwd))
+        return "server"
+
+    monkeypatch.setattr(procs.ServerProcess, "start", start)
+    ab.Side("--decode-nice 0").start(tmp_path / "b", ["--no-demo"])
+    ab.Side(code=str(tmp_path / "old")).start(tmp_path / "a", ["--no-demo"])
+    assert started == [
+        (tmp_path / "b", ["--no-demo", "--decode-nice", "0"], {}, None),
+        (tmp_path / "a", ["--no-demo"], {"PYTHONPATH": str(tmp_path / "old")}, tmp_path / "a"),
+    ]
