@@ -21,6 +21,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from werkzeug.exceptions import HTTPException
 
+from batchserve import openapi
 from batchserve.auth import Tokens
 from batchserve.bodies import RequestLimits, carries_images, read_images
 from batchserve.drain import InFlight
@@ -154,6 +155,7 @@ class BatchserveAPI:
         self._tokens = tokens or Tokens()
         self._metrics_here = metrics_here
         self.in_flight = InFlight()
+        self._openapi: dict[str, Any] | None = None
 
     def resource(self) -> Any:
         return Utf8URLs(self.app.resource())
@@ -374,6 +376,12 @@ class BatchserveAPI:
             request.setHeader(b"Retry-After", b"5")
             return json_body(request, 503, {"status": "loading"})
         return json_body(request, 200, {"status": "ready"})
+
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi(self, request: IRequest) -> bytes:
+        if self._openapi is None:
+            self._openapi = openapi.document(self._limits)
+        return json_body(request, 200, self._openapi)
 
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request: IRequest) -> bytes:

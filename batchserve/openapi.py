@@ -1,0 +1,406 @@
+"""The API's contract: an OpenAPI 3.1 document of every route, its parameters, the three
+encodings of an image body (raw, multipart, base64 JSON), the responses and the error shape.
+Served at ``GET /openapi.json``; its bounds come from the same constants and limits the
+handlers enforce."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from batchserve import __version__
+from batchserve.bodies import IMAGE_FIELDS, RequestLimits
+from batchserve.inputs import DEFAULT_K, MAX_ID_CHARS, MAX_K, MAX_LABEL_CHARS
+
+Doc = dict[str, Any]
+
+#: Statuses a route for the model may answer besides 200, and why.
+_ERRORS = {
+    "400": "invalid input (undecodable image, bad option, bad JSON)",
+    "401": "a bearer token is required",
+    "403": "the token does not grant this",
+    "413": "the body, an image or the number of images is over the limit",
+    "415": "the Content-Type is not accepted",
+    "503": "the model or the index is loading, the queue is full, or the server is draining",
+    "504": "the request's deadline passed",
+}
+
+
+def _ref(name: str) -> Doc:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: Doc) -> Doc:
+    return {"application/json": {"schema": schema}}
+
+
+def _errors(*codes: str) -> Doc:
+    return {
+        code: {"description": _ERRORS.get(code, "not found"), "content": _json(_ref("Error"))}
+        for code in codes
+    }
+
+
+def _ok(schema: str, description: str) -> Doc:
+    return {"200": {"description": description, "content": _json(_ref(schema))}}
+
+
+def _images_body(limits: RequestLimits, extra_json: Doc | None = None) -> Doc:
+    """A request body of one or more images, in any of the three encodings."""
+    files = {"type": "array", "items": {"type": "string", "contentMediaType": "image/*"}}
+    json_images: Doc = {
+        "type": "object",
+        "properties": {
+            "images": {
+                "type": "array",
+                "maxItems": limits.max_images,
+                "items": _ref("Base64Image"),
+            },
+            **(extra_json or {}),
+        },
+    }
+    return {
+        "required": True,
+        "description": f"At most {limits.max_images} images and {limits.max_body_bytes} bytes.",
+        "content": {
+            "image/*": {"schema": {"type": "string", "contentMediaType": "image/*"}},
+            "application/octet-stream": {"schema": {"type": "string"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "description": "Parts with a filename, or named "
+                    + ", ".join(sorted(IMAGE_FIELDS))
+                    + ", are images.",
+                    "properties": {"image": files},
+                }
+            },
+            "application/json": {"schema": json_images},
+        },
+    }
+
+
+def _items_body(limits: RequestLimits) -> Doc:
+    item = {
+        "type": "object",
+        "required": ["id", "b64"],
+        "properties": {
+            "id": _ref("ItemId"),
+            "label": {"type": "string", "maxLength": MAX_LABEL_CHARS},
+            "metadata": {"type": "object"},
+            "b64": {"type": "string", "description": "the image, base64 (a data: URL too)"},
+        },
+    }
+    return {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "description": "One `id` per file; `label` and `metadata` (JSON text) "
+                    "once for all files or once per file.",
+                    "required": ["image", "id"],
+                    "properties": {
+                        "image": {"type": "array", "items": {"type": "string"}},
+                        "id": {"type": "array", "items": _ref("ItemId")},
+                        "label": {"type": "array", "items": {"type": "string"}},
+                        "metadata": {"type": "array", "items": {"type": "string"}},
+                    },
+                }
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["items"],
+                    "properties": {
+                        "items": {
+                            "type": "array",
+                            "minItems": 1,
+                            "maxItems": limits.max_images,
+                            "items": item,
+                        }
+                    },
+                }
+            },
+            "image/*": {
+                "schema": {
+                    "type": "string",
+                    "description": "one image; its id (and label, metadata) in the query string",
+                }
+            },
+        },
+    }
+
+
+def _parameter(name: str, schema: Doc, description: str, where: str = "query") -> Doc:
+    return {
+        "name": name,
+        "in": where,
+        "required": where == "path",
+        "schema": schema,
+        "description": description,
+    }
+
+
+def _search_parameters() -> list[Doc]:
+    return [
+        _parameter(
+            "k",
+            {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": DEFAULT_K},
+            "matches per query",
+        ),
+        _parameter(
+            "min_score",
+            {"type": "number", "minimum": -1, "maximum": 1},
+            "least cosine similarity of a match",
+        ),
+        _parameter("label", {"type": "string"}, "search only items with this label"),
+        _parameter(
+            "same_class",
+            {"type": "boolean", "default": False},
+            "search only items whose predicted class is the query's",
+        ),
+    ]
+
+
+_ITEM_ID = _parameter("item_id", _ref("ItemId"), "the item's id", "path")
+
+
+def _paths(limits: RequestLimits) -> Doc:
+    model_errors = _errors("400", "401", "403", "413", "415", "503", "504")
+    vectors = {
+        "vectors": {
+            "type": "array",
+            "maxItems": limits.max_images,
+            "items": {"type": "array", "items": {"type": "number"}},
+            "description": "query embeddings of the model's dim (instead of images)",
+        }
+    }
+    return {
+        "/v1/embed": {
+            "post": {
+                "summary": "Embed images",
+                "requestBody": _images_body(limits),
+                "responses": {**_ok("Embeddings", "one embedding per image"), **model_errors},
+            }
+        },
+        "/v1/classify": {
+            "post": {
+                "summary": "Classify images (models with a classifier head)",
+                "parameters": [
+                    _parameter(
+                        "k",
+                        {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 5},
+                        "labels per image",
+                    )
+                ],
+                "requestBody": _images_body(limits),
+                "responses": {**_ok("Labels", "the top labels of each image"), **model_errors},
+            }
+        },
+        "/v1/search": {
+            "post": {
+                "summary": "Find the stored items most similar to images or vectors",
+                "parameters": _search_parameters(),
+                "requestBody": _images_body(limits, vectors),
+                "responses": {**_ok("Matches", "the matches of each query"), **model_errors},
+            }
+        },
+        "/v1/items": {
+            "post": {
+                "summary": "Add items (an existing id is replaced); durable before the 200",
+                "parameters": [
+                    _parameter("id", _ref("ItemId"), "the id of a raw image body"),
+                    _parameter("label", {"type": "string"}, "its label"),
+                    _parameter("metadata", {"type": "string"}, "its metadata, JSON text"),
+                ],
+                "requestBody": _items_body(limits),
+                "responses": {**_ok("Added", "the ids added"), **model_errors},
+            }
+        },
+        "/v1/items/{item_id}": {
+            "get": {
+                "summary": "Read an item",
+                "parameters": [_ITEM_ID],
+                "responses": {**_ok("Item", "the item"), **_errors("401", "403", "404", "503")},
+            },
+            "delete": {
+                "summary": "Delete an item",
+                "parameters": [_ITEM_ID],
+                "responses": {
+                    **_ok("Deleted", "the item is gone"),
+                    **_errors("401", "403", "404", "503"),
+                },
+            },
+        },
+        "/v1/items/{item_id}/similar": {
+            "get": {
+                "summary": "The stored items most similar to a stored item (itself left out)",
+                "parameters": [_ITEM_ID, *_search_parameters()],
+                "responses": {
+                    **_ok("Matches", "one result"),
+                    **_errors("400", "401", "403", "404", "503"),
+                },
+            }
+        },
+        "/v1/index": {
+            "get": {
+                "summary": "What the index holds",
+                "responses": {**_ok("Index", "the index"), **_errors("401", "403", "503")},
+            }
+        },
+        "/v1/model": {
+            "get": {
+                "summary": "The model being served",
+                "responses": {**_ok("Model", "the model"), **_errors("401", "403", "503")},
+            }
+        },
+        "/healthz": {"get": {"summary": "Liveness", "responses": _ok("Status", "alive")}},
+        "/readyz": {
+            "get": {
+                "summary": "Readiness: model warm, index open, start-up done",
+                "responses": {**_ok("Status", "ready"), **_errors("503")},
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics (404 when served on the metrics address)",
+                "responses": {
+                    "200": {
+                        "description": "the text exposition format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    **_errors("404"),
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "responses": {
+                    "200": {"description": "OpenAPI 3.1", "content": _json({"type": "object"})}
+                },
+            }
+        },
+    }
+
+
+def _results(inner: Doc) -> Doc:
+    return {
+        "type": "object",
+        "required": ["results"],
+        "properties": {"results": {"type": "array", "items": inner}},
+    }
+
+
+def _schemas() -> Doc:
+    unit = {"type": "array", "items": {"type": "number"}}
+    fields: Doc = {
+        "id": {"type": "string"},
+        "label": {"type": ["string", "null"]},
+        "metadata": {"type": "object"},
+        "class": {"type": ["string", "null"], "description": "the model's predicted class"},
+    }
+    match: Doc = {
+        "type": "object",
+        "required": ["id", "score", "label", "metadata", "class"],
+        "properties": {**fields, "score": {"type": "number"}},
+    }
+    return {
+        "Error": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "required": ["code", "message"],
+                    "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+                }
+            },
+        },
+        "ItemId": {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS},
+        "Base64Image": {
+            "oneOf": [
+                {"type": "object", "required": ["b64"], "properties": {"b64": {"type": "string"}}},
+                {"type": "string"},
+            ]
+        },
+        "Embeddings": {
+            "type": "object",
+            "required": ["model", "dim", "results"],
+            "properties": {
+                "model": {"type": "string"},
+                "dim": {"type": "integer"},
+                "results": {
+                    "type": "array",
+                    "items": {"type": "object", "properties": {"embedding": unit}},
+                },
+            },
+        },
+        "Labels": _results(
+            {
+                "type": "object",
+                "properties": {
+                    "labels": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "label": {"type": "string"},
+                                "score": {"type": "number"},
+                            },
+                        },
+                    }
+                },
+            }
+        ),
+        "Matches": _results(
+            {"type": "object", "properties": {"matches": {"type": "array", "items": match}}}
+        ),
+        "Added": {
+            "type": "object",
+            "required": ["added"],
+            "properties": {"added": {"type": "array", "items": {"type": "string"}}},
+        },
+        "Item": {
+            "type": "object",
+            "required": ["id", "label", "metadata", "created", "class"],
+            "properties": {
+                **fields,
+                "created": {"type": "number", "description": "Unix time, seconds"},
+            },
+        },
+        "Deleted": {
+            "type": "object",
+            "required": ["deleted"],
+            "properties": {"deleted": {"type": "string"}},
+        },
+        "Index": {"type": "object", "required": ["kind", "size", "dim", "device"]},
+        "Model": {
+            "type": "object",
+            "required": ["name", "source", "input_size", "dim", "classes", "pretrained"],
+        },
+        "Status": {
+            "type": "object",
+            "required": ["status"],
+            "properties": {"status": {"type": "string"}},
+        },
+    }
+
+
+def document(limits: RequestLimits) -> Doc:
+    """The OpenAPI 3.1 document of the API served with ``limits``."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "batchserve",
+            "version": __version__,
+            "description": "Image embeddings, classification and visual search, batched "
+            'onto one model. Every error is {"error": {"code", "message"}}. With '
+            "tokens configured, /v1 routes need `Authorization: Bearer <token>`.",
+        },
+        "components": {
+            "schemas": _schemas(),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{}, {"bearer": []}],
+        "paths": _paths(limits),
+    }

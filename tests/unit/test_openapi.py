@@ -1,0 +1,67 @@
+"""The OpenAPI document at /openapi.json: valid OpenAPI 3.1, every route in it, and the
+server's real responses conform to the schemas it names."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jsonschema
+from openapi_spec_validator import validate
+
+from batchserve.api import BatchserveAPI
+from batchserve.bodies import RequestLimits
+from batchserve.openapi import document
+from batchserve.testing import encode_multipart
+from tests.unit.test_api import BLUE, RED, Harness, add
+
+
+def served(h: Harness) -> dict[str, Any]:
+    status, headers, doc = h.request("GET", "/openapi.json")
+    assert status == 200 and headers["content-type"] == "application/json"
+    return doc  # type: ignore[no-any-return]
+
+
+def conforms(doc: dict[str, Any], schema: str, body: Any) -> None:
+    root = {**doc, "$ref": f"#/components/schemas/{schema}"}
+    jsonschema.Draft202012Validator(root).validate(body)
+
+
+def test_the_document_is_valid_openapi_3_1_with_the_servers_own_limits() -> None:
+    doc = served(Harness())  # the harness limits: 3 images, 200000 bytes
+    validate(doc)
+    images = doc["paths"]["/v1/embed"]["post"]["requestBody"]["content"]["application/json"]
+    assert images["schema"]["properties"]["images"]["maxItems"] == 3
+    assert document(RequestLimits()) != doc  # the defaults (64 images) differ
+
+
+def test_every_route_is_in_the_document_with_its_methods() -> None:
+    doc = document(RequestLimits())
+    for rule in BatchserveAPI.app.url_map.iter_rules():
+        path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
+        assert path in doc["paths"], path
+        methods = {m.lower() for m in rule.methods or ()} - {"head", "options"}
+        assert methods <= set(doc["paths"][path]), (path, methods)
+
+
+def test_the_servers_answers_conform_to_the_document() -> None:
+    h = Harness()
+    doc = served(h)
+    status, _, body = h.post_image("/v1/embed", RED)
+    assert status == 200
+    conforms(doc, "Embeddings", body)
+    conforms(doc, "Labels", h.post_image("/v1/classify?k=2", RED)[2])
+    assert add(h, "red", RED, label="reds", colour="red")[0] == 200
+    conforms(doc, "Matches", h.post_image("/v1/search?k=1", BLUE)[2])
+    conforms(doc, "Matches", h.request("GET", "/v1/items/red/similar")[2])
+    conforms(doc, "Item", h.request("GET", "/v1/items/red")[2])
+    conforms(doc, "Index", h.request("GET", "/v1/index")[2])
+    conforms(doc, "Model", h.request("GET", "/v1/model")[2])
+    conforms(doc, "Status", h.request("GET", "/readyz")[2])
+    conforms(doc, "Deleted", h.request("DELETE", "/v1/items/red")[2])
+    body, content_type = encode_multipart([("image", "x.jpg", b"not an image")])
+    status, _, error = h.post_image("/v1/embed", body, content_type)
+    assert status == 400
+    conforms(doc, "Error", error)
+    added = h.request("POST", "/v1/items", json={"items": [{"id": "b", "b64": ""}]})
+    conforms(doc, "Error", added[2])
