@@ -164,7 +164,8 @@ def _search_parameters() -> list[Doc]:
 _ITEM_ID = _parameter("item_id", _ref("ItemId"), "the item's id", "path")
 
 
-def _paths(limits: RequestLimits) -> Doc:
+def _model_paths(limits: RequestLimits) -> Doc:
+    """The routes whose images go through the model."""
     model_errors = _errors("400", "401", "403", "413", "415", "503", "504")
     vectors = {
         "vectors": {
@@ -204,6 +205,12 @@ def _paths(limits: RequestLimits) -> Doc:
                 "responses": {**_ok("Matches", "the matches of each query"), **model_errors},
             }
         },
+    }
+
+
+def _item_paths(limits: RequestLimits) -> Doc:
+    model_errors = _errors("400", "401", "403", "413", "415", "503", "504")
+    return {
         "/v1/items": {
             "post": {
                 "summary": "Add items (an existing id is replaced); durable before the 200",
@@ -241,6 +248,11 @@ def _paths(limits: RequestLimits) -> Doc:
                 },
             }
         },
+    }
+
+
+def _info_paths() -> Doc:
+    return {
         "/v1/index": {
             "get": {
                 "summary": "What the index holds",
@@ -292,18 +304,11 @@ def _results(inner: Doc) -> Doc:
 
 
 def _schemas() -> Doc:
-    unit = {"type": "array", "items": {"type": "number"}}
-    fields: Doc = {
-        "id": {"type": "string"},
-        "label": {"type": ["string", "null"]},
-        "metadata": {"type": "object"},
-        "class": {"type": ["string", "null"], "description": "the model's predicted class"},
-    }
-    match: Doc = {
-        "type": "object",
-        "required": ["id", "score", "label", "metadata", "class"],
-        "properties": {**fields, "score": {"type": "number"}},
-    }
+    return {**_wire_schemas(), **_record_schemas()}
+
+
+def _wire_schemas() -> Doc:
+    """The error shape and the pieces of request bodies."""
     return {
         "Error": {
             "type": "object",
@@ -323,6 +328,24 @@ def _schemas() -> Doc:
                 {"type": "string"},
             ]
         },
+    }
+
+
+def _record_schemas() -> Doc:
+    """What the routes answer."""
+    unit = {"type": "array", "items": {"type": "number"}}
+    fields: Doc = {
+        "id": {"type": "string"},
+        "label": {"type": ["string", "null"]},
+        "metadata": {"type": "object"},
+        "class": {"type": ["string", "null"], "description": "the model's predicted class"},
+    }
+    match: Doc = {
+        "type": "object",
+        "required": ["id", "score", "label", "metadata", "class"],
+        "properties": {**fields, "score": {"type": "number"}},
+    }
+    return {
         "Embeddings": {
             "type": "object",
             "required": ["model", "dim", "results"],
@@ -402,5 +425,5 @@ def document(limits: RequestLimits) -> Doc:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "security": [{}, {"bearer": []}],
-        "paths": _paths(limits),
+        "paths": {**_model_paths(limits), **_item_paths(limits), **_info_paths()},
     }
