@@ -125,7 +125,7 @@ def from_env(environ: Mapping[str, str], known: Sequence[Leaf]) -> dict[str, Any
     setting of any command is an error (likely a typo); one of another command is ignored,
     so that one environment can serve every command."""
     by_name = {leaf.name: leaf for leaf in known}
-    every = {leaf.name for root in _COMMAND_ROOTS() for leaf in leaves(root)}
+    every = {leaf.name for root in command_roots() for leaf in leaves(root)}
     values: dict[str, Any] = {}
     for key, raw in environ.items():
         if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
@@ -308,7 +308,8 @@ class IndexSettings:
     store: StoreSettings = part(StoreSettings, only=("data_dir",))
 
 
-def _COMMAND_ROOTS() -> list[type]:  # noqa: N802 (a constant, computed once it can be)
+def command_roots() -> list[type]:
+    """The settings tree of every command (train's is imported here: it imports this)."""
     from batchserve.train.settings import TrainSettings
 
     return [ServeSettings, IndexSettings, TrainSettings]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench.sections import errors_text
+
 Section = dict[str, Any]
 Lines = list[str]
 
@@ -85,7 +87,7 @@ def overload(f: Section) -> Lines:
 
 
 def _phase_row(name: str, p: Section) -> str:
-    errors = ", ".join(f"{k}: {v}" for k, v in p["errors"].items()) or "none"
+    errors = errors_text(p["errors"])
     return (
         f"| {name} | {p['images_per_s']} | {p['mean_batch_size']} | {p['p50_ms']} | "
         f"{p['p99_ms']} | {p['reactor_cpu_ms_per_request']:.3f} | "
@@ -94,7 +96,7 @@ def _phase_row(name: str, p: Section) -> str:
 
 
 def _probe_row(name: str, p: Section) -> str:
-    errors = ", ".join(f"{k}: {v}" for k, v in p["errors"].items()) or "none"
+    errors = errors_text(p["errors"])
     return f"| {name} | {p['probes']} | {p['p50_ms']} | {p['p99_ms']} | {p['max_ms']} | {errors} |"
 
 

@@ -24,9 +24,14 @@ def load_text(p: Section) -> str:
     return f"{p['concurrency']} clients"
 
 
+def errors_text(errors: dict[str, int]) -> str:
+    """A point's errors by status as a table cell: "503: 4, 0: 1", or "none"."""
+    return ", ".join(f"{k}: {v}" for k, v in errors.items()) or "none"
+
+
 def row(name: str, p: Section) -> str:
     server = p.get("server", {})
-    errors = ", ".join(f"{k}: {v}" for k, v in p["errors"].items()) or "none"
+    errors = errors_text(p["errors"])
     return (
         f"| {name} | {load_text(p)} | {p['achieved_per_s']} | {p['goodput_per_s']} | "
         f"{p['p50_ms']} | {p['p90_ms']} | {p['p99_ms']} | {p['p999_ms']} | "
