@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import IO, TYPE_CHECKING, Any
-from urllib.parse import unquote_to_bytes
+from urllib.parse import quote, unquote, unquote_to_bytes
 
 import orjson
 from klein import Klein
@@ -19,9 +21,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.routing import BaseConverter
 
-from batchserve import openapi
+from batchserve import openapi, web
 from batchserve.auth import Tokens
 from batchserve.bodies import RequestLimits, carries_images, read_images
 from batchserve.drain import InFlight
@@ -39,10 +42,19 @@ from batchserve.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
-from batchserve.inputs import bounded_int, read_items, read_search, search_task
+from batchserve.inputs import (
+    DEFAULT_PAGE,
+    MAX_PAGE,
+    MAX_TIMEOUT_MS,
+    MIN_TIMEOUT_MS,
+    bounded_int,
+    read_items,
+    read_search,
+    search_task,
+)
 from batchserve.metrics import Metrics
 from batchserve.records import Item, Label, Match
-from batchserve.service import ImageService
+from batchserve.service import Call, ImageService
 from batchserve.site import BoundedRequest
 
 if TYPE_CHECKING:
@@ -77,6 +89,18 @@ CLIENT_CLOSED = 499
 
 DEFAULT_TOP_K = 5
 
+#: The header that carries a request's own deadline, as the ``timeout_ms`` parameter does.
+TIMEOUT_HEADER = b"x-timeout-ms"
+
+
+@dataclass(frozen=True)
+class Binary:
+    """A response that is not JSON (a thumbnail), validated by its ETag."""
+
+    body: bytes
+    content_type: str
+    etag: str
+
 
 def status_for(error: BatchserveError) -> int:
     for kind in type(error).__mro__:
@@ -93,9 +117,23 @@ def close_after_response(request: IRequest) -> None:
         channel.persistent = False
 
 
+class PathSegment(BaseConverter):
+    """One path segment, percent-decoded after routing: an item id may hold '/'
+    (``/v1/items/a%2Fb/similar`` is item ``a/b``) and never clashes with a sub-route."""
+
+    def to_python(self, value: str) -> str:
+        return unquote(value)
+
+
+#: Characters a path segment may hold as they are (RFC 3986 ``pchar``); others stay encoded.
+_SEGMENT_SAFE = "-._~!$&'()*+,;=:@"
+
+
 class Utf8URLs(Resource):
-    """Answers a URL that is not UTF-8 once percent-decoded with a JSON 400, before Klein
-    (which would answer in text and log a traceback for every such request)."""
+    """Before Klein: answers a URL that is not UTF-8 once percent-decoded with a JSON 400
+    (Klein would answer in text and log a traceback for every such request), and routes on
+    the path's segments as sent (Twisted decodes them, which turns an encoded '/' into a
+    segment boundary), normalised so that equivalent spellings route alike."""
 
     isLeaf = True  # noqa: N815 (Twisted API)
 
@@ -108,6 +146,10 @@ class Utf8URLs(Resource):
             unquote_to_bytes(request.uri).decode("utf-8")
         except UnicodeDecodeError:
             return error_body(request, 400, InvalidInput.code, "the URL is not valid UTF-8")
+        request.postpath = [
+            quote(unquote_to_bytes(segment), safe=_SEGMENT_SAFE).encode("ascii")
+            for segment in request.path[1:].split(b"/")
+        ]
         return self._inner.render(request)
 
 
@@ -140,6 +182,7 @@ class BatchserveAPI:
     """The Klein application; ``app.resource()`` is the root resource to serve."""
 
     app = Klein()
+    app.url_map.converters["segment"] = PathSegment
 
     def __init__(
         self,
@@ -155,7 +198,9 @@ class BatchserveAPI:
         self._tokens = tokens or Tokens()
         self._metrics_here = metrics_here
         self.in_flight = InFlight()
-        self._openapi: dict[str, Any] | None = None
+        self._openapi = openapi.document(limits)
+        self._known_params = openapi.query_parameters(self._openapi)
+        self._docs: web.Asset | None = None
 
     def resource(self) -> Any:
         return Utf8URLs(self.app.resource())
@@ -169,6 +214,8 @@ class BatchserveAPI:
         started = time.perf_counter()
 
         def ok(doc: Any) -> bytes:
+            if isinstance(doc, Binary):
+                return binary_body(request, doc)
             return json_body(request, 200, doc)
 
         def failed(failure: Failure) -> bytes | Failure:
@@ -199,7 +246,7 @@ class BatchserveAPI:
             close_after_response(request)
         else:
             entered = True
-            d = maybeDeferred(self._authorized, request, route, work)
+            d = maybeDeferred(self._checked, request, route, work)
         d.addCallbacks(ok, failed)
         d.addBoth(record)
         return d
@@ -243,13 +290,31 @@ class BatchserveAPI:
 
         return answer
 
-    def _authorized(
+    def _checked(
         self, request: IRequest, route: str, work: Callable[[], Deferred[Any] | Any]
     ) -> Deferred[Any] | Any:
+        """``work()`` once the request's token and query parameters are checked."""
         if not getattr(request, "admitted_early", False):  # checked from its headers already
             write = route.startswith("/v1/items") and request.method in (b"POST", b"DELETE")
             self._tokens.check(request.getHeader(b"authorization"), write)
+        known = self._known_params.get((request.method.decode("latin-1").lower(), route))
+        unknown = sorted(set(self._query(request)) - (known or set()))
+        if known is not None and unknown:
+            allowed = ", ".join(sorted(known)) or "none"
+            raise InvalidInput(
+                f"unknown query parameter {', '.join(unknown)}; {route} takes: {allowed}"
+            )
         return work()
+
+    def _call(self, request: IRequest) -> Call:
+        """The request's own deadline (``timeout_ms`` or the X-Timeout-Ms header)."""
+        raw = request.args.get(b"timeout_ms", [None])[0] or request.getHeader(TIMEOUT_HEADER)
+        if raw is None:
+            return Call()
+        timeout_ms = bounded_int(
+            raw.decode("latin-1"), "timeout_ms", MIN_TIMEOUT_MS, MAX_TIMEOUT_MS
+        )
+        return Call(timeout_s=timeout_ms / 1000.0)
 
     def _body(self, request: IRequest) -> tuple[str | None, IO[bytes] | bytes]:
         """The request's Content-Type and body (a file Twisted wrote it to, or bytes), to
@@ -272,9 +337,10 @@ class BatchserveAPI:
     @app.route("/v1/embed", methods=["POST"])
     def embed(self, request: IRequest) -> Deferred[bytes]:
         def work() -> Deferred[Any]:
+            call = self._call(request)
             content_type, body = self._body(request)
-            d = self._service.embed(lambda: read_images(content_type, body, self._limits))
-            return d.addCallback(self._embed_doc)
+            d = self._service.embed(lambda: read_images(content_type, body, self._limits), call)
+            return d.addCallback(lambda found: timed(request, call, self._embed_doc(found)))
 
         return self._respond(request, "/v1/embed", work)
 
@@ -289,10 +355,12 @@ class BatchserveAPI:
     @app.route("/v1/classify", methods=["POST"])
     def classify(self, request: IRequest) -> Deferred[bytes]:
         def work() -> Deferred[Any]:
+            call = self._call(request)
             top_k = _int_arg(request, "k", DEFAULT_TOP_K, 1, 1000)
             content_type, body = self._body(request)
-            d = self._service.classify(lambda: read_images(content_type, body, self._limits), top_k)
-            return d.addCallback(self._classify_doc)
+            read = lambda: read_images(content_type, body, self._limits)  # noqa: E731
+            d = self._service.classify(read, top_k, call)
+            return d.addCallback(lambda found: timed(request, call, self._classify_doc(found)))
 
         return self._respond(request, "/v1/classify", work)
 
@@ -311,24 +379,39 @@ class BatchserveAPI:
     @app.route("/v1/search", methods=["POST"])
     def search(self, request: IRequest) -> Deferred[bytes]:
         def work() -> Deferred[Any]:
+            call = self._call(request)
             content_type, body = self._body(request)
             query = self._query(request)
-            d = self._service.search(lambda: read_search(content_type, body, self._limits, query))
-            return d.addCallback(matches_doc)
+            read = lambda: read_search(content_type, body, self._limits, query)  # noqa: E731
+            d = self._service.search(read, call)
+            return d.addCallback(lambda found: timed(request, call, matches_doc(found)))
 
         return self._respond(request, "/v1/search", work)
 
     @app.route("/v1/items", methods=["POST"])
     def add_items(self, request: IRequest) -> Deferred[bytes]:
         def work() -> Deferred[Any]:
+            call = self._call(request)
             content_type, body = self._body(request)
             query = self._query(request)
-            d = self._service.add(lambda: read_items(content_type, body, self._limits, query))
-            return d.addCallback(lambda ids: {"added": ids})
+            read = lambda: read_items(content_type, body, self._limits, query)  # noqa: E731
+            d = self._service.add(read, call)
+            return d.addCallback(lambda ids: timed(request, call, {"added": ids}))
 
         return self._respond(request, "/v1/items", work)
 
-    @app.route("/v1/items/<path:item_id>/similar", methods=["GET"])
+    @app.route("/v1/items", methods=["GET"])
+    def list_items(self, request: IRequest) -> Deferred[bytes]:
+        def work() -> Deferred[Any]:
+            limit = _int_arg(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
+            cursor = request.args.get(b"cursor", [None])[0]
+            before = None if cursor is None else bounded_int(cursor.decode(), "cursor", 1, 2**62)
+            d = self._service.page(limit, before)
+            return d.addCallback(lambda items: page_doc(items, limit))
+
+        return self._respond(request, "/v1/items", work)
+
+    @app.route("/v1/items/<segment:item_id>/similar", methods=["GET"])
     def similar(self, request: IRequest, item_id: str) -> Deferred[bytes]:
         def work() -> Deferred[Any]:
             d = self._service.similar(item_id, search_task(self._query(request)))
@@ -336,14 +419,27 @@ class BatchserveAPI:
 
         return self._respond(request, "/v1/items/{id}/similar", work)
 
-    @app.route("/v1/items/<path:item_id>", methods=["GET"])
+    @app.route("/v1/items/<segment:item_id>/thumbnail", methods=["GET"])
+    def thumbnail(self, request: IRequest, item_id: str) -> Deferred[bytes]:
+        def found(row: tuple[int, bytes | None]) -> Binary:
+            fid, jpeg = row
+            if jpeg is None:
+                raise NotFound(f"item {item_id!r} has no thumbnail (added before thumbnails)")
+            return Binary(jpeg, "image/jpeg", f'"{fid}"')
+
+        def work() -> Deferred[Any]:
+            return self._service.thumbnail(item_id).addCallback(found)
+
+        return self._respond(request, "/v1/items/{id}/thumbnail", work)
+
+    @app.route("/v1/items/<segment:item_id>", methods=["GET"])
     def get_item(self, request: IRequest, item_id: str) -> Deferred[bytes]:
         def work() -> Deferred[Any]:
             return self._service.get(item_id).addCallback(item_json)
 
         return self._respond(request, "/v1/items/{id}", work)
 
-    @app.route("/v1/items/<path:item_id>", methods=["DELETE"])
+    @app.route("/v1/items/<segment:item_id>", methods=["DELETE"])
     def delete_item(self, request: IRequest, item_id: str) -> Deferred[bytes]:
         def work() -> Deferred[Any]:
             return self._service.delete(item_id).addCallback(lambda _: {"deleted": item_id})
@@ -379,9 +475,26 @@ class BatchserveAPI:
 
     @app.route("/openapi.json", methods=["GET"])
     def openapi(self, request: IRequest) -> bytes:
-        if self._openapi is None:
-            self._openapi = openapi.document(self._limits)
         return json_body(request, 200, self._openapi)
+
+    # -- pages for a browser ----------------------------------------------------------------
+
+    @app.route("/", methods=["GET"])
+    def page(self, request: IRequest) -> bytes:
+        return web.respond(request, web.asset("index.html"))
+
+    @app.route("/docs", methods=["GET"])
+    def docs(self, request: IRequest) -> bytes:
+        if self._docs is None:
+            self._docs = web.docs(self._openapi)
+        return web.respond(request, self._docs)
+
+    @app.route("/web/<segment:name>", methods=["GET"])
+    def asset(self, request: IRequest, name: str) -> bytes:
+        found = web.asset(name)
+        if found is None:
+            return error_body(request, 404, NotFound.code, f"no such file: /web/{name}")
+        return web.respond(request, found)
 
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request: IRequest) -> bytes:
@@ -398,6 +511,12 @@ class BatchserveAPI:
         assert isinstance(error, HTTPException)
         status = error.code or 500
         code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
+        if isinstance(error, MethodNotAllowed) and error.valid_methods:
+            request.setHeader(b"Allow", ", ".join(sorted(error.valid_methods)).encode())
+            description = f"{request.method.decode('latin-1')} is not allowed here; " + (
+                f"allowed: {', '.join(sorted(error.valid_methods))}"
+            )
+            return error_body(request, status, code, description)
         return error_body(request, status, code, error.description or error.name)
 
 
@@ -405,6 +524,7 @@ def model_json(info: ModelInfo) -> dict[str, Any]:
     return {
         "name": info.name,
         "source": info.source,
+        "trained_on": info.trained_on,
         "input_size": list(info.input_size),
         "dim": info.dim,
         "classes": info.classes,
@@ -430,9 +550,39 @@ def item_json(item: Item) -> dict[str, Any]:
         "id": item.id,
         "label": item.label,
         "metadata": item.metadata,
-        "created": item.created,
+        "created": rfc3339(item.created),
         "class": item.predicted_class,
     }
+
+
+def rfc3339(unix_s: float) -> str:
+    """A Unix time as RFC 3339 in UTC, to the millisecond: 2026-11-29T21:36:01.123Z."""
+    moment = datetime.fromtimestamp(unix_s, tz=UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def page_doc(items: list[Item], limit: int) -> dict[str, Any]:
+    """A page of items, newest first; ``next`` is the cursor of the following page."""
+    more = len(items) == limit
+    return {"items": [item_json(i) for i in items], "next": str(items[-1].fid) if more else None}
+
+
+def timed(request: IRequest, call: Call, doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` with where the request's time went, in the body and Server-Timing."""
+    request.setHeader(b"Server-Timing", call.timings.server_timing().encode())
+    return {**doc, "timings_ms": call.timings.as_ms()}
+
+
+def binary_body(request: IRequest, found: Binary) -> bytes:
+    """``found`` as the response, or 304 when the client's copy is current."""
+    request.setHeader(b"ETag", found.etag.encode())
+    request.setHeader(b"Cache-Control", b"private, no-cache")
+    if web.etag_matches(request.getHeader(b"if-none-match"), found.etag):
+        request.setResponseCode(304)
+        return b""
+    request.setHeader(b"Content-Type", found.content_type.encode())
+    request.setHeader(b"Content-Length", str(len(found.body)).encode())
+    return found.body
 
 
 def matches_doc(per_query: list[list[Match]]) -> dict[str, Any]:

@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS changes (
     fid INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS thumbnails (fid INTEGER PRIMARY KEY, jpeg BLOB NOT NULL);
 """
 
 
@@ -55,6 +56,7 @@ class NewItem:
     label: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     predicted_class: str | None = None
+    thumbnail: bytes | None = None
 
 
 class ModelMismatch(ConfigError):
@@ -131,8 +133,7 @@ class Catalog:
                     raise ValueError(f"embedding must have {self.dim} values")
                 old = self._db.execute("SELECT fid FROM items WHERE id = ?", (item.id,)).fetchone()
                 if old is not None:
-                    self._db.execute("DELETE FROM items WHERE fid = ?", (old[0],))
-                    self._db.execute("INSERT INTO changes (op, fid) VALUES ('del', ?)", (old[0],))
+                    self._remove(int(old[0]))
                     replaced.append(int(old[0]))
                 cursor = self._db.execute(
                     "INSERT INTO items (id, label, class, metadata, embedding, created) "
@@ -148,6 +149,8 @@ class Catalog:
                 )
                 fid = int(cursor.lastrowid or 0)
                 self._db.execute("INSERT INTO changes (op, fid) VALUES ('add', ?)", (fid,))
+                if item.thumbnail:
+                    self._db.execute("INSERT INTO thumbnails VALUES (?, ?)", (fid, item.thumbnail))
                 added.append(fid)
         return added, replaced
 
@@ -157,9 +160,13 @@ class Catalog:
             row = self._db.execute("SELECT fid FROM items WHERE id = ?", (item_id,)).fetchone()
             if row is None:
                 return None
-            self._db.execute("DELETE FROM items WHERE fid = ?", (row[0],))
-            self._db.execute("INSERT INTO changes (op, fid) VALUES ('del', ?)", (row[0],))
+            self._remove(int(row[0]))
         return int(row[0])
+
+    def _remove(self, fid: int) -> None:
+        self._db.execute("DELETE FROM items WHERE fid = ?", (fid,))
+        self._db.execute("DELETE FROM thumbnails WHERE fid = ?", (fid,))
+        self._db.execute("INSERT INTO changes (op, fid) VALUES ('del', ?)", (fid,))
 
     def durability(self) -> dict[str, str]:
         """The journal mode and synchronous level of the live connection, as SQLite reports
@@ -194,6 +201,24 @@ class Catalog:
             "SELECT fid, id, label, class, metadata, created FROM items WHERE id = ?", (item_id,)
         ).fetchone()
         return None if row is None else _item(row)
+
+    def page(self, limit: int, before_fid: int | None = None) -> list[Item]:
+        """Up to ``limit`` items, newest first, older than row ``before_fid`` if given."""
+        rows = self._db.execute(
+            "SELECT fid, id, label, class, metadata, created FROM items "
+            "WHERE (? IS NULL OR fid < ?) ORDER BY fid DESC LIMIT ?",
+            (before_fid, before_fid, limit),
+        )
+        return [_item(row) for row in rows]
+
+    def thumbnail(self, item_id: str) -> tuple[int, bytes | None] | None:
+        """(fid, JPEG or None when the item has no thumbnail), or None for no such item."""
+        row = self._db.execute(
+            "SELECT items.fid, thumbnails.jpeg FROM items "
+            "LEFT JOIN thumbnails ON thumbnails.fid = items.fid WHERE items.id = ?",
+            (item_id,),
+        ).fetchone()
+        return None if row is None else (int(row[0]), None if row[1] is None else bytes(row[1]))
 
     def items_by_fid(self, fids: Sequence[int]) -> dict[int, Item]:
         if not fids:

@@ -97,6 +97,7 @@ def compile_model(
     digest: str,
     classes: list[str] | None,
     preprocess: str,
+    trained_on: str,
 ) -> TensorFlowModel:
     import tensorflow as tf
 
@@ -125,6 +126,7 @@ def compile_model(
         weights_sha256=digest,
         preprocess=mode,
         device=device,
+        trained_on=trained_on,
     )
     return TensorFlowModel(info, concrete)
 

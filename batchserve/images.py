@@ -20,6 +20,9 @@ from batchserve.settings import setting
 #: Formats accepted as input. Animated images are refused: which frame to embed is ambiguous.
 ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF"})
 
+#: Longest side of the thumbnail stored with each item (``GET /v1/items/{id}/thumbnail``).
+THUMBNAIL_SIDE = 256
+
 #: Pillow's own bomb check would raise before ours could answer 413; ours is explicit.
 Image.MAX_IMAGE_PIXELS = None
 
@@ -45,9 +48,32 @@ def decode_image(data: bytes, size: tuple[int, int], limits: DecodeLimits) -> np
     format not in ACCEPTED_FORMATS, and PayloadTooLarge when the header declares more than
     ``limits.max_pixels`` pixels (checked before any pixel is decoded).
     """
+    height, width = size
+    with _open_checked(data, limits) as image:
+        return _to_array(image, width, height)
+
+
+def make_thumbnail(data: bytes, limits: DecodeLimits, side: int = THUMBNAIL_SIDE) -> bytes:
+    """A JPEG of ``data`` upright, at most ``side`` pixels on its longer side, aspect kept:
+    what the catalog stores to show an item. Raises as ``decode_image`` does."""
+    with _open_checked(data, limits) as image:
+        try:
+            if image.format == "JPEG":
+                image.draft("RGB", (side, side))
+            image.load()
+            rgb = _to_rgb(ImageOps.exif_transpose(image))
+            rgb.thumbnail((side, side), Image.Resampling.LANCZOS, reducing_gap=3.0)
+            out = io.BytesIO()
+            rgb.save(out, "JPEG", quality=85, optimize=True)
+        except (OSError, ValueError, SyntaxError, EOFError) as e:
+            raise InvalidInput(f"cannot decode image: {e}") from e
+    return out.getvalue()
+
+
+def _open_checked(data: bytes, limits: DecodeLimits) -> Image.Image:
+    """``data`` opened (header only) and checked against the limits and formats."""
     if not data:
         raise InvalidInput("empty image")
-    height, width = size
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -58,22 +84,28 @@ def decode_image(data: bytes, size: tuple[int, int], limits: DecodeLimits) -> np
         ) from e
     except (OSError, ValueError, SyntaxError) as e:
         raise InvalidInput(f"cannot read image header: {e}") from e
-    with image:
-        if image.format not in ACCEPTED_FORMATS:
-            raise UnsupportedMediaType(
-                f"image format {image.format} is not supported (JPEG, PNG, WebP, BMP, GIF)"
-            )
-        declared_w, declared_h = image.size
-        if declared_w <= 0 or declared_h <= 0:
-            raise InvalidInput("image has no pixels")
-        if declared_w * declared_h > limits.max_pixels:
-            raise PayloadTooLarge(
-                f"image is {declared_w}x{declared_h} pixels; the limit is "
-                f"{limits.max_pixels} pixels"
-            )
-        if getattr(image, "n_frames", 1) > 1:
-            raise InvalidInput("animated images are not supported; send a single frame")
-        return _to_array(image, width, height)
+    try:
+        _check(image, limits)
+    except Exception:
+        image.close()
+        raise
+    return image
+
+
+def _check(image: Image.Image, limits: DecodeLimits) -> None:
+    if image.format not in ACCEPTED_FORMATS:
+        raise UnsupportedMediaType(
+            f"image format {image.format} is not supported (JPEG, PNG, WebP, BMP, GIF)"
+        )
+    declared_w, declared_h = image.size
+    if declared_w <= 0 or declared_h <= 0:
+        raise InvalidInput("image has no pixels")
+    if declared_w * declared_h > limits.max_pixels:
+        raise PayloadTooLarge(
+            f"image is {declared_w}x{declared_h} pixels; the limit is {limits.max_pixels} pixels"
+        )
+    if getattr(image, "n_frames", 1) > 1:
+        raise InvalidInput("animated images are not supported; send a single frame")
 
 
 def _to_array(image: Image.Image, width: int, height: int) -> npt.NDArray[np.uint8]:

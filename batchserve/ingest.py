@@ -25,7 +25,7 @@ import numpy.typing as npt
 
 from batchserve.catalog import NewItem
 from batchserve.errors import BatchserveError, InvalidInput
-from batchserve.images import DecodeLimits, decode_image
+from batchserve.images import DecodeLimits, decode_image, make_thumbnail
 from batchserve.inference import pad_batch, padded_size
 from batchserve.inputs import check_id, check_label, check_metadata
 from batchserve.models import EmbeddingModel
@@ -43,6 +43,14 @@ class Source:
     id: str
     label: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A source's model input and its thumbnail (JPEG)."""
+
+    pixels: npt.NDArray[np.uint8]
+    thumbnail: bytes
 
 
 @dataclass
@@ -138,13 +146,14 @@ def ingest(
     largest = batch_sizes[-1]
     classes = model.info.classes
 
-    def load(source: Source) -> npt.NDArray[np.uint8]:
-        return decode_image(source.path.read_bytes(), size, limits)
+    def load(source: Source) -> Decoded:
+        data = source.path.read_bytes()
+        return Decoded(decode_image(data, size, limits), make_thumbnail(data, limits))
 
     pending = _new_sources(sources, store, report, largest)
     with ThreadPoolExecutor(decode_threads, thread_name_prefix="batchserve-ingest") as pool:
-        window: deque[tuple[Source, Future[npt.NDArray[np.uint8]]]] = deque()
-        batch: list[tuple[Source, npt.NDArray[np.uint8]]] = []
+        window: deque[tuple[Source, Future[Decoded]]] = deque()
+        batch: list[tuple[Source, Decoded]] = []
         for source in pending:
             window.append((source, pool.submit(load, source)))
             # Keep a few batches decoding ahead of the model, no more (bounded memory).
@@ -185,8 +194,8 @@ def _new_sources(
 
 
 def _collect(
-    entry: tuple[Source, Future[npt.NDArray[np.uint8]]],
-    batch: list[tuple[Source, npt.NDArray[np.uint8]]],
+    entry: tuple[Source, Future[Decoded]],
+    batch: list[tuple[Source, Decoded]],
     report: IngestReport,
 ) -> None:
     source, future = entry
@@ -197,7 +206,7 @@ def _collect(
 
 
 def _embed_and_store(
-    batch: list[tuple[Source, npt.NDArray[np.uint8]]],
+    batch: list[tuple[Source, Decoded]],
     store: ItemStore,
     model: EmbeddingModel,
     batch_sizes: list[int],
@@ -207,12 +216,14 @@ def _embed_and_store(
     from batchserve.inference import split_outputs
 
     n = len(batch)
-    outputs = model.predict(pad_batch([a for _s, a in batch], padded_size(n, batch_sizes)))
+    outputs = model.predict(pad_batch([d.pixels for _s, d in batch], padded_size(n, batch_sizes)))
     predictions = split_outputs(outputs, n)
     store.add(
         [
-            NewItem(s.id, p.embedding, s.label, s.metadata, predicted_class(p, classes))
-            for (s, _a), p in zip(batch, predictions, strict=True)
+            NewItem(
+                s.id, p.embedding, s.label, s.metadata, predicted_class(p, classes), d.thumbnail
+            )
+            for (s, d), p in zip(batch, predictions, strict=True)
         ]
     )
     report.indexed += n

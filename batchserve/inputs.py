@@ -26,6 +26,12 @@ MAX_LABEL_CHARS = 256
 MAX_METADATA_BYTES = 16 * 1024
 DEFAULT_K = 10
 MAX_K = 1000
+#: The shortest deadline a request may ask for: what an idle server needs to read, decode,
+#: run and search one request's images with room to spare.
+MIN_TIMEOUT_MS = 1000
+MAX_TIMEOUT_MS = 3_600_000
+DEFAULT_PAGE = 50
+MAX_PAGE = 1000
 
 
 def read_vectors(value: object, limits: RequestLimits) -> list[list[float]]:

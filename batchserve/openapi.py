@@ -9,7 +9,16 @@ from typing import Any
 
 from batchserve import __version__
 from batchserve.bodies import IMAGE_FIELDS, RequestLimits
-from batchserve.inputs import DEFAULT_K, MAX_ID_CHARS, MAX_K, MAX_LABEL_CHARS
+from batchserve.inputs import (
+    DEFAULT_K,
+    DEFAULT_PAGE,
+    MAX_ID_CHARS,
+    MAX_K,
+    MAX_LABEL_CHARS,
+    MAX_PAGE,
+    MAX_TIMEOUT_MS,
+    MIN_TIMEOUT_MS,
+)
 
 Doc = dict[str, Any]
 
@@ -161,7 +170,21 @@ def _search_parameters() -> list[Doc]:
     ]
 
 
-_ITEM_ID = _parameter("item_id", _ref("ItemId"), "the item's id", "path")
+_ITEM_ID = _parameter("id", _ref("ItemId"), "the item's id", "path")
+
+_DEADLINE = (
+    f"the request's deadline in ms ({MIN_TIMEOUT_MS}-{MAX_TIMEOUT_MS}), capped by the "
+    "server's own; 504 when it passes"
+)
+
+
+def _deadline_parameters() -> list[Doc]:
+    """The request's own deadline: as a query parameter or as a header."""
+    schema = {"type": "integer", "minimum": MIN_TIMEOUT_MS, "maximum": MAX_TIMEOUT_MS}
+    return [
+        _parameter("timeout_ms", schema, _DEADLINE),
+        _parameter("X-Timeout-Ms", schema, _DEADLINE + " (as timeout_ms)", "header"),
+    ]
 
 
 def _model_paths(limits: RequestLimits) -> Doc:
@@ -179,6 +202,7 @@ def _model_paths(limits: RequestLimits) -> Doc:
         "/v1/embed": {
             "post": {
                 "summary": "Embed images",
+                "parameters": _deadline_parameters(),
                 "requestBody": _images_body(limits),
                 "responses": {**_ok("Embeddings", "one embedding per image"), **model_errors},
             }
@@ -191,7 +215,8 @@ def _model_paths(limits: RequestLimits) -> Doc:
                         "k",
                         {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 5},
                         "labels per image",
-                    )
+                    ),
+                    *_deadline_parameters(),
                 ],
                 "requestBody": _images_body(limits),
                 "responses": {**_ok("Labels", "the top labels of each image"), **model_errors},
@@ -200,7 +225,7 @@ def _model_paths(limits: RequestLimits) -> Doc:
         "/v1/search": {
             "post": {
                 "summary": "Find the stored items most similar to images or vectors",
-                "parameters": _search_parameters(),
+                "parameters": [*_search_parameters(), *_deadline_parameters()],
                 "requestBody": _images_body(limits, vectors),
                 "responses": {**_ok("Matches", "the matches of each query"), **model_errors},
             }
@@ -218,12 +243,46 @@ def _item_paths(limits: RequestLimits) -> Doc:
                     _parameter("id", _ref("ItemId"), "the id of a raw image body"),
                     _parameter("label", {"type": "string"}, "its label"),
                     _parameter("metadata", {"type": "string"}, "its metadata, JSON text"),
+                    *_deadline_parameters(),
                 ],
                 "requestBody": _items_body(limits),
                 "responses": {**_ok("Added", "the ids added"), **model_errors},
+            },
+            "get": {
+                "summary": "List the stored items, newest first, a page at a time",
+                "parameters": [
+                    _parameter(
+                        "limit",
+                        {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
+                        f"items per page (default {DEFAULT_PAGE})",
+                    ),
+                    _parameter(
+                        "cursor",
+                        {"type": "string", "pattern": "^[1-9][0-9]{0,17}$"},
+                        "the `next` of the previous page",
+                    ),
+                ],
+                "responses": {
+                    **_ok("ItemPage", "a page of items"),
+                    **_errors("400", "401", "403", "503"),
+                },
+            },
+        },
+        "/v1/items/{id}/thumbnail": {
+            "get": {
+                "summary": "The item's thumbnail (made when it was added), revalidated by ETag",
+                "parameters": [_ITEM_ID],
+                "responses": {
+                    "200": {
+                        "description": "a JPEG at most 256 pixels on its longer side",
+                        "content": {"image/jpeg": {"schema": {"type": "string"}}},
+                    },
+                    "304": {"description": "the copy the client holds (If-None-Match) is current"},
+                    **_errors("401", "403", "404", "503"),
+                },
             }
         },
-        "/v1/items/{item_id}": {
+        "/v1/items/{id}": {
             "get": {
                 "summary": "Read an item",
                 "parameters": [_ITEM_ID],
@@ -238,7 +297,7 @@ def _item_paths(limits: RequestLimits) -> Doc:
                 },
             },
         },
-        "/v1/items/{item_id}/similar": {
+        "/v1/items/{id}/similar": {
             "get": {
                 "summary": "The stored items most similar to a stored item (itself left out)",
                 "parameters": [_ITEM_ID, *_search_parameters()],
@@ -295,11 +354,49 @@ def _info_paths() -> Doc:
     }
 
 
+def _page_paths() -> Doc:
+    """What a browser opens."""
+    html = {"text/html": {"schema": {"type": "string"}}}
+    return {
+        "/": {
+            "get": {
+                "summary": "The search page",
+                "responses": {"200": {"description": "the page", "content": html}},
+            }
+        },
+        "/docs": {
+            "get": {
+                "summary": "This reference, as a page",
+                "responses": {"200": {"description": "the page", "content": html}},
+            }
+        },
+        "/web/{name}": {
+            "get": {
+                "summary": "The search page's script and styles",
+                "parameters": [_parameter("name", {"type": "string"}, "a file name", "path")],
+                "responses": {
+                    "200": {
+                        "description": "the file",
+                        "content": {
+                            "text/javascript": {"schema": {"type": "string"}},
+                            "text/css": {"schema": {"type": "string"}},
+                        },
+                    },
+                    **_errors("404"),
+                },
+            }
+        },
+    }
+
+
 def _results(inner: Doc) -> Doc:
     return {
         "type": "object",
         "required": ["results"],
-        "properties": {"results": {"type": "array", "items": inner}},
+        "properties": {
+            "results": {"type": "array", "items": inner},
+            "timings_ms": _ref("Timings"),
+        },
     }
 
 
@@ -321,7 +418,13 @@ def _wire_schemas() -> Doc:
                 }
             },
         },
-        "ItemId": {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS},
+        "ItemId": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": MAX_ID_CHARS,
+            "description": "printable text; in a URL path, one segment with its '/' and "
+            "other reserved characters percent-encoded (a/b is /v1/items/a%2Fb)",
+        },
         "Base64Image": {
             "oneOf": [
                 {"type": "object", "required": ["b64"], "properties": {"b64": {"type": "string"}}},
@@ -340,6 +443,14 @@ def _record_schemas() -> Doc:
         "metadata": {"type": "object"},
         "class": {"type": ["string", "null"], "description": "the model's predicted class"},
     }
+    item: Doc = {
+        "type": "object",
+        "required": ["id", "label", "metadata", "created", "class"],
+        "properties": {
+            **fields,
+            "created": {"type": "string", "format": "date-time", "description": "RFC 3339, UTC"},
+        },
+    }
     match: Doc = {
         "type": "object",
         "required": ["id", "score", "label", "metadata", "class"],
@@ -352,6 +463,7 @@ def _record_schemas() -> Doc:
             "properties": {
                 "model": {"type": "string"},
                 "dim": {"type": "integer"},
+                "timings_ms": _ref("Timings"),
                 "results": {
                     "type": "array",
                     "items": {"type": "object", "properties": {"embedding": unit}},
@@ -381,14 +493,28 @@ def _record_schemas() -> Doc:
         "Added": {
             "type": "object",
             "required": ["added"],
-            "properties": {"added": {"type": "array", "items": {"type": "string"}}},
-        },
-        "Item": {
-            "type": "object",
-            "required": ["id", "label", "metadata", "created", "class"],
             "properties": {
-                **fields,
-                "created": {"type": "number", "description": "Unix time, seconds"},
+                "added": {"type": "array", "items": {"type": "string"}},
+                "timings_ms": _ref("Timings"),
+            },
+        },
+        "Item": item,
+        "ItemPage": {
+            "type": "object",
+            "required": ["items", "next"],
+            "properties": {
+                "items": {"type": "array", "items": item},
+                "next": {"type": ["string", "null"], "description": "cursor of the next page"},
+            },
+        },
+        "Timings": {
+            "type": "object",
+            "description": "milliseconds the request spent reading and decoding its images, "
+            "queued, in the model and in the index (also in the Server-Timing header)",
+            "required": ["decode", "queue", "model", "search"],
+            "properties": {
+                stage: {"type": "number", "minimum": 0}
+                for stage in ("decode", "queue", "model", "search")
             },
         },
         "Deleted": {
@@ -399,7 +525,18 @@ def _record_schemas() -> Doc:
         "Index": {"type": "object", "required": ["kind", "size", "dim", "device"]},
         "Model": {
             "type": "object",
-            "required": ["name", "source", "input_size", "dim", "classes", "pretrained"],
+            "required": [
+                "name",
+                "source",
+                "trained_on",
+                "input_size",
+                "dim",
+                "classes",
+                "pretrained",
+            ],
+            "properties": {
+                "trained_on": {"type": "string", "description": "what the model learned from"}
+            },
         },
         "Status": {
             "type": "object",
@@ -425,5 +562,21 @@ def document(limits: RequestLimits) -> Doc:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "security": [{}, {"bearer": []}],
-        "paths": {**_model_paths(limits), **_item_paths(limits), **_info_paths()},
+        "paths": {
+            **_model_paths(limits),
+            **_item_paths(limits),
+            **_info_paths(),
+            **_page_paths(),
+        },
+    }
+
+
+def query_parameters(document: Doc) -> dict[tuple[str, str], set[str]]:
+    """The query parameters each /v1 operation takes, by (method, path): a request with
+    any other is refused, naming these."""
+    return {
+        (method, path): {p["name"] for p in op.get("parameters", []) if p["in"] == "query"}
+        for path, operations in document["paths"].items()
+        if path.startswith("/v1/")
+        for method, op in operations.items()
     }

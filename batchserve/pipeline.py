@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
@@ -37,9 +37,13 @@ class Job:
 
 @dataclass(frozen=True)
 class Outcome:
+    """One job's result, and the seconds its batch spent in the model and in the index."""
+
     prediction: Prediction
     matches: list[Match] | None = None
     added: str | None = None
+    model_s: float = 0.0
+    search_s: float = 0.0
 
 
 class IndexObserver(Protocol):
@@ -132,7 +136,9 @@ def apply_tasks(
     searches = [(i, t, p) for i, t, p in work if isinstance(t, SearchTask)]
     if adds:
         items = [
-            NewItem(t.id, p.embedding, t.label, t.metadata, predicted_class(p, classes))
+            NewItem(
+                t.id, p.embedding, t.label, t.metadata, predicted_class(p, classes), t.thumbnail
+            )
             for _i, t, p in adds
             if isinstance(t, AddTask)
         ]
@@ -194,14 +200,17 @@ class PipelineRunner:
 
     def run(self, batch: Batch[Job]) -> Deferred[Sequence[Outcome | Failure | None]]:
         images = batch.map(lambda job: job.image)
+        started = time.perf_counter()
         d = self._model.run(images)
-        return d.addCallback(self._index_stage, batch)
+        return d.addCallback(self._index_stage, batch, started)
 
     def _index_stage(
-        self, predictions: Sequence[Prediction | None], batch: Batch[Job]
+        self, predictions: Sequence[Prediction | None], batch: Batch[Job], started: float
     ) -> Deferred[Sequence[Outcome | Failure | None]] | Sequence[Outcome | Failure | None]:
+        model_done = time.perf_counter()
+        model_s = model_done - started
         outcomes: list[Outcome | Failure | None] = [
-            None if p is None else Outcome(p) for p in predictions
+            None if p is None else Outcome(p, model_s=model_s) for p in predictions
         ]
         work = [
             (i, job.task, p)
@@ -221,7 +230,10 @@ class PipelineRunner:
         def merge(
             results: dict[int, Outcome | Failure],
         ) -> Sequence[Outcome | Failure | None]:
+            search_s = time.perf_counter() - model_done
             for i, result in results.items():
+                if isinstance(result, Outcome):
+                    result = replace(result, model_s=model_s, search_s=search_s)
                 outcomes[i] = result
             return outcomes
 

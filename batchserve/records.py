@@ -29,11 +29,13 @@ class SearchTask:
 
 @dataclass(frozen=True)
 class AddTask:
-    """Store the image's embedding under ``id`` (replacing an item of that id)."""
+    """Store the image's embedding under ``id`` (replacing an item of that id), with a
+    ``thumbnail`` (JPEG) made from the image when it was decoded."""
 
     id: str
     label: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    thumbnail: bytes | None = None
 
 
 Task = EmbedTask | SearchTask | AddTask

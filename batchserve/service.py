@@ -10,9 +10,10 @@ Cancelling a returned Deferred (the client hung up) cancels every image still qu
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
@@ -23,7 +24,7 @@ from twisted.python.failure import Failure
 
 from batchserve.batching import Batcher
 from batchserve.errors import DeadlineExceeded, InvalidInput, NotFound, NotReady, Overloaded
-from batchserve.images import DecodeLimits, decode_image
+from batchserve.images import DecodeLimits, decode_image, make_thumbnail
 from batchserve.inference import Prediction
 from batchserve.models import ModelInfo
 from batchserve.pipeline import IndexWorker, Job, Outcome
@@ -38,6 +39,7 @@ from batchserve.records import (
     Task,
 )
 from batchserve.store import ItemStore, SearchQuery
+from batchserve.timings import Timings
 
 T = TypeVar("T")
 
@@ -64,6 +66,15 @@ class ModelStatus(Protocol):
 
     @property
     def ready(self) -> bool: ...
+
+
+@dataclass
+class Call:
+    """One request's own deadline (seconds; None: the server's, which also caps it) and
+    where its time went, filled in as it goes."""
+
+    timeout_s: float | None = None
+    timings: Timings = field(default_factory=Timings)
 
 
 @dataclass(frozen=True)
@@ -169,12 +180,16 @@ class ImageService:
 
     # -- through the model ----------------------------------------------------------------
 
-    def embed(self, read: Reader[Sequence[bytes]]) -> Deferred[list[npt.NDArray[np.float32]]]:
+    def embed(
+        self, read: Reader[Sequence[bytes]], call: Call | None = None
+    ) -> Deferred[list[npt.NDArray[np.float32]]]:
         """The embedding of each image ``read()`` returns, in order: float32 [dim]."""
-        d = self._through_model(lambda: [(data, EMBED) for data in read()])
+        d = self._through_model(lambda: [(data, EMBED) for data in read()], call)
         return d.addCallback(lambda outcomes: [o.prediction.embedding for o in outcomes])
 
-    def classify(self, read: Reader[Sequence[bytes]], top_k: int) -> Deferred[list[list[Label]]]:
+    def classify(
+        self, read: Reader[Sequence[bytes]], top_k: int, call: Call | None = None
+    ) -> Deferred[list[list[Label]]]:
         """The ``top_k`` most likely labels of each image, best first."""
         info = self._model.info
         if info is not None and not info.classes:
@@ -184,60 +199,91 @@ class ImageService:
         def labels(outcomes: list[Outcome]) -> list[list[Label]]:
             return [top_labels(o.prediction, classes or [], top_k) for o in outcomes]
 
-        d = self._through_model(lambda: [(data, EMBED) for data in read()])
+        d = self._through_model(lambda: [(data, EMBED) for data in read()], call)
         return d.addCallback(labels)
 
-    def add(self, read: Reader[Sequence[tuple[bytes, AddTask]]]) -> Deferred[list[str]]:
+    def add(
+        self, read: Reader[Sequence[tuple[bytes, AddTask]]], call: Call | None = None
+    ) -> Deferred[list[str]]:
         """Store each image under its id; fires once every row is committed."""
-        d = self._through_model(read, needs_index=True)
+        d = self._through_model(read, call, needs_index=True)
         return d.addCallback(lambda outcomes: [o.added or "" for o in outcomes])
 
-    def search(self, read: Reader[SearchRequest]) -> Deferred[list[list[Match]]]:
+    def search(
+        self, read: Reader[SearchRequest], call: Call | None = None
+    ) -> Deferred[list[list[Match]]]:
         """The nearest items of each query image or vector, best first."""
         try:
             info = self.loaded(needs_index=True)
         except NotReady as e:
             return fail(e)
+        call = call or Call()
         # Whether the request holds images or vectors is known once it is read: a search by
         # vectors never reaches the model's queue, so only the queue refuses image searches.
-        deadline_s = self._deadline_s()
-        d = self._off_reactor(_search_jobs, read, info, self._limits, self._observer)
+        deadline_s = self._deadline_s(call)
+        d = self._off_reactor(call, _search_jobs, read, info, self._limits, self._observer)
 
         def route(prepared: list[Job] | _VectorSearch) -> Deferred[list[list[Match]]]:
             if isinstance(prepared, _VectorSearch):
-                return self._store_call(_search_vectors, prepared.queries, prepared.task)
-            found = self._submit_all(prepared, deadline_s)
+                return self._timed_search(call, prepared)
+            found = self._submit_all(prepared, deadline_s, call)
             return found.addCallback(lambda outcomes: [o.matches or [] for o in outcomes])
 
         return d.addCallback(route)
 
+    def _timed_search(self, call: Call, search: _VectorSearch) -> Deferred[list[list[Match]]]:
+        started = time.perf_counter()
+
+        def timed(found: list[list[Match]]) -> list[list[Match]]:
+            call.timings.search_s = time.perf_counter() - started
+            return found
+
+        d = self._store_call(_search_vectors, search.queries, search.task)
+        return d.addCallback(timed)
+
     def _through_model(
-        self, read: Reader[Sequence[tuple[bytes, Task]]], needs_index: bool = False
+        self,
+        read: Reader[Sequence[tuple[bytes, Task]]],
+        call: Call | None,
+        needs_index: bool = False,
     ) -> Deferred[list[Outcome]]:
         try:
             info = self.admit(needs_index)
         except (NotReady, Overloaded) as e:
             return fail(e)
-        deadline_s = self._deadline_s()
-        d = self._off_reactor(_decoded_jobs, read, info, self._limits, self._observer)
-        return d.addCallback(self._submit_all, deadline_s)
+        call = call or Call()
+        deadline_s = self._deadline_s(call)
+        d = self._off_reactor(call, _decoded_jobs, read, info, self._limits, self._observer)
+        return d.addCallback(self._submit_all, deadline_s, call)
 
-    def _deadline_s(self) -> float:
+    def _deadline_s(self, call: Call) -> float:
         # The deadline runs from admission: time spent reading and decoding counts.
-        return self._clock.seconds() + self._batcher.policy.timeout_s
+        timeout_s = self._batcher.policy.timeout_s
+        if call.timeout_s is not None:
+            timeout_s = min(timeout_s, call.timeout_s)
+        return self._clock.seconds() + timeout_s
 
-    def _off_reactor(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+    def _off_reactor(self, call: Call, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         """Run ``fn(*args)`` on the decode pool, counted as a request being read."""
         self._reading += 1
+
+        def timed() -> T:
+            started = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                call.timings.decode_s = time.perf_counter() - started
 
         def done(result: T) -> T:
             self._reading -= 1
             return result
 
-        d: Deferred[T] = self._run_in_pool(fn, *args)
+        d: Deferred[T] = self._run_in_pool(timed)
         return d.addBoth(done)
 
-    def _submit_all(self, jobs: Sequence[Job], deadline_s: float) -> Deferred[list[Outcome]]:
+    def _submit_all(
+        self, jobs: Sequence[Job], deadline_s: float, call: Call
+    ) -> Deferred[list[Outcome]]:
         left_s = deadline_s - self._clock.seconds()
         if left_s <= 0:
             for _job in jobs:
@@ -248,7 +294,18 @@ class ImageService:
             self._batcher.check_room(len(jobs), pending=self._reading)
         except Overloaded as e:
             return fail(e)
-        return gather([self._batcher.submit(job, timeout_s=left_s) for job in jobs])
+        submitted = time.perf_counter()
+
+        def timed(outcomes: list[Outcome]) -> list[Outcome]:
+            call.timings.through_pipeline(
+                time.perf_counter() - submitted,
+                max(o.model_s for o in outcomes),
+                max(o.search_s for o in outcomes),
+            )
+            return outcomes
+
+        found = gather([self._batcher.submit(job, timeout_s=left_s) for job in jobs])
+        return found.addCallback(timed)
 
     # -- on the index thread only ---------------------------------------------------------
 
@@ -270,6 +327,14 @@ class ImageService:
     def delete(self, item_id: str) -> Deferred[bool]:
         return self._store_call(_delete, item_id)
 
+    def page(self, limit: int, before: int | None) -> Deferred[list[Item]]:
+        """Up to ``limit`` items, newest first, older than row ``before``."""
+        return self._store_call(lambda store: store.catalog.page(limit, before))
+
+    def thumbnail(self, item_id: str) -> Deferred[tuple[int, bytes | None]]:
+        """(the item's row, its thumbnail JPEG or None); NotFound when there is no item."""
+        return self._store_call(_thumbnail, item_id)
+
     def index_info(self) -> Deferred[dict[str, Any]]:
         return self._store_call(lambda store: store.describe())
 
@@ -288,7 +353,17 @@ def _decoded_jobs(
     entries = read()
     if not entries:
         raise InvalidInput("no image in the request")
-    return [Job(_decode(data, info, limits, observer), task) for data, task in entries]
+    return [
+        Job(_decode(data, info, limits, observer), _with_thumbnail(task, data, limits))
+        for data, task in entries
+    ]
+
+
+def _with_thumbnail(task: Task, data: bytes, limits: DecodeLimits) -> Task:
+    """An add stores a thumbnail of its image beside the embedding."""
+    if isinstance(task, AddTask) and task.thumbnail is None:
+        return dataclasses.replace(task, thumbnail=make_thumbnail(data, limits))
+    return task
 
 
 def _search_jobs(
@@ -356,6 +431,13 @@ def _get(store: ItemStore, item_id: str) -> Item:
     if item is None:
         raise NotFound(f"no item with id {item_id!r}")
     return item
+
+
+def _thumbnail(store: ItemStore, item_id: str) -> tuple[int, bytes | None]:
+    found = store.catalog.thumbnail(item_id)
+    if found is None:
+        raise NotFound(f"no item with id {item_id!r}")
+    return found
 
 
 def _delete(store: ItemStore, item_id: str) -> bool:

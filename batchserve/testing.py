@@ -99,6 +99,7 @@ class FakeModel:
             classes=list(classes) if classes else None,
             pretrained=False,
             weights_sha256="0" * 64,
+            trained_on="nothing: a deterministic stand-in for tests",
         )
         self.batch_shapes: list[tuple[int, ...]] = []
         self.fail_next: BaseException | None = None
