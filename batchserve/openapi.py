@@ -5,9 +5,15 @@ handlers enforce."""
 
 from __future__ import annotations
 
+import base64
+import io
+from functools import cache
 from typing import Any
 
-from batchserve import __version__
+import numpy as np
+from PIL import Image
+
+from batchserve import __version__, web
 from batchserve.bodies import IMAGE_FIELDS, RequestLimits
 from batchserve.inputs import (
     DEFAULT_K,
@@ -32,6 +38,17 @@ _ERRORS = {
     "503": "the model or the index is loading, the queue is full, or the server is draining",
     "504": "the request's deadline passed",
 }
+
+
+@cache
+def example_image_b64() -> str:
+    """A small JPEG (a colour gradient), base64: the examples' image, which any server
+    accepts, so that each example in the document succeeds as it is."""
+    ramp = np.linspace(0, 255, 32, dtype=np.uint8)
+    pixels = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], ramp[::-1, None]), -1)
+    out = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(out, "JPEG", quality=80)
+    return base64.b64encode(out.getvalue()).decode("ascii")
 
 
 def _ref(name: str) -> Doc:
@@ -82,7 +99,10 @@ def _images_body(limits: RequestLimits, extra_json: Doc | None = None) -> Doc:
                     "properties": {"image": files},
                 }
             },
-            "application/json": {"schema": json_images},
+            "application/json": {
+                "schema": json_images,
+                "example": {"images": [{"b64": example_image_b64()}]},
+            },
         },
     }
 
@@ -116,6 +136,9 @@ def _items_body(limits: RequestLimits) -> Doc:
                 }
             },
             "application/json": {
+                "example": {
+                    "items": [{"id": "example-1", "label": "example", "b64": example_image_b64()}]
+                },
                 "schema": {
                     "type": "object",
                     "required": ["items"],
@@ -170,7 +193,10 @@ def _search_parameters() -> list[Doc]:
     ]
 
 
-_ITEM_ID = _parameter("id", _ref("ItemId"), "the item's id", "path")
+_ITEM_ID = {
+    **_parameter("id", _ref("ItemId"), "the item's id", "path"),
+    "example": "sample/cat",  # one of the demo photos
+}
 
 _DEADLINE = (
     f"the request's deadline in ms ({MIN_TIMEOUT_MS}-{MAX_TIMEOUT_MS}), capped by the "
@@ -373,7 +399,9 @@ def _page_paths() -> Doc:
         "/web/{name}": {
             "get": {
                 "summary": "The search page's script and styles",
-                "parameters": [_parameter("name", {"type": "string"}, "a file name", "path")],
+                "parameters": [
+                    _parameter("name", {"enum": list(web.FILES)}, "a file name", "path")
+                ],
                 "responses": {
                     "200": {
                         "description": "the file",

@@ -19,6 +19,9 @@ TYPES = {
     ".css": "text/css; charset=utf-8",
 }
 
+#: The files served under /web/ (index.html is served at /).
+FILES = ("app.js", "app.css", "docs.css")
+
 #: The pages load only what this server serves; thumbnails come as blob: URLs.
 POLICY = (
     "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
@@ -40,7 +43,7 @@ class Asset:
 def asset(name: str) -> Asset | None:
     """The file ``name`` of batchserve/data/web, or None (any other name, paths included)."""
     suffix = "." + name.rpartition(".")[2]
-    if "/" in name or suffix not in TYPES:
+    if name not in (*FILES, "index.html"):
         return None
     resource = importlib.resources.files("batchserve").joinpath("data/web", name)
     if not resource.is_file():

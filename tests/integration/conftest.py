@@ -6,6 +6,8 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -54,6 +56,18 @@ class Server(ServerProcess):
             return Response(raw.status, {k.lower(): v for k, v in raw.getheaders()}, raw.read())
         finally:
             conn.close()
+
+
+def system_binary(name: str, install: str) -> str:
+    """The path of a system program a test needs; without it the test is skipped, saying how
+    to install it (and fails in CI, where nothing may be skipped)."""
+    found = shutil.which(name)
+    if found is None:
+        reason = f"{name} is not installed: {install}"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return found
 
 
 def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Server:
