@@ -150,7 +150,7 @@ def _items_body(limits: RequestLimits) -> Doc:
                             "items": item,
                         }
                     },
-                }
+                },
             },
             "image/*": {
                 "schema": {
