@@ -63,7 +63,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("data_dir", metavar="DATA_DIR", help="class folders of images")
     train.add_argument("--out", required=True, metavar="MODEL_DIR", help="new directory to write")
     config.add_arguments(train, TrainSettings)
+    samples = commands.add_parser(
+        "samples",
+        help="write the sample photos to a folder, to try the API with",
+        description="Write the eight sample photos the server indexes on a first start "
+        "(shipped with batchserve; nothing is downloaded) into DIR, as JPEG files.",
+    )
+    samples.add_argument("dir", metavar="DIR", help="folder to write them to (made if missing)")
     return parser
+
+
+def samples_command(folder: Path) -> int:
+    """``batchserve samples DIR``: the demo photos as files, for a first curl."""
+    from batchserve.demo import SAMPLES, sample_photos
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for (_id, _label, name), (_, _, data) in zip(SAMPLES, sample_photos(), strict=True):
+        (folder / name).write_bytes(data)
+        print(folder / name)
+    return 0
 
 
 def train_command(args: argparse.Namespace) -> int:
@@ -174,6 +192,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.command == "train":
         return train_command(args)
+    if args.command == "samples":
+        return samples_command(Path(args.dir))
     if args.command == "index":
         return index_command(config.load(config.IndexSettings, args, os.environ), Path(args.path))
     from batchserve.server import serve

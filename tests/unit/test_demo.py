@@ -32,3 +32,11 @@ def test_every_sample_file_has_its_source_and_licence_listed() -> None:
     assert files == {name for _, _, name in demo.SAMPLES}
     for item_id, label, name in demo.SAMPLES:
         assert f"| `{name}` | `{item_id}`, {label} |" in sources, name
+
+
+def test_the_samples_command_writes_the_photos_a_newcomer_searches_with(tmp_path: Path) -> None:
+    from batchserve.cli import main
+
+    assert main(["samples", str(tmp_path / "photos")]) == 0
+    for _item_id, _label, name in demo.SAMPLES:
+        assert (tmp_path / "photos" / name).read_bytes() == (DEMO_DIR / name).read_bytes()

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, JpegImagePlugin
 
 from batchserve.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from batchserve.images import DecodeLimits, decode_image
+from batchserve.images import DecodeLimits, decode_image, make_thumbnail
 from batchserve.testing import encode_image
 
 SIZE = (32, 48)  # height, width
@@ -128,3 +128,22 @@ def test_animated_gif_is_refused() -> None:
     frames[0].save(out, format="GIF", save_all=True, append_images=frames[1:])
     with pytest.raises(InvalidInput, match="animated"):
         decode_image(out.getvalue(), SIZE, LIMITS)
+
+
+def test_a_thumbnail_is_upright_keeps_its_aspect_and_fits_the_side() -> None:
+    # A 400 x 200 photo stored on its side: EXIF orientation 6 says to turn it upright.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode_image(size=(400, 200), exif=exif.tobytes())
+    with Image.open(io.BytesIO(make_thumbnail(data, DecodeLimits()))) as thumb:
+        assert thumb.format == "JPEG" and thumb.size == (128, 256)
+    png = encode_image(fmt="PNG", size=(30, 20), mode="RGBA", colour=(0, 0, 0))
+    with Image.open(io.BytesIO(make_thumbnail(png, DecodeLimits(), side=64))) as small:
+        assert small.size == (30, 20)  # never enlarged
+
+
+def test_a_thumbnail_of_bad_data_fails_as_decoding_does() -> None:
+    with pytest.raises(InvalidInput):
+        make_thumbnail(b"not an image", DecodeLimits())
+    with pytest.raises(PayloadTooLarge):
+        make_thumbnail(encode_image(size=(100, 100)), DecodeLimits(max_pixels=100))

@@ -3,11 +3,13 @@ and corrupt files reported without stopping."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from batchserve.errors import InvalidInput
 from batchserve.images import DecodeLimits
@@ -104,3 +106,15 @@ def test_manifests_csv_and_jsonl(tmp_path: Path) -> None:
     bad.write_text("x")
     with pytest.raises(InvalidInput, match=r"csv or \.jsonl"):
         list(read_manifest(bad))
+
+
+def test_bulk_indexing_stores_a_thumbnail_of_each_image(tmp_path: Path) -> None:
+    make_tree(tmp_path / "images")
+    model = FakeModel()
+    store = open_store(tmp_path / "data", model)
+    run(list(sources_for(tmp_path / "images")), store, model)
+    found = store.catalog.thumbnail("reds/0.png")
+    assert found is not None and found[1] is not None
+    with Image.open(io.BytesIO(found[1])) as thumb:
+        assert thumb.format == "JPEG" and thumb.size == (64, 48)  # small images stay small
+        assert thumb.convert("RGB").getpixel((32, 24))[0] > 200  # still red

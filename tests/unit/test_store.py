@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import stat
 from pathlib import Path
 
@@ -388,3 +389,41 @@ def test_an_untrained_store_reopened_without_a_snapshot_still_serves_its_items(
     report = again.open()
     assert report.rebuilt and again.index.kind_in_use == "flat"
     assert found(again.search([SearchQuery(vec(3), k=4)])[0]) == oracle(3, list(range(10)), 4)
+
+
+def test_thumbnails_live_and_die_with_their_items(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    s.add([NewItem("a", vec(1), thumbnail=b"jpeg-a"), NewItem("b", vec(2))])
+    fid_a, jpeg = s.catalog.thumbnail("a") or (0, None)
+    assert jpeg == b"jpeg-a" and s.catalog.thumbnail("b") == (fid_a + 1, None)
+    s.add([NewItem("a", vec(3), thumbnail=b"jpeg-a2")])  # replaced: a new row, a new one
+    fid, jpeg = s.catalog.thumbnail("a") or (0, None)
+    assert jpeg == b"jpeg-a2" and fid != fid_a
+    s.delete("a")
+    assert s.catalog.thumbnail("a") is None
+    s.close()
+    with sqlite3.connect(tmp_path / "catalog.sqlite3") as db:
+        # Nothing left behind by the replace or the delete.
+        assert db.execute("SELECT COUNT(*) FROM thumbnails").fetchone()[0] == 0
+
+
+def test_a_catalog_from_before_thumbnails_opens_and_has_none(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    s.add(items(0, 2))
+    s.close()
+    with sqlite3.connect(tmp_path / "catalog.sqlite3") as db:
+        db.execute("DROP TABLE thumbnails")  # as a catalog written before them
+    again = store(tmp_path)
+    assert again.catalog.thumbnail("id0") == (1, None)
+    again.add([NewItem("new", vec(9), thumbnail=b"jpeg")])
+    assert (again.catalog.thumbnail("new") or (0, None))[1] == b"jpeg"
+
+
+def test_pages_of_items_go_newest_first_from_a_cursor(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    s.add(items(0, 5))
+    first = s.catalog.page(2)
+    assert [i.id for i in first] == ["id4", "id3"]
+    second = s.catalog.page(2, before_fid=first[-1].fid)
+    assert [i.id for i in second] == ["id2", "id1"]
+    assert [i.id for i in s.catalog.page(10, before_fid=second[-1].fid)] == ["id0"]
