@@ -1,28 +1,23 @@
-"""The HTTP API: Klein routes, request parsing, and the one map from errors to statuses.
+"""The HTTP API: Klein routes, admission (token, query parameters, room in the queue) and
+the request's own deadline; the wire format is in wire.py, the pages in web.py.
 
-Every response is JSON; every error is ``{"error": {"code": ..., "message": ...}}``.
-Handlers do no blocking work: bodies are parsed here, images are decoded on the decode pool
-and run on the inference thread by the service.
+Every /v1 answer is JSON; every error is ``{"error": {"code": ..., "message": ...}}``.
+Handlers do no blocking work: bodies are read and images decoded on the decode pool and
+run on the inference thread by the service.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import IO, TYPE_CHECKING, Any
-from urllib.parse import quote, unquote, unquote_to_bytes
+from typing import IO, Any
 
-import orjson
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from twisted.web.resource import Resource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
-from werkzeug.routing import BaseConverter
 
 from batchserve import openapi, web
 from batchserve.auth import Tokens
@@ -30,17 +25,11 @@ from batchserve.bodies import RequestLimits, carries_images, read_images
 from batchserve.drain import InFlight
 from batchserve.errors import (
     BatchserveError,
-    DeadlineExceeded,
-    Forbidden,
-    InferenceFailed,
     InvalidInput,
     NotFound,
     NotReady,
     Overloaded,
     PayloadTooLarge,
-    StorageFailed,
-    Unauthorized,
-    UnsupportedMediaType,
 )
 from batchserve.inputs import (
     DEFAULT_PAGE,
@@ -53,28 +42,25 @@ from batchserve.inputs import (
     search_task,
 )
 from batchserve.metrics import Metrics
-from batchserve.records import Item, Label, Match
+from batchserve.records import Label
+from batchserve.routing import PathSegment, Utf8URLs
 from batchserve.service import Call, ImageService
 from batchserve.site import BoundedRequest
-
-if TYPE_CHECKING:
-    from batchserve.models import ModelInfo
+from batchserve.wire import (
+    Binary,
+    binary_body,
+    domain_error_body,
+    error_body,
+    item_json,
+    json_body,
+    matches_doc,
+    model_json,
+    page_doc,
+    status_for,
+    timed,
+)
 
 log = Logger()
-
-STATUS_BY_ERROR: dict[type[BatchserveError], int] = {
-    InvalidInput: 400,
-    Unauthorized: 401,
-    Forbidden: 403,
-    NotFound: 404,
-    PayloadTooLarge: 413,
-    UnsupportedMediaType: 415,
-    Overloaded: 503,
-    NotReady: 503,
-    DeadlineExceeded: 504,
-    InferenceFailed: 500,
-    StorageFailed: 500,
-}
 
 #: POST routes whose images go through the model's queue, by path.
 QUEUED_ROUTES = {
@@ -93,89 +79,12 @@ DEFAULT_TOP_K = 5
 TIMEOUT_HEADER = b"x-timeout-ms"
 
 
-@dataclass(frozen=True)
-class Binary:
-    """A response that is not JSON (a thumbnail), validated by its ETag."""
-
-    body: bytes
-    content_type: str
-    etag: str
-
-
-def status_for(error: BatchserveError) -> int:
-    for kind in type(error).__mro__:
-        if kind in STATUS_BY_ERROR:
-            return STATUS_BY_ERROR[kind]
-    return 500
-
-
 def close_after_response(request: IRequest) -> None:
     """Answer, then close the connection (a client should reconnect to another server)."""
     request.setHeader(b"Connection", b"close")
     channel = getattr(request, "channel", None)
     if channel is not None:
         channel.persistent = False
-
-
-class PathSegment(BaseConverter):
-    """One path segment, percent-decoded after routing: an item id may hold '/'
-    (``/v1/items/a%2Fb/similar`` is item ``a/b``) and never clashes with a sub-route."""
-
-    def to_python(self, value: str) -> str:
-        return unquote(value)
-
-
-#: Characters a path segment may hold as they are (RFC 3986 ``pchar``); others stay encoded.
-_SEGMENT_SAFE = "-._~!$&'()*+,;=:@"
-
-
-class Utf8URLs(Resource):
-    """Before Klein: answers a URL that is not UTF-8 once percent-decoded with a JSON 400
-    (Klein would answer in text and log a traceback for every such request), and routes on
-    the path's segments as sent (Twisted decodes them, which turns an encoded '/' into a
-    segment boundary), normalised so that equivalent spellings route alike."""
-
-    isLeaf = True  # noqa: N815 (Twisted API)
-
-    def __init__(self, inner: Any) -> None:
-        super().__init__()
-        self._inner = inner
-
-    def render(self, request: IRequest) -> Any:
-        try:
-            unquote_to_bytes(request.uri).decode("utf-8")
-        except UnicodeDecodeError:
-            return error_body(request, 400, InvalidInput.code, "the URL is not valid UTF-8")
-        request.postpath = [
-            quote(unquote_to_bytes(segment), safe=_SEGMENT_SAFE).encode("ascii")
-            for segment in request.path[1:].split(b"/")
-        ]
-        return self._inner.render(request)
-
-
-def json_body(request: IRequest, status: int, doc: Any) -> bytes:
-    """``doc`` as the JSON response. orjson writes numpy float32 vectors as they are
-    (shortest round-tripping text): 64 x 1280 embeddings take ~3.5 ms, not ~29 ms with
-    the standard library, on the reactor."""
-    body = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
-    request.setResponseCode(status)
-    request.setHeader(b"Content-Type", b"application/json")
-    # A known length spares the client chunked decoding (Twisted chunks otherwise).
-    request.setHeader(b"Content-Length", str(len(body)).encode())
-    return body
-
-
-def error_body(request: IRequest, status: int, code: str, message: str) -> bytes:
-    return json_body(request, status, {"error": {"code": code, "message": message}})
-
-
-def domain_error_body(request: IRequest, error: BatchserveError) -> bytes:
-    """The response to ``error``: its status, headers and JSON body."""
-    if isinstance(error, Overloaded | NotReady):
-        request.setHeader(b"Retry-After", str(error.retry_after_s).encode())
-    if isinstance(error, Unauthorized):
-        request.setHeader(b"WWW-Authenticate", b'Bearer realm="batchserve"')
-    return error_body(request, status_for(error), error.code, str(error))
 
 
 class BatchserveAPI:
@@ -518,75 +427,6 @@ class BatchserveAPI:
             )
             return error_body(request, status, code, description)
         return error_body(request, status, code, error.description or error.name)
-
-
-def model_json(info: ModelInfo) -> dict[str, Any]:
-    return {
-        "name": info.name,
-        "source": info.source,
-        "trained_on": info.trained_on,
-        "input_size": list(info.input_size),
-        "dim": info.dim,
-        "classes": info.classes,
-        "pretrained": info.pretrained,
-        "weights_sha256": info.weights_sha256,
-        "preprocess": info.preprocess,
-        "device": info.device,
-    }
-
-
-def match_json(match: Match) -> dict[str, Any]:
-    return {
-        "id": match.id,
-        "score": match.score,
-        "label": match.label,
-        "metadata": match.metadata,
-        "class": match.predicted_class,
-    }
-
-
-def item_json(item: Item) -> dict[str, Any]:
-    return {
-        "id": item.id,
-        "label": item.label,
-        "metadata": item.metadata,
-        "created": rfc3339(item.created),
-        "class": item.predicted_class,
-    }
-
-
-def rfc3339(unix_s: float) -> str:
-    """A Unix time as RFC 3339 in UTC, to the millisecond: 2026-11-29T21:36:01.123Z."""
-    moment = datetime.fromtimestamp(unix_s, tz=UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def page_doc(items: list[Item], limit: int) -> dict[str, Any]:
-    """A page of items, newest first; ``next`` is the cursor of the following page."""
-    more = len(items) == limit
-    return {"items": [item_json(i) for i in items], "next": str(items[-1].fid) if more else None}
-
-
-def timed(request: IRequest, call: Call, doc: dict[str, Any]) -> dict[str, Any]:
-    """``doc`` with where the request's time went, in the body and Server-Timing."""
-    request.setHeader(b"Server-Timing", call.timings.server_timing().encode())
-    return {**doc, "timings_ms": call.timings.as_ms()}
-
-
-def binary_body(request: IRequest, found: Binary) -> bytes:
-    """``found`` as the response, or 304 when the client's copy is current."""
-    request.setHeader(b"ETag", found.etag.encode())
-    request.setHeader(b"Cache-Control", b"private, no-cache")
-    if web.etag_matches(request.getHeader(b"if-none-match"), found.etag):
-        request.setResponseCode(304)
-        return b""
-    request.setHeader(b"Content-Type", found.content_type.encode())
-    request.setHeader(b"Content-Length", str(len(found.body)).encode())
-    return found.body
-
-
-def matches_doc(per_query: list[list[Match]]) -> dict[str, Any]:
-    return {"results": [{"matches": [match_json(m) for m in ms]} for ms in per_query]}
 
 
 def _int_arg(request: IRequest, name: str, default: int, low: int, high: int) -> int:

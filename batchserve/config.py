@@ -196,11 +196,24 @@ def parse(root: type[T], argv: Sequence[str], environ: Mapping[str, str] | None 
     return load(root, parser.parse_args(list(argv)), os.environ if environ is None else environ)
 
 
+def _row(leaf: Leaf) -> str:
+    """One setting as a row of the settings tables: flag, variable, default, meaning."""
+    default = leaf.default
+    shown = "true" if default is True else "false" if default is False else default
+    shown = '""' if shown == "" else shown
+    return (
+        f"| `--{leaf.name.replace('_', '-')}` | `{ENV_PREFIX}{leaf.name.upper()}` "
+        f"| `{shown}` | {leaf.meta.help} |"
+    )
+
+
+_TABLE_HEAD = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
+
+
 def settings_table(root: type) -> str:
-    """The README's table of ``root``'s settings (Markdown), one section per part."""
+    """The table of every setting of ``root`` (Markdown), one section per part."""
     rows = [
-        "| flag | environment | default | meaning |",
-        "|---|---|---|---|",
+        *_TABLE_HEAD,
         f"| `--config` | `{ENV_PREFIX}CONFIG` | none | TOML file with any of the settings below |",
     ]
     section = None
@@ -208,14 +221,18 @@ def settings_table(root: type) -> str:
         if leaf.path[0] != section:
             section = leaf.path[0]
             rows.append(f"| **{section}** | | | |")
-        default = leaf.default
-        shown = "true" if default is True else "false" if default is False else default
-        shown = '""' if shown == "" else shown
-        rows.append(
-            f"| `--{leaf.name.replace('_', '-')}` | `{ENV_PREFIX}{leaf.name.upper()}` "
-            f"| `{shown}` | {leaf.meta.help} |"
-        )
+        rows.append(_row(leaf))
     return "\n".join(rows) + "\n"
+
+
+def chosen_settings_table(root: type, names: Sequence[str]) -> str:
+    """The table of the settings ``names`` of ``root`` (Markdown), in that order, with the
+    rows of ``settings_table``. Raises ValueError for a name that is not one of them."""
+    by_name = {leaf.name: leaf for leaf in leaves(root)}
+    unknown = [name for name in names if name not in by_name]
+    if unknown:
+        raise ValueError(f"no such settings: {', '.join(unknown)}")
+    return "\n".join([*_TABLE_HEAD, *(_row(by_name[name]) for name in names)]) + "\n"
 
 
 # -- the commands' trees -----------------------------------------------------------------
@@ -315,16 +332,61 @@ def command_roots() -> list[type]:
     return [ServeSettings, IndexSettings, TrainSettings]
 
 
+#: The settings the README's table shows (the rest are in docs/settings.md).
+README_SETTINGS = (
+    "host",
+    "port",
+    "model",
+    "data_dir",
+    "index_kind",
+    "max_batch_size",
+    "max_delay_s",
+    "max_queue",
+    "timeout_s",
+    "api_token",
+)
+
+SETTINGS_START, SETTINGS_END = "<!-- settings:start", "<!-- settings:end -->"
+
+
+def settings_page() -> str:
+    """docs/settings.md: every setting of ``batchserve serve``, and how they are read."""
+    return (
+        "# Settings of `batchserve serve`\n"
+        "\n"
+        "Rendered from the settings tree by `python -m batchserve.config`; do not edit by "
+        "hand.\n"
+        "\n"
+        "Every setting is a flag, a `BATCHSERVE_<NAME>` environment variable and a key of a "
+        "TOML file given with `--config` (or `BATCHSERVE_CONFIG`), top-level or under a "
+        "`[batchserve]` table. A flag beats the environment, which beats the file, which "
+        "beats the default; an unknown name is an error. Durations are in seconds (`_s`), "
+        "sizes in bytes or pixels. `batchserve index` and `batchserve train` take the "
+        "settings they use under the same names (see their `--help`).\n"
+        "\n" + settings_table(ServeSettings)
+    )
+
+
 def render_readme(readme: Path) -> bool:
-    """Rewrite the settings table of ``readme``; whether it changed."""
+    """Rewrite the README's table of the settings that matter; whether it changed."""
     text = readme.read_text()
-    start = text.index("<!-- settings:start")
-    start = text.index("\n", start) + 1
-    end = text.index("<!-- settings:end -->")
-    new = text[:start] + settings_table(ServeSettings) + text[end:]
+    start = text.index("\n", text.index(SETTINGS_START)) + 1
+    end = text.index(SETTINGS_END)
+    new = text[:start] + chosen_settings_table(ServeSettings, README_SETTINGS) + text[end:]
     readme.write_text(new)
     return new != text
 
 
+def render_settings_page(page: Path) -> bool:
+    """Write docs/settings.md (``page``); whether it changed."""
+    old = page.read_text() if page.exists() else None
+    new = settings_page()
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text(new)
+    return new != old
+
+
 if __name__ == "__main__":
     print("rewrote" if render_readme(Path("README.md")) else "unchanged", "README.md")
+    page = Path("docs") / "settings.md"
+    print("rewrote" if render_settings_page(page) else "unchanged", page)

@@ -5,26 +5,20 @@ handlers enforce."""
 
 from __future__ import annotations
 
-import base64
-import io
-from functools import cache
 from typing import Any
-
-import numpy as np
-from PIL import Image
 
 from batchserve import __version__, web
 from batchserve.bodies import IMAGE_FIELDS, RequestLimits
 from batchserve.inputs import (
     DEFAULT_K,
     DEFAULT_PAGE,
-    MAX_ID_CHARS,
     MAX_K,
     MAX_LABEL_CHARS,
     MAX_PAGE,
     MAX_TIMEOUT_MS,
     MIN_TIMEOUT_MS,
 )
+from batchserve.openapi_schemas import example_image_b64, ref, schemas
 
 Doc = dict[str, Any]
 
@@ -40,34 +34,19 @@ _ERRORS = {
 }
 
 
-@cache
-def example_image_b64() -> str:
-    """A small JPEG (a colour gradient), base64: the examples' image, which any server
-    accepts, so that each example in the document succeeds as it is."""
-    ramp = np.linspace(0, 255, 32, dtype=np.uint8)
-    pixels = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], ramp[::-1, None]), -1)
-    out = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(out, "JPEG", quality=80)
-    return base64.b64encode(out.getvalue()).decode("ascii")
-
-
-def _ref(name: str) -> Doc:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
 def _json(schema: Doc) -> Doc:
     return {"application/json": {"schema": schema}}
 
 
 def _errors(*codes: str) -> Doc:
     return {
-        code: {"description": _ERRORS.get(code, "not found"), "content": _json(_ref("Error"))}
+        code: {"description": _ERRORS.get(code, "not found"), "content": _json(ref("Error"))}
         for code in codes
     }
 
 
 def _ok(schema: str, description: str) -> Doc:
-    return {"200": {"description": description, "content": _json(_ref(schema))}}
+    return {"200": {"description": description, "content": _json(ref(schema))}}
 
 
 def _images_body(limits: RequestLimits, extra_json: Doc | None = None) -> Doc:
@@ -79,7 +58,7 @@ def _images_body(limits: RequestLimits, extra_json: Doc | None = None) -> Doc:
             "images": {
                 "type": "array",
                 "maxItems": limits.max_images,
-                "items": _ref("Base64Image"),
+                "items": ref("Base64Image"),
             },
             **(extra_json or {}),
         },
@@ -112,7 +91,7 @@ def _items_body(limits: RequestLimits) -> Doc:
         "type": "object",
         "required": ["id", "b64"],
         "properties": {
-            "id": _ref("ItemId"),
+            "id": ref("ItemId"),
             "label": {"type": "string", "maxLength": MAX_LABEL_CHARS},
             "metadata": {"type": "object"},
             "b64": {"type": "string", "description": "the image, base64 (a data: URL too)"},
@@ -129,7 +108,7 @@ def _items_body(limits: RequestLimits) -> Doc:
                     "required": ["image", "id"],
                     "properties": {
                         "image": {"type": "array", "items": {"type": "string"}},
-                        "id": {"type": "array", "items": _ref("ItemId")},
+                        "id": {"type": "array", "items": ref("ItemId")},
                         "label": {"type": "array", "items": {"type": "string"}},
                         "metadata": {"type": "array", "items": {"type": "string"}},
                     },
@@ -194,7 +173,7 @@ def _search_parameters() -> list[Doc]:
 
 
 _ITEM_ID = {
-    **_parameter("id", _ref("ItemId"), "the item's id", "path"),
+    **_parameter("id", ref("ItemId"), "the item's id", "path"),
     "example": "sample/cat",  # one of the demo photos
 }
 
@@ -266,7 +245,7 @@ def _item_paths(limits: RequestLimits) -> Doc:
             "post": {
                 "summary": "Add items (an existing id is replaced); durable before the 200",
                 "parameters": [
-                    _parameter("id", _ref("ItemId"), "the id of a raw image body"),
+                    _parameter("id", ref("ItemId"), "the id of a raw image body"),
                     _parameter("label", {"type": "string"}, "its label"),
                     _parameter("metadata", {"type": "string"}, "its metadata, JSON text"),
                     *_deadline_parameters(),
@@ -417,163 +396,6 @@ def _page_paths() -> Doc:
     }
 
 
-def _results(inner: Doc) -> Doc:
-    return {
-        "type": "object",
-        "required": ["results"],
-        "properties": {
-            "results": {"type": "array", "items": inner},
-            "timings_ms": _ref("Timings"),
-        },
-    }
-
-
-def _schemas() -> Doc:
-    return {**_wire_schemas(), **_record_schemas()}
-
-
-def _wire_schemas() -> Doc:
-    """The error shape and the pieces of request bodies."""
-    return {
-        "Error": {
-            "type": "object",
-            "required": ["error"],
-            "properties": {
-                "error": {
-                    "type": "object",
-                    "required": ["code", "message"],
-                    "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
-                }
-            },
-        },
-        "ItemId": {
-            "type": "string",
-            "minLength": 1,
-            "maxLength": MAX_ID_CHARS,
-            "description": "printable text; in a URL path, one segment with its '/' and "
-            "other reserved characters percent-encoded (a/b is /v1/items/a%2Fb)",
-        },
-        "Base64Image": {
-            "oneOf": [
-                {"type": "object", "required": ["b64"], "properties": {"b64": {"type": "string"}}},
-                {"type": "string"},
-            ]
-        },
-    }
-
-
-def _record_schemas() -> Doc:
-    """What the routes answer."""
-    unit = {"type": "array", "items": {"type": "number"}}
-    fields: Doc = {
-        "id": {"type": "string"},
-        "label": {"type": ["string", "null"]},
-        "metadata": {"type": "object"},
-        "class": {"type": ["string", "null"], "description": "the model's predicted class"},
-    }
-    item: Doc = {
-        "type": "object",
-        "required": ["id", "label", "metadata", "created", "class"],
-        "properties": {
-            **fields,
-            "created": {"type": "string", "format": "date-time", "description": "RFC 3339, UTC"},
-        },
-    }
-    match: Doc = {
-        "type": "object",
-        "required": ["id", "score", "label", "metadata", "class"],
-        "properties": {**fields, "score": {"type": "number"}},
-    }
-    return {
-        "Embeddings": {
-            "type": "object",
-            "required": ["model", "dim", "results"],
-            "properties": {
-                "model": {"type": "string"},
-                "dim": {"type": "integer"},
-                "timings_ms": _ref("Timings"),
-                "results": {
-                    "type": "array",
-                    "items": {"type": "object", "properties": {"embedding": unit}},
-                },
-            },
-        },
-        "Labels": _results(
-            {
-                "type": "object",
-                "properties": {
-                    "labels": {
-                        "type": "array",
-                        "items": {
-                            "type": "object",
-                            "properties": {
-                                "label": {"type": "string"},
-                                "score": {"type": "number"},
-                            },
-                        },
-                    }
-                },
-            }
-        ),
-        "Matches": _results(
-            {"type": "object", "properties": {"matches": {"type": "array", "items": match}}}
-        ),
-        "Added": {
-            "type": "object",
-            "required": ["added"],
-            "properties": {
-                "added": {"type": "array", "items": {"type": "string"}},
-                "timings_ms": _ref("Timings"),
-            },
-        },
-        "Item": item,
-        "ItemPage": {
-            "type": "object",
-            "required": ["items", "next"],
-            "properties": {
-                "items": {"type": "array", "items": item},
-                "next": {"type": ["string", "null"], "description": "cursor of the next page"},
-            },
-        },
-        "Timings": {
-            "type": "object",
-            "description": "milliseconds the request spent reading and decoding its images, "
-            "queued, in the model and in the index (also in the Server-Timing header)",
-            "required": ["decode", "queue", "model", "search"],
-            "properties": {
-                stage: {"type": "number", "minimum": 0}
-                for stage in ("decode", "queue", "model", "search")
-            },
-        },
-        "Deleted": {
-            "type": "object",
-            "required": ["deleted"],
-            "properties": {"deleted": {"type": "string"}},
-        },
-        "Index": {"type": "object", "required": ["kind", "size", "dim", "device"]},
-        "Model": {
-            "type": "object",
-            "required": [
-                "name",
-                "source",
-                "trained_on",
-                "input_size",
-                "dim",
-                "classes",
-                "pretrained",
-            ],
-            "properties": {
-                "trained_on": {"type": "string", "description": "what the model learned from"}
-            },
-        },
-        "Status": {
-            "type": "object",
-            "required": ["status"],
-            "properties": {"status": {"type": "string"}},
-        },
-    }
-
-
 def document(limits: RequestLimits) -> Doc:
     """The OpenAPI 3.1 document of the API served with ``limits``."""
     return {
@@ -586,7 +408,7 @@ def document(limits: RequestLimits) -> Doc:
             "tokens configured, /v1 routes need `Authorization: Bearer <token>`.",
         },
         "components": {
-            "schemas": _schemas(),
+            "schemas": schemas(),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "security": [{}, {"bearer": []}],
