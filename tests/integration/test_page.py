@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from selenium.webdriver.common.keys import Keys
 
 from tests.integration.conftest import Server, start_server, stop_server, system_binary
 
@@ -158,3 +159,33 @@ def test_the_docs_page_renders_every_operation(browser: Any, live: Server) -> No
 
 def _shown(image: Any) -> bool:
     return bool(image.get_attribute("complete")) and int(image.get_attribute("naturalWidth")) > 0
+
+
+def test_the_token_field_opens_a_server_that_asks_for_one(
+    browser: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    guarded = start_server(
+        tmp_path_factory.mktemp("guarded"), "--api-token", "read-me", "--write-token", "write-me"
+    )
+    try:
+        page = Page(browser, guarded)
+        browser.get(f"http://127.0.0.1:{guarded.port}/")
+        page.status_says("401 unauthorized: this route needs an Authorization: Bearer")
+        page.find("#token").send_keys("read-me")
+        page.find("#token").send_keys(Keys.TAB)  # the field's change loads everything again
+        page.until(lambda: len(page.all("#stored .stored-item")) == 8, "the stored items")
+        page.until(lambda: _shown(page.find("#stored .stored-item img")), "a thumbnail")
+        page.find("#file").send_keys(str(demo_photo("rocket.jpg")))
+        page.until(lambda: page.result_ids()[:1] == ["sample/rocket"], "search results")
+        page.find("#add-id").send_keys("not-allowed")
+        page.find("#add-button").click()
+        page.status_says("403 forbidden: the bearer token does not allow adding or deleting")
+        assert guarded.request("GET", "/v1/index", headers=_bearer("read-me")).json()["size"] == 8
+        page.shot("07-token")
+        assert page.problems() == []
+    finally:
+        stop_server(guarded)
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
