@@ -1,5 +1,5 @@
 """The benchmark report's arithmetic and rendering: the server's view of a run from two
-/metrics scrapes, the sections rendered from results.json, and the README's block."""
+/metrics scrapes, the sections rendered from results.json, and the README's lines."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from bench import frontend, goals, render, results, scenario_sections, versus
+from bench import frontend, render, results, scenario_sections, versus
 from bench.load import LoadResult, LoadSpec, Sample
 from bench.overload import Watch, model_figures, summarise
 from bench.procs import ThreadCpu
@@ -136,10 +136,13 @@ def test_the_readme_block_is_replaced_between_its_markers_only() -> None:
     assert render.readme_numbers(replaced) == "new 2.0x"
 
 
-def test_a_goal_met_in_part_says_which_parts() -> None:
-    checks = {"throughput": False, "p99": True, "memory": True}
-    assert goals.verdict(checks) == "throughput no; p99 and memory yes"
-    assert goals.verdict({"": True}) == "yes" and goals.verdict({"": False}) == "no"
+def test_the_readme_lines_leave_out_a_claim_whose_section_was_not_measured() -> None:
+    data = results.load(BENCH / "results.json")
+    every = render.readme_block(data).splitlines()
+    without = {name: section for name, section in data.items() if name != "search"}
+    assert render.readme_block(without).splitlines() == [
+        line for line in every if "search adds" not in line
+    ]
 
 
 def test_reactor_cpu_is_the_main_thread_and_the_rest_is_every_other_thread() -> None:

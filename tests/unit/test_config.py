@@ -10,7 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from batchserve.config import IndexSettings, ServeSettings, add_arguments, leaves, load, parse
+from batchserve.config import (
+    IndexSettings,
+    ServeSettings,
+    add_arguments,
+    chosen_settings_table,
+    leaves,
+    load,
+    parse,
+    render_readme,
+    render_settings_page,
+    settings_page,
+    settings_table,
+)
 from batchserve.errors import ConfigError
 from batchserve.train.settings import TrainSettings
 
@@ -211,3 +223,31 @@ def test_train_settings_come_from_the_same_tree(tmp_path: Path) -> None:
         train(tmp_path, ["--dropout", "1"], {})
     with pytest.raises(ConfigError, match="embedding_dim must be at least 1"):
         TrainSettings(tmp_path, tmp_path, embedding_dim=0).check()  # built in code, too
+
+
+def test_a_table_of_chosen_settings_has_their_rows_of_the_full_table_in_the_given_order() -> None:
+    table = chosen_settings_table(ServeSettings, ["timeout_s", "host"]).splitlines()
+    full = settings_table(ServeSettings).splitlines()
+    assert table[:2] == full[:2]
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| `--timeout-s`", "| `--host`"]
+    assert all(row in full for row in table)
+
+
+def test_a_table_of_chosen_settings_refuses_a_name_that_is_no_setting() -> None:
+    with pytest.raises(ValueError, match="no such settings: max_batch"):
+        chosen_settings_table(ServeSettings, ["host", "max_batch"])
+
+
+def test_rendering_rewrites_only_the_readme_block_and_writes_the_settings_page(
+    tmp_path: Path,
+) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- settings:start (x) -->\nold\n<!-- settings:end -->\nrest\n")
+    page = tmp_path / "docs" / "settings.md"
+    assert render_readme(readme) and render_settings_page(page)
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- settings:start (x) -->\n| flag |")
+    assert text.endswith("|\n<!-- settings:end -->\nrest\n") and "old" not in text
+    assert page.read_text() == settings_page()
+    assert settings_table(ServeSettings) in settings_page()
+    assert not render_readme(readme) and not render_settings_page(page)
