@@ -25,6 +25,7 @@ from batchserve.bodies import RequestLimits, carries_images, read_images
 from batchserve.drain import InFlight
 from batchserve.errors import (
     BatchserveError,
+    InternalError,
     InvalidInput,
     NotFound,
     NotReady,
@@ -42,13 +43,14 @@ from batchserve.inputs import (
     search_task,
 )
 from batchserve.metrics import Metrics
+from batchserve.oip_api import OpenInferenceAPI
 from batchserve.records import Label
 from batchserve.routing import PathSegment, Utf8URLs
 from batchserve.service import Call, ImageService
 from batchserve.site import BoundedRequest
 from batchserve.wire import (
     Binary,
-    binary_body,
+    Prepared,
     domain_error_body,
     error_body,
     item_json,
@@ -112,19 +114,25 @@ class BatchserveAPI:
         self._docs: web.Asset | None = None
 
     def resource(self) -> Any:
-        return Utf8URLs(self.app.resource())
+        v2 = OpenInferenceAPI(self, self._service, self._limits)
+        return Utf8URLs(self.app.resource(), {b"v2": v2.resource()})
 
     # -- plumbing ---------------------------------------------------------------------
 
-    def _respond(
-        self, request: IRequest, route: str, work: Callable[[], Deferred[Any] | Any]
+    def respond(
+        self,
+        request: IRequest,
+        route: str,
+        work: Callable[[], Deferred[Any] | Any],
+        errors: Callable[[IRequest, BatchserveError], bytes] = domain_error_body,
     ) -> Deferred[bytes]:
-        """Run ``work`` (returns the JSON document), map errors, record metrics."""
+        """Run ``work`` (returns the JSON document or a Prepared response), map errors (to
+        the body ``errors`` writes), record metrics."""
         started = time.perf_counter()
 
         def ok(doc: Any) -> bytes:
-            if isinstance(doc, Binary):
-                return binary_body(request, doc)
+            if isinstance(doc, Prepared):
+                return doc.write_to(request)
             return json_body(request, 200, doc)
 
         def failed(failure: Failure) -> bytes | Failure:
@@ -135,9 +143,9 @@ class BatchserveAPI:
             if isinstance(error, BatchserveError):
                 if status_for(error) >= 500 and not isinstance(error, Overloaded | NotReady):
                     log.error("{route}: {error}", route=route, error=error)
-                return domain_error_body(request, error)
+                return errors(request, error)
             log.failure("{route}: unexpected error", failure, route=route)
-            return error_body(request, 500, "internal", "internal server error")
+            return errors(request, InternalError("internal server error"))
 
         def record(result: Any) -> Any:
             if entered:
@@ -215,7 +223,7 @@ class BatchserveAPI:
             )
         return work()
 
-    def _call(self, request: IRequest) -> Call:
+    def call_of(self, request: IRequest) -> Call:
         """The request's own deadline (``timeout_ms`` or the X-Timeout-Ms header)."""
         raw = request.args.get(b"timeout_ms", [None])[0] or request.getHeader(TIMEOUT_HEADER)
         if raw is None:
@@ -225,7 +233,7 @@ class BatchserveAPI:
         )
         return Call(timeout_s=timeout_ms / 1000.0)
 
-    def _body(self, request: IRequest) -> tuple[str | None, IO[bytes] | bytes]:
+    def body_of(self, request: IRequest) -> tuple[str | None, IO[bytes] | bytes]:
         """The request's Content-Type and body (a file Twisted wrote it to, or bytes), to
         be read on the decode pool; PayloadTooLarge when it was over the limit."""
         if getattr(request, "body_over_limit", False):
@@ -246,12 +254,12 @@ class BatchserveAPI:
     @app.route("/v1/embed", methods=["POST"])
     def embed(self, request: IRequest) -> Deferred[bytes]:
         def work() -> Deferred[Any]:
-            call = self._call(request)
-            content_type, body = self._body(request)
+            call = self.call_of(request)
+            content_type, body = self.body_of(request)
             d = self._service.embed(lambda: read_images(content_type, body, self._limits), call)
             return d.addCallback(lambda found: timed(request, call, self._embed_doc(found)))
 
-        return self._respond(request, "/v1/embed", work)
+        return self.respond(request, "/v1/embed", work)
 
     def _embed_doc(self, embeddings: list[Any]) -> dict[str, Any]:
         info = self._service.info
@@ -264,14 +272,14 @@ class BatchserveAPI:
     @app.route("/v1/classify", methods=["POST"])
     def classify(self, request: IRequest) -> Deferred[bytes]:
         def work() -> Deferred[Any]:
-            call = self._call(request)
+            call = self.call_of(request)
             top_k = _int_arg(request, "k", DEFAULT_TOP_K, 1, 1000)
-            content_type, body = self._body(request)
+            content_type, body = self.body_of(request)
             read = lambda: read_images(content_type, body, self._limits)  # noqa: E731
             d = self._service.classify(read, top_k, call)
             return d.addCallback(lambda found: timed(request, call, self._classify_doc(found)))
 
-        return self._respond(request, "/v1/classify", work)
+        return self.respond(request, "/v1/classify", work)
 
     def _classify_doc(self, labels: list[list[Label]]) -> dict[str, Any]:
         info = self._service.info
@@ -288,26 +296,26 @@ class BatchserveAPI:
     @app.route("/v1/search", methods=["POST"])
     def search(self, request: IRequest) -> Deferred[bytes]:
         def work() -> Deferred[Any]:
-            call = self._call(request)
-            content_type, body = self._body(request)
+            call = self.call_of(request)
+            content_type, body = self.body_of(request)
             query = self._query(request)
             read = lambda: read_search(content_type, body, self._limits, query)  # noqa: E731
             d = self._service.search(read, call)
             return d.addCallback(lambda found: timed(request, call, matches_doc(found)))
 
-        return self._respond(request, "/v1/search", work)
+        return self.respond(request, "/v1/search", work)
 
     @app.route("/v1/items", methods=["POST"])
     def add_items(self, request: IRequest) -> Deferred[bytes]:
         def work() -> Deferred[Any]:
-            call = self._call(request)
-            content_type, body = self._body(request)
+            call = self.call_of(request)
+            content_type, body = self.body_of(request)
             query = self._query(request)
             read = lambda: read_items(content_type, body, self._limits, query)  # noqa: E731
             d = self._service.add(read, call)
             return d.addCallback(lambda ids: timed(request, call, {"added": ids}))
 
-        return self._respond(request, "/v1/items", work)
+        return self.respond(request, "/v1/items", work)
 
     @app.route("/v1/items", methods=["GET"])
     def list_items(self, request: IRequest) -> Deferred[bytes]:
@@ -318,7 +326,7 @@ class BatchserveAPI:
             d = self._service.page(limit, before)
             return d.addCallback(lambda items: page_doc(items, limit))
 
-        return self._respond(request, "/v1/items", work)
+        return self.respond(request, "/v1/items", work)
 
     @app.route("/v1/items/<segment:item_id>/similar", methods=["GET"])
     def similar(self, request: IRequest, item_id: str) -> Deferred[bytes]:
@@ -326,7 +334,7 @@ class BatchserveAPI:
             d = self._service.similar(item_id, search_task(self._query(request)))
             return d.addCallback(lambda matches: matches_doc([matches]))
 
-        return self._respond(request, "/v1/items/{id}/similar", work)
+        return self.respond(request, "/v1/items/{id}/similar", work)
 
     @app.route("/v1/items/<segment:item_id>/thumbnail", methods=["GET"])
     def thumbnail(self, request: IRequest, item_id: str) -> Deferred[bytes]:
@@ -339,25 +347,25 @@ class BatchserveAPI:
         def work() -> Deferred[Any]:
             return self._service.thumbnail(item_id).addCallback(found)
 
-        return self._respond(request, "/v1/items/{id}/thumbnail", work)
+        return self.respond(request, "/v1/items/{id}/thumbnail", work)
 
     @app.route("/v1/items/<segment:item_id>", methods=["GET"])
     def get_item(self, request: IRequest, item_id: str) -> Deferred[bytes]:
         def work() -> Deferred[Any]:
             return self._service.get(item_id).addCallback(item_json)
 
-        return self._respond(request, "/v1/items/{id}", work)
+        return self.respond(request, "/v1/items/{id}", work)
 
     @app.route("/v1/items/<segment:item_id>", methods=["DELETE"])
     def delete_item(self, request: IRequest, item_id: str) -> Deferred[bytes]:
         def work() -> Deferred[Any]:
             return self._service.delete(item_id).addCallback(lambda _: {"deleted": item_id})
 
-        return self._respond(request, "/v1/items/{id}", work)
+        return self.respond(request, "/v1/items/{id}", work)
 
     @app.route("/v1/index", methods=["GET"])
     def index(self, request: IRequest) -> Deferred[bytes]:
-        return self._respond(request, "/v1/index", self._service.index_info)
+        return self.respond(request, "/v1/index", self._service.index_info)
 
     # -- what is loaded, health ---------------------------------------------------------
 
@@ -366,7 +374,7 @@ class BatchserveAPI:
         def work() -> dict[str, Any]:
             return model_json(self._service.loaded())
 
-        return self._respond(request, "/v1/model", work)
+        return self.respond(request, "/v1/model", work)
 
     @app.route("/healthz", methods=["GET"])
     def healthz(self, request: IRequest) -> bytes:

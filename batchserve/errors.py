@@ -12,6 +12,12 @@ class BatchserveError(Exception):
     code = "error"
 
 
+class InternalError(BatchserveError):
+    """A fault of the server's own, not the request's (HTTP 500); the details go to the log."""
+
+    code = "internal"
+
+
 class InvalidInput(BatchserveError):
     """The request or image is malformed or cannot be decoded (HTTP 400)."""
 

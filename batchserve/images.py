@@ -53,6 +53,19 @@ def decode_image(data: bytes, size: tuple[int, int], limits: DecodeLimits) -> np
         return _to_array(image, width, height)
 
 
+def fit_pixels(pixels: npt.NDArray[np.uint8], size: tuple[int, int]) -> npt.NDArray[np.uint8]:
+    """Already decoded RGB ``pixels`` [H, W, 3] as model input of ``size`` (height, width):
+    resized as a decoded image is, when their size differs."""
+    height, width = size
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise InvalidInput(f"pixels must be uint8 [H, W, 3], not {pixels.dtype} {pixels.shape}")
+    if pixels.shape[:2] == (height, width):
+        return pixels
+    image = Image.fromarray(pixels, "RGB")
+    resized = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return np.asarray(resized, dtype=np.uint8)
+
+
 def make_thumbnail(data: bytes, limits: DecodeLimits, side: int = THUMBNAIL_SIDE) -> bytes:
     """A JPEG of ``data`` upright, at most ``side`` pixels on its longer side, aspect kept:
     what the catalog stores to show an item. Raises as ``decode_image`` does."""

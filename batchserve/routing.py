@@ -30,13 +30,15 @@ class Utf8URLs(Resource):
     """Before Klein: answers a URL that is not UTF-8 once percent-decoded with a JSON 400
     (Klein would answer in text and log a traceback for every such request), and routes on
     the path's segments as sent (Twisted decodes them, which turns an encoded '/' into a
-    segment boundary), normalised so that equivalent spellings route alike."""
+    segment boundary), normalised so that equivalent spellings route alike. A path whose
+    first segment names a branch (``v2``) goes to that branch's resource."""
 
     isLeaf = True  # noqa: N815 (Twisted API)
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, branches: dict[bytes, Any] | None = None) -> None:
         super().__init__()
         self._inner = inner
+        self._branches = branches or {}
 
     def render(self, request: IRequest) -> Any:
         try:
@@ -47,4 +49,4 @@ class Utf8URLs(Resource):
             quote(unquote_to_bytes(segment), safe=_SEGMENT_SAFE).encode("ascii")
             for segment in request.path[1:].split(b"/")
         ]
-        return self._inner.render(request)
+        return self._branches.get(request.postpath[0], self._inner).render(request)

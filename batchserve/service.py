@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 
 from batchserve.batching import Batcher
 from batchserve.errors import DeadlineExceeded, InvalidInput, NotFound, NotReady, Overloaded
-from batchserve.images import DecodeLimits, decode_image, make_thumbnail
+from batchserve.images import DecodeLimits, decode_image, fit_pixels, make_thumbnail
 from batchserve.inference import Prediction
 from batchserve.models import ModelInfo
 from batchserve.pipeline import IndexWorker, Job, Outcome
@@ -75,6 +75,8 @@ class Call:
 
     timeout_s: float | None = None
     timings: Timings = field(default_factory=Timings)
+    #: When the service admitted the request (the reactor's clock); its deadline runs from it.
+    admitted_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -202,6 +204,14 @@ class ImageService:
         d = self._through_model(lambda: [(data, EMBED) for data in read()], call)
         return d.addCallback(labels)
 
+    def predict(
+        self, read: Reader[Sequence[bytes | npt.NDArray[np.uint8]]], call: Call | None = None
+    ) -> Deferred[list[Prediction]]:
+        """The model's whole answer (embedding and class probabilities) for each image,
+        encoded or already decoded (pixels are resized to the model's input if need be)."""
+        d = self._through_model(lambda: [(image, EMBED) for image in read()], call)
+        return d.addCallback(lambda outcomes: [o.prediction for o in outcomes])
+
     def add(
         self, read: Reader[Sequence[tuple[bytes, AddTask]]], call: Call | None = None
     ) -> Deferred[list[str]]:
@@ -220,13 +230,13 @@ class ImageService:
         call = call or Call()
         # Whether the request holds images or vectors is known once it is read: a search by
         # vectors never reaches the model's queue, so only the queue refuses image searches.
-        deadline_s = self._deadline_s(call)
+        call.admitted_s = self._clock.seconds()
         d = self._off_reactor(call, _search_jobs, read, info, self._limits, self._observer)
 
         def route(prepared: list[Job] | _VectorSearch) -> Deferred[list[list[Match]]]:
             if isinstance(prepared, _VectorSearch):
                 return self._timed_search(call, prepared)
-            found = self._submit_all(prepared, deadline_s, call)
+            found = self._submit_all(prepared, call)
             return found.addCallback(lambda outcomes: [o.matches or [] for o in outcomes])
 
         return d.addCallback(route)
@@ -243,7 +253,7 @@ class ImageService:
 
     def _through_model(
         self,
-        read: Reader[Sequence[tuple[bytes, Task]]],
+        read: Reader[Sequence[tuple[bytes | npt.NDArray[np.uint8], Task]]],
         call: Call | None,
         needs_index: bool = False,
     ) -> Deferred[list[Outcome]]:
@@ -252,16 +262,17 @@ class ImageService:
         except (NotReady, Overloaded) as e:
             return fail(e)
         call = call or Call()
-        deadline_s = self._deadline_s(call)
+        call.admitted_s = self._clock.seconds()
         d = self._off_reactor(call, _decoded_jobs, read, info, self._limits, self._observer)
-        return d.addCallback(self._submit_all, deadline_s, call)
+        return d.addCallback(self._submit_all, call)
 
     def _deadline_s(self, call: Call) -> float:
-        # The deadline runs from admission: time spent reading and decoding counts.
+        # The deadline runs from admission: time spent reading and decoding counts. It is
+        # worked out once the body is read, which may carry the request's own deadline.
         timeout_s = self._batcher.policy.timeout_s
         if call.timeout_s is not None:
             timeout_s = min(timeout_s, call.timeout_s)
-        return self._clock.seconds() + timeout_s
+        return call.admitted_s + timeout_s
 
     def _off_reactor(self, call: Call, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         """Run ``fn(*args)`` on the decode pool, counted as a request being read."""
@@ -281,10 +292,8 @@ class ImageService:
         d: Deferred[T] = self._run_in_pool(timed)
         return d.addBoth(done)
 
-    def _submit_all(
-        self, jobs: Sequence[Job], deadline_s: float, call: Call
-    ) -> Deferred[list[Outcome]]:
-        left_s = deadline_s - self._clock.seconds()
+    def _submit_all(self, jobs: Sequence[Job], call: Call) -> Deferred[list[Outcome]]:
+        left_s = self._deadline_s(call) - self._clock.seconds()
         if left_s <= 0:
             for _job in jobs:
                 self._batcher.count_rejection("deadline")
@@ -343,7 +352,7 @@ class ImageService:
 
 
 def _decoded_jobs(
-    read: Reader[Sequence[tuple[bytes, Task]]],
+    read: Reader[Sequence[tuple[bytes | npt.NDArray[np.uint8], Task]]],
     info: ModelInfo,
     limits: DecodeLimits,
     observer: DecodeObserver | None,
@@ -359,9 +368,9 @@ def _decoded_jobs(
     ]
 
 
-def _with_thumbnail(task: Task, data: bytes, limits: DecodeLimits) -> Task:
+def _with_thumbnail(task: Task, data: bytes | npt.NDArray[np.uint8], limits: DecodeLimits) -> Task:
     """An add stores a thumbnail of its image beside the embedding."""
-    if isinstance(task, AddTask) and task.thumbnail is None:
+    if isinstance(task, AddTask) and task.thumbnail is None and isinstance(data, bytes):
         return dataclasses.replace(task, thumbnail=make_thumbnail(data, limits))
     return task
 
@@ -384,10 +393,16 @@ def _search_jobs(
 
 
 def _decode(
-    data: bytes, info: ModelInfo, limits: DecodeLimits, observer: DecodeObserver | None
+    data: bytes | npt.NDArray[np.uint8],
+    info: ModelInfo,
+    limits: DecodeLimits,
+    observer: DecodeObserver | None,
 ) -> npt.NDArray[np.uint8]:
     started = time.perf_counter()
-    array = decode_image(data, info.input_size, limits)
+    if isinstance(data, np.ndarray):
+        array = fit_pixels(data, info.input_size)
+    else:
+        array = decode_image(data, info.input_size, limits)
     if observer is not None:
         observer.decoded(time.perf_counter() - started)
     return array

@@ -46,13 +46,32 @@ STATUS_BY_ERROR: dict[type[BatchserveError], int] = {
 }
 
 
+class Prepared:
+    """A response the route wrote itself (not a JSON document): ``write_to`` sets the
+    status and headers and returns the body."""
+
+    def write_to(self, request: IRequest) -> bytes:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class Binary:
+class Binary(Prepared):
     """A response that is not JSON (a thumbnail), validated by its ETag."""
 
     body: bytes
     content_type: str
     etag: str
+
+    def write_to(self, request: IRequest) -> bytes:
+        """The body, or 304 when the client's copy is current."""
+        request.setHeader(b"ETag", self.etag.encode())
+        request.setHeader(b"Cache-Control", b"private, no-cache")
+        if web.etag_matches(request.getHeader(b"if-none-match"), self.etag):
+            request.setResponseCode(304)
+            return b""
+        request.setHeader(b"Content-Type", self.content_type.encode())
+        request.setHeader(b"Content-Length", str(len(self.body)).encode())
+        return self.body
 
 
 def status_for(error: BatchserveError) -> int:
@@ -138,18 +157,6 @@ def timed(request: IRequest, call: Call, doc: dict[str, Any]) -> dict[str, Any]:
     """``doc`` with where the request's time went, in the body and Server-Timing."""
     request.setHeader(b"Server-Timing", call.timings.server_timing().encode())
     return {**doc, "timings_ms": call.timings.as_ms()}
-
-
-def binary_body(request: IRequest, found: Binary) -> bytes:
-    """``found`` as the response, or 304 when the client's copy is current."""
-    request.setHeader(b"ETag", found.etag.encode())
-    request.setHeader(b"Cache-Control", b"private, no-cache")
-    if web.etag_matches(request.getHeader(b"if-none-match"), found.etag):
-        request.setResponseCode(304)
-        return b""
-    request.setHeader(b"Content-Type", found.content_type.encode())
-    request.setHeader(b"Content-Length", str(len(found.body)).encode())
-    return found.body
 
 
 def matches_doc(per_query: list[list[Match]]) -> dict[str, Any]:
