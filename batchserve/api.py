@@ -129,6 +129,8 @@ class BatchserveAPI:
         """Run ``work`` (returns the JSON document or a Prepared response), map errors (to
         the body ``errors`` writes), record metrics."""
         started = time.perf_counter()
+        if isinstance(request, BoundedRequest):
+            request.route = route
 
         def ok(doc: Any) -> bytes:
             if isinstance(doc, Prepared):
@@ -201,6 +203,8 @@ class BatchserveAPI:
         started = time.perf_counter()
 
         def answer(request: IRequest) -> None:
+            if isinstance(request, BoundedRequest):
+                request.route = route
             request.write(domain_error_body(request, error))
             request.finish()
             self._metrics.request_done(route, status_for(error), time.perf_counter() - started)
@@ -226,12 +230,15 @@ class BatchserveAPI:
     def call_of(self, request: IRequest) -> Call:
         """The request's own deadline (``timeout_ms`` or the X-Timeout-Ms header)."""
         raw = request.args.get(b"timeout_ms", [None])[0] or request.getHeader(TIMEOUT_HEADER)
-        if raw is None:
-            return Call()
-        timeout_ms = bounded_int(
-            raw.decode("latin-1"), "timeout_ms", MIN_TIMEOUT_MS, MAX_TIMEOUT_MS
-        )
-        return Call(timeout_s=timeout_ms / 1000.0)
+        call = Call()
+        if raw is not None:
+            timeout_ms = bounded_int(
+                raw.decode("latin-1"), "timeout_ms", MIN_TIMEOUT_MS, MAX_TIMEOUT_MS
+            )
+            call.timeout_s = timeout_ms / 1000.0
+        if isinstance(request, BoundedRequest):
+            request.call = call  # the access line reports its images and batch
+        return call
 
     def body_of(self, request: IRequest) -> tuple[str | None, IO[bytes] | bytes]:
         """The request's Content-Type and body (a file Twisted wrote it to, or bytes), to

@@ -276,9 +276,18 @@ class ServerSettings:
         30.0, "on SIGTERM, longest wait for requests in flight before stopping anyway", at_least=0
     )
     warmup: bool = setting(True, "run every padded batch size once before reporting ready")
-    access_log: bool = setting(False, "log one line per HTTP request (Common Log Format)")
+    access_log: bool = setting(
+        True,
+        "log one line per HTTP request: request id, method, route, status, bytes in and out, "
+        "latency, images, batch size, client",
+    )
     log_level: str = setting(
-        "info", "log level", choices=("debug", "info", "warn", "error", "critical")
+        "info",
+        "lowest level logged (below debug, TensorFlow's start-up lines are left out)",
+        choices=("debug", "info", "warn", "error", "critical"),
+    )
+    log_format: str = setting(
+        "text", "log lines as text, or as JSON objects (one per line)", choices=("text", "json")
     )
 
     def __post_init__(self) -> None:

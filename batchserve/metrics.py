@@ -1,21 +1,31 @@
 """Every Prometheus metric batchserve exports, in one registry owned by one object.
 
-Names are stable (see DESIGN.md); units are base units (seconds, bytes, totals).
+Names are stable (see DESIGN.md); units are base units (seconds, bytes, totals). Beside
+batchserve's own, the registry holds the process's (``process_*``: memory, CPU, open files),
+the interpreter's (``python_info``) and its garbage collector's (``python_gc_*``). No
+``*_created`` series are exported. The dashboard and the alert rules that read these names
+are in deploy/grafana/ and deploy/prometheus/.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Callable, Iterable, Sequence
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
     Info,
+    PlatformCollector,
+    ProcessCollector,
     generate_latest,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
@@ -120,6 +130,20 @@ class Metrics:
             registry=r,
         )
         self.index_items = Gauge("batchserve_index_items", "Items in the index", registry=r)
+        self.queue_capacity_items = Gauge(
+            "batchserve_queue_capacity_items",
+            "Images the queue holds before requests get 503 (the max_queue setting)",
+            registry=r,
+        )
+        self.readiness = Gauge(
+            "batchserve_ready",
+            "1 while the server would answer /readyz with 200 (model and index up), else 0",
+            registry=r,
+        )
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self._exported = _WithoutCreated(r)
 
     # BatchObserver
     def queue_size(self, items: int) -> None:
@@ -156,9 +180,36 @@ class Metrics:
             {"name": name, "source": source, "dim": str(dim), "pretrained": str(pretrained)}
         )
 
+    def set_queue_capacity(self, items: int) -> None:
+        """The most images the queue holds (``BatchPolicy.max_queue``)."""
+        self.queue_capacity_items.set(items)
+
+    def track_readiness(self, ready: Callable[[], bool]) -> None:
+        """Export ``ready()`` (the /readyz condition), read at every scrape, as
+        ``batchserve_ready``; until this is called it reads 0."""
+        self.readiness.set_function(lambda: 1.0 if ready() else 0.0)
+
     def render(self) -> bytes:
         """The exposition text of every metric."""
-        return generate_latest(self.registry)
+        return generate_latest(self._exported)
+
+
+class _WithoutCreated(Collector):
+    """``registry``'s metrics without their ``*_created`` samples. prometheus_client adds
+    one to every counter and histogram, and to each of their labelled children: in the text
+    format each is a gauge series of its own that nothing here reads (neither the dashboard
+    nor the alerts). Filtering here, rather than with prometheus_client's
+    ``disable_created_metrics()``, leaves the library's process-wide switch alone."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self._registry.collect():
+            created = family.name + "_created"
+            kept = copy.copy(family)
+            kept.samples = [s for s in family.samples if s.name != created]
+            yield kept
 
 
 class MetricsPage(Resource):

@@ -44,6 +44,7 @@ class Outcome:
     added: str | None = None
     model_s: float = 0.0
     search_s: float = 0.0
+    batch_size: int = 0
 
 
 class IndexObserver(Protocol):
@@ -210,7 +211,8 @@ class PipelineRunner:
         model_done = time.perf_counter()
         model_s = model_done - started
         outcomes: list[Outcome | Failure | None] = [
-            None if p is None else Outcome(p, model_s=model_s) for p in predictions
+            None if p is None else Outcome(p, model_s=model_s, batch_size=len(batch))
+            for p in predictions
         ]
         work = [
             (i, job.task, p)
@@ -233,7 +235,9 @@ class PipelineRunner:
             search_s = time.perf_counter() - model_done
             for i, result in results.items():
                 if isinstance(result, Outcome):
-                    result = replace(result, model_s=model_s, search_s=search_s)
+                    result = replace(
+                        result, model_s=model_s, search_s=search_s, batch_size=len(batch)
+                    )
                 outcomes[i] = result
             return outcomes
 

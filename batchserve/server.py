@@ -10,7 +10,6 @@ model, the thread pools and the reactor.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web.server import Site
 
-from batchserve import __version__
+from batchserve import __version__, logs
 from batchserve.api import BatchserveAPI
 from batchserve.auth import Tokens
 from batchserve.batching import Batch, Batcher
@@ -150,6 +149,8 @@ def build(
         index=index,
         observer=metrics,
     )
+    metrics.set_queue_capacity(settings.batching.max_queue)
+    metrics.track_readiness(lambda: service.ready)
     api = BatchserveAPI(
         service,
         metrics,
@@ -349,21 +350,6 @@ def _mark_seeded(store: ItemStore, count: int) -> int:
     return count
 
 
-def start_logging(level_name: str) -> None:
-    """Log to stderr from ``level_name`` (debug, info, warn, error, critical) up."""
-    from twisted.logger import (
-        FilteringLogObserver,
-        LogLevel,
-        LogLevelFilterPredicate,
-        globalLogBeginner,
-        textFileLogObserver,
-    )
-
-    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level_name))
-    observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
-
-
 def serve(settings: ServeSettings) -> None:
     """Run the server until SIGINT or SIGTERM; exits 1 when it cannot start."""
     from twisted.internet.task import react
@@ -376,7 +362,7 @@ def serve(settings: ServeSettings) -> None:
         return d
 
     name_this_thread("batchserve")  # the reactor's thread, as top -H and /proc show it
-    start_logging(settings.server.log_level)
+    logs.start_logging(settings.server.log_level, settings.server.log_format)
     os.umask(0o077)  # every file the server creates is readable by its own user only
     lock_data_dir(Path(settings.store.data_dir))
     react(main)

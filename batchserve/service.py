@@ -77,6 +77,9 @@ class Call:
     timings: Timings = field(default_factory=Timings)
     #: When the service admitted the request (the reactor's clock); its deadline runs from it.
     admitted_s: float = 0.0
+    #: Images the request sent through the model, and the largest batch they ran in.
+    images: int = 0
+    batch_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -306,6 +309,7 @@ class ImageService:
         submitted = time.perf_counter()
 
         def timed(outcomes: list[Outcome]) -> list[Outcome]:
+            call.images, call.batch_size = len(outcomes), max(o.batch_size for o in outcomes)
             call.timings.through_pipeline(
                 time.perf_counter() - submitted,
                 max(o.model_s for o in outcomes),

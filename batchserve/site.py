@@ -10,11 +10,14 @@ their cost to reading the bytes off the socket, not routing, parsing and JSON-en
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
 from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.server import Request, Site, version
+
+from batchserve import logs
 
 #: Writes a whole response to ``request`` and finishes it.
 EarlyAnswer = Callable[[Request], None]
@@ -54,12 +57,23 @@ class BoundedRequest(Request):
 
     max_body_bytes = 32 * 1024 * 1024
     body_over_limit = False
+    #: The client's X-Request-Id, or one made for it; returned in the response's header.
+    request_id = ""
+    #: The route that answered (set by the API), and what it ran (its service Call).
+    route: str | None = None
+    call: Any = None
     #: Set by the API when its token and room were checked from the headers.
     admitted_early = False
     early_answer: EarlyAnswer | None = None
     refuse_early: RefuseEarly = staticmethod(_let_through)
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.started_s = time.monotonic()
+
     def gotLength(self, length: int | None) -> None:  # noqa: N802 (Twisted API)
+        self.request_id = logs.request_id(self.getHeader(b"x-request-id"))
+        self.setHeader(b"X-Request-Id", self.request_id.encode())
         if length is not None and length > self.max_body_bytes:
             self.body_over_limit = True
         else:
@@ -109,6 +123,28 @@ def _no_access_log(request: Request) -> None:
     pass
 
 
+def log_access(request: Request) -> None:
+    """The access line of a finished request."""
+    call = getattr(request, "call", None)
+    address = request.getClientAddress()
+    length = request.getHeader(b"content-length")
+    logs.log_access(
+        {
+            "request_id": getattr(request, "request_id", ""),
+            "method": request.method.decode("latin-1"),
+            "route": getattr(request, "route", None),
+            "path": request.path.decode("utf-8", "replace"),
+            "status": request.code,
+            "bytes_in": int(length) if length and length.isdigit() else 0,
+            "bytes_out": request.sentLength,
+            "latency_ms": round((time.monotonic() - getattr(request, "started_s", 0.0)) * 1e3, 2),
+            "images": getattr(call, "images", 0),
+            "batch_size": getattr(call, "batch_size", 0),
+            "client": getattr(address, "host", None),
+        }
+    )
+
+
 class _Site(Site):
     # Twisted declares the protocol factory as a method; a channel class is what it calls.
     protocol = RequestLineChannel  # type: ignore[assignment]
@@ -122,12 +158,11 @@ def make_site(
 ) -> Site:
     """A Site that serves ``resource`` as batchserve does: bodies bounded, requests refused
     from their headers by ``refuse_early``, multipart left to the API (Twisted would parse
-    it a second time, on the reactor), access log on or off."""
+    it a second time, on the reactor), one access line per request (or none)."""
     site = _Site(
         resource,
         requestFactory=bounded_request_factory(max_body_bytes, refuse_early),
         parsePOSTFormSubmission=False,
     )
-    if not access_log:
-        site.log = _no_access_log  # type: ignore[method-assign,assignment]
+    site.log = log_access if access_log else _no_access_log  # type: ignore[method-assign,assignment]
     return site

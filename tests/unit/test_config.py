@@ -57,9 +57,9 @@ def test_precedence_is_flag_then_env_then_file_then_default(tmp_path: Path) -> N
 
 def test_config_flag_and_batchserve_table(tmp_path: Path) -> None:
     toml = tmp_path / "c.toml"
-    toml.write_text("[batchserve]\nmax_queue = 7\naccess_log = true\n")
+    toml.write_text("[batchserve]\nmax_queue = 7\naccess_log = false\n")
     s = serve(["--config", str(toml)])
-    assert s.batching.max_queue == 7 and s.server.access_log is True
+    assert s.batching.max_queue == 7 and s.server.access_log is False
 
 
 def test_every_setting_lands_in_its_component_from_its_env_name_and_its_flag() -> None:

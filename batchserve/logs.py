@@ -1,0 +1,216 @@
+"""The server's log: Twisted's logging system, filtered by level, written as text lines or
+JSON lines with one timestamp each; one access line per request; TensorFlow's start-up
+noise kept out below the debug level.
+
+An access event carries its fields (``ACCESS_FIELDS``) as event keys, so a JSON line has
+them as keys and a text line reads as a sentence.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import IO, Any
+
+import orjson
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogEvent,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+    globalLogBeginner,
+)
+from zope.interface import provider
+
+ACCESS_NAMESPACE = "batchserve.access"
+ACCESS_FIELDS = (
+    "request_id",
+    "method",
+    "route",
+    "path",
+    "status",
+    "bytes_in",
+    "bytes_out",
+    "latency_ms",
+    "images",
+    "batch_size",
+    "client",
+)
+ACCESS_FORMAT = (
+    "{method} {path} {status} {latency_ms}ms in={bytes_in}B out={bytes_out}B "
+    "images={images} batch={batch_size} client={client} id={request_id}"
+)
+#: A request id a client may choose: printable, no spaces, at most 128 characters.
+_CLIENT_ID = re.compile(r"[!-~]{1,128}")
+
+access = Logger(namespace=ACCESS_NAMESPACE)
+
+
+def request_id(header: bytes | None) -> str:
+    """The client's ``X-Request-Id`` when it is a sane one, else a new random id."""
+    if header:
+        text = header.decode("latin-1")
+        if _CLIENT_ID.fullmatch(text):
+            return text
+    return uuid.uuid4().hex
+
+
+def log_access(fields: dict[str, Any]) -> None:
+    access.info(ACCESS_FORMAT, **fields)
+
+
+def _time(event: LogEvent) -> str:
+    moment = datetime.fromtimestamp(event.get("log_time", time.time()), tz=UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _level(event: LogEvent) -> str:
+    return str(getattr(event.get("log_level"), "name", "info"))
+
+
+def _message(event: LogEvent) -> str:
+    text = formatEvent(event)
+    failure = event.get("log_failure")
+    if failure is not None:
+        text += "\n" + failure.getTraceback()
+    return text
+
+
+def text_observer(out: IO[str]) -> ILogObserver:
+    """``time level namespace: message``, one line per event (a traceback indented)."""
+
+    @provider(ILogObserver)
+    def observe(event: LogEvent) -> None:
+        namespace = event.get("log_namespace", "-")
+        message = _message(event).replace("\n", "\n    ")
+        out.write(f"{_time(event)} {_level(event):<5} {namespace}: {message}\n")
+
+    return observe  # type: ignore[no-any-return]  # zope's @provider is untyped
+
+
+def json_observer(out: IO[str]) -> ILogObserver:
+    """One JSON object per line: time, level, logger, message, and an access event's
+    fields as keys of their own."""
+
+    @provider(ILogObserver)
+    def observe(event: LogEvent) -> None:
+        line: dict[str, Any] = {
+            "time": _time(event),
+            "level": _level(event),
+            "logger": event.get("log_namespace", "-"),
+            "message": _message(event),
+        }
+        if line["logger"] == ACCESS_NAMESPACE:
+            line.update({key: event.get(key) for key in ACCESS_FIELDS})
+        out.write(orjson.dumps(line, default=str).decode() + "\n")
+
+    return observe  # type: ignore[no-any-return]  # zope's @provider is untyped
+
+
+OBSERVERS: dict[str, Callable[[IO[str]], ILogObserver]] = {
+    "text": text_observer,
+    "json": json_observer,
+}
+
+
+def filtered(observer: ILogObserver, level_name: str) -> ILogObserver:
+    """``observer`` seeing only events at ``level_name`` (debug ... critical) and above."""
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level_name))
+    return FilteringLogObserver(observer, [predicate])
+
+
+def start_logging(level_name: str, log_format: str) -> None:
+    """Send Twisted's log (and Python's ``logging``, which TensorFlow and Keras use) to
+    stderr as ``log_format`` lines from ``level_name`` up. Below debug, what native code
+    writes to stderr (TensorFlow's C++ start-up lines) becomes log events too, so that every
+    line of a JSON log is JSON; at debug it is written as it comes."""
+    quiet_tensorflow(level_name)
+    out = sys.stderr if level_name == "debug" else capture_native_stderr()
+    observer = filtered(OBSERVERS[log_format](out), level_name)
+    logging.getLogger().addHandler(TwistedHandler())
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+def quiet_tensorflow(level_name: str) -> None:
+    """Below debug, TensorFlow's C++ start-up lines (CPU features, plugins) stay out of the
+    log, and its Python loggers say only errors. Must run before TensorFlow is imported."""
+    if level_name == "debug":
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    for name in ("tensorflow", "absl", "keras", "h5py"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+#: Python's logging levels as Twisted's.
+_LEVELS = {
+    logging.DEBUG: LogLevel.debug,
+    logging.INFO: LogLevel.info,
+    logging.WARNING: LogLevel.warn,
+    logging.ERROR: LogLevel.error,
+    logging.CRITICAL: LogLevel.critical,
+}
+
+
+#: A native (absl / glog) log line: level letter, date, time, thread, file:line] text.
+_NATIVE = re.compile(r"([IWEF])\d{4} [\d:.]+\s+\d+ ([^\]]+)\] (.*)")
+_NATIVE_LEVELS = {
+    "I": LogLevel.debug,
+    "W": LogLevel.warn,
+    "E": LogLevel.error,
+    "F": LogLevel.critical,
+}
+_ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called"
+native = Logger(namespace="native")
+
+
+def capture_native_stderr() -> IO[str]:
+    """Point file descriptor 2 at a pipe whose lines a thread turns into log events, and
+    return a stream on the original stderr for the log's own lines."""
+    original = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    reader = threading.Thread(
+        target=_log_native_lines, args=(read_end,), name="batchserve-stderr", daemon=True
+    )
+    reader.start()
+    return original
+
+
+def _log_native_lines(read_end: int) -> None:
+    with os.fdopen(read_end, "r", encoding="utf-8", errors="replace") as lines:
+        for line in lines:
+            log_native_line(line.rstrip("\n"))
+
+
+def log_native_line(line: str) -> None:
+    """One line native code wrote to stderr, as a log event: absl's info lines at debug
+    level, its warnings and errors at theirs, anything else as a warning."""
+    if not line.strip():
+        return
+    found = _NATIVE.fullmatch(line)
+    if found:
+        level, where, text = found.groups()
+        native.emit(_NATIVE_LEVELS[level], "{text} ({where})", text=text, where=where)
+    elif line.startswith(_ABSL_PREAMBLE):
+        native.debug("{text}", text=line)
+    else:
+        native.warn("{text}", text=line)
+
+
+class TwistedHandler(logging.Handler):
+    """Python ``logging`` records into Twisted's log, under the logger's name."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = _LEVELS.get(record.levelno, LogLevel.info)
+        Logger(namespace=record.name).emit(level, "{text}", text=record.getMessage())
