@@ -228,14 +228,15 @@ class BatchserveAPI:
         return work()
 
     def call_of(self, request: IRequest) -> Call:
-        """The request's own deadline (``timeout_ms`` or the X-Timeout-Ms header)."""
-        raw = request.args.get(b"timeout_ms", [None])[0] or request.getHeader(TIMEOUT_HEADER)
-        call = Call()
-        if raw is not None:
-            timeout_ms = bounded_int(
-                raw.decode("latin-1"), "timeout_ms", MIN_TIMEOUT_MS, MAX_TIMEOUT_MS
-            )
-            call.timeout_s = timeout_ms / 1000.0
+        """The request's own deadline: ``timeout_ms`` or the X-Timeout-Ms header (the
+        shorter when both are given; each must be within bounds)."""
+        given = [request.args.get(b"timeout_ms", [None])[0], request.getHeader(TIMEOUT_HEADER)]
+        asked = [
+            bounded_int(raw.decode("latin-1"), "timeout_ms", MIN_TIMEOUT_MS, MAX_TIMEOUT_MS)
+            for raw in given
+            if raw is not None
+        ]
+        call = Call(timeout_s=min(asked) / 1000.0 if asked else None)
         if isinstance(request, BoundedRequest):
             request.call = call  # the access line reports its images and batch
         return call

@@ -8,6 +8,7 @@ them as keys and a text line reads as a sentence.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
@@ -175,8 +176,11 @@ native = Logger(namespace="native")
 
 def capture_native_stderr() -> IO[str]:
     """Point file descriptor 2 at a pipe whose lines a thread turns into log events, and
-    return a stream on the original stderr for the log's own lines."""
+    return a stream on the original stderr for the log's own lines. Python's own
+    ``sys.stderr`` keeps writing to the original (a last message before exit is never
+    stuck in the pipe); at exit the pipe is closed and what it holds is logged."""
     original = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
+    sys.stderr = original
     read_end, write_end = os.pipe()
     os.dup2(write_end, 2)
     os.close(write_end)
@@ -184,7 +188,13 @@ def capture_native_stderr() -> IO[str]:
         target=_log_native_lines, args=(read_end,), name="batchserve-stderr", daemon=True
     )
     reader.start()
+    atexit.register(_drain_native, reader)
     return original
+
+
+def _drain_native(reader: threading.Thread) -> None:
+    os.close(2)  # the pipe's last writer: the reader sees the end once it has read the rest
+    reader.join(timeout=1.0)
 
 
 def _log_native_lines(read_end: int) -> None:

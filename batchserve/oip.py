@@ -78,13 +78,21 @@ def read_infer(
     if len(doc["inputs"]) != 1:
         raise InvalidInput(f"send one input, {IMAGE} or {PIXELS}; got {len(doc['inputs'])}")
     images = _read_input(doc["inputs"][0], tail, limits)
-    parameters = _object(doc.get("parameters"), "parameters")
+    parameters = _parameters(doc, "parameters")
     return InferRequest(
         images=images,
-        outputs=_outputs(doc.get("outputs"), parameters, info),
-        id=str(doc["id"]) if doc.get("id") is not None else None,
+        outputs=_outputs(doc.get("outputs", _ALL), parameters, info),
+        id=_request_id(doc),
         timeout_s=_timeout_s(parameters.get(TIMEOUT_US)),
     )
+
+
+def _request_id(doc: dict[str, Any]) -> str | None:
+    if "id" not in doc:
+        return None
+    if not isinstance(doc["id"], str):
+        raise InvalidInput("id must be a string")
+    return doc["id"]
 
 
 def _split(body: bytes, header_length: int | None) -> tuple[bytes, bytes]:
@@ -99,11 +107,15 @@ def _split(body: bytes, header_length: int | None) -> tuple[bytes, bytes]:
 
 
 def _object(value: object, what: str) -> dict[str, Any]:
-    if value is None:
-        return {}
     if not isinstance(value, dict):
         raise InvalidInput(f"{what} must be a JSON object")
     return value
+
+
+def _parameters(holder: dict[str, Any], what: str) -> dict[str, Any]:
+    """``holder``'s "parameters": absent is none, anything but an object (null too) is
+    refused."""
+    return _object(holder["parameters"], what) if "parameters" in holder else {}
 
 
 def _read_input(tensor: object, tail: bytes, limits: RequestLimits) -> list[Image]:
@@ -114,7 +126,7 @@ def _read_input(tensor: object, tail: bytes, limits: RequestLimits) -> list[Imag
         raise InvalidInput(f"input {name}: shape must be a list of non-negative integers")
     if shape:
         check_count(shape[0], "images", limits)
-    size = _object(tensor.get("parameters"), "input parameters").get("binary_data_size")
+    size = _parameters(tensor, "input parameters").get("binary_data_size")
     raw = _binary(tail, size, name) if size is not None else None
     if name == IMAGE and datatype == "BYTES":
         return _images(tensor.get("data"), raw, shape)
@@ -189,11 +201,15 @@ def _uint8_list(data: object) -> npt.NDArray[np.uint8]:
     return values.astype(np.uint8)
 
 
+#: No "outputs" in a request: every output the model has.
+_ALL = object()
+
+
 def _outputs(requested: object, parameters: dict[str, Any], info: ModelInfo) -> dict[str, bool]:
     """Output name -> sent in binary. None asked: every output the model has."""
     default_binary = bool(parameters.get("binary_data_output", False))
     known = [EMBEDDING] + ([PROBABILITIES] if info.classes else [])
-    if requested is None:
+    if requested is _ALL:
         return dict.fromkeys(known, default_binary)
     if not isinstance(requested, list) or not requested:
         raise InvalidInput("outputs must be a non-empty list")
@@ -202,7 +218,7 @@ def _outputs(requested: object, parameters: dict[str, Any], info: ModelInfo) -> 
         output = _object(output, "an output")
         if output.get("name") not in known:
             raise InvalidInput(f"unknown output {output.get('name')}; this model has {known}")
-        wanted = _object(output.get("parameters"), "output parameters")
+        wanted = _parameters(output, "output parameters")
         chosen[output["name"]] = bool(wanted.get("binary_data", default_binary))
     return chosen
 

@@ -13,7 +13,7 @@ from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from batchserve import oip
 from batchserve.bodies import RequestLimits
@@ -153,7 +153,8 @@ class OpenInferenceAPI:
     def http_error(self, request: IRequest, failure: Failure) -> bytes:
         error = failure.value
         assert isinstance(error, HTTPException)
-        request.setResponseCode(error.code or 500)
+        if isinstance(error, MethodNotAllowed) and error.valid_methods:
+            request.setHeader(b"Allow", ", ".join(sorted(error.valid_methods)).encode())
         return _json(request, error.code or 500, {"error": error.description or error.name})
 
 

@@ -359,6 +359,86 @@ def _info_paths() -> Doc:
     }
 
 
+def _v2_errors(*codes: str) -> Doc:
+    return {
+        code: {"description": _ERRORS.get(code, "not found"), "content": _json(ref("OipError"))}
+        for code in codes
+    }
+
+
+def _v2_paths(limits: RequestLimits) -> Doc:
+    """The Open Inference Protocol v2 (KServe / Triton REST); {name} is the served model's."""
+    name = _parameter("name", {"type": "string"}, "the served model's name (as /v1/model)", "path")
+    flag = {"type": "object", "properties": {"live": {"type": "boolean"}}}
+    ready = {"type": "object", "properties": {"ready": {"type": "boolean"}}}
+    infer_errors = _v2_errors("400", "401", "403", "404", "413", "503", "504")
+    return {
+        "/v2": {"get": _v2_get("Server metadata", {"type": "object"}, "401", "403")},
+        "/v2/health/live": {"get": _v2_get("Liveness", flag)},
+        "/v2/health/ready": {
+            "get": {
+                **_v2_get("Readiness", ready),
+                "responses": {
+                    "200": {"description": "ready", "content": _json(ready)},
+                    "503": {"description": "not ready", "content": _json(ready)},
+                },
+            }
+        },
+        "/v2/models/{name}": {
+            "get": {
+                **_v2_get(
+                    "Model metadata: inputs, outputs, classes",
+                    {"type": "object"},
+                    "401",
+                    "403",
+                    "404",
+                    "503",
+                ),
+                "parameters": [name],
+            }
+        },
+        "/v2/models/{name}/ready": {
+            "get": {
+                **_v2_get("Model readiness", ready, "401", "403", "404", "503"),
+                "parameters": [name],
+            }
+        },
+        "/v2/models/{name}/infer": {
+            "post": {
+                "summary": "Inference: IMAGE (BYTES [N], encoded) or PIXELS (UINT8 [N, H, W, 3]) "
+                "in; EMBEDDING and PROBABILITIES out. JSON tensors, or the binary tensor "
+                "extension (Inference-Header-Content-Length)",
+                "parameters": [name, *_deadline_parameters()],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": ref("InferRequest"),
+                            "example": {
+                                "inputs": [
+                                    {
+                                        "name": "IMAGE",
+                                        "datatype": "BYTES",
+                                        "shape": [1],
+                                        "data": [example_image_b64()],
+                                    }
+                                ]
+                            },
+                        },
+                        "application/octet-stream": {"schema": {"type": "string"}},
+                    },
+                },
+                "responses": {**_ok("InferResponse", "the outputs"), **infer_errors},
+            }
+        },
+    }
+
+
+def _v2_get(summary: str, schema: Doc, *errors: str) -> Doc:
+    ok = {"200": {"description": summary, "content": _json(schema)}}
+    return {"summary": summary, "responses": {**ok, **_v2_errors(*errors)}}
+
+
 def _page_paths() -> Doc:
     """What a browser opens."""
     html = {"text/html": {"schema": {"type": "string"}}}
@@ -416,6 +496,7 @@ def document(limits: RequestLimits) -> Doc:
             **_model_paths(limits),
             **_item_paths(limits),
             **_info_paths(),
+            **_v2_paths(limits),
             **_page_paths(),
         },
     }

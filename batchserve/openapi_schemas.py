@@ -186,4 +186,58 @@ def _record_schemas() -> Doc:
             "required": ["status"],
             "properties": {"status": {"type": "string"}},
         },
+        **_v2_schemas(),
+    }
+
+
+def _v2_schemas() -> Doc:
+    """The Open Inference Protocol's error, request and response."""
+    tensor = {
+        "type": "object",
+        "required": ["name", "datatype", "shape"],
+        "properties": {
+            "name": {"enum": ["IMAGE", "PIXELS"]},
+            "datatype": {"enum": ["BYTES", "UINT8"]},
+            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+            "data": {"type": "array", "description": "base64 strings (IMAGE), 0-255 (PIXELS)"},
+            "parameters": {"type": "object"},
+        },
+    }
+    output = {
+        "type": "object",
+        "required": ["name", "datatype", "shape"],
+        "properties": {
+            "name": {"enum": ["EMBEDDING", "PROBABILITIES"]},
+            "datatype": {"const": "FP32"},
+            "shape": {"type": "array", "items": {"type": "integer"}},
+            "data": {"type": "array", "items": {"type": "number"}},
+            "parameters": {"type": "object"},
+        },
+    }
+    return {
+        "OipError": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {"error": {"type": "string"}},
+        },
+        "InferRequest": {
+            "type": "object",
+            "required": ["inputs"],
+            "properties": {
+                "id": {"type": "string"},
+                "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": tensor},
+                "outputs": {"type": "array", "items": {"type": "object"}},
+                "parameters": {"type": "object"},
+            },
+        },
+        "InferResponse": {
+            "type": "object",
+            "required": ["model_name", "outputs"],
+            "properties": {
+                "model_name": {"type": "string"},
+                "model_version": {"type": "string"},
+                "id": {"type": "string"},
+                "outputs": {"type": "array", "items": output},
+            },
+        },
     }

@@ -9,12 +9,12 @@ the load); accepted requests done within their deadline.
 
 from __future__ import annotations
 
-import http.client
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from batchserve.client import BatchserveError, Client, Retry
 from bench import load, procs, scrape
 from bench.bodies import build_requests
 
@@ -40,20 +40,23 @@ class Watch:
         thread.join(30)
 
     def _run(self) -> None:
-        while not self._stop.wait(1.0):
-            self.rss.append(procs.tree_rss_bytes(self.pid))
-            started = time.perf_counter()
-            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-            try:
-                conn.request("POST", "/v1/embed", self.body, {"Content-Type": "image/jpeg"})
-                response = conn.getresponse()
-                response.read()
-                has_retry = response.getheader("Retry-After") is not None
-                self.probes.append((response.status, has_retry, time.perf_counter() - started))
-            except (OSError, http.client.HTTPException):
-                self.probes.append((0, False, time.perf_counter() - started))
-            finally:
-                conn.close()
+        # One attempt per probe: a retried 503 would hide the rejection being checked.
+        url = f"http://127.0.0.1:{self.port}"
+        with Client(url, timeout_s=30.0, retries=Retry(attempts=1)) as client:
+            while not self._stop.wait(1.0):
+                self.rss.append(procs.tree_rss_bytes(self.pid))
+                self.probes.append(probe(client, self.body))
+
+
+def probe(client: Client, image: bytes) -> tuple[int, bool, float]:
+    """One ``POST /v1/embed`` of ``image``: its status (0: no answer), whether it said when
+    to come back (``Retry-After``), and its seconds."""
+    started = time.perf_counter()
+    try:
+        client.embed(image)
+    except BatchserveError as e:
+        return e.status, e.retry_after_s is not None, time.perf_counter() - started
+    return 200, False, time.perf_counter() - started
 
 
 def model_figures(view: scrape.ServerView, seconds: float) -> dict[str, float]:

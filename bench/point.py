@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from batchserve.client import BatchserveError
 from bench import load, scrape
 
 BATCH_BUCKETS = ("1.0", "2.0", "4.0", "8.0", "16.0", "32.0", "64.0", "128.0", "256.0", "512.0")
@@ -33,7 +34,7 @@ def measure(
     """Run ``spec`` and summarise it; scrapes ``base_url``/metrics when it exists."""
     try:
         before = scrape.scrape(base_url)
-    except OSError:
+    except BatchserveError:
         before = {}
     result = load.run(spec, processes)
     after = scrape.scrape(base_url) if before else {}

@@ -13,13 +13,19 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
+
+from batchserve.client import BatchserveError, Client, Retry
+
+
+def probe_client(url: str) -> Client:
+    """A client for polling a starting server: one short try per call, as the caller
+    polls anyway."""
+    return Client(url, timeout_s=2.0, retries=Retry(attempts=1))
 
 
 class ServerProcess:
@@ -74,15 +80,22 @@ class ServerProcess:
                 cwd=cwd,
             )
         port = None
-        while time.monotonic() - started < timeout_s and process.poll() is None:
-            if port is None:
-                # The port the server picked is known only from its own announcement.
-                found = re.search(r"listening on http://127\.0\.0\.1:(\d+)", log_path.read_text())
-                port = int(found.group(1)) if found else None
-            elif _status(f"http://127.0.0.1:{port}/readyz") == 200:
-                url = f"http://127.0.0.1:{port}"
-                return cls(process, url, port, time.monotonic() - started, log_path)
-            time.sleep(0.05)
+        client: Client | None = None
+        try:
+            while time.monotonic() - started < timeout_s and process.poll() is None:
+                if client is None:
+                    # The port the server picked is known only from its own announcement.
+                    found = re.search(
+                        r"listening on http://127\.0\.0\.1:(\d+)", log_path.read_text()
+                    )
+                    port = int(found.group(1)) if found else None
+                    client = probe_client(f"http://127.0.0.1:{port}") if port else None
+                elif port is not None and answers(client.ready):
+                    return cls(process, client.url, port, time.monotonic() - started, log_path)
+                time.sleep(0.05)
+        finally:
+            if client is not None:
+                client.close()
         process.kill()
         process.wait()
         raise RuntimeError("server did not become ready:\n" + log_path.read_text())
@@ -124,14 +137,13 @@ def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 60.0) -> i
     return process.wait()
 
 
-def _status(url: str) -> int | None:
+def answers(probe: Callable[[], bool]) -> bool:
+    """Whether ``probe`` (``Client.ready``, ``Client.healthy``) says yes; a server that
+    does not answer yet, or answers with an error, says no."""
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as e:
-        return e.code
-    except (urllib.error.URLError, OSError):
-        return None
+        return probe()
+    except BatchserveError:
+        return False
 
 
 def free_port() -> int:
@@ -225,12 +237,13 @@ def start_baseline(module: str, workers: int, timeout_s: float = 180.0) -> Basel
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     ready = 0
-    while time.monotonic() < deadline and process.poll() is None:
-        # Every worker loads its own model: wait until several answers came back.
-        ready += _status(url + "/healthz") == 200
-        if ready >= 3 * workers:
-            time.sleep(10)  # workers load their models lazily on import: let all finish
-            return Baseline(module, process, url, log.parent)
-        time.sleep(0.5)
+    with probe_client(url) as client:
+        while time.monotonic() < deadline and process.poll() is None:
+            # Every worker loads its own model: wait until several answers came back.
+            ready += answers(client.healthy)
+            if ready >= 3 * workers:
+                time.sleep(10)  # workers load their models lazily on import: let all finish
+                return Baseline(module, process, url, log.parent)
+            time.sleep(0.5)
     process.kill()
     raise SystemExit(f"baseline {module} did not start:\n{log.read_text()[-2000:]}")

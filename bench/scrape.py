@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import re
-import urllib.request
 from dataclasses import dataclass
+
+from batchserve.client import Client
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
 
 
 def scrape(base_url: str) -> dict[str, float]:
-    """Every sample of ``base_url``/metrics, keyed by name plus labels as printed."""
-    with urllib.request.urlopen(base_url.rstrip("/") + "/metrics", timeout=10) as response:
-        text = response.read().decode()
+    """Every sample of ``base_url``/metrics, keyed by name plus labels as printed. Raises
+    ``batchserve.client.BatchserveError`` when there is none (a baseline without /metrics,
+    a server that is gone)."""
+    with Client(base_url, timeout_s=10.0) as client:
+        text = client.metrics()
     samples: dict[str, float] = {}
     for line in text.splitlines():
         found = _SAMPLE.match(line)

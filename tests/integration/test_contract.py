@@ -5,6 +5,7 @@ Bounded: a fixed seed and a few examples per operation and phase (~10 s)."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -30,8 +31,10 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 def test_every_example_in_the_document_succeeds(live: Server) -> None:
     document = live.request("GET", "/openapi.json").json()
+    model = live.request("GET", "/v1/model").json()["name"]
     tried = 0
-    for path, operations in document["paths"].items():
+    for template, operations in document["paths"].items():
+        path = template.replace("{name}", model)
         for method, operation in operations.items():
             for content_type, media in operation.get("requestBody", {}).get("content", {}).items():
                 if "example" not in media:
@@ -72,7 +75,11 @@ def test_schemathesis_finds_no_5xx_and_no_answer_outside_the_document(
         "--report-junit-path",
         str(tmp_path / "junit.xml"),
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    model = live.request("GET", "/v1/model").json()["name"]
+    environment = {**os.environ, "BATCHSERVE_MODEL_NAME": model}
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=environment
+    )
     print(done.stdout[-4000:])
     assert done.returncode == 0, done.stdout[-8000:] + done.stderr[-2000:]
     tested = _junit_cases(tmp_path / "junit.xml")

@@ -18,7 +18,7 @@ os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called a
 os.write(2, b"I0000 00:00:1795990913.700417   18051 port.cc:153] oneDNN custom operations\\n")
 os.write(2, b"E0000 00:00:1795990913.700417   18051 gpu.cc:1] no device\\n")
 os.write(2, b"a plain line from C\\n")
-import time; time.sleep(0.5)  # the reader thread logs what the pipe holds
+print("a last word from Python", file=sys.stderr)  # written as it is, at once
 """
 
 
@@ -26,7 +26,10 @@ def test_native_stderr_becomes_log_lines_and_info_noise_is_dropped() -> None:
     done = subprocess.run(
         [sys.executable, "-c", NATIVE_SCRIPT], capture_output=True, text=True, timeout=60
     )
-    lines = [json.loads(line) for line in done.stderr.splitlines()]  # every line is JSON
+    written = done.stderr.splitlines()
+    assert "a last word from Python" in written
+    written.remove("a last word from Python")
+    lines = [json.loads(line) for line in written]  # at exit, the pipe is drained
     assert [(line["level"], line["logger"]) for line in lines] == [
         ("error", "native"),
         ("warn", "native"),

@@ -91,6 +91,20 @@ def test_the_servers_deadline_caps_a_longer_one() -> None:
     assert result_of(d).code == 504
 
 
+def test_both_deadlines_given_must_each_be_valid_and_the_shorter_wins() -> None:
+    h = Harness()
+    headers = {"Content-Type": "image/jpeg", "X-Timeout-Ms": "3600001"}
+    assert h.request("POST", "/v1/embed?timeout_ms=1000", RED, headers)[0] == 400
+    runner: FakeRunner[Any] = FakeRunner()
+    h = Harness(runner=runner, timeout_s=10.0)
+    headers["X-Timeout-Ms"] = "1200"
+    d = h.send("POST", "/v1/embed?timeout_ms=5000", RED, headers)
+    h.flush()
+    h.clock.advance(1.3)
+    h.flush()
+    assert result_of(d).code == 504
+
+
 @pytest.mark.parametrize("value", ["999", "0", "-5", "soon", "3600001"])
 def test_a_deadline_out_of_bounds_is_400(value: str) -> None:
     status, _, doc = Harness().post_image(f"/v1/embed?timeout_ms={value}", RED)

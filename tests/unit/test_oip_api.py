@@ -114,8 +114,8 @@ def test_errors_use_the_protocols_shape_and_status() -> None:
     assert status == 400 and "cannot identify" in error["error"]
     status, _, error = h.request("POST", INFER, infer_json([RED] * 4))
     assert status == 413 and list(error) == ["error"]
-    status, _, error = h.request("GET", INFER)
-    assert status == 405 and list(error) == ["error"]
+    status, headers, error = h.request("GET", INFER)
+    assert status == 405 and list(error) == ["error"] and headers["allow"] == "POST"
 
 
 def test_a_deadline_in_the_request_parameters_is_honoured() -> None:
