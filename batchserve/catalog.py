@@ -290,11 +290,13 @@ class Catalog:
         row = self._db.execute("SELECT MAX(seq) FROM changes").fetchone()
         return int(row[0] or 0)
 
-    def changes_since(self, seq: int) -> list[tuple[int, str, int]]:
+    def changes_since(self, seq: int, limit: int | None = None) -> list[tuple[int, str, int]]:
+        """(seq, op, fid) of the changes after ``seq``, oldest first, at most ``limit``."""
         return [
             (int(s), str(op), int(fid))
             for s, op, fid in self._db.execute(
-                "SELECT seq, op, fid FROM changes WHERE seq > ? ORDER BY seq", (seq,)
+                "SELECT seq, op, fid FROM changes WHERE seq > ? ORDER BY seq LIMIT ?",
+                (seq, -1 if limit is None else limit),
             )
         ]
 

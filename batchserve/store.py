@@ -129,12 +129,24 @@ def lock_data_dir(data_dir: Path) -> int:
 class ItemStore:
     """Items, their vectors and filters, under ``data_dir``."""
 
-    def __init__(self, data_dir: Path, index: SearchableIndex, fingerprint: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        index: SearchableIndex,
+        fingerprint: dict[str, Any],
+        catalog: Any = None,
+    ) -> None:
         self.data_dir = data_dir
         self.index = index
         self.fingerprint = fingerprint
-        self.catalog = Catalog(data_dir / "catalog.sqlite3", index.dim)
+        self.catalog = catalog or Catalog(data_dir / "catalog.sqlite3", index.dim)
         self.catalog.check_model(fingerprint)
+        #: A catalog other processes write too (PostgreSQL): this index follows its change
+        #: log, and keeps the items searches show in memory, so searches go on without it.
+        self.shared = bool(getattr(self.catalog, "shared", False))
+        self._items: dict[int, Item] = {}
+        #: The change of the catalog up to which the index is current.
+        self.applied_seq = 0
         self.snapshot_dir = data_dir / "snapshots"
         self.snapshot_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._by_label: dict[str, set[int]] = defaultdict(set)
@@ -145,26 +157,29 @@ class ItemStore:
     # -- start ----------------------------------------------------------------------------
 
     def open(self) -> OpenReport:
-        """Load the newest usable snapshot and replay later changes, or rebuild."""
+        """Load the newest usable snapshot and replay the changes after it, or rebuild from
+        the catalog; either way the index is then current with the catalog."""
         started = time.perf_counter()
         report = OpenReport()
-        for fid, label, klass in self.catalog.groups():
-            self._remember(fid, label, klass)
         for meta_path in sorted(self.snapshot_dir.glob("index-*.json"), reverse=True):
             try:
                 meta = json.loads(meta_path.read_text())
                 self._check_snapshot(meta)
+                fids = np.load(meta_path.with_suffix(".fids.npy"))
                 self.index.load(
                     meta_path.with_suffix(".faiss"), meta["tombstones"], meta["trained"]
                 )
             except (OSError, ValueError, KeyError, RuntimeError) as e:
                 report.skipped_snapshots.append(f"{meta_path.name}: {e}")
                 continue
-            report.snapshot_seq = self._snapshot_seq = int(meta["seq"])
-            report.replayed = self._replay(self._snapshot_seq)
+            report.snapshot_seq = self._snapshot_seq = self.applied_seq = int(meta["seq"])
+            self._remember_rows([int(f) for f in fids])
+            report.replayed = self.catch_up()
             break
         else:
+            self.applied_seq = self.catalog.last_seq()  # later changes are replayed
             self._rebuild()
+            self.catch_up()
             report.rebuilt = True
             self._snapshot_seq = -1  # nothing on disk yet: the next snapshot is due
         self.maintain()
@@ -181,17 +196,47 @@ class ItemStore:
         params = getattr(self.index, "params", None)
         return str(getattr(params, "kind", self.index.kind_in_use))
 
-    def _replay(self, seq: int) -> int:
-        changes = self.catalog.changes_since(seq)
-        added = [fid for _s, op, fid in changes if op == "add"]
-        deleted = {fid for _s, op, fid in changes if op == "del"}
-        added_set = set(added)
-        before = [fid for fid in deleted if fid not in added_set]
-        self.index.remove(np.array(sorted(before), dtype=np.int64))
-        alive = [fid for fid in added if fid not in deleted]
-        for fids, vectors in self.catalog.vectors(alive):
+    def catch_up(self, known: dict[int, NewItem] | None = None, limit: int = 10_000) -> int:
+        """Apply the catalog's changes after ``applied_seq`` to the index (this process's own
+        writes and, with a shared catalog, every other's); return how many. Idempotent: an
+        add of an item already in the index, or a delete of one not in it, does nothing, so
+        changes already reflected by a rebuild are harmless. ``known`` holds items this
+        process just wrote, whose embeddings need not be read back."""
+        applied = 0
+        while changes := self.catalog.changes_since(self.applied_seq, limit):
+            self._apply(changes, known or {})
+            self.applied_seq = changes[-1][0]
+            applied += len(changes)
+            if len(changes) < limit:
+                break
+        return applied
+
+    def behind(self) -> int:
+        """Changes in the catalog not yet in the index."""
+        return max(0, self.catalog.last_seq() - self.applied_seq)
+
+    def _apply(self, changes: Sequence[tuple[int, str, int]], known: dict[int, NewItem]) -> None:
+        before = set(self._groups)
+        alive = set(before)
+        for _seq, op, fid in changes:
+            if op == "add":
+                alive.add(fid)
+            else:
+                alive.discard(fid)
+        gone = sorted(before - alive)
+        if gone:
+            self._forget(gone)
+            self.index.remove(np.array(gone, dtype=np.int64))
+        new = sorted(alive - before)
+        mine = [fid for fid in new if fid in known]
+        if mine:
+            vectors = np.stack([known[fid].embedding for fid in mine])
+            self.index.add(np.array(mine, dtype=np.int64), vectors)
+            self._remember_rows(mine)
+        others = [fid for fid in new if fid not in known]
+        for fids, vectors in self.catalog.vectors(others):  # rows deleted since: not there
             self.index.add(fids, vectors)
-        return len(changes)
+            self._remember_rows([int(f) for f in fids])
 
     def _rebuild(self) -> None:
         chunks = list(self.catalog.vectors())
@@ -202,7 +247,27 @@ class ItemStore:
             fids = np.zeros(0, dtype=np.int64)
             vectors = np.zeros((0, self.index.dim), dtype=np.float32)
         self.index.rebuild(fids, vectors)
+        self._forget(list(self._groups))
+        self._remember_rows([int(f) for f in fids])
 
+    def _remember_rows(self, fids: Sequence[int]) -> None:
+        """Record rows now in the index, with their label and class (and, with a shared
+        catalog, the whole item) read from the catalog. A row deleted since is recorded
+        without them: it is in the index until its delete, which follows, is applied."""
+        if not fids:
+            return
+        if self.shared:
+            items = self.catalog.items_by_fid(fids)
+            self._items.update(items)
+            rows = {fid: (item.label, item.predicted_class) for fid, item in items.items()}
+        elif len(fids) > 1000:
+            wanted = set(fids)
+            rows = {f: (label, kl) for f, label, kl in self.catalog.groups() if f in wanted}
+        else:
+            found = self.catalog.items_by_fid(fids)
+            rows = {fid: (item.label, item.predicted_class) for fid, item in found.items()}
+        for fid in fids:
+            self._remember(fid, *rows.get(fid, (None, None)))
     def maintain(self) -> bool:
         """Train an IVF index once enough vectors exist, or compact removed vectors away.
         Returns True when the index was rebuilt."""
@@ -219,12 +284,9 @@ class ItemStore:
             return []
         latest: dict[str, NewItem] = {item.id: item for item in items}  # last one wins
         batch = list(latest.values())
-        fids, replaced = self.catalog.upsert(batch)
-        self._forget(replaced)
-        self.index.remove(np.array(replaced, dtype=np.int64))
-        self.index.add(np.array(fids, dtype=np.int64), np.stack([i.embedding for i in batch]))
-        for fid, item in zip(fids, batch, strict=True):
-            self._remember(fid, item.label, item.predicted_class)
+        fids, _replaced = self.catalog.upsert(batch)
+        # The index follows the catalog's change log, these writes and any other's.
+        self.catch_up(known=dict(zip(fids, batch, strict=True)))
         self.maintain()
         return [item.id for item in items]
 
@@ -232,8 +294,7 @@ class ItemStore:
         fid = self.catalog.delete(item_id)
         if fid is None:
             return False
-        self._forget([fid])
-        self.index.remove(np.array([fid], dtype=np.int64))
+        self.catch_up()
         self.maintain()  # hnsw/ivfpq: compact once removed vectors pass 10%
         return True
 
@@ -246,6 +307,7 @@ class ItemStore:
 
     def _forget(self, fids: Sequence[int]) -> None:
         for fid in fids:
+            self._items.pop(fid, None)
             label, klass = self._groups.pop(fid, (None, None))
             if label is not None:
                 self._by_label[label].discard(fid)
@@ -278,8 +340,15 @@ class ItemStore:
             scores, ids = self.index.search(vectors, k, allowed)
             for row, i in enumerate(members):
                 raw[i] = (scores[row], ids[row])
-        found = self.catalog.items_by_fid([int(f) for _s, ids in raw for f in ids if f >= 0])
+        found = self._found([int(f) for _s, ids in raw for f in ids if f >= 0])
         return [self._matches(q, r, found) for q, r in zip(queries, raw, strict=True)]
+
+    def _found(self, fids: list[int]) -> dict[int, Item]:
+        """The items of ``fids``: from memory with a shared catalog (so that searches go on
+        while it is unreachable), else from the catalog."""
+        if self.shared:
+            return {fid: self._items[fid] for fid in fids if fid in self._items}
+        return self.catalog.items_by_fid(fids)
 
     def _allowed(self, label: str | None, klass: str | None) -> npt.NDArray[np.int64] | None:
         sets = []
@@ -319,11 +388,13 @@ class ItemStore:
     def snapshot(self, force: bool = False) -> Path | None:
         """Write the index if anything changed since the last snapshot; keep the newest
         KEEP_SNAPSHOTS. A failed write leaves the previous snapshots as they were."""
-        seq = self.catalog.last_seq()
+        seq = self.applied_seq
         if seq == self._snapshot_seq and not force:
             return None
         path = self.snapshot_dir / f"index-{seq:012d}.faiss"
         tombstones = self.index.write(path)
+        fids = np.fromiter(sorted(self._groups), dtype=np.int64, count=len(self._groups))
+        np.save(path.with_suffix(".fids.npy"), fids)
         meta = {
             "seq": seq,
             "kind": self.index_kind(),
@@ -349,6 +420,7 @@ class ItemStore:
         metas = sorted(self.snapshot_dir.glob("index-*.json"), reverse=True)
         for old in metas[KEEP_SNAPSHOTS:]:
             old.with_suffix(".faiss").unlink(missing_ok=True)
+            old.with_suffix(".fids.npy").unlink(missing_ok=True)
             old.unlink(missing_ok=True)
         kept = metas[:KEEP_SNAPSHOTS]
         if kept:
@@ -364,7 +436,12 @@ class ItemStore:
             "device": self.index.device,
             "labels": len([k for k, v in self._by_label.items() if v]),
             "calls": {op: self.index.calls[op] for op in ("search", "add", "remove")},
-            "catalog": {**self.catalog.durability(), "commits": self.catalog.commits},
+            "catalog": {
+                **self.catalog.durability(),
+                "commits": self.catalog.commits,
+                "applied_seq": self.applied_seq,
+                "behind": self.behind(),
+            },
         }
 
     def close(self) -> None:

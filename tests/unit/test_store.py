@@ -248,7 +248,13 @@ def test_searches_are_one_index_call_per_distinct_filter(tmp_path: Path) -> None
 def test_the_live_catalog_connection_commits_durably(tmp_path: Path) -> None:
     s = store(tmp_path)
     assert s.catalog.durability() == {"journal_mode": "wal", "synchronous": "full"}
-    assert s.describe()["catalog"] == {"journal_mode": "wal", "synchronous": "full", "commits": 0}
+    assert s.describe()["catalog"] == {
+        "journal_mode": "wal",
+        "synchronous": "full",
+        "commits": 0,
+        "applied_seq": 0,
+        "behind": 0,
+    }
 
 
 def test_label_and_class_filters_still_find_the_items_after_a_restart(tmp_path: Path) -> None:
@@ -337,7 +343,13 @@ def test_describe_an_untrained_ivf_index(tmp_path: Path) -> None:
         "device": "cpu",
         "labels": 2,
         "calls": {"search": 0, "add": 1, "remove": 0},
-        "catalog": {"journal_mode": "wal", "synchronous": "full", "commits": 1},
+        "catalog": {
+            "journal_mode": "wal",
+            "synchronous": "full",
+            "commits": 1,
+            "applied_seq": 5,
+            "behind": 0,
+        },
     }
 
 
@@ -427,3 +439,62 @@ def test_pages_of_items_go_newest_first_from_a_cursor(tmp_path: Path) -> None:
     second = s.catalog.page(2, before_fid=first[-1].fid)
     assert [i.id for i in second] == ["id2", "id1"]
     assert [i.id for i in s.catalog.page(10, before_fid=second[-1].fid)] == ["id0"]
+
+
+def follower(tmp_path: Path, writer: ItemStore) -> ItemStore:
+    """A second store with its own index over the same catalog, as a replica is."""
+    other = ItemStore(
+        tmp_path / "replica", VectorIndex(DIM, IndexParams()), dict(MODEL), catalog=writer.catalog
+    )
+    other.open()
+    return other
+
+
+def test_a_follower_applies_anothers_writes_from_the_change_log(tmp_path: Path) -> None:
+    writer = store(tmp_path / "writer")
+    writer.add(items(0, 5))
+    replica = follower(tmp_path, writer)
+    assert replica.index.size == 5 and replica.behind() == 0
+    writer.add(items(5, 3, label="b"))
+    writer.add([NewItem("id0", vec(100), "a")])  # replaced: a new row
+    writer.delete("id1")
+    assert replica.behind() == 6
+    assert replica.catch_up() == 6 and replica.behind() == 0
+    assert replica.index.size == writer.index.size == 7
+    for seed in (100, 6, 2):
+        assert top_id(replica, seed) == top_id(writer, seed)
+    assert all(m.id != "id1" for m in replica.search([SearchQuery(vec(1), k=10)])[0])
+    labelled = replica.search([SearchQuery(vec(6), k=10, label="b")])[0]
+    assert {m.id for m in labelled} == {"id5", "id6", "id7"}
+
+
+def test_catching_up_twice_or_after_a_rebuild_changes_nothing(tmp_path: Path) -> None:
+    writer = store(tmp_path / "writer")
+    writer.add(items(0, 4))
+    replica = follower(tmp_path, writer)
+    writer.add(items(4, 2))
+    writer.delete("id0")
+    replica.applied_seq = 0  # as if a rebuild had read rows already past these changes
+    replica.catch_up()
+    replica.catch_up()
+    assert replica.index.size == 5 and replica.behind() == 0
+    assert {m.id for m in replica.search([SearchQuery(vec(4), k=10)])[0]} == {
+        f"id{i}" for i in range(1, 6)
+    }
+
+
+def test_a_snapshot_holds_what_the_index_applied_and_a_restart_replays_the_rest(
+    tmp_path: Path,
+) -> None:
+    writer = store(tmp_path / "writer")
+    writer.add(items(0, 4))
+    replica = follower(tmp_path, writer)
+    writer.add(items(4, 2))  # not applied by the replica yet
+    assert replica.snapshot() is not None
+    writer.delete("id0")
+    again = ItemStore(
+        tmp_path / "replica", VectorIndex(DIM, IndexParams()), dict(MODEL), catalog=writer.catalog
+    )
+    report = again.open()
+    assert report.snapshot_seq == 4 and report.replayed == 3 and not report.rebuilt
+    assert again.index.size == 5 and again.behind() == 0
