@@ -145,7 +145,7 @@ def index_into(
     from batchserve.server import open_store
 
     model = load_model(settings.model)
-    store = open_store(settings.store.data_dir, settings.index, model.info)
+    store = open_store(settings.store, settings.index, model.info)
     store.open()
     announce(store.index.size)
     try:

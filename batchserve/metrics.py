@@ -135,6 +135,11 @@ class Metrics:
             "Images the queue holds before requests get 503 (the max_queue setting)",
             registry=r,
         )
+        self.catalog_behind = Gauge(
+            "batchserve_catalog_behind_changes",
+            "Changes in the shared catalog not yet applied to this replica's index",
+            registry=r,
+        )
         self.readiness = Gauge(
             "batchserve_ready",
             "1 while the server would answer /readyz with 200 (model and index up), else 0",
@@ -179,6 +184,10 @@ class Metrics:
         self.model_info.info(
             {"name": name, "source": source, "dim": str(dim), "pretrained": str(pretrained)}
         )
+
+    def catalog_lag(self, changes: int) -> None:
+        """How far this replica's index is behind the shared catalog."""
+        self.catalog_behind.set(changes)
 
     def set_queue_capacity(self, items: int) -> None:
         """The most images the queue holds (``BatchPolicy.max_queue``)."""

@@ -145,6 +145,8 @@ def apply_tasks(
         ]
         try:
             store.add(items)
+        except NotReady as e:  # a shared catalog out of reach: 503, retry shortly
+            results.update({i: Failure(e) for i, _t, _p in adds})
         except Exception as e:  # SQLite or disk errors: the adds fail, searches go on
             failure = Failure(StorageFailed(f"could not store the items: {e}"))
             results.update({i: failure for i, _t, _p in adds})

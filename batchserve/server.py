@@ -32,6 +32,7 @@ from batchserve.api import BatchserveAPI
 from batchserve.auth import Tokens
 from batchserve.batching import Batch, Batcher
 from batchserve.config import ServeSettings
+from batchserve.follow import Follower, listen
 from batchserve.inference import Prediction
 from batchserve.metrics import Metrics, MetricsPage
 from batchserve.models import ModelInfo
@@ -39,7 +40,7 @@ from batchserve.pipeline import IndexWorker, PipelineRunner
 from batchserve.records import AddTask
 from batchserve.service import ImageService, PoolRunner
 from batchserve.site import make_site
-from batchserve.store import ItemStore, OpenReport, lock_data_dir
+from batchserve.store import ItemStore, OpenReport, StoreSettings, lock_data_dir
 from batchserve.threads import NamedThreadPool, name_this_thread
 
 if TYPE_CHECKING:
@@ -113,11 +114,14 @@ def default_model(settings: ServeSettings, reactor: Any, metrics: Metrics) -> Mo
     )
 
 
-def open_store(data_dir: str, params: IndexParams, info: ModelInfo) -> ItemStore:
-    """The item store for ``info``'s embeddings in ``data_dir`` (refuses another model's)."""
+def open_store(settings: StoreSettings, params: IndexParams, info: ModelInfo) -> ItemStore:
+    """The item store for ``info``'s embeddings in the data dir, on its own catalog or a
+    shared one (either refuses another model's)."""
     from batchserve.index import VectorIndex
 
-    return ItemStore(Path(data_dir), VectorIndex(info.dim, params), info.fingerprint())
+    index = VectorIndex(info.dim, params)
+    catalog = settings.open_catalog(info.dim)
+    return ItemStore(Path(settings.data_dir), index, info.fingerprint(), catalog=catalog)
 
 
 def build(
@@ -134,7 +138,7 @@ def build(
     threads = threads or Threads.pools_for(
         reactor, settings.server.decode_thread_count(), settings.server.decode_nice
     )
-    make_store = store or partial(open_store, settings.store.data_dir, settings.index)
+    make_store = store or partial(open_store, settings.store, settings.index)
     index = IndexWorker(lambda: make_store(_loaded(worker.info)), threads.index, metrics)
     pipeline = PipelineRunner(
         worker, index, lambda: worker.info.classes if worker.info else None, observer=metrics
@@ -190,6 +194,8 @@ class Server:
         self._started_s = time.monotonic()
         self._snapshots = LoopingCall(self._snapshot)
         self._snapshots.clock = self.reactor
+        self._follower: Follower | None = None
+        self._stop_listening: Any = None
 
     @property
     def address(self) -> Any:
@@ -244,6 +250,8 @@ class Server:
         for skipped in report.skipped_snapshots:
             log.warn("skipped snapshot {s}", s=skipped)
         self._snapshots.start(self.settings.store.snapshot_interval_s, now=False)
+        if self.settings.store.shared_catalog:
+            self._follow()
         d: Deferred[Any] = self.index.call(_describe)
         d.addCallback(self._announce, report)
         return d.addCallback(self._ready)
@@ -265,6 +273,15 @@ class Server:
             return seed_demo(self.service, self.index)
         return None
 
+    def _follow(self) -> None:
+        """Keep the index current with the shared catalog: poll, and listen."""
+        from batchserve.catalog_pg import ChangeListener
+
+        store = self.settings.store
+        self._follower = Follower(self.index, self.reactor, store.follow_interval_s, self.metrics)
+        self._follower.start()
+        self._stop_listening = listen(ChangeListener(store.catalog), self.reactor, self._follower)
+
     def _ready(self, _: object) -> None:
         self.service.mark_started()
         log.info("ready in {s:.1f} s", s=time.monotonic() - self._started_s)
@@ -284,6 +301,9 @@ class Server:
         )
         if self._snapshots.running:
             self._snapshots.stop()
+        if self._follower is not None:
+            self._follower.stop()
+            self._stop_listening.set()
         ports = [p for p in (self.port, self._metrics_port) if p is not None]
         d: Deferred[Any] = gatherResults([maybeDeferred(p.stopListening) for p in ports])
         d.addCallback(lambda _: self.api.in_flight.drain(drain_s, self.reactor))

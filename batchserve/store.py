@@ -43,6 +43,35 @@ class StoreSettings:
     demo: bool = setting(
         True, "on a first start with an empty data dir, index the sample photos shipped"
     )
+    catalog: str = setting(
+        "sqlite",
+        "where items live: 'sqlite' (the embedded catalog in the data dir), or a "
+        "postgresql://user@host:port/db URL that several replicas share",
+    )
+    follow_interval_s: float = setting(
+        1.0,
+        "with a shared catalog, seconds between polls of its change log (a change is also "
+        "announced at once by LISTEN/NOTIFY)",
+        above=0,
+    )
+
+    def __post_init__(self) -> None:
+        if self.catalog != "sqlite" and not self.shared_catalog:
+            raise ConfigError(
+                f"catalog must be 'sqlite' or a postgresql:// URL, got {self.catalog!r}"
+            )
+
+    @property
+    def shared_catalog(self) -> bool:
+        return self.catalog.startswith(("postgresql://", "postgres://"))
+
+    def open_catalog(self, dim: int) -> Any:
+        """The catalog these settings name: None for the data dir's own SQLite catalog."""
+        if not self.shared_catalog:
+            return None
+        from batchserve.catalog_pg import PostgresCatalog
+
+        return PostgresCatalog(self.catalog, dim)
 
 
 class SearchableIndex(Protocol):

@@ -24,6 +24,7 @@ from batchserve.config import (
     settings_table,
 )
 from batchserve.errors import ConfigError
+from batchserve.store import StoreSettings
 from batchserve.train.settings import TrainSettings
 
 
@@ -64,7 +65,12 @@ def test_config_flag_and_batchserve_table(tmp_path: Path) -> None:
 
 def test_every_setting_lands_in_its_component_from_its_env_name_and_its_flag() -> None:
     samples = {bool: ("true", True), int: ("3", 3), float: ("3.5", 3.5), str: ("x", "x")}
-    special = {"batch_sizes": ("1,2", "1,2"), "metrics_address": ("127.0.0.1:9", "127.0.0.1:9")}
+    url = "postgresql://batchserve@127.0.0.1:5432/items"
+    special = {
+        "batch_sizes": ("1,2", "1,2"),
+        "metrics_address": ("127.0.0.1:9", "127.0.0.1:9"),
+        "catalog": (url, url),
+    }
     for leaf in leaves(ServeSettings):
         raw, want = special.get(leaf.name) or samples[leaf.kind]
         if leaf.meta.choices:
@@ -251,3 +257,10 @@ def test_rendering_rewrites_only_the_readme_block_and_writes_the_settings_page(
     assert page.read_text() == settings_page()
     assert settings_table(ServeSettings) in settings_page()
     assert not render_readme(readme) and not render_settings_page(page)
+
+
+def test_a_catalog_is_sqlite_or_a_postgresql_url() -> None:
+    assert StoreSettings().shared_catalog is False and StoreSettings().open_catalog(8) is None
+    assert StoreSettings(catalog="postgresql://u@h:5432/d").shared_catalog
+    with pytest.raises(ConfigError, match="catalog must be 'sqlite' or a postgresql:// URL"):
+        StoreSettings(catalog="mysql://u@h/d")
