@@ -144,12 +144,15 @@ def start_logging(level_name: str, log_format: str) -> None:
 
 def quiet_tensorflow(level_name: str) -> None:
     """Below debug, TensorFlow's C++ start-up lines (CPU features, plugins) stay out of the
-    log, and its Python loggers say only errors. Must run before TensorFlow is imported."""
+    log, and its (and the catalog pool's) Python loggers say only errors. Must run before
+    TensorFlow is imported."""
     if level_name == "debug":
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     for name in ("tensorflow", "absl", "keras", "h5py"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # A shared catalog's pool warns at every reconnect try; the follower logs an outage once.
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 
 
 #: Python's logging levels as Twisted's.

@@ -69,8 +69,13 @@ class StoreSettings:
         """The catalog these settings name: None for the data dir's own SQLite catalog."""
         if not self.shared_catalog:
             return None
-        from batchserve.catalog_pg import PostgresCatalog
-
+        try:
+            from batchserve.catalog_pg import PostgresCatalog
+        except ImportError as e:
+            raise ConfigError(
+                "a postgresql:// catalog needs the postgres extra: "
+                "pip install 'batchserve[postgres]'"
+            ) from e
         return PostgresCatalog(self.catalog, dim)
 
 

@@ -1,0 +1,140 @@
+"""Replicas on one shared PostgreSQL catalog, each with its own index, started as a user
+would (`batchserve serve --catalog postgresql://...`): an item added or deleted through one
+is found (or gone) through the other within a bound; concurrent adds of distinct and
+clashing ids converge to the same contents everywhere; with PostgreSQL down, searches go on
+and writes get a prompt 503 with Retry-After; it comes back and nothing acknowledged is
+lost; a restarted replica starts from its snapshot and replays the rest."""
+
+from __future__ import annotations
+
+import importlib.resources
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.conftest import Server, start_server, stop_server
+from tests.postgres import PostgresCluster, postgres_cluster
+
+CONVERGE_S = 15.0
+JPEG = {"Content-Type": "image/jpeg"}
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresCluster]:
+    with postgres_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def catalog(postgres: PostgresCluster) -> str:
+    return postgres.create_database()
+
+
+def replica(directory: Path, catalog: str) -> Server:
+    return start_server(
+        directory, "--catalog", catalog, "--follow-interval-s", "0.5", "--max-delay-s", "0.005"
+    )
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory: pytest.TempPathFactory, catalog: str) -> Iterator[list[Server]]:
+    with ThreadPoolExecutor(2) as pool:  # at the same moment, on an empty database
+        started = list(
+            pool.map(lambda i: replica(tmp_path_factory.mktemp(f"replica{i}"), catalog), (1, 2))
+        )
+    yield started
+    for running in started:
+        stop_server(running)
+
+
+def photo(name: str) -> bytes:
+    return importlib.resources.files("batchserve").joinpath(f"data/demo/{name}.jpg").read_bytes()
+
+
+def eventually(check: Callable[[], bool], what: str, within_s: float = CONVERGE_S) -> float:
+    started = time.monotonic()
+    while not check():
+        assert time.monotonic() - started < within_s, f"not within {within_s} s: {what}"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def add(server: Server, item_id: str, name: str, **headers: str) -> Any:
+    return server.request("POST", f"/v1/items?id={item_id}", photo(name), {**JPEG, **headers})
+
+
+def status_of(server: Server, item_id: str) -> int:
+    return server.request("GET", f"/v1/items/{item_id}").status
+
+
+def index_size(server: Server) -> int:
+    return int(server.request("GET", "/v1/index").json()["size"])
+
+
+def test_both_replicas_start_together_and_share_the_demo(replicas: list[Server]) -> None:
+    eventually(lambda: [index_size(r) for r in replicas] == [8, 8], "8 demo items on each")
+
+
+def test_an_add_and_a_delete_through_one_are_seen_through_the_other(
+    replicas: list[Server],
+) -> None:
+    one, other = replicas
+    assert add(one, "shared-cat", "cat").status == 200
+    seen_s = eventually(lambda: status_of(other, "shared-cat") == 200, "the add on the other")
+    found = other.request("POST", "/v1/search?k=1", photo("cat"), JPEG).json()
+    assert found["results"][0]["matches"][0]["id"] in {"shared-cat", "sample/cat"}
+    assert one.request("DELETE", "/v1/items/shared-cat").status == 200
+    eventually(lambda: status_of(other, "shared-cat") == 404, "the delete on the other")
+    assert seen_s < CONVERGE_S
+
+
+def test_concurrent_adds_of_distinct_and_clashing_ids_converge(replicas: list[Server]) -> None:
+    names = ("cat", "coffee", "rocket", "brick")
+    jobs = [(r, f"mine-{i}-{n}", n) for i, r in enumerate(replicas) for n in names]
+    jobs += [(r, f"clash-{n}", n) for r in replicas for n in names]  # the same ids on both
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda job: add(*job).status, jobs))
+    assert answers == [200] * len(jobs)
+    expected = 8 + 2 * len(names) + len(names)
+    eventually(lambda: [index_size(r) for r in replicas] == [expected] * 2, "the same size")
+    for server in replicas:
+        for name in names:
+            matches = server.request("POST", "/v1/search?k=20", photo(name), JPEG).json()
+            ids = [m["id"] for m in matches["results"][0]["matches"]]
+            assert ids.count(f"clash-{name}") == 1, (server.port, ids)  # one vector per id
+
+
+def test_with_postgresql_down_searches_go_on_and_writes_get_a_prompt_503(
+    replicas: list[Server], postgres: PostgresCluster
+) -> None:
+    one, other = replicas
+    postgres.stop()
+    try:
+        assert one.request("POST", "/v1/search?k=3", photo("coffee"), JPEG).status == 200
+        started = time.monotonic()
+        refused = add(one, "during-outage", "rocket")
+        assert refused.status == 503 and "retry-after" in refused.headers
+        assert time.monotonic() - started < 5.0
+        assert refused.json()["error"]["code"] == "catalog_unavailable"
+    finally:
+        postgres.start()
+    eventually(lambda: add(one, "after-outage", "rocket").status == 200, "writes again")
+    eventually(lambda: status_of(other, "after-outage") == 200, "the other catches up")
+
+
+def test_a_restarted_replica_replays_what_it_missed_from_its_snapshot(
+    replicas: list[Server], catalog: str
+) -> None:
+    one, other = replicas
+    directory = other.log_path.parent
+    stop_server(other)  # writes its final snapshot
+    assert add(one, "while-away", "brick").status == 200
+    back = replica(directory, catalog)
+    replicas[1] = back
+    assert status_of(back, "while-away") == 200  # ready means caught up
+    assert "changes replayed" in back.log()
+    assert index_size(back) == index_size(one)
