@@ -302,6 +302,7 @@ class ItemStore:
             rows = {fid: (item.label, item.predicted_class) for fid, item in found.items()}
         for fid in fids:
             self._remember(fid, *rows.get(fid, (None, None)))
+
     def maintain(self) -> bool:
         """Train an IVF index once enough vectors exist, or compact removed vectors away.
         Returns True when the index was rebuilt."""
