@@ -32,6 +32,7 @@ from bench import (
     plots,
     point,
     render,
+    replica_start,
     results,
     search,
     versus,
@@ -128,6 +129,11 @@ def report_steps(args: argparse.Namespace) -> list[tuple[str, Callable[[], Any]]
         ("overload", lambda: overload.measure(images, args.overload_s), args.overload_s > 0),
         ("frontend", lambda: frontend.measure(images, args.frontend_s), args.frontend_s > 0),
         ("versus", lambda: versus.measure(images, args.versus_rounds), args.versus_rounds > 0),
+        (
+            "replica_start",
+            lambda: replica_start.measure(args.replica_items),
+            args.replica_items > 0,
+        ),
     ]
     only = {name for name in args.only.split(",") if name} if args.only else None
     return [(name, fn) for name, fn, on in steps if on and (only is None or name in only)]
@@ -213,6 +219,7 @@ def _report_parser(commands: Any) -> None:
         ("--overload-s", float, 60.0, "seconds of the 3x overload scenario"),
         ("--frontend-s", float, 20.0, "seconds per phase of the front-end scenario"),
         ("--versus-rounds", int, 5, "rounds per side of batchserve against (b)"),
+        ("--replica-items", int, 100_000, "items of the shared catalog a new replica opens"),
     )
     for flag, kind, default, text in skips:
         rep.add_argument(flag, type=kind, default=default, help=f"{text} (0: skip)")

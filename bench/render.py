@@ -89,6 +89,7 @@ RENDERERS: dict[str, Callable[[Data], Lines]] = {
     "overload": lambda d: scenario_sections.overload(d["overload"]),
     "frontend": lambda d: scenario_sections.frontend(d["frontend"]),
     "versus": lambda d: scenario_sections.versus(d["versus"]),
+    "replica_start": lambda d: scenario_sections.replica_start(d["replica_start"]),
 }
 
 

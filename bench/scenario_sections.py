@@ -154,3 +154,22 @@ def versus(s: Section) -> Lines:
         f"(pairs: {rounds}).",
         "",
     ]
+
+
+def replica_start(s: Section) -> Lines:
+    return [
+        f"## A new replica on a shared PostgreSQL catalog of {s['items']:,} items",
+        "",
+        "A throwaway PostgreSQL 15 on the same machine; 1280-float vectors (the built-in "
+        "model's) written through the catalog in batches of 1,000; the index opened as a "
+        "replica does at start (flat index; the model's own load, ~12 s, not counted); "
+        "`bench/replica_start.py`.",
+        "",
+        "| step | seconds |",
+        "|---|---:|",
+        f"| write {s['items']:,} items ({s['writes_per_s']:,} items/s) | {s['write_s']} |",
+        f"| a new replica: every vector read from PostgreSQL, index built | {s['new_replica_s']} |",
+        f"| a restart: its snapshot, then the {s['later_changes']:,} changes made since | "
+        f"{s['restart_s']} |",
+        "",
+    ]
