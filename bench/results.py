@@ -28,6 +28,7 @@ SECTIONS = (
     "overload",
     "frontend",
     "versus",
+    "replica_start",
 )
 
 Section = dict[str, Any]
