@@ -1,6 +1,6 @@
 # batchserve on CPUs: tensorflow-cpu and faiss-cpu, every Python package exactly as
 # docker/requirements-cpu.txt pins it (python docker/check_resolution.py keeps that file
-# equal to what pip resolves for pyproject.toml's "cpu" extra). linux/amd64 only: the file
+# equal to what pip resolves for pyproject.toml's "cpu" and "postgres" extras). amd64 only: it
 # pins x86_64 wheels by sha256.
 #
 #   docker build -t batchserve .

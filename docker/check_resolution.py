@@ -102,9 +102,11 @@ def render_lock(image: str, wheels: Mapping[str, Wheel]) -> str:
 
 
 def wanted(image: str) -> list[str]:
-    """The requirements ``pip install .[image]`` resolves (the project itself aside)."""
+    """The requirements ``pip install .[image,postgres]`` resolves (the project itself
+    aside): every image can serve as a replica on a shared PostgreSQL catalog."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return [*project["dependencies"], *project["optional-dependencies"][image]]
+    extras = project["optional-dependencies"]
+    return [*project["dependencies"], *extras[image], *extras["postgres"]]
 
 
 def platforms() -> list[str]:
