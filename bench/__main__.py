@@ -24,6 +24,7 @@ from bench import (
     ab,
     bulk,
     ceiling,
+    cluster,
     embed,
     frontend,
     kinds,
@@ -134,6 +135,7 @@ def report_steps(args: argparse.Namespace) -> list[tuple[str, Callable[[], Any]]
             lambda: replica_start.measure(args.replica_items),
             args.replica_items > 0,
         ),
+        ("cluster", lambda: cluster.measure(args.cluster_s), args.cluster_s > 0),
     ]
     only = {name for name in args.only.split(",") if name} if args.only else None
     return [(name, fn) for name, fn, on in steps if on and (only is None or name in only)]
@@ -220,6 +222,7 @@ def _report_parser(commands: Any) -> None:
         ("--frontend-s", float, 20.0, "seconds per phase of the front-end scenario"),
         ("--versus-rounds", int, 5, "rounds per side of batchserve against (b)"),
         ("--replica-items", int, 100_000, "items of the shared catalog a new replica opens"),
+        ("--cluster-s", float, 15.0, "seconds of search through nginx per replica count"),
     )
     for flag, kind, default, text in skips:
         rep.add_argument(flag, type=kind, default=default, help=f"{text} (0: skip)")

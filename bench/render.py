@@ -90,6 +90,7 @@ RENDERERS: dict[str, Callable[[Data], Lines]] = {
     "frontend": lambda d: scenario_sections.frontend(d["frontend"]),
     "versus": lambda d: scenario_sections.versus(d["versus"]),
     "replica_start": lambda d: scenario_sections.replica_start(d["replica_start"]),
+    "cluster": lambda d: scenario_sections.cluster(d["cluster"]),
 }
 
 

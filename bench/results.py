@@ -29,6 +29,7 @@ SECTIONS = (
     "frontend",
     "versus",
     "replica_start",
+    "cluster",
 )
 
 Section = dict[str, Any]

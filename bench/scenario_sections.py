@@ -173,3 +173,29 @@ def replica_start(s: Section) -> Lines:
         f"{s['restart_s']} |",
         "",
     ]
+
+
+def cluster(s: Section) -> Lines:
+    one, two = s["search"]["1"], s["search"]["2"]
+    return [
+        "## Replicas behind nginx on one shared PostgreSQL catalog (`deploy/local-cluster`)",
+        "",
+        f"Convergence: {s['writes']} writes at {s['write_rate']:g}/s through replica 1, each "
+        "then read on replica 2 until found (polled every 2 ms): "
+        f"**p50 {s['convergence_p50_ms']} ms, p99 {s['convergence_p99_ms']} ms** (max "
+        f"{s['convergence_max_ms']} ms) from the acknowledgement. Replicas follow the "
+        "catalog's change log, woken by LISTEN/NOTIFY.",
+        "",
+        f"`POST /v1/search?k=10` through nginx, {s['clients']} clients, {s['seconds']:g} s. "
+        "Both replicas share this machine's 2 cores, so a second replica adds a process "
+        "competing for them, not capacity: the figure is what nginx and the replicas cost "
+        "together, and on separate machines the second would add its own cores.",
+        "",
+        "| replicas | images/s | p50 ms | p99 ms | errors |",
+        "|---:|---:|---:|---:|---|",
+        f"| 1 | {one['images_per_s']} | {one['p50_ms']} | {one['p99_ms']} | "
+        f"{errors_text(one['errors'])} |",
+        f"| 2 | {two['images_per_s']} | {two['p50_ms']} | {two['p99_ms']} | "
+        f"{errors_text(two['errors'])} |",
+        "",
+    ]

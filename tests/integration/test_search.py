@@ -206,7 +206,13 @@ def test_acknowledged_adds_and_deletes_survive_sigkill(tmp_path: Path) -> None:
         # SIGKILL alone cannot tell a commit on disk from one in the OS's cache: the live
         # catalog connection says how it commits (WAL, synchronous=FULL: fsync'd before 200).
         catalog = server.request("GET", "/v1/index").json()["catalog"]
-        assert catalog == {"journal_mode": "wal", "synchronous": "full", "commits": 28}
+        assert catalog == {
+            "journal_mode": "wal",
+            "synchronous": "full",
+            "commits": 28,
+            "applied_seq": 28,  # 24 adds and 4 deletes, each in the index
+            "behind": 0,
+        }
         server.process.send_signal(signal.SIGKILL)  # no snapshot, no clean shutdown
         server.process.wait()
     finally:
