@@ -101,7 +101,7 @@ def measure(seconds: float) -> dict[str, Any]:
         searched_two = search_through_nginx(two, images, seconds)
     with _Cluster(1) as one:
         searched_one = search_through_nginx(one, images, seconds)
-    cuts = statistics.quantiles(delays, n=100)
+    cuts = statistics.quantiles(delays, n=100, method="inclusive")
     return {
         "writes": WRITES,
         "write_rate": WRITE_RATE,
