@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from itertools import count
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -54,11 +55,16 @@ def require_postgres() -> Path:
     """The binaries' folder, or skip (fail in CI) saying how to install them."""
     bindir = postgres_bindir()
     if bindir is None:
-        reason = f"PostgreSQL (initdb, pg_ctl) is not installed: {INSTALL}"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        unavailable(f"PostgreSQL (initdb, pg_ctl) is not installed: {INSTALL}")
     return bindir
+
+
+def unavailable(reason: str) -> NoReturn:
+    """A system component a test needs is missing: skip, saying why and how to install it;
+    in CI, where nothing may be skipped, fail."""
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
 
 
 def free_port() -> int:

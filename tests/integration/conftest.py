@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.client
 import io
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.procs import ServerProcess
+from tests.postgres import unavailable
 
 READY_TIMEOUT_S = 180.0
 
@@ -49,13 +49,25 @@ class Server(ServerProcess):
         headers: dict[str, str] | None = None,
         timeout_s: float = 60.0,
     ) -> Response:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout_s)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            raw = conn.getresponse()
-            return Response(raw.status, {k.lower(): v for k, v in raw.getheaders()}, raw.read())
-        finally:
-            conn.close()
+        return http_request(self.port, method, path, body, headers, timeout_s)
+
+
+def http_request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout_s: float = 60.0,
+) -> Response:
+    """One request to 127.0.0.1:``port`` on a connection of its own."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        raw = conn.getresponse()
+        return Response(raw.status, {k.lower(): v for k, v in raw.getheaders()}, raw.read())
+    finally:
+        conn.close()
 
 
 def system_binary(name: str, install: str) -> str:
@@ -63,10 +75,7 @@ def system_binary(name: str, install: str) -> str:
     to install it (and fails in CI, where nothing may be skipped)."""
     found = shutil.which(name)
     if found is None:
-        reason = f"{name} is not installed: {install}"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        unavailable(f"{name} is not installed: {install}")
     return found
 
 

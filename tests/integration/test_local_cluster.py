@@ -7,7 +7,6 @@ is refused; stop leaves no process behind."""
 
 from __future__ import annotations
 
-import http.client
 import os
 import re
 import shutil
@@ -23,7 +22,7 @@ import pytest
 from batchserve.batching import BatchPolicy
 from batchserve.bodies import RequestLimits
 from bench.procs import free_port
-from tests.integration.conftest import Response, system_binary, wait_until
+from tests.integration.conftest import Response, http_request, system_binary, wait_until
 from tests.postgres import require_postgres
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,13 +55,7 @@ class Cluster:
         body: bytes | None = None,
         headers: dict[str, str] | None = None,
     ) -> Response:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            raw = conn.getresponse()
-            return Response(raw.status, {k.lower(): v for k, v in raw.getheaders()}, raw.read())
-        finally:
-            conn.close()
+        return http_request(port, method, path, body, headers, timeout_s=30)
 
     def via_nginx(
         self, method: str, path: str, body: bytes | None = None, **headers: str
