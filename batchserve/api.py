@@ -17,7 +17,7 @@ from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.exceptions import HTTPException
 
 from batchserve import openapi, web
 from batchserve.auth import Tokens
@@ -51,6 +51,7 @@ from batchserve.site import BoundedRequest
 from batchserve.wire import (
     Binary,
     Prepared,
+    allow,
     domain_error_body,
     error_body,
     item_json,
@@ -436,11 +437,10 @@ class BatchserveAPI:
         assert isinstance(error, HTTPException)
         status = error.code or 500
         code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
-        if isinstance(error, MethodNotAllowed) and error.valid_methods:
-            request.setHeader(b"Allow", ", ".join(sorted(error.valid_methods)).encode())
-            description = f"{request.method.decode('latin-1')} is not allowed here; " + (
-                f"allowed: {', '.join(sorted(error.valid_methods))}"
-            )
+        valid = allow(request, error)
+        if valid:
+            method = request.method.decode("latin-1")
+            description = f"{method} is not allowed here; allowed: {', '.join(valid)}"
             return error_body(request, status, code, description)
         return error_body(request, status, code, error.description or error.name)
 

@@ -8,20 +8,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.exceptions import HTTPException
 
 from batchserve import oip
 from batchserve.bodies import RequestLimits
-from batchserve.errors import BatchserveError, InvalidInput, NotFound, NotReady, Overloaded
+from batchserve.errors import BatchserveError, InvalidInput, NotFound
 from batchserve.inference import Prediction
 from batchserve.routing import PathSegment
 from batchserve.service import Call, ImageService
-from batchserve.wire import Prepared, status_for
+from batchserve.wire import Prepared, allow, json_body, retry_after, status_for
 
 if TYPE_CHECKING:
     from batchserve.api import BatchserveAPI
@@ -31,17 +30,8 @@ HEADER_LENGTH = b"inference-header-content-length"
 
 def error_body(request: IRequest, error: BatchserveError) -> bytes:
     """The protocol's error: ``{"error": "<message>"}`` with the error's status."""
-    if isinstance(error, Overloaded | NotReady):
-        request.setHeader(b"Retry-After", str(error.retry_after_s).encode())
-    return _json(request, status_for(error), {"error": str(error)})
-
-
-def _json(request: IRequest, status: int, doc: Any) -> bytes:
-    body = orjson.dumps(doc)
-    request.setResponseCode(status)
-    request.setHeader(b"Content-Type", b"application/json")
-    request.setHeader(b"Content-Length", str(len(body)).encode())
-    return body
+    retry_after(request, error)
+    return json_body(request, status_for(error), {"error": str(error)})
 
 
 @dataclass(frozen=True)
@@ -83,12 +73,12 @@ class OpenInferenceAPI:
 
     @app.route("/v2/health/live", methods=["GET"])
     def live(self, request: IRequest) -> bytes:
-        return _json(request, 200, {"live": True})
+        return json_body(request, 200, {"live": True})
 
     @app.route("/v2/health/ready", methods=["GET"])
     def ready(self, request: IRequest) -> bytes:
         ready = self._service.ready and not self._api.in_flight.closing
-        return _json(request, 200 if ready else 503, {"ready": ready})
+        return json_body(request, 200 if ready else 503, {"ready": ready})
 
     @app.route("/v2/models/<segment:name>", methods=["GET"])
     @app.route("/v2/models/<segment:name>/versions/<segment:version>", methods=["GET"])
@@ -153,9 +143,8 @@ class OpenInferenceAPI:
     def http_error(self, request: IRequest, failure: Failure) -> bytes:
         error = failure.value
         assert isinstance(error, HTTPException)
-        if isinstance(error, MethodNotAllowed) and error.valid_methods:
-            request.setHeader(b"Allow", ", ".join(sorted(error.valid_methods)).encode())
-        return _json(request, error.code or 500, {"error": error.description or error.name})
+        allow(request, error)
+        return json_body(request, error.code or 500, {"error": error.description or error.name})
 
 
 def _header_length(request: IRequest) -> int | None:

@@ -97,10 +97,23 @@ def error_body(request: IRequest, status: int, code: str, message: str) -> bytes
     return json_body(request, status, {"error": {"code": code, "message": message}})
 
 
-def domain_error_body(request: IRequest, error: BatchserveError) -> bytes:
-    """The response to ``error``: its status, headers and JSON body."""
+def retry_after(request: IRequest, error: BatchserveError) -> None:
+    """A refusal that passes (queue full, loading) says when to try again."""
     if isinstance(error, Overloaded | NotReady):
         request.setHeader(b"Retry-After", str(error.retry_after_s).encode())
+
+
+def allow(request: IRequest, error: Exception) -> list[str]:
+    """The methods a 405's path takes, also set as its ``Allow`` header (none otherwise)."""
+    valid = sorted(getattr(error, "valid_methods", None) or [])
+    if valid:
+        request.setHeader(b"Allow", ", ".join(valid).encode())
+    return valid
+
+
+def domain_error_body(request: IRequest, error: BatchserveError) -> bytes:
+    """The response to ``error``: its status, headers and JSON body."""
+    retry_after(request, error)
     if isinstance(error, Unauthorized):
         request.setHeader(b"WWW-Authenticate", b'Bearer realm="batchserve"')
     return error_body(request, status_for(error), error.code, str(error))
