@@ -44,6 +44,7 @@ CREATE TABLE IF NOT EXISTS changes (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS thumbnails (fid INTEGER PRIMARY KEY, jpeg BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS sources (fid INTEGER PRIMARY KEY, sha256 TEXT NOT NULL);
 """
 
 
@@ -57,6 +58,9 @@ class NewItem:
     metadata: dict[str, Any] = field(default_factory=dict)
     predicted_class: str | None = None
     thumbnail: bytes | None = None
+    #: sha256 (hex) of the file it was indexed from, so a re-run of ``batchserve index``
+    #: skips unchanged files; None for items added through the API.
+    digest: str | None = None
 
 
 class ModelMismatch(ConfigError):
@@ -151,6 +155,8 @@ class Catalog:
                 self._db.execute("INSERT INTO changes (op, fid) VALUES ('add', ?)", (fid,))
                 if item.thumbnail:
                     self._db.execute("INSERT INTO thumbnails VALUES (?, ?)", (fid, item.thumbnail))
+                if item.digest:
+                    self._db.execute("INSERT INTO sources VALUES (?, ?)", (fid, item.digest))
                 added.append(fid)
         return added, replaced
 
@@ -166,6 +172,7 @@ class Catalog:
     def _remove(self, fid: int) -> None:
         self._db.execute("DELETE FROM items WHERE fid = ?", (fid,))
         self._db.execute("DELETE FROM thumbnails WHERE fid = ?", (fid,))
+        self._db.execute("DELETE FROM sources WHERE fid = ?", (fid,))
         self._db.execute("INSERT INTO changes (op, fid) VALUES ('del', ?)", (fid,))
 
     def durability(self) -> dict[str, str]:
@@ -275,13 +282,20 @@ class Catalog:
 
     def ids(self, item_ids: Sequence[str]) -> set[str]:
         """Which of ``item_ids`` are present."""
-        present: set[str] = set()
+        return set(self.digests(item_ids))
+
+    def digests(self, item_ids: Sequence[str]) -> dict[str, str | None]:
+        """The source digest of each of ``item_ids`` present (None: indexed from no file)."""
+        present: dict[str, str | None] = {}
         for start in range(0, len(item_ids), 500):
             part = list(item_ids[start : start + 500])
             marks = ",".join("?" * len(part))
-            present.update(
-                r[0] for r in self._db.execute(f"SELECT id FROM items WHERE id IN ({marks})", part)
+            rows = self._db.execute(
+                "SELECT items.id, sources.sha256 FROM items LEFT JOIN sources "
+                f"ON sources.fid = items.fid WHERE items.id IN ({marks})",
+                part,
             )
+            present.update((str(r[0]), r[1]) for r in rows)
         return present
 
     # -- change log -----------------------------------------------------------------------

@@ -106,6 +106,10 @@ CREATE TABLE IF NOT EXISTS thumbnails (
     fid bigint PRIMARY KEY REFERENCES items (fid) ON DELETE CASCADE,
     jpeg bytea NOT NULL
 );
+CREATE TABLE IF NOT EXISTS sources (
+    fid bigint PRIMARY KEY REFERENCES items (fid) ON DELETE CASCADE,
+    sha256 text NOT NULL
+);
 CREATE TABLE IF NOT EXISTS changes (
     seq bigserial PRIMARY KEY,
     op text NOT NULL CHECK (op IN ('add', 'del')),
@@ -122,6 +126,9 @@ WITH added AS (
 ), thumbnail AS (
     INSERT INTO thumbnails (fid, jpeg)
     SELECT fid, %(jpeg)s::bytea FROM added WHERE %(jpeg)s::bytea IS NOT NULL
+), source AS (
+    INSERT INTO sources (fid, sha256)
+    SELECT fid, %(digest)s::text FROM added WHERE %(digest)s::text IS NOT NULL
 )
 SELECT fid FROM added
 """
@@ -316,6 +323,7 @@ class PostgresCatalog:
                                 "embedding": vector.tobytes(),
                                 "created": now,
                                 "jpeg": item.thumbnail or None,
+                                "digest": item.digest,
                             },
                         ),
                     )
@@ -475,14 +483,19 @@ class PostgresCatalog:
 
     def ids(self, item_ids: Sequence[str]) -> set[str]:
         """Which of ``item_ids`` are present."""
-        present: set[str] = set()
+        return set(self.digests(item_ids))
+
+    def digests(self, item_ids: Sequence[str]) -> dict[str, str | None]:
+        """The source digest of each of ``item_ids`` present (None: indexed from no file)."""
+        present: dict[str, str | None] = {}
         with self._connection() as conn:
             for start in range(0, len(item_ids), _BATCH):
                 rows = conn.execute(
-                    "SELECT id FROM items WHERE id = ANY(%s::text[])",
+                    "SELECT items.id, sources.sha256 FROM items LEFT JOIN sources "
+                    "ON sources.fid = items.fid WHERE items.id = ANY(%s::text[])",
                     (list(item_ids[start : start + _BATCH]),),
                 )
-                present.update(str(row[0]) for row in rows)
+                present.update((str(row[0]), row[1]) for row in rows)
         return present
 
     # -- change log -----------------------------------------------------------------------

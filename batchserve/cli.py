@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,7 +19,6 @@ from batchserve.errors import BatchserveError
 
 if TYPE_CHECKING:
     from batchserve.config import IndexSettings
-    from batchserve.ingest import IngestReport, Source
 
 SETTINGS_HELP = (
     " Every flag can also be set with a BATCHSERVE_<NAME> environment variable or in a "
@@ -46,10 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="bulk-index a directory of images or a manifest into the data dir",
         description="Index PATH into --data-dir with the model the server uses: a directory "
         "tree (each top-level sub-folder is a label) or a manifest (.csv with a header "
-        "path,id,label,metadata, or .jsonl). Ids already present are skipped, so an "
-        "interrupted run resumes. Stop the server that uses the data dir first." + SETTINGS_HELP,
+        "path,id,label,metadata, .jsonl or .parquet), local or at a URI pyarrow reads "
+        "(s3://, gs://, hdfs://). Files already indexed with the same content are skipped, "
+        "so an interrupted run resumes. --engine ray runs the job on Ray Data, on this "
+        "machine or a cluster (--ray-address). Stop the server that uses the data dir "
+        "first." + SETTINGS_HELP,
     )
-    index.add_argument("path", metavar="PATH", help="directory or manifest file")
+    index.add_argument("path", metavar="PATH", help="directory or manifest file, or its URI")
     config.add_arguments(index, config.IndexSettings)
     train = commands.add_parser(
         "train",
@@ -107,21 +109,26 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def index_command(settings: IndexSettings, path: Path) -> int:
-    """``batchserve index PATH``: embed and store every image, then snapshot the index."""
+def index_command(settings: IndexSettings, path: str) -> int:
+    """``batchserve index PATH``: embed and store every new or changed image, then snapshot
+    the index; 1 when some files could not be indexed."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from batchserve.ingest import Progress, print_summary, sources_for
+    from batchserve.bulk import index_into
+    from batchserve.ingest import Progress, print_summary
+    from batchserve.sources import sources_for
     from batchserve.store import lock_data_dir
 
     os.umask(0o077)
     sources = list(sources_for(path))
     data_dir = settings.store.data_dir
-    lock_data_dir(Path(data_dir))
+    if settings.bulk.write_data_dir:
+        lock_data_dir(Path(data_dir))
+    where = data_dir if settings.bulk.write_data_dir else settings.bulk.output
 
     def announce(already: int) -> None:
         print(
-            f"indexing {len(sources)} images from {path} into {data_dir} "
-            f"({already} items there already)",
+            f"indexing {len(sources)} images from {path} into {where} "
+            f"({already} items there already) with the {settings.bulk.engine} engine",
             file=sys.stderr,
         )
 
@@ -129,40 +136,6 @@ def index_command(settings: IndexSettings, path: Path) -> int:
     report = index_into(settings, sources, announce, progress.update)
     print_summary(report)
     return 1 if report.failed else 0
-
-
-def index_into(
-    settings: IndexSettings,
-    sources: Sequence[Source],
-    announce: Callable[[int], None] = lambda _already: None,
-    progress: Callable[[IngestReport], None] = lambda _report: None,
-) -> IngestReport:
-    """What ``batchserve index`` does with its sources: load the model, open the data dir's
-    store (``announce`` gets the items already there), embed and store every new image,
-    then compact and snapshot the index."""
-    from batchserve.ingest import ingest
-    from batchserve.models import load_model
-    from batchserve.server import open_store
-
-    model = load_model(settings.model)
-    store = open_store(settings.store, settings.index, model.info)
-    store.open()
-    announce(store.index.size)
-    try:
-        report = ingest(
-            sources,
-            store,
-            model,
-            settings.batching.padded_batch_sizes(),
-            settings.server.decode_thread_count() + 1,
-            settings.images,
-            progress=progress,
-        )
-        store.maintain()
-        store.snapshot()
-    finally:
-        store.close()
-    return report
 
 
 def quiet_openmp(environ: MutableMapping[str, str]) -> None:
@@ -195,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "samples":
         return samples_command(Path(args.dir))
     if args.command == "index":
-        return index_command(config.load(config.IndexSettings, args, os.environ), Path(args.path))
+        return index_command(config.load(config.IndexSettings, args, os.environ), args.path)
     from batchserve.server import serve
 
     serve(config.load(config.ServeSettings, args, os.environ))  # exits the process

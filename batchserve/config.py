@@ -28,9 +28,11 @@ from typing import Any, TypeVar
 
 from batchserve.batching import BatchPolicy
 from batchserve.bodies import RequestLimits
+from batchserve.bulk import EngineSettings
 from batchserve.errors import ConfigError
 from batchserve.images import DecodeLimits
 from batchserve.index import IndexParams
+from batchserve.ingest_ray import RaySettings
 from batchserve.models import ModelSpec
 from batchserve.settings import Meta, check_value, part, setting
 from batchserve.store import StoreSettings
@@ -331,7 +333,9 @@ class IndexSettings:
     model: ModelSpec = part(ModelSpec)
     batching: BatchPolicy = part(BatchPolicy, only=("max_batch_size", "batch_sizes"))
     index: IndexParams = part(IndexParams)
-    store: StoreSettings = part(StoreSettings, only=("data_dir",))
+    store: StoreSettings = part(StoreSettings, only=("data_dir", "catalog"))
+    bulk: EngineSettings = part(EngineSettings)
+    ray: RaySettings = part(RaySettings)
 
 
 def command_roots() -> list[type]:

@@ -1,109 +1,111 @@
-"""Bulk indexing: a directory tree (labels from class folders) or a manifest (CSV or JSONL
-of path, id, label, metadata) into the data dir, with the server's own model and store.
+"""Bulk indexing with the local engine, and what both engines share: how a source is read
+and decoded (as the server decodes an upload), which sources are new or changed, the report
+and the progress line.
 
 Files are read and decoded on a thread pool while the model embeds the previous batch;
-each batch is one catalog transaction and one index add. Ids already in the catalog are
-skipped, so an interrupted run resumes where it stopped. Unreadable or corrupt files are
-reported at the end; they do not stop the run.
+each batch is one catalog transaction and one index add. A source whose id was indexed from
+the same bytes (sha256) is skipped, so an interrupted run resumes where it stopped and a
+changed file is indexed again. Unreadable or corrupt files are reported at the end; they do
+not stop the run.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import numpy as np
 import numpy.typing as npt
 
 from batchserve.catalog import NewItem
-from batchserve.errors import BatchserveError, InvalidInput
+from batchserve.errors import BatchserveError
 from batchserve.images import DecodeLimits, decode_image, make_thumbnail
+from batchserve.index_output import IndexOutput
 from batchserve.inference import pad_batch, padded_size
-from batchserve.inputs import check_id, check_label, check_metadata
 from batchserve.models import EmbeddingModel
 from batchserve.pipeline import predicted_class
-from batchserve.store import ItemStore
-
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
-
-
-@dataclass(frozen=True)
-class Source:
-    """One image to index."""
-
-    path: Path
-    id: str
-    label: str | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
+from batchserve.sources import Source, read_bytes, sha256_hex
 
 
 @dataclass(frozen=True)
 class Decoded:
-    """A source's model input and its thumbnail (JPEG)."""
+    """A source's model input, its thumbnail (JPEG) and the digest of its bytes."""
 
     pixels: npt.NDArray[np.uint8]
     thumbnail: bytes
+    digest: str
+
+
+@dataclass(frozen=True)
+class Timed:
+    """A source loaded on a decode thread: decoded, unchanged (None) or failed (error)."""
+
+    decoded: Decoded | None
+    seconds: float
+    error: str | None = None
+
+
+#: The stages of a bulk index, in order, as the final report names them.
+STAGES = ("read+decode", "embed", "write", "index")
 
 
 @dataclass
 class IngestReport:
+    """What a bulk index did: counts, failures (location, reason), wall seconds, and the
+    busy seconds of each stage (summed over threads, tasks or actors)."""
+
     indexed: int = 0
     skipped: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    stage_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    nodes: int = 1
 
     @property
     def images_per_s(self) -> float:
         return self.indexed / self.seconds if self.seconds else 0.0
 
 
-def scan_directory(root: Path) -> Iterator[Source]:
-    """Every image under ``root``, sorted; its id is the path relative to ``root`` and its
-    label the top-level sub-folder (class folders), or none for files in ``root``."""
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-        relative = path.relative_to(root)
-        label = relative.parts[0] if len(relative.parts) > 1 else None
-        yield Source(path, relative.as_posix(), label)
+def load_source(
+    source: Source, known_digest: str | None, size: tuple[int, int], limits: DecodeLimits
+) -> Decoded | None:
+    """Read and decode ``source`` as the server decodes an upload (model input of ``size``,
+    thumbnail), or None when its bytes have ``known_digest``: indexed already, unchanged.
+    Raises OSError or BatchserveError for a file that cannot be read or decoded."""
+    data = read_bytes(source.path)
+    digest = sha256_hex(data)
+    if digest == known_digest:
+        return None
+    return Decoded(decode_image(data, size, limits), make_thumbnail(data, limits), digest)
 
 
-def read_manifest(manifest: Path) -> Iterator[Source]:
-    """Rows of a CSV (header: path, id, label, metadata) or JSONL manifest; paths are
-    relative to the manifest's folder; id defaults to the path."""
-    base = manifest.parent
-    rows: Iterable[dict[str, Any]]
-    with open(manifest, newline="", encoding="utf-8") as f:
-        if manifest.suffix.lower() == ".csv":
-            rows = list(csv.DictReader(f))
-        elif manifest.suffix.lower() in (".jsonl", ".ndjson"):
-            rows = [json.loads(line) for line in f if line.strip()]
-        else:
-            raise InvalidInput(f"manifest {manifest} must be .csv or .jsonl")
-    for n, row in enumerate(rows, start=1):
-        if not row.get("path"):
-            raise InvalidInput(f"{manifest} row {n} has no path")
-        path = base / str(row["path"])
-        yield Source(
-            path,
-            check_id(row.get("id") or str(row["path"])),
-            check_label(row.get("label")),
-            check_metadata(row.get("metadata")),
-        )
+def known_digests(
+    sources: Iterable[Source], output: IndexOutput, report: IngestReport, chunk: int
+) -> Iterator[tuple[Source, str | None]]:
+    """Each source to read with the digest its id was indexed from (None: a new id). Ids
+    present with no digest (added through the API or by an older version) are skipped, as
+    their content cannot be compared."""
+    buffer: list[Source] = []
 
+    def flush() -> Iterator[tuple[Source, str | None]]:
+        present = output.digests([s.id for s in buffer])
+        for s in buffer:
+            if s.id in present and present[s.id] is None:
+                report.skipped += 1
+            else:
+                yield s, present.get(s.id)
+        buffer.clear()
 
-def sources_for(path: Path) -> Iterator[Source]:
-    if path.is_dir():
-        return scan_directory(path)
-    if path.is_file():
-        return read_manifest(path)
-    raise InvalidInput(f"{path} is neither a directory nor a manifest file")
+    for source in sources:
+        buffer.append(source)
+        if len(buffer) >= chunk:
+            yield from flush()
+    yield from flush()
 
 
 class Progress:
@@ -132,110 +134,120 @@ class Progress:
 
 def ingest(
     sources: Iterable[Source],
-    store: ItemStore,
+    output: IndexOutput,
     model: EmbeddingModel,
     batch_sizes: list[int],
     decode_threads: int,
     limits: DecodeLimits,
     progress: Callable[[IngestReport], None] = lambda _r: None,
 ) -> IngestReport:
-    """Index every source not yet in ``store``; return what happened."""
+    """The local engine: index every new or changed source into ``output``, decoding on
+    ``decode_threads`` threads while the model embeds the previous batch; return what
+    happened."""
     report = IngestReport()
     started = time.monotonic()
-    size = model.info.input_size
     largest = batch_sizes[-1]
-    classes = model.info.classes
+    embed = _BatchEmbedder(model, batch_sizes, output, report)
 
-    def load(source: Source) -> Decoded:
-        data = source.path.read_bytes()
-        return Decoded(decode_image(data, size, limits), make_thumbnail(data, limits))
+    def load(source: Source, known: str | None) -> Timed:
+        began = time.perf_counter()
+        try:
+            decoded = load_source(source, known, model.info.input_size, limits)
+        except (OSError, BatchserveError) as e:
+            return Timed(None, time.perf_counter() - began, str(e))
+        return Timed(decoded, time.perf_counter() - began)
 
-    pending = _new_sources(sources, store, report, largest)
+    pending = known_digests(sources, output, report, largest * 8)
     with ThreadPoolExecutor(decode_threads, thread_name_prefix="batchserve-ingest") as pool:
-        window: deque[tuple[Source, Future[Decoded]]] = deque()
-        batch: list[tuple[Source, Decoded]] = []
-        for source in pending:
-            window.append((source, pool.submit(load, source)))
+        window: deque[tuple[Source, Future[Timed]]] = deque()
+        for source, known in pending:
+            window.append((source, pool.submit(load, source, known)))
             # Keep a few batches decoding ahead of the model, no more (bounded memory).
             while len(window) > 4 * largest:
-                _collect(window.popleft(), batch, report)
-                if len(batch) == largest:
-                    _embed_and_store(batch, store, model, batch_sizes, classes, report)
-                    progress(report)
-        while window:
-            _collect(window.popleft(), batch, report)
-            if len(batch) == largest:
-                _embed_and_store(batch, store, model, batch_sizes, classes, report)
+                embed.collect(*window.popleft())
                 progress(report)
-        if batch:
-            _embed_and_store(batch, store, model, batch_sizes, classes, report)
+        while window:
+            embed.collect(*window.popleft())
+        embed.flush()
     report.seconds = time.monotonic() - started
     progress(report)
     return report
 
 
-def _new_sources(
-    sources: Iterable[Source], store: ItemStore, report: IngestReport, chunk: int
-) -> Iterator[Source]:
-    """The sources whose ids are not in the catalog yet (checked a chunk at a time)."""
-    buffer: list[Source] = []
+class _BatchEmbedder:
+    """Collects decoded sources into batches of the largest size, then embeds and writes
+    each batch."""
 
-    def flush() -> Iterator[Source]:
-        present = store.catalog.ids([s.id for s in buffer])
-        report.skipped += len(present)
-        yield from (s for s in buffer if s.id not in present)
-        buffer.clear()
+    def __init__(
+        self,
+        model: EmbeddingModel,
+        batch_sizes: list[int],
+        output: IndexOutput,
+        report: IngestReport,
+    ) -> None:
+        self._model = model
+        self._batch_sizes = batch_sizes
+        self._output = output
+        self._report = report
+        self._batch: list[tuple[Source, Decoded]] = []
 
-    for source in sources:
-        buffer.append(source)
-        if len(buffer) >= chunk * 8:
-            yield from flush()
-    yield from flush()
+    def collect(self, source: Source, future: Future[Timed]) -> None:
+        loaded = future.result()
+        self._report.stage_s["read+decode"] += loaded.seconds
+        if loaded.error is not None:
+            self._report.failed.append((source.path, loaded.error))
+            return
+        if loaded.decoded is None:
+            self._report.skipped += 1
+            return
+        self._batch.append((source, loaded.decoded))
+        if len(self._batch) == self._batch_sizes[-1]:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._batch:
+            return
+        batch, self._batch = self._batch, []
+        began = time.perf_counter()
+        embeddings, classes = embed_pixels(
+            self._model, [d.pixels for _s, d in batch], self._batch_sizes
+        )
+        wrote = time.perf_counter()
+        self._output.write(
+            [
+                NewItem(s.id, e, s.label, s.metadata, c, d.thumbnail, d.digest)
+                for (s, d), e, c in zip(batch, embeddings, classes, strict=True)
+            ]
+        )
+        self._report.stage_s["embed"] += wrote - began
+        self._report.stage_s["write"] += time.perf_counter() - wrote
+        self._report.indexed += len(batch)
 
 
-def _collect(
-    entry: tuple[Source, Future[Decoded]],
-    batch: list[tuple[Source, Decoded]],
-    report: IngestReport,
-) -> None:
-    source, future = entry
-    try:
-        batch.append((source, future.result()))
-    except (OSError, BatchserveError) as e:
-        report.failed.append((str(source.path), str(e)))
-
-
-def _embed_and_store(
-    batch: list[tuple[Source, Decoded]],
-    store: ItemStore,
-    model: EmbeddingModel,
-    batch_sizes: list[int],
-    classes: list[str] | None,
-    report: IngestReport,
-) -> None:
+def embed_pixels(
+    model: EmbeddingModel, pixels: Sequence[npt.NDArray[np.uint8]], batch_sizes: list[int]
+) -> tuple[npt.NDArray[np.float32], list[str | None]]:
+    """Embeddings float32 [N, dim] and predicted classes of N decoded images, run as one
+    batch padded to an allowed size (at most the largest)."""
     from batchserve.inference import split_outputs
 
-    n = len(batch)
-    outputs = model.predict(pad_batch([d.pixels for _s, d in batch], padded_size(n, batch_sizes)))
+    n = len(pixels)
+    outputs = model.predict(pad_batch(list(pixels), padded_size(n, batch_sizes)))
     predictions = split_outputs(outputs, n)
-    store.add(
-        [
-            NewItem(
-                s.id, p.embedding, s.label, s.metadata, predicted_class(p, classes), d.thumbnail
-            )
-            for (s, d), p in zip(batch, predictions, strict=True)
-        ]
-    )
-    report.indexed += n
-    batch.clear()
+    classes = [predicted_class(p, model.info.classes) for p in predictions]
+    return outputs.embeddings[:n], classes
 
 
 def print_summary(report: IngestReport, out: TextIO = sys.stderr, limit: int = 20) -> None:
+    """The final report: counts, rate, busy seconds per stage, then the failures."""
     out.write(
         f"\nindexed {report.indexed} images in {report.seconds:.1f} s "
         f"({report.images_per_s:.0f} images/s); {report.skipped} already present; "
         f"{len(report.failed)} failed\n"
     )
+    stages = ", ".join(f"{name} {s:.1f} s" for name, s in report.stage_s.items())
+    nodes = f" on {report.nodes} nodes" if report.nodes > 1 else ""
+    out.write(f"  busy time per stage{nodes}: {stages}\n")
     for path, reason in report.failed[:limit]:
         out.write(f"  failed: {path}: {reason}\n")
     if len(report.failed) > limit:

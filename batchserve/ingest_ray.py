@@ -1,0 +1,392 @@
+"""Bulk indexing on Ray Data (``batchserve index --engine ray``): the local engine's job,
+spread over the CPUs and GPUs of a Ray cluster, or of this machine.
+
+    sources (driver) → read + decode (CPU tasks, the server's decoder)
+        → embed (an actor pool: one model per actor, one GPU each when the cluster has GPUs)
+        → write (the driver: one catalog transaction and index add per batch, Parquet)
+        → compact and snapshot the index (driver)
+
+Ray streams between the stages with backpressure, so memory stays bounded whatever the
+number of images. The driver learns the model's fingerprint from one Ray task before the
+job (and refuses a catalog of another model); every actor checks its own model against it,
+so a node with other weights fails the job instead of mixing embeddings.
+
+Ray is imported only here, and only when this engine runs (the ``ray`` extra).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from batchserve.errors import BatchserveError, ConfigError
+from batchserve.settings import setting
+
+if TYPE_CHECKING:
+    from batchserve.config import IndexSettings
+    from batchserve.images import DecodeLimits
+    from batchserve.index_output import IndexOutput
+    from batchserve.ingest import IngestReport
+    from batchserve.models import ModelInfo, ModelSpec
+    from batchserve.sources import Source
+
+INSTALL_HINT = "--engine ray needs Ray: pip install 'batchserve[ray]'"
+
+#: Memory reserved per model actor: TensorFlow, the model and a batch of activations.
+ACTOR_MEMORY_BYTES = 2 << 30
+
+#: Rows per block of the source table, and per decode task.
+_ROWS_PER_BLOCK = 64
+_DECODE_BATCH = 16
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    """Where the Ray engine runs and how much of it embeds."""
+
+    ray_address: str = setting(
+        "",
+        "Ray cluster for --engine ray: 'auto', HOST:PORT or ray://HOST:PORT ('': start Ray "
+        "on this machine for this run)",
+    )
+    ray_cpus: int = setting(
+        0, "CPUs of the Ray started on this machine (0: all of them)", at_least=0
+    )
+    ray_actors: int = setting(
+        0,
+        "model actors for --engine ray (0: one per GPU, or half the CPUs of a cluster "
+        "without GPUs); CPUs are always left for decoding",
+        at_least=0,
+    )
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError as e:
+        raise ConfigError(INSTALL_HINT) from e
+    return ray
+
+
+def index_with_ray(
+    settings: IndexSettings, sources: Sequence[Source], announce: Callable[[int], None]
+) -> IngestReport:
+    """Run the job on Ray; the same report as the local engine's."""
+    from batchserve.bulk import close, finish, open_output
+
+    ray = import_ray()
+    connect(ray, settings.ray)
+    try:
+        info = ray.get(_remote_model_info(ray).remote(settings.model))
+        output = open_output(settings, info)
+        try:
+            announce(0 if output.store is None else output.store.index.size)
+            began = time.monotonic()
+            report = _run(ray, settings, info, sources, output)
+            finish(output, report)
+            report.seconds = time.monotonic() - began
+        finally:
+            close(output)
+    except ray.exceptions.RayTaskError as e:
+        raise _domain_error(e) from e
+    finally:
+        ray.shutdown()
+    return report
+
+
+def connect(ray: Any, settings: RaySettings) -> None:
+    """Join the cluster at ``ray_address``, or start one on this machine.
+
+    Ray 2.59 and later turn token authentication on for a cluster they start: this run's
+    own cluster gets a token (``~/.ray/auth_token``, made once); to join a cluster, run
+    with the environment its nodes run with (``RAY_AUTH_MODE=token`` and the token in
+    ``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH``), as Ray's documentation says.
+    """
+    options: dict[str, Any] = {
+        "include_dashboard": False,
+        "logging_level": "warning",
+        "runtime_env": {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2", "OMP_WAIT_POLICY": "PASSIVE"}},
+    }
+    if settings.ray_address:
+        options["address"] = settings.ray_address
+    elif settings.ray_cpus:
+        options["num_cpus"] = settings.ray_cpus
+    try:
+        ray.init(**options)
+    except ray.exceptions.AuthenticationError as e:
+        raise ConfigError(
+            f"Ray at {settings.ray_address or 'this machine'} refused this run's token: {e}. "
+            "Run with the cluster's RAY_AUTH_MODE and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH)"
+        ) from e
+    except ConnectionError as e:
+        raise ConfigError(f"cannot reach Ray at {settings.ray_address!r}: {e}") from e
+
+
+def _remote_model_info(ray: Any) -> Any:
+    return ray.remote(num_cpus=1)(model_info)
+
+
+def model_info(spec: ModelSpec) -> ModelInfo:
+    """What the model ``spec`` names is, loaded where Ray runs it (its fingerprint)."""
+    from batchserve.models import load_model
+
+    return load_model(spec).info
+
+
+def _domain_error(error: Any) -> Exception:
+    """The batchserve error that failed a Ray task (a model mismatch on a node, say), or
+    the Ray error itself."""
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, BatchserveError) else error
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """How many model actors, and the Ray resources each one holds."""
+
+    actors: int
+    num_cpus: int
+    num_gpus: int
+
+
+def plan_actors(wanted: int, cluster: dict[str, float]) -> ActorPlan:
+    """The actor pool for a cluster with ``cluster`` resources (``ray.cluster_resources()``):
+    one GPU per actor when there are GPUs, else one CPU each; never every CPU, so the
+    decode tasks always have some. Raises ConfigError for a pool that does not fit."""
+    cpus, gpus = int(cluster.get("CPU", 0)), int(cluster.get("GPU", 0))
+    if gpus:
+        actors = wanted or gpus
+        if actors > gpus:
+            raise ConfigError(f"--ray-actors {actors}: the cluster has {gpus} GPUs")
+        plan = ActorPlan(actors, 1, 1)
+    else:
+        actors = wanted or max(1, cpus // 2)
+        plan = ActorPlan(actors, 1, 0)
+    if plan.actors * plan.num_cpus >= cpus:
+        raise ConfigError(
+            f"{plan.actors} model actors of {plan.num_cpus} CPU would take all {cpus} CPUs of "
+            f"the Ray cluster and leave none to decode: use --ray-actors {max(cpus - 1, 0)} or "
+            "fewer, or a cluster with more CPUs"
+        )
+    return plan
+
+
+def _run(
+    ray: Any,
+    settings: IndexSettings,
+    info: ModelInfo,
+    sources: Sequence[Source],
+    output: IndexOutput,
+) -> IngestReport:
+    from batchserve.ingest import IngestReport, known_digests
+
+    report = IngestReport()
+    batch_sizes = settings.batching.padded_batch_sizes()
+    pending = list(known_digests(sources, output, report, batch_sizes[-1] * 8))
+    if not pending:
+        return report
+    plan = plan_actors(settings.ray.ray_actors, ray.cluster_resources())
+    dataset = _pipeline(ray, settings, info, pending, plan, batch_sizes)
+    nodes: set[str] = set()
+    for batch in dataset.iter_batches(batch_size=batch_sizes[-1], batch_format="numpy"):
+        _write(batch, output, report, nodes)
+    report.nodes = max(len(nodes), 1)
+    return report
+
+
+def _pipeline(
+    ray: Any,
+    settings: IndexSettings,
+    info: ModelInfo,
+    pending: list[tuple[Source, str | None]],
+    plan: ActorPlan,
+    batch_sizes: list[int],
+) -> Any:
+    """The Ray Dataset: source blocks → decode tasks → embedding actors."""
+    import pyarrow as pa
+
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # fids follow the sources, as locally
+    table = pa.table(
+        {
+            "path": [s.path for s, _known in pending],
+            "id": [s.id for s, _known in pending],
+            "label": [s.label for s, _known in pending],
+            "metadata": [json.dumps(s.metadata) for s, _known in pending],
+            "known": [known for _s, known in pending],
+        }
+    )
+    blocks = [table.slice(i, _ROWS_PER_BLOCK) for i in range(0, len(table), _ROWS_PER_BLOCK)]
+    spec = settings.model
+    if not plan.num_gpus and not spec.intra_op_threads:
+        spec = replace(spec, intra_op_threads=plan.num_cpus)  # TensorFlow's share of the node
+    return (
+        ray.data.from_arrow(blocks)
+        .map_batches(
+            decode_rows,
+            fn_kwargs={"size": info.input_size, "limits": settings.images},
+            batch_size=_DECODE_BATCH,
+            batch_format="numpy",
+            num_cpus=1,
+            scheduling_strategy="SPREAD",  # over every node
+        )
+        .map_batches(
+            EmbedRows,
+            fn_constructor_kwargs={
+                "spec": spec,
+                "fingerprint": info.fingerprint(),
+                "batch_sizes": batch_sizes,
+            },
+            compute=ray.data.ActorPoolStrategy(size=plan.actors),
+            batch_size=batch_sizes[-1],
+            batch_format="numpy",
+            num_cpus=plan.num_cpus,
+            num_gpus=plan.num_gpus,
+            # What a model actor holds, so Ray places no more of them on a node than fit.
+            # Being a resource the decode tasks do not ask for, it also keeps decoding an
+            # operator of its own: Ray Data fuses a task map into the actor map after it
+            # when their resources are equal (1 CPU each without GPUs), and the actors
+            # would then decode too, in turn with the model, never past the actor count.
+            memory=ACTOR_MEMORY_BYTES,
+        )
+    )
+
+
+def decode_rows(
+    batch: dict[str, npt.NDArray[Any]], size: tuple[int, int], limits: DecodeLimits
+) -> dict[str, npt.NDArray[Any]]:
+    """A decode task: each row read and decoded as the local engine does. ``status`` is
+    ``ok`` (``pixels`` uint8 [N, H, W, 3]), ``skip`` (unchanged) or ``fail`` (``error``);
+    ``decode_s`` the seconds each row took."""
+    import ray
+
+    n = len(batch["id"])
+    pixels = np.zeros((n, *size, 3), dtype=np.uint8)
+    rows = []
+    for i in range(n):
+        began = time.perf_counter()
+        row = _decode_one(str(batch["path"][i]), batch["known"][i], size, limits)
+        if row.pixels is not None:
+            pixels[i] = row.pixels
+        rows.append((row, time.perf_counter() - began))
+    node = ray.get_runtime_context().get_node_id()
+    return {
+        **{key: batch[key] for key in ("path", "id", "label", "metadata")},
+        "status": np.array([r.status for r, _s in rows], dtype=object),
+        "error": np.array([r.error for r, _s in rows], dtype=object),
+        "thumbnail": np.array([r.thumbnail for r, _s in rows], dtype=object),
+        "digest": np.array([r.digest for r, _s in rows], dtype=object),
+        "pixels": pixels,
+        "decode_s": np.array([s for _r, s in rows]),
+        "decode_node": np.array([node] * n, dtype=object),
+    }
+
+
+@dataclass(frozen=True)
+class _DecodedRow:
+    status: str
+    pixels: npt.NDArray[np.uint8] | None = None
+    thumbnail: bytes = b""
+    digest: str = ""
+    error: str = ""
+
+
+def _decode_one(
+    path: str, known: str | None, size: tuple[int, int], limits: DecodeLimits
+) -> _DecodedRow:
+    from batchserve.ingest import load_source
+    from batchserve.sources import Source
+
+    try:
+        decoded = load_source(Source(path, path), known, size, limits)
+    except (OSError, BatchserveError) as e:
+        return _DecodedRow("fail", error=str(e))
+    if decoded is None:
+        return _DecodedRow("skip")
+    return _DecodedRow("ok", decoded.pixels, decoded.thumbnail, decoded.digest)
+
+
+class EmbedRows:
+    """An embedding actor: loads the model once, refuses one whose fingerprint is not the
+    job's, then embeds the decoded rows of each batch in one padded model call."""
+
+    def __init__(self, spec: ModelSpec, fingerprint: dict[str, Any], batch_sizes: list[int]):
+        import ray
+
+        from batchserve.catalog import ModelMismatch
+        from batchserve.models import load_model
+
+        self._model = load_model(spec)
+        self._batch_sizes = batch_sizes
+        self._node = ray.get_runtime_context().get_node_id()
+        if self._model.info.fingerprint() != fingerprint:
+            raise ModelMismatch(
+                f"the model on Ray node {self._node} is {self._model.info.fingerprint()}, "
+                f"not the job's {fingerprint}: give every node the same model files"
+            )
+
+    def __call__(self, batch: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+        from batchserve.ingest import embed_pixels
+
+        n = len(batch["id"])
+        ok = batch["status"] == "ok"
+        embeddings = np.zeros((n, self._model.info.dim), dtype=np.float32)
+        classes = np.full(n, None, dtype=object)
+        began = time.perf_counter()
+        if ok.any():
+            found, predicted = embed_pixels(
+                self._model, list(batch["pixels"][ok]), self._batch_sizes
+            )
+            embeddings[ok] = found
+            classes[ok] = predicted
+        rows = {key: value for key, value in batch.items() if key != "pixels"}
+        return {
+            **rows,
+            "embedding": embeddings,
+            "class": classes,
+            "embed_s": np.full(n, (time.perf_counter() - began) / n),
+            "embed_node": np.array([self._node] * n, dtype=object),
+        }
+
+
+def _write(
+    batch: dict[str, npt.NDArray[Any]], output: IndexOutput, report: IngestReport, nodes: set[str]
+) -> None:
+    """The driver's part: one batch into the outputs, and into the report."""
+    from batchserve.catalog import NewItem
+
+    items = []
+    for i, status in enumerate(batch["status"]):
+        if status == "fail":
+            report.failed.append((str(batch["path"][i]), str(batch["error"][i])))
+        elif status == "skip":
+            report.skipped += 1
+        else:
+            items.append(_item(batch, i, NewItem))
+    began = time.perf_counter()
+    output.write(items)
+    report.stage_s["write"] += time.perf_counter() - began
+    report.stage_s["read+decode"] += float(batch["decode_s"].sum())
+    report.stage_s["embed"] += float(batch["embed_s"].sum())
+    report.indexed += len(items)
+    nodes.update(str(n) for n in batch["decode_node"])
+    nodes.update(str(n) for n in batch["embed_node"])
+
+
+def _item(batch: dict[str, npt.NDArray[Any]], i: int, new_item: Any) -> Any:
+    label = batch["label"][i]
+    return new_item(
+        str(batch["id"][i]),
+        np.asarray(batch["embedding"][i], dtype=np.float32),
+        None if label is None else str(label),
+        json.loads(str(batch["metadata"][i])),
+        batch["class"][i],
+        bytes(batch["thumbnail"][i]),
+        str(batch["digest"][i]),
+    )

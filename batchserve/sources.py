@@ -1,0 +1,156 @@
+"""What ``batchserve index`` reads: the images of a folder tree (labels from class folders)
+or the rows of a manifest (CSV, JSON lines or Parquet of path, id, label, metadata).
+
+A location is a local path or a URI of any filesystem pyarrow reads (``s3://``, ``gs://``,
+``hdfs://``, ``file://``); manifest paths are relative to the manifest's folder unless they
+are absolute or URIs. Both engines read sources through this module, so they index the same
+ids and labels from the same files.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import io
+import json
+import posixpath
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from batchserve.errors import InvalidInput
+from batchserve.inputs import check_id, check_label, check_metadata
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
+MANIFEST_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".parquet")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One image to index: ``path`` is a local path or a URI."""
+
+    path: str
+    id: str
+    label: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def is_uri(location: str) -> bool:
+    return "://" in location
+
+
+@functools.lru_cache(maxsize=8)
+def _filesystem_of(scheme_and_host: str) -> Any:
+    from pyarrow import fs
+
+    return fs.FileSystem.from_uri(scheme_and_host + "/")[0]
+
+
+def _remote(location: str) -> tuple[Any, str]:
+    """(pyarrow filesystem, path within it) of a URI; one filesystem per scheme and host."""
+    from pyarrow import fs
+
+    scheme, _, rest = location.partition("://")
+    if scheme == "file":
+        return fs.LocalFileSystem(), "/" + rest.lstrip("/")
+    host, _, _path = rest.partition("/")
+    filesystem = _filesystem_of(f"{scheme}://{host}")
+    return filesystem, fs.FileSystem.from_uri(location)[1]
+
+
+def read_bytes(location: str) -> bytes:
+    """The whole file at ``location``. Raises OSError when it cannot be read."""
+    if not is_uri(location):
+        return Path(location).read_bytes()
+    filesystem, path = _remote(location)
+    with filesystem.open_input_stream(path) as f:
+        return bytes(f.read())
+
+
+def sha256_hex(data: bytes) -> str:
+    """The content digest a catalog keeps of each indexed file."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def scan_directory(root: str) -> Iterator[Source]:
+    """Every image under ``root``, sorted; its id is the path relative to ``root`` and its
+    label the top-level sub-folder (class folders), or none for files in ``root``."""
+    for location, relative in sorted(_tree(root), key=lambda pair: pair[1]):
+        if posixpath.splitext(relative)[1].lower() not in IMAGE_SUFFIXES:
+            continue
+        parts = relative.split("/")
+        yield Source(location, relative, parts[0] if len(parts) > 1 else None)
+
+
+def _tree(root: str) -> Iterator[tuple[str, str]]:
+    """(location, path relative to ``root`` with / separators) of every file under it."""
+    if not is_uri(root):
+        base = Path(root)
+        for path in base.rglob("*"):
+            if path.is_file():
+                yield str(path), path.relative_to(base).as_posix()
+        return
+    from pyarrow import fs
+
+    filesystem, inside = _remote(root)
+    prefix = root.rstrip("/") + "/"
+    for info in filesystem.get_file_info(fs.FileSelector(inside, recursive=True)):
+        if info.type == fs.FileType.File:
+            relative = posixpath.relpath(info.path, inside.rstrip("/") or "/")
+            yield prefix + relative, relative
+
+
+def read_manifest(manifest: str) -> Iterator[Source]:
+    """Rows of a CSV (header: path, id, label, metadata), JSON lines or Parquet manifest;
+    relative paths are relative to the manifest's folder; id defaults to the path."""
+    suffix = posixpath.splitext(manifest)[1].lower()
+    if suffix not in MANIFEST_SUFFIXES:
+        raise InvalidInput(f"manifest {manifest} must be .csv, .jsonl or .parquet")
+    data = read_bytes(manifest)
+    rows: Iterable[dict[str, Any]]
+    if suffix == ".csv":
+        rows = list(csv.DictReader(io.StringIO(data.decode("utf-8"), newline="")))
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(io.BytesIO(data)).to_pylist()
+    else:
+        rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+    folder = manifest.rsplit("/", 1)[0] if is_uri(manifest) else str(Path(manifest).parent)
+    for n, row in enumerate(rows, start=1):
+        yield _manifest_row(manifest, n, row, folder)
+
+
+def _manifest_row(manifest: str, n: int, row: dict[str, Any], folder: str) -> Source:
+    path = row.get("path")
+    if not path:
+        raise InvalidInput(f"{manifest} row {n} has no path")
+    path = str(path)
+    try:
+        return Source(
+            _beside(folder, path),
+            check_id(row.get("id") or path),
+            check_label(row.get("label")),
+            check_metadata(row.get("metadata")),
+        )
+    except InvalidInput as e:
+        raise InvalidInput(f"{manifest} row {n}: {e}") from e
+
+
+def _beside(folder: str, path: str) -> str:
+    if is_uri(path) or posixpath.isabs(path):
+        return path
+    return f"{folder}/{path}" if is_uri(folder) else str(Path(folder) / path)
+
+
+def sources_for(location: str) -> Iterator[Source]:
+    """The sources of a folder tree or a manifest file, local or at a URI."""
+    if posixpath.splitext(location)[1].lower() in MANIFEST_SUFFIXES:
+        return read_manifest(location)
+    if is_uri(location) or Path(location).is_dir():
+        return scan_directory(location)
+    if Path(location).is_file():
+        raise InvalidInput(f"manifest {location} must be .csv, .jsonl or .parquet")
+    raise InvalidInput(f"{location} is neither a directory nor a manifest file")
