@@ -125,7 +125,11 @@ def connect(ray: Any, settings: RaySettings) -> None:
             "Run with the cluster's RAY_AUTH_MODE and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH)"
         ) from e
     except ConnectionError as e:
-        raise ConfigError(f"cannot reach Ray at {settings.ray_address!r}: {e}") from e
+        raise ConfigError(
+            f"cannot reach Ray at {settings.ray_address!r}: {e} (a cluster with token "
+            "authentication takes only clients run with its RAY_AUTH_MODE=token and its "
+            "token in RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)"
+        ) from e
 
 
 def _remote_model_info(ray: Any) -> Any:
