@@ -38,6 +38,7 @@ class EngineSettings:
     write_data_dir: bool = setting(
         True, "store the items in --data-dir and snapshot its index (off: only --output)"
     )
+    report: str = setting("", "also write the final report to this JSON file")
 
     def __post_init__(self) -> None:
         if not self.write_data_dir and not self.output:

@@ -8,6 +8,7 @@ Each sub-command shows and reads only its own settings (config.py's trees). Heav
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import MutableMapping, Sequence
@@ -135,6 +136,8 @@ def index_command(settings: IndexSettings, path: str) -> int:
     progress = Progress(sys.stderr, len(sources))
     report = index_into(settings, sources, announce, progress.update)
     print_summary(report)
+    if settings.bulk.report:
+        Path(settings.bulk.report).write_text(json.dumps(report.as_json(), indent=2) + "\n")
     return 1 if report.failed else 0
 
 

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
 import numpy as np
 import numpy.typing as npt
@@ -69,6 +69,18 @@ class IngestReport:
     @property
     def images_per_s(self) -> float:
         return self.indexed / self.seconds if self.seconds else 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        """The report as ``--report`` writes it."""
+        return {
+            "indexed": self.indexed,
+            "skipped": self.skipped,
+            "failed": [{"path": path, "reason": reason} for path, reason in self.failed],
+            "seconds": round(self.seconds, 3),
+            "images_per_s": round(self.images_per_s, 1),
+            "stage_s": {name: round(s, 3) for name, s in self.stage_s.items()},
+            "nodes": self.nodes,
+        }
 
 
 def load_source(

@@ -173,10 +173,10 @@ def plan_actors(wanted: int, cluster: dict[str, float]) -> ActorPlan:
         actors = wanted or max(1, cpus // 2)
         plan = ActorPlan(actors, 1, 0)
     if plan.actors * plan.num_cpus >= cpus:
+        fewer = f"use --ray-actors {cpus - 1} or fewer, or " if cpus > 1 else "use "
         raise ConfigError(
             f"{plan.actors} model actors of {plan.num_cpus} CPU would take all {cpus} CPUs of "
-            f"the Ray cluster and leave none to decode: use --ray-actors {max(cpus - 1, 0)} or "
-            "fewer, or a cluster with more CPUs"
+            f"the Ray cluster and leave none to decode: {fewer}a cluster with more CPUs"
         )
     return plan
 

@@ -23,6 +23,7 @@ from typing import Any
 from bench import (
     ab,
     bulk,
+    bulk_engines,
     ceiling,
     cluster,
     embed,
@@ -125,6 +126,11 @@ def report_steps(args: argparse.Namespace) -> list[tuple[str, Callable[[], Any]]
         ),
         ("search", lambda: search.measure(args.search_items, images, plan), args.search_items > 0),
         ("bulk", lambda: bulk.measure(args.bulk_images), args.bulk_images > 0),
+        (
+            "bulk_engines",
+            lambda: bulk_engines.measure(args.engines_images),
+            args.engines_images > 0,
+        ),
         ("kinds", lambda: kinds.measure_table(args.kinds_items), args.kinds_items > 0),
         ("ceiling", lambda: ceiling.measure(args.duration), True),
         ("overload", lambda: overload.measure(images, args.overload_s), args.overload_s > 0),
@@ -217,6 +223,7 @@ def _report_parser(commands: Any) -> None:
     skips = (
         ("--search-items", int, 100_000, "index size for the search benchmark"),
         ("--bulk-images", int, 2000, "images for the bulk-indexing benchmark"),
+        ("--engines-images", int, 2000, "images indexed by the local engine and by Ray"),
         ("--kinds-items", int, 100_000, "vectors for the index-kinds comparison"),
         ("--overload-s", float, 60.0, "seconds of the 3x overload scenario"),
         ("--frontend-s", float, 20.0, "seconds per phase of the front-end scenario"),

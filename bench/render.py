@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import plots, scenario_sections, sections
+from bench import plots, scenario_sections, sections, sections_bulk
 
 HERE = Path(__file__).parent
 RESULTS_MD = HERE / "RESULTS.md"
@@ -83,6 +83,7 @@ RENDERERS: dict[str, Callable[[Data], Lines]] = {
     "low_load": _low_load,
     "search": lambda d: sections.search(d["search"]),
     "bulk": lambda d: sections.bulk(d["bulk"]),
+    "bulk_engines": lambda d: sections_bulk.bulk_engines(d["bulk_engines"]),
     "kinds": lambda d: sections.kinds(d["kinds"]),
     "ceiling": lambda d: sections.ceiling(d["ceiling"]),
     "train": lambda d: scenario_sections.train(d["train"]),

@@ -22,6 +22,7 @@ SECTIONS = (
     "low_load",
     "search",
     "bulk",
+    "bulk_engines",
     "kinds",
     "ceiling",
     "train",

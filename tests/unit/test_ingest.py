@@ -1,22 +1,29 @@
-"""Bulk indexing with a fake model and a real store: class folders, manifests, resuming,
-and corrupt files reported without stopping."""
+"""Bulk indexing with a fake model and a real store: class folders, manifests, resuming by
+content digest, corrupt files reported without stopping, the report, and --output Parquet."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from batchserve.bulk import finish
+from batchserve.catalog import NewItem
 from batchserve.errors import InvalidInput
 from batchserve.images import DecodeLimits
 from batchserve.index import IndexParams, VectorIndex
-from batchserve.index_output import IndexOutput
-from batchserve.ingest import IngestReport, ingest
-from batchserve.sources import Source, read_manifest, scan_directory, sources_for
+from batchserve.index_output import EmbeddingsFile, IndexOutput
+from batchserve.inference import split_outputs
+from batchserve.ingest import STAGES, IngestReport, ingest, print_summary
+from batchserve.pipeline import predicted_class
+from batchserve.sources import Source, read_manifest, scan_directory, sha256_hex, sources_for
 from batchserve.store import ItemStore, SearchQuery
 from batchserve.testing import FakeModel, encode_image
 
@@ -113,3 +120,137 @@ def test_bulk_indexing_stores_a_thumbnail_of_each_image(tmp_path: Path) -> None:
     with Image.open(io.BytesIO(found[1])) as thumb:
         assert thumb.format == "JPEG" and thumb.size == (64, 48)  # small images stay small
         assert thumb.convert("RGB").getpixel((32, 24))[0] > 200  # still red
+
+
+def test_a_rerun_skips_unchanged_files_and_indexes_a_changed_one_again(tmp_path: Path) -> None:
+    make_tree(tmp_path / "images")
+    model = FakeModel()
+    store = open_store(tmp_path / "data", model)
+    sources = list(sources_for(str(tmp_path / "images")))
+    run(sources, store, model)
+    changed = tmp_path / "images" / "reds" / "0.png"
+    new_bytes = encode_image(fmt="PNG", colour=(250, 250, 0))  # same id, yellow now
+    changed.write_bytes(new_bytes)
+    calls_before = len(model.batch_shapes)
+    report = run(sources, store, model)
+    assert report.indexed == 1 and report.skipped == 5
+    assert [p for p, _why in report.failed] == [str(tmp_path / "images/blues/broken.jpg")]
+    assert len(model.batch_shapes) == calls_before + 1  # only the changed file was embedded
+    assert store.index.size == 6  # replaced, not added
+    assert store.catalog.digests(["reds/0.png"]) == {"reds/0.png": sha256_hex(new_bytes)}
+    yellow = model.predict(np.full((1, 32, 32, 3), [250, 250, 0], dtype=np.uint8)).embeddings[0]
+    stored = store.embedding("reds/0.png")
+    assert stored is not None
+    np.testing.assert_allclose(stored, yellow, atol=1e-6)
+    [top] = store.search([SearchQuery(yellow, k=1)])[0]
+    assert top.id == "reds/0.png" and top.score > 0.999
+    again = run(sources, store, model)  # and now it is unchanged too
+    assert again.indexed == 0 and again.skipped == 6
+
+
+def test_an_id_present_without_a_digest_is_skipped_and_counted(tmp_path: Path) -> None:
+    make_tree(tmp_path / "images")
+    model = FakeModel()
+    store = open_store(tmp_path / "data", model)
+    through_api = np.eye(model.info.dim, dtype=np.float32)[0]
+    store.add([NewItem("reds/0.png", through_api, "api", digest=None)])
+    assert store.catalog.digests(["reds/0.png"]) == {"reds/0.png": None}
+    report = run(list(sources_for(str(tmp_path / "images"))), store, model)
+    assert report.skipped == 1 and report.indexed == 5
+    assert store.index.size == 6
+    kept = store.get("reds/0.png")
+    assert kept is not None and kept.label == "api"  # its content cannot be compared: left alone
+    np.testing.assert_array_equal(store.embedding("reds/0.png"), through_api)
+
+
+def test_the_report_times_each_stage(tmp_path: Path) -> None:
+    make_tree(tmp_path / "images")
+    model = FakeModel()
+    output = IndexOutput(open_store(tmp_path / "data", model))
+    report = ingest(
+        list(sources_for(str(tmp_path / "images"))), output, model, [1, 2, 4], 2, DecodeLimits()
+    )
+    assert tuple(report.stage_s) == STAGES == ("read+decode", "embed", "write", "index")
+    assert report.stage_s["read+decode"] > 0
+    assert report.stage_s["embed"] > 0
+    assert report.stage_s["write"] > 0
+    assert report.stage_s["index"] == 0  # compaction and snapshot come after, in finish
+    finish(output, report)
+    assert report.stage_s["index"] > 0
+
+
+def test_the_summary_gives_counts_busy_time_per_stage_and_the_failures() -> None:
+    report = IngestReport(
+        indexed=40,
+        skipped=3,
+        failed=[(f"/img/{i}.jpg", "cannot decode") for i in range(4)],
+        seconds=2.0,
+        stage_s={"read+decode": 3.21, "embed": 1.5, "write": 0.19, "index": 0.5},
+    )
+    out = io.StringIO()
+    print_summary(report, out, limit=3)
+    lines = out.getvalue().splitlines()
+    assert lines[1] == "indexed 40 images in 2.0 s (20 images/s); 3 already present; 4 failed"
+    assert lines[2] == (
+        "  busy time per stage: read+decode 3.2 s, embed 1.5 s, write 0.2 s, index 0.5 s"
+    )
+    assert lines[3:] == [
+        "  failed: /img/0.jpg: cannot decode",
+        "  failed: /img/1.jpg: cannot decode",
+        "  failed: /img/2.jpg: cannot decode",
+        "  ... and 1 more",
+    ]
+    report.nodes = 3
+    out = io.StringIO()
+    print_summary(report, out)
+    assert "  busy time per stage on 3 nodes: read+decode" in out.getvalue()
+    assert out.getvalue().count("  failed: ") == 4
+
+
+def test_output_only_writes_a_parquet_file_of_the_models_embeddings(tmp_path: Path) -> None:
+    make_tree(tmp_path / "images")
+    model = FakeModel()
+    path = tmp_path / "out" / "embeddings.parquet"
+    output = IndexOutput(None, EmbeddingsFile(path, model.info.dim))
+    sources = list(sources_for(str(tmp_path / "images")))
+    report = ingest(sources, output, model, [1, 2, 4], 2, DecodeLimits())
+    assert report.indexed == 6 and len(report.failed) == 1
+    partial = tmp_path / "out" / ".embeddings.parquet.partial"
+    assert partial.exists() and not path.exists()  # no reader sees half a file
+    output.finish()
+    assert path.exists() and not partial.exists()
+    assert os.listdir(tmp_path / "out") == ["embeddings.parquet"]
+    table = pq.read_table(path)
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), model.info.dim)
+    rows = {row["id"]: row for row in table.to_pylist()}
+    colours = {
+        "reds/0.png": (250, 0, 0),
+        "reds/1.png": (200, 30, 30),
+        "blues/0.png": (0, 0, 250),
+        "blues/1.png": (30, 30, 200),
+        "blues/2.png": (10, 10, 150),
+    }
+    assert sorted(rows) == sorted([*colours, "loose.jpg"])
+    for item_id, colour in colours.items():
+        pixels = np.full((1, 32, 32, 3), colour, dtype=np.uint8)
+        outputs = model.predict(pixels)
+        np.testing.assert_allclose(rows[item_id]["embedding"], outputs.embeddings[0], atol=1e-6)
+        assert rows[item_id]["label"] == item_id.split("/")[0]
+        assert rows[item_id]["class"] == predicted_class(
+            split_outputs(outputs, 1)[0], model.info.classes
+        )
+    assert rows["loose.jpg"]["label"] is None
+    assert json.loads(rows["loose.jpg"]["metadata"]) == {}
+
+
+def test_output_keeps_each_sources_metadata_as_json_text(tmp_path: Path) -> None:
+    make_tree(tmp_path / "images")
+    manifest = tmp_path / "images" / "m.jsonl"
+    manifest.write_text(json.dumps({"path": "reds/0.png", "id": "r", "metadata": {"sku": 7}}))
+    model = FakeModel()
+    path = tmp_path / "e.parquet"
+    output = IndexOutput(None, EmbeddingsFile(path, model.info.dim))
+    ingest(list(sources_for(str(manifest))), output, model, [1], 1, DecodeLimits())
+    output.finish()
+    [row] = pq.read_table(path).to_pylist()
+    assert (row["id"], row["label"], json.loads(row["metadata"])) == ("r", None, {"sku": 7})
