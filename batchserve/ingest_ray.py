@@ -22,18 +22,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import numpy.typing as npt
 
+from batchserve import ray_stages
 from batchserve.errors import BatchserveError, ConfigError
+from batchserve.ray_stages import item_of
 from batchserve.settings import setting
 
 if TYPE_CHECKING:
     from batchserve.config import IndexSettings
-    from batchserve.images import DecodeLimits
     from batchserve.index_output import IndexOutput
     from batchserve.ingest import IngestReport
-    from batchserve.models import ModelInfo, ModelSpec
+    from batchserve.models import ModelInfo
     from batchserve.sources import Source
 
 INSTALL_HINT = "--engine ray needs Ray: pip install 'batchserve[ray]'"
@@ -133,14 +133,7 @@ def connect(ray: Any, settings: RaySettings) -> None:
 
 
 def _remote_model_info(ray: Any) -> Any:
-    return ray.remote(num_cpus=1)(model_info)
-
-
-def model_info(spec: ModelSpec) -> ModelInfo:
-    """What the model ``spec`` names is, loaded where Ray runs it (its fingerprint)."""
-    from batchserve.models import load_model
-
-    return load_model(spec).info
+    return ray.remote(num_cpus=1)(ray_stages.model_info)
 
 
 def _domain_error(error: Any) -> Exception:
@@ -197,11 +190,32 @@ def _run(
         return report
     plan = plan_actors(settings.ray.ray_actors, ray.cluster_resources())
     dataset = _pipeline(ray, settings, info, pending, plan, batch_sizes)
+    writers = output.store is not None and settings.store.shared_catalog
+    if writers:
+        dataset = _with_catalog_writers(ray, dataset, settings.store.catalog, info.dim, plan)
     nodes: set[str] = set()
     for batch in dataset.iter_batches(batch_size=batch_sizes[-1], batch_format="numpy"):
-        _write(batch, output, report, nodes)
+        _write(batch, output, report, nodes, stored=writers)
+    if writers and output.store is not None:
+        began = time.perf_counter()
+        output.store.catch_up()  # the writers' items, from the catalog's change log
+        report.stage_s["index"] += time.perf_counter() - began
     report.nodes = max(len(nodes), 1)
     return report
+
+
+def _with_catalog_writers(ray: Any, dataset: Any, url: str, dim: int, plan: ActorPlan) -> Any:
+    """A PostgreSQL catalog takes writes from several processes at once (row locks per id,
+    one lock for the change log's order): a pool of writer actors, one connection each,
+    instead of the driver alone. They wait on the network, so they hold no CPU."""
+    return dataset.map_batches(
+        ray_stages.WriteRows,
+        fn_constructor_kwargs={"url": url, "dim": dim},
+        compute=ray.data.ActorPoolStrategy(size=min(4, 2 * plan.actors)),
+        batch_size=None,
+        batch_format="numpy",
+        num_cpus=0,
+    )
 
 
 def _pipeline(
@@ -233,7 +247,7 @@ def _pipeline(
     return (
         ray.data.from_arrow(blocks)
         .map_batches(
-            decode_rows,
+            ray_stages.decode_rows,
             fn_kwargs={"size": info.input_size, "limits": settings.images},
             batch_size=_DECODE_BATCH,
             batch_format="numpy",
@@ -241,7 +255,7 @@ def _pipeline(
             scheduling_strategy="SPREAD",  # over every node
         )
         .map_batches(
-            EmbedRows,
+            ray_stages.EmbedRows,
             fn_constructor_kwargs={
                 "spec": spec,
                 "fingerprint": info.fingerprint(),
@@ -262,107 +276,15 @@ def _pipeline(
     )
 
 
-def decode_rows(
-    batch: dict[str, npt.NDArray[Any]], size: tuple[int, int], limits: DecodeLimits
-) -> dict[str, npt.NDArray[Any]]:
-    """A decode task: each row read and decoded as the local engine does. ``status`` is
-    ``ok`` (``pixels`` uint8 [N, H, W, 3]), ``skip`` (unchanged) or ``fail`` (``error``);
-    ``decode_s`` the seconds each row took."""
-    import ray
-
-    n = len(batch["id"])
-    pixels = np.zeros((n, *size, 3), dtype=np.uint8)
-    rows = []
-    for i in range(n):
-        began = time.perf_counter()
-        row = _decode_one(str(batch["path"][i]), batch["known"][i], size, limits)
-        if row.pixels is not None:
-            pixels[i] = row.pixels
-        rows.append((row, time.perf_counter() - began))
-    node = ray.get_runtime_context().get_node_id()
-    return {
-        **{key: batch[key] for key in ("path", "id", "label", "metadata")},
-        "status": np.array([r.status for r, _s in rows], dtype=object),
-        "error": np.array([r.error for r, _s in rows], dtype=object),
-        "thumbnail": np.array([r.thumbnail for r, _s in rows], dtype=object),
-        "digest": np.array([r.digest for r, _s in rows], dtype=object),
-        "pixels": pixels,
-        "decode_s": np.array([s for _r, s in rows]),
-        "decode_node": np.array([node] * n, dtype=object),
-    }
-
-
-@dataclass(frozen=True)
-class _DecodedRow:
-    status: str
-    pixels: npt.NDArray[np.uint8] | None = None
-    thumbnail: bytes = b""
-    digest: str = ""
-    error: str = ""
-
-
-def _decode_one(
-    path: str, known: str | None, size: tuple[int, int], limits: DecodeLimits
-) -> _DecodedRow:
-    from batchserve.ingest import load_source
-    from batchserve.sources import Source
-
-    try:
-        decoded = load_source(Source(path, path), known, size, limits)
-    except (OSError, BatchserveError) as e:
-        return _DecodedRow("fail", error=str(e))
-    if decoded is None:
-        return _DecodedRow("skip")
-    return _DecodedRow("ok", decoded.pixels, decoded.thumbnail, decoded.digest)
-
-
-class EmbedRows:
-    """An embedding actor: loads the model once, refuses one whose fingerprint is not the
-    job's, then embeds the decoded rows of each batch in one padded model call."""
-
-    def __init__(self, spec: ModelSpec, fingerprint: dict[str, Any], batch_sizes: list[int]):
-        import ray
-
-        from batchserve.catalog import ModelMismatch
-        from batchserve.models import load_model
-
-        self._model = load_model(spec)
-        self._batch_sizes = batch_sizes
-        self._node = ray.get_runtime_context().get_node_id()
-        if self._model.info.fingerprint() != fingerprint:
-            raise ModelMismatch(
-                f"the model on Ray node {self._node} is {self._model.info.fingerprint()}, "
-                f"not the job's {fingerprint}: give every node the same model files"
-            )
-
-    def __call__(self, batch: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
-        from batchserve.ingest import embed_pixels
-
-        n = len(batch["id"])
-        ok = batch["status"] == "ok"
-        embeddings = np.zeros((n, self._model.info.dim), dtype=np.float32)
-        classes = np.full(n, None, dtype=object)
-        began = time.perf_counter()
-        if ok.any():
-            found, predicted = embed_pixels(
-                self._model, list(batch["pixels"][ok]), self._batch_sizes
-            )
-            embeddings[ok] = found
-            classes[ok] = predicted
-        rows = {key: value for key, value in batch.items() if key != "pixels"}
-        return {
-            **rows,
-            "embedding": embeddings,
-            "class": classes,
-            "embed_s": np.full(n, (time.perf_counter() - began) / n),
-            "embed_node": np.array([self._node] * n, dtype=object),
-        }
-
-
 def _write(
-    batch: dict[str, npt.NDArray[Any]], output: IndexOutput, report: IngestReport, nodes: set[str]
+    batch: dict[str, npt.NDArray[Any]],
+    output: IndexOutput,
+    report: IngestReport,
+    nodes: set[str],
+    stored: bool,
 ) -> None:
-    """The driver's part: one batch into the outputs, and into the report."""
+    """The driver's part: one batch into the outputs (the Parquet file only, when writer
+    actors ``stored`` it in the catalog), and into the report."""
     from batchserve.catalog import NewItem
 
     items = []
@@ -372,25 +294,17 @@ def _write(
         elif status == "skip":
             report.skipped += 1
         else:
-            items.append(_item(batch, i, NewItem))
+            items.append(item_of(batch, i, NewItem))
     began = time.perf_counter()
-    output.write(items)
+    if not stored:
+        output.write(items)
+    elif output.parquet is not None and items:
+        output.parquet.write(items)
     report.stage_s["write"] += time.perf_counter() - began
+    if "write_s" in batch:
+        report.stage_s["write"] += float(batch["write_s"].sum())
     report.stage_s["read+decode"] += float(batch["decode_s"].sum())
     report.stage_s["embed"] += float(batch["embed_s"].sum())
     report.indexed += len(items)
     nodes.update(str(n) for n in batch["decode_node"])
     nodes.update(str(n) for n in batch["embed_node"])
-
-
-def _item(batch: dict[str, npt.NDArray[Any]], i: int, new_item: Any) -> Any:
-    label = batch["label"][i]
-    return new_item(
-        str(batch["id"][i]),
-        np.asarray(batch["embedding"][i], dtype=np.float32),
-        None if label is None else str(label),
-        json.loads(str(batch["metadata"][i])),
-        batch["class"][i],
-        bytes(batch["thumbnail"][i]),
-        str(batch["digest"][i]),
-    )

@@ -26,7 +26,7 @@ from PIL import Image
 
 from batchserve.catalog import Catalog
 from batchserve.demo import sample_photos
-from tests.postgres import free_port, unavailable
+from tests.postgres import PostgresCluster, free_port, postgres_cluster, unavailable
 
 RAY_BIN = Path(sys.executable).parent / "ray"
 
@@ -282,3 +282,41 @@ def test_a_two_node_cluster_shares_the_job_and_gets_the_same_result(
     )
     assert refused.returncode == 2 and f"cannot reach Ray at '{address}'" in refused.stderr
     assert "RAY_AUTH_TOKEN" in refused.stderr
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresCluster]:
+    with postgres_cluster() as cluster:
+        yield cluster
+
+
+def catalog_rows(url: str) -> dict[str, tuple[np.ndarray, str | None]]:
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT id, embedding, label FROM items").fetchall()
+    return {r[0]: (np.frombuffer(r[1], dtype=np.float32), r[2]) for r in rows}
+
+
+def test_ray_writes_a_postgresql_catalog_from_parallel_writers(
+    photos: Path,
+    local: Indexed,
+    ray_home: dict[str, str],
+    postgres: PostgresCluster,
+    tmp_path: Path,
+) -> None:
+    url = postgres.create_database()
+    flags = ("--engine", "ray", "--ray-cpus", "2", "--catalog", url)
+    ray = run_index(photos, tmp_path / "data", *flags, env=ray_home)
+    assert ray.returncode == 1 and "indexed 16 images" in ray.stderr, ray.stderr
+    stored = catalog_rows(url)
+    assert sorted(stored) == sorted(local.items)
+    for item_id, (vector, label) in stored.items():
+        assert (
+            float(vector @ local.items[item_id][0]) >= 0.9999 and label == local.items[item_id][1]
+        )
+    assert "MapBatches(WriteRows)" in ray.stderr  # the writers, a stage of their own
+    assert list((tmp_path / "data" / "snapshots").iterdir())  # the index, built and published
+
+    again = run_index(photos, tmp_path / "data", *flags, env=ray_home)
+    assert "indexed 0 images" in again.stderr and "16 already present" in again.stderr

@@ -1,0 +1,154 @@
+"""What runs on Ray's workers for ``batchserve index --engine ray`` (ingest_ray.py builds
+the pipeline): decode tasks, model actors and catalog writers, each taking and giving a batch
+of rows as numpy columns. Ray is imported inside them, on the worker."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from batchserve.errors import BatchserveError
+
+if TYPE_CHECKING:
+    from batchserve.images import DecodeLimits
+    from batchserve.models import ModelInfo, ModelSpec
+
+
+def model_info(spec: ModelSpec) -> ModelInfo:
+    """What the model ``spec`` names is, loaded where Ray runs it (its fingerprint)."""
+    from batchserve.models import load_model
+
+    return load_model(spec).info
+
+
+def decode_rows(
+    batch: dict[str, npt.NDArray[Any]], size: tuple[int, int], limits: DecodeLimits
+) -> dict[str, npt.NDArray[Any]]:
+    """A decode task: each row read and decoded as the local engine does. ``status`` is
+    ``ok`` (``pixels`` uint8 [N, H, W, 3]), ``skip`` (unchanged) or ``fail`` (``error``);
+    ``decode_s`` the seconds each row took."""
+    import ray
+
+    n = len(batch["id"])
+    pixels = np.zeros((n, *size, 3), dtype=np.uint8)
+    rows = []
+    for i in range(n):
+        began = time.perf_counter()
+        row = _decode_one(str(batch["path"][i]), batch["known"][i], size, limits)
+        if row.pixels is not None:
+            pixels[i] = row.pixels
+        rows.append((row, time.perf_counter() - began))
+    node = ray.get_runtime_context().get_node_id()
+    return {
+        **{key: batch[key] for key in ("path", "id", "label", "metadata")},
+        "status": np.array([r.status for r, _s in rows], dtype=object),
+        "error": np.array([r.error for r, _s in rows], dtype=object),
+        "thumbnail": np.array([r.thumbnail for r, _s in rows], dtype=object),
+        "digest": np.array([r.digest for r, _s in rows], dtype=object),
+        "pixels": pixels,
+        "decode_s": np.array([s for _r, s in rows]),
+        "decode_node": np.array([node] * n, dtype=object),
+    }
+
+
+@dataclass(frozen=True)
+class _DecodedRow:
+    status: str
+    pixels: npt.NDArray[np.uint8] | None = None
+    thumbnail: bytes = b""
+    digest: str = ""
+    error: str = ""
+
+
+def _decode_one(
+    path: str, known: str | None, size: tuple[int, int], limits: DecodeLimits
+) -> _DecodedRow:
+    from batchserve.ingest import load_source
+    from batchserve.sources import Source
+
+    try:
+        decoded = load_source(Source(path, path), known, size, limits)
+    except (OSError, BatchserveError) as e:
+        return _DecodedRow("fail", error=str(e))
+    if decoded is None:
+        return _DecodedRow("skip")
+    return _DecodedRow("ok", decoded.pixels, decoded.thumbnail, decoded.digest)
+
+
+class EmbedRows:
+    """An embedding actor: loads the model once, refuses one whose fingerprint is not the
+    job's, then embeds the decoded rows of each batch in one padded model call."""
+
+    def __init__(self, spec: ModelSpec, fingerprint: dict[str, Any], batch_sizes: list[int]):
+        import ray
+
+        from batchserve.catalog import ModelMismatch
+        from batchserve.models import load_model
+
+        self._model = load_model(spec)
+        self._batch_sizes = batch_sizes
+        self._node = ray.get_runtime_context().get_node_id()
+        if self._model.info.fingerprint() != fingerprint:
+            raise ModelMismatch(
+                f"the model on Ray node {self._node} is {self._model.info.fingerprint()}, "
+                f"not the job's {fingerprint}: give every node the same model files"
+            )
+
+    def __call__(self, batch: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+        from batchserve.ingest import embed_pixels
+
+        n = len(batch["id"])
+        ok = batch["status"] == "ok"
+        embeddings = np.zeros((n, self._model.info.dim), dtype=np.float32)
+        classes = np.full(n, None, dtype=object)
+        began = time.perf_counter()
+        if ok.any():
+            found, predicted = embed_pixels(
+                self._model, list(batch["pixels"][ok]), self._batch_sizes
+            )
+            embeddings[ok] = found
+            classes[ok] = predicted
+        rows = {key: value for key, value in batch.items() if key != "pixels"}
+        return {
+            **rows,
+            "embedding": embeddings,
+            "class": classes,
+            "embed_s": np.full(n, (time.perf_counter() - began) / n),
+            "embed_node": np.array([self._node] * n, dtype=object),
+        }
+
+
+class WriteRows:
+    """A catalog writer actor: the decoded rows of each batch in one PostgreSQL transaction."""
+
+    def __init__(self, url: str, dim: int) -> None:
+        from batchserve.catalog_pg import PostgresCatalog
+
+        self._catalog = PostgresCatalog(url, dim)
+
+    def __call__(self, batch: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+        from batchserve.catalog import NewItem
+
+        began = time.perf_counter()
+        ok = [i for i, status in enumerate(batch["status"]) if status == "ok"]
+        self._catalog.upsert([item_of(batch, i, NewItem) for i in ok])
+        n = len(batch["id"])
+        return {**batch, "write_s": np.full(n, (time.perf_counter() - began) / max(n, 1))}
+
+
+def item_of(batch: dict[str, npt.NDArray[Any]], i: int, new_item: Any) -> Any:
+    label = batch["label"][i]
+    return new_item(
+        str(batch["id"][i]),
+        np.asarray(batch["embedding"][i], dtype=np.float32),
+        None if label is None else str(label),
+        json.loads(str(batch["metadata"][i])),
+        batch["class"][i],
+        bytes(batch["thumbnail"][i]),
+        str(batch["digest"][i]),
+    )
