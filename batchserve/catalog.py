@@ -69,6 +69,39 @@ class ModelMismatch(ConfigError):
     code = "model_mismatch"
 
 
+def check_fingerprint(where: str, stored: dict[str, Any], fingerprint: dict[str, Any]) -> None:
+    """Refuse embeddings made by another model than ``fingerprint``'s, or made another way
+    (pooling, fit, border trimming), saying which and what to do. A fingerprint stored
+    before embeddings had options was made the way batchserve made them then."""
+    from batchserve.models import LEGACY_EMBEDDING, recipe_flags
+
+    stored = {"embedding": LEGACY_EMBEDDING, **stored}
+    fingerprint = {"embedding": LEGACY_EMBEDDING, **fingerprint}
+    if stored == fingerprint:
+        return
+    model = ("name", "weights_sha256", "dim")
+    if all(stored.get(k) == fingerprint.get(k) for k in model):
+        raise ModelMismatch(
+            f"{where} holds embeddings of this model made another way ({_recipe(stored)}) "
+            f"than this server makes them ({_recipe(fingerprint)}): serve it as it was made "
+            f"with {recipe_flags(stored['embedding'])}, or rebuild it from your images with "
+            "`batchserve index SOURCE --data-dir NEW_DIR` (a new data dir or database)"
+        )
+    raise ModelMismatch(
+        f"{where} holds embeddings of model {stored.get('name')} (dim {stored.get('dim')}, "
+        f"weights {str(stored.get('weights_sha256'))[:12]}), not of {fingerprint.get('name')} "
+        f"(dim {fingerprint.get('dim')}, weights "
+        f"{str(fingerprint.get('weights_sha256'))[:12]}): serve it with that model, or "
+        "index into another data dir or database"
+    )
+
+
+def _recipe(fingerprint: dict[str, Any]) -> str:
+    e = fingerprint.get("embedding") or {}
+    trim = "borders trimmed" if e.get("trim_borders") else "borders kept"
+    return f"pooling {e.get('pooling')}, fit {e.get('fit')}, {trim}"
+
+
 #: SQLite's ``PRAGMA synchronous`` levels by number.
 _SYNCHRONOUS = {0: "off", 1: "normal", 2: "full", 3: "extra"}
 
@@ -103,15 +136,7 @@ class Catalog:
                 "INSERT INTO meta VALUES ('model', ?)", (json.dumps(fingerprint, sort_keys=True),)
             )
             return
-        stored = json.loads(row[0])
-        if stored != fingerprint:
-            raise ModelMismatch(
-                f"the data dir {self.path.parent} holds embeddings of model {stored.get('name')} "
-                f"(dim {stored.get('dim')}, weights {str(stored.get('weights_sha256'))[:12]}), "
-                f"not of {fingerprint.get('name')} (dim {fingerprint.get('dim')}, weights "
-                f"{str(fingerprint.get('weights_sha256'))[:12]}): serve it with that model, "
-                "or use another --data-dir"
-            )
+        check_fingerprint(f"the data dir {self.path.parent}", json.loads(row[0]), fingerprint)
 
     def get_meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

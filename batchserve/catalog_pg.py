@@ -62,7 +62,7 @@ from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolClosed
 
-from batchserve.catalog import ModelMismatch, NewItem
+from batchserve.catalog import NewItem, check_fingerprint
 from batchserve.errors import NotReady
 from batchserve.records import Item
 
@@ -270,15 +270,7 @@ class PostgresCatalog:
             )
             row = conn.execute("SELECT value FROM meta WHERE key = 'model'").fetchone()
         stored = json.loads(row[0]) if row is not None else fingerprint
-        if stored != fingerprint:
-            raise ModelMismatch(
-                f"the catalog database {self.where} holds embeddings of model "
-                f"{stored.get('name')} (dim {stored.get('dim')}, weights "
-                f"{str(stored.get('weights_sha256'))[:12]}), not of {fingerprint.get('name')} "
-                f"(dim {fingerprint.get('dim')}, weights "
-                f"{str(fingerprint.get('weights_sha256'))[:12]}): serve it with that model, "
-                "or use another database"
-            )
+        check_fingerprint(f"the catalog database {self.where}", stored, fingerprint)
 
     def get_meta(self, key: str) -> str | None:
         row = self._one("SELECT value FROM meta WHERE key = %s", (key,))

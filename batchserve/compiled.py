@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from batchserve.errors import ModelLoadError
-from batchserve.models import ModelInfo, ModelOutputs, ModelSpec, read_labels
+from batchserve.models import ModelInfo, ModelOutputs, ModelSpec, embedding_recipe, read_labels
 
 
 def configure_tensorflow(spec: ModelSpec) -> str:
@@ -108,8 +108,9 @@ def compile_model(
             raise ModelLoadError(f"cannot read labels file {spec.labels_file}: {e}") from e
     height, width = int(input_shape[0]), int(input_shape[1])
     mode = preprocess if spec.preprocess == "auto" else spec.preprocess
+    traced: dict[str, bool] = {}
     compiled = tf.function(
-        serving_function(preprocess_fn(mode), features, head),
+        serving_function(preprocess_fn(mode), features, head, spec, traced),
         input_signature=[tf.TensorSpec([None, height, width, 3], tf.uint8)],
         jit_compile=spec.jit_compile and device == "gpu",
         autograph=False,
@@ -127,23 +128,34 @@ def compile_model(
         preprocess=mode,
         device=device,
         trained_on=trained_on,
+        embedding=embedding_recipe(spec, traced.get("pools_map", False)),
     )
     return TensorFlowModel(info, concrete)
 
 
 def serving_function(
-    normalise: Callable[[Any], Any], features: Any, head: Any
+    normalise: Callable[[Any], Any],
+    features: Any,
+    head: Any,
+    spec: ModelSpec,
+    traced: dict[str, bool] | None = None,
 ) -> Callable[[Any], dict[str, Any]]:
     """uint8 images -> {"embedding": unit rows, "probabilities": softmax rows (with a head)}:
-    the graph that ``compile_model`` traces once."""
+    the graph that ``compile_model`` traces once. A feature map is pooled as ``spec`` says
+    into the embedding (``traced["pools_map"]`` records that it was a map), and averaged for
+    the head, as the head was trained."""
     import tensorflow as tf
 
     def serve(images: Any) -> dict[str, Any]:
         x = normalise(tf.cast(images, tf.float32))
         feats = features(x, training=False) if hasattr(features, "layers") else features(x)
-        if len(feats.shape) == 4:  # a feature map: pool it, as global-average pooling does
+        embedding = feats
+        if len(feats.shape) == 4:
+            if traced is not None:
+                traced["pools_map"] = True
+            embedding = pool_map(tf.cast(feats, tf.float32), spec)
             feats = tf.reduce_mean(feats, axis=[1, 2])
-        out = {"embedding": l2_normalise(tf.cast(feats, tf.float32))}
+        out = {"embedding": l2_normalise(tf.cast(embedding, tf.float32))}
         if isinstance(head, InputHead):
             out["probabilities"] = tf.cast(head.fn(feats, x), tf.float32)
         elif head is not None:
@@ -155,6 +167,19 @@ def serving_function(
         return out
 
     return serve
+
+
+def pool_map(feature_map: Any, spec: ModelSpec) -> Any:
+    """[N, h, w, c] -> [N, c]: generalized mean (GeM, ``spec.gem_p``; values clamped at a
+    small positive floor) or the plain average. GeM weighs the strongest responses more, so
+    a border, a crop or a banner moves the embedding less (bench/RESULTS.md, search
+    quality)."""
+    import tensorflow as tf
+
+    if spec.pooling == "gem" and spec.gem_p != 1:
+        powered = tf.pow(tf.maximum(feature_map, 1e-6), spec.gem_p)
+        return tf.pow(tf.reduce_mean(powered, axis=[1, 2]), 1.0 / spec.gem_p)
+    return tf.reduce_mean(feature_map, axis=[1, 2])
 
 
 def _outputs(outputs: dict[str, Any], classes: list[str] | None) -> tuple[int, list[str] | None]:

@@ -36,7 +36,14 @@ class DecodeLimits:
     )
 
 
-def decode_image(data: bytes, size: tuple[int, int], limits: DecodeLimits) -> npt.NDArray[np.uint8]:
+def decode_image(
+    data: bytes,
+    size: tuple[int, int],
+    limits: DecodeLimits,
+    *,
+    letterbox: bool = False,
+    trim_borders: bool = False,
+) -> npt.NDArray[np.uint8]:
     """Decode ``data`` into an RGB uint8 array of shape ``(height, width, 3)``.
 
     ``size`` is ``(height, width)``. The image is turned upright by its EXIF orientation,
@@ -44,13 +51,17 @@ def decode_image(data: bytes, size: tuple[int, int], limits: DecodeLimits) -> np
     and resized to ``size``. A JPEG is decoded at a reduced scale (draft mode) when it is much
     larger than ``size``, which is several times faster than decoding it whole.
 
+    ``trim_borders`` first cuts off uniform borders (a frame, a white margin, black bars);
+    ``letterbox`` then pads to the input's aspect with mid-grey (0 after the model's
+    normalisation) instead of stretching the image to it.
+
     Raises InvalidInput for empty, truncated or corrupt data, UnsupportedMediaType for a
     format not in ACCEPTED_FORMATS, and PayloadTooLarge when the header declares more than
     ``limits.max_pixels`` pixels (checked before any pixel is decoded).
     """
     height, width = size
     with _open_checked(data, limits) as image:
-        return _to_array(image, width, height)
+        return _to_array(image, width, height, letterbox, trim_borders)
 
 
 def fit_pixels(pixels: npt.NDArray[np.uint8], size: tuple[int, int]) -> npt.NDArray[np.uint8]:
@@ -121,7 +132,9 @@ def _check(image: Image.Image, limits: DecodeLimits) -> None:
         raise InvalidInput("animated images are not supported; send a single frame")
 
 
-def _to_array(image: Image.Image, width: int, height: int) -> npt.NDArray[np.uint8]:
+def _to_array(
+    image: Image.Image, width: int, height: int, letterbox: bool = False, trim: bool = False
+) -> npt.NDArray[np.uint8]:
     try:
         if image.format == "JPEG":
             # Decode at 1/2, 1/4 or 1/8 scale while the result stays at least the target size.
@@ -129,6 +142,10 @@ def _to_array(image: Image.Image, width: int, height: int) -> npt.NDArray[np.uin
         image.load()
         upright = ImageOps.exif_transpose(image)
         rgb = _to_rgb(upright)
+        if trim:
+            rgb = trim_uniform_borders(rgb)
+        if letterbox:
+            rgb = pad_to_aspect(rgb, width / height)
         if rgb.size != (width, height):
             rgb = rgb.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
         array = np.asarray(rgb, dtype=np.uint8)
@@ -137,6 +154,51 @@ def _to_array(image: Image.Image, width: int, height: int) -> npt.NDArray[np.uin
     if array.shape != (height, width, 3):
         raise InvalidInput(f"decoded image has unexpected shape {array.shape}")
     return array
+
+
+#: A border line's pixels within this of its median colour (0..255 per channel) are border.
+_BORDER_TOLERANCE = 24
+#: At most this share of a side is trimmed; a line is border when this share of it is.
+_MAX_TRIM, _BORDER_SHARE = 0.4, 0.98
+#: What letterboxing pads with: 0 after a [-1, 1] normalisation.
+PAD_RGB = (127, 127, 127)
+
+
+def trim_uniform_borders(rgb: Image.Image) -> Image.Image:
+    """``rgb`` without white or black bands along its edges (a margin, a frame, letterbox
+    bars): each side trimmed while its next line is (nearly) all the colour of its
+    outermost line, when that is white or black, at most 40% of the image per side."""
+    pixels = np.asarray(rgb, dtype=np.int16)
+    h, w = pixels.shape[:2]
+    top = _uniform_run(pixels)
+    bottom = _uniform_run(pixels[::-1])
+    left = _uniform_run(pixels.transpose(1, 0, 2))
+    right = _uniform_run(pixels.transpose(1, 0, 2)[::-1])
+    if not (top or bottom or left or right):
+        return rgb
+    return rgb.crop((left, top, w - right, h - bottom))
+
+
+def _uniform_run(lines: npt.NDArray[np.int16]) -> int:
+    """How many leading lines of ``lines`` [n, length, 3] are the first line's colour."""
+    reference = np.median(lines[0], axis=0)
+    if not (reference.min() >= 255 - _BORDER_TOLERANCE or reference.max() <= _BORDER_TOLERANCE):
+        return 0  # only white or black: a graded backdrop or a sky is part of the picture
+    limit = int(len(lines) * _MAX_TRIM)
+    close = (np.abs(lines[:limit] - reference).max(axis=2) <= _BORDER_TOLERANCE).mean(axis=1)
+    uniform = close >= _BORDER_SHARE
+    return int(limit if uniform.all() else np.argmin(uniform))
+
+
+def pad_to_aspect(rgb: Image.Image, aspect: float) -> Image.Image:
+    """``rgb`` centred on a mid-grey canvas of width/height ``aspect`` (no pixel lost)."""
+    w, h = rgb.size
+    if abs(w / h - aspect) < 1e-3:
+        return rgb
+    size = (max(w, round(h * aspect)), max(h, round(w / aspect)))
+    canvas = Image.new("RGB", size, PAD_RGB)
+    canvas.paste(rgb, ((size[0] - w) // 2, (size[1] - h) // 2))
+    return canvas
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -27,7 +27,7 @@ from batchserve.errors import BatchserveError
 from batchserve.images import DecodeLimits, decode_image, make_thumbnail
 from batchserve.index_output import IndexOutput
 from batchserve.inference import pad_batch, padded_size
-from batchserve.models import EmbeddingModel
+from batchserve.models import EmbeddingModel, ModelInfo
 from batchserve.pipeline import predicted_class
 from batchserve.sources import Source, read_bytes, sha256_hex
 
@@ -84,16 +84,24 @@ class IngestReport:
 
 
 def load_source(
-    source: Source, known_digest: str | None, size: tuple[int, int], limits: DecodeLimits
+    source: Source, known_digest: str | None, info: ModelInfo, limits: DecodeLimits
 ) -> Decoded | None:
-    """Read and decode ``source`` as the server decodes an upload (model input of ``size``,
-    thumbnail), or None when its bytes have ``known_digest``: indexed already, unchanged.
-    Raises OSError or BatchserveError for a file that cannot be read or decoded."""
+    """Read and decode ``source`` as the server decodes an upload for the model ``info``
+    (its input, and a thumbnail), or None when its bytes have ``known_digest``: indexed
+    already, unchanged. Raises OSError or BatchserveError for a file that cannot be read
+    or decoded."""
     data = read_bytes(source.path)
     digest = sha256_hex(data)
     if digest == known_digest:
         return None
-    return Decoded(decode_image(data, size, limits), make_thumbnail(data, limits), digest)
+    pixels = decode_image(
+        data,
+        info.input_size,
+        limits,
+        letterbox=info.letterbox,
+        trim_borders=info.trim_borders,
+    )
+    return Decoded(pixels, make_thumbnail(data, limits), digest)
 
 
 def known_digests(
@@ -164,7 +172,7 @@ def ingest(
     def load(source: Source, known: str | None) -> Timed:
         began = time.perf_counter()
         try:
-            decoded = load_source(source, known, model.info.input_size, limits)
+            decoded = load_source(source, known, model.info, limits)
         except (OSError, BatchserveError) as e:
             return Timed(None, time.perf_counter() - began, str(e))
         return Timed(decoded, time.perf_counter() - began)

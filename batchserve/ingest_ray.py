@@ -248,7 +248,7 @@ def _pipeline(
         ray.data.from_arrow(blocks)
         .map_batches(
             ray_stages.decode_rows,
-            fn_kwargs={"size": info.input_size, "limits": settings.images},
+            fn_kwargs={"info": info, "limits": settings.images},
             batch_size=_DECODE_BATCH,
             batch_format="numpy",
             num_cpus=1,

@@ -220,8 +220,24 @@ def split_keras(model: Any, layer_name: str) -> tuple[Any, Any]:
         return keras.Model(model.inputs, layer.output), None
     last = model.layers[-1]
     if isinstance(last, keras.layers.Dense):
+        pooled = _average_pooled_map(last.input)
+        if pooled is not None:  # pool it as --pooling says; the head still gets its average
+            return keras.Model(model.inputs, pooled), last
         return keras.Model(model.inputs, last.input), last
     return model, None
+
+
+def _average_pooled_map(tensor: Any) -> Any:
+    """The feature map [N, h, w, c] that a global average pooling turned into ``tensor``
+    (through dropout only), or None when ``tensor`` is not that (an embedding layer)."""
+    import keras
+
+    layer = tensor._keras_history.operation
+    while isinstance(layer, keras.layers.Dropout):
+        layer = layer.input._keras_history.operation
+    if isinstance(layer, keras.layers.GlobalAveragePooling2D):
+        return layer.input
+    return None
 
 
 def load_application(spec: ModelSpec, name: str, device: str) -> TensorFlowModel:
@@ -236,7 +252,7 @@ def load_application(spec: ModelSpec, name: str, device: str) -> TensorFlowModel
     weights = None if spec.weights == "none" else spec.weights
     try:
         model = constructor(
-            include_top=False, weights=weights, input_shape=(size, size, 3), pooling="avg"
+            include_top=False, weights=weights, input_shape=(size, size, 3), pooling=None
         )
     except Exception as e:  # download failures, bad weight files, bad sizes
         raise ModelLoadError(f"cannot build keras:{name} with weights={spec.weights}: {e}") from e

@@ -89,6 +89,22 @@ class ModelSpec:
     labels_file: str = setting("", "text file with one class label per line")
     device: str = setting("auto", "where the model runs", choices=("auto", "cpu", "gpu"))
     jit_compile: bool = setting(False, "compile the model with XLA (GPU only; slow on CPU)")
+    pooling: str = setting(
+        "gem",
+        "how a feature map becomes the embedding: 'gem' (generalized mean, finds edited "
+        "copies more often) or 'avg' (global average, the embedding before 0.2)",
+        choices=("gem", "avg"),
+    )
+    gem_p: float = setting(3.0, "the exponent of 'gem' pooling (1 is the average)", at_least=1)
+    fit: str = setting(
+        "letterbox",
+        "how an image is fitted to the model's input: 'letterbox' (aspect kept, padded with "
+        "mid-grey) or 'squash' (stretched, as before 0.2)",
+        choices=("letterbox", "squash"),
+    )
+    trim_borders: bool = setting(
+        True, "cut white or black borders (margins, frames, bars) off an image before fitting it"
+    )
     intra_op_threads: int = setting(
         0, "TensorFlow intra-op threads (0: TensorFlow decides)", at_least=0
     )
@@ -112,10 +128,50 @@ class ModelInfo:
     device: str = "cpu"
     trained_on: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: How images become embeddings besides the weights: pooling, fit, trim_borders.
+    embedding: dict[str, Any] = field(default_factory=lambda: dict(LEGACY_EMBEDDING))
 
     def fingerprint(self) -> dict[str, Any]:
-        """What an index remembers of the model that built it."""
-        return {"name": self.name, "weights_sha256": self.weights_sha256, "dim": self.dim}
+        """What an index remembers of the model that built it: an embedding made another
+        way is another model's."""
+        return {
+            "name": self.name,
+            "weights_sha256": self.weights_sha256,
+            "dim": self.dim,
+            "embedding": self.embedding,
+        }
+
+    @property
+    def letterbox(self) -> bool:
+        return bool(self.embedding.get("fit") == "letterbox")
+
+    @property
+    def trim_borders(self) -> bool:
+        return bool(self.embedding.get("trim_borders"))
+
+
+#: The embedding of batchserve before 0.2 (and of a fingerprint that does not say).
+LEGACY_EMBEDDING: dict[str, Any] = {"pooling": "avg", "fit": "squash", "trim_borders": False}
+
+
+def embedding_recipe(spec: ModelSpec, pools_map: bool) -> dict[str, Any]:
+    """What ``spec`` makes of an image: pooling (``model`` when the model's own output is
+    the embedding, as in a trained embedding layer), fit and border trimming."""
+    pooling = "model"
+    if pools_map:
+        pooling = f"gem-{spec.gem_p:g}" if spec.pooling == "gem" and spec.gem_p != 1 else "avg"
+    return {"pooling": pooling, "fit": spec.fit, "trim_borders": spec.trim_borders}
+
+
+def recipe_flags(recipe: dict[str, Any]) -> str:
+    """The serve/index flags that make embeddings the way ``recipe`` says."""
+    pooling = str(recipe.get("pooling", "avg"))
+    flags = [
+        "--pooling gem --gem-p " + pooling[4:] if pooling.startswith("gem-") else "--pooling avg"
+    ]
+    flags.append(f"--fit {recipe.get('fit', 'squash')}")
+    flags.append("--trim-borders" if recipe.get("trim_borders") else "--no-trim-borders")
+    return " ".join(flags)
 
 
 @dataclass(frozen=True)

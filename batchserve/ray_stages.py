@@ -27,7 +27,7 @@ def model_info(spec: ModelSpec) -> ModelInfo:
 
 
 def decode_rows(
-    batch: dict[str, npt.NDArray[Any]], size: tuple[int, int], limits: DecodeLimits
+    batch: dict[str, npt.NDArray[Any]], info: ModelInfo, limits: DecodeLimits
 ) -> dict[str, npt.NDArray[Any]]:
     """A decode task: each row read and decoded as the local engine does. ``status`` is
     ``ok`` (``pixels`` uint8 [N, H, W, 3]), ``skip`` (unchanged) or ``fail`` (``error``);
@@ -35,11 +35,11 @@ def decode_rows(
     import ray
 
     n = len(batch["id"])
-    pixels = np.zeros((n, *size, 3), dtype=np.uint8)
+    pixels = np.zeros((n, *info.input_size, 3), dtype=np.uint8)
     rows = []
     for i in range(n):
         began = time.perf_counter()
-        row = _decode_one(str(batch["path"][i]), batch["known"][i], size, limits)
+        row = _decode_one(str(batch["path"][i]), batch["known"][i], info, limits)
         if row.pixels is not None:
             pixels[i] = row.pixels
         rows.append((row, time.perf_counter() - began))
@@ -65,14 +65,12 @@ class _DecodedRow:
     error: str = ""
 
 
-def _decode_one(
-    path: str, known: str | None, size: tuple[int, int], limits: DecodeLimits
-) -> _DecodedRow:
+def _decode_one(path: str, known: str | None, info: ModelInfo, limits: DecodeLimits) -> _DecodedRow:
     from batchserve.ingest import load_source
     from batchserve.sources import Source
 
     try:
-        decoded = load_source(Source(path, path), known, size, limits)
+        decoded = load_source(Source(path, path), known, info, limits)
     except (OSError, BatchserveError) as e:
         return _DecodedRow("fail", error=str(e))
     if decoded is None:

@@ -406,7 +406,13 @@ def _decode(
     if isinstance(data, np.ndarray):
         array = fit_pixels(data, info.input_size)
     else:
-        array = decode_image(data, info.input_size, limits)
+        array = decode_image(
+            data,
+            info.input_size,
+            limits,
+            letterbox=info.letterbox,
+            trim_borders=info.trim_borders,
+        )
     if observer is not None:
         observer.decoded(time.perf_counter() - started)
     return array

