@@ -11,6 +11,7 @@ catalog item). Images per method are embedded once per preparation and reused.
 
 from __future__ import annotations
 
+import functools
 import io
 import time
 from collections.abc import Callable
@@ -96,8 +97,7 @@ def cropped(data: bytes, where: str, fraction: float = 0.7) -> npt.NDArray[np.ui
 
 PREPARATIONS: dict[str, Callable[[bytes], npt.NDArray[np.uint8]]] = {
     **{
-        f"crop {w}": (lambda data, w=w: cropped(data, w))
-        for w in ("center", "tl", "tr", "bl", "br")
+        f"crop {w}": functools.partial(cropped, where=w) for w in ("center", "tl", "tr", "bl", "br")
     },
     "squash": squash,
     "squash 224": lambda data: squash(data, 224),
