@@ -36,6 +36,7 @@ from bench import (
     render,
     replica_start,
     results,
+    retrieval,
     search,
     versus,
 )
@@ -155,6 +156,24 @@ def report_command(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def retrieval_command(args: argparse.Namespace, argv: list[str]) -> int:
+    """Search quality of each method; then, unless skipped, /v1/embed throughput at 32
+    clients with the default embedding against the one before it, in alternating rounds."""
+    numbers = retrieval.measure(quick=args.quick)
+    if args.throughput_rounds:
+        new, old = ab.Side(""), ab.Side(retrieval.LEGACY_FLAGS)
+        compared = ab.measure(_images(None), new, old, args.throughput_rounds, 32, 8.0)
+        numbers["throughput"] = {
+            "rounds": args.throughput_rounds,
+            "clients": 32,
+            "new_images_per_s": compared["batchserve"]["median_images_per_s"],
+            "old_images_per_s": compared["baseline"]["median_images_per_s"],
+            "median_ratio": round(compared["median_ratio"], 3),
+        }
+    publish(args, argv, "retrieval", numbers)
+    return 0
+
+
 def ab_command(args: argparse.Namespace) -> int:
     """Two batchserve servers side by side; prints what it found, records nothing."""
     a = ab.Side(args.a_flags, args.a_code)
@@ -261,6 +280,15 @@ def _scenario_parsers(commands: Any) -> None:
     a.add_argument("--duration", type=float, default=8.0, help="seconds per round")
     a.add_argument("--tiny-model", action="store_true", help="the front end's near-zero-cost model")
     a.add_argument("--images", help="directory of images to send (default: sample photos)")
+    q = commands.add_parser("retrieval", help="search quality: edited photos, hard distractors")
+    q.add_argument("--quick", action="store_true", help="the small version the tests run")
+    q.add_argument(
+        "--throughput-rounds",
+        type=int,
+        default=4,
+        help="rounds per embedding of /v1/embed (0: skip)",
+    )
+    _outputs(q)
     rendering = commands.add_parser("render", help="RESULTS.md and the README from results.json")
     rendering.add_argument("--plots", action="store_true", help="redraw the plots too")
     _outputs(rendering)
@@ -290,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         return report_command(args, argv)
     if args.command == "ab":
         return ab_command(args)
+    if args.command == "retrieval":
+        return retrieval_command(args, argv)
     return scenario_command(args, argv)
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import plots, scenario_sections, sections, sections_bulk
+from bench import plots, scenario_sections, sections, sections_bulk, sections_retrieval
 
 HERE = Path(__file__).parent
 RESULTS_MD = HERE / "RESULTS.md"
@@ -84,6 +84,7 @@ RENDERERS: dict[str, Callable[[Data], Lines]] = {
     "search": lambda d: sections.search(d["search"]),
     "bulk": lambda d: sections.bulk(d["bulk"]),
     "bulk_engines": lambda d: sections_bulk.bulk_engines(d["bulk_engines"]),
+    "retrieval": lambda d: sections_retrieval.retrieval(d["retrieval"]),
     "kinds": lambda d: sections.kinds(d["kinds"]),
     "ceiling": lambda d: sections.ceiling(d["ceiling"]),
     "train": lambda d: scenario_sections.train(d["train"]),
@@ -224,6 +225,8 @@ def draw(data: Data, out_dir: Path, names: tuple[str, ...]) -> None:
         )
         opened = [p for p in servers["batchserve"]["points"] if p["offered_per_s"]]
         plots.plot_sweep(opened, "batchserve /v1/embed", out_dir / "embed_batches.png")
+    if "retrieval" in names and "retrieval" in data:
+        sections_retrieval.plot(data["retrieval"], out_dir / "retrieval.png")
     if "search" in names and "search" in data:
         opened = [p for p in data["search"]["flat"] if p["offered_per_s"]]
         title = f"/v1/search, {data['search']['items'] // 1000}k flat"

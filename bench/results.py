@@ -23,6 +23,7 @@ SECTIONS = (
     "search",
     "bulk",
     "bulk_engines",
+    "retrieval",
     "kinds",
     "ceiling",
     "train",

@@ -112,12 +112,21 @@ def split(
 
 
 def load_example(
-    path: str, size: tuple[int, int], limits: DecodeLimits, skipped: Skipped
+    path: str,
+    size: tuple[int, int],
+    limits: DecodeLimits,
+    skipped: Skipped,
+    fit: tuple[bool, bool] = (False, False),
 ) -> tuple[np.ndarray[Any, np.dtype[np.uint8]], bool]:
     """The image at ``path`` decoded as the server decodes it (uint8, ``size`` = (height,
-    width)), and whether it could be; a failure is recorded in ``skipped``."""
+    width); ``fit``: letterboxed, borders trimmed), and whether it could be; a failure is
+    recorded in ``skipped``."""
+    letterbox, trim_borders = fit
     try:
-        return decode_image(Path(path).read_bytes(), size, limits), True
+        data = Path(path).read_bytes()
+        return decode_image(
+            data, size, limits, letterbox=letterbox, trim_borders=trim_borders
+        ), True
     except (BatchserveError, OSError) as e:
         skipped.files.append((path, str(e)))
         return np.zeros((*size, 3), dtype=np.uint8), False
@@ -129,6 +138,7 @@ def decoded_dataset(
     limits: DecodeLimits,
     skipped: Skipped,
     cache_file: str = "",
+    fit: tuple[bool, bool] = (False, False),
 ) -> Any:
     """A ``tf.data.Dataset`` of (uint8 image, label): decoded and resized in parallel by
     the server's decoder, failures dropped, cached in memory (or in ``cache_file``) so that
@@ -139,7 +149,7 @@ def decoded_dataset(
 
     def load(path: Any, label: Any) -> tuple[Any, Any, Any]:
         image, ok = tf.numpy_function(
-            lambda p: load_example(p.decode(), size, limits, skipped),
+            lambda p: load_example(p.decode(), size, limits, skipped, fit),
             [path],
             [tf.uint8, tf.bool],
             stateful=False,

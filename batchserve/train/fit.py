@@ -98,8 +98,11 @@ class _Data:
         limits = settings.images
         skipped = Skipped()
         cache = settings.cache_file
-        train = decoded_dataset(folders.train, size, limits, skipped, cache)
-        val = decoded_dataset(folders.val, size, limits, skipped, cache + ".val" if cache else "")
+        # Fitted to the input as the server will fit them (--fit, --trim-borders).
+        fit = (settings.model.fit == "letterbox", settings.model.trim_borders)
+        train = decoded_dataset(folders.train, size, limits, skipped, cache, fit)
+        val_cache = cache + ".val" if cache else ""
+        val = decoded_dataset(folders.val, size, limits, skipped, val_cache, fit)
         started = time.perf_counter()
         train_counts = count_labels(train)
         val_counts = count_labels(val)

@@ -18,7 +18,16 @@ class TrainSettings:
     data_dir: Path
     out: Path
     model: ModelSpec = part(
-        ModelSpec, only=("model", "weights", "input_size", "preprocess", "intra_op_threads")
+        ModelSpec,
+        only=(
+            "model",
+            "weights",
+            "input_size",
+            "preprocess",
+            "intra_op_threads",
+            "fit",
+            "trim_borders",
+        ),
     )
     images: DecodeLimits = part(DecodeLimits)
     name: str = setting("", "model name (default: MODEL_DIR's name)")
