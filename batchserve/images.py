@@ -168,8 +168,15 @@ def trim_uniform_borders(rgb: Image.Image) -> Image.Image:
     """``rgb`` without white or black bands along its edges (a margin, a frame, letterbox
     bars): each side trimmed while its next line is (nearly) all the colour of its
     outermost line, when that is white or black, at most 40% of the image per side."""
-    pixels = np.asarray(rgb, dtype=np.int16)
-    h, w = pixels.shape[:2]
+    w, h = rgb.size
+    corners = np.array(
+        [rgb.getpixel(xy) for xy in ((0, 0), (w - 1, 0), (0, h - 1), (w - 1, h - 1))]
+    )
+    light = corners.min(axis=1) >= 255 - _BORDER_TOLERANCE
+    dark = corners.max(axis=1) <= _BORDER_TOLERANCE
+    if not (light | dark).any():
+        return rgb  # most photos: no corner is white or black, so no edge is a border
+    pixels = np.asarray(rgb)
     top = _uniform_run(pixels)
     bottom = _uniform_run(pixels[::-1])
     left = _uniform_run(pixels.transpose(1, 0, 2))
@@ -179,15 +186,26 @@ def trim_uniform_borders(rgb: Image.Image) -> Image.Image:
     return rgb.crop((left, top, w - right, h - bottom))
 
 
-def _uniform_run(lines: npt.NDArray[np.int16]) -> int:
-    """How many leading lines of ``lines`` [n, length, 3] are the first line's colour."""
-    reference = np.median(lines[0], axis=0)
-    if not (reference.min() >= 255 - _BORDER_TOLERANCE or reference.max() <= _BORDER_TOLERANCE):
+def _uniform_run(lines: npt.NDArray[np.uint8]) -> int:
+    """How many leading lines of ``lines`` [n, length, 3] are the first line's colour, when
+    that is white or black. Looks at 8 lines at a time: most photos stop at the first."""
+    if not _white_or_black(lines[0]):
         return 0  # only white or black: a graded backdrop or a sky is part of the picture
+    reference = np.median(lines[0], axis=0)
     limit = int(len(lines) * _MAX_TRIM)
-    close = (np.abs(lines[:limit] - reference).max(axis=2) <= _BORDER_TOLERANCE).mean(axis=1)
-    uniform = close >= _BORDER_SHARE
-    return int(limit if uniform.all() else np.argmin(uniform))
+    for start in range(0, limit, 8):
+        chunk = lines[start : min(start + 8, limit)].astype(np.int16)
+        close = (np.abs(chunk - reference).max(axis=2) <= _BORDER_TOLERANCE).mean(axis=1)
+        uniform = close >= _BORDER_SHARE
+        if not uniform.all():
+            return start + int(np.argmin(uniform))
+    return limit
+
+
+def _white_or_black(line: npt.NDArray[np.uint8]) -> bool:
+    """Whether the median colour of ``line`` [length, 3] is white or black."""
+    reference = np.median(line, axis=0)
+    return bool(reference.min() >= 255 - _BORDER_TOLERANCE or reference.max() <= _BORDER_TOLERANCE)
 
 
 def pad_to_aspect(rgb: Image.Image, aspect: float) -> Image.Image:

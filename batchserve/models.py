@@ -97,10 +97,10 @@ class ModelSpec:
     )
     gem_p: float = setting(3.0, "the exponent of 'gem' pooling (1 is the average)", at_least=1)
     fit: str = setting(
-        "letterbox",
-        "how an image is fitted to the model's input: 'letterbox' (aspect kept, padded with "
-        "mid-grey) or 'squash' (stretched, as before 0.2)",
-        choices=("letterbox", "squash"),
+        "squash",
+        "how an image is fitted to the model's input: 'squash' (stretched to it) or "
+        "'letterbox' (aspect kept, padded with mid-grey)",
+        choices=("squash", "letterbox"),
     )
     trim_borders: bool = setting(
         True, "cut white or black borders (margins, frames, bars) off an image before fitting it"

@@ -83,10 +83,8 @@ def prepared(
 
 
 def cropped(data: bytes, where: str, fraction: float = 0.7) -> npt.NDArray[np.uint8]:
-    """A ``fraction`` crop of the image (centre or a corner), letterboxed to the input."""
+    """A ``fraction`` crop of the image (centre or a corner), squashed to the input."""
     from PIL import Image
-
-    from batchserve.images import pad_to_aspect
 
     with Image.open(io.BytesIO(data)) as image:
         rgb = image.convert("RGB")
@@ -94,7 +92,7 @@ def cropped(data: bytes, where: str, fraction: float = 0.7) -> npt.NDArray[np.ui
     cw, ch = int(w * fraction), int(h * fraction)
     x = {"center": (w - cw) // 2, "tl": 0, "bl": 0, "tr": w - cw, "br": w - cw}[where]
     y = {"center": (h - ch) // 2, "tl": 0, "tr": 0, "bl": h - ch, "br": h - ch}[where]
-    crop = pad_to_aspect(rgb.crop((x, y, x + cw, y + ch)), 1.0)
+    crop = rgb.crop((x, y, x + cw, y + ch))
     return np.asarray(crop.resize((SIZE, SIZE), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
@@ -256,23 +254,13 @@ def _crop_views(prep: str) -> Method:
     return (prep, *CROP_VIEWS), run
 
 
-def _sum_views(views: Method, extra: Method) -> Method:
-    """``views`` with one more view per item: ``extra``'s embedding (e.g. the mirror)."""
-
-    def run(f: Features) -> tuple[Array, Array]:
-        (catalog, queries), (more, _q) = views[1](f), extra[1](f)
-        return np.concatenate([catalog, more[:, None]], axis=1), queries
-
-    return tuple(dict.fromkeys(views[0] + extra[0])), run
-
-
 def _then(method: Method, step: Callable[[Array, Array], tuple[Array, Array]]) -> Method:
     needs, fn = method
     return needs, lambda f: step(*fn(f))
 
 
 def methods() -> dict[str, Method]:
-    chosen = _pooled("trim + letterbox", gem)
+    chosen = _pooled("trim", gem)
     return {
         "average pool (today)": _pooled("squash", gap),
         "GeM": _pooled("squash", gem),
@@ -281,21 +269,14 @@ def methods() -> dict[str, Method]:
         "GeM, blocks 13 + 16": _layers("squash"),
         "GeM + flip average": _sum(_pooled("squash", gem), _flipped("squash")),
         "GeM + letterbox": _pooled("letterbox", gem),
-        "GeM + trim borders": _pooled("trim", gem),
-        "GeM + trim + letterbox (new default)": chosen,
-        "GeM + letterbox + map window views": _windows("letterbox", 4),
-        "GeM + letterbox + crop views": _crop_views("letterbox"),
-        "GeM + trim + letterbox + crop views": _crop_views("trim + letterbox"),
-        "GeM + letterbox + flip + crop views": _sum_views(
-            _crop_views("letterbox"), _flipped("letterbox")
-        ),
-        "GeM + trim + letterbox + PCA-whiten 512": _then(
-            chosen, lambda c, q: pca_whiten(c, q, 512)
-        ),
-        "GeM + trim + letterbox + query expansion": _then(
-            chosen, lambda c, q: (c, query_expansion(c, q))
-        ),
-        "GeM + trim + letterbox + DBA + QE": _then(
+        "GeM + trim borders (new default)": chosen,
+        "GeM + trim + letterbox": _pooled("trim + letterbox", gem),
+        "GeM + trim + map window views": _windows("trim", 4),
+        "GeM + trim + crop views": _crop_views("trim"),
+        "GeM + trim + PCA-whiten 512": _then(chosen, lambda c, q: pca_whiten(c, q, 512)),
+        "GeM + trim + PCA-whiten 256": _then(chosen, lambda c, q: pca_whiten(c, q, 256)),
+        "GeM + trim + query expansion": _then(chosen, lambda c, q: (c, query_expansion(c, q))),
+        "GeM + trim + DBA + QE": _then(
             chosen,
             lambda c, q: (database_augmentation(c), query_expansion(database_augmentation(c), q)),
         ),

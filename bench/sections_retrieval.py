@@ -11,7 +11,7 @@ Section = dict[str, Any]
 Lines = list[str]
 
 BEFORE = "average pool (today)"
-DEFAULT = "GeM + trim + letterbox (new default)"
+DEFAULT = "GeM + trim borders (new default)"
 LEGACY = "--pooling avg --fit squash --no-trim-borders"
 
 
@@ -55,6 +55,7 @@ def retrieval(s: Section) -> Lines:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
+        *_throughput(s),
         "![top-1 per method](retrieval.png)",
         "",
         "Top-1 per edit:",

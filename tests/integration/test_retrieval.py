@@ -18,8 +18,8 @@ from bench.retrieval_data import build
 #: default), 0.969 (with crop views of each item). The floors leave room for a few of the
 #: 160 queries to change rank with numerical noise, no more.
 FLOORS = {
-    "GeM + trim + letterbox (new default)": 0.88,
-    "GeM + trim + letterbox + crop views": 0.94,
+    "GeM + trim borders (new default)": 0.88,
+    "GeM + trim + crop views": 0.94,
 }
 
 
@@ -33,7 +33,7 @@ def test_the_new_default_beats_average_pooling_above_its_floor(quick: dict[str, 
     today = methods["average pool (today)"]["overall"]
     for name, floor in FLOORS.items():
         assert methods[name]["overall"]["top1"] >= floor, (name, methods[name]["overall"])
-    new = methods["GeM + trim + letterbox (new default)"]["overall"]
+    new = methods["GeM + trim borders (new default)"]["overall"]
     assert new["top1"] > today["top1"] and new["map"] > today["map"]
     assert quick["queries"] == 160 and quick["distractors"] >= 200
 
@@ -42,7 +42,7 @@ def test_every_method_reports_each_edit_its_cost_and_memory(quick: dict[str, Any
     for name, m in quick["methods"].items():
         assert set(m["per_edit"]) == set(quick["edits"]), name
         assert 0 < m["query_ms"] <= m["item_ms"] and m["bytes_per_item"] >= 4 * 512, name
-    views = quick["methods"]["GeM + letterbox + crop views"]
+    views = quick["methods"]["GeM + trim + crop views"]
     assert views["bytes_per_item"] == 6 * 1280 * 4 and views["item_ms"] > 4 * views["query_ms"]
 
 
@@ -50,14 +50,14 @@ def test_the_benchmark_measures_the_embedding_the_server_computes() -> None:
     from batchserve.models import ModelSpec, load_model
 
     model = load_model(ModelSpec())
-    assert model.info.embedding == {"pooling": "gem-3", "fit": "letterbox", "trim_borders": True}
+    assert model.info.embedding == {"pooling": "gem-3", "fit": "squash", "trim_borders": True}
     pictures = build(scenes=2, distractor_scenes=0, edits=("white border",), real=2).queries
     data = []
     for picture in pictures:
         out = io.BytesIO()
         picture.image.save(out, "JPEG", quality=95)
         data.append(out.getvalue())
-    pixels = np.stack([retrieval.PREPARATIONS["trim + letterbox"](d) for d in data])
+    pixels = np.stack([retrieval.PREPARATIONS["trim"](d) for d in data])
     _mid, maps = retrieval.Backbone().maps(pixels)
     served = model.predict(pixels).embeddings
     assert np.abs(served - retrieval.gem(maps)).max() < 1e-4

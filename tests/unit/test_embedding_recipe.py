@@ -17,10 +17,10 @@ def info(embedding: dict[str, object]) -> ModelInfo:
     return ModelInfo("m", "m", (32, 32), 8, weights_sha256="a" * 64, embedding=embedding)
 
 
-def test_the_default_recipe_is_gem_letterbox_and_trimmed_borders() -> None:
+def test_the_default_recipe_is_gem_and_trimmed_borders() -> None:
     recipe = embedding_recipe(ModelSpec(), pools_map=True)
-    assert recipe == {"pooling": "gem-3", "fit": "letterbox", "trim_borders": True}
-    assert info(recipe).letterbox and info(recipe).trim_borders
+    assert recipe == {"pooling": "gem-3", "fit": "squash", "trim_borders": True}
+    assert not info(recipe).letterbox and info(recipe).trim_borders
     assert info(recipe).fingerprint() == {**MODEL, "embedding": recipe}
 
 
@@ -61,7 +61,7 @@ def test_a_catalog_made_another_way_is_refused_with_the_flags_and_the_rebuild(
         catalog.check_model(new)
     message = str(refused.value)
     assert "made another way (pooling avg, fit squash, borders kept)" in message
-    assert "(pooling gem-3, fit letterbox, borders trimmed)" in message
+    assert "(pooling gem-3, fit squash, borders trimmed)" in message
     assert "--pooling avg --fit squash --no-trim-borders" in message
     assert "batchserve index SOURCE --data-dir NEW_DIR" in message
 
