@@ -92,7 +92,7 @@ def check_fingerprint(where: str, stored: dict[str, Any], fingerprint: dict[str,
         f"weights {str(stored.get('weights_sha256'))[:12]}), not of {fingerprint.get('name')} "
         f"(dim {fingerprint.get('dim')}, weights "
         f"{str(fingerprint.get('weights_sha256'))[:12]}): serve it with that model, or "
-        "index into another data dir or database"
+        "use another data dir or database"
     )
 
 

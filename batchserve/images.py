@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -16,6 +17,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from batchserve.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from batchserve.settings import setting
+
+if TYPE_CHECKING:
+    from batchserve.models import ModelInfo
 
 #: Formats accepted as input. Animated images are refused: which frame to embed is ambiguous.
 ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF"})
@@ -62,6 +66,13 @@ def decode_image(
     height, width = size
     with _open_checked(data, limits) as image:
         return _to_array(image, width, height, letterbox, trim_borders)
+
+
+def decode_for(data: bytes, info: ModelInfo, limits: DecodeLimits) -> npt.NDArray[np.uint8]:
+    """``data`` decoded as model ``info``'s input: its size, fit and border trimming."""
+    return decode_image(
+        data, info.input_size, limits, letterbox=info.letterbox, trim_borders=info.trim_borders
+    )
 
 
 def fit_pixels(pixels: npt.NDArray[np.uint8], size: tuple[int, int]) -> npt.NDArray[np.uint8]:

@@ -24,7 +24,7 @@ import numpy.typing as npt
 
 from batchserve.catalog import NewItem
 from batchserve.errors import BatchserveError
-from batchserve.images import DecodeLimits, decode_image, make_thumbnail
+from batchserve.images import DecodeLimits, decode_for, make_thumbnail
 from batchserve.index_output import IndexOutput
 from batchserve.inference import pad_batch, padded_size
 from batchserve.models import EmbeddingModel, ModelInfo
@@ -94,14 +94,7 @@ def load_source(
     digest = sha256_hex(data)
     if digest == known_digest:
         return None
-    pixels = decode_image(
-        data,
-        info.input_size,
-        limits,
-        letterbox=info.letterbox,
-        trim_borders=info.trim_borders,
-    )
-    return Decoded(pixels, make_thumbnail(data, limits), digest)
+    return Decoded(decode_for(data, info, limits), make_thumbnail(data, limits), digest)
 
 
 def known_digests(

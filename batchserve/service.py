@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 
 from batchserve.batching import Batcher
 from batchserve.errors import DeadlineExceeded, InvalidInput, NotFound, NotReady, Overloaded
-from batchserve.images import DecodeLimits, decode_image, fit_pixels, make_thumbnail
+from batchserve.images import DecodeLimits, decode_for, fit_pixels, make_thumbnail
 from batchserve.inference import Prediction
 from batchserve.models import ModelInfo
 from batchserve.pipeline import IndexWorker, Job, Outcome
@@ -406,13 +406,7 @@ def _decode(
     if isinstance(data, np.ndarray):
         array = fit_pixels(data, info.input_size)
     else:
-        array = decode_image(
-            data,
-            info.input_size,
-            limits,
-            letterbox=info.letterbox,
-            trim_borders=info.trim_borders,
-        )
+        array = decode_for(data, info, limits)
     if observer is not None:
         observer.decoded(time.perf_counter() - started)
     return array
