@@ -1,7 +1,8 @@
 # batchserve on CPUs: tensorflow-cpu and faiss-cpu, every Python package exactly as
 # docker/requirements-cpu.txt pins it (python docker/check_resolution.py keeps that file
-# equal to what pip resolves for pyproject.toml's "cpu" and "postgres" extras). amd64 only: it
-# pins x86_64 wheels by sha256.
+# equal to what pip resolves for pyproject.toml's "cpu", "postgres" and "ray" extras; the
+# image also runs as a Ray node: --entrypoint ray ... start --block). amd64 only: it pins
+# x86_64 wheels by sha256.
 #
 #   docker build -t batchserve .
 #   docker run -p 8080:8080 -v batchserve-data:/data --stop-timeout 40 batchserve

@@ -102,11 +102,12 @@ def render_lock(image: str, wheels: Mapping[str, Wheel]) -> str:
 
 
 def wanted(image: str) -> list[str]:
-    """The requirements ``pip install .[image,postgres]`` resolves (the project itself
-    aside): every image can serve as a replica on a shared PostgreSQL catalog."""
+    """The requirements ``pip install .[image,postgres,ray]`` resolves (the project itself
+    aside): every image can serve as a replica on a shared PostgreSQL catalog, and run as a
+    node of a Ray cluster for ``batchserve index --engine ray``."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    return [*project["dependencies"], *extras[image], *extras["postgres"]]
+    return [*project["dependencies"], *extras[image], *extras["postgres"], *extras["ray"]]
 
 
 def platforms() -> list[str]:
