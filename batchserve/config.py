@@ -28,11 +28,10 @@ from typing import Any, TypeVar
 
 from batchserve.batching import BatchPolicy
 from batchserve.bodies import RequestLimits
-from batchserve.bulk import EngineSettings
+from batchserve.bulk_settings import EngineSettings, RaySettings
 from batchserve.errors import ConfigError
 from batchserve.images import DecodeLimits
 from batchserve.index import IndexParams
-from batchserve.ingest_ray import RaySettings
 from batchserve.models import ModelSpec
 from batchserve.settings import Meta, check_value, part, setting
 from batchserve.store import StoreSettings

@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from batchserve.catalog import NewItem
 from batchserve.store import ItemStore
+
+if TYPE_CHECKING:
+    from batchserve.config import IndexSettings
+    from batchserve.ingest import IngestReport
+    from batchserve.models import ModelInfo
 
 
 class EmbeddingsFile:
@@ -86,3 +92,28 @@ class IndexOutput:
             self.store.snapshot()
         if self.parquet is not None:
             self.parquet.close()
+
+
+def open_output(settings: IndexSettings, info: ModelInfo) -> IndexOutput:
+    """The store of ``settings``' data dir (which refuses another model's catalog) and the
+    Parquet file, as the settings ask."""
+    from batchserve.server import open_store
+
+    store = None
+    if settings.bulk.write_data_dir:
+        store = open_store(settings.store, settings.index, info)
+        store.open()
+    parquet = EmbeddingsFile(Path(settings.bulk.output), info.dim) if settings.bulk.output else None
+    return IndexOutput(store, parquet)
+
+
+def finish(output: IndexOutput, report: IngestReport) -> None:
+    """Compact and snapshot the index, complete the Parquet file: the ``index`` stage."""
+    began = time.perf_counter()
+    output.finish()
+    report.stage_s["index"] += time.perf_counter() - began
+
+
+def close(output: IndexOutput) -> None:
+    if output.store is not None:
+        output.store.close()

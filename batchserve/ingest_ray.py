@@ -27,9 +27,9 @@ import numpy.typing as npt
 from batchserve import ray_stages
 from batchserve.errors import BatchserveError, ConfigError
 from batchserve.ray_stages import item_of
-from batchserve.settings import setting
 
 if TYPE_CHECKING:
+    from batchserve.bulk_settings import RaySettings
     from batchserve.config import IndexSettings
     from batchserve.index_output import IndexOutput
     from batchserve.ingest import IngestReport
@@ -46,26 +46,6 @@ _ROWS_PER_BLOCK = 64
 _DECODE_BATCH = 16
 
 
-@dataclass(frozen=True)
-class RaySettings:
-    """Where the Ray engine runs and how much of it embeds."""
-
-    ray_address: str = setting(
-        "",
-        "Ray cluster for --engine ray: 'auto', HOST:PORT or ray://HOST:PORT ('': start Ray "
-        "on this machine for this run)",
-    )
-    ray_cpus: int = setting(
-        0, "CPUs of the Ray started on this machine (0: all of them)", at_least=0
-    )
-    ray_actors: int = setting(
-        0,
-        "model actors for --engine ray (0: one per GPU, or half the CPUs of a cluster "
-        "without GPUs); CPUs are always left for decoding",
-        at_least=0,
-    )
-
-
 def import_ray() -> Any:
     try:
         import ray
@@ -78,7 +58,7 @@ def index_with_ray(
     settings: IndexSettings, sources: Sequence[Source], announce: Callable[[int], None]
 ) -> IngestReport:
     """Run the job on Ray; the same report as the local engine's."""
-    from batchserve.bulk import close, finish, open_output
+    from batchserve.index_output import close, finish, open_output
 
     ray = import_ray()
     connect(ray, settings.ray)

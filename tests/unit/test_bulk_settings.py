@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from batchserve.bulk import EngineSettings, index_into
+from batchserve.bulk import index_into
+from batchserve.bulk_settings import EngineSettings
 from batchserve.cli import build_parser
 from batchserve.config import IndexSettings, load, parse
 from batchserve.errors import ConfigError

@@ -14,12 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from batchserve.bulk import finish
 from batchserve.catalog import NewItem
 from batchserve.errors import InvalidInput
 from batchserve.images import DecodeLimits
 from batchserve.index import IndexParams, VectorIndex
-from batchserve.index_output import EmbeddingsFile, IndexOutput
+from batchserve.index_output import EmbeddingsFile, IndexOutput, finish
 from batchserve.inference import split_outputs
 from batchserve.ingest import STAGES, IngestReport, ingest, print_summary
 from batchserve.pipeline import predicted_class
