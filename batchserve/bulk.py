@@ -3,7 +3,6 @@ here; Ray's in ingest_ray.py). What both write to is index_output.py."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -35,16 +34,16 @@ def index_locally(
     progress: Callable[[IngestReport], None],
 ) -> IngestReport:
     """The local engine: the model in this process, decode threads beside it."""
-    from batchserve.index_output import close, finish, open_output
+    from batchserve.index_output import index_into_output
     from batchserve.ingest import ingest
     from batchserve.models import load_model
 
     model = load_model(settings.model)
-    output = open_output(settings, model.info)
-    try:
-        announce(0 if output.store is None else output.store.index.size)
-        began = time.monotonic()
-        report = ingest(
+    return index_into_output(
+        settings,
+        model.info,
+        announce,
+        lambda output: ingest(
             sources,
             output,
             model,
@@ -52,9 +51,5 @@ def index_locally(
             settings.server.decode_thread_count() + 1,
             settings.images,
             progress=progress,
-        )
-        finish(output, report)
-        report.seconds = time.monotonic() - began
-    finally:
-        close(output)
-    return report
+        ),
+    )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -117,3 +117,24 @@ def finish(output: IndexOutput, report: IngestReport) -> None:
 def close(output: IndexOutput) -> None:
     if output.store is not None:
         output.store.close()
+
+
+def index_into_output(
+    settings: IndexSettings,
+    info: ModelInfo,
+    announce: Callable[[int], None],
+    job: Callable[[IndexOutput], IngestReport],
+) -> IngestReport:
+    """What both engines do around their job: open the outputs for ``info``'s embeddings
+    (``announce`` gets the items there already), run ``job`` into them, compact and
+    snapshot, close. The report's seconds run from the job's start to the snapshot."""
+    output = open_output(settings, info)
+    try:
+        announce(0 if output.store is None else output.store.index.size)
+        began = time.monotonic()
+        report = job(output)
+        finish(output, report)
+        report.seconds = time.monotonic() - began
+    finally:
+        close(output)
+    return report

@@ -58,26 +58,19 @@ def index_with_ray(
     settings: IndexSettings, sources: Sequence[Source], announce: Callable[[int], None]
 ) -> IngestReport:
     """Run the job on Ray; the same report as the local engine's."""
-    from batchserve.index_output import close, finish, open_output
+    from batchserve.index_output import index_into_output
 
     ray = import_ray()
     connect(ray, settings.ray)
     try:
         info = ray.get(_remote_model_info(ray).remote(settings.model))
-        output = open_output(settings, info)
-        try:
-            announce(0 if output.store is None else output.store.index.size)
-            began = time.monotonic()
-            report = _run(ray, settings, info, sources, output)
-            finish(output, report)
-            report.seconds = time.monotonic() - began
-        finally:
-            close(output)
+        return index_into_output(
+            settings, info, announce, lambda output: _run(ray, settings, info, sources, output)
+        )
     except ray.exceptions.RayTaskError as e:
         raise _domain_error(e) from e
     finally:
         ray.shutdown()
-    return report
 
 
 def connect(ray: Any, settings: RaySettings) -> None:
@@ -265,8 +258,6 @@ def _write(
 ) -> None:
     """The driver's part: one batch into the outputs (the Parquet file only, when writer
     actors ``stored`` it in the catalog), and into the report."""
-    from batchserve.catalog import NewItem
-
     items = []
     for i, status in enumerate(batch["status"]):
         if status == "fail":
@@ -274,7 +265,7 @@ def _write(
         elif status == "skip":
             report.skipped += 1
         else:
-            items.append(item_of(batch, i, NewItem))
+            items.append(item_of(batch, i))
     began = time.perf_counter()
     if not stored:
         output.write(items)

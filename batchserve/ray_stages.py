@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from batchserve.catalog import NewItem
 from batchserve.errors import BatchserveError
 
 if TYPE_CHECKING:
@@ -130,18 +131,17 @@ class WriteRows:
         self._catalog = PostgresCatalog(url, dim)
 
     def __call__(self, batch: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
-        from batchserve.catalog import NewItem
-
         began = time.perf_counter()
         ok = [i for i, status in enumerate(batch["status"]) if status == "ok"]
-        self._catalog.upsert([item_of(batch, i, NewItem) for i in ok])
+        self._catalog.upsert([item_of(batch, i) for i in ok])
         n = len(batch["id"])
         return {**batch, "write_s": np.full(n, (time.perf_counter() - began) / max(n, 1))}
 
 
-def item_of(batch: dict[str, npt.NDArray[Any]], i: int, new_item: Any) -> Any:
+def item_of(batch: dict[str, npt.NDArray[Any]], i: int) -> NewItem:
+    """Row ``i`` of an embedded batch as the catalog's record."""
     label = batch["label"][i]
-    return new_item(
+    return NewItem(
         str(batch["id"][i]),
         np.asarray(batch["embedding"][i], dtype=np.float32),
         None if label is None else str(label),

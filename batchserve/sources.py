@@ -48,8 +48,14 @@ def _filesystem_of(scheme_and_host: str) -> Any:
     return fs.FileSystem.from_uri(scheme_and_host + "/")[0]
 
 
+#: Schemes whose path within the filesystem is the URI without its scheme (bucket/key).
+_BUCKET_SCHEMES = frozenset({"s3", "gs", "gcs"})
+
+
 def _remote(location: str) -> tuple[Any, str]:
-    """(pyarrow filesystem, path within it) of a URI; one filesystem per scheme and host."""
+    """(pyarrow filesystem, path within it) of a URI: one filesystem per scheme and host,
+    made once (an S3 or GCS client resolves credentials and region when it is made: not
+    per file)."""
     from pyarrow import fs
 
     scheme, _, rest = location.partition("://")
@@ -57,6 +63,8 @@ def _remote(location: str) -> tuple[Any, str]:
         return fs.LocalFileSystem(), "/" + rest.lstrip("/")
     host, _, _path = rest.partition("/")
     filesystem = _filesystem_of(f"{scheme}://{host}")
+    if scheme in _BUCKET_SCHEMES:
+        return filesystem, rest
     return filesystem, fs.FileSystem.from_uri(location)[1]
 
 

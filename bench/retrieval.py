@@ -56,10 +56,12 @@ class Backbone:
         self._fn = tf.function(lambda x: both(tf.cast(x, tf.float32) / 127.5 - 1.0, training=False))
 
     def maps(self, pixels: npt.NDArray[np.uint8], batch: int = 32) -> tuple[Array, Array]:
+        """(block 13's map GeM-pooled [N, 576], the last map [N, h, w, 1280]): the larger
+        map of block 13 is kept pooled only, as that is all a method uses of it."""
         mids, lasts = [], []
         for start in range(0, len(pixels), batch):
             mid, last = self._fn(pixels[start : start + batch])
-            mids.append(mid.numpy())
+            mids.append(gem(mid.numpy()))
             lasts.append(last.numpy())
         return np.concatenate(mids), np.concatenate(lasts)
 
@@ -190,7 +192,7 @@ class Maps:
     """Feature maps of every catalog and query image for one preparation, with the seconds
     per image it took (preparation and model)."""
 
-    catalog_mid: Array
+    catalog_mid: Array  # block 13, GeM-pooled
     catalog: Array
     queries_mid: Array
     queries: Array
@@ -230,8 +232,8 @@ def _layers(prep: str) -> Method:
     def run(f: Features) -> tuple[Array, Array]:
         m = f[prep]
         return (
-            unit(np.hstack([gem(m.catalog_mid), gem(m.catalog)])),
-            unit(np.hstack([gem(m.queries_mid), gem(m.queries)])),
+            unit(np.hstack([m.catalog_mid, gem(m.catalog)])),
+            unit(np.hstack([m.queries_mid, gem(m.queries)])),
         )
 
     return (prep,), run
