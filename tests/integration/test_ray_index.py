@@ -127,11 +127,19 @@ def local(photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Indexed:
 def test_ray_indexes_a_folder_as_the_local_engine_does_and_resumes(
     photos: Path, local: Indexed, ray_home: dict[str, str], tmp_path: Path
 ) -> None:
-    parquet = tmp_path / "embeddings.parquet"
+    parquet, report = tmp_path / "embeddings.parquet", tmp_path / "report.json"
     ray = run_index(
         photos, tmp_path / "data", "--engine", "ray", "--ray-cpus", "2", "--output", str(parquet),
-        env=ray_home,
+        "--report", str(report), env=ray_home,
     )  # fmt: skip
+    written_report = json.loads(report.read_text())
+    assert (written_report["indexed"], written_report["skipped"], written_report["nodes"]) == (
+        16,
+        0,
+        1,
+    )
+    assert [f["path"] for f in written_report["failed"]] == [str(photos / "whole" / "broken.jpg")]
+    assert set(written_report["stage_s"]) == {"read+decode", "embed", "write", "index"}
     assert local.returncode == ray.returncode == 1, ray.stderr  # the corrupt file
     assert len(ray.items) == 16
     assert_same_embeddings(ray, local)
