@@ -61,6 +61,21 @@ class NewItem:
     #: sha256 (hex) of the file it was indexed from, so a re-run of ``batchserve index``
     #: skips unchanged files; None for items added through the API.
     digest: str | None = None
+    #: float32 [views, dim]: the embeddings of its crop views (``--crop-views``), else None.
+    views: npt.NDArray[np.float32] | None = None
+
+    @property
+    def vectors(self) -> npt.NDArray[np.float32]:
+        """What the index holds of it: the embedding [dim], or with crop views the
+        embedding then the views [1 + views, dim]."""
+        if self.views is None:
+            return self.embedding
+        return np.vstack([self.embedding[None, :], self.views]).astype(np.float32)
+
+
+def row_shape(dim: int, views: int) -> tuple[int, ...]:
+    """The shape of one item's vectors in a catalog with ``views`` crop views per item."""
+    return (dim,) if views == 0 else (1 + views, dim)
 
 
 class ModelMismatch(ConfigError):
@@ -99,7 +114,9 @@ def check_fingerprint(where: str, stored: dict[str, Any], fingerprint: dict[str,
 def _recipe(fingerprint: dict[str, Any]) -> str:
     e = fingerprint.get("embedding") or {}
     trim = "borders trimmed" if e.get("trim_borders") else "borders kept"
-    return f"pooling {e.get('pooling')}, fit {e.get('fit')}, {trim}"
+    views = (e.get("crop_views") or {}).get("count", 0)
+    crops = f", {views} crop views per item" if views else ""
+    return f"pooling {e.get('pooling')}, fit {e.get('fit')}, {trim}{crops}"
 
 
 #: SQLite's ``PRAGMA synchronous`` levels by number.
@@ -107,11 +124,13 @@ _SYNCHRONOUS = {0: "off", 1: "normal", 2: "full", 3: "extra"}
 
 
 class Catalog:
-    """Items in SQLite at ``path`` (created readable by this user only)."""
+    """Items in SQLite at ``path`` (created readable by this user only). Each item's
+    ``embedding`` column holds its embedding, then those of its ``views`` crop views."""
 
-    def __init__(self, path: Path, dim: int) -> None:
+    def __init__(self, path: Path, dim: int, views: int = 0) -> None:
         self.path = path
         self.dim = dim
+        self.views = views
         new = not path.exists()
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         if new:
@@ -157,9 +176,9 @@ class Catalog:
         now = time.time()
         with self._transaction():
             for item in items:
-                vector = np.ascontiguousarray(item.embedding, dtype=np.float32)
-                if vector.shape != (self.dim,):
-                    raise ValueError(f"embedding must have {self.dim} values")
+                vector = np.ascontiguousarray(item.vectors, dtype=np.float32)
+                if vector.shape != row_shape(self.dim, self.views):
+                    raise ValueError(f"embedding must be {row_shape(self.dim, self.views)}")
                 old = self._db.execute("SELECT fid FROM items WHERE id = ?", (item.id,)).fetchone()
                 if old is not None:
                     self._remove(int(old[0]))
@@ -274,12 +293,13 @@ class Catalog:
         ).fetchone()
         if row is None:
             return None
-        return int(row[0]), np.frombuffer(row[1], dtype=np.float32).copy()
+        return int(row[0]), np.frombuffer(row[1], dtype=np.float32)[: self.dim].copy()
 
     def vectors(
         self, fids: Sequence[int] | None = None, chunk: int = 10_000
     ) -> Iterator[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
-        """(fids, embeddings) of the given rows, or of every row, in chunks."""
+        """(fids [n], vectors [n, dim] or with crop views [n, 1 + views, dim]) of the given
+        rows, or of every row, in chunks."""
         if fids is None:
             cursor = self._db.execute("SELECT fid, embedding FROM items ORDER BY fid")
             while rows := cursor.fetchmany(chunk):
@@ -298,7 +318,7 @@ class Catalog:
     def _stack(self, rows: list[Any]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
-        return ids, vectors.reshape(len(rows), self.dim)
+        return ids, vectors.reshape(len(rows), *row_shape(self.dim, self.views))
 
     def groups(self) -> Iterator[tuple[int, str | None, str | None]]:
         """(fid, label, predicted class) of every item, for the filter maps."""

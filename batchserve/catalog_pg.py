@@ -62,7 +62,7 @@ from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolClosed
 
-from batchserve.catalog import NewItem, check_fingerprint
+from batchserve.catalog import NewItem, check_fingerprint, row_shape
 from batchserve.errors import NotReady
 from batchserve.records import Item
 
@@ -185,12 +185,15 @@ class PostgresCatalog:
         self,
         url: str,
         dim: int,
+        views: int = 0,
         pool_min: int = 1,
         pool_max: int = 4,
         connect_timeout_s: float = 2.0,
         statement_timeout_s: float = 5.0,
     ) -> None:
         self.dim = dim
+        #: Crop views per item: each item's ``embedding`` holds its embedding, then theirs.
+        self.views = views
         self.where = _where(url)
         timeout_ms = max(1, round(statement_timeout_s * 1000))
         options = (
@@ -290,9 +293,10 @@ class PostgresCatalog:
         """Add ``items`` in one transaction, replacing items with the same id (also an
         earlier one of the same batch). Returns (new fids in order, fids of the replaced
         rows). Committed on return."""
-        vectors = [np.ascontiguousarray(item.embedding, dtype=np.float32) for item in items]
-        if any(v.shape != (self.dim,) for v in vectors):
-            raise ValueError(f"embedding must have {self.dim} values")
+        vectors = [np.ascontiguousarray(item.vectors, dtype=np.float32) for item in items]
+        shape = row_shape(self.dim, self.views)
+        if any(v.shape != shape for v in vectors):
+            raise ValueError(f"embedding must be {shape}")
         added: list[int] = []
         replaced: list[int] = []
         log: list[tuple[str, int]] = []
@@ -425,13 +429,14 @@ class PostgresCatalog:
         row = self._one("SELECT fid, embedding FROM items WHERE id = %s", (item_id,))
         if row is None:
             return None
-        return int(row[0]), np.frombuffer(row[1], dtype=np.float32).copy()
+        return int(row[0]), np.frombuffer(row[1], dtype=np.float32)[: self.dim].copy()
 
     def vectors(
         self, fids: Sequence[int] | None = None, chunk: int = 10_000
     ) -> Iterator[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
-        """(fids int64 [n], embeddings float32 [n, dim]) of the given rows, or of every row,
-        in chunks of at most ``chunk`` rows, ascending fid."""
+        """(fids int64 [n], vectors float32 [n, dim], or with crop views [n, 1 + views, dim])
+        of the given rows, or of every row, in chunks of at most ``chunk`` rows, ascending
+        fid."""
         if fids is None:
             for rows in self._stream("SELECT fid, embedding FROM items ORDER BY fid", chunk):
                 yield self._stack(rows)
@@ -465,7 +470,7 @@ class PostgresCatalog:
     def _stack(self, rows: list[TupleRow]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
-        return ids, vectors.reshape(len(rows), self.dim)
+        return ids, vectors.reshape(len(rows), *row_shape(self.dim, self.views))
 
     def groups(self) -> Iterator[tuple[int, str | None, str | None]]:
         """(fid, label, predicted class) of every item, for the filter maps."""

@@ -7,6 +7,7 @@ decodes, so several threads decode in parallel.
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -17,6 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from batchserve.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from batchserve.settings import setting
+from batchserve.views import CROP_FRACTION, crop_boxes
 
 if TYPE_CHECKING:
     from batchserve.models import ModelInfo
@@ -75,6 +77,15 @@ def decode_for(data: bytes, info: ModelInfo, limits: DecodeLimits) -> npt.NDArra
     )
 
 
+def decode_item_for(data: bytes, info: ModelInfo, limits: DecodeLimits) -> npt.NDArray[np.uint8]:
+    """``data`` decoded as an item to store with model ``info``: [1 + views, H, W, 3], the
+    image as ``decode_for`` makes it, then each of its crop views (``views.crop_boxes`` of
+    the trimmed image) fitted the same way."""
+    height, width = info.input_size
+    with _open_checked(data, limits) as image:
+        return _to_arrays(image, width, height, info.letterbox, info.trim_borders, info.views)
+
+
 def fit_pixels(pixels: npt.NDArray[np.uint8], size: tuple[int, int]) -> npt.NDArray[np.uint8]:
     """Already decoded RGB ``pixels`` [H, W, 3] as model input of ``size`` (height, width):
     resized as a decoded image is, when their size differs."""
@@ -86,6 +97,17 @@ def fit_pixels(pixels: npt.NDArray[np.uint8], size: tuple[int, int]) -> npt.NDAr
     image = Image.fromarray(pixels, "RGB")
     resized = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
     return np.asarray(resized, dtype=np.uint8)
+
+
+def pixel_views(pixels: npt.NDArray[np.uint8], size: tuple[int, int]) -> npt.NDArray[np.uint8]:
+    """Already decoded RGB ``pixels`` [H, W, 3] as an item's model inputs: the image, then
+    its crop views, each fitted as ``fit_pixels`` does: [1 + views, height, width, 3]."""
+    whole = fit_pixels(pixels, size)
+    crops = [
+        pixels[top:bottom, left:right]
+        for left, top, right, bottom in crop_boxes(pixels.shape[1], pixels.shape[0])
+    ]
+    return np.stack([whole] + [fit_pixels(np.ascontiguousarray(c), size) for c in crops])
 
 
 def make_thumbnail(data: bytes, limits: DecodeLimits, side: int = THUMBNAIL_SIDE) -> bytes:
@@ -146,25 +168,39 @@ def _check(image: Image.Image, limits: DecodeLimits) -> None:
 def _to_array(
     image: Image.Image, width: int, height: int, letterbox: bool = False, trim: bool = False
 ) -> npt.NDArray[np.uint8]:
+    whole: npt.NDArray[np.uint8] = _to_arrays(image, width, height, letterbox, trim)[0]
+    return whole
+
+
+def _to_arrays(
+    image: Image.Image, width: int, height: int, letterbox: bool, trim: bool, views: int = 0
+) -> npt.NDArray[np.uint8]:
+    """The image, then its first ``views`` crop views, each fitted: [1 + views, H, W, 3]."""
     try:
         if image.format == "JPEG":
-            # Decode at 1/2, 1/4 or 1/8 scale while the result stays at least the target size.
-            image.draft("RGB", (width, height))
+            # Decode at 1/2, 1/4 or 1/8 scale while the result (or its crops) stays at least
+            # the target size.
+            scale = 1 / CROP_FRACTION if views else 1
+            image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
         image.load()
-        upright = ImageOps.exif_transpose(image)
-        rgb = _to_rgb(upright)
+        rgb = _to_rgb(ImageOps.exif_transpose(image))
         if trim:
             rgb = trim_uniform_borders(rgb)
-        if letterbox:
-            rgb = pad_to_aspect(rgb, width / height)
-        if rgb.size != (width, height):
-            rgb = rgb.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
-        array = np.asarray(rgb, dtype=np.uint8)
+        pictures = [rgb] + [rgb.crop(box) for box in crop_boxes(*rgb.size)[:views]]
+        arrays = np.stack([_fitted(p, width, height, letterbox) for p in pictures])
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise InvalidInput(f"cannot decode image: {e}") from e
-    if array.shape != (height, width, 3):
-        raise InvalidInput(f"decoded image has unexpected shape {array.shape}")
-    return array
+    if arrays.shape[1:] != (height, width, 3):
+        raise InvalidInput(f"decoded image has unexpected shape {arrays.shape[1:]}")
+    return arrays
+
+
+def _fitted(rgb: Image.Image, width: int, height: int, letterbox: bool) -> npt.NDArray[np.uint8]:
+    if letterbox:
+        rgb = pad_to_aspect(rgb, width / height)
+    if rgb.size != (width, height):
+        rgb = rgb.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return np.asarray(rgb, dtype=np.uint8)
 
 
 #: A border line's pixels within this of its median colour (0..255 per channel) are border.

@@ -24,7 +24,7 @@ import numpy.typing as npt
 
 from batchserve.catalog import NewItem
 from batchserve.errors import BatchserveError
-from batchserve.images import DecodeLimits, decode_for, make_thumbnail
+from batchserve.images import DecodeLimits, decode_for, decode_item_for, make_thumbnail
 from batchserve.index_output import IndexOutput
 from batchserve.inference import pad_batch, padded_size
 from batchserve.models import EmbeddingModel, ModelInfo
@@ -39,6 +39,8 @@ class Decoded:
     pixels: npt.NDArray[np.uint8]
     thumbnail: bytes
     digest: str
+    #: uint8 [views, H, W, 3]: its crop views as model input, with ``--crop-views``.
+    views: npt.NDArray[np.uint8] | None = None
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,11 @@ def load_source(
     digest = sha256_hex(data)
     if digest == known_digest:
         return None
-    return Decoded(decode_for(data, info, limits), make_thumbnail(data, limits), digest)
+    thumbnail = make_thumbnail(data, limits)
+    if info.views:
+        pictures = decode_item_for(data, info, limits)
+        return Decoded(pictures[0], thumbnail, digest, pictures[1:])
+    return Decoded(decode_for(data, info, limits), thumbnail, digest)
 
 
 def known_digests(
@@ -225,11 +231,12 @@ class _BatchEmbedder:
         embeddings, classes = embed_pixels(
             self._model, [d.pixels for _s, d in batch], self._batch_sizes
         )
+        views = embed_views(self._model, [d.views for _s, d in batch], self._batch_sizes)
         wrote = time.perf_counter()
         self._output.write(
             [
-                NewItem(s.id, e, s.label, s.metadata, c, d.thumbnail, d.digest)
-                for (s, d), e, c in zip(batch, embeddings, classes, strict=True)
+                NewItem(s.id, e, s.label, s.metadata, c, d.thumbnail, d.digest, v)
+                for (s, d), e, c, v in zip(batch, embeddings, classes, views, strict=True)
             ]
         )
         self._report.stage_s["embed"] += wrote - began
@@ -249,6 +256,32 @@ def embed_pixels(
     predictions = split_outputs(outputs, n)
     classes = [predicted_class(p, model.info.classes) for p in predictions]
     return outputs.embeddings[:n], classes
+
+
+def embed_views(
+    model: EmbeddingModel,
+    views: Sequence[npt.NDArray[np.uint8] | None],
+    batch_sizes: list[int],
+) -> list[npt.NDArray[np.float32] | None]:
+    """The embeddings [views, dim] of each item's crop views [views, H, W, 3] (None for
+    an item without), run in batches of the largest allowed size."""
+    pictures = [p for item in views if item is not None for p in item]
+    if not pictures:
+        return [None] * len(views)
+    step = batch_sizes[-1]
+    embedded = np.concatenate(
+        [
+            embed_pixels(model, pictures[start : start + step], batch_sizes)[0]
+            for start in range(0, len(pictures), step)
+        ]
+    )
+    out: list[npt.NDArray[np.float32] | None] = []
+    taken = 0
+    for item in views:
+        count = 0 if item is None else len(item)
+        out.append(None if item is None else embedded[taken : taken + count])
+        taken += count
+    return out
 
 
 def print_summary(report: IngestReport, out: TextIO = sys.stderr, limit: int = 20) -> None:

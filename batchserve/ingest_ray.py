@@ -165,7 +165,7 @@ def _run(
     dataset = _pipeline(ray, settings, info, pending, plan, batch_sizes)
     writers = output.store is not None and settings.store.shared_catalog
     if writers:
-        dataset = _with_catalog_writers(ray, dataset, settings.store.catalog, info.dim, plan)
+        dataset = _with_catalog_writers(ray, dataset, settings.store.catalog, info, plan)
     nodes: set[str] = set()
     for batch in dataset.iter_batches(batch_size=batch_sizes[-1], batch_format="numpy"):
         _write(batch, output, report, nodes, stored=writers)
@@ -177,13 +177,15 @@ def _run(
     return report
 
 
-def _with_catalog_writers(ray: Any, dataset: Any, url: str, dim: int, plan: ActorPlan) -> Any:
+def _with_catalog_writers(
+    ray: Any, dataset: Any, url: str, info: ModelInfo, plan: ActorPlan
+) -> Any:
     """A PostgreSQL catalog takes writes from several processes at once (row locks per id,
     one lock for the change log's order): a pool of writer actors, one connection each,
     instead of the driver alone. They wait on the network, so they hold no CPU."""
     return dataset.map_batches(
         ray_stages.WriteRows,
-        fn_constructor_kwargs={"url": url, "dim": dim},
+        fn_constructor_kwargs={"url": url, "dim": info.dim, "views": info.views},
         compute=ray.data.ActorPoolStrategy(size=min(4, 2 * plan.actors)),
         batch_size=None,
         batch_format="numpy",

@@ -31,8 +31,12 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Job:
+    """A decoded image [H, W, 3] and what to do with it; an add with crop views carries
+    them [views, H, W, 3] until they are embedded into its task."""
+
     image: npt.NDArray[np.uint8]
     task: Task
+    views: npt.NDArray[np.uint8] | None = None
 
 
 @dataclass(frozen=True)
@@ -138,7 +142,13 @@ def apply_tasks(
     if adds:
         items = [
             NewItem(
-                t.id, p.embedding, t.label, t.metadata, predicted_class(p, classes), t.thumbnail
+                t.id,
+                p.embedding,
+                t.label,
+                t.metadata,
+                predicted_class(p, classes),
+                t.thumbnail,
+                views=t.views,
             )
             for _i, t, p in adds
             if isinstance(t, AddTask)

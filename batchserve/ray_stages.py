@@ -37,15 +37,20 @@ def decode_rows(
 
     n = len(batch["id"])
     pixels = np.zeros((n, *info.input_size, 3), dtype=np.uint8)
+    views = np.zeros((n, info.views, *info.input_size, 3), dtype=np.uint8)
     rows = []
     for i in range(n):
         began = time.perf_counter()
         row = _decode_one(str(batch["path"][i]), batch["known"][i], info, limits)
         if row.pixels is not None:
             pixels[i] = row.pixels
+        if row.views is not None:
+            views[i] = row.views
         rows.append((row, time.perf_counter() - began))
     node = ray.get_runtime_context().get_node_id()
+    # With crop views, each row's views as model input [N, views, H, W, 3].
     return {
+        **({"views": views} if info.views else {}),
         **{key: batch[key] for key in ("path", "id", "label", "metadata")},
         "status": np.array([r.status for r, _s in rows], dtype=object),
         "error": np.array([r.error for r, _s in rows], dtype=object),
@@ -64,6 +69,7 @@ class _DecodedRow:
     thumbnail: bytes = b""
     digest: str = ""
     error: str = ""
+    views: npt.NDArray[np.uint8] | None = None
 
 
 def _decode_one(path: str, known: str | None, info: ModelInfo, limits: DecodeLimits) -> _DecodedRow:
@@ -76,7 +82,7 @@ def _decode_one(path: str, known: str | None, info: ModelInfo, limits: DecodeLim
         return _DecodedRow("fail", error=str(e))
     if decoded is None:
         return _DecodedRow("skip")
-    return _DecodedRow("ok", decoded.pixels, decoded.thumbnail, decoded.digest)
+    return _DecodedRow("ok", decoded.pixels, decoded.thumbnail, decoded.digest, views=decoded.views)
 
 
 class EmbedRows:
@@ -112,7 +118,9 @@ class EmbedRows:
             )
             embeddings[ok] = found
             classes[ok] = predicted
-        rows = {key: value for key, value in batch.items() if key != "pixels"}
+        rows = {key: value for key, value in batch.items() if key not in ("pixels", "views")}
+        if "views" in batch:
+            rows["view_embeddings"] = self._views(batch["views"], ok)
         return {
             **rows,
             "embedding": embeddings,
@@ -121,14 +129,24 @@ class EmbedRows:
             "embed_node": np.array([self._node] * n, dtype=object),
         }
 
+    def _views(self, views: npt.NDArray[np.uint8], ok: npt.NDArray[np.bool_]) -> Any:
+        """The embeddings [N, views, dim] of the rows' crop views [N, views, H, W, 3]."""
+        from batchserve.ingest import embed_views
+
+        out = np.zeros((*views.shape[:2], self._model.info.dim), dtype=np.float32)
+        found = embed_views(self._model, list(views[ok]), self._batch_sizes)
+        if found:
+            out[ok] = np.stack([v for v in found if v is not None])
+        return out
+
 
 class WriteRows:
     """A catalog writer actor: the decoded rows of each batch in one PostgreSQL transaction."""
 
-    def __init__(self, url: str, dim: int) -> None:
+    def __init__(self, url: str, dim: int, views: int = 0) -> None:
         from batchserve.catalog_pg import PostgresCatalog
 
-        self._catalog = PostgresCatalog(url, dim)
+        self._catalog = PostgresCatalog(url, dim, views)
 
     def __call__(self, batch: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
         began = time.perf_counter()
@@ -149,4 +167,5 @@ def item_of(batch: dict[str, npt.NDArray[Any]], i: int) -> NewItem:
         batch["class"][i],
         bytes(batch["thumbnail"][i]),
         str(batch["digest"][i]),
+        np.asarray(batch["view_embeddings"][i], np.float32) if "view_embeddings" in batch else None,
     )

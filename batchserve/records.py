@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 
 @dataclass(frozen=True)
 class EmbedTask:
@@ -36,6 +39,8 @@ class AddTask:
     label: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     thumbnail: bytes | None = None
+    #: float32 [views, dim]: the embeddings of its crop views (``--crop-views``).
+    views: npt.NDArray[np.float32] | None = None
 
 
 Task = EmbedTask | SearchTask | AddTask

@@ -40,7 +40,7 @@ from batchserve.pipeline import IndexWorker, PipelineRunner
 from batchserve.records import AddTask
 from batchserve.service import ImageService, PoolRunner
 from batchserve.site import make_site
-from batchserve.store import ItemStore, OpenReport, StoreSettings, lock_data_dir
+from batchserve.store import ItemStore, OpenReport, SearchableIndex, StoreSettings, lock_data_dir
 from batchserve.threads import NamedThreadPool, name_this_thread
 
 if TYPE_CHECKING:
@@ -118,10 +118,15 @@ def open_store(settings: StoreSettings, params: IndexParams, info: ModelInfo) ->
     """The item store for ``info``'s embeddings in the data dir, on its own catalog or a
     shared one (either refuses another model's)."""
     from batchserve.index import VectorIndex
+    from batchserve.views import ViewedIndex
 
-    index = VectorIndex(info.dim, params)
-    catalog = settings.open_catalog(info.dim)
-    return ItemStore(Path(settings.data_dir), index, info.fingerprint(), catalog=catalog)
+    index: SearchableIndex = VectorIndex(info.dim, params)
+    if info.views:
+        index = ViewedIndex(VectorIndex(info.dim, params), info.views)
+    catalog = settings.open_catalog(info.dim, info.views)
+    return ItemStore(
+        Path(settings.data_dir), index, info.fingerprint(), catalog=catalog, views=info.views
+    )
 
 
 def build(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -24,7 +24,14 @@ from twisted.python.failure import Failure
 
 from batchserve.batching import Batcher
 from batchserve.errors import DeadlineExceeded, InvalidInput, NotFound, NotReady, Overloaded
-from batchserve.images import DecodeLimits, decode_for, fit_pixels, make_thumbnail
+from batchserve.images import (
+    DecodeLimits,
+    decode_for,
+    decode_item_for,
+    fit_pixels,
+    make_thumbnail,
+    pixel_views,
+)
 from batchserve.inference import Prediction
 from batchserve.models import ModelInfo
 from batchserve.pipeline import IndexWorker, Job, Outcome
@@ -302,8 +309,9 @@ class ImageService:
                 self._batcher.count_rejection("deadline")
             return fail(DeadlineExceeded("deadline passed while the images were decoded"))
         try:
-            # All of a request's images fit in the queue, or none is queued.
-            self._batcher.check_room(len(jobs), pending=self._reading)
+            # All of a request's images (crop views included) fit in the queue, or none is.
+            images = sum(1 + (0 if job.views is None else len(job.views)) for job in jobs)
+            self._batcher.check_room(images, pending=self._reading)
         except Overloaded as e:
             return fail(e)
         submitted = time.perf_counter()
@@ -317,8 +325,30 @@ class ImageService:
             )
             return outcomes
 
-        found = gather([self._batcher.submit(job, timeout_s=left_s) for job in jobs])
+        if any(job.views is not None for job in jobs):
+            found = self._embed_views(jobs, left_s).addCallback(self._submit_each, call)
+        else:
+            found = self._submit_each(jobs, call)
         return found.addCallback(timed)
+
+    def _submit_each(self, jobs: Sequence[Job], call: Call) -> Deferred[list[Outcome]]:
+        left_s = self._deadline_s(call) - self._clock.seconds()
+        return gather([self._batcher.submit(job, timeout_s=left_s) for job in jobs])
+
+    def _embed_views(self, jobs: Sequence[Job], left_s: float) -> Deferred[list[Job]]:
+        """The adds of ``jobs`` carrying the embeddings of their crop views [views, dim],
+        which go through the model first, each as its own job."""
+        views = [
+            self._batcher.submit(Job(image, EMBED), timeout_s=left_s)
+            for job in jobs
+            for image in (job.views if job.views is not None else ())
+        ]
+
+        def attach(outcomes: list[Outcome]) -> list[Job]:
+            embeddings = iter(o.prediction.embedding for o in outcomes)
+            return [job if job.views is None else _with_views(job, embeddings) for job in jobs]
+
+        return gather(views).addCallback(attach)
 
     # -- on the index thread only ---------------------------------------------------------
 
@@ -366,10 +396,22 @@ def _decoded_jobs(
     entries = read()
     if not entries:
         raise InvalidInput("no image in the request")
-    return [
-        Job(_decode(data, info, limits, observer), _with_thumbnail(task, data, limits))
-        for data, task in entries
-    ]
+    jobs = []
+    for data, task in entries:
+        task = _with_thumbnail(task, data, limits)
+        if isinstance(task, AddTask) and info.views:
+            pictures = _decode(data, info, limits, observer, item_views=True)
+            jobs.append(Job(pictures[0], task, views=pictures[1:]))
+        else:
+            jobs.append(Job(_decode(data, info, limits, observer), task))
+    return jobs
+
+
+def _with_views(job: Job, embeddings: Iterator[npt.NDArray[np.float32]]) -> Job:
+    """``job`` with the embeddings of its crop views taken in order from ``embeddings``."""
+    assert job.views is not None and isinstance(job.task, AddTask)
+    taken = np.stack([next(embeddings) for _view in job.views])
+    return Job(job.image, dataclasses.replace(job.task, views=taken))
 
 
 def _with_thumbnail(task: Task, data: bytes | npt.NDArray[np.uint8], limits: DecodeLimits) -> Task:
@@ -401,10 +443,15 @@ def _decode(
     info: ModelInfo,
     limits: DecodeLimits,
     observer: DecodeObserver | None,
+    item_views: bool = False,
 ) -> npt.NDArray[np.uint8]:
+    """The image as model input [H, W, 3]; with ``item_views``, it and its crop views
+    [1 + views, H, W, 3]."""
     started = time.perf_counter()
     if isinstance(data, np.ndarray):
-        array = fit_pixels(data, info.input_size)
+        array = (pixel_views if item_views else fit_pixels)(data, info.input_size)
+    elif item_views:
+        array = decode_item_for(data, info, limits)
     else:
         array = decode_for(data, info, limits)
     if observer is not None:

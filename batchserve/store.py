@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from batchserve.catalog import Catalog, NewItem
+from batchserve.catalog import Catalog, NewItem, row_shape
 from batchserve.errors import ConfigError
 from batchserve.records import Item, Match
 from batchserve.settings import setting
@@ -65,7 +65,7 @@ class StoreSettings:
     def shared_catalog(self) -> bool:
         return self.catalog.startswith(("postgresql://", "postgres://"))
 
-    def open_catalog(self, dim: int) -> Any:
+    def open_catalog(self, dim: int, views: int = 0) -> Any:
         """The catalog these settings name: None for the data dir's own SQLite catalog."""
         if not self.shared_catalog:
             return None
@@ -76,7 +76,7 @@ class StoreSettings:
                 "a postgresql:// catalog needs the postgres extra: "
                 "pip install 'batchserve[postgres]'"
             ) from e
-        return PostgresCatalog(self.catalog, dim)
+        return PostgresCatalog(self.catalog, dim, views)
 
 
 class SearchableIndex(Protocol):
@@ -169,11 +169,13 @@ class ItemStore:
         index: SearchableIndex,
         fingerprint: dict[str, Any],
         catalog: Any = None,
+        views: int = 0,
     ) -> None:
         self.data_dir = data_dir
+        #: With crop views (``views`` per item), a ``views.ViewedIndex``.
         self.index = index
         self.fingerprint = fingerprint
-        self.catalog = catalog or Catalog(data_dir / "catalog.sqlite3", index.dim)
+        self.catalog = catalog or Catalog(data_dir / "catalog.sqlite3", index.dim, views)
         self.catalog.check_model(fingerprint)
         #: A catalog other processes write too (PostgreSQL): this index follows its change
         #: log, and keeps the items searches show in memory, so searches go on without it.
@@ -264,7 +266,7 @@ class ItemStore:
         new = sorted(alive - before)
         mine = [fid for fid in new if fid in known]
         if mine:
-            vectors = np.stack([known[fid].embedding for fid in mine])
+            vectors = np.stack([known[fid].vectors for fid in mine])
             self.index.add(np.array(mine, dtype=np.int64), vectors)
             self._remember_rows(mine)
         others = [fid for fid in new if fid not in known]
@@ -279,7 +281,7 @@ class ItemStore:
             vectors = np.concatenate([c[1] for c in chunks])
         else:
             fids = np.zeros(0, dtype=np.int64)
-            vectors = np.zeros((0, self.index.dim), dtype=np.float32)
+            vectors = np.zeros((0, *row_shape(self.index.dim, self.catalog.views)), np.float32)
         self.index.rebuild(fids, vectors)
         self._forget(list(self._groups))
         self._remember_rows([int(f) for f in fids])

@@ -22,7 +22,7 @@ from twisted.web.server import Site
 from batchserve.batching import Batch
 from batchserve.errors import InferenceFailed
 from batchserve.inference import Prediction, run_batch
-from batchserve.models import ModelInfo, ModelOutputs
+from batchserve.models import LEGACY_EMBEDDING, ModelInfo, ModelOutputs
 from batchserve.server import Threads
 
 In = TypeVar("In")
@@ -86,6 +86,7 @@ class FakeModel:
         input_size: tuple[int, int] = (32, 32),
         dim: int = 8,
         classes: Sequence[str] | None = ("cat", "dog", "car"),
+        views: int = 0,
     ) -> None:
         rng = np.random.default_rng(0)
         self._project = rng.normal(size=(3, dim)).astype(np.float32)
@@ -100,6 +101,7 @@ class FakeModel:
             pretrained=False,
             weights_sha256="0" * 64,
             trained_on="nothing: a deterministic stand-in for tests",
+            embedding={**LEGACY_EMBEDDING, **({"crop_views": {"count": views}} if views else {})},
         )
         self.batch_shapes: list[tuple[int, ...]] = []
         self.fail_next: BaseException | None = None

@@ -31,11 +31,24 @@ def test_a_model_whose_output_is_the_embedding_is_not_pooled() -> None:
 
 
 def test_the_flags_of_a_recipe_make_that_recipe_again() -> None:
-    assert recipe_flags(LEGACY_EMBEDDING) == "--pooling avg --fit squash --no-trim-borders"
+    assert recipe_flags(LEGACY_EMBEDDING) == (
+        "--pooling avg --fit squash --no-trim-borders --no-crop-views"
+    )
     recipe = {"pooling": "gem-4", "fit": "letterbox", "trim_borders": True}
-    assert recipe_flags(recipe) == "--pooling gem --gem-p 4 --fit letterbox --trim-borders"
+    assert recipe_flags(recipe) == (
+        "--pooling gem --gem-p 4 --fit letterbox --trim-borders --no-crop-views"
+    )
     spec = ModelSpec(pooling="gem", gem_p=4.0, fit="letterbox", trim_borders=True)
     assert embedding_recipe(spec, pools_map=True) == recipe
+    views = embedding_recipe(ModelSpec(crop_views=True), pools_map=True)
+    assert recipe_flags(views) == "--pooling gem --gem-p 3 --fit squash --trim-borders --crop-views"
+
+
+def test_crop_views_are_in_the_fingerprint_only_when_on() -> None:
+    recipe = embedding_recipe(ModelSpec(crop_views=True), pools_map=True)
+    assert recipe["crop_views"] == {"count": 5, "side": 0.7, "weight": 0.95}
+    assert info(recipe).views == 5
+    assert info(embedding_recipe(ModelSpec(), pools_map=True)).views == 0
 
 
 def catalog_of(path: Path, fingerprint: dict[str, object]) -> Catalog:
@@ -64,6 +77,22 @@ def test_a_catalog_made_another_way_is_refused_with_the_flags_and_the_rebuild(
     assert "(pooling gem-3, fit squash, borders trimmed)" in message
     assert "--pooling avg --fit squash --no-trim-borders" in message
     assert "batchserve index SOURCE --data-dir NEW_DIR" in message
+
+
+def test_a_catalog_without_crop_views_is_refused_by_a_server_that_makes_them(
+    tmp_path: Path,
+) -> None:
+    made = info(embedding_recipe(ModelSpec(), pools_map=True)).fingerprint()
+    catalog_of(tmp_path, made).close()
+    catalog = Catalog(tmp_path / "catalog.sqlite3", 8, views=5)
+    with pytest.raises(ModelMismatch) as refused:
+        catalog.check_model(info(embedding_recipe(ModelSpec(crop_views=True), True)).fingerprint())
+    message = str(refused.value)
+    assert (
+        "than this server makes them (pooling gem-3, fit squash, borders trimmed, 5 crop "
+        in message
+    )
+    assert "--trim-borders --no-crop-views" in message
 
 
 def test_a_catalog_of_another_model_is_refused_as_before(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import struct
 import zlib
@@ -215,3 +216,35 @@ def test_decode_with_letterbox_and_trimming_ignores_a_frame_and_the_aspect() -> 
     squashed = decode_image(out.getvalue(), (32, 32), DecodeLimits())
     assert not (squashed == PAD_RGB).all(axis=2).any()  # squash: no padding at all
     assert (decode(core)[:7] == PAD_RGB).all()  # letterbox: grey bars above and below
+
+
+def _png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+def test_an_item_decodes_to_its_image_then_its_crop_views_of_the_trimmed_picture() -> None:
+    from batchserve.images import decode_item_for
+    from batchserve.testing import FakeModel
+    from batchserve.views import CROP_VIEWS, crop_boxes
+
+    core = _photo((120, 90))
+    info = FakeModel(input_size=SIZE, views=CROP_VIEWS).info
+    info = dataclasses.replace(info, embedding={**info.embedding, "trim_borders": True})
+    pictures = decode_item_for(_png(_framed(core, 16, (255, 255, 255))), info, LIMITS)
+    assert pictures.shape == (1 + CROP_VIEWS, *SIZE, 3)
+    assert np.array_equal(pictures[0], decode_image(_png(core), SIZE, LIMITS))
+    for view, box in zip(pictures[1:], crop_boxes(120, 90), strict=True):
+        assert np.array_equal(view, decode_image(_png(core.crop(box)), SIZE, LIMITS))
+
+
+def test_pixel_items_get_the_same_crop_views_as_decoded_ones() -> None:
+    from batchserve.images import decode_item_for, pixel_views
+    from batchserve.testing import FakeModel
+
+    core = _photo((120, 90))
+    info = FakeModel(input_size=SIZE, views=5).info
+    assert np.array_equal(
+        pixel_views(np.asarray(core), SIZE), decode_item_for(_png(core), info, LIMITS)
+    )

@@ -253,3 +253,27 @@ def test_output_keeps_each_sources_metadata_as_json_text(tmp_path: Path) -> None
     output.finish()
     [row] = pq.read_table(path).to_pylist()
     assert (row["id"], row["label"], json.loads(row["metadata"])) == ("r", None, {"sku": 7})
+
+
+def test_bulk_indexing_with_crop_views_stores_each_items_views(tmp_path: Path) -> None:
+    from batchserve.images import decode_item_for
+    from batchserve.views import CROP_VIEWS, ViewedIndex
+
+    model = FakeModel(views=CROP_VIEWS)
+    image = np.zeros((60, 80, 3), dtype=np.uint8)
+    image[:30, :40] = (250, 0, 0)  # a red corner: the views differ from the whole
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "corner.png").write_bytes(encode_image(image, fmt="PNG"))
+    (tmp_path / "images" / "plain.png").write_bytes(encode_image(fmt="PNG", colour=(0, 0, 250)))
+    index = ViewedIndex(VectorIndex(model.info.dim, IndexParams()), CROP_VIEWS)
+    store = ItemStore(tmp_path, index, model.info.fingerprint(), views=CROP_VIEWS)
+    store.open()
+    report = run(list(scan_directory(str(tmp_path / "images"))), store, model)
+    assert report.indexed == 2
+    fids, vectors = next(iter(store.catalog.vectors()))
+    assert vectors.shape == (2, 1 + CROP_VIEWS, model.info.dim)
+    data = (tmp_path / "images" / "corner.png").read_bytes()
+    pictures = decode_item_for(data, model.info, DecodeLimits())
+    corner = store.catalog.items_by_fid(fids.tolist())
+    row = next(i for i, f in enumerate(fids) if corner[int(f)].id == "corner.png")
+    np.testing.assert_allclose(vectors[row], model.predict(pictures).embeddings, atol=1e-6)

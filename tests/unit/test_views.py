@@ -1,0 +1,114 @@
+"""Crop views in the index: an item is found by its best view, each item once, and it is
+added, removed and filtered as one item."""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from batchserve.index import IndexParams, VectorIndex
+from batchserve.views import (
+    VIEW_SLOTS,
+    VIEW_WEIGHT,
+    ViewedIndex,
+    best_per_item,
+    crop_boxes,
+    view_ids,
+)
+
+DIM, VIEWS = 16, 5
+
+
+def units(rng: np.random.Generator, *shape: int) -> npt.NDArray[np.float32]:
+    x = rng.normal(size=(*shape, DIM)).astype(np.float32)
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def test_crop_boxes_are_the_centre_then_the_four_corners_at_the_fraction() -> None:
+    boxes = crop_boxes(100, 50, 0.7)
+    assert boxes == [
+        (15, 7, 85, 42),
+        (0, 0, 70, 35),
+        (30, 0, 100, 35),
+        (0, 15, 70, 50),
+        (30, 15, 100, 50),
+    ]
+
+
+def test_view_ids_keep_each_items_views_together_with_the_whole_image_first() -> None:
+    ids = view_ids(np.array([3, 10]), 2)
+    assert ids.tolist() == [24, 25, 26, 80, 81, 82]
+    assert (ids // VIEW_SLOTS).tolist() == [3, 3, 3, 10, 10, 10]
+
+
+def test_best_per_item_keeps_each_items_first_hit_in_order() -> None:
+    scores = np.array([[0.9, 0.8, 0.7, 0.6, 0.5]], dtype=np.float32)
+    ids = np.array([[VIEW_SLOTS * 4 + 2, VIEW_SLOTS * 4, VIEW_SLOTS * 7 + 1, -1, -1]])
+    found_scores, found = best_per_item(scores, ids, 3)
+    assert found.tolist() == [[4, 7, -1]]
+    assert found_scores[0, :2].tolist() == pytest.approx([0.9, 0.7])
+
+
+def oracle(
+    items: npt.NDArray[np.float32], queries: npt.NDArray[np.float32], k: int
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """Each item's best view by brute force (a crop's cosine weighed), the top ``k`` items of
+    each query."""
+    scores = np.einsum("qd,nvd->qnv", queries, items)
+    best = np.maximum(scores[:, :, 0], VIEW_WEIGHT * scores[:, :, 1:].max(axis=2))
+    top = np.argsort(-best, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(best, top, axis=1), top
+
+
+def test_search_ranks_items_by_their_best_view_as_brute_force_does() -> None:
+    rng = np.random.default_rng(1)
+    items, queries = units(rng, 300, 1 + VIEWS), units(rng, 20)
+    index = ViewedIndex(VectorIndex(DIM, IndexParams(kind="flat")), VIEWS)
+    index.add(np.arange(300), items)
+    scores, ids = index.search(queries, 10)
+    want_scores, want_ids = oracle(items, queries, 10)
+    assert ids.tolist() == want_ids.tolist()
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-5)
+    assert index.size == 300
+
+
+def test_a_query_equal_to_a_crop_view_finds_its_item_first_at_the_views_weight() -> None:
+    rng = np.random.default_rng(2)
+    items = units(rng, 50, 1 + VIEWS)
+    index = ViewedIndex(VectorIndex(DIM, IndexParams()), VIEWS)
+    index.add(np.arange(50), items)
+    scores, ids = index.search(items[17, 3][None], 1)
+    assert ids[0, 0] == 17 and scores[0, 0] == pytest.approx(VIEW_WEIGHT)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_a_removed_item_loses_every_view(kind: str) -> None:
+    rng = np.random.default_rng(3)
+    items = units(rng, 40, 1 + VIEWS)
+    index = ViewedIndex(VectorIndex(DIM, IndexParams(kind=kind, train_min=10_000)), VIEWS)
+    index.add(np.arange(40), items)
+    index.remove(np.array([5]))
+    assert index.size == 39
+    for view in range(1 + VIEWS):
+        _scores, ids = index.search(items[5, view][None], 40)
+        found = [i for i in ids[0].tolist() if i >= 0]
+        assert 5 not in found and len(set(found)) == 39
+
+
+def test_a_filtered_search_sees_only_the_allowed_items_by_their_best_view() -> None:
+    rng = np.random.default_rng(4)
+    items, queries = units(rng, 60, 1 + VIEWS), units(rng, 5)
+    index = ViewedIndex(VectorIndex(DIM, IndexParams()), VIEWS)
+    index.add(np.arange(60), items)
+    allowed = np.array([2, 9, 31, 44])
+    scores, ids = index.search(queries, 3, allowed)
+    want_scores, want = oracle(items[allowed], queries, 3)
+    assert ids.tolist() == allowed[want].tolist()
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-5)
+
+
+def test_item_vectors_of_the_wrong_shape_are_refused() -> None:
+    index = ViewedIndex(VectorIndex(DIM, IndexParams()), VIEWS)
+    with pytest.raises(ValueError, match=r"\[N, 6, 16\]"):
+        index.add(np.arange(2), np.zeros((2, DIM), dtype=np.float32))
