@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from batchserve.models import ModelInfo
+from batchserve.views import VIEW_WEIGHT, recipe
 from bench.retrieval_data import EDITS, QUICK_EDITS, Benchmark, Picture, build
 
 Array = npt.NDArray[np.float32]
@@ -84,24 +86,32 @@ def prepared(
     return decode_image(data, (size, size), DecodeLimits(), letterbox=letterbox, trim_borders=trim)
 
 
-def cropped(data: bytes, where: str, fraction: float = 0.7) -> npt.NDArray[np.uint8]:
-    """A ``fraction`` crop of the image (centre or a corner), squashed to the input."""
-    from PIL import Image
+#: The built-in model's input as the server decodes items with ``--crop-views``.
+VIEW_INFO = ModelInfo(
+    "retrieval",
+    "bench",
+    (SIZE, SIZE),
+    1280,
+    embedding={"pooling": "gem-3", "fit": "squash", "trim_borders": True, "crop_views": recipe()},
+)
 
-    with Image.open(io.BytesIO(data)) as image:
-        rgb = image.convert("RGB")
-    w, h = rgb.size
-    cw, ch = int(w * fraction), int(h * fraction)
-    x = {"center": (w - cw) // 2, "tl": 0, "bl": 0, "tr": w - cw, "br": w - cw}[where]
-    y = {"center": (h - ch) // 2, "tl": 0, "tr": 0, "bl": h - ch, "br": h - ch}[where]
-    crop = rgb.crop((x, y, x + cw, y + ch))
-    return np.asarray(crop.resize((SIZE, SIZE), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+@functools.cache
+def item_views(data: bytes) -> npt.NDArray[np.uint8]:
+    """An item decoded as the server decodes it with ``--crop-views``: [6, H, W, 3]. Kept,
+    so the first view's preparation times the one decode and the others reuse it."""
+    from batchserve.images import DecodeLimits, decode_item_for
+
+    return decode_item_for(data, VIEW_INFO, DecodeLimits())
+
+
+def crop_view(data: bytes, view: int) -> npt.NDArray[np.uint8]:
+    pixels: npt.NDArray[np.uint8] = item_views(data)[view]
+    return pixels
 
 
 PREPARATIONS: dict[str, Callable[[bytes], npt.NDArray[np.uint8]]] = {
-    **{
-        f"crop {w}": functools.partial(cropped, where=w) for w in ("center", "tl", "tr", "bl", "br")
-    },
+    **{f"crop view {v}": functools.partial(crop_view, view=v) for v in range(1, 6)},
     "squash": squash,
     "squash 224": lambda data: squash(data, 224),
     "letterbox": lambda data: prepared(data, letterbox=True, trim=False),
@@ -243,14 +253,15 @@ def _windows(prep: str, side: int) -> Method:
     return (prep,), lambda f: (window_views(f[prep].catalog, side), gem(f[prep].queries))
 
 
-CROP_VIEWS = ("crop center", "crop tl", "crop tr", "crop bl", "crop br")
+CROP_VIEWS = tuple(f"crop view {v}" for v in range(1, 6))
 
 
-def _crop_views(prep: str) -> Method:
-    """The whole image, and five 70% crops of it (centre, corners), each embedded."""
+def _crop_views(prep: str, weight: float) -> Method:
+    """The whole image, and five 0.7 crops of it (centre, corners) each embedded, as the
+    server stores them with ``--crop-views``: a crop's cosine counts ``weight`` times."""
 
     def run(f: Features) -> tuple[Array, Array]:
-        views = [gem(f[prep].catalog)] + [gem(f[v].catalog) for v in CROP_VIEWS]
+        views = [gem(f[prep].catalog)] + [weight * gem(f[v].catalog) for v in CROP_VIEWS]
         return np.stack(views, axis=1), gem(f[prep].queries)
 
     return (prep, *CROP_VIEWS), run
@@ -274,7 +285,8 @@ def methods() -> dict[str, Method]:
         "GeM + trim borders (new default)": chosen,
         "GeM + trim + letterbox": _pooled("trim + letterbox", gem),
         "GeM + trim + map window views": _windows("trim", 4),
-        "GeM + trim + crop views": _crop_views("trim"),
+        "GeM + trim + crop views, unweighed": _crop_views("trim", 1.0),
+        "GeM + trim + crop views": _crop_views("trim", VIEW_WEIGHT),
         "GeM + trim + PCA-whiten 512": _then(chosen, lambda c, q: pca_whiten(c, q, 512)),
         "GeM + trim + PCA-whiten 256": _then(chosen, lambda c, q: pca_whiten(c, q, 256)),
         "GeM + trim + query expansion": _then(chosen, lambda c, q: (c, query_expansion(c, q))),
@@ -290,7 +302,7 @@ def methods() -> dict[str, Method]:
 
 def item_only(need: str) -> bool:
     """Crop views are made of catalog items only; a query is embedded whole."""
-    return need.startswith("crop ")
+    return need.startswith("crop view")
 
 
 def extract(bench: Benchmark, backbone: Backbone, needs: set[str]) -> Features:
@@ -311,6 +323,7 @@ def extract(bench: Benchmark, backbone: Backbone, needs: set[str]) -> Features:
         seconds = (time.perf_counter() - started) / sum(len(g) for g in groups)
         (cm, cl), (qm, ql) = maps[0], maps[-1] if len(maps) > 1 else maps[0]
         features[need] = Maps(cm, cl, qm, ql, seconds)
+    item_views.cache_clear()
     return features
 
 
