@@ -174,6 +174,7 @@ class ItemStore:
         self.data_dir = data_dir
         #: With crop views (``views`` per item), a ``views.ViewedIndex``.
         self.index = index
+        self.views = views
         self.fingerprint = fingerprint
         self.catalog = catalog or Catalog(data_dir / "catalog.sqlite3", index.dim, views)
         self.catalog.check_model(fingerprint)
@@ -469,6 +470,7 @@ class ItemStore:
             "kind": self.index_kind(),
             "kind_in_use": self.index.kind_in_use,
             "size": self.index.size,
+            "vectors_per_item": 1 + self.views,
             "dim": self.index.dim,
             "device": self.index.device,
             "labels": len([k for k, v in self._by_label.items() if v]),

@@ -177,6 +177,20 @@ def _overload(data: Data) -> str:
     )
 
 
+def _search_quality(data: Data) -> str:
+    r = data["retrieval"]
+    m = r["methods"]
+    new, old = m["GeM + trim borders (new default)"], m["average pool (today)"]
+    views = m["GeM + trim + crop views"]
+    return (
+        f"- **the original of an edited photo found first {new['overall']['top1']:.0%} of the "
+        f"time** ({old['overall']['top1']:.0%} with the embedding before 0.2; "
+        f"{views['overall']['top1']:.0%} with `--crop-views`): {r['queries']:,} queries, "
+        f"each an original edited one of {len(r['edits'])} ways, against "
+        f"{r['originals'] + r['distractors']:,} images with hard distractors; {_on(r)}."
+    )
+
+
 #: The README's benchmark lines, each with the results.json sections it needs.
 README_LINES: tuple[tuple[tuple[str, ...], Callable[[Data], str]], ...] = (
     (("embed",), _against_predict),
@@ -184,6 +198,7 @@ README_LINES: tuple[tuple[tuple[str, ...], Callable[[Data], str]], ...] = (
     (("embed", "limit"), _against_limit),
     (("search",), _search_cost),
     (("overload",), _overload),
+    (("retrieval",), _search_quality),
 )
 
 

@@ -328,3 +328,26 @@ def test_ray_writes_a_postgresql_catalog_from_parallel_writers(
 
     again = run_index(photos, tmp_path / "data", *flags, env=ray_home)
     assert "indexed 0 images" in again.stderr and "16 already present" in again.stderr
+
+
+def test_ray_with_crop_views_writes_the_views_the_local_engine_writes(
+    photos: Path,
+    ray_home: dict[str, str],
+    postgres: PostgresCluster,
+    tmp_path: Path,
+) -> None:
+    """``--crop-views`` on both engines: each item's catalog row holds its embedding and its
+    five crop views' (6 x 1280), the same from Ray's parallel PostgreSQL writers as from
+    the local engine."""
+    local = run_index(photos, tmp_path / "local", "--crop-views")
+    assert local.returncode == 1 and "indexed 16 images" in local.stderr, local.stderr
+    url = postgres.create_database()
+    flags = ("--engine", "ray", "--ray-cpus", "2", "--catalog", url, "--crop-views")
+    ray = run_index(photos, tmp_path / "data", *flags, env=ray_home)
+    assert ray.returncode == 1 and "indexed 16 images" in ray.stderr, ray.stderr
+    stored = catalog_rows(url)
+    assert sorted(stored) == sorted(local.items)
+    for item_id, (vectors, _label) in stored.items():
+        views, reference = vectors.reshape(6, 1280), local.items[item_id][0].reshape(6, 1280)
+        assert np.einsum("vd,vd->v", views, reference).min() >= 0.9999, item_id
+        assert float((views[1:] @ views[0]).max()) < 0.9999  # the crops are not the whole

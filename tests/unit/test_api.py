@@ -330,6 +330,7 @@ def test_readyz_model_and_healthz_when_ready() -> None:
     assert status == 200
     assert doc["name"] == "fake" and doc["dim"] == 8 and doc["input_size"] == [32, 32]
     assert doc["classes"] == ["cat", "dog", "car"] and doc["pretrained"] is False
+    assert doc["embedding"] == {"pooling": "avg", "fit": "squash", "trim_borders": False}
 
 
 def test_unknown_route_and_wrong_method_are_json_errors() -> None:
