@@ -79,11 +79,15 @@ def decode_for(data: bytes, info: ModelInfo, limits: DecodeLimits) -> npt.NDArra
 
 def decode_item_for(data: bytes, info: ModelInfo, limits: DecodeLimits) -> npt.NDArray[np.uint8]:
     """``data`` decoded as an item to store with model ``info``: [1 + views, H, W, 3], the
-    image as ``decode_for`` makes it, then each of its crop views (``views.crop_boxes`` of
-    the trimmed image) fitted the same way."""
+    image exactly as ``decode_for`` makes it, then its crop views (``views.crop_boxes`` of
+    the trimmed image), each fitted the same way from a JPEG draft large enough for a crop."""
+    whole = decode_for(data, info, limits)
+    if not info.views:
+        return whole[None]
     height, width = info.input_size
     with _open_checked(data, limits) as image:
-        return _to_arrays(image, width, height, info.letterbox, info.trim_borders, info.views)
+        crops = _to_arrays(image, width, height, info.letterbox, info.trim_borders, info.views)
+    return np.concatenate([whole[None], crops])
 
 
 def fit_pixels(pixels: npt.NDArray[np.uint8], size: tuple[int, int]) -> npt.NDArray[np.uint8]:
@@ -97,17 +101,6 @@ def fit_pixels(pixels: npt.NDArray[np.uint8], size: tuple[int, int]) -> npt.NDAr
     image = Image.fromarray(pixels, "RGB")
     resized = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
     return np.asarray(resized, dtype=np.uint8)
-
-
-def pixel_views(pixels: npt.NDArray[np.uint8], size: tuple[int, int]) -> npt.NDArray[np.uint8]:
-    """Already decoded RGB ``pixels`` [H, W, 3] as an item's model inputs: the image, then
-    its crop views, each fitted as ``fit_pixels`` does: [1 + views, height, width, 3]."""
-    whole = fit_pixels(pixels, size)
-    crops = [
-        pixels[top:bottom, left:right]
-        for left, top, right, bottom in crop_boxes(pixels.shape[1], pixels.shape[0])
-    ]
-    return np.stack([whole] + [fit_pixels(np.ascontiguousarray(c), size) for c in crops])
 
 
 def make_thumbnail(data: bytes, limits: DecodeLimits, side: int = THUMBNAIL_SIDE) -> bytes:
@@ -175,18 +168,19 @@ def _to_array(
 def _to_arrays(
     image: Image.Image, width: int, height: int, letterbox: bool, trim: bool, views: int = 0
 ) -> npt.NDArray[np.uint8]:
-    """The image, then its first ``views`` crop views, each fitted: [1 + views, H, W, 3]."""
+    """The image fitted [1, H, W, 3]; or, with ``views``, its first ``views`` crop views
+    fitted [views, H, W, 3]."""
     try:
         if image.format == "JPEG":
-            # Decode at 1/2, 1/4 or 1/8 scale while the result (or its crops) stays at least
-            # the target size.
+            # Decode at 1/2, 1/4 or 1/8 scale while the result (or a crop of it) stays at
+            # least the target size.
             scale = 1 / CROP_FRACTION if views else 1
             image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
         image.load()
         rgb = _to_rgb(ImageOps.exif_transpose(image))
         if trim:
             rgb = trim_uniform_borders(rgb)
-        pictures = [rgb] + [rgb.crop(box) for box in crop_boxes(*rgb.size)[:views]]
+        pictures = [rgb.crop(box) for box in crop_boxes(*rgb.size)[:views]] if views else [rgb]
         arrays = np.stack([_fitted(p, width, height, letterbox) for p in pictures])
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise InvalidInput(f"cannot decode image: {e}") from e

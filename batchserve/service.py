@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -30,11 +30,10 @@ from batchserve.images import (
     decode_item_for,
     fit_pixels,
     make_thumbnail,
-    pixel_views,
 )
 from batchserve.inference import Prediction
 from batchserve.models import ModelInfo
-from batchserve.pipeline import IndexWorker, Job, Outcome
+from batchserve.pipeline import IndexWorker, Job, Outcome, apply_tasks
 from batchserve.records import (
     AddTask,
     EmbedTask,
@@ -326,29 +325,47 @@ class ImageService:
             return outcomes
 
         if any(job.views is not None for job in jobs):
-            found = self._embed_views(jobs, left_s).addCallback(self._submit_each, call)
+            found = self._add_with_views(jobs, left_s)
         else:
-            found = self._submit_each(jobs, call)
+            found = gather([self._batcher.submit(job, timeout_s=left_s) for job in jobs])
         return found.addCallback(timed)
 
-    def _submit_each(self, jobs: Sequence[Job], call: Call) -> Deferred[list[Outcome]]:
-        left_s = self._deadline_s(call) - self._clock.seconds()
-        return gather([self._batcher.submit(job, timeout_s=left_s) for job in jobs])
+    def _add_with_views(self, jobs: Sequence[Job], left_s: float) -> Deferred[list[Outcome]]:
+        """Adds with crop views: every image of the request (its items, then their views)
+        goes through the model at once, then the items are stored in one call on the index
+        thread, each with the embeddings of its views."""
+        images = [job.image for job in jobs] + [v for job in jobs for v in _views(job)]
+        found = gather([self._batcher.submit(Job(i, EMBED), timeout_s=left_s) for i in images])
+        return found.addCallback(self._store_with_views, jobs)
 
-    def _embed_views(self, jobs: Sequence[Job], left_s: float) -> Deferred[list[Job]]:
-        """The adds of ``jobs`` carrying the embeddings of their crop views [views, dim],
-        which go through the model first, each as its own job."""
-        views = [
-            self._batcher.submit(Job(image, EMBED), timeout_s=left_s)
-            for job in jobs
-            for image in (job.views if job.views is not None else ())
-        ]
+    def _store_with_views(
+        self, outcomes: list[Outcome], jobs: Sequence[Job]
+    ) -> Deferred[list[Outcome]]:
+        wholes, views = outcomes[: len(jobs)], iter(outcomes[len(jobs) :])
+        work: list[tuple[int, Task, Prediction]] = []
+        for i, (job, whole) in enumerate(zip(jobs, wholes, strict=True)):
+            assert isinstance(job.task, AddTask)  # only adds carry views
+            taken = [next(views).prediction.embedding for _view in _views(job)]
+            task = dataclasses.replace(job.task, views=np.stack(taken) if taken else None)
+            work.append((i, task, whole.prediction))
+        info = self._model.info
+        started = time.perf_counter()
 
-        def attach(outcomes: list[Outcome]) -> list[Job]:
-            embeddings = iter(o.prediction.embedding for o in outcomes)
-            return [job if job.views is None else _with_views(job, embeddings) for job in jobs]
+        def stored(results: dict[int, Outcome | Failure]) -> list[Outcome] | Failure:
+            search_s = time.perf_counter() - started
+            failed = [r for r in results.values() if isinstance(r, Failure)]
+            if failed:
+                return failed[0]
+            return [
+                dataclasses.replace(
+                    r, model_s=w.model_s, search_s=search_s, batch_size=w.batch_size
+                )
+                for r, w in zip((results[i] for i in range(len(jobs))), wholes, strict=True)
+                if isinstance(r, Outcome)
+            ]
 
-        return gather(views).addCallback(attach)
+        d = self._store_call(apply_tasks, work, info.classes if info is not None else None)
+        return d.addCallback(stored)
 
     # -- on the index thread only ---------------------------------------------------------
 
@@ -399,7 +416,7 @@ def _decoded_jobs(
     jobs = []
     for data, task in entries:
         task = _with_thumbnail(task, data, limits)
-        if isinstance(task, AddTask) and info.views:
+        if isinstance(task, AddTask) and info.views and isinstance(data, bytes):
             pictures = _decode(data, info, limits, observer, item_views=True)
             jobs.append(Job(pictures[0], task, views=pictures[1:]))
         else:
@@ -407,11 +424,9 @@ def _decoded_jobs(
     return jobs
 
 
-def _with_views(job: Job, embeddings: Iterator[npt.NDArray[np.float32]]) -> Job:
-    """``job`` with the embeddings of its crop views taken in order from ``embeddings``."""
-    assert job.views is not None and isinstance(job.task, AddTask)
-    taken = np.stack([next(embeddings) for _view in job.views])
-    return Job(job.image, dataclasses.replace(job.task, views=taken))
+def _views(job: Job) -> Sequence[npt.NDArray[np.uint8]]:
+    """The crop views of an add's image [H, W, 3] each, none for other jobs."""
+    return () if job.views is None else list(job.views)
 
 
 def _with_thumbnail(task: Task, data: bytes | npt.NDArray[np.uint8], limits: DecodeLimits) -> Task:
@@ -446,10 +461,10 @@ def _decode(
     item_views: bool = False,
 ) -> npt.NDArray[np.uint8]:
     """The image as model input [H, W, 3]; with ``item_views``, it and its crop views
-    [1 + views, H, W, 3]."""
+    [1 + views, H, W, 3] (encoded images only: adds never carry pixels)."""
     started = time.perf_counter()
     if isinstance(data, np.ndarray):
-        array = (pixel_views if item_views else fit_pixels)(data, info.input_size)
+        array = fit_pixels(data, info.input_size)
     elif item_views:
         array = decode_item_for(data, info, limits)
     else:

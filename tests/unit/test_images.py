@@ -239,12 +239,25 @@ def test_an_item_decodes_to_its_image_then_its_crop_views_of_the_trimmed_picture
         assert np.array_equal(view, decode_image(_png(core.crop(box)), SIZE, LIMITS))
 
 
-def test_pixel_items_get_the_same_crop_views_as_decoded_ones() -> None:
-    from batchserve.images import decode_item_for, pixel_views
+def test_a_large_jpeg_item_is_its_image_as_decode_for_makes_it_then_sharper_crops() -> None:
+    from batchserve.images import decode_for, decode_item_for
     from batchserve.testing import FakeModel
+    from batchserve.views import crop_boxes
 
-    core = _photo((120, 90))
-    info = FakeModel(input_size=SIZE, views=5).info
-    assert np.array_equal(
-        pixel_views(np.asarray(core), SIZE), decode_item_for(_png(core), info, LIMITS)
+    rng = np.random.default_rng(5)
+    photo = Image.fromarray(rng.integers(0, 255, (100, 100, 3), dtype=np.uint8)).resize(
+        (320, 320), Image.Resampling.BICUBIC
     )
+    out = io.BytesIO()
+    photo.save(out, "JPEG", quality=90)
+    data = out.getvalue()
+    info = FakeModel(input_size=(32, 32), views=5).info
+    pictures = decode_item_for(data, info, LIMITS)
+    assert np.array_equal(pictures[0], decode_for(data, info, LIMITS))  # drafted at 1/8: 40 px
+    with Image.open(io.BytesIO(data)) as image:
+        image.draft("RGB", (46, 46))  # a 0.7 crop of a 32-pixel input needs 46: 1/4, 80 px
+        image.load()
+        drafted = image.convert("RGB")
+    assert drafted.size == (80, 80)
+    crop = drafted.crop(crop_boxes(*drafted.size)[0]).resize((32, 32), Image.Resampling.BILINEAR)
+    assert np.abs(pictures[1].astype(int) - np.asarray(crop).astype(int)).max() <= 1
