@@ -1,7 +1,8 @@
 """The catalog: durable item records in SQLite, the source of truth of the index.
 
-One row per item: its id, label, metadata (JSON), predicted class, embedding and time
-added, under a row id (``fid``) that is the item's id in FAISS and is never reused. Every
+One row per item: its id, label, metadata (JSON), predicted class, embedding (with crop
+views, followed by theirs) and time added, under a row id (``fid``) that is the item's id in
+the index (``views.ViewedIndex`` gives each view a row id of its own) and is never reused. Every
 add and delete is also written to a change log, so an index snapshot taken at change
 ``seq`` is brought up to date by replaying the changes after it. WAL mode with
 ``synchronous=FULL``: a commit is on disk when ``upsert``/``delete`` return, which is when
@@ -86,7 +87,7 @@ class ModelMismatch(ConfigError):
 
 def check_fingerprint(where: str, stored: dict[str, Any], fingerprint: dict[str, Any]) -> None:
     """Refuse embeddings made by another model than ``fingerprint``'s, or made another way
-    (pooling, fit, border trimming), saying which and what to do. A fingerprint stored
+    (pooling, fit, border trimming, crop views), saying which and what to do. A fingerprint stored
     before embeddings had options was made the way batchserve made them then."""
     from batchserve.models import LEGACY_EMBEDDING, recipe_flags
 

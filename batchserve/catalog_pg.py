@@ -1,8 +1,8 @@
 """The catalog in PostgreSQL: one durable catalog shared by several replicas.
 
 The same interface and meaning as the SQLite ``Catalog`` (batchserve/catalog.py): items
-under row ids (``fid``, the FAISS ids, never reused) and an ordered change log that each
-replica's index follows. Each replica is one process whose index thread alone uses its
+under row ids (``fid``, the items' ids in the index, never reused) and an ordered change
+log that each replica's index follows. Each replica is one process whose index thread alone uses its
 ``PostgresCatalog``; several processes write the same database at once, which is safe by
 these rules:
 

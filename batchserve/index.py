@@ -70,7 +70,8 @@ class IndexParams:
     nprobe: int = setting(32, "IVF lists searched per query", name="ivf_nprobe", at_least=1)
     train_min: int = setting(
         2000,
-        "items before an ivf/ivfpq index is trained (searched exactly until then)",
+        "vectors before an ivf/ivfpq index is trained (searched exactly until then; with "
+        "--crop-views an item is 6 vectors)",
         name="index_train_min",
         at_least=1,
     )

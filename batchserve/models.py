@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from batchserve import model_dir
+from batchserve import model_dir, views
 from batchserve.errors import ModelLoadError
 from batchserve.settings import setting
 
@@ -169,13 +169,14 @@ def embedding_recipe(spec: ModelSpec, pools_map: bool) -> dict[str, Any]:
     """What ``spec`` makes of an image: pooling (``model`` when the model's own output is
     the embedding, as in a trained embedding layer), fit, border trimming, and the crop
     views of an item (said only when there are some, so that older recipes stay equal)."""
-    from batchserve import views
-
     pooling = "model"
     if pools_map:
         pooling = f"gem-{spec.gem_p:g}" if spec.pooling == "gem" and spec.gem_p != 1 else "avg"
-    recipe: dict[str, Any] = {"pooling": pooling, "fit": spec.fit}
-    recipe["trim_borders"] = spec.trim_borders
+    recipe: dict[str, Any] = {
+        "pooling": pooling,
+        "fit": spec.fit,
+        "trim_borders": spec.trim_borders,
+    }
     if spec.crop_views:
         recipe["crop_views"] = views.recipe()
     return recipe

@@ -165,7 +165,17 @@ def _record_schemas() -> Doc:
             "required": ["deleted"],
             "properties": {"deleted": {"type": "string"}},
         },
-        "Index": {"type": "object", "required": ["kind", "size", "dim", "device"]},
+        "Index": {
+            "type": "object",
+            "required": ["kind", "size", "dim", "device"],
+            "properties": {
+                "size": {"type": "integer", "description": "items in the index"},
+                "vectors_per_item": {
+                    "type": "integer",
+                    "description": "vectors each item holds: 1, or 6 with crop views",
+                },
+            },
+        },
         "Model": {
             "type": "object",
             "required": [
@@ -178,7 +188,12 @@ def _record_schemas() -> Doc:
                 "pretrained",
             ],
             "properties": {
-                "trained_on": {"type": "string", "description": "what the model learned from"}
+                "trained_on": {"type": "string", "description": "what the model learned from"},
+                "embedding": {
+                    "type": "object",
+                    "description": "how an image becomes its embedding: pooling, fit, "
+                    "trim_borders, and crop_views when items store crops",
+                },
             },
         },
         "Status": {

@@ -31,8 +31,9 @@ def decode_rows(
     batch: dict[str, npt.NDArray[Any]], info: ModelInfo, limits: DecodeLimits
 ) -> dict[str, npt.NDArray[Any]]:
     """A decode task: each row read and decoded as the local engine does. ``status`` is
-    ``ok`` (``pixels`` uint8 [N, H, W, 3]), ``skip`` (unchanged) or ``fail`` (``error``);
-    ``decode_s`` the seconds each row took."""
+    ``ok`` (``pixels`` uint8 [N, H, W, 3], and with crop views ``views`` [N, views, H, W,
+    3]), ``skip`` (unchanged) or ``fail`` (``error``); ``decode_s`` the seconds each row
+    took."""
     import ray
 
     n = len(batch["id"])
@@ -87,7 +88,8 @@ def _decode_one(path: str, known: str | None, info: ModelInfo, limits: DecodeLim
 
 class EmbedRows:
     """An embedding actor: loads the model once, refuses one whose fingerprint is not the
-    job's, then embeds the decoded rows of each batch in one padded model call."""
+    job's, then embeds the decoded rows of each batch in one padded model call (and, with
+    crop views, their views in batches of the largest size: ``view_embeddings``)."""
 
     def __init__(self, spec: ModelSpec, fingerprint: dict[str, Any], batch_sizes: list[int]):
         import ray
@@ -129,7 +131,9 @@ class EmbedRows:
             "embed_node": np.array([self._node] * n, dtype=object),
         }
 
-    def _views(self, views: npt.NDArray[np.uint8], ok: npt.NDArray[np.bool_]) -> Any:
+    def _views(
+        self, views: npt.NDArray[np.uint8], ok: npt.NDArray[np.bool_]
+    ) -> npt.NDArray[np.float32]:
         """The embeddings [N, views, dim] of the rows' crop views [N, views, H, W, 3]."""
         from batchserve.ingest import embed_views
 

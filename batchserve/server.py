@@ -120,9 +120,9 @@ def open_store(settings: StoreSettings, params: IndexParams, info: ModelInfo) ->
     from batchserve.index import VectorIndex
     from batchserve.views import ViewedIndex
 
-    index: SearchableIndex = VectorIndex(info.dim, params)
-    if info.views:
-        index = ViewedIndex(VectorIndex(info.dim, params), info.views)
+    rows = VectorIndex(info.dim, params)
+    # With crop views, an index of rows, several per item, used by item.
+    index: SearchableIndex = ViewedIndex(rows, info.views) if info.views else rows
     catalog = settings.open_catalog(info.dim, info.views)
     return ItemStore(
         Path(settings.data_dir), index, info.fingerprint(), catalog=catalog, views=info.views

@@ -26,6 +26,7 @@ from batchserve.catalog import Catalog, NewItem, row_shape
 from batchserve.errors import ConfigError
 from batchserve.records import Item, Match
 from batchserve.settings import setting
+from batchserve.views import VIEW_WEIGHT
 
 KEEP_SNAPSHOTS = 2
 
@@ -226,8 +227,14 @@ class ItemStore:
     def _check_snapshot(self, meta: dict[str, Any]) -> None:
         if meta["fingerprint"] != self.fingerprint:
             raise ValueError("made with another model")
+        if meta.get("view_weight") != self._view_weight():
+            raise ValueError(f"crop views weighed {meta.get('view_weight')}")
         if meta["kind"] != self.index_kind():
             raise ValueError(f"kind {meta['kind']}, configured {self.index_kind()}")
+
+    def _view_weight(self) -> float | None:
+        """How the index weighs crop views (None without them): snapshots record it."""
+        return VIEW_WEIGHT if self.views else None
 
     def index_kind(self) -> str:
         params = getattr(self.index, "params", None)
@@ -439,6 +446,7 @@ class ItemStore:
             "trained": self.index.trained,
             "dim": self.index.dim,
             "fingerprint": self.fingerprint,
+            "view_weight": self._view_weight(),
             "tombstones": tombstones,
             "count": self.index.size,
             "written": time.time(),

@@ -31,15 +31,26 @@ CROP_FRACTION = 0.7
 #: A crop view's score is its cosine times this: a crop matches less of the item than the
 #: whole image does. Top-1 on ``python -m bench retrieval``: 0.840 at 1.0, 0.851 at 0.95
 #: (flat from 0.94 to 0.97), 0.836 at 0.9. Stored as a scale of the view's vector, so FAISS
-#: ranks by it and an item's best view is among the rows fetched.
+#: ranks by it and an item's best view is among the rows fetched. Index snapshots record it.
 VIEW_WEIGHT = 0.95
 #: Index ids reserved per item: enough for the whole image and every crop.
 VIEW_SLOTS = 8
+#: The most results one GPU FAISS search returns (its GPU_MAX_SELECTION_K).
+GPU_MAX_ROWS = 2048
 
 
 def recipe() -> dict[str, Any]:
-    """The crop views as the model fingerprint records them."""
-    return {"count": CROP_VIEWS, "side": CROP_FRACTION, "weight": VIEW_WEIGHT}
+    """The crop views as the model fingerprint (and so the catalog) records them: what is
+    embedded, not how the index weighs it."""
+    return {"count": CROP_VIEWS, "side": CROP_FRACTION}
+
+
+def rows_to_fetch(k: int, views: int, device: str) -> int:
+    """Index rows to fetch for the top ``k`` items: ``k * (1 + views)``, which holds every
+    top item's best view in an exact search; on a GPU at most ``GPU_MAX_ROWS`` (past
+    ``k``), so a search for hundreds of items may there miss a few in its tail."""
+    rows = k * (1 + views)
+    return min(rows, max(k, GPU_MAX_ROWS)) if device == "gpu" else rows
 
 
 Box = tuple[int, int, int, int]
@@ -84,6 +95,8 @@ class ViewedIndex:
     ``search``'s ``allowed`` take item ids, ``search`` gives each item once at its best view."""
 
     def __init__(self, inner: VectorIndex, views: int) -> None:
+        if not 0 < 1 + views <= VIEW_SLOTS:
+            raise ValueError(f"at most {VIEW_SLOTS - 1} views per item, not {views}")
         self.inner = inner
         self.views = views
         self.dim = inner.dim
@@ -97,10 +110,12 @@ class ViewedIndex:
 
     @property
     def kind_in_use(self) -> str:
+        """The structure searched now, as ``VectorIndex.kind_in_use``."""
         return self.inner.kind_in_use
 
     @property
     def trained(self) -> bool:
+        """Whether an IVF kind is trained (on rows, six per item with five views)."""
         return self.inner.trained
 
     @property
@@ -115,32 +130,42 @@ class ViewedIndex:
         return rows.reshape(-1, self.dim)
 
     def add(self, ids: Any, vectors: Any) -> None:
+        """Add items ``ids`` [N] with their vectors [N, 1 + views, dim]."""
         self.inner.add(view_ids(ids, self.views), self._rows(vectors))
 
     def remove(self, ids: Any) -> None:
+        """Remove items ``ids`` [N], every view of each."""
         self.inner.remove(view_ids(ids, self.views))
 
     def rebuild(self, ids: Any, vectors: Any) -> None:
+        """Hold exactly items ``ids`` [N] with their vectors [N, 1 + views, dim]."""
         self.inner.rebuild(view_ids(ids, self.views), self._rows(vectors))
 
     def needs_training(self) -> bool:
+        """As ``VectorIndex``, counting rows: ``train_min`` rows are train_min / 6 items."""
         return self.inner.needs_training()
 
     def needs_rebuild(self) -> bool:
+        """As ``VectorIndex``: removed rows past 10% of the rows."""
         return self.inner.needs_rebuild()
 
     def search(
         self, queries: Any, k: int, allowed: npt.NDArray[np.int64] | None = None
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-        """The top ``k`` items for each query by their best (weighed) view. The best view of the
-        k-th item has at most ``(k - 1) * (1 + views)`` rows above it (views of better
-        items), so the top ``k * (1 + views)`` rows hold every item's best view."""
+        """The top ``k`` items for each query by their best (weighed) view; ``allowed``
+        restricts it to those items. In an exact search the best view of the k-th item has
+        at most ``(k - 1) * (1 + views)`` rows above it (views of better items), so the top
+        ``k * (1 + views)`` rows hold every top item's best view; an approximate kind
+        (hnsw, ivf) finds rows as approximately as it finds single vectors."""
         rows = None if allowed is None else view_ids(allowed, self.views)
-        scores, ids = self.inner.search(queries, k * (1 + self.views), rows)
+        fetch = rows_to_fetch(k, self.views, self.device)
+        scores, ids = self.inner.search(queries, fetch, rows)
         return best_per_item(scores, ids, k)
 
     def write(self, path: Path) -> list[int]:
+        """Write the rows' index; returns the removed rows still in it (tombstones)."""
         return self.inner.write(path)
 
     def load(self, path: Path, tombstones: list[int], trained: bool) -> None:
+        """Read what ``write`` wrote, with its tombstones (row ids)."""
         self.inner.load(path, tombstones, trained)

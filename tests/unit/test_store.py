@@ -339,6 +339,7 @@ def test_describe_an_untrained_ivf_index(tmp_path: Path) -> None:
         "kind": "ivf",
         "kind_in_use": "flat",
         "size": 5,
+        "vectors_per_item": 1,
         "dim": DIM,
         "device": "cpu",
         "labels": 2,
