@@ -87,7 +87,7 @@ class ModelMismatch(ConfigError):
 
 def check_fingerprint(where: str, stored: dict[str, Any], fingerprint: dict[str, Any]) -> None:
     """Refuse embeddings made by another model than ``fingerprint``'s, or made another way
-    (pooling, fit, border trimming, crop views), saying which and what to do. A fingerprint stored
+    (pooling, fit, border trimming, item views), saying which and what to do. A fingerprint stored
     before embeddings had options was made the way batchserve made them then."""
     from batchserve.models import LEGACY_EMBEDDING, recipe_flags
 
@@ -115,9 +115,10 @@ def check_fingerprint(where: str, stored: dict[str, Any], fingerprint: dict[str,
 def _recipe(fingerprint: dict[str, Any]) -> str:
     e = fingerprint.get("embedding") or {}
     trim = "borders trimmed" if e.get("trim_borders") else "borders kept"
-    views = (e.get("crop_views") or {}).get("count", 0)
-    crops = f", {views} crop views per item" if views else ""
-    return f"pooling {e.get('pooling')}, fit {e.get('fit')}, {trim}{crops}"
+    item_views = e.get("views") or {}
+    crops = f", {item_views['crops']} crop views" if item_views.get("crops") else ""
+    grey = ", a grey view" if item_views.get("grey") else ""
+    return f"pooling {e.get('pooling')}, fit {e.get('fit')}, {trim}{crops}{grey}"
 
 
 #: SQLite's ``PRAGMA synchronous`` levels by number.

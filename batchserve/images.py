@@ -80,14 +80,20 @@ def decode_for(data: bytes, info: ModelInfo, limits: DecodeLimits) -> npt.NDArra
 def decode_item_for(data: bytes, info: ModelInfo, limits: DecodeLimits) -> npt.NDArray[np.uint8]:
     """``data`` decoded as an item to store with model ``info``: [1 + views, H, W, 3], the
     image exactly as ``decode_for`` makes it, then its crop views (``views.crop_boxes`` of
-    the trimmed image), each fitted the same way from a JPEG draft large enough for a crop."""
+    the trimmed image, each fitted the same way from a JPEG draft large enough for a crop),
+    then its grey view (the image in greyscale), as ``info.item_views`` asks."""
     whole = decode_for(data, info, limits)
-    if not info.views:
-        return whole[None]
-    height, width = info.input_size
-    with _open_checked(data, limits) as image:
-        crops = _to_arrays(image, width, height, info.letterbox, info.trim_borders, info.views)
-    return np.concatenate([whole[None], crops])
+    pictures = [whole[None]]
+    if crops := int(info.item_views.get("crops", 0)):
+        height, width = info.input_size
+        with _open_checked(data, limits) as image:
+            pictures.append(
+                _to_arrays(image, width, height, info.letterbox, info.trim_borders, crops)
+            )
+    if info.item_views.get("grey"):
+        grey = Image.fromarray(whole, "RGB").convert("L").convert("RGB")
+        pictures.append(np.asarray(grey, dtype=np.uint8)[None])
+    return np.concatenate(pictures)
 
 
 def fit_pixels(pixels: npt.NDArray[np.uint8], size: tuple[int, int]) -> npt.NDArray[np.uint8]:

@@ -111,6 +111,12 @@ class ModelSpec:
         "and score an item by its best view: crops and zooms of a stored image are found far "
         "more often, for 6x the model time per added item and 6x the index memory",
     )
+    grey_view: bool = setting(
+        False,
+        "also embed a greyscale copy of every added item, as one more view: greyscale "
+        "copies of a stored image are found more often, for one more model run per added "
+        "item and one more vector in the index",
+    )
     intra_op_threads: int = setting(
         0, "TensorFlow intra-op threads (0: TensorFlow decides)", at_least=0
     )
@@ -156,9 +162,14 @@ class ModelInfo:
         return bool(self.embedding.get("trim_borders"))
 
     @property
+    def item_views(self) -> dict[str, Any]:
+        """The views of an added item besides the whole image (``views.recipe``)."""
+        return dict(self.embedding.get("views") or {})
+
+    @property
     def views(self) -> int:
-        """Crop views embedded with each added item (0: the whole image only)."""
-        return int((self.embedding.get("crop_views") or {}).get("count", 0))
+        """Views embedded with each added item besides the whole image (0: none)."""
+        return views.count(self.item_views)
 
 
 #: The embedding of batchserve before 0.2 (and of a fingerprint that does not say).
@@ -168,7 +179,7 @@ LEGACY_EMBEDDING: dict[str, Any] = {"pooling": "avg", "fit": "squash", "trim_bor
 def embedding_recipe(spec: ModelSpec, pools_map: bool) -> dict[str, Any]:
     """What ``spec`` makes of an image: pooling (``model`` when the model's own output is
     the embedding, as in a trained embedding layer), fit, border trimming, and the crop
-    views of an item (said only when there are some, so that older recipes stay equal)."""
+    and grey views of an item (said only when there are some, so older recipes stay equal)."""
     pooling = "model"
     if pools_map:
         pooling = f"gem-{spec.gem_p:g}" if spec.pooling == "gem" and spec.gem_p != 1 else "avg"
@@ -177,8 +188,8 @@ def embedding_recipe(spec: ModelSpec, pools_map: bool) -> dict[str, Any]:
         "fit": spec.fit,
         "trim_borders": spec.trim_borders,
     }
-    if spec.crop_views:
-        recipe["crop_views"] = views.recipe()
+    if spec.crop_views or spec.grey_view:
+        recipe["views"] = views.recipe(spec.crop_views, spec.grey_view)
     return recipe
 
 
@@ -190,7 +201,9 @@ def recipe_flags(recipe: dict[str, Any]) -> str:
     ]
     flags.append(f"--fit {recipe.get('fit', 'squash')}")
     flags.append("--trim-borders" if recipe.get("trim_borders") else "--no-trim-borders")
-    flags.append("--crop-views" if recipe.get("crop_views") else "--no-crop-views")
+    item_views = recipe.get("views") or {}
+    flags.append("--crop-views" if item_views.get("crops") else "--no-crop-views")
+    flags.append("--grey-view" if item_views.get("grey") else "--no-grey-view")
     return " ".join(flags)
 
 

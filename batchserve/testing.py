@@ -24,6 +24,7 @@ from batchserve.errors import InferenceFailed
 from batchserve.inference import Prediction, run_batch
 from batchserve.models import LEGACY_EMBEDDING, ModelInfo, ModelOutputs
 from batchserve.server import Threads
+from batchserve.views import recipe
 
 In = TypeVar("In")
 
@@ -75,6 +76,10 @@ def result_of(d: Deferred[Any]) -> Any:
     return out[0]
 
 
+def _views(crops: bool, grey: bool) -> dict[str, Any]:
+    return {"views": recipe(crops, grey)} if crops or grey else {}
+
+
 class FakeModel:
     """An EmbeddingModel without TensorFlow: each image's embedding is a fixed random
     projection of its mean colour, unit-normalised; probabilities are a softmax over
@@ -86,7 +91,8 @@ class FakeModel:
         input_size: tuple[int, int] = (32, 32),
         dim: int = 8,
         classes: Sequence[str] | None = ("cat", "dog", "car"),
-        views: int = 0,
+        crop_views: bool = False,
+        grey_view: bool = False,
     ) -> None:
         rng = np.random.default_rng(0)
         self._project = rng.normal(size=(3, dim)).astype(np.float32)
@@ -101,7 +107,7 @@ class FakeModel:
             pretrained=False,
             weights_sha256="0" * 64,
             trained_on="nothing: a deterministic stand-in for tests",
-            embedding={**LEGACY_EMBEDDING, **({"crop_views": {"count": views}} if views else {})},
+            embedding={**LEGACY_EMBEDDING, **_views(crop_views, grey_view)},
         )
         self.batch_shapes: list[tuple[int, ...]] = []
         self.fail_next: BaseException | None = None

@@ -1,11 +1,12 @@
-"""Crop views: database-side augmentation of stored items.
+"""Item views: database-side augmentation of stored items.
 
 With ``--crop-views`` every added item is embedded whole and as five crops (its centre and
-its four corners, each ``CROP_FRACTION`` of the width and height), and an item scores its
-best view against a query, a crop's score weighed by ``VIEW_WEIGHT``. A query that shows
-part of a stored image (a crop, a zoom) then meets a view made like it. ``python -m bench
-retrieval`` measured it: crops of the original found first 1.00 of the time against 0.80
-with one vector per item, for 6x the model time per added item and 6x the index memory.
+its four corners, each ``CROP_FRACTION`` of the width and height); with ``--grey-view``
+also as a greyscale copy. An item scores its best view against a query, a view's score
+weighed by ``VIEW_WEIGHT``. A query that shows part of a stored image (a crop, a zoom), or
+a greyscale copy of it, then meets a view made like it. ``python -m bench retrieval``
+measures it: crops of the original are found first 1.00 of the time against 0.80 with one
+vector per item, for 6x the model time per added item and 6x the index memory.
 
 The index holds one row per view, under the id ``fid * VIEW_SLOTS + view`` (view 0 is the
 whole image); ``ViewedIndex`` keeps that out of sight of the store, which still adds,
@@ -39,10 +40,18 @@ VIEW_SLOTS = 8
 GPU_MAX_ROWS = 2048
 
 
-def recipe() -> dict[str, Any]:
-    """The crop views as the model fingerprint (and so the catalog) records them: what is
-    embedded, not how the index weighs it."""
-    return {"count": CROP_VIEWS, "side": CROP_FRACTION}
+def recipe(crops: bool, grey: bool) -> dict[str, Any]:
+    """The views of an item as the model fingerprint (and so the catalog) records them:
+    what is embedded, not how the index weighs it. Empty without views."""
+    out: dict[str, Any] = {"crops": CROP_VIEWS, "side": CROP_FRACTION} if crops else {}
+    if grey:
+        out["grey"] = True
+    return out
+
+
+def count(views: dict[str, Any]) -> int:
+    """How many views of an item ``recipe`` asks for: its crops, then the grey copy."""
+    return int(views.get("crops", 0)) + (1 if views.get("grey") else 0)
 
 
 def rows_to_fetch(k: int, views: int, device: str) -> int:

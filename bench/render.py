@@ -181,11 +181,12 @@ def _search_quality(data: Data) -> str:
     r = data["retrieval"]
     m = r["methods"]
     new, old = m["GeM + trim borders (new default)"], m["average pool (today)"]
-    views = m["GeM + trim + crop views"]
+    crops, both = m["GeM + trim + crop views"], m["GeM + trim + crop views + grey view"]
     return (
         f"- **the original of an edited photo found first {new['overall']['top1']:.0%} of the "
         f"time** ({old['overall']['top1']:.0%} with the embedding before 0.2; "
-        f"{views['overall']['top1']:.0%} with `--crop-views`): {r['queries']:,} queries, "
+        f"{crops['overall']['top1']:.0%} with `--crop-views`, {both['overall']['top1']:.0%} "
+        f"adding `--grey-view`): {r['queries']:,} queries, "
         f"each an original edited one of {len(r['edits'])} ways, against "
         f"{r['originals'] + r['distractors']:,} images with hard distractors; {_on(r)}."
     )

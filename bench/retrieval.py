@@ -92,26 +92,33 @@ VIEW_INFO = ModelInfo(
     "bench",
     (SIZE, SIZE),
     1280,
-    embedding={"pooling": "gem-3", "fit": "squash", "trim_borders": True, "crop_views": recipe()},
+    embedding={
+        "pooling": "gem-3",
+        "fit": "squash",
+        "trim_borders": True,
+        "views": recipe(True, True),
+    },
 )
 
 
 @functools.cache
 def item_views(data: bytes) -> npt.NDArray[np.uint8]:
-    """An item decoded as the server decodes it with ``--crop-views``: [6, H, W, 3]. Kept,
-    so the first view's preparation times the one decode and the others reuse it."""
+    """An item decoded as the server decodes it with ``--crop-views --grey-view``: [7, H, W,
+    3], the whole image, five crops, the grey copy. Kept, so the first view's preparation
+    times the one decode and the others reuse it."""
     from batchserve.images import DecodeLimits, decode_item_for
 
     return decode_item_for(data, VIEW_INFO, DecodeLimits())
 
 
-def crop_view(data: bytes, view: int) -> npt.NDArray[np.uint8]:
+def item_view(data: bytes, view: int) -> npt.NDArray[np.uint8]:
     pixels: npt.NDArray[np.uint8] = item_views(data)[view]
     return pixels
 
 
 PREPARATIONS: dict[str, Callable[[bytes], npt.NDArray[np.uint8]]] = {
-    **{f"crop view {v}": functools.partial(crop_view, view=v) for v in range(1, 6)},
+    **{f"view crop {v}": functools.partial(item_view, view=v) for v in range(1, 6)},
+    "view grey": functools.partial(item_view, view=6),
     "squash": squash,
     "squash 224": lambda data: squash(data, 224),
     "letterbox": lambda data: prepared(data, letterbox=True, trim=False),
@@ -253,18 +260,19 @@ def _windows(prep: str, side: int) -> Method:
     return (prep,), lambda f: (window_views(f[prep].catalog, side), gem(f[prep].queries))
 
 
-CROP_VIEWS = tuple(f"crop view {v}" for v in range(1, 6))
+CROP_VIEWS = tuple(f"view crop {v}" for v in range(1, 6))
 
 
-def _crop_views(prep: str, weight: float) -> Method:
-    """The whole image, and five 0.7 crops of it (centre, corners) each embedded, as the
-    server stores them with ``--crop-views``: a crop's cosine counts ``weight`` times."""
+def _item_views(prep: str, views: tuple[str, ...], weight: float = VIEW_WEIGHT) -> Method:
+    """The whole image and ``views`` of it (five 0.7 crops: centre and corners; a grey
+    copy) each embedded, as the server stores them with ``--crop-views`` and
+    ``--grey-view``: a view's cosine counts ``weight`` times."""
 
     def run(f: Features) -> tuple[Array, Array]:
-        views = [gem(f[prep].catalog)] + [weight * gem(f[v].catalog) for v in CROP_VIEWS]
-        return np.stack(views, axis=1), gem(f[prep].queries)
+        rows = [gem(f[prep].catalog)] + [weight * gem(f[v].catalog) for v in views]
+        return np.stack(rows, axis=1), gem(f[prep].queries)
 
-    return (prep, *CROP_VIEWS), run
+    return (prep, *views), run
 
 
 def _then(method: Method, step: Callable[[Array, Array], tuple[Array, Array]]) -> Method:
@@ -285,8 +293,10 @@ def methods() -> dict[str, Method]:
         "GeM + trim borders (new default)": chosen,
         "GeM + trim + letterbox": _pooled("trim + letterbox", gem),
         "GeM + trim + map window views": _windows("trim", 4),
-        "GeM + trim + crop views, unweighed": _crop_views("trim", 1.0),
-        "GeM + trim + crop views": _crop_views("trim", VIEW_WEIGHT),
+        "GeM + trim + crop views, unweighed": _item_views("trim", CROP_VIEWS, 1.0),
+        "GeM + trim + crop views": _item_views("trim", CROP_VIEWS),
+        "GeM + trim + grey view": _item_views("trim", ("view grey",)),
+        "GeM + trim + crop views + grey view": _item_views("trim", (*CROP_VIEWS, "view grey")),
         "GeM + trim + PCA-whiten 512": _then(chosen, lambda c, q: pca_whiten(c, q, 512)),
         "GeM + trim + PCA-whiten 256": _then(chosen, lambda c, q: pca_whiten(c, q, 256)),
         "GeM + trim + query expansion": _then(chosen, lambda c, q: (c, query_expansion(c, q))),
@@ -301,8 +311,8 @@ def methods() -> dict[str, Method]:
 
 
 def item_only(need: str) -> bool:
-    """Crop views are made of catalog items only; a query is embedded whole."""
-    return need.startswith("crop view")
+    """Views are made of catalog items only; a query is embedded whole."""
+    return need.startswith("view ")
 
 
 def extract(bench: Benchmark, backbone: Backbone, needs: set[str]) -> Features:

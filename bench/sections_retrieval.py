@@ -12,7 +12,12 @@ Lines = list[str]
 
 BEFORE = "average pool (today)"
 DEFAULT = "GeM + trim borders (new default)"
-VIEWS = "GeM + trim + crop views"
+#: The methods the server offers as options, with their flags.
+OPTIONS = {
+    "GeM + trim + crop views": "--crop-views",
+    "GeM + trim + grey view": "--grey-view",
+    "GeM + trim + crop views + grey view": "--crop-views --grey-view",
+}
 LEGACY = "--pooling avg --fit squash --no-trim-borders"
 
 
@@ -83,7 +88,7 @@ def _choice(s: Section) -> Lines:
     ]
     if top != DEFAULT:
         t = methods[top]
-        option = " It is the server's `--crop-views` option:" if top == VIEWS else ""
+        option = f" It is the server's `{OPTIONS[top]}` option:" if top in OPTIONS else ""
         lines.append(
             f" {top} finds more ({t['overall']['top1']:.3f}, mAP {t['overall']['map']:.3f})."
             f"{option} it costs {t['item_ms'] / new['item_ms']:.1f}x the time per added item "

@@ -97,12 +97,12 @@ def test_a_data_dir_of_the_old_embedding_is_refused_until_served_as_it_was_made(
     assert "indexed 2 images" in served_as_made.stderr
 
 
-def test_crop_views_indexed_by_the_cli_are_the_benchmarks_and_find_a_crop_first(
+def test_item_views_indexed_by_the_cli_are_the_benchmarks_and_find_a_crop_first(
     tmp_path: Path,
 ) -> None:
-    """``batchserve index --crop-views`` stores each item's views as the benchmark makes
-    them (the server's decode, the built-in model, GeM); a query that is one of an item's
-    crops then scores the view's weight against it."""
+    """``batchserve index --crop-views --grey-view`` stores each item's views as the
+    benchmark makes them (the server's decode, the built-in model, GeM); a query that is
+    one of an item's crops then scores the view's weight against it."""
     from batchserve.catalog import Catalog
     from batchserve.index import IndexParams, VectorIndex
     from batchserve.models import ModelSpec, load_model
@@ -120,24 +120,25 @@ def test_crop_views_indexed_by_the_cli_are_the_benchmarks_and_find_a_crop_first(
         (photos / f"{n}.jpg").write_bytes(data[f"{n}.jpg"])
     command = [sys.executable, "-m", "batchserve.cli", "index", str(photos), "--crop-views"]
     done = subprocess.run(
-        [*command, "--data-dir", str(tmp_path / "data")],
+        [*command, "--grey-view", "--data-dir", str(tmp_path / "data")],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
 
-    catalog = Catalog(tmp_path / "data" / "catalog.sqlite3", 1280, views=5)
+    catalog = Catalog(tmp_path / "data" / "catalog.sqlite3", 1280, views=6)
     fids, stored = next(iter(catalog.vectors()))
+    assert stored.shape[1:] == (7, 1280)
     names = [catalog.items_by_fid([int(f)])[int(f)].id for f in fids]
     pixels = np.concatenate([retrieval.item_views(data[name]) for name in names])
     _mid, maps = retrieval.Backbone().maps(pixels)
     assert np.abs(stored.reshape(-1, 1280) - retrieval.gem(maps)).max() < 1e-4
     catalog.close()
 
-    model = load_model(ModelSpec(crop_views=True))
-    index = ViewedIndex(VectorIndex(1280, IndexParams()), 5)
-    store = ItemStore(tmp_path / "data", index, model.info.fingerprint(), views=5)
+    model = load_model(ModelSpec(crop_views=True, grey_view=True))
+    index = ViewedIndex(VectorIndex(1280, IndexParams()), 6)
+    store = ItemStore(tmp_path / "data", index, model.info.fingerprint(), views=6)
     store.open()
     with Image.open(io.BytesIO(data[names[0]])) as image:
         crop = image.convert("RGB").crop(crop_boxes(*image.size)[2])

@@ -32,22 +32,26 @@ def test_a_model_whose_output_is_the_embedding_is_not_pooled() -> None:
 
 def test_the_flags_of_a_recipe_make_that_recipe_again() -> None:
     assert recipe_flags(LEGACY_EMBEDDING) == (
-        "--pooling avg --fit squash --no-trim-borders --no-crop-views"
+        "--pooling avg --fit squash --no-trim-borders --no-crop-views --no-grey-view"
     )
     recipe = {"pooling": "gem-4", "fit": "letterbox", "trim_borders": True}
     assert recipe_flags(recipe) == (
-        "--pooling gem --gem-p 4 --fit letterbox --trim-borders --no-crop-views"
+        "--pooling gem --gem-p 4 --fit letterbox --trim-borders --no-crop-views --no-grey-view"
     )
     spec = ModelSpec(pooling="gem", gem_p=4.0, fit="letterbox", trim_borders=True)
     assert embedding_recipe(spec, pools_map=True) == recipe
-    views = embedding_recipe(ModelSpec(crop_views=True), pools_map=True)
-    assert recipe_flags(views) == "--pooling gem --gem-p 3 --fit squash --trim-borders --crop-views"
+    views = embedding_recipe(ModelSpec(crop_views=True, grey_view=True), pools_map=True)
+    assert recipe_flags(views).endswith("--trim-borders --crop-views --grey-view")
 
 
-def test_crop_views_are_in_the_fingerprint_only_when_on() -> None:
+def test_item_views_are_in_the_fingerprint_only_when_on() -> None:
     recipe = embedding_recipe(ModelSpec(crop_views=True), pools_map=True)
-    assert recipe["crop_views"] == {"count": 5, "side": 0.7}
+    assert recipe["views"] == {"crops": 5, "side": 0.7}
     assert info(recipe).views == 5
+    grey = embedding_recipe(ModelSpec(crop_views=True, grey_view=True), pools_map=True)
+    assert grey["views"] == {"crops": 5, "side": 0.7, "grey": True} and info(grey).views == 6
+    assert embedding_recipe(ModelSpec(grey_view=True), pools_map=True)["views"] == {"grey": True}
+    assert "views" not in embedding_recipe(ModelSpec(), pools_map=True)
     assert info(embedding_recipe(ModelSpec(), pools_map=True)).views == 0
 
 
@@ -90,9 +94,9 @@ def test_a_catalog_without_crop_views_is_refused_by_a_server_that_makes_them(
     message = str(refused.value)
     assert (
         "than this server makes them (pooling gem-3, fit squash, borders trimmed, 5 crop "
-        in message
+        "views)" in message
     )
-    assert "--trim-borders --no-crop-views" in message
+    assert "--trim-borders --no-crop-views --no-grey-view" in message
 
 
 def test_a_catalog_of_another_model_is_refused_as_before(tmp_path: Path) -> None:

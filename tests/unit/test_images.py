@@ -230,7 +230,7 @@ def test_an_item_decodes_to_its_image_then_its_crop_views_of_the_trimmed_picture
     from batchserve.views import CROP_VIEWS, crop_boxes
 
     core = _photo((120, 90))
-    info = FakeModel(input_size=SIZE, views=CROP_VIEWS).info
+    info = FakeModel(input_size=SIZE, crop_views=True).info
     info = dataclasses.replace(info, embedding={**info.embedding, "trim_borders": True})
     pictures = decode_item_for(_png(_framed(core, 16, (255, 255, 255))), info, LIMITS)
     assert pictures.shape == (1 + CROP_VIEWS, *SIZE, 3)
@@ -251,7 +251,7 @@ def test_a_large_jpeg_item_is_its_image_as_decode_for_makes_it_then_sharper_crop
     out = io.BytesIO()
     photo.save(out, "JPEG", quality=90)
     data = out.getvalue()
-    info = FakeModel(input_size=(32, 32), views=5).info
+    info = FakeModel(input_size=(32, 32), crop_views=True).info
     pictures = decode_item_for(data, info, LIMITS)
     assert np.array_equal(pictures[0], decode_for(data, info, LIMITS))  # drafted at 1/8: 40 px
     with Image.open(io.BytesIO(data)) as image:
@@ -261,3 +261,19 @@ def test_a_large_jpeg_item_is_its_image_as_decode_for_makes_it_then_sharper_crop
     assert drafted.size == (80, 80)
     crop = drafted.crop(crop_boxes(*drafted.size)[0]).resize((32, 32), Image.Resampling.BILINEAR)
     assert np.abs(pictures[1].astype(int) - np.asarray(crop).astype(int)).max() <= 1
+
+
+def test_the_grey_view_of_an_item_is_its_image_in_greyscale_after_its_crops() -> None:
+    from batchserve.images import decode_item_for
+    from batchserve.testing import FakeModel
+
+    data = _png(_photo((120, 90)))
+    both = decode_item_for(
+        data, FakeModel(input_size=SIZE, crop_views=True, grey_view=True).info, LIMITS
+    )
+    crops = decode_item_for(data, FakeModel(input_size=SIZE, crop_views=True).info, LIMITS)
+    assert both.shape == (7, *SIZE, 3) and np.array_equal(both[:6], crops)
+    grey = np.asarray(Image.fromarray(both[0]).convert("L"))
+    assert all(np.array_equal(both[6][:, :, c], grey) for c in range(3))
+    alone = decode_item_for(data, FakeModel(input_size=SIZE, grey_view=True).info, LIMITS)
+    assert alone.shape == (2, *SIZE, 3) and np.array_equal(alone[1], both[6])

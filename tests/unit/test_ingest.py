@@ -259,7 +259,7 @@ def test_bulk_indexing_with_crop_views_stores_each_items_views(tmp_path: Path) -
     from batchserve.images import decode_item_for
     from batchserve.views import CROP_VIEWS, ViewedIndex
 
-    model = FakeModel(views=CROP_VIEWS)
+    model = FakeModel(crop_views=True)
     image = np.zeros((60, 80, 3), dtype=np.uint8)
     image[:30, :40] = (250, 0, 0)  # a red corner: the views differ from the whole
     (tmp_path / "images").mkdir()

@@ -1,6 +1,7 @@
-"""``--crop-views`` through the real server graph (fake model, every thread run at once):
-an added item's crops go through the model with it, are stored with it, and a query that
-shows only part of the item finds it first, at the crop's weight."""
+"""``--crop-views`` and ``--grey-view`` through the real server graph (fake model, every
+thread run at once): an added item's views go through the model with it, are stored with
+it, and a query that shows only part of the item (or is a grey copy) meets it at the
+view's weight."""
 
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def search(server: Server, data: bytes, k: int = 2) -> list[tuple[str, float]]:
 def test_an_added_item_sends_its_crop_views_through_the_model_and_stores_them(
     tmp_path: Path,
 ) -> None:
-    model = FakeModel(views=CROP_VIEWS)
+    model = FakeModel(crop_views=True)
     server, worker = serve(tmp_path, model)
     assert add(server, "corner", png(red_corner())) == ["corner"]
     assert sum(worker.batch_sizes) == 1 + CROP_VIEWS
@@ -98,7 +99,7 @@ def test_a_crop_of_an_item_finds_it_first_by_its_view_and_not_without_views(
     crop = top_left_view(red_corner())
     results = {}
     for views in (0, CROP_VIEWS):
-        model = FakeModel(views=views)
+        model = FakeModel(crop_views=bool(views))
         server, _worker = serve(tmp_path / str(views), model)
         add(server, "corner", png(red_corner()))
         add(server, "look-alike", plain(LOOK_ALIKE))
@@ -110,7 +111,7 @@ def test_a_crop_of_an_item_finds_it_first_by_its_view_and_not_without_views(
 
 def test_views_survive_a_restart_and_a_deleted_item_loses_them_all(tmp_path: Path) -> None:
     crop = png(top_left_view(red_corner()))
-    model = FakeModel(views=CROP_VIEWS)
+    model = FakeModel(crop_views=True)
     server, _worker = serve(tmp_path, model)
     add(server, "corner", png(red_corner()))
     add(server, "look-alike", plain(LOOK_ALIKE))
@@ -122,3 +123,19 @@ def test_views_survive_a_restart_and_a_deleted_item_loses_them_all(tmp_path: Pat
     assert [item for item, _s in search(again, crop)] == ["look-alike"]
     described = result_of(again.service.index_info())
     assert described["size"] == 1 and described["vectors_per_item"] == 1 + CROP_VIEWS
+
+
+def test_a_greyscale_copy_meets_its_item_by_the_grey_view(tmp_path: Path) -> None:
+    """The fake model sees only mean colour, so every grey image looks alike to it: the
+    test checks the score a grey copy gets against its item, with and without the view."""
+    red = np.broadcast_to(np.asarray(RED, dtype=np.uint8), (40, 40, 3)).copy()
+    query = png(np.asarray(Image.fromarray(red).convert("L").convert("RGB")))
+    found = {}
+    for grey in (False, True):
+        model = FakeModel(grey_view=grey)
+        server, worker = serve(tmp_path / str(grey), model)
+        add(server, "red", png(red))
+        assert sum(worker.batch_sizes) == (2 if grey else 1)
+        found[grey] = search(server, query)
+    assert found[False] == [("red", pytest.approx(0.559, abs=1e-3))]  # colour against grey
+    assert found[True] == [("red", pytest.approx(VIEW_WEIGHT))]
