@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from batchserve import views
 from batchserve.batching import BatchPolicy
 from batchserve.bodies import RequestLimits
 from batchserve.bulk_settings import EngineSettings, RaySettings
@@ -321,6 +322,18 @@ class ServeSettings:
     batching: BatchPolicy = part(BatchPolicy)
     index: IndexParams = part(IndexParams)
     store: StoreSettings = part(StoreSettings)
+
+    def __post_init__(self) -> None:
+        # An add with item views queues each image with its views: a request of the most
+        # images must fit the queue, or it would be refused with 503 however often retried.
+        per_image = 1 + views.count(views.recipe(self.model.crop_views, self.model.grey_view))
+        needed = per_image * self.limits.max_images
+        if per_image > 1 and needed > self.batching.max_queue:
+            raise ConfigError(
+                f"max_queue {self.batching.max_queue} cannot hold an add of "
+                f"max_images_per_request {self.limits.max_images} images with their views "
+                f"({needed} model inputs): raise --max-queue or lower --max-images-per-request"
+            )
 
 
 @dataclass(frozen=True)

@@ -228,12 +228,12 @@ class ItemStore:
         if meta["fingerprint"] != self.fingerprint:
             raise ValueError("made with another model")
         if meta.get("view_weight") != self._view_weight():
-            raise ValueError(f"crop views weighed {meta.get('view_weight')}")
+            raise ValueError(f"item views weighed {meta.get('view_weight')}")
         if meta["kind"] != self.index_kind():
             raise ValueError(f"kind {meta['kind']}, configured {self.index_kind()}")
 
     def _view_weight(self) -> float | None:
-        """How the index weighs crop views (None without them): snapshots record it."""
+        """How the index weighs item views (None without them): snapshots record it."""
         return VIEW_WEIGHT if self.views else None
 
     def index_kind(self) -> str:

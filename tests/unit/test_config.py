@@ -264,3 +264,10 @@ def test_a_catalog_is_sqlite_or_a_postgresql_url() -> None:
     assert StoreSettings(catalog="postgresql://u@h:5432/d").shared_catalog
     with pytest.raises(ConfigError, match="catalog must be 'sqlite' or a postgresql:// URL"):
         StoreSettings(catalog="mysql://u@h/d")
+
+
+def test_item_views_need_a_queue_that_holds_the_largest_add_with_its_views() -> None:
+    assert parse(ServeSettings, ["--crop-views", "--grey-view"]).model.crop_views  # 64 x 7
+    with pytest.raises(ConfigError, match=r"cannot hold an add of .* 64 images .*\(448 model"):
+        parse(ServeSettings, ["--crop-views", "--grey-view", "--max-queue", "400"])
+    assert parse(ServeSettings, ["--max-queue", "8"]).batching.max_queue == 8  # no views

@@ -24,7 +24,7 @@ from batchserve.errors import (
 from batchserve.images import DecodeLimits
 from batchserve.index import IndexParams, VectorIndex
 from batchserve.pipeline import IndexWorker
-from batchserve.records import AddTask, Match, SearchRequest, SearchTask
+from batchserve.records import AddTask, EmbedTask, Match, SearchRequest, SearchTask
 from batchserve.service import ImageService, gather
 from batchserve.store import ItemStore
 from batchserve.testing import FakeModel, FakeRunner, encode_image, result_of, run_now
@@ -449,3 +449,44 @@ def test_images_past_the_deadline_after_decoding_are_counted_as_deadline_rejecti
     assert result_of(d).check(DeadlineExceeded)
     assert h.observer.rejected == ["deadline", "deadline"]
     assert h.runner.sizes == []
+
+
+# -- adds with item views ------------------------------------------------------------------
+
+
+def viewed_service(tmp_path: Path) -> IndexedService:
+    return IndexedService(tmp_path, model=FakeModel(dim=DIM, crop_views=True))
+
+
+def test_an_add_with_crop_views_queues_the_image_and_its_views_at_once(tmp_path: Path) -> None:
+    h = viewed_service(tmp_path)
+    h.service.add(lambda: [(encode_image(), AddTask("a"))])
+    h.pool.finish_all()
+    assert h.runner.sizes == [1] and h.batcher.queued == 5  # the model was idle: one went
+    assert [job.task for job in h.runner.batches[0].payloads] == [EmbedTask()]
+
+
+def test_an_add_whose_views_do_not_fit_the_queue_queues_nothing(tmp_path: Path) -> None:
+    h = viewed_service(tmp_path)  # max_queue 10: two images with five views each need 12
+    d = h.service.add(lambda: [(encode_image(), AddTask("a")), (encode_image(), AddTask("b"))])
+    h.pool.finish_all()
+    assert result_of(d).check(Overloaded)
+    assert h.runner.sizes == [] and h.batcher.queued == 0
+
+
+def test_cancelling_an_add_with_views_cancels_every_image_queued_for_it(tmp_path: Path) -> None:
+    h = viewed_service(tmp_path)
+    d = h.service.add(lambda: [(encode_image(), AddTask("a"))])
+    h.pool.finish_all()
+    d.cancel()
+    assert result_of(d).check(CancelledError)
+    assert h.batcher.queued == 0
+
+
+def test_an_add_with_views_past_its_deadline_fails_and_stores_nothing(tmp_path: Path) -> None:
+    h = viewed_service(tmp_path)
+    d = h.service.add(lambda: [(encode_image(), AddTask("a"))])
+    h.pool.finish_all()
+    h.clock.advance(0.6)  # the deadline (0.5 s) passes with the views still queued
+    assert result_of(d).check(DeadlineExceeded)
+    assert result_of(h.index.call(lambda store: store.catalog.count())) == 0

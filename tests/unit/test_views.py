@@ -3,11 +3,15 @@ added, removed and filtered as one item."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import numpy.typing as npt
 import pytest
 
+from batchserve.catalog import NewItem
 from batchserve.index import IndexParams, VectorIndex
+from batchserve.store import ItemStore, SearchQuery
 from batchserve.views import (
     VIEW_SLOTS,
     VIEW_WEIGHT,
@@ -86,8 +90,9 @@ def test_a_query_equal_to_a_crop_view_finds_its_item_first_at_the_views_weight()
 def test_a_removed_item_loses_every_view(kind: str) -> None:
     rng = np.random.default_rng(3)
     items = units(rng, 40, 1 + VIEWS)
-    index = ViewedIndex(VectorIndex(DIM, IndexParams(kind=kind, train_min=10_000)), VIEWS)
-    index.add(np.arange(40), items)
+    index = ViewedIndex(VectorIndex(DIM, IndexParams(kind=kind, train_min=100, nprobe=64)), VIEWS)
+    index.rebuild(np.arange(40), items)  # 240 rows: ivf is trained
+    assert index.kind_in_use == kind
     index.remove(np.array([5]))
     assert index.size == 39
     for view in range(1 + VIEWS):
@@ -112,3 +117,53 @@ def test_item_vectors_of_the_wrong_shape_are_refused() -> None:
     index = ViewedIndex(VectorIndex(DIM, IndexParams()), VIEWS)
     with pytest.raises(ValueError, match=r"\[N, 6, 16\]"):
         index.add(np.arange(2), np.zeros((2, DIM), dtype=np.float32))
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_a_store_of_views_reopens_from_its_snapshot_with_its_removals(
+    tmp_path: Path, kind: str
+) -> None:
+    rng = np.random.default_rng(5)
+    vectors = units(rng, 30, 1 + VIEWS)
+
+    def store() -> ItemStore:
+        index = ViewedIndex(VectorIndex(DIM, IndexParams(kind=kind)), VIEWS)
+        return ItemStore(tmp_path, index, {"name": "m", "dim": DIM}, views=VIEWS)
+
+    first = store()
+    first.open()
+    first.add([NewItem(f"i{n}", v[0], views=v[1:]) for n, v in enumerate(vectors)])
+    first.delete("i7")
+    first.snapshot()
+    first.close()
+    again = store()
+    report = again.open()
+    assert not report.rebuilt and report.snapshot_seq > 0 and not report.skipped_snapshots
+    assert again.index.size == 29
+    (found,) = again.search([SearchQuery(vectors[7, 2], 30)])
+    assert "i7" not in [m.id for m in found] and len(found) == 29
+    (found,) = again.search([SearchQuery(vectors[3, 4], 1)])
+    assert found[0].id == "i3" and found[0].score == pytest.approx(VIEW_WEIGHT)
+
+
+def test_a_snapshot_of_views_weighed_otherwise_is_not_used(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    vectors = units(rng, 4, 1 + VIEWS)
+    index = ViewedIndex(VectorIndex(DIM, IndexParams()), VIEWS)
+    first = ItemStore(tmp_path, index, {"name": "m", "dim": DIM}, views=VIEWS)
+    first.open()
+    first.add([NewItem(f"i{n}", v[0], views=v[1:]) for n, v in enumerate(vectors)])
+    path = first.snapshot()
+    first.close()
+    assert path is not None
+    meta = path.with_suffix(".json")
+    meta.write_text(meta.read_text().replace('"view_weight": 0.95', '"view_weight": 0.9'))
+    again = ItemStore(
+        tmp_path,
+        ViewedIndex(VectorIndex(DIM, IndexParams()), VIEWS),
+        {"name": "m", "dim": DIM},
+        views=VIEWS,
+    )
+    report = again.open()
+    assert report.rebuilt and "item views weighed 0.9" in report.skipped_snapshots[0]
+    assert again.index.size == 4
