@@ -29,12 +29,12 @@ if TYPE_CHECKING:  # images.py uses the crops: no FAISS import for it
 CROP_VIEWS = 5
 #: Each crop's share of the image's width and height.
 CROP_FRACTION = 0.7
-#: A crop view's score is its cosine times this: a crop matches less of the item than the
-#: whole image does. Top-1 on ``python -m bench retrieval``: 0.840 at 1.0, 0.851 at 0.95
+#: A view's score is its cosine times this: a crop (or a grey copy) shows less of the item
+#: than the whole image does. Top-1 on ``python -m bench retrieval``: 0.840 at 1.0, 0.851 at 0.95
 #: (flat from 0.94 to 0.97), 0.836 at 0.9. Stored as a scale of the view's vector, so FAISS
 #: ranks by it and an item's best view is among the rows fetched. Index snapshots record it.
 VIEW_WEIGHT = 0.95
-#: Index ids reserved per item: enough for the whole image and every crop.
+#: Index ids reserved per item: enough for the whole image and every view.
 VIEW_SLOTS = 8
 #: The most results one GPU FAISS search returns (its GPU_MAX_SELECTION_K).
 GPU_MAX_ROWS = 2048

@@ -167,3 +167,11 @@ def test_a_snapshot_of_views_weighed_otherwise_is_not_used(tmp_path: Path) -> No
     report = again.open()
     assert report.rebuilt and "item views weighed 0.9" in report.skipped_snapshots[0]
     assert again.index.size == 4
+
+
+def test_the_rows_fetched_hold_every_top_item_and_stay_within_a_gpu_search() -> None:
+    from batchserve.views import GPU_MAX_ROWS, rows_to_fetch
+
+    assert rows_to_fetch(10, 5, "cpu") == 60 and rows_to_fetch(1000, 5, "cpu") == 6000
+    assert rows_to_fetch(10, 5, "gpu") == 60 and rows_to_fetch(1000, 5, "gpu") == GPU_MAX_ROWS
+    assert rows_to_fetch(3000, 5, "gpu") == 3000  # never fewer rows than items asked for
