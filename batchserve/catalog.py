@@ -75,8 +75,19 @@ class NewItem:
 
 
 def row_shape(dim: int, views: int) -> tuple[int, ...]:
-    """The shape of one item's vectors in a catalog with ``views`` crop views per item."""
+    """The shape of one item's vectors in a catalog with ``views`` views per item."""
     return (dim,) if views == 0 else (1 + views, dim)
+
+
+def check_row(vector: npt.NDArray[np.float32], dim: int, views: int) -> None:
+    """Refuse an item's vectors of another shape than ``row_shape(dim, views)``."""
+    if vector.shape == row_shape(dim, views):
+        return
+    if views == 0:
+        raise ValueError(f"embedding must have {dim} values")
+    raise ValueError(
+        f"an item's vectors must be its embedding and {views} views: [{1 + views}, {dim}]"
+    )
 
 
 class ModelMismatch(ConfigError):
@@ -179,8 +190,7 @@ class Catalog:
         with self._transaction():
             for item in items:
                 vector = np.ascontiguousarray(item.vectors, dtype=np.float32)
-                if vector.shape != row_shape(self.dim, self.views):
-                    raise ValueError(f"embedding must be {row_shape(self.dim, self.views)}")
+                check_row(vector, self.dim, self.views)
                 old = self._db.execute("SELECT fid FROM items WHERE id = ?", (item.id,)).fetchone()
                 if old is not None:
                     self._remove(int(old[0]))

@@ -62,7 +62,7 @@ from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolClosed
 
-from batchserve.catalog import NewItem, check_fingerprint, row_shape
+from batchserve.catalog import NewItem, check_fingerprint, check_row, row_shape
 from batchserve.errors import NotReady
 from batchserve.records import Item
 
@@ -294,9 +294,8 @@ class PostgresCatalog:
         earlier one of the same batch). Returns (new fids in order, fids of the replaced
         rows). Committed on return."""
         vectors = [np.ascontiguousarray(item.vectors, dtype=np.float32) for item in items]
-        shape = row_shape(self.dim, self.views)
-        if any(v.shape != shape for v in vectors):
-            raise ValueError(f"embedding must be {shape}")
+        for vector in vectors:
+            check_row(vector, self.dim, self.views)
         added: list[int] = []
         replaced: list[int] = []
         log: list[tuple[str, int]] = []

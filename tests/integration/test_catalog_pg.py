@@ -257,6 +257,28 @@ def test_a_wrong_dimension_is_refused_and_nothing_is_written(catalog: AnyCatalog
     assert catalog.count() == 0 and catalog.last_seq() == 0
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_catalog_of_item_views_keeps_them_after_the_embedding(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    views: AnyCatalog = (
+        Catalog(tmp_path / "catalog.sqlite3", DIM, views=2)
+        if kind == "sqlite"
+        else PostgresCatalog(request.getfixturevalue("pg_url"), DIM, views=2)
+    )
+    extra = np.stack([vec(10), vec(11)])
+    views.upsert([item(0, views=extra)])
+    ((_fids, stored),) = list(views.vectors())
+    assert stored.shape == (1, 3, DIM)
+    np.testing.assert_array_equal(stored[0], np.vstack([vec(0)[None], extra]))
+    found = views.embedding("id0")
+    assert found is not None and np.array_equal(found[1], vec(0))  # the whole image's only
+    with pytest.raises(ValueError, match=r"its embedding and 2 views: \[3, 8\]"):
+        views.upsert([item(1)])  # an item without its views
+    assert views.count() == 1
+    views.close()
+
+
 def test_commits_counts_write_transactions(catalog: AnyCatalog) -> None:
     start = catalog.commits
     catalog.upsert([item(0), item(1)])
