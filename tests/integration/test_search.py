@@ -167,7 +167,7 @@ def test_label_and_same_class_filters_return_exactly_the_unfiltered_matches_they
 def ranking(matches: list[dict[str, object]]) -> list[object]:
     """id, score, id, score... of the matches in order (flat, as pytest.approx takes it;
     a filtered search computes its scores on another path, so they agree to rounding)."""
-    return [x for m in matches for x in (m["id"], float(m["score"]))]  # type: ignore[arg-type]
+    return [x for m in matches for x in (m["id"], float(m["score"]))]
 
 
 def test_added_item_is_searchable_at_once_and_similar_excludes_itself(
@@ -228,7 +228,7 @@ def test_acknowledged_adds_and_deletes_survive_sigkill(tmp_path: Path) -> None:
                 continue
             assert status == 200
             top = search(again, image, "k=1")[0]
-            assert top["id"] == f"item-{i}" and float(top["score"]) > 0.999  # type: ignore[arg-type]
+            assert top["id"] == f"item-{i}" and float(top["score"]) > 0.999
         assert stop_server(again) == 0
     finally:
         stop_server(again)
@@ -292,7 +292,7 @@ def test_sigkill_at_random_moments_during_a_stream_of_adds_loses_no_acknowledged
         missing = [i for i in acknowledged if final.request("GET", f"/v1/items/{i}").status != 200]
         assert missing == []
         probe = images[3]
-        assert float(search(final, probe, "k=1")[0]["score"]) > 0.999  # type: ignore[arg-type]
+        assert float(search(final, probe, "k=1")[0]["score"]) > 0.999
     finally:
         stop_server(final)
 
@@ -327,5 +327,30 @@ def test_bulk_index_then_serve_the_result(tmp_path: Path) -> None:
         assert server.request("GET", "/v1/index").json()["size"] == 12
         top = search(server, distinct_images(12)[5], "k=3&label=odd")
         assert top[0]["id"] == "odd/5.jpg" and {m["label"] for m in top} == {"odd"}
+    finally:
+        stop_server(server)
+
+
+def test_item_views_find_a_crop_and_a_grey_copy_of_a_photo_at_the_views_weight(
+    tmp_path: Path,
+) -> None:
+    """``--crop-views --grey-view`` on the real server: the demo photos are added through
+    the API with their views, and a crop or a greyscale copy of one finds it first."""
+    from batchserve.views import VIEW_WEIGHT, crop_boxes
+
+    server = start_server(tmp_path, "--crop-views", "--grey-view")
+    try:
+        index = server.request("GET", "/v1/index").json()
+        assert index["size"] == len(sample_photos()) and index["vectors_per_item"] == 7
+        recipe = server.request("GET", "/v1/model").json()["embedding"]
+        assert recipe["views"] == {"crops": 5, "side": 0.7, "grey": True}
+        for item_id, _label, data in sample_photos()[:3]:
+            image = Image.open(io.BytesIO(data)).convert("RGB")
+            crop = image.crop(crop_boxes(*image.size)[4])  # the bottom-right view
+            for query in (jpeg(crop, quality=95), jpeg(ImageOps.grayscale(image), quality=95)):
+                best = search(server, query, "k=2")[0]
+                assert best["id"] == item_id
+                # Its view matches (a greyscale photo's whole image may match better).
+                assert float(best["score"]) >= VIEW_WEIGHT - 0.02
     finally:
         stop_server(server)
