@@ -308,7 +308,7 @@ class ImageService:
                 self._batcher.count_rejection("deadline")
             return fail(DeadlineExceeded("deadline passed while the images were decoded"))
         try:
-            # All of a request's images (crop views included) fit in the queue, or none is.
+            # All of a request's images (item views included) fit in the queue, or none is.
             images = sum(1 + (0 if job.views is None else len(job.views)) for job in jobs)
             self._batcher.check_room(images, pending=self._reading)
         except Overloaded as e:
@@ -331,7 +331,7 @@ class ImageService:
         return found.addCallback(timed)
 
     def _add_with_views(self, jobs: Sequence[Job], left_s: float) -> Deferred[list[Outcome]]:
-        """Adds with crop views: every image of the request (its items, then their views)
+        """Adds with item views: every image of the request (its items, then their views)
         goes through the model at once, then the items are stored in one call on the index
         thread, each with the embeddings of its views."""
         images = [job.image for job in jobs] + [v for job in jobs for v in _views(job)]
@@ -349,6 +349,7 @@ class ImageService:
             task = dataclasses.replace(job.task, views=np.stack(taken) if taken else None)
             work.append((i, task, whole.prediction))
         info = self._model.info
+        model_s = max(o.model_s for o in outcomes)  # the views' batches count too
         started = time.perf_counter()
 
         def stored(results: dict[int, Outcome | Failure]) -> list[Outcome] | Failure:
@@ -357,9 +358,7 @@ class ImageService:
             if failed:
                 return failed[0]
             return [
-                dataclasses.replace(
-                    r, model_s=w.model_s, search_s=search_s, batch_size=w.batch_size
-                )
+                dataclasses.replace(r, model_s=model_s, search_s=search_s, batch_size=w.batch_size)
                 for r, w in zip((results[i] for i in range(len(jobs))), wholes, strict=True)
                 if isinstance(r, Outcome)
             ]
