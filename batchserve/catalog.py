@@ -13,6 +13,7 @@ Used from one thread (the index thread); numpy in, numpy out.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -65,13 +66,14 @@ class NewItem:
     #: float32 [views, dim]: the embeddings of its crop views (``--crop-views``), else None.
     views: npt.NDArray[np.float32] | None = None
 
-    @property
+    @functools.cached_property
     def vectors(self) -> npt.NDArray[np.float32]:
-        """What the index holds of it: the embedding [dim], or with crop views the
-        embedding then the views [1 + views, dim]."""
+        """What the index holds of it: the embedding [dim], or with item views the
+        embedding then the views [1 + views, dim] (made once: the catalog and the index
+        both read it)."""
         if self.views is None:
             return self.embedding
-        return np.vstack([self.embedding[None, :], self.views]).astype(np.float32)
+        return np.vstack([self.embedding[None, :], self.views]).astype(np.float32, copy=False)
 
 
 def row_shape(dim: int, views: int) -> tuple[int, ...]:

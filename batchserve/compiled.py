@@ -138,7 +138,7 @@ def serving_function(
     features: Any,
     head: Any,
     spec: ModelSpec,
-    traced: dict[str, bool] | None = None,
+    traced: dict[str, bool],
 ) -> Callable[[Any], dict[str, Any]]:
     """uint8 images -> {"embedding": unit rows, "probabilities": softmax rows (with a head)}:
     the graph that ``compile_model`` traces once. A feature map is pooled as ``spec`` says
@@ -151,8 +151,7 @@ def serving_function(
         feats = features(x, training=False) if hasattr(features, "layers") else features(x)
         embedding = feats
         if len(feats.shape) == 4:
-            if traced is not None:
-                traced["pools_map"] = True
+            traced["pools_map"] = True
             embedding = pool_map(tf.cast(feats, tf.float32), spec)
             feats = tf.reduce_mean(feats, axis=[1, 2])
         out = {"embedding": l2_normalise(tf.cast(embedding, tf.float32))}
@@ -176,9 +175,9 @@ def pool_map(feature_map: Any, spec: ModelSpec) -> Any:
     quality)."""
     import tensorflow as tf
 
-    if spec.pooling == "gem" and spec.gem_p != 1:
-        powered = tf.pow(tf.maximum(feature_map, 1e-6), spec.gem_p)
-        return tf.pow(tf.reduce_mean(powered, axis=[1, 2]), 1.0 / spec.gem_p)
+    if p := spec.gem_exponent():
+        powered = tf.pow(tf.maximum(feature_map, 1e-6), p)
+        return tf.pow(tf.reduce_mean(powered, axis=[1, 2]), 1.0 / p)
     return tf.reduce_mean(feature_map, axis=[1, 2])
 
 

@@ -67,7 +67,7 @@ def decode_image(
     """
     height, width = size
     with _open_checked(data, limits) as image:
-        return _to_array(image, width, height, letterbox, trim_borders)
+        return _fitted(_picture(image, (width, height), trim_borders), width, height, letterbox)
 
 
 def decode_for(data: bytes, info: ModelInfo, limits: DecodeLimits) -> npt.NDArray[np.uint8]:
@@ -81,19 +81,28 @@ def decode_item_for(data: bytes, info: ModelInfo, limits: DecodeLimits) -> npt.N
     """``data`` decoded as an item to store with model ``info``: [1 + views, H, W, 3], the
     image exactly as ``decode_for`` makes it, then its crop views (``views.crop_boxes`` of
     the trimmed image, each fitted the same way from a JPEG draft large enough for a crop),
-    then its grey view (the image in greyscale), as ``info.item_views`` asks."""
-    whole = decode_for(data, info, limits)
-    pictures = [whole[None]]
-    if crops := int(info.item_views.get("crops", 0)):
-        height, width = info.input_size
-        with _open_checked(data, limits) as image:
-            pictures.append(
-                _to_arrays(image, width, height, info.letterbox, info.trim_borders, crops)
-            )
+    then its grey view (the image in greyscale), as ``info.item_views`` asks. One decode
+    serves the image and its crops, unless a JPEG's draft for the crops is larger."""
+    height, width = info.input_size
+    crops = int(info.item_views.get("crops", 0))
+    crop_draft = (math.ceil(width / CROP_FRACTION), math.ceil(height / CROP_FRACTION))
+    with _open_checked(data, limits) as image:
+        shared = not crops or _draft_scale(image, (width, height)) == _draft_scale(
+            image, crop_draft
+        )
+        picture = _picture(image, crop_draft if crops else (width, height), info.trim_borders)
+    if shared:
+        whole = _fitted(picture, width, height, info.letterbox)
+    else:
+        whole = decode_for(data, info, limits)
+    pictures = [whole] + [
+        _fitted(picture.crop(box), width, height, info.letterbox)
+        for box in crop_boxes(*picture.size)[:crops]
+    ]
     if info.item_views.get("grey"):
         grey = Image.fromarray(whole, "RGB").convert("L").convert("RGB")
-        pictures.append(np.asarray(grey, dtype=np.uint8)[None])
-    return np.concatenate(pictures)
+        pictures.append(np.asarray(grey, dtype=np.uint8))
+    return np.stack(pictures)
 
 
 def fit_pixels(pixels: npt.NDArray[np.uint8], size: tuple[int, int]) -> npt.NDArray[np.uint8]:
@@ -104,9 +113,7 @@ def fit_pixels(pixels: npt.NDArray[np.uint8], size: tuple[int, int]) -> npt.NDAr
         raise InvalidInput(f"pixels must be uint8 [H, W, 3], not {pixels.dtype} {pixels.shape}")
     if pixels.shape[:2] == (height, width):
         return pixels
-    image = Image.fromarray(pixels, "RGB")
-    resized = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    return np.asarray(resized, dtype=np.uint8)
+    return _fitted(Image.fromarray(pixels, "RGB"), width, height, letterbox=False)
 
 
 def make_thumbnail(data: bytes, limits: DecodeLimits, side: int = THUMBNAIL_SIDE) -> bytes:
@@ -164,43 +171,44 @@ def _check(image: Image.Image, limits: DecodeLimits) -> None:
         raise InvalidInput("animated images are not supported; send a single frame")
 
 
-def _to_array(
-    image: Image.Image, width: int, height: int, letterbox: bool = False, trim: bool = False
-) -> npt.NDArray[np.uint8]:
-    whole: npt.NDArray[np.uint8] = _to_arrays(image, width, height, letterbox, trim)[0]
-    return whole
+def _draft_scale(image: Image.Image, size: tuple[int, int]) -> int:
+    """The scale (1, 2, 4 or 8) Pillow's JPEG draft mode decodes ``image`` at for ``size``
+    (width, height): the largest that keeps both sides at least that size. 1 for other
+    formats, which have no draft mode."""
+    if image.format != "JPEG":
+        return 1
+    fits = min(image.size[0] // size[0], image.size[1] // size[1])
+    return next((s for s in (8, 4, 2) if fits >= s), 1)
 
 
-def _to_arrays(
-    image: Image.Image, width: int, height: int, letterbox: bool, trim: bool, views: int = 0
-) -> npt.NDArray[np.uint8]:
-    """The image fitted [1, H, W, 3]; or, with ``views``, its first ``views`` crop views
-    fitted [views, H, W, 3]."""
+def _picture(image: Image.Image, draft: tuple[int, int], trim: bool) -> Image.Image:
+    """``image`` decoded (a JPEG at the smallest draft scale that keeps it at least
+    ``draft``, width and height), upright, in RGB, its uniform borders trimmed if ``trim``."""
     try:
         if image.format == "JPEG":
-            # Decode at 1/2, 1/4 or 1/8 scale while the result (or a crop of it) stays at
-            # least the target size.
-            scale = 1 / CROP_FRACTION if views else 1
-            image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+            # Decoding at 1/2, 1/4 or 1/8 scale is several times faster than whole.
+            image.draft("RGB", draft)
         image.load()
         rgb = _to_rgb(ImageOps.exif_transpose(image))
-        if trim:
-            rgb = trim_uniform_borders(rgb)
-        pictures = [rgb.crop(box) for box in crop_boxes(*rgb.size)[:views]] if views else [rgb]
-        arrays = np.stack([_fitted(p, width, height, letterbox) for p in pictures])
+        return trim_uniform_borders(rgb) if trim else rgb
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise InvalidInput(f"cannot decode image: {e}") from e
-    if arrays.shape[1:] != (height, width, 3):
-        raise InvalidInput(f"decoded image has unexpected shape {arrays.shape[1:]}")
-    return arrays
 
 
 def _fitted(rgb: Image.Image, width: int, height: int, letterbox: bool) -> npt.NDArray[np.uint8]:
-    if letterbox:
-        rgb = pad_to_aspect(rgb, width / height)
-    if rgb.size != (width, height):
-        rgb = rgb.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    return np.asarray(rgb, dtype=np.uint8)
+    """``rgb`` as model input [height, width, 3]: padded to its aspect with ``letterbox``,
+    else stretched to it."""
+    try:
+        if letterbox:
+            rgb = pad_to_aspect(rgb, width / height)
+        if rgb.size != (width, height):
+            rgb = rgb.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        array = np.asarray(rgb, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise InvalidInput(f"cannot decode image: {e}") from e
+    if array.shape != (height, width, 3):
+        raise InvalidInput(f"decoded image has unexpected shape {array.shape}")
+    return array
 
 
 #: A border line's pixels within this of its median colour (0..255 per channel) are border.
@@ -236,9 +244,9 @@ def trim_uniform_borders(rgb: Image.Image) -> Image.Image:
 def _uniform_run(lines: npt.NDArray[np.uint8]) -> int:
     """How many leading lines of ``lines`` [n, length, 3] are the first line's colour, when
     that is white or black. Looks at 8 lines at a time: most photos stop at the first."""
-    if not _white_or_black(lines[0]):
-        return 0  # only white or black: a graded backdrop or a sky is part of the picture
     reference = np.median(lines[0], axis=0)
+    if not _white_or_black(reference):
+        return 0  # only white or black: a graded backdrop or a sky is part of the picture
     limit = int(len(lines) * _MAX_TRIM)
     for start in range(0, limit, 8):
         chunk = lines[start : min(start + 8, limit)].astype(np.int16)
@@ -249,10 +257,9 @@ def _uniform_run(lines: npt.NDArray[np.uint8]) -> int:
     return limit
 
 
-def _white_or_black(line: npt.NDArray[np.uint8]) -> bool:
-    """Whether the median colour of ``line`` [length, 3] is white or black."""
-    reference = np.median(line, axis=0)
-    return bool(reference.min() >= 255 - _BORDER_TOLERANCE or reference.max() <= _BORDER_TOLERANCE)
+def _white_or_black(colour: npt.NDArray[np.float64]) -> bool:
+    """Whether ``colour`` [3] is white or black."""
+    return bool(colour.min() >= 255 - _BORDER_TOLERANCE or colour.max() <= _BORDER_TOLERANCE)
 
 
 def pad_to_aspect(rgb: Image.Image, aspect: float) -> Image.Image:

@@ -24,7 +24,7 @@ import numpy.typing as npt
 
 from batchserve.catalog import NewItem
 from batchserve.errors import BatchserveError
-from batchserve.images import DecodeLimits, decode_for, decode_item_for, make_thumbnail
+from batchserve.images import DecodeLimits, decode_item_for, make_thumbnail
 from batchserve.index_output import IndexOutput
 from batchserve.inference import pad_batch, padded_size
 from batchserve.models import EmbeddingModel, ModelInfo
@@ -86,21 +86,30 @@ class IngestReport:
 
 
 def load_source(
-    source: Source, known_digest: str | None, info: ModelInfo, limits: DecodeLimits
+    path: str, known_digest: str | None, info: ModelInfo, limits: DecodeLimits
 ) -> Decoded | None:
-    """Read and decode ``source`` as the server decodes an upload for the model ``info``
-    (its input, and a thumbnail), or None when its bytes have ``known_digest``: indexed
-    already, unchanged. Raises OSError or BatchserveError for a file that cannot be read
-    or decoded."""
-    data = read_bytes(source.path)
+    """Read and decode the file at ``path`` as the server decodes an upload to add for the
+    model ``info`` (its input, its views, and a thumbnail), or None when its bytes have
+    ``known_digest``: indexed already, unchanged. Raises OSError or BatchserveError for a
+    file that cannot be read or decoded."""
+    data = read_bytes(path)
     digest = sha256_hex(data)
     if digest == known_digest:
         return None
-    thumbnail = make_thumbnail(data, limits)
-    if info.views:
-        pictures = decode_item_for(data, info, limits)
-        return Decoded(pictures[0], thumbnail, digest, pictures[1:])
-    return Decoded(decode_for(data, info, limits), thumbnail, digest)
+    pictures = decode_item_for(data, info, limits)
+    views = pictures[1:] if info.views else None
+    return Decoded(pictures[0], make_thumbnail(data, limits), digest, views)
+
+
+def load_timed(path: str, known_digest: str | None, info: ModelInfo, limits: DecodeLimits) -> Timed:
+    """``load_source`` on a decode thread or task: its outcome, failure included, and the
+    seconds it took."""
+    began = time.perf_counter()
+    try:
+        decoded = load_source(path, known_digest, info, limits)
+    except (OSError, BatchserveError) as e:
+        return Timed(None, time.perf_counter() - began, str(e))
+    return Timed(decoded, time.perf_counter() - began)
 
 
 def known_digests(
@@ -168,19 +177,12 @@ def ingest(
     largest = batch_sizes[-1]
     embed = _BatchEmbedder(model, batch_sizes, output, report)
 
-    def load(source: Source, known: str | None) -> Timed:
-        began = time.perf_counter()
-        try:
-            decoded = load_source(source, known, model.info, limits)
-        except (OSError, BatchserveError) as e:
-            return Timed(None, time.perf_counter() - began, str(e))
-        return Timed(decoded, time.perf_counter() - began)
-
     pending = known_digests(sources, output, report, largest * 8)
     with ThreadPoolExecutor(decode_threads, thread_name_prefix="batchserve-ingest") as pool:
         window: deque[tuple[Source, Future[Timed]]] = deque()
         for source, known in pending:
-            window.append((source, pool.submit(load, source, known)))
+            loading = pool.submit(load_timed, source.path, known, model.info, limits)
+            window.append((source, loading))
             # Keep a few batches decoding ahead of the model, no more (bounded memory).
             while len(window) > 4 * largest:
                 embed.collect(*window.popleft())

@@ -26,15 +26,16 @@ import numpy.typing as npt
 
 from batchserve import ray_stages
 from batchserve.errors import BatchserveError, ConfigError
+from batchserve.index_output import IndexOutput
 from batchserve.ray_stages import item_of
 
 if TYPE_CHECKING:
     from batchserve.bulk_settings import RaySettings
     from batchserve.config import IndexSettings
-    from batchserve.index_output import IndexOutput
     from batchserve.ingest import IngestReport
     from batchserve.models import ModelInfo
     from batchserve.sources import Source
+    from batchserve.store import StoreSettings
 
 INSTALL_HINT = "--engine ray needs Ray: pip install 'batchserve[ray]'"
 
@@ -165,10 +166,13 @@ def _run(
     dataset = _pipeline(ray, settings, info, pending, plan, batch_sizes)
     writers = output.store is not None and settings.store.shared_catalog
     if writers:
-        dataset = _with_catalog_writers(ray, dataset, settings.store.catalog, info, plan)
+        dataset = _with_catalog_writers(ray, dataset, settings.store, info, plan)
+    # What the driver writes: everything, or only the Parquet file when the writer actors
+    # store the rows in the catalog.
+    sink = IndexOutput(None, output.parquet) if writers else output
     nodes: set[str] = set()
     for batch in dataset.iter_batches(batch_size=batch_sizes[-1], batch_format="numpy"):
-        _write(batch, output, report, nodes, stored=writers)
+        _write(batch, sink, report, nodes)
     if writers and output.store is not None:
         began = time.perf_counter()
         output.store.catch_up()  # the writers' items, from the catalog's change log
@@ -178,14 +182,14 @@ def _run(
 
 
 def _with_catalog_writers(
-    ray: Any, dataset: Any, url: str, info: ModelInfo, plan: ActorPlan
+    ray: Any, dataset: Any, store: StoreSettings, info: ModelInfo, plan: ActorPlan
 ) -> Any:
     """A PostgreSQL catalog takes writes from several processes at once (row locks per id,
     one lock for the change log's order): a pool of writer actors, one connection each,
     instead of the driver alone. They wait on the network, so they hold no CPU."""
     return dataset.map_batches(
         ray_stages.WriteRows,
-        fn_constructor_kwargs={"url": url, "dim": info.dim, "views": info.views},
+        fn_constructor_kwargs={"store": store, "dim": info.dim, "views": info.views},
         compute=ray.data.ActorPoolStrategy(size=min(4, 2 * plan.actors)),
         batch_size=None,
         batch_format="numpy",
@@ -252,32 +256,26 @@ def _pipeline(
 
 
 def _write(
-    batch: dict[str, npt.NDArray[Any]],
-    output: IndexOutput,
-    report: IngestReport,
-    nodes: set[str],
-    stored: bool,
+    batch: dict[str, npt.NDArray[Any]], sink: IndexOutput, report: IngestReport, nodes: set[str]
 ) -> None:
-    """The driver's part: one batch into the outputs (the Parquet file only, when writer
-    actors ``stored`` it in the catalog), and into the report."""
-    items = []
+    """The driver's part: one batch into ``sink`` (items are built only for an output
+    that takes them), and into the report."""
+    ok = []
     for i, status in enumerate(batch["status"]):
         if status == "fail":
             report.failed.append((str(batch["path"][i]), str(batch["error"][i])))
         elif status == "skip":
             report.skipped += 1
         else:
-            items.append(item_of(batch, i))
+            ok.append(i)
     began = time.perf_counter()
-    if not stored:
-        output.write(items)
-    elif output.parquet is not None and items:
-        output.parquet.write(items)
+    if sink.store is not None or sink.parquet is not None:
+        sink.write([item_of(batch, i) for i in ok])
     report.stage_s["write"] += time.perf_counter() - began
     if "write_s" in batch:
         report.stage_s["write"] += float(batch["write_s"].sum())
     report.stage_s["read+decode"] += float(batch["decode_s"].sum())
     report.stage_s["embed"] += float(batch["embed_s"].sum())
-    report.indexed += len(items)
+    report.indexed += len(ok)
     nodes.update(str(n) for n in batch["decode_node"])
     nodes.update(str(n) for n in batch["embed_node"])

@@ -124,6 +124,11 @@ class ModelSpec:
         0, "TensorFlow inter-op threads (0: TensorFlow decides)", at_least=0
     )
 
+    def gem_exponent(self) -> float | None:
+        """The exponent of GeM pooling, or None when the pooling is the plain average
+        (``avg``, or GeM with p = 1)."""
+        return self.gem_p if self.pooling == "gem" and self.gem_p != 1 else None
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -182,14 +187,14 @@ def embedding_recipe(spec: ModelSpec, pools_map: bool) -> dict[str, Any]:
     and grey views of an item (said only when there are some, so older recipes stay equal)."""
     pooling = "model"
     if pools_map:
-        pooling = f"gem-{spec.gem_p:g}" if spec.pooling == "gem" and spec.gem_p != 1 else "avg"
+        pooling = f"gem-{p:g}" if (p := spec.gem_exponent()) else "avg"
     recipe: dict[str, Any] = {
         "pooling": pooling,
         "fit": spec.fit,
         "trim_borders": spec.trim_borders,
     }
-    if spec.crop_views or spec.grey_view:
-        recipe["views"] = views.recipe(spec.crop_views, spec.grey_view)
+    if item_views := views.recipe(spec.crop_views, spec.grey_view):
+        recipe["views"] = item_views
     return recipe
 
 

@@ -172,7 +172,8 @@ def _record_schemas() -> Doc:
                 "size": {"type": "integer", "description": "items in the index"},
                 "vectors_per_item": {
                     "type": "integer",
-                    "description": "vectors each item holds: 1, or 6 with crop views",
+                    "description": "vectors each item holds: 1, plus 5 with crop views and 1 "
+                    "with the grey view",
                 },
             },
         },
@@ -192,7 +193,7 @@ def _record_schemas() -> Doc:
                 "embedding": {
                     "type": "object",
                     "description": "how an image becomes its embedding: pooling, fit, "
-                    "trim_borders, and crop_views when items store crops",
+                    "trim_borders, and views when items store crop or grey views",
                 },
             },
         },

@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from batchserve.catalog import NewItem
-from batchserve.errors import BatchserveError
 
 if TYPE_CHECKING:
     from batchserve.images import DecodeLimits
+    from batchserve.ingest import Timed
     from batchserve.models import ModelInfo, ModelSpec
+    from batchserve.store import StoreSettings
 
 
 def model_info(spec: ModelSpec) -> ModelInfo:
@@ -36,54 +36,41 @@ def decode_rows(
     took."""
     import ray
 
+    from batchserve.ingest import load_timed
+
     n = len(batch["id"])
     pixels = np.zeros((n, *info.input_size, 3), dtype=np.uint8)
     views = np.zeros((n, info.views, *info.input_size, 3), dtype=np.uint8)
-    rows = []
-    for i in range(n):
-        began = time.perf_counter()
-        row = _decode_one(str(batch["path"][i]), batch["known"][i], info, limits)
-        if row.pixels is not None:
-            pixels[i] = row.pixels
-        if row.views is not None:
-            views[i] = row.views
-        rows.append((row, time.perf_counter() - began))
+    rows = [load_timed(str(batch["path"][i]), batch["known"][i], info, limits) for i in range(n)]
+    for i, row in enumerate(rows):
+        if row.decoded is not None:
+            pixels[i] = row.decoded.pixels
+            if row.decoded.views is not None:
+                views[i] = row.decoded.views
     node = ray.get_runtime_context().get_node_id()
-    # With crop views, each row's views as model input [N, views, H, W, 3].
+    # With item views, each row's views as model input [N, views, H, W, 3].
     return {
         **({"views": views} if info.views else {}),
         **{key: batch[key] for key in ("path", "id", "label", "metadata")},
-        "status": np.array([r.status for r, _s in rows], dtype=object),
-        "error": np.array([r.error for r, _s in rows], dtype=object),
-        "thumbnail": np.array([r.thumbnail for r, _s in rows], dtype=object),
-        "digest": np.array([r.digest for r, _s in rows], dtype=object),
+        "status": np.array([_status(row) for row in rows], dtype=object),
+        "error": np.array([row.error or "" for row in rows], dtype=object),
+        "thumbnail": np.array(
+            [row.decoded.thumbnail if row.decoded else b"" for row in rows], dtype=object
+        ),
+        "digest": np.array(
+            [row.decoded.digest if row.decoded else "" for row in rows], dtype=object
+        ),
         "pixels": pixels,
-        "decode_s": np.array([s for _r, s in rows]),
+        "decode_s": np.array([row.seconds for row in rows]),
         "decode_node": np.array([node] * n, dtype=object),
     }
 
 
-@dataclass(frozen=True)
-class _DecodedRow:
-    status: str
-    pixels: npt.NDArray[np.uint8] | None = None
-    thumbnail: bytes = b""
-    digest: str = ""
-    error: str = ""
-    views: npt.NDArray[np.uint8] | None = None
-
-
-def _decode_one(path: str, known: str | None, info: ModelInfo, limits: DecodeLimits) -> _DecodedRow:
-    from batchserve.ingest import load_source
-    from batchserve.sources import Source
-
-    try:
-        decoded = load_source(Source(path, path), known, info, limits)
-    except (OSError, BatchserveError) as e:
-        return _DecodedRow("fail", error=str(e))
-    if decoded is None:
-        return _DecodedRow("skip")
-    return _DecodedRow("ok", decoded.pixels, decoded.thumbnail, decoded.digest, views=decoded.views)
+def _status(row: Timed) -> str:
+    """``fail`` (unreadable or undecodable), ``skip`` (unchanged) or ``ok``."""
+    if row.error is not None:
+        return "fail"
+    return "skip" if row.decoded is None else "ok"
 
 
 class EmbedRows:
@@ -147,10 +134,8 @@ class EmbedRows:
 class WriteRows:
     """A catalog writer actor: the decoded rows of each batch in one PostgreSQL transaction."""
 
-    def __init__(self, url: str, dim: int, views: int = 0) -> None:
-        from batchserve.catalog_pg import PostgresCatalog
-
-        self._catalog = PostgresCatalog(url, dim, views)
+    def __init__(self, store: StoreSettings, dim: int, views: int = 0) -> None:
+        self._catalog = store.open_catalog(dim, views)
 
     def __call__(self, batch: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
         began = time.perf_counter()

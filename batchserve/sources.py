@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import posixpath
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +66,7 @@ def _remote(location: str) -> tuple[Any, str]:
     filesystem = _filesystem_of(f"{scheme}://{host}")
     if scheme in _BUCKET_SCHEMES:
         return filesystem, rest
-    return filesystem, fs.FileSystem.from_uri(location)[1]
+    return filesystem, urllib.parse.urlsplit(location).path
 
 
 def read_bytes(location: str) -> bytes:
@@ -82,22 +83,25 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _is_image(path: str) -> bool:
+    return posixpath.splitext(path)[1].lower() in IMAGE_SUFFIXES
+
+
 def scan_directory(root: str) -> Iterator[Source]:
     """Every image under ``root``, sorted; its id is the path relative to ``root`` and its
     label the top-level sub-folder (class folders), or none for files in ``root``."""
     for location, relative in sorted(_tree(root), key=lambda pair: pair[1]):
-        if posixpath.splitext(relative)[1].lower() not in IMAGE_SUFFIXES:
-            continue
         parts = relative.split("/")
         yield Source(location, relative, parts[0] if len(parts) > 1 else None)
 
 
 def _tree(root: str) -> Iterator[tuple[str, str]]:
-    """(location, path relative to ``root`` with / separators) of every file under it."""
+    """(location, path relative to ``root`` with / separators) of every image file under
+    it (by suffix, checked before the file is)."""
     if not is_uri(root):
         base = Path(root)
         for path in base.rglob("*"):
-            if path.is_file():
+            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
                 yield str(path), path.relative_to(base).as_posix()
         return
     from pyarrow import fs
@@ -105,7 +109,7 @@ def _tree(root: str) -> Iterator[tuple[str, str]]:
     filesystem, inside = _remote(root)
     prefix = root.rstrip("/") + "/"
     for info in filesystem.get_file_info(fs.FileSelector(inside, recursive=True)):
-        if info.type == fs.FileType.File:
+        if info.type == fs.FileType.File and _is_image(info.path):
             relative = posixpath.relpath(info.path, inside.rstrip("/") or "/")
             yield prefix + relative, relative
 

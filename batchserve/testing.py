@@ -77,7 +77,7 @@ def result_of(d: Deferred[Any]) -> Any:
 
 
 def _views(crops: bool, grey: bool) -> dict[str, Any]:
-    return {"views": recipe(crops, grey)} if crops or grey else {}
+    return {"views": views} if (views := recipe(crops, grey)) else {}
 
 
 class FakeModel:

@@ -161,15 +161,7 @@ def retrieval_command(args: argparse.Namespace, argv: list[str]) -> int:
     clients with the default embedding against the one before it, in alternating rounds."""
     numbers = retrieval.measure(quick=args.quick)
     if args.throughput_rounds:
-        new, old = ab.Side(""), ab.Side(retrieval.LEGACY_FLAGS)
-        compared = ab.measure(_images(None), new, old, args.throughput_rounds, 32, 8.0)
-        numbers["throughput"] = {
-            "rounds": args.throughput_rounds,
-            "clients": 32,
-            "new_images_per_s": compared["batchserve"]["median_images_per_s"],
-            "old_images_per_s": compared["baseline"]["median_images_per_s"],
-            "median_ratio": round(compared["median_ratio"], 3),
-        }
+        numbers["throughput"] = retrieval.measure_throughput(args.throughput_rounds)
     publish(args, argv, "retrieval", numbers)
     return 0
 

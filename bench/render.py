@@ -180,8 +180,8 @@ def _overload(data: Data) -> str:
 def _search_quality(data: Data) -> str:
     r = data["retrieval"]
     m = r["methods"]
-    new, old = m["GeM + trim borders (new default)"], m["average pool (today)"]
-    crops, both = m["GeM + trim + crop views"], m["GeM + trim + crop views + grey view"]
+    new, old = m[sections_retrieval.DEFAULT], m[sections_retrieval.BEFORE]
+    crops, both = m[sections_retrieval.CROPS], m[sections_retrieval.BOTH]
     return (
         f"- **the original of an edited photo found first {new['overall']['top1']:.0%} of the "
         f"time** ({old['overall']['top1']:.0%} with the embedding before 0.2; "

@@ -21,15 +21,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from batchserve.models import ModelInfo
-from batchserve.views import VIEW_WEIGHT, recipe
+from batchserve.models import ModelInfo, ModelSpec, embedding_recipe
+from batchserve.views import CROP_VIEWS, VIEW_WEIGHT
 from bench.retrieval_data import EDITS, QUICK_EDITS, Benchmark, Picture, build
 
 Array = npt.NDArray[np.float32]
 SIZE = 160
-
-#: ``batchserve serve`` flags of the embedding before GeM, letterboxing and trimming.
-LEGACY_FLAGS = "--pooling avg --fit squash --no-trim-borders"
 
 
 def _jpeg(picture: Picture) -> bytes:
@@ -71,33 +68,23 @@ class Backbone:
 # -- preparing an image for the model ---------------------------------------------------
 
 
-def squash(data: bytes, size: int = SIZE) -> npt.NDArray[np.uint8]:
-    """What the server does today: decode and resize to the input size, aspect not kept."""
-    from batchserve.images import DecodeLimits, decode_image
-
-    return decode_image(data, (size, size), DecodeLimits())
-
-
 def prepared(
-    data: bytes, *, letterbox: bool, trim: bool, size: int = SIZE
+    data: bytes, *, letterbox: bool = False, trim: bool = False, size: int = SIZE
 ) -> npt.NDArray[np.uint8]:
+    """The server's decode: resized to the input (squashed, aspect not kept, unless
+    ``letterbox``), its uniform borders first cut off with ``trim``."""
     from batchserve.images import DecodeLimits, decode_image
 
     return decode_image(data, (size, size), DecodeLimits(), letterbox=letterbox, trim_borders=trim)
 
 
-#: The built-in model's input as the server decodes items with ``--crop-views``.
+#: The built-in model's input as the server decodes items with ``--crop-views --grey-view``.
 VIEW_INFO = ModelInfo(
     "retrieval",
     "bench",
     (SIZE, SIZE),
     1280,
-    embedding={
-        "pooling": "gem-3",
-        "fit": "squash",
-        "trim_borders": True,
-        "views": recipe(True, True),
-    },
+    embedding=embedding_recipe(ModelSpec(crop_views=True, grey_view=True), pools_map=True),
 )
 
 
@@ -117,10 +104,10 @@ def item_view(data: bytes, view: int) -> npt.NDArray[np.uint8]:
 
 
 PREPARATIONS: dict[str, Callable[[bytes], npt.NDArray[np.uint8]]] = {
-    **{f"view crop {v}": functools.partial(item_view, view=v) for v in range(1, 6)},
-    "view grey": functools.partial(item_view, view=6),
-    "squash": squash,
-    "squash 224": lambda data: squash(data, 224),
+    **{f"view crop {v}": functools.partial(item_view, view=v) for v in range(1, 1 + CROP_VIEWS)},
+    "view grey": functools.partial(item_view, view=1 + CROP_VIEWS),
+    "squash": prepared,
+    "squash 224": lambda data: prepared(data, size=224),
     "letterbox": lambda data: prepared(data, letterbox=True, trim=False),
     "trim": lambda data: prepared(data, letterbox=False, trim=True),
     "trim + letterbox": lambda data: prepared(data, letterbox=True, trim=True),
@@ -238,13 +225,6 @@ def _sum(*parts: Method) -> Method:
     return needs, run
 
 
-def _flipped(prep: str) -> Method:
-    return (prep + " flip",), lambda f: (
-        gem(f[prep + " flip"].catalog),
-        gem(f[prep + " flip"].queries),
-    )
-
-
 def _layers(prep: str) -> Method:
     def run(f: Features) -> tuple[Array, Array]:
         m = f[prep]
@@ -260,7 +240,7 @@ def _windows(prep: str, side: int) -> Method:
     return (prep,), lambda f: (window_views(f[prep].catalog, side), gem(f[prep].queries))
 
 
-CROP_VIEWS = tuple(f"view crop {v}" for v in range(1, 6))
+CROPS = tuple(f"view crop {v}" for v in range(1, 1 + CROP_VIEWS))
 
 
 def _item_views(prep: str, views: tuple[str, ...], weight: float = VIEW_WEIGHT) -> Method:
@@ -280,6 +260,11 @@ def _then(method: Method, step: Callable[[Array, Array], tuple[Array, Array]]) -
     return needs, lambda f: step(*fn(f))
 
 
+def _augmented_and_expanded(catalog: Array, queries: Array) -> tuple[Array, Array]:
+    augmented = database_augmentation(catalog)
+    return augmented, query_expansion(augmented, queries)
+
+
 def methods() -> dict[str, Method]:
     chosen = _pooled("trim", gem)
     return {
@@ -288,22 +273,19 @@ def methods() -> dict[str, Method]:
         "R-MAC": _pooled("squash", rmac),
         "GeM multi-scale (160+224)": _sum(_pooled("squash", gem), _pooled("squash 224", gem)),
         "GeM, blocks 13 + 16": _layers("squash"),
-        "GeM + flip average": _sum(_pooled("squash", gem), _flipped("squash")),
+        "GeM + flip average": _sum(_pooled("squash", gem), _pooled("squash flip", gem)),
         "GeM + letterbox": _pooled("letterbox", gem),
         "GeM + trim borders (new default)": chosen,
         "GeM + trim + letterbox": _pooled("trim + letterbox", gem),
         "GeM + trim + map window views": _windows("trim", 4),
-        "GeM + trim + crop views, unweighed": _item_views("trim", CROP_VIEWS, 1.0),
-        "GeM + trim + crop views": _item_views("trim", CROP_VIEWS),
+        "GeM + trim + crop views, unweighed": _item_views("trim", CROPS, 1.0),
+        "GeM + trim + crop views": _item_views("trim", CROPS),
         "GeM + trim + grey view": _item_views("trim", ("view grey",)),
-        "GeM + trim + crop views + grey view": _item_views("trim", (*CROP_VIEWS, "view grey")),
+        "GeM + trim + crop views + grey view": _item_views("trim", (*CROPS, "view grey")),
         "GeM + trim + PCA-whiten 512": _then(chosen, lambda c, q: pca_whiten(c, q, 512)),
         "GeM + trim + PCA-whiten 256": _then(chosen, lambda c, q: pca_whiten(c, q, 256)),
         "GeM + trim + query expansion": _then(chosen, lambda c, q: (c, query_expansion(c, q))),
-        "GeM + trim + DBA + QE": _then(
-            chosen,
-            lambda c, q: (database_augmentation(c), query_expansion(database_augmentation(c), q)),
-        ),
+        "GeM + trim + DBA + QE": _then(chosen, _augmented_and_expanded),
     }
 
 
@@ -395,4 +377,22 @@ def measure(quick: bool = False) -> dict[str, Any]:
         "queries": len(bench.queries),
         "edits": list(dict.fromkeys(q.edit for q in bench.queries)),
         "methods": evaluate(bench, features, chosen),
+    }
+
+
+def measure_throughput(rounds: int, clients: int = 32) -> dict[str, Any]:
+    """``POST /v1/embed`` images/s at ``clients`` clients with the default embedding and
+    with the one before it, both servers up, ``rounds`` rounds each in turn."""
+    from bench import ab
+    from bench.images import sample_photos
+    from bench.sections_retrieval import LEGACY
+
+    new, old = ab.Side(""), ab.Side(LEGACY)
+    compared = ab.measure(sample_photos(), new, old, rounds, clients, 8.0)
+    return {
+        "rounds": rounds,
+        "clients": clients,
+        "new_images_per_s": compared["batchserve"]["median_images_per_s"],
+        "old_images_per_s": compared["baseline"]["median_images_per_s"],
+        "median_ratio": round(compared["median_ratio"], 3),
     }

@@ -196,8 +196,12 @@ def _banner(im: Image.Image, _rng: np.random.Generator) -> Image.Image:
     return out
 
 
-def _grey(im: Image.Image) -> Image.Image:
+def _greyed(im: Image.Image, _rng: np.random.Generator) -> Image.Image:
     return ImageOps.grayscale(im).convert("RGB")
+
+
+def _flip(im: Image.Image, _rng: np.random.Generator) -> Image.Image:
+    return ImageOps.mirror(im)
 
 
 def _then(first: Edit, second: Edit) -> Edit:
@@ -208,7 +212,7 @@ def _then(first: Edit, second: Edit) -> Edit:
 EDITS: dict[str, Edit] = {
     "crop 70%": _crop(0.7),
     "zoom 55%": _zoom,
-    "flip": lambda im, _rng: ImageOps.mirror(im),
+    "flip": _flip,
     "rotate 10° black": _rotate(10, (0, 0, 0)),
     "rotate 20° white": _rotate(20, (255, 255, 255)),
     "white border": _border,
@@ -217,18 +221,16 @@ EDITS: dict[str, Edit] = {
     "thumbnail 64px": _thumbnail,
     "brighter": lambda im, _rng: Image.eval(im, lambda v: min(255, int(v * 1.4 + 20))),
     "low contrast": lambda im, _rng: Image.blend(im, Image.new("RGB", im.size, (128,) * 3), 0.5),
-    "greyscale": lambda im, _rng: _grey(im),
+    "greyscale": _greyed,
     "blur": lambda im, _rng: im.filter(ImageFilter.GaussianBlur(3)),
     "noise": _noise,
     "jpeg q10": _jpeg(10),
     "text": _text,
     "banner": _banner,
     "crop + jpeg q10": _then(_crop(0.7), _jpeg(10)),
-    "rotate 10° + greyscale": _then(
-        _rotate(10, (0, 0, 0)), lambda im, _r: ImageOps.grayscale(im).convert("RGB")
-    ),
+    "rotate 10° + greyscale": _then(_rotate(10, (0, 0, 0)), _greyed),
     "thumbnail + text": _then(_thumbnail, _text),
-    "border + flip": _then(_border, lambda im, _r: ImageOps.mirror(im)),
+    "border + flip": _then(_border, _flip),
 }
 
 #: The quick version's edits (the test's): one of each kind of change.

@@ -12,12 +12,14 @@ Lines = list[str]
 
 BEFORE = "average pool (today)"
 DEFAULT = "GeM + trim borders (new default)"
+CROPS, BOTH = "GeM + trim + crop views", "GeM + trim + crop views + grey view"
 #: The methods the server offers as options, with their flags.
 OPTIONS = {
-    "GeM + trim + crop views": "--crop-views",
+    CROPS: "--crop-views",
     "GeM + trim + grey view": "--grey-view",
-    "GeM + trim + crop views + grey view": "--crop-views --grey-view",
+    BOTH: "--crop-views --grey-view",
 }
+#: ``batchserve serve`` flags of the embedding before GeM, letterboxing and trimming.
 LEGACY = "--pooling avg --fit squash --no-trim-borders"
 
 

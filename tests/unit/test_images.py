@@ -239,18 +239,21 @@ def test_an_item_decodes_to_its_image_then_its_crop_views_of_the_trimmed_picture
         assert np.array_equal(view, decode_image(_png(core.crop(box)), SIZE, LIMITS))
 
 
+def _textured_jpeg(size: tuple[int, int], seed: int) -> bytes:
+    """A JPEG of ``size`` (width, height) with texture, so that scales decode differently."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (size[1] // 6, size[0] // 6, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(small).resize(size, Image.Resampling.BICUBIC).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
 def test_a_large_jpeg_item_is_its_image_as_decode_for_makes_it_then_sharper_crops() -> None:
     from batchserve.images import decode_for, decode_item_for
     from batchserve.testing import FakeModel
     from batchserve.views import crop_boxes
 
-    rng = np.random.default_rng(5)
-    photo = Image.fromarray(rng.integers(0, 255, (100, 100, 3), dtype=np.uint8)).resize(
-        (320, 320), Image.Resampling.BICUBIC
-    )
-    out = io.BytesIO()
-    photo.save(out, "JPEG", quality=90)
-    data = out.getvalue()
+    data = _textured_jpeg((320, 320), seed=5)
     info = FakeModel(input_size=(32, 32), crop_views=True).info
     pictures = decode_item_for(data, info, LIMITS)
     assert np.array_equal(pictures[0], decode_for(data, info, LIMITS))  # drafted at 1/8: 40 px
@@ -277,3 +280,27 @@ def test_the_grey_view_of_an_item_is_its_image_in_greyscale_after_its_crops() ->
     assert all(np.array_equal(both[6][:, :, c], grey) for c in range(3))
     alone = decode_item_for(data, FakeModel(input_size=SIZE, grey_view=True).info, LIMITS)
     assert alone.shape == (2, *SIZE, 3) and np.array_equal(alone[1], both[6])
+
+
+@pytest.mark.parametrize("side", [40, 64, 100, 320, 333, 640, 1000])
+def test_the_draft_scale_of_an_item_is_the_one_pillow_decodes_at(side: int) -> None:
+    from batchserve.images import _draft_scale
+
+    out = io.BytesIO()
+    Image.new("RGB", (side, side * 3 // 4), (90, 120, 30)).save(out, "JPEG")
+    for wanted in [(32, 32), (46, 46), (160, 160), (229, 229)]:
+        with Image.open(io.BytesIO(out.getvalue())) as image:
+            scale = _draft_scale(image, wanted)
+            image.draft("RGB", wanted)
+            assert image.size == (-(-side // scale), -(-(side * 3 // 4) // scale))
+
+
+def test_an_item_whose_crops_share_its_draft_is_decoded_once_and_the_same() -> None:
+    from batchserve.images import decode_for, decode_item_for
+    from batchserve.testing import FakeModel
+
+    data = _textured_jpeg((640, 480), seed=6)
+    info = FakeModel(input_size=(32, 32), crop_views=True, grey_view=True).info
+    pictures = decode_item_for(data, info, LIMITS)  # 32 and 46 both draft at 1/8
+    assert np.array_equal(pictures[0], decode_for(data, info, LIMITS))
+    assert pictures.shape == (7, 32, 32, 3)
