@@ -114,10 +114,10 @@ def index_command(settings: IndexSettings, path: str) -> int:
     """``batchserve index PATH``: embed and store every new or changed image, then snapshot
     the index; 1 when some files could not be indexed."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from batchserve.bulk import index_into
-    from batchserve.ingest import Progress, print_summary
-    from batchserve.sources import sources_for
-    from batchserve.store import lock_data_dir
+    from batchserve.bulk.command import index_into
+    from batchserve.bulk.report import Progress, print_summary
+    from batchserve.bulk.sources import sources_for
+    from batchserve.storage.store import lock_data_dir
 
     os.umask(0o077)
     sources = list(sources_for(path))

@@ -26,16 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from batchserve import views
-from batchserve.batching import BatchPolicy
-from batchserve.bodies import RequestLimits
-from batchserve.bulk_settings import EngineSettings, RaySettings
+from batchserve.bulk.settings import EngineSettings, RaySettings
 from batchserve.errors import ConfigError
-from batchserve.images import DecodeLimits
-from batchserve.index import IndexParams
-from batchserve.models import ModelSpec
+from batchserve.http.bodies import RequestLimits
+from batchserve.models import views
+from batchserve.models.images import DecodeLimits
+from batchserve.models.spec import ModelSpec
+from batchserve.serving.batching import BatchPolicy
 from batchserve.settings import Meta, check_value, part, setting
-from batchserve.store import StoreSettings
+from batchserve.storage.index import IndexParams
+from batchserve.storage.store import StoreSettings
 
 ENV_PREFIX = "BATCHSERVE_"
 

@@ -27,24 +27,30 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web.server import Site
 
-from batchserve import __version__, logs
-from batchserve.api import BatchserveAPI
-from batchserve.auth import Tokens
-from batchserve.batching import Batch, Batcher
+from batchserve import __version__
 from batchserve.config import ServeSettings
-from batchserve.follow import Follower, listen
-from batchserve.inference import Prediction
-from batchserve.metrics import Metrics, MetricsPage
-from batchserve.models import ModelInfo
-from batchserve.pipeline import IndexWorker, PipelineRunner
-from batchserve.records import AddTask
-from batchserve.service import ImageService, PoolRunner
-from batchserve.site import make_site
-from batchserve.store import ItemStore, OpenReport, SearchableIndex, StoreSettings, lock_data_dir
-from batchserve.threads import NamedThreadPool, name_this_thread
+from batchserve.http.auth import Tokens
+from batchserve.http.site import make_site
+from batchserve.http.v1 import BatchserveAPI
+from batchserve.models.batches import Prediction
+from batchserve.models.spec import ModelInfo
+from batchserve.serving import logs
+from batchserve.serving.batching import Batch, Batcher
+from batchserve.serving.follower import Follower, listen
+from batchserve.serving.metrics import Metrics, MetricsPage
+from batchserve.serving.pipeline import IndexWorker, PipelineRunner
+from batchserve.serving.records import AddTask
+from batchserve.serving.service import ImageService, PoolRunner
+from batchserve.serving.threads import NamedThreadPool, name_this_thread
+from batchserve.storage.data_dir import open_store
+from batchserve.storage.store import (
+    ItemStore,
+    OpenReport,
+    lock_data_dir,
+)
 
 if TYPE_CHECKING:
-    from batchserve.index import IndexParams
+    pass
 
 log = Logger(namespace="batchserve")
 
@@ -101,8 +107,8 @@ class Threads:
 
 def default_model(settings: ServeSettings, reactor: Any, metrics: Metrics) -> ModelWorker:
     """The inference thread, loading the model the settings name (TensorFlow on it)."""
-    from batchserve.inference import InferenceWorker
-    from batchserve.models import load_model
+    from batchserve.models.loaders import load_model
+    from batchserve.serving.inference import InferenceWorker
 
     spec = settings.model
     return InferenceWorker(
@@ -111,21 +117,6 @@ def default_model(settings: ServeSettings, reactor: Any, metrics: Metrics) -> Mo
         settings.batching.padded_batch_sizes(),
         warmup=settings.server.warmup,
         observer=metrics,
-    )
-
-
-def open_store(settings: StoreSettings, params: IndexParams, info: ModelInfo) -> ItemStore:
-    """The item store for ``info``'s embeddings in the data dir, on its own catalog or a
-    shared one (either refuses another model's)."""
-    from batchserve.index import VectorIndex
-    from batchserve.views import ViewedIndex
-
-    rows = VectorIndex(info.dim, params)
-    # With crop views, an index of rows, several per item, used by item.
-    index: SearchableIndex = ViewedIndex(rows, info.views) if info.views else rows
-    catalog = settings.open_catalog(info.dim, info.views)
-    return ItemStore(
-        Path(settings.data_dir), index, info.fingerprint(), catalog=catalog, views=info.views
     )
 
 
@@ -280,7 +271,7 @@ class Server:
 
     def _follow(self) -> None:
         """Keep the index current with the shared catalog: poll, and listen."""
-        from batchserve.catalog_pg import ChangeListener
+        from batchserve.storage.postgres import ChangeListener
 
         store = self.settings.store
         self._follower = Follower(self.index, self.reactor, store.follow_interval_s, self.metrics)

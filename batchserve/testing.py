@@ -19,12 +19,13 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
-from batchserve.batching import Batch
 from batchserve.errors import InferenceFailed
-from batchserve.inference import Prediction, run_batch
-from batchserve.models import LEGACY_EMBEDDING, ModelInfo, ModelOutputs
+from batchserve.models.batches import Prediction
+from batchserve.models.spec import LEGACY_EMBEDDING, ModelInfo, ModelOutputs
+from batchserve.models.views import recipe
 from batchserve.server import Threads
-from batchserve.views import recipe
+from batchserve.serving.batching import Batch
+from batchserve.serving.inference import run_batch
 
 In = TypeVar("In")
 

@@ -10,16 +10,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from batchserve.bulk import index_into
+from batchserve.bulk.command import index_into
 from batchserve.config import IndexSettings
-from batchserve.store import StoreSettings
+from batchserve.storage.store import StoreSettings
 from bench import fill
 
 
 def index_directory(images: Path, data_dir: Path) -> dict[str, Any]:
     """``batchserve index IMAGES --data-dir DATA_DIR`` with default settings."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from batchserve.sources import sources_for
+    from batchserve.bulk.sources import sources_for
 
     settings = IndexSettings(store=StoreSettings(data_dir=str(data_dir)))
     report = index_into(settings, list(sources_for(str(images))))

@@ -6,10 +6,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from batchserve.catalog import NewItem
-from batchserve.index import IndexParams, VectorIndex
-from batchserve.models import BUILTIN_SHA256
-from batchserve.store import ItemStore
+from batchserve.models.spec import BUILTIN_SHA256
+from batchserve.storage.index import IndexParams, VectorIndex
+from batchserve.storage.records import NewItem
+from batchserve.storage.store import ItemStore
 from bench.kinds import clustered
 
 BUILTIN_FINGERPRINT = {

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from batchserve.index import IndexParams, VectorIndex
+from batchserve.storage.index import IndexParams, VectorIndex
 
 
 def clustered(n: int, dim: int, clusters: int, seed: int) -> npt.NDArray[np.float32]:

@@ -8,13 +8,14 @@ from typing import Any
 
 import numpy as np
 
-from batchserve.images import DecodeLimits, decode_image
+from batchserve.models.images import DecodeLimits, decode_image
 
 
 def _load(model_args: dict[str, object] | None) -> Any:
     """The served model, as the server loads it (``model_args``: ModelSpec fields)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from batchserve.models import ModelSpec, load_model
+    from batchserve.models.loaders import load_model
+    from batchserve.models.spec import ModelSpec
 
     return load_model(ModelSpec(**(model_args or {})))  # type: ignore[arg-type]
 

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from batchserve.catalog import NewItem
-from batchserve.index import IndexParams, VectorIndex
-from batchserve.store import ItemStore
+from batchserve.storage.index import IndexParams, VectorIndex
+from batchserve.storage.records import NewItem
+from batchserve.storage.store import ItemStore
 from bench.fill import BUILTIN_FINGERPRINT, LABELS
 from bench.kinds import clustered
 
@@ -25,7 +25,7 @@ LATER_CHANGES = 1000
 
 def _write(url: str, vectors: Any, start: int, stop: int) -> float:
     """Items ``start``..``stop`` written through a catalog in batches; the seconds taken."""
-    from batchserve.catalog_pg import PostgresCatalog
+    from batchserve.storage.postgres import PostgresCatalog
 
     catalog = PostgresCatalog(url, 1280)
     catalog.check_model(BUILTIN_FINGERPRINT)
@@ -43,7 +43,7 @@ def _write(url: str, vectors: Any, start: int, stop: int) -> float:
 
 
 def _open(url: str, data_dir: Path) -> tuple[ItemStore, float, Any]:
-    from batchserve.catalog_pg import PostgresCatalog
+    from batchserve.storage.postgres import PostgresCatalog
 
     started = time.perf_counter()
     store = ItemStore(

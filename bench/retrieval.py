@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from batchserve.models import ModelInfo, ModelSpec, embedding_recipe
-from batchserve.views import CROP_VIEWS, VIEW_WEIGHT
+from batchserve.models.spec import ModelInfo, ModelSpec, embedding_recipe
+from batchserve.models.views import CROP_VIEWS, VIEW_WEIGHT
 from bench.retrieval_data import EDITS, QUICK_EDITS, Benchmark, Picture, build
 
 Array = npt.NDArray[np.float32]
@@ -43,8 +43,8 @@ class Backbone:
         import keras
         import tensorflow as tf
 
-        from batchserve.loaders import read_keras
-        from batchserve.models import verified_builtin
+        from batchserve.models.loaders import read_keras
+        from batchserve.models.spec import verified_builtin
 
         fixed = read_keras(verified_builtin()[0]).get_layer("mobilenetv2_1.00_160")
         free = keras.applications.MobileNetV2(
@@ -73,7 +73,7 @@ def prepared(
 ) -> npt.NDArray[np.uint8]:
     """The server's decode: resized to the input (squashed, aspect not kept, unless
     ``letterbox``), its uniform borders first cut off with ``trim``."""
-    from batchserve.images import DecodeLimits, decode_image
+    from batchserve.models.images import DecodeLimits, decode_image
 
     return decode_image(data, (size, size), DecodeLimits(), letterbox=letterbox, trim_borders=trim)
 
@@ -93,7 +93,7 @@ def item_views(data: bytes) -> npt.NDArray[np.uint8]:
     """An item decoded as the server decodes it with ``--crop-views --grey-view``: [7, H, W,
     3], the whole image, five crops, the grey copy. Kept, so the first view's preparation
     times the one decode and the others reuse it."""
-    from batchserve.images import DecodeLimits, decode_item_for
+    from batchserve.models.images import DecodeLimits, decode_item_for
 
     return decode_item_for(data, VIEW_INFO, DecodeLimits())
 

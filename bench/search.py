@@ -11,8 +11,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from batchserve.index import IndexParams, VectorIndex
-from batchserve.store import ItemStore
+from batchserve.storage.index import IndexParams, VectorIndex
+from batchserve.storage.store import ItemStore
 from bench import fill, load, point, procs
 from bench.bodies import build_requests
 from bench.embed import Plan, points

@@ -5,7 +5,7 @@
 ``network`` (the Keras model trained), ``fit`` (the training loop and the export of
 ``MODEL_DIR``), ``evaluate`` (the validation set) and ``report`` (``report.json`` and the
 plots). Serving never imports this package: what it reads back from ``MODEL_DIR`` is in
-``batchserve.model_dir``. TensorFlow and matplotlib are imported only when a model is
+``batchserve.models.model_dir``. TensorFlow and matplotlib are imported only when a model is
 built or a plot drawn.
 """
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from batchserve.errors import BatchserveError, DatasetError
-from batchserve.images import DecodeLimits, decode_image
+from batchserve.models.images import DecodeLimits, decode_image
 
 
 @dataclass(frozen=True)

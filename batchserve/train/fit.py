@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from batchserve import model_dir
 from batchserve.errors import DatasetError
-from batchserve.loaders import KerasBase, keras_base
-from batchserve.models import sha256_file
+from batchserve.models import model_dir
+from batchserve.models.loaders import KerasBase, keras_base
+from batchserve.models.spec import sha256_file
 from batchserve.train import report
 from batchserve.train.dataset import (
     ClassFolders,

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from batchserve import model_dir
-from batchserve.compiled import preprocess_fn
-from batchserve.loaders import KerasBase
+from batchserve.models import model_dir
+from batchserve.models.compiled import preprocess_fn
+from batchserve.models.loaders import KerasBase
 from batchserve.train.settings import TrainSettings
 
 

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from batchserve.model_dir import Manifest
+from batchserve.models.model_dir import Manifest
 from batchserve.train.evaluate import Evaluation
 
 REPORT = "report.json"

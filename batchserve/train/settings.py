@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from batchserve.images import DecodeLimits
-from batchserve.models import ModelSpec
+from batchserve.models.images import DecodeLimits
+from batchserve.models.spec import ModelSpec
 from batchserve.settings import check_settings, part, setting
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from batchserve.images import DecodeLimits, decode_image
+from batchserve.models.images import DecodeLimits, decode_image
 
 SIZE = (160, 160)
 

@@ -13,7 +13,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 from flask import Flask, Response, request
 
-from batchserve.models import ModelSpec, load_model
+from batchserve.models.loaders import load_model
+from batchserve.models.spec import ModelSpec
 from bench.baselines.common import answer, decode
 
 model = load_model(ModelSpec())

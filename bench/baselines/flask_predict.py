@@ -12,7 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 from flask import Flask, Response, request
 
-from batchserve.models import builtin_model_path
+from batchserve.models.spec import builtin_model_path
 from bench.baselines.common import answer, decode
 
 _full = keras.models.load_model(builtin_model_path(), compile=False)

@@ -19,22 +19,24 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from batchserve.catalog import Catalog, ModelMismatch, NewItem
-from batchserve.catalog_pg import (
+from batchserve.errors import NotReady
+from batchserve.storage.catalog import ModelMismatch
+from batchserve.storage.postgres import (
     LOG_LOCK,
     CatalogUnavailable,
     ChangeListener,
     PostgresCatalog,
     id_lock_key,
 )
-from batchserve.errors import NotReady
+from batchserve.storage.records import NewItem
+from batchserve.storage.sqlite import SqliteCatalog
 from tests.postgres import PostgresCluster, free_port, postgres_cluster
 
 DIM = 8
 MODEL = {"name": "m1", "dim": DIM, "weights_sha256": "a" * 64}
 OTHER_MODEL = {"name": "m2", "dim": DIM, "weights_sha256": "b" * 64}
 
-AnyCatalog = Catalog | PostgresCatalog
+AnyCatalog = SqliteCatalog | PostgresCatalog
 
 
 def vec(seed: int) -> np.ndarray:
@@ -84,7 +86,7 @@ def pg_url(postgres: PostgresCluster) -> str:
 def catalog(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AnyCatalog]:
     opened: AnyCatalog
     if request.param == "sqlite":
-        opened = Catalog(tmp_path / "catalog.sqlite3", DIM)
+        opened = SqliteCatalog(tmp_path / "catalog.sqlite3", DIM)
     else:
         opened = PostgresCatalog(request.getfixturevalue("pg_url"), DIM)
     yield opened
@@ -262,7 +264,7 @@ def test_a_catalog_of_item_views_keeps_them_after_the_embedding(
     kind: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     views: AnyCatalog = (
-        Catalog(tmp_path / "catalog.sqlite3", DIM, views=2)
+        SqliteCatalog(tmp_path / "catalog.sqlite3", DIM, views=2)
         if kind == "sqlite"
         else PostgresCatalog(request.getfixturevalue("pg_url"), DIM, views=2)
     )

@@ -14,8 +14,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from batchserve.batching import BatchPolicy
 from batchserve.config import ServeSettings, parse
+from batchserve.serving.batching import BatchPolicy
 from tests.integration.conftest import Server, system_binary
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"

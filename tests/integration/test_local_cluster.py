@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from batchserve.batching import BatchPolicy
-from batchserve.bodies import RequestLimits
+from batchserve.http.bodies import RequestLimits
+from batchserve.serving.batching import BatchPolicy
 from bench.procs import free_port
 from tests.integration.conftest import Response, http_request, system_binary, wait_until
 from tests.postgres import require_postgres

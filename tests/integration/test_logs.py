@@ -12,7 +12,7 @@ from tests.integration.conftest import start_server, stop_server
 
 NATIVE_SCRIPT = """
 import os, sys
-from batchserve import logs
+from batchserve.serving import logs
 logs.start_logging("info", "json")
 os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written\\n")
 os.write(2, b"I0000 00:00:1795990913.700417   18051 port.cc:153] oneDNN custom operations\\n")

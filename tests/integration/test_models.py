@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from batchserve import models
-from batchserve.compiled import TensorFlowModel
 from batchserve.errors import ModelLoadError
-from batchserve.models import ModelSpec, load_model
+from batchserve.models.compiled import TensorFlowModel
+from batchserve.models.loaders import load_model
+from batchserve.models.spec import ModelSpec
+from batchserve.models.spec import spec as models
 
 
 @pytest.fixture(scope="module")

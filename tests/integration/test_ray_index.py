@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from batchserve.catalog import Catalog
 from batchserve.demo import sample_photos
+from batchserve.storage.sqlite import SqliteCatalog
 from tests.postgres import PostgresCluster, free_port, postgres_cluster, unavailable
 
 RAY_BIN = Path(sys.executable).parent / "ray"
@@ -195,7 +195,7 @@ def test_ray_indexes_a_parquet_manifest_with_ids_labels_and_metadata(
 def test_ray_refuses_a_data_dir_of_another_model(
     photos: Path, ray_home: dict[str, str], tmp_path: Path
 ) -> None:
-    catalog = Catalog(tmp_path / "data" / "catalog.sqlite3", 1280)
+    catalog = SqliteCatalog(tmp_path / "data" / "catalog.sqlite3", 1280)
     catalog.check_model({"name": "another-model", "weights_sha256": "0" * 64, "dim": 1280})
     catalog.close()
     ray = run_index(photos, tmp_path / "data", "--engine", "ray", "--ray-cpus", "2", env=ray_home)

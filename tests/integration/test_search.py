@@ -336,7 +336,7 @@ def test_item_views_find_a_crop_and_a_grey_copy_of_a_photo_at_the_views_weight(
 ) -> None:
     """``--crop-views --grey-view`` on the real server: the demo photos are added through
     the API with their views, and a crop or a greyscale copy of one finds it first."""
-    from batchserve.views import VIEW_WEIGHT, crop_boxes
+    from batchserve.models.views import VIEW_WEIGHT, crop_boxes
 
     server = start_server(tmp_path, "--crop-views", "--grey-view")
     try:

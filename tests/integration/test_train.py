@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from batchserve.models import BUILTIN_SHA256
+from batchserve.models.spec import BUILTIN_SHA256
 from tests.integration.class_folders import PATTERN_CLASSES, write_class_folders
 from tests.integration.conftest import Server, start_server, stop_server
 
@@ -172,8 +172,8 @@ def test_training_refuses_a_builtin_model_whose_digest_changed(
 
     import h5py
 
-    from batchserve import models
     from batchserve.errors import ModelLoadError
+    from batchserve.models.spec import spec as models
     from batchserve.train import TrainSettings, train
 
     tampered = tmp_path / "dog_breed_mobilenetv2.h5"

@@ -18,17 +18,18 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.testing import MemoryReactorClock
 
-from batchserve.auth import Tokens
-from batchserve.batching import BatchPolicy
-from batchserve.bodies import RequestLimits
 from batchserve.config import ServerSettings, ServeSettings
-from batchserve.images import DecodeLimits, decode_image
-from batchserve.index import IndexParams, VectorIndex
-from batchserve.inference import InferenceWorker, Prediction
-from batchserve.metrics import Metrics, MetricsPage
-from batchserve.records import AddTask, SearchRequest, SearchTask
+from batchserve.http.auth import Tokens
+from batchserve.http.bodies import RequestLimits
+from batchserve.models.batches import Prediction
+from batchserve.models.images import DecodeLimits, decode_image
 from batchserve.server import Threads, build
-from batchserve.store import ItemStore, StoreSettings
+from batchserve.serving.batching import BatchPolicy
+from batchserve.serving.inference import InferenceWorker
+from batchserve.serving.metrics import Metrics, MetricsPage
+from batchserve.serving.records import AddTask, SearchRequest, SearchTask
+from batchserve.storage.index import IndexParams, VectorIndex
+from batchserve.storage.store import ItemStore, StoreSettings
 from batchserve.testing import (
     FakeModel,
     FakeRunner,

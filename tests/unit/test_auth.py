@@ -6,8 +6,8 @@ import hmac
 
 import pytest
 
-from batchserve.auth import Tokens
 from batchserve.errors import Forbidden, Unauthorized
+from batchserve.http.auth import Tokens
 
 
 def test_no_tokens_set_opens_everything() -> None:

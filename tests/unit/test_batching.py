@@ -12,8 +12,8 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from batchserve.batching import Batch, Batcher, BatchPolicy
 from batchserve.errors import DeadlineExceeded, InferenceFailed, Overloaded
+from batchserve.serving.batching import Batch, Batcher, BatchPolicy
 from batchserve.testing import FakeRunner, result_of
 
 

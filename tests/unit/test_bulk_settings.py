@@ -7,12 +7,12 @@ import sys
 
 import pytest
 
-from batchserve.bulk import index_into
-from batchserve.bulk_settings import EngineSettings
+from batchserve.bulk.command import index_into
+from batchserve.bulk.ray_engine import ActorPlan, import_ray, plan_actors
+from batchserve.bulk.settings import EngineSettings
 from batchserve.cli import build_parser
 from batchserve.config import IndexSettings, load, parse
 from batchserve.errors import ConfigError
-from batchserve.ingest_ray import ActorPlan, import_ray, plan_actors
 
 
 def test_the_local_engine_into_the_data_dir_is_the_default() -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from batchserve.catalog import NewItem
-from batchserve.index import IndexParams, VectorIndex
-from batchserve.store import ItemStore
+from batchserve.storage.index import IndexParams, VectorIndex
+from batchserve.storage.records import NewItem
+from batchserve.storage.store import ItemStore
 
 DIM = 4
 MODEL = {"name": "m", "weights_sha256": "abc", "dim": DIM}

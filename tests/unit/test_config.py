@@ -24,7 +24,7 @@ from batchserve.config import (
     settings_table,
 )
 from batchserve.errors import ConfigError
-from batchserve.store import StoreSettings
+from batchserve.storage.store import StoreSettings
 from batchserve.train.settings import TrainSettings
 
 

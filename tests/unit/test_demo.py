@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image
 
 from batchserve import demo
-from batchserve.images import DecodeLimits, decode_image
+from batchserve.models.images import DecodeLimits, decode_image
 
 DEMO_DIR = Path(demo.__file__).parent / "data" / "demo"
 

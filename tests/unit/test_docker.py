@@ -328,7 +328,7 @@ def test_the_build_context_holds_what_the_images_copy_and_nothing_else() -> None
         "data/catalog.sqlite3",
         "build/screenshots/page.png",
         "bench/out/run.json",
-        "mutants/batchserve/index.py",
+        "mutants/batchserve/storage/index.py",
         "tests/unit/test_docker.py",
         ".hypothesis/examples/x",
         "docker/check_resolution.py",

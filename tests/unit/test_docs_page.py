@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from batchserve.bodies import RequestLimits
-from batchserve.docs_page import anchor, render
-from batchserve.openapi import document
+from batchserve.http.bodies import RequestLimits
+from batchserve.http.openapi.docs_page import anchor, render
+from batchserve.http.openapi.document import document
 
 Doc = dict[str, Any]
 

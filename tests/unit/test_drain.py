@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 from twisted.internet.task import Clock
 
-from batchserve.drain import InFlight
 from batchserve.errors import NotReady
+from batchserve.http.drain import InFlight
 
 
 def fired(d: Any) -> list[Any]:

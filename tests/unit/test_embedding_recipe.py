@@ -7,8 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from batchserve.catalog import Catalog, ModelMismatch
-from batchserve.models import LEGACY_EMBEDDING, ModelInfo, ModelSpec, embedding_recipe, recipe_flags
+from batchserve.models.spec import (
+    LEGACY_EMBEDDING,
+    ModelInfo,
+    ModelSpec,
+    embedding_recipe,
+    recipe_flags,
+)
+from batchserve.storage.catalog import ModelMismatch
+from batchserve.storage.sqlite import SqliteCatalog
 
 MODEL = {"name": "m", "weights_sha256": "a" * 64, "dim": 8}
 
@@ -55,15 +62,15 @@ def test_item_views_are_in_the_fingerprint_only_when_on() -> None:
     assert info(embedding_recipe(ModelSpec(), pools_map=True)).views == 0
 
 
-def catalog_of(path: Path, fingerprint: dict[str, object]) -> Catalog:
-    catalog = Catalog(path / "catalog.sqlite3", 8)
+def catalog_of(path: Path, fingerprint: dict[str, object]) -> SqliteCatalog:
+    catalog = SqliteCatalog(path / "catalog.sqlite3", 8)
     catalog.check_model(fingerprint)
     return catalog
 
 
 def test_a_catalog_from_before_recipes_opens_with_the_old_recipe(tmp_path: Path) -> None:
     catalog_of(tmp_path, MODEL).close()  # stored with no "embedding": made the old way
-    catalog = Catalog(tmp_path / "catalog.sqlite3", 8)
+    catalog = SqliteCatalog(tmp_path / "catalog.sqlite3", 8)
     catalog.check_model(info(dict(LEGACY_EMBEDDING)).fingerprint())  # --pooling avg ...
     catalog.close()
 
@@ -72,7 +79,7 @@ def test_a_catalog_made_another_way_is_refused_with_the_flags_and_the_rebuild(
     tmp_path: Path,
 ) -> None:
     catalog_of(tmp_path, MODEL).close()
-    catalog = Catalog(tmp_path / "catalog.sqlite3", 8)
+    catalog = SqliteCatalog(tmp_path / "catalog.sqlite3", 8)
     new = info(embedding_recipe(ModelSpec(), pools_map=True)).fingerprint()
     with pytest.raises(ModelMismatch) as refused:
         catalog.check_model(new)
@@ -88,7 +95,7 @@ def test_a_catalog_without_crop_views_is_refused_by_a_server_that_makes_them(
 ) -> None:
     made = info(embedding_recipe(ModelSpec(), pools_map=True)).fingerprint()
     catalog_of(tmp_path, made).close()
-    catalog = Catalog(tmp_path / "catalog.sqlite3", 8, views=5)
+    catalog = SqliteCatalog(tmp_path / "catalog.sqlite3", 8, views=5)
     with pytest.raises(ModelMismatch) as refused:
         catalog.check_model(info(embedding_recipe(ModelSpec(crop_views=True), True)).fingerprint())
     message = str(refused.value)

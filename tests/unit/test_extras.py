@@ -29,8 +29,8 @@ def loaded_after(code: str) -> list[str]:
 
 def test_serving_modules_import_no_tensorflow_matplotlib_or_scikit_image() -> None:
     code = (
-        "import batchserve.cli, batchserve.api, batchserve.service, batchserve.demo\n"
-        "import batchserve.server, batchserve.models, batchserve.model_dir\n"
+        "import batchserve.cli, batchserve.http.v1, batchserve.serving.service, batchserve.demo\n"
+        "import batchserve.server, batchserve.models.spec, batchserve.models.model_dir\n"
         "batchserve.cli.build_parser()\n"
         "assert len(batchserve.demo.sample_photos()) == len(batchserve.demo.SAMPLES)\n"
     )

@@ -9,8 +9,8 @@ from typing import Any
 from twisted.internet.task import Clock
 
 from batchserve.errors import NotReady
-from batchserve.follow import Follower
-from batchserve.pipeline import IndexWorker
+from batchserve.serving.follower import Follower
+from batchserve.serving.pipeline import IndexWorker
 from batchserve.testing import result_of, run_now
 from tests.unit.test_store import follower, items, store
 
@@ -93,7 +93,9 @@ def test_an_unreachable_catalog_is_logged_once_and_retried() -> None:
     finally:
         globalLogPublisher.removeObserver(seen.append)
     messages = [
-        e.get("log_format", "") for e in seen if e.get("log_namespace") == "batchserve.follow"
+        e.get("log_format", "")
+        for e in seen
+        if e.get("log_namespace") == "batchserve.serving.follower"
     ]
     assert messages == [
         "cannot follow the shared catalog: {error}",

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from batchserve.catalog import NewItem
+from batchserve.storage.records import NewItem
 from batchserve.testing import FakeRunner, encode_image, result_of
 from tests.unit.test_api import BLUE, RED, Harness, _prediction, add
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageOps, JpegImagePlugin
 
 from batchserve.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from batchserve.images import (
+from batchserve.models.images import (
     PAD_RGB,
     DecodeLimits,
     decode_image,
@@ -225,9 +225,9 @@ def _png(image: Image.Image) -> bytes:
 
 
 def test_an_item_decodes_to_its_image_then_its_crop_views_of_the_trimmed_picture() -> None:
-    from batchserve.images import decode_item_for
+    from batchserve.models.images import decode_item_for
+    from batchserve.models.views import CROP_VIEWS, crop_boxes
     from batchserve.testing import FakeModel
-    from batchserve.views import CROP_VIEWS, crop_boxes
 
     core = _photo((120, 90))
     info = FakeModel(input_size=SIZE, crop_views=True).info
@@ -249,9 +249,9 @@ def _textured_jpeg(size: tuple[int, int], seed: int) -> bytes:
 
 
 def test_a_large_jpeg_item_is_its_image_as_decode_for_makes_it_then_sharper_crops() -> None:
-    from batchserve.images import decode_for, decode_item_for
+    from batchserve.models.images import decode_for, decode_item_for
+    from batchserve.models.views import crop_boxes
     from batchserve.testing import FakeModel
-    from batchserve.views import crop_boxes
 
     data = _textured_jpeg((320, 320), seed=5)
     info = FakeModel(input_size=(32, 32), crop_views=True).info
@@ -267,7 +267,7 @@ def test_a_large_jpeg_item_is_its_image_as_decode_for_makes_it_then_sharper_crop
 
 
 def test_the_grey_view_of_an_item_is_its_image_in_greyscale_after_its_crops() -> None:
-    from batchserve.images import decode_item_for
+    from batchserve.models.images import decode_item_for
     from batchserve.testing import FakeModel
 
     data = _png(_photo((120, 90)))
@@ -284,7 +284,7 @@ def test_the_grey_view_of_an_item_is_its_image_in_greyscale_after_its_crops() ->
 
 @pytest.mark.parametrize("side", [40, 64, 100, 320, 333, 640, 1000])
 def test_the_draft_scale_of_an_item_is_the_one_pillow_decodes_at(side: int) -> None:
-    from batchserve.images import _draft_scale
+    from batchserve.models.images import _draft_scale
 
     out = io.BytesIO()
     Image.new("RGB", (side, side * 3 // 4), (90, 120, 30)).save(out, "JPEG")
@@ -296,7 +296,7 @@ def test_the_draft_scale_of_an_item_is_the_one_pillow_decodes_at(side: int) -> N
 
 
 def test_an_item_whose_crops_share_its_draft_is_decoded_once_and_the_same() -> None:
-    from batchserve.images import decode_for, decode_item_for
+    from batchserve.models.images import decode_for, decode_item_for
     from batchserve.testing import FakeModel
 
     data = _textured_jpeg((640, 480), seed=6)

@@ -10,7 +10,7 @@ import faiss
 import numpy as np
 import pytest
 
-from batchserve.index import (
+from batchserve.storage.index import (
     IndexParams,
     VectorIndex,
     auto_nlist,

@@ -12,9 +12,10 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from batchserve.batching import Batch, Batcher, BatchPolicy
 from batchserve.errors import InferenceFailed, NotReady
-from batchserve.inference import InferenceWorker, Prediction, pad_batch, padded_size, run_batch
+from batchserve.models.batches import Prediction, pad_batch, padded_size
+from batchserve.serving.batching import Batch, Batcher, BatchPolicy
+from batchserve.serving.inference import InferenceWorker, run_batch
 from batchserve.testing import FakeModel, FakeRunner
 
 SIZES = [1, 2, 4, 8]

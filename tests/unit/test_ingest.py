@@ -14,16 +14,16 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from batchserve.catalog import NewItem
+from batchserve.bulk.local import ingest
+from batchserve.bulk.outputs import EmbeddingsFile, IndexOutput, finish
+from batchserve.bulk.report import STAGES, BulkReport, print_summary
+from batchserve.bulk.sources import Source, read_manifest, scan_directory, sha256_hex, sources_for
 from batchserve.errors import InvalidInput
-from batchserve.images import DecodeLimits
-from batchserve.index import IndexParams, VectorIndex
-from batchserve.index_output import EmbeddingsFile, IndexOutput, finish
-from batchserve.inference import split_outputs
-from batchserve.ingest import STAGES, IngestReport, ingest, print_summary
-from batchserve.pipeline import predicted_class
-from batchserve.sources import Source, read_manifest, scan_directory, sha256_hex, sources_for
-from batchserve.store import ItemStore, SearchQuery
+from batchserve.models.batches import predicted_class, split_outputs
+from batchserve.models.images import DecodeLimits
+from batchserve.storage.index import IndexParams, VectorIndex
+from batchserve.storage.records import NewItem
+from batchserve.storage.store import ItemStore, SearchQuery
 from batchserve.testing import FakeModel, encode_image
 
 
@@ -46,7 +46,7 @@ def open_store(path: Path, model: FakeModel) -> ItemStore:
     return store
 
 
-def run(sources: list[Source], store: ItemStore, model: FakeModel) -> IngestReport:
+def run(sources: list[Source], store: ItemStore, model: FakeModel) -> BulkReport:
     return ingest(sources, IndexOutput(store), model, [1, 2, 4], 2, DecodeLimits())
 
 
@@ -179,7 +179,7 @@ def test_the_report_times_each_stage(tmp_path: Path) -> None:
 
 
 def test_the_summary_gives_counts_busy_time_per_stage_and_the_failures() -> None:
-    report = IngestReport(
+    report = BulkReport(
         indexed=40,
         skipped=3,
         failed=[(f"/img/{i}.jpg", "cannot decode") for i in range(4)],
@@ -256,8 +256,9 @@ def test_output_keeps_each_sources_metadata_as_json_text(tmp_path: Path) -> None
 
 
 def test_bulk_indexing_with_crop_views_stores_each_items_views(tmp_path: Path) -> None:
-    from batchserve.images import decode_item_for
-    from batchserve.views import CROP_VIEWS, ViewedIndex
+    from batchserve.models.images import decode_item_for
+    from batchserve.models.views import CROP_VIEWS
+    from batchserve.storage.viewed_index import ViewedIndex
 
     model = FakeModel(crop_views=True)
     image = np.zeros((60, 80, 3), dtype=np.uint8)

@@ -16,12 +16,12 @@ from PIL import Image
 from twisted.internet.testing import MemoryReactorClock
 
 from batchserve.config import ServeSettings
-from batchserve.images import DecodeLimits, decode_image
-from batchserve.records import AddTask, SearchRequest, SearchTask
+from batchserve.models.images import DecodeLimits, decode_image
+from batchserve.models.views import CROP_VIEWS, VIEW_WEIGHT, crop_boxes
 from batchserve.server import Server, Threads, build
-from batchserve.store import StoreSettings
+from batchserve.serving.records import AddTask, SearchRequest, SearchTask
+from batchserve.storage.store import StoreSettings
 from batchserve.testing import FakeModel, SyncModelRunner, result_of, run_now
-from batchserve.views import CROP_VIEWS, VIEW_WEIGHT, crop_boxes
 
 RED, BLUE = (230, 30, 30), (30, 40, 220)
 

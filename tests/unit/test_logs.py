@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from twisted.logger import LogLevel, globalLogPublisher
 
-from batchserve import logs
+from batchserve.serving import logs
 from tests.unit.test_api import RED, Harness
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from batchserve.metrics import Metrics
+from batchserve.serving.metrics import Metrics
 
 
 def busy_metrics() -> Metrics:

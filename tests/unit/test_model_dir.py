@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from batchserve import model_dir
 from batchserve.errors import ModelLoadError
+from batchserve.models import model_dir
 
 
 def test_the_manifest_round_trips_and_a_foreign_one_is_refused(tmp_path: Path) -> None:

@@ -11,10 +11,10 @@ import numpy as np
 import orjson
 import pytest
 
-from batchserve.bodies import RequestLimits
 from batchserve.errors import InvalidInput, PayloadTooLarge
-from batchserve.inference import Prediction
-from batchserve.oip import InferRequest, model_metadata, read_infer, write_infer
+from batchserve.http.bodies import RequestLimits
+from batchserve.http.v2_wire import InferRequest, model_metadata, read_infer, write_infer
+from batchserve.models.batches import Prediction
 from batchserve.testing import FakeModel
 
 INFO = FakeModel(classes=["cat", "dog"]).info

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from batchserve.auth import Tokens
-from batchserve.images import DecodeLimits, decode_image
+from batchserve.http.auth import Tokens
+from batchserve.models.images import DecodeLimits, decode_image
 from batchserve.testing import FakeRunner, result_of
 from tests.unit.test_api import BLUE, RED, Harness, embedding_of
 
@@ -140,6 +140,6 @@ def test_tokens_and_metrics_apply_as_on_v1() -> None:
 
 
 def _unit() -> Any:
-    from batchserve.inference import Prediction
+    from batchserve.models.batches import Prediction
 
     return Prediction(np.ones(8, dtype=np.float32) / np.sqrt(8), np.ones(3, np.float32) / 3)

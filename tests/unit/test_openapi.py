@@ -9,9 +9,9 @@ from typing import Any
 import jsonschema
 from openapi_spec_validator import validate
 
-from batchserve.api import BatchserveAPI
-from batchserve.bodies import RequestLimits
-from batchserve.openapi import document
+from batchserve.http.bodies import RequestLimits
+from batchserve.http.openapi.document import document
+from batchserve.http.v1 import BatchserveAPI
 from batchserve.testing import encode_multipart
 from tests.unit.test_api import BLUE, RED, Harness, add
 

@@ -15,13 +15,13 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from batchserve.batching import Batch, Batcher, BatchPolicy
 from batchserve.errors import NotReady
-from batchserve.index import IndexParams, VectorIndex
-from batchserve.inference import Prediction
-from batchserve.pipeline import IndexWorker, Job, Outcome, PipelineRunner, apply_tasks
-from batchserve.records import AddTask, EmbedTask, SearchTask
-from batchserve.store import ItemStore
+from batchserve.models.batches import Prediction
+from batchserve.serving.batching import Batch, Batcher, BatchPolicy
+from batchserve.serving.pipeline import IndexWorker, Job, Outcome, PipelineRunner, apply_tasks
+from batchserve.serving.records import AddTask, EmbedTask, SearchTask
+from batchserve.storage.index import IndexParams, VectorIndex
+from batchserve.storage.store import ItemStore
 from batchserve.testing import FakeModel, SyncModelRunner, result_of
 
 DIM = 8

@@ -12,8 +12,6 @@ import pytest
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.task import Clock
 
-from batchserve.batching import Batcher, BatchPolicy
-from batchserve.catalog import NewItem
 from batchserve.errors import (
     DeadlineExceeded,
     InvalidInput,
@@ -21,12 +19,14 @@ from batchserve.errors import (
     NotReady,
     Overloaded,
 )
-from batchserve.images import DecodeLimits
-from batchserve.index import IndexParams, VectorIndex
-from batchserve.pipeline import IndexWorker
-from batchserve.records import AddTask, EmbedTask, Match, SearchRequest, SearchTask
-from batchserve.service import ImageService, gather
-from batchserve.store import ItemStore
+from batchserve.models.images import DecodeLimits
+from batchserve.serving.batching import Batcher, BatchPolicy
+from batchserve.serving.pipeline import IndexWorker
+from batchserve.serving.records import AddTask, EmbedTask, SearchRequest, SearchTask
+from batchserve.serving.service import ImageService, gather
+from batchserve.storage.index import IndexParams, VectorIndex
+from batchserve.storage.records import Match, NewItem
+from batchserve.storage.store import ItemStore
 from batchserve.testing import FakeModel, FakeRunner, encode_image, result_of, run_now
 
 
@@ -145,12 +145,12 @@ def test_a_catalog_that_cannot_be_written_fails_the_adds_only(tmp_path: Any) -> 
     import numpy as np
 
     from batchserve.errors import StorageFailed
-    from batchserve.index import IndexParams, VectorIndex
-    from batchserve.inference import Prediction
-    from batchserve.pipeline import apply_tasks
-    from batchserve.records import AddTask
-    from batchserve.records import SearchTask as Search
-    from batchserve.store import ItemStore
+    from batchserve.models.batches import Prediction
+    from batchserve.serving.pipeline import apply_tasks
+    from batchserve.serving.records import AddTask
+    from batchserve.serving.records import SearchTask as Search
+    from batchserve.storage.index import IndexParams, VectorIndex
+    from batchserve.storage.store import ItemStore
 
     model = FakeModel()
     store = ItemStore(

@@ -10,8 +10,8 @@ from typing import Any
 from twisted.internet.testing import StringTransport
 from twisted.web.server import Site
 
-from batchserve.auth import Tokens
-from batchserve.site import BoundedRequest, make_site
+from batchserve.http.auth import Tokens
+from batchserve.http.site import BoundedRequest, make_site
 from batchserve.testing import FakeRunner, SiteClient, encode_multipart, result_of
 from tests.unit.test_api import RED, Harness
 

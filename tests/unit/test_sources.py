@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from batchserve.bulk.sources import Source, read_bytes, read_manifest, scan_directory, sources_for
 from batchserve.errors import InvalidInput, PayloadTooLarge
-from batchserve.sources import Source, read_bytes, read_manifest, scan_directory, sources_for
 from batchserve.testing import encode_image
 
 

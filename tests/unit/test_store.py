@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from batchserve.catalog import ModelMismatch, NewItem
-from batchserve.index import IndexParams, VectorIndex
-from batchserve.records import Match
-from batchserve.store import DataDirLocked, ItemStore, SearchQuery, lock_data_dir
+from batchserve.storage.catalog import ModelMismatch
+from batchserve.storage.index import IndexParams, VectorIndex
+from batchserve.storage.records import Match, NewItem
+from batchserve.storage.store import DataDirLocked, ItemStore, SearchQuery, lock_data_dir
 
 DIM = 16
 MODEL = {"name": "m", "weights_sha256": "abc", "dim": DIM}
@@ -152,7 +152,7 @@ def test_data_dir_lock_is_exclusive(tmp_path: Path) -> None:
 
     lock_data_dir(tmp_path)
     code = (
-        "import sys; from pathlib import Path; from batchserve.store import lock_data_dir\n"
+        "import sys; from pathlib import Path; from batchserve.storage.store import lock_data_dir\n"
         f"lock_data_dir(Path({str(tmp_path)!r}))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

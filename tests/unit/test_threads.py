@@ -11,7 +11,7 @@ from typing import TypeVar
 
 import pytest
 
-from batchserve.threads import KernelNamedThread, NamedThreadPool
+from batchserve.serving.threads import KernelNamedThread, NamedThreadPool
 
 T = TypeVar("T")
 

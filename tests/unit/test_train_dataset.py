@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from batchserve.errors import DatasetError
-from batchserve.images import DecodeLimits
+from batchserve.models.images import DecodeLimits
 from batchserve.testing import encode_image
 from batchserve.train.dataset import Skipped, find_examples, load_example
 from batchserve.train.evaluate import confusion_matrix

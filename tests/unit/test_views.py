@@ -9,17 +9,11 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from batchserve.catalog import NewItem
-from batchserve.index import IndexParams, VectorIndex
-from batchserve.store import ItemStore, SearchQuery
-from batchserve.views import (
-    VIEW_SLOTS,
-    VIEW_WEIGHT,
-    ViewedIndex,
-    best_per_item,
-    crop_boxes,
-    view_ids,
-)
+from batchserve.models.views import VIEW_WEIGHT, crop_boxes
+from batchserve.storage.index import IndexParams, VectorIndex
+from batchserve.storage.records import NewItem
+from batchserve.storage.store import ItemStore, SearchQuery
+from batchserve.storage.viewed_index import VIEW_SLOTS, ViewedIndex, best_per_item, view_ids
 
 DIM, VIEWS = 16, 5
 
@@ -170,7 +164,7 @@ def test_a_snapshot_of_views_weighed_otherwise_is_not_used(tmp_path: Path) -> No
 
 
 def test_the_rows_fetched_hold_every_top_item_and_stay_within_a_gpu_search() -> None:
-    from batchserve.views import GPU_MAX_ROWS, rows_to_fetch
+    from batchserve.storage.viewed_index import GPU_MAX_ROWS, rows_to_fetch
 
     assert rows_to_fetch(10, 5, "cpu") == 60 and rows_to_fetch(1000, 5, "cpu") == 6000
     assert rows_to_fetch(10, 5, "gpu") == 60 and rows_to_fetch(1000, 5, "gpu") == GPU_MAX_ROWS

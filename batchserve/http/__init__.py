@@ -1,0 +1,9 @@
+"""The HTTP layer: the v1 routes (``v1.py``) and the Open Inference Protocol v2 routes
+(``v2.py``, wire format in ``v2_wire.py``), the wire format of v1 and the status of every
+domain error (``wire.py``), how a URL reaches its route, the Twisted site with its bounded
+bodies and early refusals, body parsing and input checks, bearer tokens, draining, the search
+page and the API's contract (``openapi/``).
+
+It is the only layer that imports Klein or writes JSON. It may import ``serving``, ``models``
+and ``storage`` (for their records and limits), never ``bulk``, ``server`` or ``cli``.
+"""

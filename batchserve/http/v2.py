@@ -1,0 +1,161 @@
+"""The Open Inference Protocol v2 routes (KServe / Triton REST) under ``/v2``: server and
+model metadata, health, and inference. Inference goes through the same service, batcher,
+deadlines, admission, tokens and metrics as ``/v1``; errors are the protocol's
+``{"error": "..."}``. The wire format is in oip.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from klein import Klein
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException
+
+from batchserve.errors import BatchserveError, InvalidInput, NotFound
+from batchserve.http import v2_wire as oip
+from batchserve.http.bodies import RequestLimits
+from batchserve.http.routing import PathSegment
+from batchserve.http.wire import Prepared, allow, json_body, retry_after, status_for
+from batchserve.models.batches import Prediction
+from batchserve.serving.service import Call, ImageService
+
+if TYPE_CHECKING:
+    from batchserve.http.v1 import BatchserveAPI
+
+HEADER_LENGTH = b"inference-header-content-length"
+
+
+def error_body(request: IRequest, error: BatchserveError) -> bytes:
+    """The protocol's error: ``{"error": "<message>"}`` with the error's status."""
+    retry_after(request, error)
+    return json_body(request, status_for(error), {"error": str(error)})
+
+
+@dataclass(frozen=True)
+class InferBody(Prepared):
+    """An inference response: JSON, or a JSON header followed by binary tensors."""
+
+    body: bytes
+    header_length: int | None
+
+    def write_to(self, request: IRequest) -> bytes:
+        kind = b"application/json" if self.header_length is None else b"application/octet-stream"
+        request.setHeader(b"Content-Type", kind)
+        request.setHeader(b"Content-Length", str(len(self.body)).encode())
+        if self.header_length is not None:
+            request.setHeader(HEADER_LENGTH, str(self.header_length).encode())
+        return self.body
+
+
+class OpenInferenceAPI:
+    """The ``/v2`` routes, answered through ``api``'s plumbing."""
+
+    app = Klein()
+    app.url_map.converters["segment"] = PathSegment
+
+    def __init__(self, api: BatchserveAPI, service: ImageService, limits: RequestLimits) -> None:
+        self._api = api
+        self._service = service
+        self._limits = limits
+
+    def resource(self) -> Any:
+        return self.app.resource()
+
+    def _respond(self, request: IRequest, route: str, work: Any) -> Deferred[bytes]:
+        return self._api.respond(request, route, work, errors=error_body)
+
+    @app.route("/v2", methods=["GET"])
+    def server(self, request: IRequest) -> Deferred[bytes]:
+        return self._respond(request, "/v2", oip.server_metadata)
+
+    @app.route("/v2/health/live", methods=["GET"])
+    def live(self, request: IRequest) -> bytes:
+        return json_body(request, 200, {"live": True})
+
+    @app.route("/v2/health/ready", methods=["GET"])
+    def ready(self, request: IRequest) -> bytes:
+        ready = self._service.ready and not self._api.in_flight.closing
+        return json_body(request, 200 if ready else 503, {"ready": ready})
+
+    @app.route("/v2/models/<segment:name>", methods=["GET"])
+    @app.route("/v2/models/<segment:name>/versions/<segment:version>", methods=["GET"])
+    def model(self, request: IRequest, name: str, version: str = oip.VERSION) -> Deferred[bytes]:
+        def work() -> dict[str, Any]:
+            return oip.model_metadata(self._model(name, version))
+
+        return self._respond(request, "/v2/models/{name}", work)
+
+    @app.route("/v2/models/<segment:name>/ready", methods=["GET"])
+    @app.route("/v2/models/<segment:name>/versions/<segment:version>/ready", methods=["GET"])
+    def model_ready(
+        self, request: IRequest, name: str, version: str = oip.VERSION
+    ) -> Deferred[bytes]:
+        def work() -> dict[str, Any]:
+            self._model(name, version)
+            return {"name": name, "ready": self._service.ready}
+
+        return self._respond(request, "/v2/models/{name}/ready", work)
+
+    @app.route("/v2/models/<segment:name>/infer", methods=["POST"])
+    @app.route("/v2/models/<segment:name>/versions/<segment:version>/infer", methods=["POST"])
+    def infer(self, request: IRequest, name: str, version: str = oip.VERSION) -> Deferred[bytes]:
+        def work() -> Deferred[InferBody]:
+            info = self._model(name, version)
+            call = self._api.call_of(request)
+            _, body = self._api.body_of(request)
+            length = _header_length(request)
+            read = lambda: oip.read_infer(_bytes(body), length, info, self._limits)  # noqa: E731
+            return self._infer(read, call).addCallback(lambda done: InferBody(*done))
+
+        return self._respond(request, "/v2/models/{name}/infer", work)
+
+    def _infer(self, read: Any, call: Call) -> Deferred[tuple[bytes, int | None]]:
+        """Read the request on the decode pool (once read, its own deadline joins the
+        call's), run its images through the model, and write the response."""
+        info = self._service.loaded()
+        asked: list[oip.InferRequest] = []
+
+        def images() -> list[oip.Image]:
+            asked.append(read())
+            own = asked[0].timeout_s
+            if own is not None:
+                call.timeout_s = own if call.timeout_s is None else min(call.timeout_s, own)
+            return asked[0].images
+
+        def written(predictions: list[Prediction]) -> tuple[bytes, int | None]:
+            return oip.write_infer(info, asked[0], predictions)
+
+        return self._service.predict(images, call).addCallback(written)
+
+    def _model(self, name: str, version: str) -> Any:
+        info = self._service.loaded()
+        if name != info.name or version != oip.VERSION:
+            raise NotFound(
+                f"no model {name!r} version {version}: this server serves "
+                f"{info.name!r} version {oip.VERSION}"
+            )
+        return info
+
+    @app.handle_errors(HTTPException)
+    def http_error(self, request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        assert isinstance(error, HTTPException)
+        allow(request, error)
+        return json_body(request, error.code or 500, {"error": error.description or error.name})
+
+
+def _header_length(request: IRequest) -> int | None:
+    raw = request.getHeader(HEADER_LENGTH)
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError as e:
+        raise InvalidInput("Inference-Header-Content-Length must be an integer") from e
+
+
+def _bytes(body: Any) -> bytes:
+    return body if isinstance(body, bytes) else body.read()

@@ -1,0 +1,585 @@
+"""The catalog in PostgreSQL: one durable catalog shared by several replicas.
+
+The same interface and meaning as the SQLite ``Catalog`` (batchserve/storage/sqlite.py): items
+under row ids (``fid``, the items' ids in the index, never reused) and an ordered change
+log that each replica's index follows. Each replica is one process whose index thread alone uses its
+``PostgresCatalog``; several processes write the same database at once, which is safe by
+these rules:
+
+1. A write is acknowledged (``upsert``/``delete`` return) only after PostgreSQL committed it,
+   with ``synchronous_commit`` at least ``on`` (a connection finding it ``off`` turns it on):
+   the commit's WAL is flushed, and on synchronous standbys as the server is configured.
+2. Ids are unique by constraint, and writes of one id are serialized: a transaction first takes
+   a transaction-scoped advisory lock per id (a 64-bit hash of the id; a collision only
+   serializes two ids needlessly), then deletes the id's old row (logging ``del``) and
+   inserts the new one (logging ``add``). Two replicas upserting one id at once both succeed;
+   the later commit wins everywhere, and the log never holds two live fids for one id.
+3. The log's ``seq`` order is its commit order. A sequence hands out numbers when rows are
+   inserted, not when they commit: without more, a transaction could take seq 10, another
+   take 11 and commit first, and a follower that read ``seq > 9`` and saw 11 would then ask
+   for ``seq > 11`` and never see 10. So each write transaction takes one global advisory
+   lock (``LOG_LOCK``) just before it appends to ``changes`` and holds it to its commit:
+   seqs are handed out only under the lock, and a transaction's changes are visible before
+   the next one can take any. Seqs may have gaps (rolled-back transactions); followers must
+   not expect them to be consecutive. The cost: the tail of write transactions (log rows,
+   NOTIFY, commit) runs one at a time across all replicas, which is one commit per batch of
+   items.
+4. Locks are taken in one order: per-id locks in ascending key order, then the log lock;
+   no transaction waits for a per-id lock while holding the log lock, so there are no
+   deadlocks. Per-id keys are single 64-bit advisory keys; the schema and log locks use the
+   two-int form, a separate key space, so an id's hash can never equal them.
+5. Each write transaction ends with ``NOTIFY batchserve_changes, '<its last seq>'``, delivered
+   at commit; ``ChangeListener`` wakes followers with it (polling stays the fallback: a
+   notification can be lost while a listener reconnects).
+6. Unreachable PostgreSQL, a pool with no connection in time, or a statement past
+   ``statement_timeout_s`` raise ``CatalogUnavailable`` (HTTP 503, retry after 1 s) within
+   about ``connect_timeout_s``; the pool reconnects by itself when the server is back. A
+   write that fails so may still have committed (the connection was lost during COMMIT): an
+   upsert is safe to retry (the id is replaced), and the log still tells every replica.
+   A connection idle inside a transaction past ``statement_timeout_s`` is ended by the
+   server, so a replica that vanishes mid-write cannot hold the log lock for long.
+
+Writes are few statements sent as pipelines (one round trip each); reads of the whole table
+(``vectors()``, ``groups()``) use a server-side cursor and hold one pooled connection while
+their iterator is consumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import TupleRow
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool, PoolClosed
+
+from batchserve.errors import NotReady
+from batchserve.storage.catalog import check_fingerprint, check_row, row_shape
+from batchserve.storage.records import Item, NewItem
+
+#: LISTEN/NOTIFY channel of the change log; the payload is the last seq committed.
+CHANNEL = "batchserve_changes"
+
+#: Advisory locks in the two-int key space: (batchserve's class, lock). Part of the protocol
+#: between writers: anything else that writes the catalog takes them as this module does.
+LOCK_CLASS = 0x62737276  # "bsrv"
+SCHEMA_LOCK = (LOCK_CLASS, 1)
+LOG_LOCK = (LOCK_CLASS, 2)
+
+#: How long the pool keeps reconnecting in the background after a failure (with backoff
+#: from 1 s, doubling) before it waits for the next caller to ask: longer, and a server back
+#: after a long outage may wait out a long backoff step before the pool sees it.
+_RECONNECT_S = 5.0
+
+#: TCP keepalives: a server gone without closing the connection (a host down, a network
+#: partition) fails a waiting call after about 20 s instead of never.
+_KEEPALIVES: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+}
+
+#: Rows per query when reading rows by fid or id.
+_BATCH = 1000
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    fid bigserial PRIMARY KEY,
+    id text NOT NULL UNIQUE,
+    label text,
+    class text,
+    metadata jsonb NOT NULL DEFAULT '{}',
+    embedding bytea NOT NULL,
+    created double precision NOT NULL
+);
+CREATE TABLE IF NOT EXISTS thumbnails (
+    fid bigint PRIMARY KEY REFERENCES items (fid) ON DELETE CASCADE,
+    jpeg bytea NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sources (
+    fid bigint PRIMARY KEY REFERENCES items (fid) ON DELETE CASCADE,
+    sha256 text NOT NULL
+);
+CREATE TABLE IF NOT EXISTS changes (
+    seq bigserial PRIMARY KEY,
+    op text NOT NULL CHECK (op IN ('add', 'del')),
+    fid bigint NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key text PRIMARY KEY, value text NOT NULL);
+"""
+
+_INSERT_ITEM = """
+WITH added AS (
+    INSERT INTO items (id, label, class, metadata, embedding, created)
+    VALUES (%(id)s, %(label)s, %(class)s, %(metadata)s, %(embedding)s, %(created)s)
+    RETURNING fid
+), thumbnail AS (
+    INSERT INTO thumbnails (fid, jpeg)
+    SELECT fid, %(jpeg)s::bytea FROM added WHERE %(jpeg)s::bytea IS NOT NULL
+), source AS (
+    INSERT INTO sources (fid, sha256)
+    SELECT fid, %(digest)s::text FROM added WHERE %(digest)s::text IS NOT NULL
+)
+SELECT fid FROM added
+"""
+
+_ITEM_COLUMNS = "SELECT fid, id, label, class, metadata, created FROM items"
+
+
+class CatalogUnavailable(NotReady):
+    """The catalog's PostgreSQL cannot be reached or did not answer in time (HTTP 503)."""
+
+    code = "catalog_unavailable"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message, retry_after_s)
+
+
+def _libpq_timeout_s(seconds: float) -> int:
+    """libpq's ``connect_timeout``: whole seconds, at least 2."""
+    return max(2, math.ceil(seconds))
+
+
+def _where(url: str) -> str:
+    """``url`` without user or password, for messages."""
+    params = conninfo_to_dict(url)
+    host, port, name = params.get("host", ""), params.get("port", 5432), params.get("dbname", "")
+    return f"postgresql://{host}:{port}/{name}"
+
+
+def id_lock_key(item_id: str) -> int:
+    """The advisory lock key of an id: the same in every process (unlike ``hash``)."""
+    digest = hashlib.blake2b(item_id.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _ensure_synchronous_commit(conn: psycopg.Connection[TupleRow]) -> None:
+    row = conn.execute("SHOW synchronous_commit").fetchone()
+    if row is not None and row[0] == "off":
+        conn.execute("SET synchronous_commit = on")
+
+
+class PostgresCatalog:
+    """Items in the PostgreSQL database at ``url``, shared with other replicas.
+
+    ``connect_timeout_s`` bounds a connection attempt (libpq rounds it up to whole seconds,
+    at least 2) and a wait for a pooled connection; ``statement_timeout_s`` bounds each
+    statement on the server, lock waits included. Creates the schema if missing; raises
+    ``CatalogUnavailable`` if the server cannot be reached.
+    """
+
+    #: Other processes write it too: a store follows its change log (store.ItemStore).
+    shared = True
+
+    def __init__(
+        self,
+        url: str,
+        dim: int,
+        views: int = 0,
+        pool_min: int = 1,
+        pool_max: int = 4,
+        connect_timeout_s: float = 2.0,
+        statement_timeout_s: float = 5.0,
+    ) -> None:
+        self.dim = dim
+        #: Crop views per item: each item's ``embedding`` holds its embedding, then theirs.
+        self.views = views
+        self.where = _where(url)
+        timeout_ms = max(1, round(statement_timeout_s * 1000))
+        options = (
+            f"-c statement_timeout={timeout_ms} -c idle_in_transaction_session_timeout={timeout_ms}"
+        )
+        if given := conninfo_to_dict(url).get("options"):
+            options = f"{given} {options}"
+        self._connect_timeout_s = _libpq_timeout_s(connect_timeout_s)
+        self._kwargs: dict[str, Any] = {
+            "autocommit": True,
+            "connect_timeout": self._connect_timeout_s,
+            "options": options,
+            "application_name": "batchserve",
+            **_KEEPALIVES,
+        }
+        #: Write transactions committed since opening (one per upsert or delete).
+        self.commits = 0
+        with self._unavailable():
+            # A direct connection first: its error says why (refused, no such database).
+            with psycopg.connect(url, **self._kwargs) as conn, conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", SCHEMA_LOCK)
+                conn.execute(SCHEMA)
+            self._pool: ConnectionPool[psycopg.Connection[TupleRow]] = ConnectionPool(
+                url,
+                min_size=pool_min,
+                max_size=pool_max,
+                kwargs=self._kwargs,
+                configure=_ensure_synchronous_commit,
+                # One more round trip per call, so that a connection broken while idle (a
+                # server restart) is replaced instead of failing the call.
+                check=ConnectionPool.check_connection,
+                timeout=connect_timeout_s,
+                reconnect_timeout=_RECONNECT_S,
+                name="batchserve-catalog",
+                open=False,
+            )
+            self._pool.open(wait=True, timeout=2.0 * self._connect_timeout_s)
+
+    def close(self) -> None:
+        self._pool.close()
+
+    @contextmanager
+    def _unavailable(self) -> Iterator[None]:
+        try:
+            yield
+        except PoolClosed:
+            raise
+        except psycopg.OperationalError as e:
+            raise CatalogUnavailable(
+                f"the catalog database {self.where} is unavailable: {e}"
+            ) from e
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[TupleRow]]:
+        with self._unavailable(), self._pool.connection() as conn:
+            yield conn
+
+    @contextmanager
+    def _write(self) -> Iterator[psycopg.Connection[TupleRow]]:
+        with self._connection() as conn:
+            with conn.transaction():
+                yield conn
+            self.commits += 1
+
+    def _one(self, query: str, params: Sequence[Any] = ()) -> TupleRow | None:
+        with self._connection() as conn:
+            return conn.execute(query, params).fetchone()
+
+    # -- model fingerprint ----------------------------------------------------------------
+
+    def check_model(self, fingerprint: dict[str, Any]) -> None:
+        """Record which model makes the embeddings, or refuse another one."""
+        with self._connection() as conn:
+            conn.execute(
+                "INSERT INTO meta VALUES ('model', %s) ON CONFLICT (key) DO NOTHING",
+                (json.dumps(fingerprint, sort_keys=True),),
+            )
+            row = conn.execute("SELECT value FROM meta WHERE key = 'model'").fetchone()
+        stored = json.loads(row[0]) if row is not None else fingerprint
+        check_fingerprint(f"the catalog database {self.where}", stored, fingerprint)
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._one("SELECT value FROM meta WHERE key = %s", (key,))
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._connection() as conn:
+            conn.execute(
+                "INSERT INTO meta VALUES (%s, %s) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def upsert(self, items: Sequence[NewItem]) -> tuple[list[int], list[int]]:
+        """Add ``items`` in one transaction, replacing items with the same id (also an
+        earlier one of the same batch). Returns (new fids in order, fids of the replaced
+        rows). Committed on return."""
+        vectors = [np.ascontiguousarray(item.vectors, dtype=np.float32) for item in items]
+        for vector in vectors:
+            check_row(vector, self.dim, self.views)
+        added: list[int] = []
+        replaced: list[int] = []
+        log: list[tuple[str, int]] = []
+        now = time.time()
+        with self._write() as conn:
+            if not items:
+                return added, replaced
+            with conn.pipeline():
+                self._lock_ids(conn, [item.id for item in items])
+                queued = [
+                    (
+                        conn.execute("DELETE FROM items WHERE id = %s RETURNING fid", (item.id,)),
+                        conn.execute(
+                            _INSERT_ITEM,
+                            {
+                                "id": item.id,
+                                "label": item.label,
+                                "class": item.predicted_class,
+                                "metadata": Jsonb(item.metadata),
+                                "embedding": vector.tobytes(),
+                                "created": now,
+                                "jpeg": item.thumbnail or None,
+                                "digest": item.digest,
+                            },
+                        ),
+                    )
+                    for item, vector in zip(items, vectors, strict=True)
+                ]
+            for deleted, inserted in queued:
+                if (old := deleted.fetchone()) is not None:
+                    replaced.append(int(old[0]))
+                    log.append(("del", int(old[0])))
+                new = inserted.fetchone()
+                assert new is not None
+                added.append(int(new[0]))
+                log.append(("add", int(new[0])))
+            self._append(conn, log)
+        return added, replaced
+
+    def delete(self, item_id: str) -> int | None:
+        """Delete the item; return its fid, or None if there was no such item."""
+        with self._write() as conn:
+            self._lock_ids(conn, [item_id])
+            row = conn.execute(
+                "DELETE FROM items WHERE id = %s RETURNING fid", (item_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            self._append(conn, [("del", int(row[0]))])
+        return int(row[0])
+
+    def _lock_ids(self, conn: psycopg.Connection[TupleRow], item_ids: Sequence[str]) -> None:
+        # Ascending keys: two transactions locking overlapping ids cannot deadlock. unnest
+        # yields the array in order, and the locks are taken row by row.
+        keys = sorted({id_lock_key(i) for i in item_ids})
+        conn.execute("SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k", (keys,))
+
+    def _append(self, conn: psycopg.Connection[TupleRow], log: Sequence[tuple[str, int]]) -> None:
+        """Log ``log`` (op, fid) in order and notify followers, under the log lock (held to
+        commit, so that seq order is commit order: see the module's docstring)."""
+        with conn.pipeline():
+            conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", LOG_LOCK)
+            with conn.cursor() as cursor:
+                cursor.executemany("INSERT INTO changes (op, fid) VALUES (%s, %s)", log)
+            conn.execute(
+                "SELECT pg_notify(%s, currval(pg_get_serial_sequence('changes', 'seq'))::text)",
+                (CHANNEL,),
+            )
+
+    def durability(self) -> dict[str, str]:
+        """What a commit waits for, as the server reports it for a pooled connection
+        (``synchronous_commit`` ``on`` and ``fsync`` ``on``: flushed when it returns)."""
+        row = self._one(
+            "SELECT current_setting('server_version'), current_setting('synchronous_commit'), "
+            "current_setting('fsync'), current_setting('synchronous_standby_names')"
+        )
+        assert row is not None
+        return {
+            "engine": "postgresql",
+            "server_version": str(row[0]),
+            "synchronous_commit": str(row[1]),
+            "fsync": str(row[2]),
+            "synchronous_standby_names": str(row[3]),
+        }
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def count(self) -> int:
+        row = self._one("SELECT count(*) FROM items")
+        return 0 if row is None else int(row[0])
+
+    def get(self, item_id: str) -> Item | None:
+        row = self._one(f"{_ITEM_COLUMNS} WHERE id = %s", (item_id,))
+        return None if row is None else _item(row)
+
+    def page(self, limit: int, before_fid: int | None = None) -> list[Item]:
+        """Up to ``limit`` items, newest first, older than row ``before_fid`` if given."""
+        with self._connection() as conn:
+            if before_fid is None:
+                rows = conn.execute(f"{_ITEM_COLUMNS} ORDER BY fid DESC LIMIT %s", (limit,))
+            else:
+                rows = conn.execute(
+                    f"{_ITEM_COLUMNS} WHERE fid < %s ORDER BY fid DESC LIMIT %s",
+                    (before_fid, limit),
+                )
+            return [_item(row) for row in rows]
+
+    def thumbnail(self, item_id: str) -> tuple[int, bytes | None] | None:
+        """(fid, JPEG or None when the item has no thumbnail), or None for no such item."""
+        row = self._one(
+            "SELECT items.fid, thumbnails.jpeg FROM items "
+            "LEFT JOIN thumbnails ON thumbnails.fid = items.fid WHERE items.id = %s",
+            (item_id,),
+        )
+        return None if row is None else (int(row[0]), None if row[1] is None else bytes(row[1]))
+
+    def items_by_fid(self, fids: Sequence[int]) -> dict[int, Item]:
+        unique = list(dict.fromkeys(int(f) for f in fids))
+        found: dict[int, Item] = {}
+        with self._connection() as conn:
+            for start in range(0, len(unique), _BATCH):
+                rows = conn.execute(
+                    f"{_ITEM_COLUMNS} WHERE fid = ANY(%s::bigint[])",
+                    (unique[start : start + _BATCH],),
+                )
+                found.update((int(row[0]), _item(row)) for row in rows)
+        return found
+
+    def embedding(self, item_id: str) -> tuple[int, npt.NDArray[np.float32]] | None:
+        row = self._one("SELECT fid, embedding FROM items WHERE id = %s", (item_id,))
+        if row is None:
+            return None
+        return int(row[0]), np.frombuffer(row[1], dtype=np.float32)[: self.dim].copy()
+
+    def vectors(
+        self, fids: Sequence[int] | None = None, chunk: int = 10_000
+    ) -> Iterator[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
+        """(fids int64 [n], vectors float32 [n, dim], or with crop views [n, 1 + views, dim])
+        of the given rows, or of every row, in chunks of at most ``chunk`` rows, ascending
+        fid."""
+        if fids is None:
+            for rows in self._stream("SELECT fid, embedding FROM items ORDER BY fid", chunk):
+                yield self._stack(rows)
+            return
+        unique = sorted({int(f) for f in fids})
+        step = min(chunk, _BATCH)
+        with self._connection() as conn:
+            for start in range(0, len(unique), step):
+                with conn.cursor(binary=True) as cursor:
+                    rows = cursor.execute(
+                        "SELECT fid, embedding FROM items "
+                        "WHERE fid = ANY(%s::bigint[]) ORDER BY fid",
+                        (unique[start : start + step],),
+                    ).fetchall()
+                if rows:
+                    yield self._stack(rows)
+
+    def _stream(self, query: str, chunk: int) -> Iterator[list[TupleRow]]:
+        """The rows of ``query`` in lists of ``chunk``, from a server-side cursor (one
+        snapshot; the connection is held until the iterator ends or is closed)."""
+        with self._connection() as conn, conn.transaction():
+            # The caller may take its time between chunks, and this transaction takes no
+            # lock that a writer waits for.
+            conn.execute("SET LOCAL idle_in_transaction_session_timeout = 0")
+            with conn.cursor("batchserve_stream", binary=True) as cursor:
+                cursor.itersize = chunk
+                cursor.execute(query)
+                while rows := cursor.fetchmany(chunk):
+                    yield rows
+
+    def _stack(self, rows: list[TupleRow]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
+        return ids, vectors.reshape(len(rows), *row_shape(self.dim, self.views))
+
+    def groups(self) -> Iterator[tuple[int, str | None, str | None]]:
+        """(fid, label, predicted class) of every item, for the filter maps."""
+        for rows in self._stream("SELECT fid, label, class FROM items", 10_000):
+            for fid, label, klass in rows:
+                yield int(fid), label, klass
+
+    def ids(self, item_ids: Sequence[str]) -> set[str]:
+        """Which of ``item_ids`` are present."""
+        return set(self.digests(item_ids))
+
+    def digests(self, item_ids: Sequence[str]) -> dict[str, str | None]:
+        """The source digest of each of ``item_ids`` present (None: indexed from no file)."""
+        present: dict[str, str | None] = {}
+        with self._connection() as conn:
+            for start in range(0, len(item_ids), _BATCH):
+                rows = conn.execute(
+                    "SELECT items.id, sources.sha256 FROM items LEFT JOIN sources "
+                    "ON sources.fid = items.fid WHERE items.id = ANY(%s::text[])",
+                    (list(item_ids[start : start + _BATCH]),),
+                )
+                present.update((str(row[0]), row[1]) for row in rows)
+        return present
+
+    # -- change log -----------------------------------------------------------------------
+
+    def last_seq(self) -> int:
+        row = self._one("SELECT max(seq) FROM changes")
+        return 0 if row is None or row[0] is None else int(row[0])
+
+    def changes_since(self, seq: int, limit: int | None = None) -> list[tuple[int, str, int]]:
+        """(seq, 'add' or 'del', fid) after ``seq``, in commit order, at most ``limit``."""
+        with self._connection() as conn:
+            rows = conn.execute(
+                "SELECT seq, op, fid FROM changes WHERE seq > %s ORDER BY seq LIMIT %s::bigint",
+                (seq, limit),
+            )
+            return [(int(s), str(op), int(fid)) for s, op, fid in rows]
+
+    def prune_changes(self, upto_seq: int) -> None:
+        """Keep the log: does nothing. Replicas share it, and one replica's snapshots say
+        nothing of how far the others (or one starting from an older snapshot) have read;
+        pruning needs a retention agreed by all of them, which is not built yet."""
+
+
+class ChangeListener:
+    """Wakes a follower of the change log when any process commits a change: a dedicated
+    autocommit connection listening on ``CHANNEL``, opened by the first ``wait`` (on the
+    waiting thread, not the constructor's) and reopened after errors.
+
+    For one thread: ``wait`` and ``close`` are called by the thread that follows the log.
+    """
+
+    def __init__(self, url: str, connect_timeout_s: float = 2.0) -> None:
+        self.url = url
+        self._connect_timeout_s = _libpq_timeout_s(connect_timeout_s)
+        self._conn: psycopg.Connection[TupleRow] | None = None
+
+    def _connect(self) -> bool:
+        try:
+            conn = psycopg.connect(
+                self.url,
+                autocommit=True,
+                connect_timeout=self._connect_timeout_s,
+                application_name="batchserve-listener",
+                **_KEEPALIVES,
+            )
+        except psycopg.OperationalError:
+            return False
+        try:
+            conn.execute(f"LISTEN {CHANNEL}")
+        except psycopg.OperationalError:
+            conn.close()
+            return False
+        self._conn = conn
+        return True
+
+    def wait(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for a change. True when one was notified, or when the
+        connection was just opened (changes before it were not notified: read the log);
+        False on timeout, and while PostgreSQL is unreachable (after waiting out
+        ``timeout_s``, so that a caller's loop does not spin)."""
+        deadline = time.monotonic() + timeout_s
+        if self._conn is None:
+            if self._connect():
+                return True
+            time.sleep(max(0.0, deadline - time.monotonic()))
+            return False
+        try:
+            received = sum(1 for _ in self._conn.notifies(timeout=timeout_s, stop_after=1))
+            if received:
+                # Several commits wake a follower once: it reads the whole log anyway.
+                sum(1 for _ in self._conn.notifies(timeout=0.0))
+        except psycopg.OperationalError:
+            self.close()
+            return False
+        return received > 0
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def _item(row: Sequence[Any]) -> Item:
+    return Item(
+        fid=int(row[0]),
+        id=str(row[1]),
+        label=row[2],
+        predicted_class=row[3],
+        metadata=row[4],
+        created=float(row[5]),
+    )

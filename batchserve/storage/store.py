@@ -1,0 +1,498 @@
+"""The item store: the catalog, the vector index and the filter maps kept in step.
+
+Everything here runs on the index thread, one call at a time, so neither FAISS nor SQLite
+needs a lock. A batch of searches is ONE index search per distinct filter (one in total
+when no query filters); a batch of adds is one SQLite transaction and one index add.
+Snapshots of the index are written atomically and loaded at start; the catalog's change
+log brings a snapshot up to date, or the index is rebuilt from the catalog.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from batchserve.errors import ConfigError
+from batchserve.models.views import VIEW_WEIGHT
+from batchserve.settings import setting
+from batchserve.storage.catalog import Catalog, row_shape
+from batchserve.storage.records import Item, Match, NewItem
+from batchserve.storage.sqlite import SqliteCatalog
+
+KEEP_SNAPSHOTS = 2
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """Where items live and how often the index is written down. Times in seconds."""
+
+    data_dir: str = setting("data", "directory for the catalog and index snapshots")
+    snapshot_interval_s: float = setting(
+        300.0,
+        "seconds between index snapshots (only when something changed; also at exit)",
+        above=0,
+    )
+    demo: bool = setting(
+        True, "on a first start with an empty data dir, index the sample photos shipped"
+    )
+    catalog: str = setting(
+        "sqlite",
+        "where items live: 'sqlite' (the embedded catalog in the data dir), or a "
+        "postgresql://user@host:port/db URL that several replicas share",
+    )
+    follow_interval_s: float = setting(
+        1.0,
+        "with a shared catalog, seconds between polls of its change log (a change is also "
+        "announced at once by LISTEN/NOTIFY)",
+        above=0,
+    )
+
+    def __post_init__(self) -> None:
+        if self.catalog != "sqlite" and not self.shared_catalog:
+            raise ConfigError(
+                f"catalog must be 'sqlite' or a postgresql:// URL, got {self.catalog!r}"
+            )
+
+    @property
+    def shared_catalog(self) -> bool:
+        return self.catalog.startswith(("postgresql://", "postgres://"))
+
+    def open_catalog(self, dim: int, views: int = 0) -> Catalog | None:
+        """The catalog these settings name: None for the data dir's own SQLite catalog."""
+        if not self.shared_catalog:
+            return None
+        try:
+            from batchserve.storage.postgres import PostgresCatalog
+        except ImportError as e:
+            raise ConfigError(
+                "a postgresql:// catalog needs the postgres extra: "
+                "pip install 'batchserve[postgres]'"
+            ) from e
+        return PostgresCatalog(self.catalog, dim, views)
+
+
+class SearchableIndex(Protocol):
+    """What the store needs of an index (VectorIndex; tests hand in a counting one)."""
+
+    dim: int
+    #: Calls made into the index by kind ("search", "add", "remove").
+    calls: Counter[str]
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def kind_in_use(self) -> str: ...
+
+    @property
+    def trained(self) -> bool: ...
+
+    @property
+    def device(self) -> str: ...
+
+    def add(self, ids: Any, vectors: Any) -> None: ...
+
+    def remove(self, ids: Any) -> None: ...
+
+    def rebuild(self, ids: Any, vectors: Any) -> None: ...
+
+    def needs_training(self) -> bool: ...
+
+    def needs_rebuild(self) -> bool: ...
+
+    def search(
+        self, queries: Any, k: int, allowed: npt.NDArray[np.int64] | None = None
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]: ...
+
+    def write(self, path: Path) -> list[int]: ...
+
+    def load(self, path: Path, tombstones: list[int], trained: bool) -> None: ...
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    """One search: ``vector`` float32 [dim], unit norm. ``label`` and ``predicted_class``
+    restrict the items searched; ``exclude`` leaves one item out (its own neighbours)."""
+
+    vector: npt.NDArray[np.float32]
+    k: int = 10
+    min_score: float | None = None
+    label: str | None = None
+    predicted_class: str | None = None
+    exclude: str | None = None
+
+
+@dataclass
+class OpenReport:
+    """How the index was brought up at start."""
+
+    snapshot_seq: int | None = None
+    replayed: int = 0
+    rebuilt: bool = False
+    seconds: float = 0.0
+    skipped_snapshots: list[str] = field(default_factory=list)
+
+
+class DataDirLocked(ConfigError):
+    code = "data_dir_locked"
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Take the data dir's exclusive lock (one server or indexer at a time); return the fd,
+    held until the process exits."""
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(data_dir / "lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+        os.close(fd)
+        raise DataDirLocked(
+            f"{data_dir} is in use by another batchserve process (server or indexer)"
+        ) from e
+    return fd
+
+
+class ItemStore:
+    """Items, their vectors and filters, under ``data_dir``."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        index: SearchableIndex,
+        fingerprint: dict[str, Any],
+        catalog: Catalog | None = None,
+        views: int = 0,
+    ) -> None:
+        self.data_dir = data_dir
+        #: With crop views (``views`` per item), a ``views.ViewedIndex``.
+        self.index = index
+        self.views = views
+        self.fingerprint = fingerprint
+        self.catalog: Catalog = catalog or SqliteCatalog(
+            data_dir / "catalog.sqlite3", index.dim, views
+        )
+        self.catalog.check_model(fingerprint)
+        #: A catalog other processes write too (PostgreSQL): this index follows its change
+        #: log, and keeps the items searches show in memory, so searches go on without it.
+        self.shared = self.catalog.shared
+        self._items: dict[int, Item] = {}
+        #: The change of the catalog up to which the index is current.
+        self.applied_seq = 0
+        self.snapshot_dir = data_dir / "snapshots"
+        self.snapshot_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._by_label: dict[str, set[int]] = defaultdict(set)
+        self._by_class: dict[str, set[int]] = defaultdict(set)
+        self._groups: dict[int, tuple[str | None, str | None]] = {}
+        self._snapshot_seq = 0
+
+    # -- start ----------------------------------------------------------------------------
+
+    def open(self) -> OpenReport:
+        """Load the newest usable snapshot and replay the changes after it, or rebuild from
+        the catalog; either way the index is then current with the catalog."""
+        started = time.perf_counter()
+        report = OpenReport()
+        for meta_path in sorted(self.snapshot_dir.glob("index-*.json"), reverse=True):
+            try:
+                meta = json.loads(meta_path.read_text())
+                self._check_snapshot(meta)
+                fids = np.load(meta_path.with_suffix(".fids.npy"))
+                self.index.load(
+                    meta_path.with_suffix(".faiss"), meta["tombstones"], meta["trained"]
+                )
+            except (OSError, ValueError, KeyError, RuntimeError) as e:
+                report.skipped_snapshots.append(f"{meta_path.name}: {e}")
+                continue
+            report.snapshot_seq = self._snapshot_seq = self.applied_seq = int(meta["seq"])
+            self._remember_rows([int(f) for f in fids])
+            report.replayed = self.catch_up()
+            break
+        else:
+            self.applied_seq = self.catalog.last_seq()  # later changes are replayed
+            self._rebuild()
+            self.catch_up()
+            report.rebuilt = True
+            self._snapshot_seq = -1  # nothing on disk yet: the next snapshot is due
+        self.maintain()
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def _check_snapshot(self, meta: dict[str, Any]) -> None:
+        if meta["fingerprint"] != self.fingerprint:
+            raise ValueError("made with another model")
+        if meta.get("view_weight") != self._view_weight():
+            raise ValueError(f"item views weighed {meta.get('view_weight')}")
+        if meta["kind"] != self.index_kind():
+            raise ValueError(f"kind {meta['kind']}, configured {self.index_kind()}")
+
+    def _view_weight(self) -> float | None:
+        """How the index weighs item views (None without them): snapshots record it."""
+        return VIEW_WEIGHT if self.views else None
+
+    def index_kind(self) -> str:
+        params = getattr(self.index, "params", None)
+        return str(getattr(params, "kind", self.index.kind_in_use))
+
+    def catch_up(self, known: dict[int, NewItem] | None = None, limit: int = 10_000) -> int:
+        """Apply the catalog's changes after ``applied_seq`` to the index (this process's own
+        writes and, with a shared catalog, every other's); return how many. Idempotent: an
+        add of an item already in the index, or a delete of one not in it, does nothing, so
+        changes already reflected by a rebuild are harmless. ``known`` holds items this
+        process just wrote, whose embeddings need not be read back."""
+        applied = 0
+        while changes := self.catalog.changes_since(self.applied_seq, limit):
+            self._apply(changes, known or {})
+            self.applied_seq = changes[-1][0]
+            applied += len(changes)
+            if len(changes) < limit:
+                break
+        return applied
+
+    def behind(self) -> int:
+        """Changes in the catalog not yet in the index."""
+        return max(0, self.catalog.last_seq() - self.applied_seq)
+
+    def _apply(self, changes: Sequence[tuple[int, str, int]], known: dict[int, NewItem]) -> None:
+        before = set(self._groups)
+        alive = set(before)
+        for _seq, op, fid in changes:
+            if op == "add":
+                alive.add(fid)
+            else:
+                alive.discard(fid)
+        gone = sorted(before - alive)
+        if gone:
+            self._forget(gone)
+            self.index.remove(np.array(gone, dtype=np.int64))
+        new = sorted(alive - before)
+        mine = [fid for fid in new if fid in known]
+        if mine:
+            vectors = np.stack([known[fid].vectors for fid in mine])
+            self.index.add(np.array(mine, dtype=np.int64), vectors)
+            self._remember_rows(mine)
+        others = [fid for fid in new if fid not in known]
+        for fids, vectors in self.catalog.vectors(others):  # rows deleted since: not there
+            self.index.add(fids, vectors)
+            self._remember_rows([int(f) for f in fids])
+
+    def _rebuild(self) -> None:
+        chunks = list(self.catalog.vectors())
+        if chunks:
+            fids = np.concatenate([c[0] for c in chunks])
+            vectors = np.concatenate([c[1] for c in chunks])
+        else:
+            fids = np.zeros(0, dtype=np.int64)
+            vectors = np.zeros((0, *row_shape(self.index.dim, self.catalog.views)), np.float32)
+        self.index.rebuild(fids, vectors)
+        self._forget(list(self._groups))
+        self._remember_rows([int(f) for f in fids])
+
+    def _remember_rows(self, fids: Sequence[int]) -> None:
+        """Record rows now in the index, with their label and class (and, with a shared
+        catalog, the whole item) read from the catalog. A row deleted since is recorded
+        without them: it is in the index until its delete, which follows, is applied."""
+        if not fids:
+            return
+        if self.shared:
+            items = self.catalog.items_by_fid(fids)
+            self._items.update(items)
+            rows = {fid: (item.label, item.predicted_class) for fid, item in items.items()}
+        elif len(fids) > 1000:
+            wanted = set(fids)
+            rows = {f: (label, kl) for f, label, kl in self.catalog.groups() if f in wanted}
+        else:
+            found = self.catalog.items_by_fid(fids)
+            rows = {fid: (item.label, item.predicted_class) for fid, item in found.items()}
+        for fid in fids:
+            self._remember(fid, *rows.get(fid, (None, None)))
+
+    def maintain(self) -> bool:
+        """Train an IVF index once enough vectors exist, or compact removed vectors away.
+        Returns True when the index was rebuilt."""
+        if self.index.needs_training() or self.index.needs_rebuild():
+            self._rebuild()
+            return True
+        return False
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def add(self, items: Sequence[NewItem]) -> list[str]:
+        """Add or replace ``items``: durable in the catalog, then in the index."""
+        if not items:
+            return []
+        latest: dict[str, NewItem] = {item.id: item for item in items}  # last one wins
+        batch = list(latest.values())
+        fids, _replaced = self.catalog.upsert(batch)
+        # The index follows the catalog's change log, these writes and any other's.
+        self.catch_up(known=dict(zip(fids, batch, strict=True)))
+        self.maintain()
+        return [item.id for item in items]
+
+    def delete(self, item_id: str) -> bool:
+        fid = self.catalog.delete(item_id)
+        if fid is None:
+            return False
+        self.catch_up()
+        self.maintain()  # hnsw/ivfpq: compact once removed vectors pass 10%
+        return True
+
+    def _remember(self, fid: int, label: str | None, klass: str | None) -> None:
+        self._groups[fid] = (label, klass)
+        if label is not None:
+            self._by_label[label].add(fid)
+        if klass is not None:
+            self._by_class[klass].add(fid)
+
+    def _forget(self, fids: Sequence[int]) -> None:
+        for fid in fids:
+            self._items.pop(fid, None)
+            label, klass = self._groups.pop(fid, (None, None))
+            if label is not None:
+                self._by_label[label].discard(fid)
+            if klass is not None:
+                self._by_class[klass].discard(fid)
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def get(self, item_id: str) -> Item | None:
+        return self.catalog.get(item_id)
+
+    def embedding(self, item_id: str) -> npt.NDArray[np.float32] | None:
+        found = self.catalog.embedding(item_id)
+        return None if found is None else found[1]
+
+    def search(self, queries: Sequence[SearchQuery]) -> list[list[Match]]:
+        """Matches for every query, best first: one index search per distinct filter."""
+        groups: dict[tuple[str | None, str | None], list[int]] = defaultdict(list)
+        for i, query in enumerate(queries):
+            groups[(query.label, query.predicted_class)].append(i)
+        raw: list[tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]] = [
+            (np.zeros(0, np.float32), np.zeros(0, np.int64))
+        ] * len(queries)
+        for (label, klass), members in groups.items():
+            allowed = self._allowed(label, klass)
+            if allowed is not None and len(allowed) == 0:
+                continue
+            k = max(queries[i].k + (1 if queries[i].exclude else 0) for i in members)
+            vectors = np.stack([queries[i].vector for i in members])
+            scores, ids = self.index.search(vectors, k, allowed)
+            for row, i in enumerate(members):
+                raw[i] = (scores[row], ids[row])
+        found = self._found([int(f) for _s, ids in raw for f in ids if f >= 0])
+        return [self._matches(q, r, found) for q, r in zip(queries, raw, strict=True)]
+
+    def _found(self, fids: list[int]) -> dict[int, Item]:
+        """The items of ``fids``: from memory with a shared catalog (so that searches go on
+        while it is unreachable), else from the catalog."""
+        if self.shared:
+            return {fid: self._items[fid] for fid in fids if fid in self._items}
+        return self.catalog.items_by_fid(fids)
+
+    def _allowed(self, label: str | None, klass: str | None) -> npt.NDArray[np.int64] | None:
+        sets = []
+        if label is not None:
+            sets.append(self._by_label.get(label, set()))
+        if klass is not None:
+            sets.append(self._by_class.get(klass, set()))
+        if not sets:
+            return None
+        allowed = set.intersection(*sets)
+        return np.fromiter(sorted(allowed), dtype=np.int64, count=len(allowed))
+
+    @staticmethod
+    def _matches(
+        query: SearchQuery,
+        raw: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]],
+        found: dict[int, Item],
+    ) -> list[Match]:
+        out: list[Match] = []
+        for score, fid in zip(raw[0].tolist(), raw[1].tolist(), strict=True):
+            item = found.get(fid)
+            if item is None or item.id == query.exclude:
+                continue
+            if query.min_score is not None and score < query.min_score:
+                break
+            out.append(
+                Match(
+                    item.id, round(float(score), 6), item.label, item.metadata, item.predicted_class
+                )
+            )
+            if len(out) == query.k:
+                break
+        return out
+
+    # -- snapshots ------------------------------------------------------------------------
+
+    def snapshot(self, force: bool = False) -> Path | None:
+        """Write the index if anything changed since the last snapshot; keep the newest
+        KEEP_SNAPSHOTS. A failed write leaves the previous snapshots as they were."""
+        seq = self.applied_seq
+        if seq == self._snapshot_seq and not force:
+            return None
+        path = self.snapshot_dir / f"index-{seq:012d}.faiss"
+        tombstones = self.index.write(path)
+        fids = np.fromiter(sorted(self._groups), dtype=np.int64, count=len(self._groups))
+        np.save(path.with_suffix(".fids.npy"), fids)
+        meta = {
+            "seq": seq,
+            "kind": self.index_kind(),
+            "trained": self.index.trained,
+            "dim": self.index.dim,
+            "fingerprint": self.fingerprint,
+            "view_weight": self._view_weight(),
+            "tombstones": tombstones,
+            "count": self.index.size,
+            "written": time.time(),
+        }
+        meta_path = path.with_suffix(".json")
+        tmp = meta_path.with_name(meta_path.name + ".tmp")
+        with open(os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600), "w") as f:
+            json.dump(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, meta_path)
+        self._snapshot_seq = seq
+        self._prune_snapshots()
+        return path
+
+    def _prune_snapshots(self) -> None:
+        metas = sorted(self.snapshot_dir.glob("index-*.json"), reverse=True)
+        for old in metas[KEEP_SNAPSHOTS:]:
+            old.with_suffix(".faiss").unlink(missing_ok=True)
+            old.with_suffix(".fids.npy").unlink(missing_ok=True)
+            old.unlink(missing_ok=True)
+        kept = metas[:KEEP_SNAPSHOTS]
+        if kept:
+            oldest = int(kept[-1].stem.split("-")[1])
+            self.catalog.prune_changes(oldest)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.index_kind(),
+            "kind_in_use": self.index.kind_in_use,
+            "size": self.index.size,
+            "vectors_per_item": 1 + self.views,
+            "dim": self.index.dim,
+            "device": self.index.device,
+            "labels": len([k for k, v in self._by_label.items() if v]),
+            "calls": {op: self.index.calls[op] for op in ("search", "add", "remove")},
+            "catalog": {
+                **self.catalog.durability(),
+                "commits": self.catalog.commits,
+                "applied_seq": self.applied_seq,
+                "behind": self.behind(),
+            },
+        }
+
+    def close(self) -> None:
+        self.catalog.close()
