@@ -13,7 +13,7 @@ from batchserve.errors import ModelLoadError
 from batchserve.models.compiled import TensorFlowModel
 from batchserve.models.loaders import load_model
 from batchserve.models.spec import ModelSpec
-from batchserve.models.spec import spec as models
+from batchserve.models import spec as models
 
 
 @pytest.fixture(scope="module")

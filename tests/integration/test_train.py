@@ -173,7 +173,7 @@ def test_training_refuses_a_builtin_model_whose_digest_changed(
     import h5py
 
     from batchserve.errors import ModelLoadError
-    from batchserve.models.spec import spec as models
+    from batchserve.models import spec as models
     from batchserve.train import TrainSettings, train
 
     tampered = tmp_path / "dog_breed_mobilenetv2.h5"
