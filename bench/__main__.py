@@ -20,7 +20,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import (
+from bench.harness import images as bench_images
+from bench.harness import load as bench_load
+from bench.harness import point
+from bench.harness.bodies import ENCODINGS, build_requests
+from bench.report import plots, render, results
+from bench.scenarios import (
     ab,
     bulk,
     bulk_engines,
@@ -31,18 +36,11 @@ from bench import (
     kinds,
     offline,
     overload,
-    plots,
-    point,
-    render,
     replica_start,
-    results,
     retrieval,
     search,
     versus,
 )
-from bench import images as bench_images
-from bench import load as bench_load
-from bench.bodies import ENCODINGS, build_requests
 
 
 def _images(directory: str | None) -> list[bytes]:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.procs import ServerProcess
+from bench.harness.procs import ServerProcess
 from tests.postgres import unavailable
 
 READY_TIMEOUT_S = 180.0

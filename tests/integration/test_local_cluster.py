@@ -21,7 +21,7 @@ import pytest
 
 from batchserve.http.bodies import RequestLimits
 from batchserve.serving.batching import BatchPolicy
-from bench.procs import free_port
+from bench.harness.procs import free_port
 from tests.integration.conftest import Response, http_request, system_binary, wait_until
 from tests.postgres import require_postgres
 
@@ -80,7 +80,8 @@ class Cluster:
 
 
 def local_cluster(*args: str, timeout_s: float) -> subprocess.CompletedProcess[str]:
-    # Without the caller's BATCHSERVE_* settings, as bench.procs.ServerProcess starts a server.
+    # Without the caller's BATCHSERVE_* settings, as bench.harness.procs.ServerProcess starts
+    # a server.
     environ = {k: v for k, v in os.environ.items() if not k.startswith("BATCHSERVE_")}
     environ["PG_BIN"] = str(require_postgres())
     environ["NGINX_BIN"] = system_binary("nginx", NGINX_INSTALL)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench import retrieval
-from bench.retrieval_data import build
+from bench.scenarios import retrieval
+from bench.scenarios.retrieval_data import build
 
 #: Measured by this quick version on 2026-11-30: 0.863 (average pool), 0.894 (the new
 #: default), 0.938 (``--crop-views``: five weighed crop views of each item), 0.950 (and

@@ -9,14 +9,15 @@ from typing import Any
 
 import pytest
 
-from bench import frontend, render, results, scenario_sections, versus
-from bench.load import LoadResult, LoadSpec, Sample
-from bench.overload import Watch, model_figures, summarise
-from bench.procs import ThreadCpu
-from bench.scrape import ServerView, difference
-from bench.sections import low_load_section
+from bench.harness.load import LoadResult, LoadSpec, Sample
+from bench.harness.procs import ThreadCpu
+from bench.harness.scrape import ServerView, difference
+from bench.report import render, results, sections_scenarios
+from bench.report.sections import low_load_section
+from bench.scenarios import frontend, versus
+from bench.scenarios.overload import Watch, model_figures, summarise
 
-BENCH = Path(results.__file__).parent
+BENCH = Path(results.__file__).parents[1]
 
 BEFORE = {
     "batchserve_decode_seconds_count": 10.0,
@@ -91,7 +92,7 @@ def test_overload_section_shows_how_the_model_slowed_under_the_load() -> None:
     f = summarise(LoadResult(SPEC, []), peak=10.0, deadline_s=10.0, watch=watch, alive=True)
     f.update({"seconds": 60.0, "factor": 3.0, **under})
     f.update({"peak_model_ms_per_image": 12.0, "peak_model_busy": 0.95})
-    text = "\n".join(scenario_sections.overload(f))
+    text = "\n".join(sections_scenarios.overload(f))
     assert "| model time per image: at the peak / at 3x ms | 12.0 / 15.0 |" in text
     assert "| model busy: at the peak / at 3x | 95% / 80% |" in text
     assert "1 generator process" in text
@@ -199,7 +200,8 @@ def test_side_by_side_quotes_the_median_of_the_per_pair_ratios() -> None:
 def test_ab_runs_another_checkout_from_its_data_dir_so_that_pythonpath_wins(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from bench import ab, procs
+    from bench.harness import procs
+    from bench.scenarios import ab
 
     started: list[tuple[Any, ...]] = []
 

@@ -663,7 +663,7 @@ def test_importing_the_client_loads_no_tensorflow_twisted_klein_or_faiss() -> No
 
 
 def test_the_overload_probe_reports_a_503_with_its_retry_after_and_no_answer_as_0() -> None:
-    from bench.overload import probe
+    from bench.scenarios.overload import probe
 
     api = Api(error(503, "overloaded", "full", retry_after="1"), embeddings([[1.0]]))
     client = api.client(retries=Retry(attempts=1))
@@ -674,7 +674,7 @@ def test_the_overload_probe_reports_a_503_with_its_retry_after_and_no_answer_as_
 
 
 def test_a_starting_server_is_ready_only_once_readyz_says_200() -> None:
-    from bench.procs import answers
+    from bench.harness.procs import answers
 
     assert answers(Api(ok({})).client().ready) is True
     assert answers(Api(error(503, "not_ready", "loading")).client().ready) is False

@@ -18,8 +18,8 @@ from batchserve.config import (
     leaves,
     settings_page,
 )
-from bench import render, results
-from bench.sections import at_clients, ratio
+from bench.report import render, results
+from bench.report.sections import at_clients, ratio
 
 ROOT = Path(__file__).parents[2]
 README = (ROOT / "README.md").read_text()

@@ -1,6 +1,6 @@
 """bench/results.json: every measurement, one section per scenario, each with the date, the
 machine and the command that produced it. The only source RESULTS.md and the README's
-numbers are rendered from (``bench/render.py``)."""
+numbers are rendered from (``bench/report/render.py``)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).parent
-RESULTS_JSON = HERE / "results.json"
+RESULTS_JSON = Path(__file__).parents[1] / "results.json"
 
 #: The order of the sections in results.json and in RESULTS.md.
 SECTIONS = (

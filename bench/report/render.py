@@ -13,11 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import plots, scenario_sections, sections, sections_bulk, sections_retrieval
+from bench.report import plots, sections, sections_bulk, sections_retrieval, sections_scenarios
 
-HERE = Path(__file__).parent
-RESULTS_MD = HERE / "RESULTS.md"
-README = HERE.parent / "README.md"
+BENCH = Path(__file__).parents[1]
+RESULTS_MD = BENCH / "RESULTS.md"
+README = BENCH.parent / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 Data = dict[str, dict[str, Any]]
@@ -87,12 +87,12 @@ RENDERERS: dict[str, Callable[[Data], Lines]] = {
     "retrieval": lambda d: sections_retrieval.retrieval(d["retrieval"]),
     "kinds": lambda d: sections.kinds(d["kinds"]),
     "ceiling": lambda d: sections.ceiling(d["ceiling"]),
-    "train": lambda d: scenario_sections.train(d["train"]),
-    "overload": lambda d: scenario_sections.overload(d["overload"]),
-    "frontend": lambda d: scenario_sections.frontend(d["frontend"]),
-    "versus": lambda d: scenario_sections.versus(d["versus"]),
-    "replica_start": lambda d: scenario_sections.replica_start(d["replica_start"]),
-    "cluster": lambda d: scenario_sections.cluster(d["cluster"]),
+    "train": lambda d: sections_scenarios.train(d["train"]),
+    "overload": lambda d: sections_scenarios.overload(d["overload"]),
+    "frontend": lambda d: sections_scenarios.frontend(d["frontend"]),
+    "versus": lambda d: sections_scenarios.versus(d["versus"]),
+    "replica_start": lambda d: sections_scenarios.replica_start(d["replica_start"]),
+    "cluster": lambda d: sections_scenarios.cluster(d["cluster"]),
 }
 
 

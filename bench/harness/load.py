@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bench.client import Connection, Target
+from bench.harness.client import Connection, Target
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ import subprocess
 import tempfile
 from typing import Any
 
-from bench import load, point, procs
-from bench.bodies import build_requests
+from bench.harness import load, point, procs
+from bench.harness.bodies import build_requests
 
 CONNECTIONS = 32
 

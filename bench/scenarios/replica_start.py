@@ -16,8 +16,7 @@ from typing import Any
 from batchserve.storage.index import IndexParams, VectorIndex
 from batchserve.storage.records import NewItem
 from batchserve.storage.store import ItemStore
-from bench.fill import BUILTIN_FINGERPRINT, LABELS
-from bench.kinds import clustered
+from bench.harness.fill import BUILTIN_FINGERPRINT, LABELS, clustered
 
 BATCH = 1000
 LATER_CHANGES = 1000

@@ -13,12 +13,12 @@ from typing import Any
 
 from batchserve.storage.index import IndexParams, VectorIndex
 from batchserve.storage.store import ItemStore
-from bench import fill, load, point, procs
-from bench.bodies import build_requests
-from bench.embed import Plan, points
+from bench.harness import fill, load, point, procs
+from bench.harness.bodies import build_requests
+from bench.scenarios.embed import Plan, points
 
 ROUTE = "/v1/search?k=10"
-DIM = 1280  # the built-in model's embeddings, as bench/fill.py stores them
+DIM = 1280  # the built-in model's embeddings, as bench/harness/fill.py stores them
 
 
 def open_index(data_dir: Path, kind: str, keep_snapshot: bool = False) -> dict[str, Any]:

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from bench import load, procs, scrape
-from bench.bodies import build_requests
+from bench.harness import load, procs, scrape
+from bench.harness.bodies import build_requests
 
 CLIENTS = 64
 ROUTE = "/v1/embed"

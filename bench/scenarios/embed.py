@@ -8,8 +8,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from bench import load, point, procs
-from bench.bodies import build_requests
+from bench.harness import load, point, procs
+from bench.harness.bodies import build_requests
 
 #: Server name in results.json -> (batchserve flags, or the baseline module).
 BATCHSERVE = {"batchserve": [], "batching off": ["--max-batch-size", "1"]}

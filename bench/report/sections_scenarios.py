@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.sections import errors_text
+from bench.report.sections import errors_text
 
 Section = dict[str, Any]
 Lines = list[str]
@@ -163,7 +163,7 @@ def replica_start(s: Section) -> Lines:
         "A throwaway PostgreSQL 15 on the same machine; 1280-float vectors (the built-in "
         "model's) written through the catalog in batches of 1,000; the index opened as a "
         "replica does at start (flat index; the model's own load, ~12 s, not counted); "
-        "`bench/replica_start.py`.",
+        "`bench/scenarios/replica_start.py`.",
         "",
         "| step | seconds |",
         "|---|---:|",

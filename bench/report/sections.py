@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.embed import BASELINES
+from bench.scenarios.embed import BASELINES
 
 Section = dict[str, Any]
 Lines = list[str]
@@ -183,8 +183,8 @@ def search(s: Section) -> Lines:
         f"## 6. `POST /v1/search` (k=10) on {n} items, flat and hnsw",
         "",
         f"The index holds {n} synthetic clustered unit vectors stored as the built-in "
-        f"model's embeddings (filled in {s['fill_s']:.0f} s by `bench/fill.py`); queries are "
-        "the photos above, embedded by the model.",
+        f"model's embeddings (filled in {s['fill_s']:.0f} s by `bench/harness/fill.py`); "
+        "queries are the photos above, embedded by the model.",
         "",
         *HEADER,
         *[row(kind, p) for kind, points in kinds for p in points],
@@ -236,7 +236,7 @@ def kinds(s: Section) -> Lines:
         "",
         "Synthetic clustered unit vectors (100 points per cluster, isotropic noise: a hard "
         "case, where neighbours within a cluster are nearly equidistant); 256 queries from "
-        "the same clusters; `bench/kinds.py`.",
+        "the same clusters; `bench/scenarios/kinds.py`.",
         "",
         "| kind | build s | ms/query alone | ms/query in batches of 32 | recall@10 |",
         "|---|---:|---:|---:|---:|",

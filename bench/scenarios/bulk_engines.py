@@ -1,7 +1,7 @@
 """Bulk indexing with the local engine and with Ray on this machine (``batchserve index DIR
 --engine local|ray``), in alternating rounds: images/s, wall time, peak resident memory of
 the whole process tree (Ray's own processes and workers included), and the busy seconds of
-each stage, from which ``bench/sections_bulk.py`` projects a cluster of GPU nodes."""
+each stage, from which ``bench/report/sections_bulk.py`` projects a cluster of GPU nodes."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import fill
-from bench.procs import tree_rss_bytes
+from bench.harness import fill
+from bench.harness.procs import tree_rss_bytes
 
 ENGINES = ("local", "ray")
 

@@ -6,7 +6,7 @@ import base64
 import json
 import uuid
 
-from bench.client import Target, encode_request
+from bench.harness.client import Target, encode_request
 
 ENCODINGS = ("raw", "multipart", "base64")
 

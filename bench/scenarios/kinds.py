@@ -12,18 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from batchserve.storage.index import IndexParams, VectorIndex
-
-
-def clustered(n: int, dim: int, clusters: int, seed: int) -> npt.NDArray[np.float32]:
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
-    out = np.empty((n, dim), dtype=np.float32)
-    for start in range(0, n, 10_000):
-        stop = min(n, start + 10_000)
-        which = rng.integers(0, clusters, stop - start)
-        block = centres[which] + 0.35 * rng.normal(size=(stop - start, dim)).astype(np.float32)
-        out[start:stop] = block / np.linalg.norm(block, axis=1, keepdims=True)
-    return out
+from bench.harness.fill import clustered
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""The RESULTS.md section of ``bench/bulk_engines.py``: the local engine against Ray on this
-machine, then, on paper, a cluster of GPU nodes from the per-image stage costs measured."""
+"""The RESULTS.md section of ``bench/scenarios/bulk_engines.py``: the local engine against
+Ray on this machine, then, on paper, a cluster of GPU nodes from the per-image stage costs
+measured."""
 
 from __future__ import annotations
 
@@ -46,10 +47,10 @@ def bulk_engines(s: Section) -> Lines:
         "",
         f"{s['images']} JPEGs (640x480) in 8 class folders, into an empty data dir, "
         f"{s['rounds']} rounds per engine alternating (local, ray, ...), {s['cpus']} CPUs; "
-        "`bench/bulk_engines.py`. images/s from the job's start (model loaded) to the snapshot; "
-        "wall time includes loading the model and starting Ray; memory is the peak resident "
-        "memory of the whole process tree (Ray's own processes and workers included). Stage "
-        "columns: busy milliseconds per image (decode summed over threads or tasks).",
+        "`bench/scenarios/bulk_engines.py`. images/s from the job's start (model loaded) to the "
+        "snapshot; wall time includes loading the model and starting Ray; memory is the peak "
+        "resident memory of the whole process tree (Ray's own processes and workers included). "
+        "Stage columns: busy milliseconds per image (decode summed over threads or tasks).",
         "",
         "| engine | images/s | wall s | peak MiB | read+decode ms | embed ms | write ms "
         "| index s |",

@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bench.scenarios.retrieval import LEGACY
+
 Section = dict[str, Any]
 Lines = list[str]
 
@@ -19,8 +21,6 @@ OPTIONS = {
     "GeM + trim + grey view": "--grey-view",
     BOTH: "--crop-views --grey-view",
 }
-#: ``batchserve serve`` flags of the embedding before GeM, letterboxing and trimming.
-LEGACY = "--pooling avg --fit squash --no-trim-borders"
 
 
 def best(s: Section) -> str:
@@ -57,7 +57,7 @@ def retrieval(s: Section) -> Lines:
         "first among all catalog items; mAP has one relevant item per query (1 / rank). "
         "Embedding ms per image (preparing it and the model, batch 32, on this machine) for "
         "a query and for an added item; index memory per item (flat float32). "
-        "`bench/retrieval.py`, `bench/retrieval_data.py`.",
+        "`bench/scenarios/retrieval.py`, `bench/scenarios/retrieval_data.py`.",
         "",
         "| method | top-1 | recall@5 | mAP | worst edit top-1 | query ms | item ms | KiB/item |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import frontend, procs, versus
+from bench.harness import procs
+from bench.scenarios import frontend, versus
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batchserve.client import BatchserveError, Client, Retry
-from bench import load, procs, scrape
-from bench.bodies import build_requests
+from bench.harness import load, procs, scrape
+from bench.harness.bodies import build_requests
 
 
 @dataclass

@@ -10,8 +10,8 @@ import os
 import statistics
 from typing import Any
 
-from bench import load, procs
-from bench.bodies import build_requests
+from bench.harness import load, procs
+from bench.harness.bodies import build_requests
 
 BASELINE = "flask_function"
 

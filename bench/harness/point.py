@@ -7,7 +7,7 @@ from dataclasses import replace
 from typing import Any
 
 from batchserve.client import BatchserveError
-from bench import load, scrape
+from bench.harness import load, scrape
 
 BATCH_BUCKETS = ("1.0", "2.0", "4.0", "8.0", "16.0", "32.0", "64.0", "128.0", "256.0", "512.0")
 

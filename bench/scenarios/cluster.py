@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from batchserve.client import Client
-from bench import images as bench_images
-from bench import load, point
-from bench.bodies import build_requests
-from bench.procs import free_port
+from bench.harness import images as bench_images
+from bench.harness import load, point
+from bench.harness.bodies import build_requests
+from bench.harness.procs import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "deploy" / "local-cluster"
 WRITES = 60
 WRITE_RATE = 5.0  # writes/s: a steady stream, not a saturating one
