@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from batchserve.errors import ModelLoadError
+from batchserve.models import spec as models
 from batchserve.models.compiled import TensorFlowModel
 from batchserve.models.loaders import load_model
 from batchserve.models.spec import ModelSpec
-from batchserve.models import spec as models
 
 
 @pytest.fixture(scope="module")
