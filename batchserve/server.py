@@ -44,6 +44,7 @@ from batchserve.serving.service import ImageService, PoolRunner
 from batchserve.serving.threads import NamedThreadPool, name_this_thread
 from batchserve.storage.data_dir import open_store
 from batchserve.storage.store import (
+    IndexState,
     ItemStore,
     OpenReport,
     lock_data_dir,
@@ -252,7 +253,7 @@ class Server:
         d.addCallback(self._announce, report)
         return d.addCallback(self._ready)
 
-    def _announce(self, described: dict[str, Any], report: OpenReport) -> Deferred[Any] | None:
+    def _announce(self, described: IndexState, report: OpenReport) -> Deferred[Any] | None:
         how = (
             "rebuilt from the catalog"
             if report.rebuilt
@@ -260,12 +261,12 @@ class Server:
         )
         log.info(
             "index open: {size} items in a {kind} index ({how}, {t:.2f} s)",
-            size=described["size"],
-            kind=described["kind_in_use"],
+            size=described.size,
+            kind=described.kind_in_use,
             how=how,
             t=report.seconds,
         )
-        if self.settings.store.demo and described["size"] == 0:
+        if self.settings.store.demo and described.size == 0:
             return seed_demo(self.service, self.index)
         return None
 
@@ -323,7 +324,7 @@ class Server:
         log.info("stopped")
 
 
-def _describe(store: ItemStore) -> dict[str, Any]:
+def _describe(store: ItemStore) -> IndexState:
     return store.describe()
 
 

@@ -3,11 +3,10 @@ item id is one path segment even when it holds '/'."""
 
 from __future__ import annotations
 
-from typing import Any
 from urllib.parse import quote, unquote, unquote_to_bytes
 
 from twisted.web.iweb import IRequest
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource, Resource
 from werkzeug.routing import BaseConverter
 
 from batchserve.errors import InvalidInput
@@ -35,12 +34,13 @@ class Utf8URLs(Resource):
 
     isLeaf = True  # noqa: N815 (Twisted API)
 
-    def __init__(self, inner: Any, branches: dict[bytes, Any] | None = None) -> None:
+    def __init__(self, inner: IResource, branches: dict[bytes, IResource] | None = None) -> None:
         super().__init__()
         self._inner = inner
         self._branches = branches or {}
 
-    def render(self, request: IRequest) -> Any:
+    def render(self, request: IRequest) -> bytes | int:
+        """The response's body, or NOT_DONE_YET while the route works."""
         try:
             unquote_to_bytes(request.uri).decode("utf-8")
         except UnicodeDecodeError:
@@ -49,4 +49,6 @@ class Utf8URLs(Resource):
             quote(unquote_to_bytes(segment), safe=_SEGMENT_SAFE).encode("ascii")
             for segment in request.path[1:].split(b"/")
         ]
-        return self._branches.get(request.postpath[0], self._inner).render(request)
+        branch = self._branches.get(request.postpath[0], self._inner)
+        answered: bytes | int = branch.render(request)
+        return answered

@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.web.http import HTTPChannel, datetimeToString
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
 from twisted.web.server import Request, Site, version
 
+from batchserve.http.bodies import RequestLimits
 from batchserve.serving import logs
+from batchserve.serving.service import Call
 
 #: Writes a whole response to ``request`` and finishes it.
 EarlyAnswer = Callable[[Request], None]
@@ -25,6 +30,30 @@ EarlyAnswer = Callable[[Request], None]
 #: Called once a request's headers are in, before its body: how to answer it at once, or
 #: None to let it through to its handler.
 RefuseEarly = Callable[[Request, bytes, bytes], EarlyAnswer | None]
+
+
+@dataclass
+class RequestState:
+    """What the server learns of one request as it goes, for its access line: written by
+    the site (its id, when it started, whether its body was over the limit) and by the API
+    (the route that answered, what it ran, whether it was admitted from its headers)."""
+
+    #: The client's X-Request-Id, or one made for it; returned in the response's header.
+    request_id: str = ""
+    #: When the request was made (``time.monotonic()``, seconds).
+    started_s: float = 0.0
+    body_over_limit: bool = False
+    #: The route that answered, and what it ran (its service Call: images, batch).
+    route: str | None = None
+    call: Call | None = None
+    #: Its token and room were checked from its headers (see ``refuse_early``).
+    admitted_early: bool = False
+
+
+def state_of(request: IRequest) -> RequestState:
+    """The state of a request this site made; a request made elsewhere (a test's stub)
+    keeps none, so it gets a fresh record whose writes go nowhere."""
+    return request.state if isinstance(request, BoundedRequest) else RequestState()
 
 
 def _let_through(request: Request, method: bytes, path: bytes) -> EarlyAnswer | None:
@@ -55,27 +84,22 @@ class BoundedRequest(Request):
     from Content-Length before any of the body arrives, or while it streams in; and that
     drops its body unread when ``refuse_early`` answers it from its headers."""
 
-    max_body_bytes = 32 * 1024 * 1024
-    body_over_limit = False
-    #: The client's X-Request-Id, or one made for it; returned in the response's header.
-    request_id = ""
-    #: The route that answered (set by the API), and what it ran (its service Call).
-    route: str | None = None
-    call: Any = None
-    #: Set by the API when its token and room were checked from the headers.
-    admitted_early = False
+    #: The setting's default; ``bounded_request_factory`` sets the one configured.
+    max_body_bytes = RequestLimits().max_body_bytes
     early_answer: EarlyAnswer | None = None
     refuse_early: RefuseEarly = staticmethod(_let_through)
+    state: RequestState
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.started_s = time.monotonic()
+        self.state = RequestState(started_s=time.monotonic())
 
     def gotLength(self, length: int | None) -> None:  # noqa: N802 (Twisted API)
-        self.request_id = logs.request_id(self.getHeader(b"x-request-id"))
-        self.setHeader(b"X-Request-Id", self.request_id.encode())
+        state = self.state
+        state.request_id = logs.request_id(self.getHeader(b"x-request-id"))
+        self.setHeader(b"X-Request-Id", state.request_id.encode())
         if length is not None and length > self.max_body_bytes:
-            self.body_over_limit = True
+            state.body_over_limit = True
         else:
             # Served by a RequestLineChannel; another channel gives no line: nothing is
             # refused early.
@@ -83,14 +107,14 @@ class BoundedRequest(Request):
             path = rest.partition(b" ")[0]
             if method and path:
                 self.early_answer = self.refuse_early(self, method, path)
-        dropped = self.body_over_limit or self.early_answer is not None
+        dropped = state.body_over_limit or self.early_answer is not None
         super().gotLength(0 if dropped else length)
 
     def handleContentChunk(self, data: bytes) -> None:  # noqa: N802 (Twisted API)
-        if self.body_over_limit or self.early_answer is not None or self.content is None:
+        if self.state.body_over_limit or self.early_answer is not None or self.content is None:
             return
         if self.content.tell() + len(data) > self.max_body_bytes:
-            self.body_over_limit = True
+            self.state.body_over_limit = True
             self.content.seek(0)
             self.content.truncate()
             return
@@ -125,21 +149,22 @@ def _no_access_log(request: Request) -> None:
 
 def log_access(request: Request) -> None:
     """The access line of a finished request."""
-    call = getattr(request, "call", None)
+    state = state_of(request)
+    call = state.call
     address = request.getClientAddress()
     length = request.getHeader(b"content-length")
     logs.log_access(
         {
-            "request_id": getattr(request, "request_id", ""),
+            "request_id": state.request_id,
             "method": request.method.decode("latin-1"),
-            "route": getattr(request, "route", None),
+            "route": state.route,
             "path": request.path.decode("utf-8", "replace"),
             "status": request.code,
             "bytes_in": int(length) if length and length.isdigit() else 0,
             "bytes_out": request.sentLength,
-            "latency_ms": round((time.monotonic() - getattr(request, "started_s", 0.0)) * 1e3, 2),
-            "images": getattr(call, "images", 0),
-            "batch_size": getattr(call, "batch_size", 0),
+            "latency_ms": round((time.monotonic() - state.started_s) * 1e3, 2),
+            "images": call.images if call is not None else 0,
+            "batch_size": call.batch_size if call is not None else 0,
             "client": getattr(address, "host", None),
         }
     )
@@ -151,7 +176,7 @@ class _Site(Site):
 
 
 def make_site(
-    resource: Any,
+    resource: IResource,
     max_body_bytes: int,
     access_log: bool,
     refuse_early: RefuseEarly | None = None,

@@ -1,29 +1,32 @@
 """The Open Inference Protocol v2 routes (KServe / Triton REST) under ``/v2``: server and
 model metadata, health, and inference. Inference goes through the same service, batcher,
 deadlines, admission, tokens and metrics as ``/v1``; errors are the protocol's
-``{"error": "..."}``. The wire format is in oip.py."""
+``{"error": "..."}``. The wire format is in v2_wire.py."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
 from werkzeug.exceptions import HTTPException
 
 from batchserve.errors import BatchserveError, InvalidInput, NotFound
 from batchserve.http import v2_wire as oip
 from batchserve.http.bodies import RequestLimits
+from batchserve.http.responder import Responder, Work
 from batchserve.http.routing import PathSegment
 from batchserve.http.wire import Prepared, allow, json_body, retry_after, status_for
 from batchserve.models.batches import Prediction
 from batchserve.serving.service import Call, ImageService
 
 if TYPE_CHECKING:
-    from batchserve.http.v1 import BatchserveAPI
+    from batchserve.models.spec import ModelInfo
 
 HEADER_LENGTH = b"inference-header-content-length"
 
@@ -51,21 +54,21 @@ class InferBody(Prepared):
 
 
 class OpenInferenceAPI:
-    """The ``/v2`` routes, answered through ``api``'s plumbing."""
+    """The ``/v2`` routes, answered through ``responder``, as the /v1 routes are."""
 
     app = Klein()
     app.url_map.converters["segment"] = PathSegment
 
-    def __init__(self, api: BatchserveAPI, service: ImageService, limits: RequestLimits) -> None:
-        self._api = api
+    def __init__(self, responder: Responder, service: ImageService, limits: RequestLimits) -> None:
+        self._responder = responder
         self._service = service
         self._limits = limits
 
-    def resource(self) -> Any:
+    def resource(self) -> IResource:
         return self.app.resource()
 
-    def _respond(self, request: IRequest, route: str, work: Any) -> Deferred[bytes]:
-        return self._api.respond(request, route, work, errors=error_body)
+    def _respond(self, request: IRequest, route: str, work: Work) -> Deferred[bytes]:
+        return self._responder.respond(request, route, work, errors=error_body)
 
     @app.route("/v2", methods=["GET"])
     def server(self, request: IRequest) -> Deferred[bytes]:
@@ -77,7 +80,7 @@ class OpenInferenceAPI:
 
     @app.route("/v2/health/ready", methods=["GET"])
     def ready(self, request: IRequest) -> bytes:
-        ready = self._service.ready and not self._api.in_flight.closing
+        ready = self._service.ready and not self._responder.in_flight.closing
         return json_body(request, 200 if ready else 503, {"ready": ready})
 
     @app.route("/v2/models/<segment:name>", methods=["GET"])
@@ -104,15 +107,17 @@ class OpenInferenceAPI:
     def infer(self, request: IRequest, name: str, version: str = oip.VERSION) -> Deferred[bytes]:
         def work() -> Deferred[InferBody]:
             info = self._model(name, version)
-            call = self._api.call_of(request)
-            _, body = self._api.body_of(request)
+            call = self._responder.call_of(request)
+            _, body = self._responder.body_of(request)
             length = _header_length(request)
             read = lambda: oip.read_infer(_bytes(body), length, info, self._limits)  # noqa: E731
             return self._infer(read, call).addCallback(lambda done: InferBody(*done))
 
         return self._respond(request, "/v2/models/{name}/infer", work)
 
-    def _infer(self, read: Any, call: Call) -> Deferred[tuple[bytes, int | None]]:
+    def _infer(
+        self, read: Callable[[], oip.InferRequest], call: Call
+    ) -> Deferred[tuple[bytes, int | None]]:
         """Read the request on the decode pool (once read, its own deadline joins the
         call's), run its images through the model, and write the response."""
         info = self._service.loaded()
@@ -130,7 +135,7 @@ class OpenInferenceAPI:
 
         return self._service.predict(images, call).addCallback(written)
 
-    def _model(self, name: str, version: str) -> Any:
+    def _model(self, name: str, version: str) -> ModelInfo:
         info = self._service.loaded()
         if name != info.name or version != oip.VERSION:
             raise NotFound(
@@ -157,5 +162,5 @@ def _header_length(request: IRequest) -> int | None:
         raise InvalidInput("Inference-Header-Content-Length must be an integer") from e
 
 
-def _bytes(body: Any) -> bytes:
+def _bytes(body: IO[bytes] | bytes) -> bytes:
     return body if isinstance(body, bytes) else body.read()

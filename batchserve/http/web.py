@@ -1,6 +1,6 @@
 """What a browser gets: the search page and its script and styles, read from package data
-(no build step, nothing fetched from elsewhere), and the API reference at ``/docs``,
-rendered from the OpenAPI document."""
+(no build step, nothing fetched from elsewhere), and how any of them is served (the API
+reference at ``/docs`` is rendered by openapi/docs_page.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import hashlib
 import importlib.resources
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
 
 from twisted.web.iweb import IRequest
 
@@ -49,13 +48,6 @@ def asset(name: str) -> Asset | None:
     if not resource.is_file():
         return None
     return Asset(resource.read_bytes(), TYPES[suffix])
-
-
-def docs(document: dict[str, Any]) -> Asset:
-    """The API reference page for ``document``."""
-    from batchserve.http.openapi import docs_page
-
-    return Asset(docs_page.render(document), TYPES[".html"])
 
 
 def respond(request: IRequest, found: Asset | None) -> bytes:

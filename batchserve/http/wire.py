@@ -27,6 +27,7 @@ from batchserve.errors import (
 from batchserve.http import web
 from batchserve.serving.service import Call
 from batchserve.storage.records import Item, Match
+from batchserve.storage.store import IndexState
 
 if TYPE_CHECKING:
     from batchserve.models.spec import ModelInfo
@@ -133,6 +134,30 @@ def model_json(info: ModelInfo) -> dict[str, Any]:
         "device": info.device,
         # How an image becomes its embedding: pooling, fit, border trimming, crop views.
         "embedding": info.embedding,
+    }
+
+
+def index_json(state: IndexState) -> dict[str, Any]:
+    """The /v1/index document of the store's ``state``."""
+    return {
+        "kind": state.kind,
+        "kind_in_use": state.kind_in_use,
+        "size": state.size,
+        "vectors_per_item": state.vectors_per_item,
+        "dim": state.dim,
+        "device": state.device,
+        "labels": state.labels,
+        "calls": {
+            "search": state.search_calls,
+            "add": state.add_calls,
+            "remove": state.remove_calls,
+        },
+        "catalog": {
+            **state.durability,
+            "commits": state.commits,
+            "applied_seq": state.applied_seq,
+            "behind": state.behind,
+        },
     }
 
 

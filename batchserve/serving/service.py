@@ -37,7 +37,7 @@ from batchserve.serving.pipeline import IndexWorker, Job, Outcome, apply_tasks
 from batchserve.serving.records import AddTask, EmbedTask, Label, SearchRequest, SearchTask, Task
 from batchserve.serving.timings import Timings
 from batchserve.storage.records import Item, Match
-from batchserve.storage.store import ItemStore, SearchQuery
+from batchserve.storage.store import IndexState, ItemStore, SearchQuery
 
 T = TypeVar("T")
 
@@ -386,7 +386,7 @@ class ImageService:
         """(the item's row, its thumbnail JPEG or None); NotFound when there is no item."""
         return self._store_call(_thumbnail, item_id)
 
-    def index_info(self) -> Deferred[dict[str, Any]]:
+    def index_info(self) -> Deferred[IndexState]:
         return self._store_call(lambda store: store.describe())
 
 

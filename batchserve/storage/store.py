@@ -14,7 +14,7 @@ import json
 import os
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -160,6 +160,31 @@ def lock_data_dir(data_dir: Path) -> int:
             f"{data_dir} is in use by another batchserve process (server or indexer)"
         ) from e
     return fd
+
+
+@dataclass(frozen=True)
+class IndexState:
+    """What the store holds now, as ``ItemStore.describe`` reports it: the index's kind
+    as configured and the structure searched now (``flat`` until an IVF kind is trained),
+    its live items, vectors per item (1 + item views), embedding length, device, and the
+    labels in use; calls made into the index since the start, by kind; the catalog's
+    durability as it reports it, its write transactions since it was opened, the last
+    change of its log applied to the index and the changes not applied yet."""
+
+    kind: str
+    kind_in_use: str
+    size: int
+    vectors_per_item: int
+    dim: int
+    device: str
+    labels: int
+    search_calls: int
+    add_calls: int
+    remove_calls: int
+    durability: Mapping[str, str]
+    commits: int
+    applied_seq: int
+    behind: int
 
 
 class ItemStore:
@@ -476,23 +501,24 @@ class ItemStore:
             oldest = int(kept[-1].stem.split("-")[1])
             self.catalog.prune_changes(oldest)
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "kind": self.index_kind(),
-            "kind_in_use": self.index.kind_in_use,
-            "size": self.index.size,
-            "vectors_per_item": 1 + self.views,
-            "dim": self.index.dim,
-            "device": self.index.device,
-            "labels": len([k for k, v in self._by_label.items() if v]),
-            "calls": {op: self.index.calls[op] for op in ("search", "add", "remove")},
-            "catalog": {
-                **self.catalog.durability(),
-                "commits": self.catalog.commits,
-                "applied_seq": self.applied_seq,
-                "behind": self.behind(),
-            },
-        }
+    def describe(self) -> IndexState:
+        """What the store holds now (the HTTP layer writes it as /v1/index)."""
+        return IndexState(
+            kind=self.index_kind(),
+            kind_in_use=self.index.kind_in_use,
+            size=self.index.size,
+            vectors_per_item=1 + self.views,
+            dim=self.index.dim,
+            device=self.index.device,
+            labels=len([k for k, v in self._by_label.items() if v]),
+            search_calls=self.index.calls["search"],
+            add_calls=self.index.calls["add"],
+            remove_calls=self.index.calls["remove"],
+            durability=self.catalog.durability(),
+            commits=self.catalog.commits,
+            applied_seq=self.applied_seq,
+            behind=self.behind(),
+        )
 
     def close(self) -> None:
         self.catalog.close()

@@ -37,8 +37,8 @@ def open_index(data_dir: Path, kind: str, keep_snapshot: bool = False) -> dict[s
         store.close()
     return {
         "seconds": round(report.seconds, 2),
-        "size": described["size"],
-        "kind": described["kind_in_use"],
+        "size": described.size,
+        "kind": described.kind_in_use,
         "rebuilt": report.rebuilt,
         "snapshot_seq": report.snapshot_seq,
         "replayed": report.replayed,

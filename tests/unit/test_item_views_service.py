@@ -122,7 +122,7 @@ def test_views_survive_a_restart_and_a_deleted_item_loses_them_all(tmp_path: Pat
     assert result_of(again.service.delete("corner")) is True
     assert [item for item, _s in search(again, crop)] == ["look-alike"]
     described = result_of(again.service.index_info())
-    assert described["size"] == 1 and described["vectors_per_item"] == 1 + CROP_VIEWS
+    assert described.size == 1 and described.vectors_per_item == 1 + CROP_VIEWS
 
 
 def test_a_greyscale_copy_meets_its_item_by_the_grey_view(tmp_path: Path) -> None:

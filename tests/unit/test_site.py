@@ -190,7 +190,7 @@ def test_a_body_over_the_limit_is_not_buffered_and_is_not_refused_early() -> Non
     connection.send(post("/v1/embed", body), body)
     [(status, _, doc)] = connection.responses()
     assert status == 413 and "limit" in doc["error"]["message"]
-    assert made[0].body_over_limit and made[0].buffered == b""  # none of the 5000 bytes held
+    assert made[0].state.body_over_limit and made[0].buffered == b""  # none of the 5000 bytes held
     assert calls == []
     connection.send(post("/v1/embed", RED[:500]), RED[:500])
     assert calls == [b"/v1/embed"]

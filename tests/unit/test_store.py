@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from batchserve.http.wire import index_json
 from batchserve.storage.catalog import ModelMismatch
 from batchserve.storage.index import IndexParams, VectorIndex
 from batchserve.storage.records import Match, NewItem
@@ -248,7 +249,7 @@ def test_searches_are_one_index_call_per_distinct_filter(tmp_path: Path) -> None
 def test_the_live_catalog_connection_commits_durably(tmp_path: Path) -> None:
     s = store(tmp_path)
     assert s.catalog.durability() == {"journal_mode": "wal", "synchronous": "full"}
-    assert s.describe()["catalog"] == {
+    assert index_json(s.describe())["catalog"] == {
         "journal_mode": "wal",
         "synchronous": "full",
         "commits": 0,
@@ -335,7 +336,7 @@ def test_describe_an_untrained_ivf_index(tmp_path: Path) -> None:
     s = ItemStore(tmp_path, index, dict(MODEL))
     s.open()
     s.add(items(0, 3, "a") + items(3, 2, "b"))
-    assert s.describe() == {
+    assert index_json(s.describe()) == {
         "kind": "ivf",
         "kind_in_use": "flat",
         "size": 5,
@@ -384,9 +385,9 @@ def test_a_data_dir_whose_parents_do_not_exist_yet_is_created(tmp_path: Path) ->
 def test_a_label_is_no_longer_counted_once_its_last_item_is_deleted(tmp_path: Path) -> None:
     s = store(tmp_path)
     s.add(items(0, 3, "a") + items(3, 2, "b"))
-    assert s.describe()["labels"] == 2
+    assert s.describe().labels == 2
     assert s.delete("id3") and s.delete("id4")
-    assert s.describe()["labels"] == 1
+    assert s.describe().labels == 1
     assert s.search([SearchQuery(vec(3), k=3, label="b")]) == [[]]
 
 
