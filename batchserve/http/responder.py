@@ -1,6 +1,3 @@
-# twisted.web's Request and Failure are not annotated (as pyproject.toml says for the
-# other modules of the HTTP layer).
-# mypy: disallow-untyped-calls=False
 """What every route of the API shares, v1 and v2 alike: admission (token, query
 parameters, room in the queue, draining), the request's own deadline and body, errors
 mapped to responses, and metrics per request.

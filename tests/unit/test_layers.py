@@ -22,7 +22,11 @@ def contracts() -> list[dict[str, object]]:
 
 
 def layer_levels() -> list[grimp.Layer]:
-    (layers,) = [c["layers"] for c in contracts() if c["type"] == "layers"]
+    (layers,) = [
+        c["layers"]
+        for c in contracts()
+        if c["type"] == "layers" and str(c["layers"][0]).startswith("batchserve.")  # type: ignore[index]
+    ]
     assert isinstance(layers, list)
     return [
         grimp.Layer(*(name.strip() for name in level.split("|")), independent=True)
