@@ -19,7 +19,7 @@ from batchserve import __version__
 from batchserve.errors import BatchserveError
 
 if TYPE_CHECKING:
-    from batchserve.config import IndexSettings
+    from batchserve.bulk.settings import BulkJob
 
 SETTINGS_HELP = (
     " Every flag can also be set with a BATCHSERVE_<NAME> environment variable or in a "
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         "first." + SETTINGS_HELP,
     )
     index.add_argument("path", metavar="PATH", help="directory or manifest file, or its URI")
-    config.add_arguments(index, config.IndexSettings)
+    config.add_arguments(index, config.BulkSettings)
     train = commands.add_parser(
         "train",
         help="fine-tune a model on class folders, for serve and index --model",
@@ -89,7 +89,7 @@ def samples_command(folder: Path) -> int:
 
 def train_command(args: argparse.Namespace) -> int:
     """``batchserve train DATA_DIR --out MODEL_DIR``; 2 without the ``train`` extra."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_tensorflow(os.environ)
     from batchserve import config
     from batchserve.train import TrainSettings, train
 
@@ -110,10 +110,10 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def index_command(settings: IndexSettings, path: str) -> int:
+def index_command(job: BulkJob, path: str) -> int:
     """``batchserve index PATH``: embed and store every new or changed image, then snapshot
     the index; 1 when some files could not be indexed."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_tensorflow(os.environ)
     from batchserve.bulk.command import index_into
     from batchserve.bulk.report import Progress, print_summary
     from batchserve.bulk.sources import sources_for
@@ -121,23 +121,23 @@ def index_command(settings: IndexSettings, path: str) -> int:
 
     os.umask(0o077)
     sources = list(sources_for(path))
-    data_dir = settings.store.data_dir
-    if settings.bulk.write_data_dir:
+    data_dir = job.store.data_dir
+    if job.bulk.write_data_dir:
         lock_data_dir(Path(data_dir))
-    where = data_dir if settings.bulk.write_data_dir else settings.bulk.output
+    where = data_dir if job.bulk.write_data_dir else job.bulk.output
 
     def announce(already: int) -> None:
         print(
             f"indexing {len(sources)} images from {path} into {where} "
-            f"({already} items there already) with the {settings.bulk.engine} engine",
+            f"({already} items there already) with the {job.bulk.engine} engine",
             file=sys.stderr,
         )
 
     progress = Progress(sys.stderr, len(sources))
-    report = index_into(settings, sources, announce, progress.update)
+    report = index_into(job, sources, announce, progress.update)
     print_summary(report)
-    if settings.bulk.report:
-        Path(settings.bulk.report).write_text(json.dumps(report.as_json(), indent=2) + "\n")
+    if job.bulk.report:
+        Path(job.bulk.report).write_text(json.dumps(report.as_json(), indent=2) + "\n")
     return 1 if report.failed else 0
 
 
@@ -150,6 +150,12 @@ def quiet_openmp(environ: MutableMapping[str, str]) -> None:
     before any sub-command imports it; a value already set by the user is kept.
     """
     environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def quiet_tensorflow(environ: MutableMapping[str, str]) -> None:
+    """Leave TensorFlow's C++ info and warning lines out of an offline command's output
+    (``serve`` filters them by its log level instead); a value already set is kept."""
+    environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -171,7 +177,8 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "samples":
         return samples_command(Path(args.dir))
     if args.command == "index":
-        return index_command(config.load(config.IndexSettings, args, os.environ), args.path)
+        settings = config.load(config.BulkSettings, args, os.environ)
+        return index_command(settings.job(), args.path)
     from batchserve.server import serve
 
     serve(config.load(config.ServeSettings, args, os.environ))  # exits the process

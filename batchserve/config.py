@@ -4,8 +4,10 @@ The settings form a tree. Each component declares its own frozen dataclass with
 ``setting(...)`` fields (``BatchPolicy`` in batching.py, ``ModelSpec`` in models.py,
 ``IndexParams`` in index.py, ``DecodeLimits`` in images.py, ``RequestLimits`` in
 bodies.py, ``StoreSettings`` in store.py); a command's settings compose them with
-``part(...)`` fields (``ServeSettings`` and ``IndexSettings`` here, ``TrainSettings`` in
-train/). Each command shows and reads only the settings of its own tree.
+``part(...)`` fields (``ServeSettings`` and ``BulkSettings`` here, ``TrainSettings`` in
+train/). Each command shows and reads only the settings of its own tree. Every settings
+dataclass checks its bounds when it is constructed (settings.py), so a value out of bounds
+is refused the same way from a flag, a variable, a file or code.
 
 A setting comes from (highest precedence first) a command-line flag, a ``BATCHSERVE_<NAME>``
 environment variable, a TOML file (``--config`` or ``BATCHSERVE_CONFIG``), or its default.
@@ -26,14 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from batchserve.bulk.settings import EngineSettings, RaySettings
+from batchserve.bulk.settings import BulkJob, EngineSettings, RaySettings
 from batchserve.errors import ConfigError
 from batchserve.http.bodies import RequestLimits
 from batchserve.models import views
 from batchserve.models.images import DecodeLimits
 from batchserve.models.spec import ModelSpec
 from batchserve.serving.batching import BatchPolicy
-from batchserve.settings import Meta, check_value, part, setting
+from batchserve.settings import Meta, part, setting
 from batchserve.storage.index import IndexParams
 from batchserve.storage.store import StoreSettings
 
@@ -173,7 +175,8 @@ def add_arguments(parser: argparse.ArgumentParser, root: type) -> None:
 
 
 def load(root: type[T], args: argparse.Namespace, environ: Mapping[str, str], **extra: Any) -> T:
-    """``root``'s settings: defaults, TOML file, environment, then command line, checked."""
+    """``root``'s settings: defaults, TOML file, environment, then command line; each
+    component checks its own on construction."""
     known = leaves(root)
     values: dict[str, Any] = {}
     config_path = getattr(args, "config", None) or environ.get(ENV_PREFIX + "CONFIG")
@@ -184,9 +187,6 @@ def load(root: type[T], args: argparse.Namespace, environ: Mapping[str, str], **
         given = getattr(args, leaf.name, None)
         if given is not None:
             values[leaf.name] = given
-    for leaf in known:
-        if leaf.name in values:
-            check_value(leaf.name, leaf.meta, values[leaf.name])
     built: T = build_tree(root, values, **extra)
     return built
 
@@ -240,9 +240,13 @@ def chosen_settings_table(root: type, names: Sequence[str]) -> str:
 # -- the commands' trees -----------------------------------------------------------------
 
 
+#: The largest TCP port number.
+MAX_PORT = 65535
+
+
 def _host_port(address: str, name: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not host or not port.isdigit() or int(port) > MAX_PORT:
         raise ConfigError(f"{name} must be HOST:PORT, got {address!r}")
     return host.strip("[]"), int(port)
 
@@ -253,7 +257,7 @@ class ServerSettings:
 
     host: str = setting("127.0.0.1", "address to listen on")
     port: int = setting(
-        8080, "TCP port to listen on (0 picks a free one)", at_least=0, at_most=65535
+        8080, "TCP port to listen on (0 picks a free one)", at_least=0, at_most=MAX_PORT
     )
     api_token: str = setting("", "bearer token every /v1 request must carry (empty: none needed)")
     write_token: str = setting(
@@ -337,8 +341,9 @@ class ServeSettings:
 
 
 @dataclass(frozen=True)
-class IndexSettings:
-    """``batchserve index``: the model, its batch sizes, the decoder and the index."""
+class BulkSettings:
+    """``batchserve index``: the model, its batch sizes, the decoder, the FAISS index, the
+    engine and its outputs. ``job()`` is what the bulk engines run."""
 
     server: ServerSettings = part(ServerSettings, only=("decode_threads",))
     images: DecodeLimits = part(DecodeLimits)
@@ -349,12 +354,26 @@ class IndexSettings:
     bulk: EngineSettings = part(EngineSettings)
     ray: RaySettings = part(RaySettings)
 
+    def job(self) -> BulkJob:
+        """The job these settings describe: the components' settings, with the padded batch
+        sizes and the number of decode threads worked out."""
+        return BulkJob(
+            model=self.model,
+            images=self.images,
+            index=self.index,
+            store=self.store,
+            bulk=self.bulk,
+            ray=self.ray,
+            batch_sizes=tuple(self.batching.padded_batch_sizes()),
+            decode_threads=self.server.decode_thread_count(),
+        )
+
 
 def command_roots() -> list[type]:
     """The settings tree of every command (train's is imported here: it imports this)."""
     from batchserve.train.settings import TrainSettings
 
-    return [ServeSettings, IndexSettings, TrainSettings]
+    return [ServeSettings, BulkSettings, TrainSettings]
 
 
 #: The settings the README's table shows (the rest are in docs/settings.md).

@@ -1,5 +1,5 @@
-"""``batchserve index``: its engine settings, and which engine runs the job (the local one
-here; Ray's in ingest_ray.py). What both write to is index_output.py."""
+"""``batchserve index``: which engine runs the job (the local one here; Ray's in
+ray_engine.py). What both write to is outputs.py."""
 
 from __future__ import annotations
 
@@ -8,27 +8,27 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from batchserve.bulk.report import BulkReport
+    from batchserve.bulk.settings import BulkJob
     from batchserve.bulk.sources import Source
-    from batchserve.config import IndexSettings
 
 
 def index_into(
-    settings: IndexSettings,
+    job: BulkJob,
     sources: Sequence[Source],
     announce: Callable[[int], None] = lambda _already: None,
     progress: Callable[[BulkReport], None] = lambda _report: None,
 ) -> BulkReport:
-    """Run ``batchserve index`` on ``sources`` with the engine the settings name;
-    ``announce`` gets the number of items already in the data dir."""
-    if settings.bulk.engine == "ray":
+    """Run ``batchserve index`` on ``sources`` with the engine the job names; ``announce``
+    gets the number of items already in the data dir."""
+    if job.bulk.engine == "ray":
         from batchserve.bulk.ray_engine import index_with_ray
 
-        return index_with_ray(settings, sources, announce)
-    return index_locally(settings, sources, announce, progress)
+        return index_with_ray(job, sources, announce)
+    return index_locally(job, sources, announce, progress)
 
 
 def index_locally(
-    settings: IndexSettings,
+    job: BulkJob,
     sources: Sequence[Source],
     announce: Callable[[int], None],
     progress: Callable[[BulkReport], None],
@@ -38,18 +38,18 @@ def index_locally(
     from batchserve.bulk.outputs import index_into_output
     from batchserve.models.loaders import load_model
 
-    model = load_model(settings.model)
+    model = load_model(job.model)
     return index_into_output(
-        settings,
+        job,
         model.info,
         announce,
         lambda output: ingest(
             sources,
             output,
             model,
-            settings.batching.padded_batch_sizes(),
-            settings.server.decode_thread_count() + 1,
-            settings.images,
+            job.batch_sizes,
+            job.decode_threads + 1,
+            job.images,
             progress=progress,
         ),
     )

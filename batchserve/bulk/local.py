@@ -50,7 +50,6 @@ class Timed:
     error: str | None = None
 
 
-#: The stages of a bulk index, in order, as the final report names them.
 def load_source(
     path: str, known_digest: str | None, info: ModelInfo, limits: DecodeLimits
 ) -> Decoded | None:
@@ -78,12 +77,18 @@ def load_timed(path: str, known_digest: str | None, info: ModelInfo, limits: Dec
     return Timed(decoded, time.perf_counter() - began)
 
 
+#: Sources whose digests are looked up in one catalog query, in batches of the largest size.
+LOOKUP_BATCHES = 8
+
+
 def known_digests(
-    sources: Iterable[Source], output: IndexOutput, report: BulkReport, chunk: int
+    sources: Iterable[Source], output: IndexOutput, report: BulkReport, batch_size: int
 ) -> Iterator[tuple[Source, str | None]]:
-    """Each source to read with the digest its id was indexed from (None: a new id). Ids
-    present with no digest (added through the API or by an older version) are skipped, as
-    their content cannot be compared."""
+    """Each source to read with the digest its id was indexed from (None: a new id), looked
+    up ``LOOKUP_BATCHES`` batches of ``batch_size`` at a time. Ids present with no digest
+    (added through the API or by an older version) are skipped, as their content cannot be
+    compared."""
+    chunk = batch_size * LOOKUP_BATCHES
     buffer: list[Source] = []
 
     def flush() -> Iterator[tuple[Source, str | None]]:
@@ -106,7 +111,7 @@ def ingest(
     sources: Iterable[Source],
     output: IndexOutput,
     model: EmbeddingModel,
-    batch_sizes: list[int],
+    batch_sizes: Sequence[int],
     decode_threads: int,
     limits: DecodeLimits,
     progress: Callable[[BulkReport], None] = lambda _r: None,
@@ -119,7 +124,7 @@ def ingest(
     largest = batch_sizes[-1]
     embed = _BatchEmbedder(model, batch_sizes, output, report)
 
-    pending = known_digests(sources, output, report, largest * 8)
+    pending = known_digests(sources, output, report, largest)
     with ThreadPoolExecutor(decode_threads, thread_name_prefix="batchserve-ingest") as pool:
         window: deque[tuple[Source, Future[Timed]]] = deque()
         for source, known in pending:
@@ -144,7 +149,7 @@ class _BatchEmbedder:
     def __init__(
         self,
         model: EmbeddingModel,
-        batch_sizes: list[int],
+        batch_sizes: Sequence[int],
         output: IndexOutput,
         report: BulkReport,
     ) -> None:
@@ -189,7 +194,7 @@ class _BatchEmbedder:
 
 
 def embed_pixels(
-    model: EmbeddingModel, pixels: Sequence[npt.NDArray[np.uint8]], batch_sizes: list[int]
+    model: EmbeddingModel, pixels: Sequence[npt.NDArray[np.uint8]], batch_sizes: Sequence[int]
 ) -> tuple[npt.NDArray[np.float32], list[str | None]]:
     """Embeddings float32 [N, dim] and predicted classes of N decoded images, run as one
     batch padded to an allowed size (at most the largest)."""
@@ -205,7 +210,7 @@ def embed_pixels(
 def embed_views(
     model: EmbeddingModel,
     views: Sequence[npt.NDArray[np.uint8] | None],
-    batch_sizes: list[int],
+    batch_sizes: Sequence[int],
 ) -> list[npt.NDArray[np.float32] | None]:
     """The embeddings [views, dim] of each item's crop views [views, H, W, 3] (None for
     an item without), run in batches of the largest allowed size."""

@@ -17,7 +17,7 @@ from batchserve.storage.store import ItemStore
 
 if TYPE_CHECKING:
     from batchserve.bulk.report import BulkReport
-    from batchserve.config import IndexSettings
+    from batchserve.bulk.settings import BulkJob
     from batchserve.models.spec import ModelInfo
 
 
@@ -94,16 +94,16 @@ class IndexOutput:
             self.parquet.close()
 
 
-def open_output(settings: IndexSettings, info: ModelInfo) -> IndexOutput:
-    """The store of ``settings``' data dir (which refuses another model's catalog) and the
-    Parquet file, as the settings ask."""
+def open_output(job: BulkJob, info: ModelInfo) -> IndexOutput:
+    """The store of the job's data dir (which refuses another model's catalog) and the
+    Parquet file, as the job asks."""
     from batchserve.storage.data_dir import open_store
 
     store = None
-    if settings.bulk.write_data_dir:
-        store = open_store(settings.store, settings.index, info)
+    if job.bulk.write_data_dir:
+        store = open_store(job.store, job.index, info)
         store.open()
-    parquet = EmbeddingsFile(Path(settings.bulk.output), info.dim) if settings.bulk.output else None
+    parquet = EmbeddingsFile(Path(job.bulk.output), info.dim) if job.bulk.output else None
     return IndexOutput(store, parquet)
 
 
@@ -120,19 +120,20 @@ def close(output: IndexOutput) -> None:
 
 
 def index_into_output(
-    settings: IndexSettings,
+    job: BulkJob,
     info: ModelInfo,
     announce: Callable[[int], None],
-    job: Callable[[IndexOutput], BulkReport],
+    embed: Callable[[IndexOutput], BulkReport],
 ) -> BulkReport:
-    """What both engines do around their job: open the outputs for ``info``'s embeddings
-    (``announce`` gets the items there already), run ``job`` into them, compact and
-    snapshot, close. The report's seconds run from the job's start to the snapshot."""
-    output = open_output(settings, info)
+    """What both engines do around their work: open the job's outputs for ``info``'s
+    embeddings (``announce`` gets the items there already), run ``embed`` into them, compact
+    and snapshot, close. The report's seconds run from the start of ``embed`` to the
+    snapshot."""
+    output = open_output(job, info)
     try:
         announce(0 if output.store is None else output.store.index.size)
         began = time.monotonic()
-        report = job(output)
+        report = embed(output)
         finish(output, report)
         report.seconds = time.monotonic() - began
     finally:

@@ -31,9 +31,8 @@ from batchserve.errors import BatchserveError, ConfigError
 
 if TYPE_CHECKING:
     from batchserve.bulk.report import BulkReport
-    from batchserve.bulk.settings import RaySettings
+    from batchserve.bulk.settings import BulkJob, RaySettings
     from batchserve.bulk.sources import Source
-    from batchserve.config import IndexSettings
     from batchserve.models.spec import ModelInfo
     from batchserve.storage.store import StoreSettings
 
@@ -56,17 +55,17 @@ def import_ray() -> Any:
 
 
 def index_with_ray(
-    settings: IndexSettings, sources: Sequence[Source], announce: Callable[[int], None]
+    job: BulkJob, sources: Sequence[Source], announce: Callable[[int], None]
 ) -> BulkReport:
     """Run the job on Ray; the same report as the local engine's."""
     from batchserve.bulk.outputs import index_into_output
 
     ray = import_ray()
-    connect(ray, settings.ray)
+    connect(ray, job.ray)
     try:
-        info = ray.get(_remote_model_info(ray).remote(settings.model))
+        info = ray.get(_remote_model_info(ray).remote(job.model))
         return index_into_output(
-            settings, info, announce, lambda output: _run(ray, settings, info, sources, output)
+            job, info, announce, lambda output: _run(ray, job, info, sources, output)
         )
     except ray.exceptions.RayTaskError as e:
         raise _domain_error(e) from e
@@ -150,7 +149,7 @@ def plan_actors(wanted: int, cluster: dict[str, float]) -> ActorPlan:
 
 def _run(
     ray: Any,
-    settings: IndexSettings,
+    job: BulkJob,
     info: ModelInfo,
     sources: Sequence[Source],
     output: IndexOutput,
@@ -159,20 +158,19 @@ def _run(
     from batchserve.bulk.report import BulkReport
 
     report = BulkReport()
-    batch_sizes = settings.batching.padded_batch_sizes()
-    pending = list(known_digests(sources, output, report, batch_sizes[-1] * 8))
+    pending = list(known_digests(sources, output, report, job.batch_sizes[-1]))
     if not pending:
         return report
-    plan = plan_actors(settings.ray.ray_actors, ray.cluster_resources())
-    dataset = _pipeline(ray, settings, info, pending, plan, batch_sizes)
-    writers = output.store is not None and settings.store.shared_catalog
+    plan = plan_actors(job.ray.ray_actors, ray.cluster_resources())
+    dataset = _pipeline(ray, job, info, pending, plan)
+    writers = output.store is not None and job.store.shared_catalog
     if writers:
-        dataset = _with_catalog_writers(ray, dataset, settings.store, info, plan)
+        dataset = _with_catalog_writers(ray, dataset, job.store, info, plan)
     # What the driver writes: everything, or only the Parquet file when the writer actors
     # store the rows in the catalog.
     sink = IndexOutput(None, output.parquet) if writers else output
     nodes: set[str] = set()
-    for batch in dataset.iter_batches(batch_size=batch_sizes[-1], batch_format="numpy"):
+    for batch in dataset.iter_batches(batch_size=job.batch_sizes[-1], batch_format="numpy"):
         _write(batch, sink, report, nodes)
     if writers and output.store is not None:
         began = time.perf_counter()
@@ -200,11 +198,10 @@ def _with_catalog_writers(
 
 def _pipeline(
     ray: Any,
-    settings: IndexSettings,
+    job: BulkJob,
     info: ModelInfo,
     pending: list[tuple[Source, str | None]],
     plan: ActorPlan,
-    batch_sizes: list[int],
 ) -> Any:
     """The Ray Dataset: source blocks → decode tasks → embedding actors."""
     import pyarrow as pa
@@ -221,14 +218,14 @@ def _pipeline(
         }
     )
     blocks = [table.slice(i, _ROWS_PER_BLOCK) for i in range(0, len(table), _ROWS_PER_BLOCK)]
-    spec = settings.model
+    spec = job.model
     if not plan.num_gpus and not spec.intra_op_threads:
         spec = replace(spec, intra_op_threads=plan.num_cpus)  # TensorFlow's share of the node
     return (
         ray.data.from_arrow(blocks)
         .map_batches(
             ray_stages.decode_rows,
-            fn_kwargs={"info": info, "limits": settings.images},
+            fn_kwargs={"info": info, "limits": job.images},
             batch_size=_DECODE_BATCH,
             batch_format="numpy",
             num_cpus=1,
@@ -239,10 +236,10 @@ def _pipeline(
             fn_constructor_kwargs={
                 "spec": spec,
                 "fingerprint": info.fingerprint(),
-                "batch_sizes": batch_sizes,
+                "batch_sizes": job.batch_sizes,
             },
             compute=ray.data.ActorPoolStrategy(size=plan.actors),
-            batch_size=batch_sizes[-1],
+            batch_size=job.batch_sizes[-1],
             batch_format="numpy",
             num_cpus=plan.num_cpus,
             num_gpus=plan.num_gpus,

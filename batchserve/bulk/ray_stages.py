@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -80,7 +81,7 @@ class EmbedRows:
     job's, then embeds the decoded rows of each batch in one padded model call (and, with
     crop views, their views in batches of the largest size: ``view_embeddings``)."""
 
-    def __init__(self, spec: ModelSpec, fingerprint: dict[str, Any], batch_sizes: list[int]):
+    def __init__(self, spec: ModelSpec, fingerprint: dict[str, Any], batch_sizes: Sequence[int]):
         import ray
 
         from batchserve.models.loaders import load_model

@@ -1,12 +1,18 @@
-"""The settings of ``batchserve index`` beyond the server's: which engine, where its output
-goes, and where Ray runs (read by config.py; used by bulk.py and ingest_ray.py)."""
+"""What a bulk index runs: ``BulkJob``, the job the engines take, and the settings of
+``batchserve index`` that are the bulk layer's own (which engine, where its output goes,
+where Ray runs). config.py's ``BulkSettings`` reads them with the model's, the decoder's
+and the store's, and makes the job."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from batchserve.errors import ConfigError
+from batchserve.models.images import DecodeLimits
+from batchserve.models.spec import ModelSpec
 from batchserve.settings import setting
+from batchserve.storage.index import IndexParams
+from batchserve.storage.store import StoreSettings
 
 
 @dataclass(frozen=True)
@@ -53,3 +59,21 @@ class RaySettings:
         "without GPUs); CPUs are always left for decoding",
         at_least=0,
     )
+
+
+@dataclass(frozen=True)
+class BulkJob:
+    """One ``batchserve index`` run, as the local and Ray engines take it: the model and
+    how images are decoded for it, the data dir's store and FAISS index, the engine and its
+    outputs, and where Ray runs."""
+
+    model: ModelSpec
+    images: DecodeLimits
+    index: IndexParams
+    store: StoreSettings
+    bulk: EngineSettings
+    ray: RaySettings
+    #: The padded batch sizes the model runs, ascending; the largest is the batch size.
+    batch_sizes: tuple[int, ...]
+    #: Threads that read and decode images beside the model (the local engine).
+    decode_threads: int

@@ -9,9 +9,9 @@ import pytest
 
 from batchserve.bulk.command import index_into
 from batchserve.bulk.ray_engine import ActorPlan, import_ray, plan_actors
-from batchserve.bulk.settings import EngineSettings
+from batchserve.bulk.settings import BulkJob, EngineSettings
 from batchserve.cli import build_parser
-from batchserve.config import IndexSettings, load, parse
+from batchserve.config import BulkSettings, load, parse
 from batchserve.errors import ConfigError
 
 
@@ -36,8 +36,8 @@ def test_the_output_must_be_a_parquet_file(output: str) -> None:
 
 def test_the_engine_is_local_or_ray() -> None:
     with pytest.raises(ConfigError, match="engine"):
-        parse(IndexSettings, [], {"BATCHSERVE_ENGINE": "spark"})
-    assert parse(IndexSettings, [], {"BATCHSERVE_ENGINE": "ray"}).bulk.engine == "ray"
+        parse(BulkSettings, [], {"BATCHSERVE_ENGINE": "spark"})
+    assert parse(BulkSettings, [], {"BATCHSERVE_ENGINE": "ray"}).bulk.engine == "ray"
 
 
 @pytest.mark.parametrize(
@@ -94,7 +94,7 @@ def test_the_ray_engine_without_ray_fails_before_loading_a_model(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)
-    settings = IndexSettings(bulk=EngineSettings(engine="ray"))
+    settings = BulkSettings(bulk=EngineSettings(engine="ray")).job()
     with pytest.raises(ConfigError, match=r"--engine ray needs Ray: pip install"):
         index_into(settings, [])
 
@@ -104,7 +104,7 @@ def test_the_index_command_line_selects_ray_and_a_parquet_output() -> None:
         ["index", "images/", "--engine", "ray", "--ray-address", "auto", "--output", "x.parquet"]
     )
     assert (args.command, args.path) == ("index", "images/")
-    settings = load(IndexSettings, args, {})
+    settings = load(BulkSettings, args, {})
     assert settings.bulk == EngineSettings(engine="ray", output="x.parquet", write_data_dir=True)
     assert settings.ray.ray_address == "auto"
     assert (settings.ray.ray_cpus, settings.ray.ray_actors) == (0, 0)
@@ -114,14 +114,38 @@ def test_the_index_command_line_can_write_only_the_parquet_file() -> None:
     args = build_parser().parse_args(
         ["index", "s3://bucket/m.parquet", "--output", "x.parquet", "--no-write-data-dir"]
     )
-    settings = load(IndexSettings, args, {})
+    settings = load(BulkSettings, args, {})
     assert args.path == "s3://bucket/m.parquet"
     assert settings.bulk == EngineSettings(output="x.parquet", write_data_dir=False)
     with pytest.raises(ConfigError, match="--no-write-data-dir needs --output"):
-        parse(IndexSettings, ["--no-write-data-dir"], {})
+        parse(BulkSettings, ["--no-write-data-dir"], {})
 
 
 def test_ray_settings_refuse_negative_counts() -> None:
     with pytest.raises(ConfigError, match="ray_actors must be at least 0"):
-        parse(IndexSettings, ["--ray-actors", "-1"], {})
-    assert parse(IndexSettings, ["--ray-cpus", "4"], {}).ray.ray_cpus == 4
+        parse(BulkSettings, ["--ray-actors", "-1"], {})
+    assert parse(BulkSettings, ["--ray-cpus", "4"], {}).ray.ray_cpus == 4
+
+
+def test_the_job_carries_the_padded_batch_sizes_and_decode_threads_of_the_settings() -> None:
+    settings = parse(
+        BulkSettings,
+        ["--max-batch-size", "8", "--decode-threads", "3", "--engine", "ray", "--ray-cpus", "2"],
+        {"BATCHSERVE_DATA_DIR": "/srv/data"},
+    )
+    job = settings.job()
+    assert isinstance(job, BulkJob)
+    assert (job.batch_sizes, job.decode_threads) == ((1, 2, 4, 8), 3)
+    assert (job.bulk, job.ray, job.store) == (settings.bulk, settings.ray, settings.store)
+    assert (job.model, job.images, job.index) == (settings.model, settings.images, settings.index)
+    assert job.store.data_dir == "/srv/data" and job.bulk.engine == "ray"
+
+
+def test_the_job_counts_one_decode_thread_per_core_by_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert BulkSettings().job().decode_threads == 6
+    assert parse(BulkSettings, ["--batch-sizes", "4,1"], {}).job().batch_sizes == (1, 4, 32)

@@ -4,14 +4,17 @@ BATCHSERVE_* environment, flags, their precedence, and what each command shows."
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from batchserve.config import (
-    IndexSettings,
+    BulkSettings,
+    ServerSettings,
     ServeSettings,
     add_arguments,
     chosen_settings_table,
@@ -24,6 +27,9 @@ from batchserve.config import (
     settings_table,
 )
 from batchserve.errors import ConfigError
+from batchserve.http.bodies import RequestLimits
+from batchserve.serving.batching import BatchPolicy
+from batchserve.settings import setting
 from batchserve.storage.store import StoreSettings
 from batchserve.train.settings import TrainSettings
 
@@ -85,14 +91,14 @@ def test_every_setting_lands_in_its_component_from_its_env_name_and_its_flag() -
 
 
 def test_every_flat_name_is_unique_and_durations_are_in_seconds() -> None:
-    for root in (ServeSettings, IndexSettings, TrainSettings):
+    for root in (ServeSettings, BulkSettings, TrainSettings):
         names = [leaf.name for leaf in leaves(root)]
         assert len(names) == len(set(names)), root
         assert not [n for n in names if n.endswith("_ms")]
 
 
 def test_each_command_shows_only_the_settings_it_uses() -> None:
-    index = {leaf.name for leaf in leaves(IndexSettings)}
+    index = {leaf.name for leaf in leaves(BulkSettings)}
     assert {"max_batch_size", "batch_sizes", "index_kind", "data_dir", "decode_threads"} <= index
     assert not index & {"port", "host", "api_token", "max_queue", "max_delay_s", "demo"}
     train = {leaf.name for leaf in leaves(TrainSettings)}
@@ -138,7 +144,7 @@ def test_unknown_key_in_file_is_refused(tmp_path: Path) -> None:
         serve(["--config", str(toml)])
     toml.write_text("port = 4\n")  # a serve setting is not one of batchserve index
     with pytest.raises(ConfigError, match=r"unknown settings.*port"):
-        parse(IndexSettings, ["--config", str(toml)], {})
+        parse(BulkSettings, ["--config", str(toml)], {})
 
 
 def test_explicit_batch_sizes_always_include_the_max() -> None:
@@ -271,3 +277,90 @@ def test_item_views_need_a_queue_that_holds_the_largest_add_with_its_views() -> 
     with pytest.raises(ConfigError, match=r"cannot hold an add of .* 64 images .*\(448 model"):
         parse(ServeSettings, ["--crop-views", "--grey-view", "--max-queue", "400"])
     assert parse(ServeSettings, ["--max-queue", "8"]).batching.max_queue == 8  # no views
+
+
+# -- every settings dataclass checks its bounds when it is constructed -------------------
+
+
+@pytest.mark.parametrize(
+    ("build", "argv", "message"),
+    [
+        (lambda: BatchPolicy(max_queue=0), ["--max-queue", "0"], "max_queue must be at least 1"),
+        (lambda: BatchPolicy(timeout_s=0.0), ["--timeout-s", "0"], "timeout_s must be above 0"),
+        (
+            lambda: BatchPolicy(max_delay_s=-0.001),
+            ["--max-delay-s", "-0.001"],
+            "max_delay_s must be at least 0",
+        ),
+        (lambda: ServerSettings(port=70000), ["--port", "70000"], "port must be at most 65535"),
+        (
+            lambda: RequestLimits(max_images=0),
+            ["--max-images-per-request", "0"],
+            "max_images_per_request must be at least 1",  # the flat name, not the field's
+        ),
+    ],
+)
+def test_a_component_built_in_code_is_refused_out_of_bounds_as_its_flag_is(
+    build: Callable[[], object], argv: list[str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message) as in_code:
+        build()
+    with pytest.raises(ConfigError, match=message) as from_flag:
+        serve(argv)
+    assert str(in_code.value) == str(from_flag.value)
+
+
+def test_a_choice_built_in_code_must_be_one_of_the_choices() -> None:
+    with pytest.raises(ConfigError, match="log_format must be one of text, json, got 'xml'"):
+        ServerSettings(log_format="xml")
+    assert ServerSettings(log_format="json").log_format == "json"
+
+
+def test_values_on_the_bounds_are_accepted_in_code() -> None:
+    policy = BatchPolicy(max_queue=1, max_delay_s=0.0, timeout_s=0.001, max_batch_size=1)
+    assert (policy.max_queue, policy.max_delay_s, policy.padded_batch_sizes()) == (1, 0.0, [1])
+    assert ServerSettings(port=65535, decode_nice=19).port == 65535
+
+
+def test_a_copy_with_a_value_out_of_bounds_is_refused() -> None:
+    with pytest.raises(ConfigError, match="max_batch_size must be at least 1, got 0"):
+        dataclasses.replace(BatchPolicy(), max_batch_size=0)
+
+
+def test_a_components_own_checks_still_run_after_its_bounds() -> None:
+    with pytest.raises(ConfigError, match="batch_sizes must be integers"):
+        BatchPolicy(batch_sizes="1,two")
+    with pytest.raises(ConfigError, match="catalog must be 'sqlite' or a postgresql:// URL"):
+        StoreSettings(catalog="mysql://db")
+    with pytest.raises(ConfigError, match="metrics_address must be HOST:PORT"):
+        ServerSettings(metrics_address="localhost:65536")  # the port's bound, once
+    assert ServerSettings(metrics_address="[::1]:65535").metrics_host_port() == ("::1", 65535)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Checked:
+    count: int = setting(1, "a count", at_least=1)
+    share: float = setting(0.5, "a share", at_least=0, at_most=1)
+
+    def __post_init__(self) -> None:
+        if self.count > 10:
+            raise ConfigError("count over ten")
+
+
+@dataclasses.dataclass(frozen=True)
+class _CheckedToo(_Checked):
+    kind: str = setting("a", "a kind", choices=("a", "b"))
+
+
+def test_bounds_are_checked_before_the_class_own_post_init_and_for_subclasses() -> None:
+    with pytest.raises(ConfigError, match=r"share must be at most 1, got 1\.5"):
+        _Checked(count=11, share=1.5)  # the bound first, then the class's own check
+    with pytest.raises(ConfigError, match="count over ten"):
+        _Checked(count=11)
+    with pytest.raises(ConfigError, match="kind must be one of a, b"):
+        _CheckedToo(kind="c")
+    with pytest.raises(ConfigError, match="count must be at least 1"):
+        _CheckedToo(count=0)
+    with pytest.raises(ConfigError, match="count over ten"):  # the inherited __post_init__
+        _CheckedToo(count=11)
+    assert _CheckedToo(count=10, share=1.0, kind="b").kind == "b"
