@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from batchserve.bulk.command import index_into
-from batchserve.config import IndexSettings
+from batchserve.config import BulkSettings
 from batchserve.storage.store import StoreSettings
 from bench.harness import fill
 
@@ -21,8 +21,8 @@ def index_directory(images: Path, data_dir: Path) -> dict[str, Any]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from batchserve.bulk.sources import sources_for
 
-    settings = IndexSettings(store=StoreSettings(data_dir=str(data_dir)))
-    report = index_into(settings, list(sources_for(str(images))))
+    settings = BulkSettings(store=StoreSettings(data_dir=str(data_dir)))
+    report = index_into(settings.job(), list(sources_for(str(images))))
     return {
         "indexed": report.indexed,
         "failed": len(report.failed),
