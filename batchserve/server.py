@@ -15,11 +15,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.interfaces import (
+    IReactorCore,
+    IReactorFromThreads,
+    IReactorTCP,
+    IReactorTime,
+)
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -34,11 +40,11 @@ from batchserve.http.site import make_site
 from batchserve.http.v1 import BatchserveAPI
 from batchserve.models.batches import Prediction
 from batchserve.models.spec import ModelInfo
-from batchserve.serving import logs
+from batchserve.serving import logs, store_calls
 from batchserve.serving.batching import Batch, Batcher
 from batchserve.serving.follower import Follower, listen
 from batchserve.serving.metrics import Metrics, MetricsPage
-from batchserve.serving.pipeline import IndexWorker, PipelineRunner
+from batchserve.serving.pipeline import PipelineRunner, StoreWorker
 from batchserve.serving.records import AddTask
 from batchserve.serving.service import ImageService, PoolRunner
 from batchserve.serving.threads import NamedThreadPool, name_this_thread
@@ -50,10 +56,14 @@ from batchserve.storage.store import (
     lock_data_dir,
 )
 
-if TYPE_CHECKING:
-    pass
-
 log = Logger(namespace="batchserve")
+
+
+class IServerReactor(IReactorCore, IReactorTime, IReactorTCP, IReactorFromThreads):
+    """What the server needs of its reactor: a clock for the Batcher, deadlines and
+    snapshots; TCP to listen on; results from the model's, the decode pool's and the store
+    thread back on the reactor; start-up and shutdown. The reactor ``react`` runs provides
+    them all (unit tests hand in a ``MemoryReactorClock`` with every thread run at once)."""
 
 
 class ModelWorker(Protocol):
@@ -78,15 +88,17 @@ class ModelWorker(Protocol):
 @dataclass
 class Threads:
     """Where blocking work runs: ``decode(f, *args)`` on the decode pool (reading bodies,
-    decoding images), ``index(f, *args)`` on the one index thread. Both return Deferreds
-    that fire on the reactor."""
+    decoding images), ``index(f, *args)`` on the one store thread (it owns the item store
+    and its index). Both return Deferreds that fire on the reactor."""
 
     decode: PoolRunner
     index: PoolRunner
     pools: Sequence[ThreadPool] = ()
 
     @classmethod
-    def pools_for(cls, reactor: Any, decode_threads: int, decode_nice: int = 0) -> Threads:
+    def pools_for(
+        cls, reactor: IReactorFromThreads, decode_threads: int, decode_nice: int = 0
+    ) -> Threads:
         decode = NamedThreadPool(
             decode_threads, decode_threads, name="batchserve-decode", nice=decode_nice
         )
@@ -106,7 +118,9 @@ class Threads:
             pool.stop()
 
 
-def default_model(settings: ServeSettings, reactor: Any, metrics: Metrics) -> ModelWorker:
+def default_model(
+    settings: ServeSettings, reactor: IReactorFromThreads, metrics: Metrics
+) -> ModelWorker:
     """The inference thread, loading the model the settings name (TensorFlow on it)."""
     from batchserve.models.loaders import load_model
     from batchserve.serving.inference import InferenceWorker
@@ -123,7 +137,7 @@ def default_model(settings: ServeSettings, reactor: Any, metrics: Metrics) -> Mo
 
 def build(
     settings: ServeSettings,
-    reactor: Any,
+    reactor: IServerReactor,
     model: ModelWorker | None = None,
     threads: Threads | None = None,
     store: Callable[[ModelInfo], ItemStore] | None = None,
@@ -136,9 +150,9 @@ def build(
         reactor, settings.server.decode_thread_count(), settings.server.decode_nice
     )
     make_store = store or partial(open_store, settings.store, settings.index)
-    index = IndexWorker(lambda: make_store(_loaded(worker.info)), threads.index, metrics)
+    store_worker = StoreWorker(lambda: make_store(_loaded(worker.info)), threads.index, metrics)
     pipeline = PipelineRunner(
-        worker, index, lambda: worker.info.classes if worker.info else None, observer=metrics
+        worker, store_worker, lambda: worker.info.classes if worker.info else None, metrics
     )
     batcher = Batcher(pipeline, settings.batching, reactor, observer=metrics)
     service = ImageService(
@@ -147,7 +161,7 @@ def build(
         worker,
         settings.images,
         reactor,
-        index=index,
+        store=store_worker,
         observer=metrics,
     )
     metrics.set_queue_capacity(settings.batching.max_queue)
@@ -162,7 +176,9 @@ def build(
     site = make_site(
         api.resource(), settings.limits.max_body_bytes, settings.server.access_log, api.refuse_early
     )
-    return Server(settings, reactor, metrics, worker, threads, index, batcher, service, api, site)
+    return Server(
+        settings, reactor, metrics, worker, threads, store_worker, batcher, service, api, site
+    )
 
 
 def _loaded(info: ModelInfo | None) -> ModelInfo:
@@ -175,11 +191,12 @@ class Server:
     """A built server: every object of the graph, and its lifecycle."""
 
     settings: ServeSettings
-    reactor: Any
+    reactor: IServerReactor
     metrics: Metrics
     model: ModelWorker
     threads: Threads
-    index: IndexWorker
+    #: The store thread (the item store and its index).
+    index: StoreWorker
     batcher: Batcher[Any, Any]
     service: ImageService
     api: BatchserveAPI
@@ -212,7 +229,13 @@ class Server:
 
     def _listen(self) -> None:
         settings = self.settings.server
-        self.port = self.reactor.listenTCP(settings.port, self.site, interface=settings.host)
+        # A Site is a ServerFactory of HTTP channels; IReactorTCP asks for a ServerFactory
+        # of its default protocol type, and ServerFactory is invariant in it.
+        self.port = self.reactor.listenTCP(
+            settings.port,
+            self.site,  # type: ignore[arg-type]
+            interface=settings.host,
+        )
         secured = settings.api_token or settings.write_token
         log.info(
             "batchserve {version} listening on http://{host}:{port}{auth}",
@@ -225,7 +248,11 @@ class Server:
             host, port = settings.metrics_host_port()
             page = Site(MetricsPage(self.metrics))
             page.noisy = False
-            self._metrics_port = self.reactor.listenTCP(port, page, interface=host)
+            self._metrics_port = self.reactor.listenTCP(
+                port,
+                page,  # type: ignore[arg-type]
+                interface=host,
+            )
             where = self._metrics_port.getHost()
             log.info("metrics on http://{host}:{port}/metrics", host=where.host, port=where.port)
 
@@ -249,7 +276,7 @@ class Server:
         self._snapshots.start(self.settings.store.snapshot_interval_s, now=False)
         if self.settings.store.shared_catalog:
             self._follow()
-        d: Deferred[Any] = self.index.call(_describe)
+        d: Deferred[Any] = self.index.call(store_calls.describe)
         d.addCallback(self._announce, report)
         return d.addCallback(self._ready)
 
@@ -324,10 +351,6 @@ class Server:
         log.info("stopped")
 
 
-def _describe(store: ItemStore) -> IndexState:
-    return store.describe()
-
-
 def _take_snapshot(store: ItemStore) -> Path | None:
     return store.snapshot()
 
@@ -338,7 +361,7 @@ def _snapshot_failed(failure: Failure) -> None:
     )
 
 
-def seed_demo(service: ImageService, index: IndexWorker) -> Deferred[Any]:
+def seed_demo(service: ImageService, store: StoreWorker) -> Deferred[Any]:
     """Index the sample photos on a first start, once (an emptied data dir stays so)."""
     from batchserve.demo import sample_photos
 
@@ -350,11 +373,11 @@ def seed_demo(service: ImageService, index: IndexWorker) -> Deferred[Any]:
             for item_id, label, data in sample_photos()
         ]
         d = service.add(lambda: entries)
-        d.addCallback(lambda ids: index.call(_mark_seeded, len(ids)))
+        d.addCallback(lambda ids: store.call(_mark_seeded, len(ids)))
         d.addCallback(lambda n: log.info("indexed {n} sample photos to search", n=n))
         return d
 
-    seeded: Deferred[bool] = index.call(_seeded)
+    seeded: Deferred[bool] = store.call(_seeded)
     return seeded.addCallback(add_samples)
 
 
@@ -371,7 +394,7 @@ def serve(settings: ServeSettings) -> None:
     """Run the server until SIGINT or SIGTERM; exits 1 when it cannot start."""
     from twisted.internet.task import react
 
-    def main(reactor: Any) -> Deferred[None]:
+    def main(reactor: IServerReactor) -> Deferred[None]:
         server = build(settings, reactor)
         reactor.addSystemEventTrigger("before", "shutdown", server.stop)
         d = server.start()
@@ -385,6 +408,6 @@ def serve(settings: ServeSettings) -> None:
     react(main)
 
 
-def _cannot_start(reactor: Any, failure: Failure) -> Failure:
+def _cannot_start(reactor: IReactorCore, failure: Failure) -> Failure:
     log.critical("cannot start: {error}", error=failure.getErrorMessage())
     return Failure(SystemExit(1))

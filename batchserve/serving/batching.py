@@ -11,7 +11,10 @@ fewer than ``max_inflight`` batches are already with the runner:
 Every item has a deadline: one still queued when it passes is dropped and fails with
 DeadlineExceeded; one in flight fails at its deadline and its result is discarded. Cancelling
 an item's Deferred (Klein does so when the client hangs up) removes it from the queue, and the
-runner skips items no longer wanted when it starts a batch (``Batch.live_indices``).
+runner skips items no longer wanted when it starts a batch (``Batch.live_indices``). A runner
+with a later stage tells the Batcher it can take the next batch early (``Batch.runner_free``);
+the Batcher gives back its own slot. ``gather`` collects the results of several submissions
+(a request's images) in order.
 
 Plain Twisted: all methods run on the reactor thread; time comes from the injected clock.
 """
@@ -94,35 +97,33 @@ class _Item(Generic[In, Out]):
 
 
 class Batch(Generic[In_co]):
-    """A batch handed to a runner: ``payloads[i]`` is the input of item ``i``."""
+    """A batch handed to a runner: ``payloads[i]`` is the input of item ``i``.
+
+    ``runner_free`` fires (on the reactor thread) when the runner can take the next batch
+    before this one's results are in: a runner with a later stage (the index) fires it once
+    its first stage (the model) is done, and the Batcher then starts the next batch. A runner
+    that never fires it is free when its results are."""
 
     def __init__(
         self,
         items: Sequence[_Item[Any, Any]],
         payloads: list[In_co] | None = None,
-        release: Callable[[], None] | None = None,
+        runner_free: Deferred[None] | None = None,
     ) -> None:
         self._items = items
         self.payloads: list[In_co] = (
             payloads if payloads is not None else [item.payload for item in items]
         )
-        self._release = release
+        self.runner_free: Deferred[None] = runner_free if runner_free is not None else Deferred()
         self._frozen_live: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self._items)
 
     def map(self, fn: Callable[[In_co], T]) -> Batch[T]:
-        """The same items (same liveness) with ``fn`` applied to each payload."""
-        return Batch(self._items, [fn(p) for p in self.payloads], self._release)
-
-    def release(self) -> None:
-        """Give the Batcher its slot back before the results are delivered: a runner with a
-        later stage (the index) calls this once the first stage (the model) is done, so the
-        next batch can start. Idempotent; called on the reactor thread."""
-        if self._release is not None:
-            release, self._release = self._release, None
-            release()
+        """The same items (same liveness, same ``runner_free``) with ``fn`` applied to each
+        payload."""
+        return Batch(self._items, [fn(p) for p in self.payloads], self.runner_free)
 
     def live_indices(self) -> list[int]:
         """Indices of the items still wanted (not cancelled, not expired)."""
@@ -133,7 +134,8 @@ class Batch(Generic[In_co]):
     def frozen(self) -> Batch[In_co]:
         """This batch as it stands now, for another thread: its live items are decided on
         the reactor, here, and never read from the items again. (An item dropped after this
-        is computed all the same, and its result discarded by the Batcher.)"""
+        is computed all the same, and its result discarded by the Batcher.) Its
+        ``runner_free`` is its own: only the reactor fires the batch's."""
         copy = Batch(self._items, self.payloads)
         copy._frozen_live = self.live_indices()
         return copy
@@ -331,10 +333,13 @@ class Batcher(Generic[In, Out]):
         self._observer.queue_size(len(self._queue))
         self._observer.batch_started(len(items), [now - item.enqueued_s for item in items])
         self._inflight += 1
-        batch: Batch[In] = Batch(items, release=lambda: self._release_slot(now))
+        batch: Batch[In] = Batch(items)
+        # The slot is the Batcher's own: it is given back once, when the runner says it is
+        # free for the next batch or, failing that, when the batch's results are in.
+        batch.runner_free.addCallback(lambda _free: self._release_slot(now))
         d = maybeDeferred(self._runner.run, batch)
         d.addCallbacks(self._deliver, self._fail, callbackArgs=(items,), errbackArgs=(items,))
-        d.addBoth(lambda _result: batch.release())
+        d.addBoth(lambda _result: _fire_once(batch.runner_free))
 
     def _deliver(
         self, results: Sequence[Out | Failure | None], items: list[_Item[In, Out]]
@@ -377,3 +382,39 @@ class Batcher(Generic[In, Out]):
         elapsed = self._clock.seconds() - started_s
         self._batch_s = 0.8 * self._batch_s + 0.2 * elapsed
         self._flush()
+
+
+def _fire_once(d: Deferred[None]) -> None:
+    if not d.called:
+        d.callback(None)
+
+
+def gather(deferreds: Sequence[Deferred[T]]) -> Deferred[list[T]]:
+    """The results of all ``deferreds`` (several submissions) in order; fails with the first
+    failure and cancels the rest; cancelling the result cancels them all."""
+    results: list[Any] = [None] * len(deferreds)
+    remaining = [len(deferreds)]
+
+    def cancel_all(_d: object = None) -> None:
+        for d in deferreds:
+            d.cancel()
+
+    out: Deferred[list[T]] = Deferred(cancel_all)
+    if not deferreds:
+        out.callback([])
+        return out
+
+    def ok(result: T, i: int) -> None:
+        results[i] = result
+        remaining[0] -= 1
+        if remaining[0] == 0 and not out.called:
+            out.callback(results)
+
+    def bad(failure: Failure, i: int) -> None:
+        if not out.called:
+            out.errback(failure)
+            cancel_all()
+
+    for i, d in enumerate(deferreds):
+        d.addCallbacks(ok, bad, callbackArgs=(i,), errbackArgs=(i,))
+    return out

@@ -1,5 +1,5 @@
 """Keeping a replica's index current with a shared catalog: its change log is applied on
-the index thread every ``interval_s`` (polling, the fallback), and at once when the
+the store thread every ``interval_s`` (polling, the fallback), and at once when the
 catalog notifies a change (PostgreSQL LISTEN/NOTIFY, on a thread of its own). How far
 behind the index is goes to the metrics; an unreachable catalog is logged once, and the
 follower goes on trying until it is back."""
@@ -7,14 +7,14 @@ follower goes on trying until it is back."""
 from __future__ import annotations
 
 import threading
-from typing import Any, Protocol
+from typing import Protocol
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from batchserve.serving.pipeline import IndexWorker
+from batchserve.serving.pipeline import StoreWorker
 from batchserve.storage.store import ItemStore
 
 log = Logger()
@@ -42,12 +42,12 @@ class Follower:
 
     def __init__(
         self,
-        index: IndexWorker,
+        store: StoreWorker,
         clock: IReactorTime,
         interval_s: float,
         observer: LagObserver | None = None,
     ) -> None:
-        self._index = index
+        self._store = store
         self._interval_s = interval_s
         self._observer = observer
         self._loop = LoopingCall(self.poke)
@@ -68,10 +68,10 @@ class Follower:
         if self._running:
             self._again = True
             return
-        if not self._index.ready:
+        if not self._store.ready:
             return
         self._running, self._again = True, False
-        d = self._index.call(_follow)
+        d = self._store.call(_follow)
         d.addCallbacks(self._done, self._failed)
 
     def _done(self, behind: int) -> None:
@@ -94,7 +94,9 @@ class Follower:
             self.poke()
 
 
-def listen(notifications: Notifications, reactor: Any, follower: Follower) -> threading.Event:
+def listen(
+    notifications: Notifications, reactor: IReactorFromThreads, follower: Follower
+) -> threading.Event:
     """Poke ``follower`` on the reactor whenever ``notifications`` arrive, on a daemon
     thread; set the returned event to stop it."""
     stop = threading.Event()

@@ -166,7 +166,7 @@ class Metrics:
     def inference_done(self, padded_size: int, seconds: float) -> None:
         self.inference_seconds.labels(str(padded_size)).observe(seconds)
 
-    # IndexObserver (called on the index thread)
+    # StoreObserver (called on the store thread)
     def search_done(self, seconds: float) -> None:
         self.search_seconds.observe(seconds)
 

@@ -317,12 +317,12 @@ def test_released_batch_frees_its_slot_before_its_results_arrive() -> None:
     first = batcher.submit(0)
     batcher.submit(1)
     assert runner.sizes == [1]
-    runner.batches[0].release()  # e.g. the model is done, the index stage still runs
+    runner.batches[0].runner_free.callback(None)  # e.g. the model is done, the store stage runs
     assert runner.sizes == [1, 1]  # the next batch went at once
     assert not first.called
     runner.complete()
     assert result_of(first) == 0
-    assert batcher.inflight == 1  # releasing twice (here, at completion) counts once
+    assert batcher.inflight == 1  # the slot is given back once, not again at completion
 
 
 def test_a_failure_result_fails_only_that_item() -> None:

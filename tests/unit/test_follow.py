@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 
 from batchserve.errors import NotReady
 from batchserve.serving.follower import Follower
-from batchserve.serving.pipeline import IndexWorker
+from batchserve.serving.pipeline import StoreWorker
 from batchserve.testing import result_of, run_now
 from tests.unit.test_store import follower, items, store
 
@@ -23,8 +23,8 @@ class Lag:
         self.seen.append(changes)
 
 
-def worker_for(replica: Any) -> IndexWorker:
-    worker = IndexWorker(lambda: replica, run_now)
+def worker_for(replica: Any) -> StoreWorker:
+    worker = StoreWorker(lambda: replica, run_now)
     result_of(worker.start())
     return worker
 

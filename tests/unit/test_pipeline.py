@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from batchserve.errors import NotReady
 from batchserve.models.batches import Prediction
 from batchserve.serving.batching import Batch, Batcher, BatchPolicy
-from batchserve.serving.pipeline import IndexWorker, Job, Outcome, PipelineRunner, apply_tasks
+from batchserve.serving.pipeline import Job, Outcome, PipelineRunner, StoreWorker, apply_tasks
 from batchserve.serving.records import AddTask, EmbedTask, SearchTask
 from batchserve.storage.index import IndexParams, VectorIndex
 from batchserve.storage.store import ItemStore
@@ -103,7 +103,7 @@ class RecordingThread:
         return maybeDeferred(f, *args)
 
 
-class RecordingIndexObserver:
+class RecordingStoreObserver:
     def __init__(self) -> None:
         self.searches_s: list[float] = []
         self.sizes: list[int] = []
@@ -127,8 +127,8 @@ def embedding_of(picture: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
 
 
 def worker(
-    tmp_path: Path, observer: RecordingIndexObserver | None = None
-) -> tuple[IndexWorker, RecordingThread, list[ItemStore]]:
+    tmp_path: Path, observer: RecordingStoreObserver | None = None
+) -> tuple[StoreWorker, RecordingThread, list[ItemStore]]:
     opened: list[ItemStore] = []
 
     def open_store() -> ItemStore:
@@ -139,7 +139,7 @@ def worker(
         return store
 
     thread = RecordingThread()
-    return IndexWorker(open_store, thread, observer), thread, opened
+    return StoreWorker(open_store, thread, observer), thread, opened
 
 
 class Gate:
@@ -160,7 +160,7 @@ class Gate:
 
 
 def pipeline(
-    index: IndexWorker, observer: RecordingIndexObserver | None = None
+    index: StoreWorker, observer: RecordingStoreObserver | None = None
 ) -> tuple[Batcher[Job, Outcome], Gate]:
     runner = PipelineRunner(
         SyncModelRunner(FakeModel()), index, lambda: MODEL.info.classes, observer
@@ -169,7 +169,7 @@ def pipeline(
     return Batcher(gate, BatchPolicy(max_batch_size=8), Clock()), gate
 
 
-def test_index_worker_is_not_ready_before_start_and_refuses_calls(tmp_path: Path) -> None:
+def test_store_worker_is_not_ready_before_start_and_refuses_calls(tmp_path: Path) -> None:
     index, thread, _opened = worker(tmp_path)
     assert not index.ready
     assert result_of(index.call(lambda store: store.index.size)).check(NotReady)
@@ -182,7 +182,7 @@ def test_index_worker_is_not_ready_before_start_and_refuses_calls(tmp_path: Path
 def test_index_size_is_reported_after_start_and_after_each_add_and_delete(
     tmp_path: Path,
 ) -> None:
-    observer = RecordingIndexObserver()
+    observer = RecordingStoreObserver()
     index, _thread, _opened = worker(tmp_path, observer)
     result_of(index.start())
     assert observer.sizes == [0]
@@ -221,7 +221,7 @@ def test_close_snapshots_and_closes_the_store_and_a_second_close_does_nothing(
 def test_pipeline_with_an_observer_answers_searches_and_times_one_search_per_batch(
     tmp_path: Path,
 ) -> None:
-    observer = RecordingIndexObserver()
+    observer = RecordingStoreObserver()
     index, _thread, _opened = worker(tmp_path)
     result_of(index.start())
     batcher, gate = pipeline(index, observer)

@@ -20,10 +20,10 @@ from batchserve.errors import (
     Overloaded,
 )
 from batchserve.models.images import DecodeLimits
-from batchserve.serving.batching import Batcher, BatchPolicy
-from batchserve.serving.pipeline import IndexWorker
+from batchserve.serving.batching import Batcher, BatchPolicy, gather
+from batchserve.serving.pipeline import StoreWorker
 from batchserve.serving.records import AddTask, EmbedTask, SearchRequest, SearchTask
-from batchserve.serving.service import ImageService, gather
+from batchserve.serving.service import ImageService
 from batchserve.storage.index import IndexParams, VectorIndex
 from batchserve.storage.records import Match, NewItem
 from batchserve.storage.store import ItemStore
@@ -222,7 +222,7 @@ def at_cosine(c: float) -> npt.NDArray[np.float32]:
 
 
 class IndexedService:
-    """The service over a real ItemStore and IndexWorker in ``directory``, run at once on
+    """The service over a real ItemStore and StoreWorker in ``directory``, run at once on
     the test's thread; decodes wait in a SlowPool so a test can see whether any began."""
 
     def __init__(
@@ -234,7 +234,7 @@ class IndexedService:
         started: bool = True,
     ) -> None:
         self.model = model or FakeModel(dim=DIM)
-        self.index = IndexWorker(
+        self.index = StoreWorker(
             lambda: ItemStore(
                 directory,
                 VectorIndex(DIM, IndexParams()),
@@ -257,7 +257,7 @@ class IndexedService:
             ModelState(self.model if model_loaded else None),
             DecodeLimits(),
             self.clock,
-            index=self.index,
+            store=self.index,
             observer=self.observer,
         )
         if started:

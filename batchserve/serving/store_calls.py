@@ -1,0 +1,66 @@
+"""The service's calls on the item store: searches by vector, similar items, reads,
+deletes, pages, thumbnails and the index's description.
+
+Each runs on the store thread only (the one thread that owns the ItemStore), sent there by
+``StoreWorker.call(fn, *args)`` as ``fn(store, *args)``; the service gets a Deferred that
+fires on the reactor. No Twisted here: plain functions of the store.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from batchserve.errors import NotFound
+from batchserve.serving.records import SearchTask
+from batchserve.storage.records import Item, Match
+from batchserve.storage.store import IndexState, ItemStore, SearchQuery
+
+
+def search_vectors(
+    store: ItemStore, queries: npt.NDArray[np.float32], task: SearchTask
+) -> list[list[Match]]:
+    """The nearest items of each unit query vector ([N, dim] float32), in one search."""
+    return store.search([SearchQuery(q, task.k, task.min_score, task.label) for q in queries])
+
+
+def similar(store: ItemStore, item_id: str, task: SearchTask) -> list[Match]:
+    """The nearest items of a stored item, itself excluded; NotFound when there is none."""
+    found = store.catalog.get(item_id)
+    vector = store.embedding(item_id)
+    if found is None or vector is None:
+        raise NotFound(f"no item with id {item_id!r}")
+    klass = found.predicted_class if task.same_class else None
+    query = SearchQuery(vector, task.k, task.min_score, task.label, klass, exclude=item_id)
+    return store.search([query])[0]
+
+
+def get(store: ItemStore, item_id: str) -> Item:
+    item = store.get(item_id)
+    if item is None:
+        raise NotFound(f"no item with id {item_id!r}")
+    return item
+
+
+def delete(store: ItemStore, item_id: str) -> bool:
+    if not store.delete(item_id):
+        raise NotFound(f"no item with id {item_id!r}")
+    return True
+
+
+def page(store: ItemStore, limit: int, before: int | None) -> list[Item]:
+    """Up to ``limit`` items, newest first, older than row ``before``."""
+    return store.catalog.page(limit, before)
+
+
+def thumbnail(store: ItemStore, item_id: str) -> tuple[int, bytes | None]:
+    """(the item's row, its thumbnail JPEG or None); NotFound when there is no item."""
+    found = store.catalog.thumbnail(item_id)
+    if found is None:
+        raise NotFound(f"no item with id {item_id!r}")
+    return found
+
+
+def describe(store: ItemStore) -> IndexState:
+    """The index's kind, size, dimension and device."""
+    return store.describe()
