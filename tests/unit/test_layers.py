@@ -4,12 +4,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import grimp
 import pytest
-from importlinter.cli import lint_imports
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "batchserve"
@@ -69,9 +70,14 @@ def circles(graph: grimp.ImportGraph) -> list[set[str]]:
     return found
 
 
-def test_every_import_contract_is_kept(capsys: pytest.CaptureFixture[str]) -> None:
-    status = lint_imports(str(ROOT / "pyproject.toml"), no_cache=True, no_logo=True)
-    assert status == 0, capsys.readouterr().out
+def test_every_import_contract_is_kept() -> None:
+    # In a process of its own: import-linter's in-process run trips over zope interfaces
+    # that an earlier test's Twisted imports declared.
+    lint = Path(sys.executable).with_name("lint-imports")
+    done = subprocess.run(
+        [str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_no_import_runs_back_up_a_layer(graph: grimp.ImportGraph) -> None:

@@ -57,7 +57,7 @@ def test_each_request_gets_one_access_line_with_its_fields(
 def test_refusals_and_errors_are_logged_too_with_a_made_id(
     events: list[dict[str, Any]],
 ) -> None:
-    h = Harness(max_queue=0)
+    h = Harness(ready=False)  # refused: the model is not loaded yet
     status, headers, _ = h.request("POST", "/v1/embed", RED, {"Content-Type": "image/jpeg"})
     assert status == 503 and re.fullmatch(r"[0-9a-f]{32}", headers["x-request-id"])
     h.request("GET", "/nowhere")
