@@ -1,8 +1,9 @@
-"""The records that travel between the layers: what a request asks of the pipeline (embed,
-search, add), and what it gets back (labels, matches, stored items).
+"""What a request asks of the serving core: the task of each image (embed, search, add),
+a search as read from a request, and the labels a classification gives back. (What storage
+gives back, stored items and matches, is in ``storage/records.py``.)
 
-Plain frozen dataclasses: no numpy, no Twisted, no JSON. The HTTP layer alone turns them
-into wire documents; the catalog and the index build them from their rows.
+Plain frozen dataclasses: no Twisted, no JSON, numpy only for an add's view embeddings. The
+HTTP layer alone turns them into wire documents.
 """
 
 from __future__ import annotations

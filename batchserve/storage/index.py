@@ -196,6 +196,11 @@ class VectorIndex:
         return int(self._cpu.ntotal) - len(self._tombstones)
 
     @property
+    def kind(self) -> str:
+        """The kind configured: what ``kind_in_use`` becomes once the index is trained."""
+        return self.params.kind
+
+    @property
     def kind_in_use(self) -> str:
         """The structure searched now: ``flat`` until an IVF kind is trained."""
         return self.params.kind if self._trained_kind else "flat"

@@ -92,6 +92,9 @@ class SearchableIndex(Protocol):
     def size(self) -> int: ...
 
     @property
+    def kind(self) -> str: ...
+
+    @property
     def kind_in_use(self) -> str: ...
 
     @property
@@ -265,8 +268,8 @@ class ItemStore:
         return VIEW_WEIGHT if self.views else None
 
     def index_kind(self) -> str:
-        params = getattr(self.index, "params", None)
-        return str(getattr(params, "kind", self.index.kind_in_use))
+        """The index kind configured, which snapshots record."""
+        return self.index.kind
 
     def catch_up(self, known: dict[int, NewItem] | None = None, limit: int = 10_000) -> int:
         """Apply the catalog's changes after ``applied_seq`` to the index (this process's own

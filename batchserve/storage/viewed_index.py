@@ -77,6 +77,11 @@ class ViewedIndex:
         return self.inner.size // (1 + self.views)
 
     @property
+    def kind(self) -> str:
+        """The kind configured, as ``VectorIndex.kind``."""
+        return self.inner.kind
+
+    @property
     def kind_in_use(self) -> str:
         """The structure searched now, as ``VectorIndex.kind_in_use``."""
         return self.inner.kind_in_use
