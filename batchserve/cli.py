@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from batchserve import __version__
 from batchserve.errors import BatchserveError
+from batchserve.models.compiled import quiet_tensorflow
 
 if TYPE_CHECKING:
     from batchserve.bulk.settings import BulkJob
@@ -150,12 +151,6 @@ def quiet_openmp(environ: MutableMapping[str, str]) -> None:
     before any sub-command imports it; a value already set by the user is kept.
     """
     environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
-def quiet_tensorflow(environ: MutableMapping[str, str]) -> None:
-    """Leave TensorFlow's C++ info and warning lines out of an offline command's output
-    (``serve`` filters them by its log level instead); a value already set is kept."""
-    environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

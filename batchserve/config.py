@@ -1,13 +1,13 @@
 """Every setting, its default, and how it is read.
 
 The settings form a tree. Each component declares its own frozen dataclass with
-``setting(...)`` fields (``BatchPolicy`` in batching.py, ``ModelSpec`` in models.py,
-``IndexParams`` in index.py, ``DecodeLimits`` in images.py, ``RequestLimits`` in
-bodies.py, ``StoreSettings`` in store.py); a command's settings compose them with
-``part(...)`` fields (``ServeSettings`` and ``BulkSettings`` here, ``TrainSettings`` in
-train/). Each command shows and reads only the settings of its own tree. Every settings
-dataclass checks its bounds when it is constructed (settings.py), so a value out of bounds
-is refused the same way from a flag, a variable, a file or code.
+``setting(...)`` fields (``BatchPolicy`` in serving/batching.py, ``ModelSpec`` in
+models/spec.py, ``IndexParams`` in storage/index.py, ``DecodeLimits`` in models/images.py,
+``RequestLimits`` in http/bodies.py, ``StoreSettings`` in storage/store.py); a command's
+settings compose them with ``part(...)`` fields (``ServeSettings`` and ``BulkSettings``
+here, ``TrainSettings`` in train/). Each command shows and reads only the settings of its
+own tree. Every settings dataclass checks its bounds when it is constructed (settings.py),
+so a value out of bounds is refused the same way from a flag, a variable, a file or code.
 
 A setting comes from (highest precedence first) a command-line flag, a ``BATCHSERVE_<NAME>``
 environment variable, a TOML file (``--config`` or ``BATCHSERVE_CONFIG``), or its default.

@@ -1,4 +1,5 @@
-"""Domain exceptions. ``api.py`` maps each to an HTTP status in one place."""
+"""Domain exceptions. The HTTP layer maps each to an HTTP status in one place
+(``http/wire.py``)."""
 
 from __future__ import annotations
 

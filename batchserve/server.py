@@ -10,6 +10,7 @@ model, the thread pools and the reactor.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,8 +20,10 @@ from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.interfaces import (
+    IListeningPort,
     IReactorCore,
     IReactorFromThreads,
     IReactorTCP,
@@ -44,7 +47,7 @@ from batchserve.serving import logs, store_calls
 from batchserve.serving.batching import Batch, Batcher
 from batchserve.serving.follower import Follower, listen
 from batchserve.serving.metrics import Metrics, MetricsPage
-from batchserve.serving.pipeline import PipelineRunner, StoreWorker
+from batchserve.serving.pipeline import Job, Outcome, PipelineRunner, StoreWorker
 from batchserve.serving.records import AddTask
 from batchserve.serving.service import ImageService, PoolRunner
 from batchserve.serving.threads import NamedThreadPool, name_this_thread
@@ -88,11 +91,11 @@ class ModelWorker(Protocol):
 @dataclass
 class Threads:
     """Where blocking work runs: ``decode(f, *args)`` on the decode pool (reading bodies,
-    decoding images), ``index(f, *args)`` on the one store thread (it owns the item store
+    decoding images), ``store(f, *args)`` on the one store thread (it owns the item store
     and its index). Both return Deferreds that fire on the reactor."""
 
     decode: PoolRunner
-    index: PoolRunner
+    store: PoolRunner
     pools: Sequence[ThreadPool] = ()
 
     @classmethod
@@ -102,11 +105,11 @@ class Threads:
         decode = NamedThreadPool(
             decode_threads, decode_threads, name="batchserve-decode", nice=decode_nice
         )
-        index = NamedThreadPool(1, 1, name="batchserve-index")
+        store = NamedThreadPool(1, 1, name="batchserve-store")
         return cls(
             partial(deferToThreadPool, reactor, decode),
-            partial(deferToThreadPool, reactor, index),
-            (decode, index),
+            partial(deferToThreadPool, reactor, store),
+            (decode, store),
         )
 
     def start(self) -> None:
@@ -150,7 +153,7 @@ def build(
         reactor, settings.server.decode_thread_count(), settings.server.decode_nice
     )
     make_store = store or partial(open_store, settings.store, settings.index)
-    store_worker = StoreWorker(lambda: make_store(_loaded(worker.info)), threads.index, metrics)
+    store_worker = StoreWorker(lambda: make_store(_loaded(worker.info)), threads.store, metrics)
     pipeline = PipelineRunner(
         worker, store_worker, lambda: worker.info.classes if worker.info else None, metrics
     )
@@ -181,6 +184,12 @@ def build(
     )
 
 
+def _tcp_address(port: IListeningPort) -> IPv4Address | IPv6Address:
+    address = port.getHost()
+    assert isinstance(address, IPv4Address | IPv6Address), "listenTCP listens on an IP address"
+    return address
+
+
 def _loaded(info: ModelInfo | None) -> ModelInfo:
     assert info is not None, "the store opens only after the model is loaded"
     return info
@@ -196,25 +205,26 @@ class Server:
     model: ModelWorker
     threads: Threads
     #: The store thread (the item store and its index).
-    index: StoreWorker
-    batcher: Batcher[Any, Any]
+    store: StoreWorker
+    batcher: Batcher[Job, Outcome]
     service: ImageService
     api: BatchserveAPI
     site: Site
 
     def __post_init__(self) -> None:
-        self.port: Any = None
-        self._metrics_port: Any = None
+        self.port: IListeningPort | None = None
+        self._metrics_port: IListeningPort | None = None
         self._started_s = time.monotonic()
         self._snapshots = LoopingCall(self._snapshot)
         self._snapshots.clock = self.reactor
         self._follower: Follower | None = None
-        self._stop_listening: Any = None
+        self._stop_listening: threading.Event | None = None
 
     @property
-    def address(self) -> Any:
-        """The address the API listens on (an ``IAddress``) once started."""
-        return self.port.getHost()
+    def address(self) -> IPv4Address | IPv6Address:
+        """The address the API listens on once started."""
+        assert self.port is not None, "the server is not listening"
+        return _tcp_address(self.port)
 
     def start(self) -> Deferred[None]:
         """Listen, then load the model and open the index; fires once the server is ready
@@ -253,7 +263,7 @@ class Server:
                 page,  # type: ignore[arg-type]
                 interface=host,
             )
-            where = self._metrics_port.getHost()
+            where = _tcp_address(self._metrics_port)
             log.info("metrics on http://{host}:{port}/metrics", host=where.host, port=where.port)
 
     def _model_ready(self, info: ModelInfo) -> Deferred[OpenReport]:
@@ -268,7 +278,7 @@ class Server:
             device=info.device,
             sizes=self.model.sizes,
         )
-        return self.index.start()
+        return self.store.start()
 
     def _index_ready(self, report: OpenReport) -> Deferred[None]:
         for skipped in report.skipped_snapshots:
@@ -276,7 +286,7 @@ class Server:
         self._snapshots.start(self.settings.store.snapshot_interval_s, now=False)
         if self.settings.store.shared_catalog:
             self._follow()
-        d: Deferred[Any] = self.index.call(store_calls.describe)
+        d: Deferred[Any] = self.store.call(store_calls.describe)
         d.addCallback(self._announce, report)
         return d.addCallback(self._ready)
 
@@ -294,7 +304,7 @@ class Server:
             t=report.seconds,
         )
         if self.settings.store.demo and described.size == 0:
-            return seed_demo(self.service, self.index)
+            return seed_demo(self.service, self.store)
         return None
 
     def _follow(self) -> None:
@@ -302,7 +312,7 @@ class Server:
         from batchserve.storage.postgres import ChangeListener
 
         store = self.settings.store
-        self._follower = Follower(self.index, self.reactor, store.follow_interval_s, self.metrics)
+        self._follower = Follower(self.store, self.reactor, store.follow_interval_s, self.metrics)
         self._follower.start()
         self._stop_listening = listen(ChangeListener(store.catalog), self.reactor, self._follower)
 
@@ -311,7 +321,7 @@ class Server:
         log.info("ready in {s:.1f} s", s=time.monotonic() - self._started_s)
 
     def _snapshot(self) -> Deferred[Any]:
-        d: Deferred[Any] = self.index.call(_take_snapshot)
+        d: Deferred[Any] = self.store.call(_take_snapshot)
         return d.addErrback(_snapshot_failed)
 
     def stop(self) -> Deferred[None]:
@@ -327,6 +337,7 @@ class Server:
             self._snapshots.stop()
         if self._follower is not None:
             self._follower.stop()
+        if self._stop_listening is not None:
             self._stop_listening.set()
         ports = [p for p in (self.port, self._metrics_port) if p is not None]
         d: Deferred[Any] = gatherResults([maybeDeferred(p.stopListening) for p in ports])
@@ -342,7 +353,7 @@ class Server:
                 s=self.settings.server.drain_timeout_s,
             )
         self.model.stop(timeout_s=5.0)
-        return self.index.close()
+        return self.store.close()
 
     def _closed(self, result: object) -> None:
         if isinstance(result, Failure):

@@ -113,14 +113,6 @@ def check_fields(obj: Any) -> None:
             check_value(meta.name or f.name, meta, getattr(obj, f.name))
 
 
-def check_settings(obj: Any) -> None:
-    """Check every setting of the dataclass ``obj`` and of its parts."""
-    check_fields(obj)
-    for f in dataclasses.fields(obj):
-        if "part" in f.metadata:
-            check_settings(getattr(obj, f.name))
-
-
 def part(kind: type, only: Sequence[str] | None = None) -> Any:
     """A dataclass field holding a component's settings; ``only``: the flat names of those
     this command uses (the others keep their defaults and are not shown)."""

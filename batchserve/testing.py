@@ -238,7 +238,7 @@ def _parse_response(raw: bytes) -> Response:
 
 def inline_threads() -> Threads:
     """Threads that run every job at once on the calling thread."""
-    return Threads(decode=run_now, index=run_now)
+    return Threads(decode=run_now, store=run_now)
 
 
 def encode_image(

@@ -34,7 +34,7 @@ def index_locally(
     progress: Callable[[BulkReport], None],
 ) -> BulkReport:
     """The local engine: the model in this process, decode threads beside it."""
-    from batchserve.bulk.local import ingest
+    from batchserve.bulk.local import embed_sources
     from batchserve.bulk.outputs import index_into_output
     from batchserve.models.loaders import load_model
 
@@ -43,7 +43,7 @@ def index_locally(
         job,
         model.info,
         announce,
-        lambda output: ingest(
+        lambda output: embed_sources(
             sources,
             output,
             model,

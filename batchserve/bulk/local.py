@@ -107,7 +107,7 @@ def known_digests(
     yield from flush()
 
 
-def ingest(
+def embed_sources(
     sources: Iterable[Source],
     output: IndexOutput,
     model: EmbeddingModel,
@@ -125,7 +125,7 @@ def ingest(
     embed = _BatchEmbedder(model, batch_sizes, output, report)
 
     pending = known_digests(sources, output, report, largest)
-    with ThreadPoolExecutor(decode_threads, thread_name_prefix="batchserve-ingest") as pool:
+    with ThreadPoolExecutor(decode_threads, thread_name_prefix="batchserve-bulk") as pool:
         window: deque[tuple[Source, Future[Timed]]] = deque()
         for source, known in pending:
             loading = pool.submit(load_timed, source.path, known, model.info, limits)

@@ -28,6 +28,7 @@ from batchserve.bulk import ray_stages
 from batchserve.bulk.outputs import IndexOutput
 from batchserve.bulk.ray_stages import item_of
 from batchserve.errors import BatchserveError, ConfigError
+from batchserve.models.compiled import QUIET_TENSORFLOW
 
 if TYPE_CHECKING:
     from batchserve.bulk.report import BulkReport
@@ -84,7 +85,7 @@ def connect(ray: Any, settings: RaySettings) -> None:
     options: dict[str, Any] = {
         "include_dashboard": False,
         "logging_level": "warning",
-        "runtime_env": {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2", "OMP_WAIT_POLICY": "PASSIVE"}},
+        "runtime_env": {"env_vars": {**QUIET_TENSORFLOW, "OMP_WAIT_POLICY": "PASSIVE"}},
     }
     if settings.ray_address:
         options["address"] = settings.ray_address

@@ -2,7 +2,8 @@
 multipart/form-data, JSON with base64.
 
 Pure functions of (content type, body); no Twisted, no Klein. The service runs them on the
-decode pool, never on the reactor. Every failure is a domain error that api.py maps to a 4xx.
+decode pool, never on the reactor. Every failure is a domain error that the HTTP layer maps
+to a 4xx.
 A body is bytes or a readable binary file (Twisted spools a large body to a temporary file);
 multipart bodies are parsed as a stream, a megabyte at a time.
 """
@@ -15,7 +16,6 @@ from dataclasses import dataclass, field
 from io import BytesIO
 from typing import IO, TYPE_CHECKING, Any
 
-import orjson
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 from batchserve.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from batchserve.settings import setting
+from batchserve.storage.records import parse_json
 
 #: Multipart fields read as images when a part has no filename.
 IMAGE_FIELDS = frozenset({"image", "images", "image[]", "images[]", "file", "files"})
@@ -216,15 +217,6 @@ def _from_multipart(content_type: str, source: IO[bytes], limits: RequestLimits)
     if not parts.ended:
         raise InvalidInput("malformed multipart/form-data body (check the boundary)")
     return parts.body
-
-
-def parse_json(body: bytes) -> Any:
-    """The JSON document of ``body``: RFC 8259 only (no NaN or Infinity); integers past 64
-    bits are read as floats."""
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as e:
-        raise InvalidInput(f"invalid JSON: {e}") from e
 
 
 def decode_b64(entry: object, index: int, key: str = "images") -> bytes:

@@ -21,6 +21,8 @@ from batchserve.storage.records import check_id, check_label, check_metadata
 
 DEFAULT_K = 10
 MAX_K = 1000
+#: Labels per image that /v1/classify gives unless ``k`` asks for more or fewer.
+DEFAULT_TOP_K = 5
 #: The shortest deadline a request may ask for: what an idle server needs to read, decode,
 #: run and search one request's images with room to spare.
 MIN_TIMEOUT_MS = 1000

@@ -103,7 +103,10 @@ class BoundedRequest(Request):
         else:
             # Served by a RequestLineChannel; another channel gives no line: nothing is
             # refused early.
-            method, _, rest = getattr(self.channel, "request_line", b"").partition(b" ")
+            line = (
+                self.channel.request_line if isinstance(self.channel, RequestLineChannel) else b""
+            )
+            method, _, rest = line.partition(b" ")
             path = rest.partition(b" ")[0]
             if method and path:
                 self.early_answer = self.refuse_early(self, method, path)

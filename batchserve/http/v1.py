@@ -26,6 +26,8 @@ from batchserve.http.bodies import RequestLimits, read_images
 from batchserve.http.drain import InFlight
 from batchserve.http.inputs import (
     DEFAULT_PAGE,
+    DEFAULT_TOP_K,
+    MAX_K,
     MAX_PAGE,
     bounded_int,
     read_items,
@@ -52,8 +54,6 @@ from batchserve.http.wire import (
 from batchserve.serving.metrics import Metrics
 from batchserve.serving.records import Label
 from batchserve.serving.service import ImageService
-
-DEFAULT_TOP_K = 5
 
 
 class BatchserveAPI:
@@ -117,7 +117,7 @@ class BatchserveAPI:
     def classify(self, request: IRequest) -> Deferred[bytes]:
         def work() -> Deferred[Any]:
             call = self._responder.call_of(request)
-            top_k = _int_arg(request, "k", DEFAULT_TOP_K, 1, 1000)
+            top_k = _int_arg(request, "k", DEFAULT_TOP_K, 1, MAX_K)
             content_type, body = self._responder.body_of(request)
             read = lambda: read_images(content_type, body, self._limits)  # noqa: E731
             d = self._service.classify(read, top_k, call)

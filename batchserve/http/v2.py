@@ -17,7 +17,7 @@ from twisted.web.resource import IResource
 from werkzeug.exceptions import HTTPException
 
 from batchserve.errors import BatchserveError, InvalidInput, NotFound
-from batchserve.http import v2_wire as oip
+from batchserve.http import v2_wire
 from batchserve.http.bodies import RequestLimits
 from batchserve.http.responder import Responder, Work
 from batchserve.http.routing import PathSegment
@@ -72,7 +72,7 @@ class OpenInferenceAPI:
 
     @app.route("/v2", methods=["GET"])
     def server(self, request: IRequest) -> Deferred[bytes]:
-        return self._respond(request, "/v2", oip.server_metadata)
+        return self._respond(request, "/v2", v2_wire.server_metadata)
 
     @app.route("/v2/health/live", methods=["GET"])
     def live(self, request: IRequest) -> bytes:
@@ -85,16 +85,18 @@ class OpenInferenceAPI:
 
     @app.route("/v2/models/<segment:name>", methods=["GET"])
     @app.route("/v2/models/<segment:name>/versions/<segment:version>", methods=["GET"])
-    def model(self, request: IRequest, name: str, version: str = oip.VERSION) -> Deferred[bytes]:
+    def model(
+        self, request: IRequest, name: str, version: str = v2_wire.VERSION
+    ) -> Deferred[bytes]:
         def work() -> dict[str, Any]:
-            return oip.model_metadata(self._model(name, version))
+            return v2_wire.model_metadata(self._model(name, version))
 
         return self._respond(request, "/v2/models/{name}", work)
 
     @app.route("/v2/models/<segment:name>/ready", methods=["GET"])
     @app.route("/v2/models/<segment:name>/versions/<segment:version>/ready", methods=["GET"])
     def model_ready(
-        self, request: IRequest, name: str, version: str = oip.VERSION
+        self, request: IRequest, name: str, version: str = v2_wire.VERSION
     ) -> Deferred[bytes]:
         def work() -> dict[str, Any]:
             self._model(name, version)
@@ -104,26 +106,28 @@ class OpenInferenceAPI:
 
     @app.route("/v2/models/<segment:name>/infer", methods=["POST"])
     @app.route("/v2/models/<segment:name>/versions/<segment:version>/infer", methods=["POST"])
-    def infer(self, request: IRequest, name: str, version: str = oip.VERSION) -> Deferred[bytes]:
+    def infer(
+        self, request: IRequest, name: str, version: str = v2_wire.VERSION
+    ) -> Deferred[bytes]:
         def work() -> Deferred[InferBody]:
             info = self._model(name, version)
             call = self._responder.call_of(request)
             _, body = self._responder.body_of(request)
             length = _header_length(request)
-            read = lambda: oip.read_infer(_bytes(body), length, info, self._limits)  # noqa: E731
+            read = lambda: v2_wire.read_infer(_bytes(body), length, info, self._limits)  # noqa: E731
             return self._infer(read, call).addCallback(lambda done: InferBody(*done))
 
         return self._respond(request, "/v2/models/{name}/infer", work)
 
     def _infer(
-        self, read: Callable[[], oip.InferRequest], call: Call
+        self, read: Callable[[], v2_wire.InferRequest], call: Call
     ) -> Deferred[tuple[bytes, int | None]]:
         """Read the request on the decode pool (once read, its own deadline joins the
         call's), run its images through the model, and write the response."""
         info = self._service.loaded()
-        asked: list[oip.InferRequest] = []
+        asked: list[v2_wire.InferRequest] = []
 
-        def images() -> list[oip.Image]:
+        def images() -> list[v2_wire.Image]:
             asked.append(read())
             own = asked[0].timeout_s
             if own is not None:
@@ -131,16 +135,16 @@ class OpenInferenceAPI:
             return asked[0].images
 
         def written(predictions: list[Prediction]) -> tuple[bytes, int | None]:
-            return oip.write_infer(info, asked[0], predictions)
+            return v2_wire.write_infer(info, asked[0], predictions)
 
         return self._service.predict(images, call).addCallback(written)
 
     def _model(self, name: str, version: str) -> ModelInfo:
         info = self._service.loaded()
-        if name != info.name or version != oip.VERSION:
+        if name != info.name or version != v2_wire.VERSION:
             raise NotFound(
                 f"no model {name!r} version {version}: this server serves "
-                f"{info.name!r} version {oip.VERSION}"
+                f"{info.name!r} version {v2_wire.VERSION}"
             )
         return info
 

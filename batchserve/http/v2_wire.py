@@ -3,7 +3,7 @@ request (JSON tensors, or the binary tensor extension: a JSON header of
 ``Inference-Header-Content-Length`` bytes followed by the tensors' raw bytes) and writing
 its response, and the server's and model's metadata documents.
 
-Pure functions on bytes and numpy: no HTTP, no Twisted. The routes are in oip_api.py.
+Pure functions on bytes and numpy: no HTTP, no Twisted. The routes are in v2.py.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import orjson
 
 from batchserve import __version__
 from batchserve.errors import InvalidInput
-from batchserve.http.bodies import RequestLimits, check_count, parse_json
+from batchserve.http.bodies import RequestLimits, check_count
 from batchserve.models.batches import Prediction
 from batchserve.models.spec import ModelInfo
+from batchserve.storage.records import parse_json
 
 VERSION = "1"
 IMAGE, PIXELS = "IMAGE", "PIXELS"

@@ -5,7 +5,7 @@ signature so that it never retraces; and TensorFlow's threads and devices."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,17 @@ import numpy.typing as npt
 
 from batchserve.errors import ModelLoadError
 from batchserve.models.spec import ModelInfo, ModelOutputs, ModelSpec, embedding_recipe, read_labels
+
+#: The environment that keeps TensorFlow's C++ info and warning lines (CPU features,
+#: plugins) out of a process's output; read when TensorFlow is imported.
+QUIET_TENSORFLOW = {"TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def quiet_tensorflow(environ: MutableMapping[str, str]) -> None:
+    """Set ``QUIET_TENSORFLOW`` in ``environ`` before TensorFlow is imported; a value
+    already set is kept."""
+    for name, value in QUIET_TENSORFLOW.items():
+        environ.setdefault(name, value)
 
 
 def configure_tensorflow(spec: ModelSpec) -> str:

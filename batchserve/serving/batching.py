@@ -120,6 +120,11 @@ class Batch(Generic[In_co]):
     def __len__(self) -> int:
         return len(self._items)
 
+    def free(self) -> None:
+        """Say that the runner can take the next batch (reactor thread; once is enough)."""
+        if not self.runner_free.called:
+            self.runner_free.callback(None)
+
     def map(self, fn: Callable[[In_co], T]) -> Batch[T]:
         """The same items (same liveness, same ``runner_free``) with ``fn`` applied to each
         payload."""
@@ -336,10 +341,11 @@ class Batcher(Generic[In, Out]):
         batch: Batch[In] = Batch(items)
         # The slot is the Batcher's own: it is given back once, when the runner says it is
         # free for the next batch or, failing that, when the batch's results are in.
-        batch.runner_free.addCallback(lambda _free: self._release_slot(now))
+        # (Released whether it fires or fails: a cancelled ``runner_free`` frees it too.)
+        batch.runner_free.addBoth(lambda _free: self._release_slot(now))
         d = maybeDeferred(self._runner.run, batch)
         d.addCallbacks(self._deliver, self._fail, callbackArgs=(items,), errbackArgs=(items,))
-        d.addBoth(lambda _result: _fire_once(batch.runner_free))
+        d.addBoth(lambda _result: batch.free())
 
     def _deliver(
         self, results: Sequence[Out | Failure | None], items: list[_Item[In, Out]]
@@ -382,11 +388,6 @@ class Batcher(Generic[In, Out]):
         elapsed = self._clock.seconds() - started_s
         self._batch_s = 0.8 * self._batch_s + 0.2 * elapsed
         self._flush()
-
-
-def _fire_once(d: Deferred[None]) -> None:
-    if not d.called:
-        d.callback(None)
 
 
 def gather(deferreds: Sequence[Deferred[T]]) -> Deferred[list[T]]:

@@ -33,6 +33,8 @@ from twisted.logger import (
 )
 from zope.interface import provider
 
+from batchserve.models.compiled import quiet_tensorflow
+
 ACCESS_NAMESPACE = "batchserve.access"
 ACCESS_FIELDS = (
     "request_id",
@@ -135,20 +137,20 @@ def start_logging(level_name: str, log_format: str) -> None:
     stderr as ``log_format`` lines from ``level_name`` up. Below debug, what native code
     writes to stderr (TensorFlow's C++ start-up lines) becomes log events too, so that every
     line of a JSON log is JSON; at debug it is written as it comes."""
-    quiet_tensorflow(level_name)
+    quiet_framework_logs(level_name)
     out = sys.stderr if level_name == "debug" else capture_native_stderr()
     observer = filtered(OBSERVERS[log_format](out), level_name)
     logging.getLogger().addHandler(TwistedHandler())
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
-def quiet_tensorflow(level_name: str) -> None:
+def quiet_framework_logs(level_name: str) -> None:
     """Below debug, TensorFlow's C++ start-up lines (CPU features, plugins) stay out of the
     log, and its (and the catalog pool's) Python loggers say only errors. Must run before
     TensorFlow is imported."""
     if level_name == "debug":
         return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_tensorflow(os.environ)
     for name in ("tensorflow", "absl", "keras", "h5py"):
         logging.getLogger(name).setLevel(logging.ERROR)
     # A shared catalog's pool warns at every reconnect try; the follower logs an outage once.

@@ -295,10 +295,10 @@ class PipelineRunner:
         ]
         work = _store_work(batch, predictions)
         if not work:
-            _model_free(batch)
+            batch.free()
             return outcomes
         if not self._store.ready:
-            _model_free(batch)
+            batch.free()
             failure = Failure(NotReady("the index is loading; retry shortly"))
             for i, _t, _p in work:
                 outcomes[i] = failure
@@ -317,7 +317,7 @@ class PipelineRunner:
             return outcomes
 
         def search_and_add() -> Deferred[Sequence[Outcome | Failure | None]]:
-            _model_free(batch)  # the next batch may start on the model while this one is searched
+            batch.free()  # the next batch may start on the model while this one is searched
             d = self._store.call(apply_tasks, work, self._classes(), self._observer)
             return d.addCallback(merge)
 
@@ -343,9 +343,3 @@ def _store_work(
         elif not isinstance(job.task, EmbedTask):
             work.append((i, job.task, p))
     return work
-
-
-def _model_free(batch: Batch[Job]) -> None:
-    """Tell the Batcher the model is done with ``batch``."""
-    if not batch.runner_free.called:
-        batch.runner_free.callback(None)

@@ -170,7 +170,10 @@ class ImageService:
     def add(
         self, read: Reader[Sequence[tuple[bytes, AddTask]]], call: Call | None = None
     ) -> Deferred[list[str]]:
-        """Store each image under its id; fires once every row is committed."""
+        """Store each image under its id; fires once every row is committed. Each item is
+        stored in the store stage of the batch that finished it (with item views: of its
+        last view), as one catalog transaction with the rest of that batch's adds, so the
+        items of one request may be committed in different transactions."""
         d = self._through_model(read, call, needs_index=True)
         return d.addCallback(lambda outcomes: [o.added or "" for o in outcomes])
 

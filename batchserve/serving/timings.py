@@ -27,7 +27,8 @@ class Timings:
         self.queue_s = max(0.0, total_s - model_s - search_s)
 
     def as_ms(self) -> dict[str, float]:
-        return {stage: round(getattr(self, f"{stage}_s") * 1000.0, 3) for stage in STAGES}
+        seconds = (self.decode_s, self.queue_s, self.model_s, self.search_s)
+        return {stage: round(s * 1000.0, 3) for stage, s in zip(STAGES, seconds, strict=True)}
 
     def server_timing(self) -> str:
         """The ``Server-Timing`` header's value (W3C Server Timing)."""

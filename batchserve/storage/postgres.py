@@ -1,10 +1,10 @@
 """The catalog in PostgreSQL: one durable catalog shared by several replicas.
 
-The same interface and meaning as the SQLite ``Catalog`` (batchserve/storage/sqlite.py): items
-under row ids (``fid``, the items' ids in the index, never reused) and an ordered change
-log that each replica's index follows. Each replica is one process whose index thread alone uses its
-``PostgresCatalog``; several processes write the same database at once, which is safe by
-these rules:
+The ``Catalog`` protocol (catalog.py), with the meaning of the SQLite catalog (sqlite.py):
+items under row ids (``fid``, the items' ids in the index, never reused) and an ordered
+change log that each replica's index follows. Each replica is one process whose store
+thread alone uses its ``PostgresCatalog``; several processes write the same database at
+once, which is safe by these rules:
 
 1. A write is acknowledged (``upsert``/``delete`` return) only after PostgreSQL committed it,
    with ``synchronous_commit`` at least ``on`` (a connection finding it ``off`` turns it on):

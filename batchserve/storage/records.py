@@ -96,7 +96,7 @@ def check_metadata(value: object) -> dict[str, Any]:
     if isinstance(value, str):
         if len(value.encode("utf-8")) > MAX_METADATA_BYTES:
             raise PayloadTooLarge(f"metadata is over {MAX_METADATA_BYTES} bytes")
-        value = _json(value.encode("utf-8"))
+        value = parse_json(value.encode("utf-8"))
     if not isinstance(value, dict):
         raise InvalidInput("metadata must be a JSON object")
     if len(orjson.dumps(value)) > MAX_METADATA_BYTES:
@@ -104,8 +104,10 @@ def check_metadata(value: object) -> dict[str, Any]:
     return value
 
 
-def _json(text: bytes) -> Any:
+def parse_json(body: bytes) -> Any:
+    """The JSON document of ``body``: RFC 8259 only (no NaN or Infinity); integers past 64
+    bits are read as floats."""
     try:
-        return orjson.loads(text)
+        return orjson.loads(body)
     except orjson.JSONDecodeError as e:
         raise InvalidInput(f"invalid JSON: {e}") from e

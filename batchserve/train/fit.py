@@ -54,7 +54,6 @@ def train(settings: TrainSettings, log: Log = _stderr) -> model_dir.Manifest:
     model that cannot be trained on, ModuleNotFoundError (``name`` "matplotlib") without
     the ``train`` extra.
     """
-    settings.check()
     report.require_matplotlib()
     folders = find_examples(settings.data_dir, settings.val_split, settings.seed)
     out = settings.out

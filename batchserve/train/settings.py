@@ -8,7 +8,7 @@ from typing import Any
 
 from batchserve.models.images import DecodeLimits
 from batchserve.models.spec import ModelSpec
-from batchserve.settings import check_settings, part, setting
+from batchserve.settings import part, setting
 
 
 @dataclass(frozen=True)
@@ -48,10 +48,6 @@ class TrainSettings:
     patience: int = setting(3, "early stopping: epochs without gain", at_least=1)
     seed: int = setting(0, "seed of the split, the shuffles and the new layers")
     cache_file: str = setting("", "cache decoded images in this file (default: memory)")
-
-    def check(self) -> None:
-        """ConfigError naming the first setting out of its bounds."""
-        check_settings(self)
 
     def as_json(self) -> dict[str, Any]:
         return {

@@ -111,14 +111,14 @@ class Harness:
             settings,
             self.clock,
             model=model or ModelVia(worker, self.runner),
-            threads=Threads(decode=run_now, index=index_thread or run_now),
+            threads=Threads(decode=run_now, store=index_thread or run_now),
             store=lambda info: ItemStore(
                 Path(self.directory.name), VectorIndex(info.dim, IndexParams()), info.fingerprint()
             ),
         )
         self.batcher = self.server.batcher
         self.service = self.server.service
-        self.index = self.server.index
+        self.index = self.server.store
         self.metrics = self.server.metrics
         self.api = self.server.api
         if ready:

@@ -317,12 +317,24 @@ def test_released_batch_frees_its_slot_before_its_results_arrive() -> None:
     first = batcher.submit(0)
     batcher.submit(1)
     assert runner.sizes == [1]
-    runner.batches[0].runner_free.callback(None)  # e.g. the model is done, the store stage runs
+    runner.batches[0].free()  # e.g. the model is done, the store stage runs
     assert runner.sizes == [1, 1]  # the next batch went at once
     assert not first.called
     runner.complete()
     assert result_of(first) == 0
     assert batcher.inflight == 1  # the slot is given back once, not again at completion
+
+
+def test_a_cancelled_release_frees_the_slot_once_too() -> None:
+    batcher, runner, _clock = make(max_batch_size=4)
+    first = batcher.submit(0)
+    batcher.submit(1)
+    runner.batches[0].runner_free.cancel()  # a runner that gives up on its signal
+    assert runner.sizes == [1, 1]  # the slot was freed all the same
+    runner.batches[0].free()  # a late signal changes nothing
+    runner.complete()
+    assert result_of(first) == 0
+    assert batcher.inflight == 1
 
 
 def test_a_failure_result_fails_only_that_item() -> None:

@@ -8,9 +8,10 @@ import tempfile
 import pytest
 
 from batchserve.errors import InvalidInput, PayloadTooLarge
-from batchserve.http.bodies import RequestLimits, parse_body, parse_json
+from batchserve.http.bodies import RequestLimits, parse_body
 from batchserve.http.inputs import read_items, read_search
 from batchserve.serving.records import AddTask, SearchTask
+from batchserve.storage.records import parse_json
 from batchserve.testing import encode_multipart
 
 LIMITS = RequestLimits(max_body_bytes=8 * 1024 * 1024, max_images=4)

@@ -234,7 +234,7 @@ def test_train_settings_come_from_the_same_tree(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"dropout must be at most 0\.99"):
         train(tmp_path, ["--dropout", "1"], {})
     with pytest.raises(ConfigError, match="embedding_dim must be at least 1"):
-        TrainSettings(tmp_path, tmp_path, embedding_dim=0).check()  # built in code, too
+        TrainSettings(tmp_path, tmp_path, embedding_dim=0)  # built in code, too
 
 
 def test_a_table_of_chosen_settings_has_their_rows_of_the_full_table_in_the_given_order() -> None:

@@ -80,7 +80,7 @@ def test_an_added_item_sends_its_crop_views_through_the_model_and_stores_them(
     server, worker = serve(tmp_path, model)
     assert add(server, "corner", png(red_corner())) == ["corner"]
     assert sum(worker.batch_sizes) == 1 + CROP_VIEWS
-    store = result_of(server.index.call(lambda store: store))
+    store = result_of(server.store.call(lambda store: store))
     (_fids, vectors), *_rest = list(store.catalog.vectors())
     assert vectors.shape == (1, 1 + CROP_VIEWS, model.info.dim)
     pictures = [decode_image(png(red_corner()), (32, 32), DecodeLimits())]

@@ -124,8 +124,8 @@ def test_python_logging_goes_to_the_twisted_log(events: list[dict[str, Any]]) ->
 
 def test_tensorflow_is_quiet_below_debug(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
-    logs.quiet_tensorflow("debug")
+    logs.quiet_framework_logs("debug")
     assert "TF_CPP_MIN_LOG_LEVEL" not in os.environ
-    logs.quiet_tensorflow("info")
+    logs.quiet_framework_logs("info")
     assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "2"
     assert logging.getLogger("tensorflow").level == logging.ERROR

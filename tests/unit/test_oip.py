@@ -1,5 +1,5 @@
-"""The Open Inference Protocol v2 wire format (oip.py): JSON and binary tensors in, JSON and
-binary tensors out, and the errors a bad request gets."""
+"""The Open Inference Protocol v2 wire format (http/v2_wire.py): JSON and binary tensors in,
+JSON and binary tensors out, and the errors a bad request gets."""
 
 from __future__ import annotations
 

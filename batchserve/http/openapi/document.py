@@ -13,6 +13,7 @@ from batchserve.http.bodies import IMAGE_FIELDS, RequestLimits
 from batchserve.http.inputs import (
     DEFAULT_K,
     DEFAULT_PAGE,
+    DEFAULT_TOP_K,
     MAX_K,
     MAX_PAGE,
     MAX_TIMEOUT_MS,
@@ -219,7 +220,12 @@ def _model_paths(limits: RequestLimits) -> Doc:
                 "parameters": [
                     _parameter(
                         "k",
-                        {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 5},
+                        {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": MAX_K,
+                            "default": DEFAULT_TOP_K,
+                        },
                         "labels per image",
                     ),
                     *_deadline_parameters(),

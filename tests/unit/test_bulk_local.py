@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from batchserve.bulk.local import ingest
+from batchserve.bulk.local import embed_sources
 from batchserve.bulk.outputs import EmbeddingsFile, IndexOutput, finish
 from batchserve.bulk.report import STAGES, BulkReport, print_summary
 from batchserve.bulk.sources import Source, read_manifest, scan_directory, sha256_hex, sources_for
@@ -47,7 +47,7 @@ def open_store(path: Path, model: FakeModel) -> ItemStore:
 
 
 def run(sources: list[Source], store: ItemStore, model: FakeModel) -> BulkReport:
-    return ingest(sources, IndexOutput(store), model, [1, 2, 4], 2, DecodeLimits())
+    return embed_sources(sources, IndexOutput(store), model, [1, 2, 4], 2, DecodeLimits())
 
 
 def test_directory_labels_come_from_class_folders(tmp_path: Path) -> None:
@@ -166,7 +166,7 @@ def test_the_report_times_each_stage(tmp_path: Path) -> None:
     make_tree(tmp_path / "images")
     model = FakeModel()
     output = IndexOutput(open_store(tmp_path / "data", model))
-    report = ingest(
+    report = embed_sources(
         list(sources_for(str(tmp_path / "images"))), output, model, [1, 2, 4], 2, DecodeLimits()
     )
     assert tuple(report.stage_s) == STAGES == ("read+decode", "embed", "write", "index")
@@ -212,7 +212,7 @@ def test_output_only_writes_a_parquet_file_of_the_models_embeddings(tmp_path: Pa
     path = tmp_path / "out" / "embeddings.parquet"
     output = IndexOutput(None, EmbeddingsFile(path, model.info.dim))
     sources = list(sources_for(str(tmp_path / "images")))
-    report = ingest(sources, output, model, [1, 2, 4], 2, DecodeLimits())
+    report = embed_sources(sources, output, model, [1, 2, 4], 2, DecodeLimits())
     assert report.indexed == 6 and len(report.failed) == 1
     partial = tmp_path / "out" / ".embeddings.parquet.partial"
     assert partial.exists() and not path.exists()  # no reader sees half a file
@@ -249,7 +249,7 @@ def test_output_keeps_each_sources_metadata_as_json_text(tmp_path: Path) -> None
     model = FakeModel()
     path = tmp_path / "e.parquet"
     output = IndexOutput(None, EmbeddingsFile(path, model.info.dim))
-    ingest(list(sources_for(str(manifest))), output, model, [1], 1, DecodeLimits())
+    embed_sources(list(sources_for(str(manifest))), output, model, [1], 1, DecodeLimits())
     output.finish()
     [row] = pq.read_table(path).to_pylist()
     assert (row["id"], row["label"], json.loads(row["metadata"])) == ("r", None, {"sku": 7})
