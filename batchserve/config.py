@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 import tomllib
 import typing
@@ -287,6 +288,13 @@ class ServerSettings:
         "log one line per HTTP request: request id, method, route, status, bytes in and out, "
         "latency, images, batch size, client",
     )
+    forwarded_allow_ips: str = setting(
+        "127.0.0.1,::1",
+        "proxies trusted to name the client in X-Forwarded-For (else Forwarded: for=), for the "
+        "access log: comma-separated IP addresses or CIDR networks, '*' for any, empty for "
+        "none. The default trusts only this host, as gunicorn's and uvicorn's do: a proxy on "
+        "it (deploy/nginx) is believed, and no peer on another host can choose the client logged",
+    )
     log_level: str = setting(
         "info",
         "lowest level logged (below debug, TensorFlow's start-up lines are left out)",
@@ -299,10 +307,28 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if self.metrics_address:
             self.metrics_host_port()
+        self.trusted_proxies()
 
     def metrics_host_port(self) -> tuple[str, int]:
         """``metrics_address`` split into host and port; ConfigError when malformed."""
         return _host_port(self.metrics_address, "metrics_address")
+
+    def trusted_proxies(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """``forwarded_allow_ips`` as networks ('*': every IPv4 and IPv6 address; an
+        address: a network of one); ConfigError for an entry that is neither."""
+        networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for entry in (e.strip() for e in self.forwarded_allow_ips.split(",")):
+            if entry == "*":
+                networks += [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")]
+            elif entry:
+                try:
+                    networks.append(ipaddress.ip_network(entry, strict=False))
+                except ValueError as e:
+                    raise ConfigError(
+                        "forwarded_allow_ips must be IP addresses or CIDR networks, "
+                        f"comma-separated, or '*': {e}"
+                    ) from e
+        return tuple(networks)
 
     def decode_thread_count(self) -> int:
         """Decode threads to start: the setting, or one per core. Decoding is the front

@@ -177,7 +177,11 @@ def build(
         metrics_here=not settings.server.metrics_address,
     )
     site = make_site(
-        api.resource(), settings.limits.max_body_bytes, settings.server.access_log, api.refuse_early
+        api.resource(),
+        settings.limits.max_body_bytes,
+        settings.server.access_log,
+        api.refuse_early,
+        settings.server.trusted_proxies(),
     )
     return Server(
         settings, reactor, metrics, worker, threads, store_worker, batcher, service, api, site

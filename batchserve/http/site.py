@@ -6,16 +6,23 @@ that what will be refused is never buffered nor parsed: a ``Content-Length`` ove
 (answered 413 by the handler), and ``refuse_early(request, method, path)``, which may return
 how to answer the request at once. Under overload most requests are refusals; this keeps
 their cost to reading the bytes off the socket, not routing, parsing and JSON-encoding them.
+
+The access line names the client: the TCP peer, or, when the peer is a trusted proxy (nginx
+in front of the replicas), the client its forwarding header names (``forwarded_client``).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from twisted.web.http import HTTPChannel, datetimeToString
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site, version
@@ -30,6 +37,9 @@ EarlyAnswer = Callable[[Request], None]
 #: Called once a request's headers are in, before its body: how to answer it at once, or
 #: None to let it through to its handler.
 RefuseEarly = Callable[[Request, bytes, bytes], EarlyAnswer | None]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass
@@ -146,15 +156,119 @@ def bounded_request_factory(
     return type("BoundedRequest", (BoundedRequest,), attributes)
 
 
+# -- the client behind a proxy -----------------------------------------------------------
+
+#: What a forwarding header may name instead of an address (RFC 7239 section 6): "unknown",
+#: or an obfuscated identifier that the proxy chose.
+_IDENTIFIER = re.compile(r"unknown|_[A-Za-z0-9._-]+")
+_PORT = r"(?::(?:[0-9]{1,5}|_[A-Za-z0-9._-]+))?"
+#: A node with its port: "[IPv6]:port", or "IPv4:port" and "identifier:port".
+_BRACKETED = re.compile(rf"\[([0-9A-Fa-f:.]+(?:%[^\]]+)?)\]{_PORT}")
+_WITH_PORT = re.compile(rf"([0-9.]+|{_IDENTIFIER.pattern}){_PORT}")
+#: Forwarded's grammar (RFC 7239 section 4, RFC 7230's token and quoted-string).
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_QUOTED = r'"(?:[^"\\]|\\.)*"'
+_PAIR = re.compile(rf"\s*({_TOKEN})\s*=\s*({_TOKEN}|{_QUOTED})\s*")
+#: A Forwarded element (between commas) or pair (between semicolons), where a quoted string,
+#: terminated or not, hides what separates them. A quoted string always matches to its end
+#: (its closing quote, or the end of the header), so that no header makes the search
+#: backtrack: a search from each of its characters would take time quadratic in its length.
+_IN_QUOTES = r'"(?:[^"\\]|\\.)*(?:"|\\?$)'
+_ELEMENT = re.compile(rf"(?:[^,\"]|{_IN_QUOTES})+")
+_PAIR_TEXT = re.compile(rf"(?:[^;\"]|{_IN_QUOTES})+")
+
+
+def _ip(text: str) -> IPAddress | None:
+    """``text`` as an IP address (an IPv4-mapped IPv6 address as IPv4), or None."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _node(text: str) -> IPAddress | str | None:
+    """A node of a forwarding header, its port dropped: its IP address, or "unknown" or an
+    obfuscated identifier as written; None when it is none of these."""
+    text = text.strip()
+    bracketed = _BRACKETED.fullmatch(text)
+    if bracketed:
+        return _ip(bracketed.group(1))
+    address = _ip(text)  # X-Forwarded-For writes IPv6 bare
+    if address is not None:
+        return address
+    with_port = _WITH_PORT.fullmatch(text)
+    if with_port is None:
+        return None
+    host = with_port.group(1)
+    return _ip(host) or (host if _IDENTIFIER.fullmatch(host) else None)
+
+
+def _forwarded_node(element: str) -> IPAddress | str | None:
+    """The ``for=`` node of one element of a Forwarded header; None when the element
+    cannot be read or names none."""
+    node = None
+    for text in _PAIR_TEXT.findall(element):
+        pair = _PAIR.fullmatch(text)
+        if pair is None:
+            return None
+        name, value = pair.groups()
+        if name.lower() == "for":
+            if value.startswith('"'):
+                value = re.sub(r"\\(.)", r"\1", value[1:-1])
+            node = _node(value)
+    return node
+
+
+def forwarded_client(
+    peer: str | None, headers: Headers, trusted_proxies: Sequence[IPNetwork]
+) -> str | None:
+    """The client of a request whose TCP peer is ``peer`` (an IP address, or None): the
+    peer itself, unless it is in ``trusted_proxies``. A trusted proxy's request names the
+    client in ``X-Forwarded-For`` (or, without one, RFC 7239's ``Forwarded: for=``): each
+    proxy appends the address it was called from, so the client is the right-most node that
+    is not a trusted proxy's (the left-most when all are), and whatever a client wrote to
+    the left of it is never read. A node that is not an address ("unknown", ``_hidden``) is
+    the client as named; when that node cannot be read, or there is no header, the client
+    is the peer. Never raises: a malformed header does not fail a request."""
+    if peer is None:
+        return None
+    address = _ip(peer)
+    if address is None or not any(address in network for network in trusted_proxies):
+        return peer
+    nodes: list[str]
+    read: Callable[[str], IPAddress | str | None]
+    x_forwarded_for = headers.getRawHeaders(b"x-forwarded-for")
+    if x_forwarded_for:
+        joined = b",".join(x_forwarded_for).decode("latin-1")
+        nodes, read = [n for n in joined.split(",") if n.strip()], _node
+    else:
+        forwarded = b",".join(headers.getRawHeaders(b"forwarded", [])).decode("latin-1")
+        nodes, read = [e for e in _ELEMENT.findall(forwarded) if e.strip()], _forwarded_node
+    client: IPAddress | str | None = None
+    for text in reversed(nodes):
+        client = read(text)
+        if client is None:
+            return peer
+        if isinstance(client, str) or not any(client in n for n in trusted_proxies):
+            break
+    return peer if client is None else str(client)
+
+
+# -- the access log ----------------------------------------------------------------------
+
+
 def _no_access_log(request: Request) -> None:
     pass
 
 
-def log_access(request: Request) -> None:
-    """The access line of a finished request."""
+def log_access(request: Request, trusted_proxies: Sequence[IPNetwork] = ()) -> None:
+    """The access line of a finished request; its client as ``forwarded_client`` says."""
     state = state_of(request)
     call = state.call
-    address = request.getClientAddress()
+    peer = getattr(request.getClientAddress(), "host", None)
     length = request.getHeader(b"content-length")
     logs.log_access(
         {
@@ -168,7 +282,7 @@ def log_access(request: Request) -> None:
             "latency_ms": round((time.monotonic() - state.started_s) * 1e3, 2),
             "images": call.images if call is not None else 0,
             "batch_size": call.batch_size if call is not None else 0,
-            "client": getattr(address, "host", None),
+            "client": forwarded_client(peer, request.requestHeaders, trusted_proxies),
         }
     )
 
@@ -183,14 +297,17 @@ def make_site(
     max_body_bytes: int,
     access_log: bool,
     refuse_early: RefuseEarly | None = None,
+    trusted_proxies: Sequence[IPNetwork] = (),
 ) -> Site:
     """A Site that serves ``resource`` as batchserve does: bodies bounded, requests refused
     from their headers by ``refuse_early``, multipart left to the API (Twisted would parse
-    it a second time, on the reactor), one access line per request (or none)."""
+    it a second time, on the reactor), one access line per request (or none), naming the
+    client that a peer in ``trusted_proxies`` forwarded for (none: the peer)."""
     site = _Site(
         resource,
         requestFactory=bounded_request_factory(max_body_bytes, refuse_early),
         parsePOSTFormSubmission=False,
     )
-    site.log = log_access if access_log else _no_access_log  # type: ignore[method-assign,assignment]
+    logged = partial(log_access, trusted_proxies=tuple(trusted_proxies))
+    site.log = logged if access_log else _no_access_log  # type: ignore[method-assign,assignment]
     return site

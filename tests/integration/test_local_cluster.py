@@ -3,10 +3,12 @@ catalog behind nginx, all on 127.0.0.1. nginx answers for ready replicas; an ite
 through nginx is read by every replica directly within seconds, and so is its deletion; the
 request id goes through nginx to the replica and back; the generated config passes
 ``nginx -t`` and differs from the shipped one only where the script may write; a second start
-is refused; stop leaves no process behind."""
+is refused; stop leaves no process behind. A replica logs the client nginx forwards for, not
+nginx, nor an address the client wrote itself."""
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import shutil
@@ -187,6 +189,40 @@ def test_nginx_passes_the_request_id_to_the_replica_and_back(cluster: Cluster) -
     assert re.fullmatch(r"[0-9a-f]{32}", made)
     wait_until(lambda: f"id={made}" in cluster.replica_logs(), "the replica to log nginx's id",
                timeout_s=5)  # fmt: skip
+
+
+#: A client address on this host that no replica trusts as a proxy (the default trusts
+#: 127.0.0.1 and ::1, nginx's address here): the loopback network is all of 127.0.0.0/8.
+CLIENT = "127.0.0.2"
+
+
+def from_client(port: int, path: str, headers: dict[str, str]) -> int:
+    """The status of a GET to 127.0.0.1:``port`` sent from the address CLIENT."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30, source_address=(CLIENT, 0))
+    try:
+        conn.request("GET", path, headers=headers)
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def test_a_replica_logs_the_client_nginx_forwards_for_not_one_it_claims(
+    cluster: Cluster,
+) -> None:
+    # Through nginx: the replica trusts nginx, and nginx appends the client's address to the
+    # X-Forwarded-For the client sent; the address the client wrote itself is not believed.
+    given = f"forwarded-{uuid.uuid4().hex}"
+    spoofed = {"X-Request-Id": given, "X-Forwarded-For": "203.0.113.9"}
+    assert from_client(cluster.port, "/v1/items?limit=1", spoofed) == 200
+    wait_until(lambda: f"client={CLIENT} id={given}" in cluster.replica_logs(),
+               "the replica to log the client's address", timeout_s=5)  # fmt: skip
+    # Straight to a replica from an address it does not trust: the header is ignored.
+    direct = f"direct-{uuid.uuid4().hex}"
+    spoofed = {"X-Request-Id": direct, "X-Forwarded-For": "203.0.113.9"}
+    assert from_client(cluster.replica_ports[0], "/v1/items?limit=1", spoofed) == 200
+    wait_until(lambda: f"client={CLIENT} id={direct}" in cluster.replica_logs(),
+               "the replica to log its peer's address", timeout_s=5)  # fmt: skip
+    assert "client=203.0.113.9" not in cluster.replica_logs()
 
 
 def test_the_generated_config_passes_nginx_t(cluster: Cluster) -> None:

@@ -76,6 +76,7 @@ def test_every_setting_lands_in_its_component_from_its_env_name_and_its_flag() -
         "batch_sizes": ("1,2", "1,2"),
         "metrics_address": ("127.0.0.1:9", "127.0.0.1:9"),
         "catalog": (url, url),
+        "forwarded_allow_ips": ("10.0.0.0/8", "10.0.0.0/8"),
     }
     for leaf in leaves(ServeSettings):
         raw, want = special.get(leaf.name) or samples[leaf.kind]
@@ -119,6 +120,8 @@ def test_each_command_shows_only_the_settings_it_uses() -> None:
         (["--batch-sizes", "1,two"], {}, "batch_sizes must be integers"),
         (["--metrics-address", "9090"], {}, "metrics_address must be HOST:PORT"),
         ([], {"BATCHSERVE_METRICS_ADDRESS": "localhost:http"}, "metrics_address must be"),
+        (["--forwarded-allow-ips", "10.0.0.5,nginx"], {}, "forwarded_allow_ips must be IP"),
+        ([], {"BATCHSERVE_FORWARDED_ALLOW_IPS": "10.0.0.0/33"}, "forwarded_allow_ips must be"),
         ([], {"BATCHSERVE_SNAPSHOT_INTERVAL_S": "0"}, "snapshot_interval_s must be above 0"),
     ],
 )
@@ -218,6 +221,25 @@ def test_metrics_address_splits_into_host_and_port() -> None:
         9090,
     )
     assert serve(["--metrics-address", "[::1]:0"]).server.metrics_host_port() == ("::1", 0)
+
+
+def test_trusted_proxies_are_addresses_and_networks_star_for_any_empty_for_none() -> None:
+    def trusted(value: str) -> list[str]:
+        networks = serve(["--forwarded-allow-ips", value]).server.trusted_proxies()
+        return [str(network) for network in networks]
+
+    assert [str(n) for n in ServerSettings().trusted_proxies()] == ["127.0.0.1/32", "::1/128"]
+    assert trusted(" 10.0.0.5 , 192.168.0.0/16,fd00::/8") == [
+        "10.0.0.5/32",
+        "192.168.0.0/16",
+        "fd00::/8",
+    ]
+    assert trusted("10.1.2.3/8") == ["10.0.0.0/8"]  # the network the address is in
+    assert trusted("*") == ["0.0.0.0/0", "::/0"]
+    assert trusted("") == []
+    for bad in ("localhost", "10.0.0.0/8;10.1.0.0/16", "::1/129", "**"):
+        with pytest.raises(ConfigError, match="forwarded_allow_ips must be"):
+            ServerSettings(forwarded_allow_ips=bad)
 
 
 def train(tmp_path: Path, argv: list[str], environ: dict[str, str]) -> TrainSettings:

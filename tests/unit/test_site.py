@@ -1,17 +1,24 @@
 """The Site's request handling before any handler runs: bodies over the limit, and requests
-refused from their headers when the server cannot take their work. Real Twisted HTTP
-channels over an in-memory transport; no reactor, no sockets."""
+refused from their headers when the server cannot take their work; and the client its access
+line names, behind a trusted proxy or not. Real Twisted HTTP channels over an in-memory
+transport; no reactor, no sockets."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from typing import Any
 
+import pytest
+from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
 from batchserve.http.auth import Tokens
-from batchserve.http.site import BoundedRequest, make_site
+from batchserve.http.site import BoundedRequest, IPNetwork, forwarded_client, make_site
+from batchserve.serving import logs
 from batchserve.testing import FakeRunner, SiteClient, encode_multipart, result_of
 from tests.unit.test_api import RED, Harness
 
@@ -21,9 +28,9 @@ IMAGE = {"Content-Type": "image/jpeg"}
 class Connection:
     """One client connection to ``site``: send raw HTTP, read back the responses."""
 
-    def __init__(self, site: Site) -> None:
+    def __init__(self, site: Site, peer: str = "127.0.0.1") -> None:
         self.channel = site.buildProtocol(None)
-        self.transport = StringTransport()
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", peer, 40000))
         self.channel.makeConnection(self.transport)
 
     def send(self, head: str, body: bytes = b"") -> None:
@@ -206,3 +213,119 @@ def test_a_refused_request_is_answered_like_its_handler_would() -> None:
     [(status, headers, early)] = connection.responses()
     assert (status, early) == (response.code, response.json())
     assert headers["retry-after"] == response.headers["retry-after"]
+
+
+# -- the client an access line names ---------------------------------------------------
+
+NGINX = "10.0.0.5"
+LOOPBACK = ("127.0.0.1/32", "::1/128")
+
+
+def trusting(*networks: str) -> tuple[IPNetwork, ...]:
+    return tuple(ipaddress.ip_network(n) for n in networks)
+
+
+def client(peer: str | None, trusted: tuple[IPNetwork, ...], **headers: str) -> str | None:
+    """The client ``forwarded_client`` names for a request from ``peer`` with ``headers``
+    (keyword names with ``_`` for ``-``)."""
+    raw = {k.replace("_", "-").encode(): [v.encode("latin-1")] for k, v in headers.items()}
+    return forwarded_client(peer, Headers(raw), trusted)
+
+
+def test_behind_a_trusted_proxy_the_client_is_the_right_most_untrusted_address() -> None:
+    trusted = trusting(*LOOPBACK, "10.0.0.0/24")
+    # nginx appended its peer (203.0.113.7); a second proxy in 10.0.0.0/24 appended its own;
+    # whatever the client wrote on the left (198.51.100.1) is never believed.
+    chain = "198.51.100.1, 203.0.113.7, 10.0.0.9"
+    assert client(NGINX, trusted, x_forwarded_for=chain) == "203.0.113.7"
+    assert client("127.0.0.1", trusted, x_forwarded_for="203.0.113.7") == "203.0.113.7"
+    assert client("::1", trusted, x_forwarded_for="2001:db8::7") == "2001:db8::7"
+    # Several header lines are one list, in order.
+    headers = Headers({b"x-forwarded-for": [b"198.51.100.1", b"203.0.113.7, 10.0.0.9"]})
+    assert forwarded_client(NGINX, headers, trusted) == "203.0.113.7"
+    # Every hop trusted: the left-most is the client.
+    assert client(NGINX, trusted, x_forwarded_for="10.0.0.8, 127.0.0.1") == "10.0.0.8"
+    # Ports, brackets and IPv4-mapped addresses, as some proxies write them.
+    assert client(NGINX, trusted, x_forwarded_for="203.0.113.7:5123") == "203.0.113.7"
+    assert client(NGINX, trusted, x_forwarded_for="[2001:db8::7]:443") == "2001:db8::7"
+    assert client("::ffff:10.0.0.5", trusted, x_forwarded_for="::ffff:10.0.0.1") == "10.0.0.1"
+
+
+def test_an_untrusted_peers_forwarding_headers_are_ignored() -> None:
+    spoofed = {"x_forwarded_for": "127.0.0.1", "forwarded": "for=127.0.0.1"}
+    assert client("203.0.113.7", trusting(*LOOPBACK), **spoofed) == "203.0.113.7"
+    assert client("2001:db8::7", trusting(*LOOPBACK), **spoofed) == "2001:db8::7"
+    # No proxy trusted: every peer is the client, as before there were proxies.
+    assert client("127.0.0.1", (), x_forwarded_for="203.0.113.7") == "127.0.0.1"
+    # A direct request from a trusted address, without a header: the peer.
+    assert client("127.0.0.1", trusting(*LOOPBACK)) == "127.0.0.1"
+    assert client(None, trusting(*LOOPBACK), x_forwarded_for="203.0.113.7") is None
+
+
+def test_forwarded_names_quoted_ipv6_and_obfuscated_identifiers() -> None:
+    trusted = trusting(*LOOPBACK, "10.0.0.0/24")
+
+    def named(forwarded: str) -> str | None:
+        return client(NGINX, trusted, forwarded=forwarded)
+
+    assert named("for=203.0.113.7") == "203.0.113.7"
+    assert named('For="[2001:db8:cafe::17]:4711"') == "2001:db8:cafe::17"
+    assert named('for=198.51.100.1, for="203.0.113.7:80";proto=https;by=10.0.0.5') == (
+        "203.0.113.7"
+    )
+    assert named('for="198.51.100.1";by="a,b;c", for=10.0.0.9') == "198.51.100.1"
+    assert named('by="\\"a,b\\"";for=_x, for=10.0.0.9') == "_x"  # escaped quotes
+    # RFC 7239's names for a client a proxy does not disclose: logged as named.
+    assert named("for=_hidden, for=10.0.0.9") == "_hidden"
+    assert named('for="_gazonk:_p0rt"') == "_gazonk"
+    assert named("for=unknown") == "unknown"
+    # X-Forwarded-For first: the header nginx appends to, whatever a client wrote here.
+    both = {"x_forwarded_for": "203.0.113.7", "forwarded": "for=198.51.100.1"}
+    assert client(NGINX, trusted, **both) == "203.0.113.7"
+
+
+def test_a_proxy_is_trusted_by_its_network_or_by_star() -> None:
+    assert client("10.1.2.3", trusting("10.0.0.0/8"), x_forwarded_for="1.2.3.4") == "1.2.3.4"
+    assert client("11.1.2.3", trusting("10.0.0.0/8"), x_forwarded_for="1.2.3.4") == "11.1.2.3"
+    assert client("fd00::5", trusting("fd00::/8"), x_forwarded_for="1.2.3.4") == "1.2.3.4"
+    every = trusting("0.0.0.0/0", "::/0")  # what forwarded_allow_ips "*" trusts
+    for peer in ("203.0.113.7", "2001:db8::7"):
+        assert client(peer, every, x_forwarded_for="198.51.100.1, 10.0.0.9") == "198.51.100.1"
+        assert client(peer, every, forwarded="for=_hidden, for=10.0.0.9") == "_hidden"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"x_forwarded_for": "not-an-address"},
+        {"x_forwarded_for": "203.0.113.7, <script>"},
+        {"x_forwarded_for": "203.0.113.7:http"},
+        {"x_forwarded_for": " , ,"},
+        {"x_forwarded_for": "\xff\xfe"},
+        {"forwarded": "for"},
+        {"forwarded": "for=[2001:db8::1]"},  # IPv6 must be quoted
+        {"forwarded": 'for="203.0.113.7'},  # unterminated
+        {"forwarded": "proto=https"},  # names no client
+        {"forwarded": "for=203.0.113.7;;==, for=10.0.0.9 junk"},
+        {"forwarded": '"\\' * 5000},  # no search takes quadratic time
+    ],
+)
+def test_a_forwarding_header_that_cannot_name_the_client_leaves_the_peer(
+    headers: dict[str, str],
+) -> None:
+    assert client(NGINX, trusting("10.0.0.0/24"), **headers) == NGINX
+
+
+def test_the_access_line_names_the_client_a_trusted_proxy_forwarded_for() -> None:
+    seen: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        site = make_site(Harness().api.resource(), 200_000, True, None, trusting("10.0.0.0/24"))
+        forwarded = "GET /nowhere HTTP/1.1\nHost: x\nX-Forwarded-For: 203.0.113.7\n\n"
+        for peer in (NGINX, "198.51.100.1"):
+            Connection(site, peer).send(forwarded)
+        Connection(site, NGINX).send("GET /nowhere HTTP/1.1\nHost: x\n\n")
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    lines = [e for e in seen if e.get("log_namespace") == logs.ACCESS_NAMESPACE]
+    assert [line["client"] for line in lines] == ["203.0.113.7", "198.51.100.1", NGINX]
