@@ -31,7 +31,13 @@ from batchserve.http.bodies import RequestLimits, carries_images
 from batchserve.http.drain import InFlight
 from batchserve.http.inputs import MAX_TIMEOUT_MS, MIN_TIMEOUT_MS, bounded_int
 from batchserve.http.site import state_of
-from batchserve.http.wire import Prepared, domain_error_body, json_body, status_for
+from batchserve.http.wire import (
+    Prepared,
+    api_headers,
+    domain_error_body,
+    json_body,
+    status_for,
+)
 from batchserve.serving.metrics import Metrics
 from batchserve.serving.service import Call, ImageService
 
@@ -101,6 +107,7 @@ class Responder:
 
         def ok(doc: Any) -> bytes:
             if isinstance(doc, Prepared):
+                api_headers(request)  # its own Cache-Control, if any, replaces no-store
                 return doc.write_to(request)
             return json_body(request, 200, doc)
 

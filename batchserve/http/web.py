@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 
@@ -38,16 +39,22 @@ class Asset:
         return '"' + hashlib.sha256(self.body).hexdigest()[:20] + '"'
 
 
-@cache
 def asset(name: str) -> Asset | None:
-    """The file ``name`` of batchserve/data/web, or None (any other name, paths included)."""
-    suffix = "." + name.rpartition(".")[2]
-    if name not in (*FILES, "index.html"):
-        return None
-    resource = importlib.resources.files("batchserve").joinpath("data/web", name)
-    if not resource.is_file():
-        return None
-    return Asset(resource.read_bytes(), TYPES[suffix])
+    """The file ``name`` of batchserve/data/web, or None (any other name, paths included).
+    Nothing is kept of a name asked for: only the shipped files, read once, are held."""
+    return shipped().get(name)
+
+
+@cache  # no arguments: one entry, the fixed set of files
+def shipped() -> Mapping[str, Asset]:
+    """The files served, by name: FILES and index.html, those the package holds."""
+    folder = importlib.resources.files("batchserve").joinpath("data/web")
+    found: dict[str, Asset] = {}
+    for name in (*FILES, "index.html"):
+        resource = folder.joinpath(name)
+        if resource.is_file():
+            found[name] = Asset(resource.read_bytes(), TYPES["." + name.rpartition(".")[2]])
+    return found
 
 
 def respond(request: IRequest, found: Asset | None) -> bytes:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from batchserve.errors import (
@@ -15,6 +16,7 @@ from batchserve.errors import (
     DeadlineExceeded,
     Forbidden,
     InferenceFailed,
+    InternalError,
     InvalidInput,
     NotFound,
     NotReady,
@@ -31,6 +33,8 @@ from batchserve.storage.store import IndexState
 
 if TYPE_CHECKING:
     from batchserve.models.spec import ModelInfo
+
+log = Logger()
 
 STATUS_BY_ERROR: dict[type[BatchserveError], int] = {
     InvalidInput: 400,
@@ -82,13 +86,37 @@ def status_for(error: BatchserveError) -> int:
     return 500
 
 
+def api_headers(request: IRequest) -> None:
+    """What every answer of the API (not the page or its files) says of itself: its type is
+    the one declared, and it is never stored by a browser or a proxy (a Prepared response
+    may set its own Cache-Control after this)."""
+    request.setHeader(b"X-Content-Type-Options", b"nosniff")
+    request.setHeader(b"Cache-Control", b"no-store")
+
+
+#: What a client gets for a document that cannot be written as JSON (the log has why).
+UNENCODABLE = orjson.dumps(
+    {"error": {"code": InternalError.code, "message": "the response could not be written as JSON"}}
+)
+
+
 def json_body(request: IRequest, status: int, doc: Any) -> bytes:
     """``doc`` as the JSON response. orjson writes numpy float32 vectors as they are
     (shortest round-tripping text): 64 x 1280 embeddings take ~3.5 ms, not ~29 ms with
-    the standard library, on the reactor."""
-    body = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    the standard library, on the reactor. A document orjson cannot write (nested past its
+    depth, a type it does not know) is a JSON 500 of this response alone."""
+    try:
+        body = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    except orjson.JSONEncodeError as e:
+        log.error(
+            "{path}: the response could not be written as JSON: {error}",
+            path=request.path.decode("latin-1"),
+            error=e,
+        )
+        status, body = 500, UNENCODABLE
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", b"application/json")
+    api_headers(request)
     # A known length spares the client chunked decoding (Twisted chunks otherwise).
     request.setHeader(b"Content-Length", str(len(body)).encode())
     return body

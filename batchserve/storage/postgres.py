@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -65,6 +66,8 @@ from psycopg_pool import ConnectionPool, PoolClosed
 from batchserve.errors import NotReady
 from batchserve.storage.catalog import check_fingerprint, check_row, row_shape
 from batchserve.storage.records import Item, NewItem
+
+log = logging.getLogger(__name__)
 
 #: LISTEN/NOTIFY channel of the change log; the payload is the last seq committed.
 CHANNEL = "batchserve_changes"
@@ -137,12 +140,16 @@ _ITEM_COLUMNS = "SELECT fid, id, label, class, metadata, created FROM items"
 
 
 class CatalogUnavailable(NotReady):
-    """The catalog's PostgreSQL cannot be reached or did not answer in time (HTTP 503)."""
+    """The catalog's PostgreSQL cannot be reached or did not answer in time (HTTP 503).
+
+    Its message is what a client reads, so it names no address; ``detail`` (the database's
+    address and the driver's error) is for the log only."""
 
     code = "catalog_unavailable"
 
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
-        super().__init__(message, retry_after_s)
+    def __init__(self, detail: str, retry_after_s: int = 1) -> None:
+        super().__init__("the shared catalog is unavailable", retry_after_s)
+        self.detail = detail
 
 
 def _libpq_timeout_s(seconds: float) -> int:
@@ -211,6 +218,8 @@ class PostgresCatalog:
         }
         #: Write transactions committed since opening (one per upsert or delete).
         self.commits = 0
+        #: Whether the last call found the database unavailable (its log line said why).
+        self._failing = False
         with self._unavailable():
             # A direct connection first: its error says why (refused, no such database).
             with psycopg.connect(url, **self._kwargs) as conn, conn.transaction():
@@ -237,14 +246,19 @@ class PostgresCatalog:
 
     @contextmanager
     def _unavailable(self) -> Iterator[None]:
+        """Driver errors of reaching the database as CatalogUnavailable; where and why go
+        to the log (a warning at the first failure after a success, as the follower logs an
+        outage once), never into the message a client reads."""
         try:
             yield
         except PoolClosed:
             raise
         except psycopg.OperationalError as e:
-            raise CatalogUnavailable(
-                f"the catalog database {self.where} is unavailable: {e}"
-            ) from e
+            detail = f"the catalog database {self.where} is unavailable: {e}"
+            log.log(logging.DEBUG if self._failing else logging.WARNING, "%s", detail)
+            self._failing = True
+            raise CatalogUnavailable(detail) from e
+        self._failing = False
 
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[TupleRow]]:

@@ -6,6 +6,7 @@ dataclasses; numpy only for the vectors."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,9 @@ from batchserve.errors import InvalidInput, PayloadTooLarge
 MAX_ID_CHARS = 256
 MAX_LABEL_CHARS = 256
 MAX_METADATA_BYTES = 16 * 1024
+#: Levels of objects and lists in metadata, the metadata object itself the first. Every
+#: response that holds an item's metadata writes it with orjson, which refuses past 254.
+MAX_METADATA_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,8 @@ def check_label(value: object) -> str | None:
 
 
 def check_metadata(value: object) -> dict[str, Any]:
-    """A JSON object (or its text) of at most MAX_METADATA_BYTES."""
+    """A JSON object (or its text) of at most MAX_METADATA_BYTES, nested at most
+    MAX_METADATA_DEPTH deep."""
     if value is None or value == "":
         return {}
     if isinstance(value, str):
@@ -99,9 +104,32 @@ def check_metadata(value: object) -> dict[str, Any]:
         value = parse_json(value.encode("utf-8"))
     if not isinstance(value, dict):
         raise InvalidInput("metadata must be a JSON object")
+    if nested_deeper(value, MAX_METADATA_DEPTH):
+        raise InvalidInput(
+            f"metadata is nested more than {MAX_METADATA_DEPTH} levels deep (objects and "
+            f"lists); the limit is {MAX_METADATA_DEPTH}"
+        )
     if len(orjson.dumps(value)) > MAX_METADATA_BYTES:
         raise PayloadTooLarge(f"metadata is over {MAX_METADATA_BYTES} bytes")
     return value
+
+
+def nested_deeper(value: object, levels: int) -> bool:
+    """Whether ``value`` holds objects or lists more than ``levels`` deep (``value`` itself,
+    if one, is the first level). Walked without recursion, and no deeper than ``levels + 1``."""
+    below: list[tuple[object, int]] = [(value, 1)]
+    while below:
+        node, depth = below.pop()
+        if isinstance(node, dict):
+            children: Iterable[object] = node.values()
+        elif isinstance(node, list | tuple):
+            children = node
+        else:
+            continue
+        if depth > levels:
+            return True
+        below.extend((child, depth + 1) for child in children)
+    return False
 
 
 def parse_json(body: bytes) -> Any:

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from batchserve.storage.records import MAX_METADATA_DEPTH
 from batchserve.testing import encode_multipart
 
 from .conftest import Response, Server, start_server, stop_server
@@ -129,6 +130,11 @@ def items(*entries: object) -> Body:
     return json_body({"items": list(entries)})
 
 
+def nested_text(levels: int) -> str:
+    """A JSON object ``levels`` objects deep (written out: the json module would recurse)."""
+    return '{"in":' * (levels - 1) + "{}" + "}" * (levels - 1)
+
+
 def json_item(**fields: object) -> dict[str, object]:
     """A valid JSON item with ``fields`` replaced; a field given as ``...`` is left out."""
     entry: dict[str, object] = {"id": "hostile-item", "label": "x", "metadata": {}, "b64": B64}
@@ -185,6 +191,7 @@ NO_ID = "every item needs an id: a non-empty string"
 LABEL = "label must be a printable string of at most 256"
 META_OBJECT = "metadata must be a JSON object"
 ITEM_NO_B64 = 'items[0] must be {"b64": "<base64>"}'
+TOO_DEEP = f"nested more than {MAX_METADATA_DEPTH} levels deep (objects and lists); the limit is"
 
 EMBED, SEARCH, ITEMS = "/v1/embed", "/v1/search", "/v1/items"
 
@@ -505,6 +512,22 @@ ITEM_CASES = [
         BAD,
         NAN_TOKEN,
     ),
+    post(
+        "metadata nested past the depth limit",
+        ITEMS,
+        multipart_item({"id": "m", "metadata": nested_text(MAX_METADATA_DEPTH + 1)}),
+        400,
+        BAD,
+        TOO_DEEP,
+    ),
+    post(
+        "metadata nested past what the encoder writes",
+        ITEMS,
+        multipart_item({"id": "m", "metadata": nested_text(300)}),
+        400,
+        BAD,
+        TOO_DEEP,
+    ),
     post("JSON without items", ITEMS, json_body({"images": [{"b64": B64}]}), 400, BAD, NO_ITEMS),
     post("JSON items an object", ITEMS, json_body({"items": json_item()}), 400, BAD, NO_ITEMS),
     post("JSON items a string", ITEMS, json_body({"items": "hostile-item"}), 400, BAD, NO_ITEMS),
@@ -595,6 +618,18 @@ ITEM_CASES = [
         TOO_LARGE,
         "metadata is over 16384 bytes",
     ),
+    post(
+        "JSON item with metadata nested 1000 deep",
+        ITEMS,
+        raw(
+            b'{"items": [{"id": "m", "b64": "%s", "metadata": %s}]}'
+            % (B64.encode(), nested_text(1000).encode()),
+            "application/json",
+        ),
+        400,
+        BAD,
+        TOO_DEEP,
+    ),
     post("JSON item without b64", ITEMS, items(json_item(b64=...)), 400, BAD, ITEM_NO_B64),
     post("JSON item with numeric b64", ITEMS, items(json_item(b64=5)), 400, BAD, ITEM_NO_B64),
     post(
@@ -653,6 +688,8 @@ def test_hostile_case_gets_its_exact_status_code_and_message(strict: Server, cas
     response = send(strict, case)
     assert response.status == case.status, response.body[:300]
     assert response.headers["content-type"] == "application/json"
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["cache-control"] == "no-store"
     error = response.json()["error"]
     assert error["code"] == case.code, error
     assert case.says in error["message"], error

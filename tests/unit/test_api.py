@@ -29,6 +29,7 @@ from batchserve.serving.inference import InferenceWorker
 from batchserve.serving.metrics import Metrics, MetricsPage
 from batchserve.serving.records import AddTask, SearchRequest, SearchTask
 from batchserve.storage.index import IndexParams, VectorIndex
+from batchserve.storage.records import MAX_METADATA_DEPTH
 from batchserve.storage.store import ItemStore, StoreSettings
 from batchserve.testing import (
     FakeModel,
@@ -530,6 +531,38 @@ def test_bad_items_are_refused_with_a_clear_message(fields: dict[str, str], mess
     status, _, doc = h.post_image("/v1/items", body, ctype)
     assert status in (400, 413) and message in doc["error"]["message"]
     assert h.request("GET", "/v1/index")[2]["size"] == 0
+
+
+def nested(levels: int) -> str:
+    """Metadata of ``levels`` levels as JSON: objects, each inside the one before, a list
+    innermost (written by hand: the json module recurses)."""
+    return '{"in":' * (levels - 2) + '{"leaf":[1]}' + "}" * (levels - 2)
+
+
+@pytest.mark.parametrize("how", ["multipart", "json"])
+def test_metadata_nested_past_the_limit_is_refused_as_400_naming_it(how: str) -> None:
+    h = Harness()
+
+    def add_with(item_id: str, metadata: str) -> tuple[int, Any]:
+        if how == "multipart":
+            fields = {"id": item_id, "metadata": metadata}
+            body, ctype = encode_multipart([("image", "a.png", RED)], fields=fields)
+        else:
+            b64 = base64.b64encode(RED).decode()
+            entry = f'{{"id": "{item_id}", "b64": "{b64}", "metadata": {metadata}}}'
+            body = f'{{"items": [{entry}]}}'.encode()
+            ctype = "application/json"
+        status, _, doc = h.post_image("/v1/items", body, ctype)
+        return status, doc
+
+    assert MAX_METADATA_DEPTH == 32
+    assert add_with("at-limit", nested(32))[0] == 200
+    assert h.request("GET", "/v1/items/at-limit")[2]["metadata"] == loads(nested(32))
+    for levels in (33, 300, 1000):
+        status, doc = add_with(f"over-{levels}", nested(levels))
+        assert status == 400 and doc["error"]["code"] == "invalid_input", levels
+        assert "the limit is 32" in doc["error"]["message"] and "nested" in doc["error"]["message"]
+    assert h.request("GET", "/v1/index")[2]["size"] == 1
 
 
 class Held:

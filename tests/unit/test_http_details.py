@@ -4,12 +4,16 @@ item list, thumbnails with ETags, and the pages a browser opens."""
 
 from __future__ import annotations
 
+import gc
 import io
+import tracemalloc
 from typing import Any
 
+import numpy as np
 import pytest
 from PIL import Image
 
+from batchserve.http import web
 from batchserve.storage.records import NewItem
 from batchserve.testing import FakeRunner, encode_image, result_of
 from tests.unit.test_api import BLUE, RED, Harness, _prediction, add
@@ -214,3 +218,85 @@ def test_the_docs_page_is_rendered_from_the_document() -> None:
     document = h.request("GET", "/openapi.json")[2]
     for path in document["paths"]:
         assert path.encode() in page, path
+
+
+def test_unknown_web_names_are_404_and_keep_nothing() -> None:
+    h = Harness()
+
+    def unknown(i: int) -> str:
+        return f"{i:04d}-" + "x" * 4000 + ".js"
+
+    assert all(h.request("GET", f"/web/{unknown(i)}")[0] == 404 for i in range(5))
+    # What the /web/ route looks up (the Harness's Site keeps its access lines and timers),
+    # each name made afresh as a request's would be.
+    web.asset("warm-up")
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        assert all(web.asset(unknown(i)) is None for i in range(500))
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 100_000, f"{kept} bytes kept after 500 unknown names of 4 kB"
+    assert set(web.shipped()) == {*web.FILES, "index.html"}  # the fixed set, nothing added
+    for name in web.FILES:
+        status, headers, body = h.request("GET", f"/web/{name}")
+        assert status == 200 and headers["etag"] == web.shipped()[name].etag, name
+        assert body == web.shipped()[name].body and headers["cache-control"] == "no-cache"
+        assert (
+            h.request("GET", f"/web/{name}", headers={"If-None-Match": headers["etag"]})[0] == 304
+        )
+
+
+def nested(levels: int) -> dict[str, Any]:
+    """Metadata of ``levels`` objects, each inside the one before."""
+    doc: dict[str, Any] = {"leaf": 1}
+    for _ in range(levels - 1):
+        doc = {"in": doc}
+    return doc
+
+
+def test_a_response_that_cannot_be_written_as_json_is_a_json_500_of_its_own() -> None:
+    h = Harness()
+    assert add(h, "plain", RED)[0] == 200
+    # Stored before metadata depth was checked: deeper than orjson writes (254).
+    embedding = h.model.predict(np.zeros((1, 32, 32, 3), np.float32)).embeddings[0]
+    h.index.call(lambda store: store.add([NewItem("deep", embedding, metadata=nested(300))]))
+    for path in ("/v1/items/deep", "/v1/items?limit=10"):
+        status, headers, doc = h.request("GET", path)
+        assert status == 500 and headers["content-type"] == "application/json", path
+        assert doc["error"]["code"] == "internal" and "JSON" in doc["error"]["message"]
+        assert headers["cache-control"] == "no-store"
+    status, _, item = h.request("GET", "/v1/items/plain")  # other items still answer
+    assert status == 200 and item["id"] == "plain"
+    assert h.request("GET", "/healthz")[0] == 200
+
+
+def test_api_json_is_never_sniffed_or_stored_while_pages_keep_their_caching() -> None:
+    h = Harness()
+    add(h, "red", RED)
+    for method, path in (
+        ("GET", "/healthz"),
+        ("GET", "/v1/index"),
+        ("GET", "/v1/items/red"),
+        ("GET", "/v1/items/nothing"),
+        ("GET", "/v1/nothing-here"),
+        ("GET", "/web/nope.js"),
+        ("GET", "/openapi.json"),
+        ("GET", "/v2/health/live"),
+        ("PUT", "/v1/embed"),
+    ):
+        _, headers, _ = h.request(method, path)
+        assert headers["content-type"] == "application/json", path
+        assert headers["x-content-type-options"] == "nosniff", path
+        assert headers["cache-control"] == "no-store", path
+    _, headers, _ = h.post_image("/v1/embed", RED)
+    assert headers["x-content-type-options"] == "nosniff"
+    assert headers["cache-control"] == "no-store"
+    for path in ("/", "/web/app.js", "/docs"):
+        assert h.request("GET", path)[1]["cache-control"] == "no-cache", path
+    thumbnail = h.request("GET", "/v1/items/red/thumbnail")[1]
+    assert thumbnail["cache-control"] == "private, no-cache"
+    assert thumbnail["x-content-type-options"] == "nosniff"

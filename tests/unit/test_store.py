@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from batchserve.errors import InvalidInput
 from batchserve.http.wire import index_json
 from batchserve.storage.catalog import ModelMismatch
 from batchserve.storage.index import IndexParams, VectorIndex
-from batchserve.storage.records import Match, NewItem
+from batchserve.storage.records import MAX_METADATA_DEPTH, Match, NewItem, check_metadata
 from batchserve.storage.store import DataDirLocked, ItemStore, SearchQuery, lock_data_dir
 
 DIM = 16
@@ -500,3 +501,20 @@ def test_a_snapshot_holds_what_the_index_applied_and_a_restart_replays_the_rest(
     report = again.open()
     assert report.snapshot_seq == 4 and report.replayed == 3 and not report.rebuilt
     assert again.index.size == 5 and again.behind() == 0
+
+
+def deep(levels: int) -> dict[str, object]:
+    """An object ``levels`` levels deep, itself included: lists and objects alternate in it."""
+    inner: object = 1
+    for i in range(levels - 1):
+        inner = [inner] if i % 2 == 0 else {"in": inner}
+    return {"in": inner}
+
+
+def test_metadata_deeper_than_the_limit_is_refused_from_any_source_lists_counting() -> None:
+    assert MAX_METADATA_DEPTH == 32
+    assert check_metadata(deep(32)) == deep(32)
+    assert check_metadata(json.dumps(deep(32))) == deep(32)  # as text, as a CSV column holds it
+    for too_deep in (deep(33), json.dumps(deep(33)), deep(50_000)):  # never recursed into
+        with pytest.raises(InvalidInput, match="nested more than 32 levels deep"):
+            check_metadata(too_deep)
