@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import IO, TYPE_CHECKING, Any
@@ -30,6 +31,17 @@ from batchserve.storage.records import parse_json
 IMAGE_FIELDS = frozenset({"image", "images", "image[]", "images[]", "file", "files"})
 
 _RAW_TYPES = frozenset({"application/octet-stream"})
+
+#: The keys of a JSON body of images (/v1/embed, /v1/classify), and of each of its images.
+IMAGE_KEYS = frozenset({"images"})
+B64_KEYS = frozenset({"b64"})
+
+#: Parts a multipart body may hold per image it may carry: the image and its id, label and
+#: metadata (/v1/items).
+PARTS_PER_IMAGE = 4
+
+#: Unknown keys named in an error at most, and the characters of each shown.
+_NAMED_KEYS, _KEY_CHARS = 3, 40
 
 
 #: Bytes handed to the multipart parser at a time.
@@ -50,6 +62,11 @@ class RequestLimits:
         name="max_images_per_request",
         at_least=1,
     )
+
+    @property
+    def max_parts(self) -> int:
+        """Most parts in a multipart body: ``PARTS_PER_IMAGE`` for each image it may carry."""
+        return PARTS_PER_IMAGE * self.max_images
 
 
 @dataclass
@@ -82,13 +99,44 @@ def _stream(body: BodySource) -> IO[bytes]:
     return BytesIO(body) if isinstance(body, bytes) else body
 
 
-def parse_body(content_type: str | None, body: BodySource, limits: RequestLimits) -> Body:
+def check_keys(doc: Mapping[str, object], valid: Collection[str], where: str) -> None:
+    """Refuse a JSON object holding a key outside ``valid`` (a misspelt key is never
+    silently ignored): InvalidInput naming the unknown keys ``where`` and the valid ones."""
+    unknown = [key for key in doc if key not in valid]
+    if not unknown:
+        return
+    named = ", ".join(_quoted(key) for key in unknown[:_NAMED_KEYS])
+    if len(unknown) > _NAMED_KEYS:
+        named += f" and {len(unknown) - _NAMED_KEYS} more"
+    plural = "s" if len(unknown) > 1 else ""
+    raise InvalidInput(f"unknown key{plural} {named} in {where}; valid: {', '.join(sorted(valid))}")
+
+
+def _quoted(key: str) -> str:
+    return f'"{key}"' if len(key) <= _KEY_CHARS else f'"{key[:_KEY_CHARS]}..."'
+
+
+def read_json(body: BodySource, limits: RequestLimits) -> dict[str, Any]:
+    """The JSON object of a body, checking its size."""
+    doc = parse_json(_read_all(_stream(body), limits))
+    if not isinstance(doc, dict):
+        raise InvalidInput("the JSON body must be an object")
+    return doc
+
+
+def parse_body(
+    content_type: str | None,
+    body: BodySource,
+    limits: RequestLimits,
+    json_keys: Collection[str] = IMAGE_KEYS,
+) -> Body:
     """Split a request body into images, fields and JSON, checking the limits.
 
     Raw body (``image/*`` or ``application/octet-stream``): one image. Multipart: every
     part with a filename, or named ``image``/``images``/``file``, is an image; other parts
-    are text fields. JSON: ``{"images": [{"b64": "..."}, ...]}`` (a ``data:`` URL prefix is
-    allowed), or any object for the caller to read (``doc``).
+    are text fields; at most ``limits.max_parts`` parts. JSON: ``{"images": [{"b64":
+    "..."}, ...]}`` (a ``data:`` URL prefix is allowed), with no key outside ``json_keys``;
+    the others are for the caller to read (``doc``).
     """
     kind = media_type(content_type)
     if not kind:
@@ -101,14 +149,13 @@ def parse_body(content_type: str | None, body: BodySource, limits: RequestLimits
     elif kind == "multipart/form-data":
         parsed = _from_multipart(content_type or "", source, limits)
     elif is_json(kind):
-        doc = parse_json(_read_all(source, limits))
-        if not isinstance(doc, dict):
-            raise InvalidInput("the JSON body must be an object")
+        doc = read_json(source, limits)
+        check_keys(doc, json_keys, "the JSON body")
         entries = doc.get("images", [])
         if not isinstance(entries, list):
             raise InvalidInput('"images" must be a list of {"b64": "..."}')
         check_count(len(entries), "images", limits)
-        parsed = Body(images=[decode_b64(e, i) for i, e in enumerate(entries)], doc=doc)
+        parsed = Body(images=[_image_b64(e, i) for i, e in enumerate(entries)], doc=doc)
     else:
         raise UnsupportedMediaType(
             f"Content-Type {kind} is not accepted: send image/*, multipart/form-data "
@@ -152,6 +199,7 @@ class _Parts:
         self._field = b""
         self._value = b""
         self._data: list[bytes] = []
+        self._parts = 0
 
     def callbacks(self) -> MultipartCallbacks:
         return {
@@ -165,6 +213,15 @@ class _Parts:
         }
 
     def _begin(self) -> None:
+        # Counted as each part begins: a flood of tiny parts stops here, not after the body.
+        self._parts += 1
+        if self._parts > self._limits.max_parts:
+            limits = self._limits
+            raise PayloadTooLarge(
+                f"over {limits.max_parts} parts in one multipart body; the limit is "
+                f"{limits.max_parts}: an image and its id, label and metadata for each of "
+                f"{limits.max_images} images"
+            )
         self._headers, self._data = {}, []
 
     def _header_field(self, data: bytes, start: int, end: int) -> None:
@@ -217,6 +274,14 @@ def _from_multipart(content_type: str, source: IO[bytes], limits: RequestLimits)
     if not parts.ended:
         raise InvalidInput("malformed multipart/form-data body (check the boundary)")
     return parts.body
+
+
+def _image_b64(entry: object, index: int) -> bytes:
+    """``images[index]`` decoded: ``{"b64": "..."}`` with no other key, or a bare string."""
+    image = decode_b64(entry, index)  # a missing b64 is named before any other key
+    if isinstance(entry, dict):
+        check_keys(entry, B64_KEYS, f"images[{index}]")
+    return image
 
 
 def decode_b64(entry: object, index: int, key: str = "images") -> bytes:

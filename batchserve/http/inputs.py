@@ -9,12 +9,15 @@ from typing import Any
 
 from batchserve.errors import InvalidInput, PayloadTooLarge
 from batchserve.http.bodies import (
+    IMAGE_KEYS,
     BodySource,
     RequestLimits,
+    check_keys,
     decode_b64,
     is_json,
     media_type,
     parse_body,
+    read_json,
 )
 from batchserve.serving.records import AddTask, SearchRequest, SearchTask
 from batchserve.storage.records import check_id, check_label, check_metadata
@@ -29,6 +32,12 @@ MIN_TIMEOUT_MS = 1000
 MAX_TIMEOUT_MS = 3_600_000
 DEFAULT_PAGE = 50
 MAX_PAGE = 1000
+
+#: The keys of a JSON search: images or vectors, and the search options.
+SEARCH_KEYS = IMAGE_KEYS | {"vectors"} | frozenset(SearchTask.__dataclass_fields__)
+#: The keys of a JSON body of items, and of each item.
+ITEMS_KEYS = frozenset({"items"})
+ITEM_KEYS = frozenset({"id", "label", "metadata", "b64"})
 
 
 def read_vectors(value: object, limits: RequestLimits) -> list[list[float]]:
@@ -62,13 +71,14 @@ def read_items(
 ) -> list[tuple[bytes, AddTask]]:
     """Items to add. Multipart: files ``image`` with fields ``id`` (one per file), ``label``
     and ``metadata`` (one per file, or one for all). JSON: ``{"items": [{"id", "label",
-    "metadata", "b64"}]}``. Raw image: ``?id=...&label=...``."""
+    "metadata", "b64"}]}``, no other key. Raw image: ``?id=...&label=...``."""
     kind = media_type(content_type)
     if is_json(kind):
-        doc = parse_body(content_type, body, limits).doc or {}
+        doc = read_json(body, limits)
         entries = doc.get("items")
         if not isinstance(entries, list) or not entries:
             raise InvalidInput('JSON body must be {"items": [{"id": ..., "b64": ...}, ...]}')
+        check_keys(doc, ITEMS_KEYS, "the JSON body")
         if len(entries) > limits.max_images:
             raise PayloadTooLarge(
                 f"{len(entries)} items in one request; the limit is {limits.max_images}"
@@ -77,6 +87,7 @@ def read_items(
         for i, entry in enumerate(entries):
             if not isinstance(entry, dict):
                 raise InvalidInput(f"items[{i}] must be an object")
+            check_keys(entry, ITEM_KEYS, f"items[{i}]")
             image = decode_b64(entry, i, "items")
             if not image:
                 raise InvalidInput(f"items[{i}] has an empty image")
@@ -127,8 +138,8 @@ def read_search(
 ) -> SearchRequest:
     """A search: images in any of the three forms, or JSON ``{"vectors": [[...], ...]}``.
     Options (``k``, ``min_score``, ``label``, ``same_class``) come from the JSON body, and
-    the query string overrides them."""
-    parsed = parse_body(content_type, body, limits)
+    the query string overrides them; a JSON body holds no other key."""
+    parsed = parse_body(content_type, body, limits, SEARCH_KEYS)
     options = dict(parsed.doc or {})
     options.update({k: v for k, v in query.items() if k in SearchTask.__dataclass_fields__})
     task = search_task(options)

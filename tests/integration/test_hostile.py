@@ -308,7 +308,7 @@ VECTOR_CASES = [
         json_body({"vector": VECTOR}),
         400,
         BAD,
-        'no image to search with (or send {"vectors": [...]})',
+        'unknown key "vector" in the JSON body',
     ),
     post("vectors of dimension 3", SEARCH, vectors([0.1] * 3), 400, BAD, SHAPE),
     post("vectors one short of the dimension", SEARCH, vectors(VECTOR[1:]), 400, BAD, SHAPE),
@@ -903,3 +903,109 @@ def test_no_request_gets_a_5xx_and_every_refusal_says_why(
         assert isinstance(error["code"], str) and error["code"], error
         assert isinstance(error["message"], str) and error["message"], error
     assert strict.request("GET", "/healthz").status == 200
+
+
+# -- keys a JSON body does not take, floods of multipart parts and of GIF frames ----------------
+
+
+def gif_of_frames(count: int) -> bytes:
+    """A GIF of ``count`` one-pixel frames, written by hand (Pillow would take minutes)."""
+    screen = b"GIF89a" + struct.pack("<HHBBB", 1, 1, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
+    control = b"\x21\xf9\x04\x00\x00\x00\x00\x00"
+    frame = control + b"\x2c" + struct.pack("<HHHHB", 0, 0, 1, 1, 0) + b"\x02\x02\x44\x01\x00"
+    return screen + frame * count + b"\x3b"
+
+
+#: 1.65 MB of parts with no name, under MAX_BODY: only the part limit refuses them.
+PART_FLOOD = b"--b\r\n\r\nx\r\n" * 150_000 + b"--b--\r\n"
+
+FLOOD_CASES = [
+    post(
+        "a misspelt key of a JSON item",
+        ITEMS,
+        items(json_item(label=..., lable="x")),
+        400,
+        BAD,
+        'unknown key "lable" in items[0]; valid: b64, id, label, metadata',
+    ),
+    post(
+        "a key beside the items",
+        ITEMS,
+        json_body({"items": [json_item()], "label": "x"}),
+        400,
+        BAD,
+        'unknown key "label" in the JSON body; valid: items',
+    ),
+    post(
+        "an option embed does not take in its body",
+        EMBED,
+        json_body({"images": [{"b64": B64}], "k": 3}),
+        400,
+        BAD,
+        'unknown key "k" in the JSON body; valid: images',
+    ),
+    post(
+        "a key beside b64 in an image",
+        EMBED,
+        json_body({"images": [{"b64": B64, "url": "http://127.0.0.1:1/x.jpg"}]}),
+        400,
+        BAD,
+        'unknown key "url" in images[0]; valid: b64',
+    ),
+    post(
+        "a misspelt search option",
+        SEARCH,
+        vectors(VECTOR, min_scor=0.5),
+        400,
+        BAD,
+        'unknown key "min_scor" in the JSON body; valid: images, k, label, min_score',
+    ),
+    post(
+        "150000 nameless multipart parts",
+        EMBED,
+        raw(PART_FLOOD, "multipart/form-data; boundary=b"),
+        413,
+        TOO_LARGE,
+        f"over {4 * MAX_IMAGES} parts in one multipart body",
+    ),
+    post(
+        "a GIF of 80000 frames",
+        EMBED,
+        raw(gif_of_frames(80_000), "image/gif"),
+        400,
+        BAD,
+        "animated images are not supported",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", FLOOD_CASES, ids=[c.name for c in FLOOD_CASES])
+def test_an_unknown_key_or_a_flood_gets_its_exact_status_and_message(
+    strict: Server, case: Case
+) -> None:
+    response = send(strict, case)
+    assert response.status == case.status, response.body[:300]
+    error = response.json()["error"]
+    assert error["code"] == case.code and case.says in error["message"], error
+
+
+@pytest.mark.parametrize(
+    ("shape", "data"),
+    [
+        ([1, 2**62, 4, 3], []),  # numpy's product of it wraps to 0, the size of no data
+        ([1, 2**63, 2, 3], []),  # past int64
+        ([1, 1, 1, 3], ["0", "1", "2"]),  # numbers as strings
+        ([1, 1, 1, 3], [0.0, 1.0, 2.0]),
+    ],
+)
+def test_a_v2_shape_past_its_limit_or_data_not_of_its_datatype_is_400(
+    strict: Server, shape: list[int], data: list[object]
+) -> None:
+    model = strict.request("GET", "/v1/model").json()["name"]
+    tensor = {"name": "PIXELS", "datatype": "UINT8", "shape": shape, "data": data}
+    body = json.dumps({"inputs": [tensor]}).encode()
+    response = strict.request(
+        "POST", f"/v2/models/{model}/infer", body, {"Content-Type": "application/json"}
+    )
+    assert response.status == 400, response.body[:300]
+    assert "shape" in response.json()["error"] or "0-255" in response.json()["error"]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 
 import pytest
 
 from batchserve.errors import InvalidInput, PayloadTooLarge
-from batchserve.http.bodies import RequestLimits, parse_body
+from batchserve.http.bodies import RequestLimits, parse_body, read_images
 from batchserve.http.inputs import read_items, read_search
 from batchserve.serving.records import AddTask, SearchTask
 from batchserve.storage.records import parse_json
@@ -104,3 +105,112 @@ def test_multipart_items_take_one_label_for_all_and_one_id_each() -> None:
         (b"A", AddTask("a1", "cat", {})),
         (b"B", AddTask("b1", "cat", {})),
     ]
+
+
+B64 = "eA=="  # base64 of b"x"
+
+
+@pytest.mark.parametrize(
+    ("read", "body", "says"),
+    [
+        (
+            "images",
+            {"images": [B64], "k": 3},
+            'unknown key "k" in the JSON body; valid: images',
+        ),
+        (
+            "images",
+            {"images": [{"b64": B64, "name": "a.jpg"}]},
+            'unknown key "name" in images[0]; valid: b64',
+        ),
+        (
+            "search",
+            {"vectors": [[1, 0]], "lable": "a", "kk": 3},
+            'unknown keys "lable", "kk" in the JSON body; valid: images, k, label, min_score, '
+            "same_class, vectors",
+        ),
+        (
+            "items",
+            {"items": [{"id": "a", "b64": B64, "lable": "cat"}]},
+            'unknown key "lable" in items[0]; valid: b64, id, label, metadata',
+        ),
+        (
+            "items",
+            {"items": [{"id": "a", "b64": B64}], "label": "cat"},
+            'unknown key "label" in the JSON body; valid: items',
+        ),
+    ],
+)
+def test_an_unknown_json_key_is_refused_naming_it_and_the_valid_keys(
+    read: str, body: dict[str, object], says: str
+) -> None:
+    data = json.dumps(body).encode()
+    with pytest.raises(InvalidInput) as refused:
+        if read == "images":
+            read_images("application/json", data, LIMITS)
+        elif read == "search":
+            read_search("application/json", data, LIMITS, {})
+        else:
+            read_items("application/json", data, LIMITS, {})
+    assert str(refused.value) == says
+
+
+def test_an_error_names_a_few_unknown_keys_each_cut_short() -> None:
+    doc = {"images": [B64], **{f"{i}" * 100: i for i in range(1, 6)}}
+    with pytest.raises(InvalidInput) as refused:
+        read_images("application/json", json.dumps(doc).encode(), LIMITS)
+    message = str(refused.value)
+    assert message.startswith(f'unknown keys "{"1" * 40}...", "{"2" * 40}...", "{"3" * 40}..."')
+    assert " and 2 more in the JSON body" in message and "4" * 41 not in message
+
+
+def test_json_bodies_of_only_valid_keys_are_read() -> None:
+    body = {"images": [{"b64": B64}, B64]}
+    assert read_images("application/json", json.dumps(body).encode(), LIMITS) == [b"x", b"x"]
+    items = {"items": [{"id": "a", "label": "l", "metadata": {"n": 1}, "b64": B64}]}
+    assert read_items("application/json", json.dumps(items).encode(), LIMITS, {}) == [
+        (b"x", AddTask("a", "l", {"n": 1}))
+    ]
+    search = {"images": [B64], "k": 2, "min_score": 0.5, "label": "l", "same_class": True}
+    request = read_search("application/json", json.dumps(search).encode(), LIMITS, {})
+    assert request.task == SearchTask(k=2, min_score=0.5, label="l", same_class=True)
+
+
+def nameless_parts(count: int, close: bool = True) -> tuple[bytes, str]:
+    part = b"--b\r\nContent-Type: text/plain\r\n\r\nx\r\n"
+    return part * count + (b"--b--\r\n" if close else b""), "multipart/form-data; boundary=b"
+
+
+def test_a_multipart_body_of_more_parts_than_its_images_and_their_fields_is_413() -> None:
+    assert LIMITS.max_parts == 16  # 4 images, each with an id, a label and metadata
+    body, content_type = nameless_parts(16)
+    assert parse_body(content_type, body, LIMITS).images == []
+    body, content_type = nameless_parts(17)
+    with pytest.raises(PayloadTooLarge, match="over 16 parts in one multipart body"):
+        parse_body(content_type, body, LIMITS)
+
+
+def test_a_flood_of_parts_is_refused_once_past_the_limit_not_parsed_to_its_end() -> None:
+    # Never closed: parsed to its end, the body would be refused as malformed instead.
+    body, content_type = nameless_parts(100_000, close=False)
+    with pytest.raises(PayloadTooLarge, match="the limit is 16"):
+        parse_body(content_type, body, LIMITS)
+
+
+def test_as_many_parts_as_the_most_images_with_all_their_fields_are_read() -> None:
+    fields = [
+        (name, f"{name}-{i}".encode() if name != "metadata" else b"{}")
+        for i in range(4)
+        for name in ("id", "label", "metadata")
+    ]
+    files = [("image", f"{i}.jpg", bytes([65 + i])) for i in range(4)]
+    body, content_type = encode_multipart(files)
+    head = body.split(b"--batchserve-test-boundary--")[0]
+    parts = b"".join(
+        b"--batchserve-test-boundary\r\nContent-Disposition: form-data; "
+        b'name="' + name.encode() + b'"\r\n\r\n' + value + b"\r\n"
+        for name, value in fields
+    )
+    body = head + parts + b"--batchserve-test-boundary--\r\n"
+    added = read_items(content_type, body, LIMITS, {})
+    assert [task.id for _, task in added] == ["id-0", "id-1", "id-2", "id-3"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import struct
+import time
 import zlib
 
 import numpy as np
@@ -304,3 +305,20 @@ def test_an_item_whose_crops_share_its_draft_is_decoded_once_and_the_same() -> N
     pictures = decode_item_for(data, info, LIMITS)  # 32 and 46 both draft at 1/8
     assert np.array_equal(pictures[0], decode_for(data, info, LIMITS))
     assert pictures.shape == (7, 32, 32, 3)
+
+
+def _gif_of_frames(count: int) -> bytes:
+    """A GIF of ``count`` one-pixel frames, written by hand (Pillow would take minutes)."""
+    screen = b"GIF89a" + struct.pack("<HHBBB", 1, 1, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
+    control = b"\x21\xf9\x04\x00\x00\x00\x00\x00"
+    frame = control + b"\x2c" + struct.pack("<HHHHB", 0, 0, 1, 1, 0) + b"\x02\x02\x44\x01\x00"
+    return screen + frame * count + b"\x3b"
+
+
+def test_a_gif_of_many_frames_is_refused_without_walking_them() -> None:
+    data = _gif_of_frames(400_000)  # 9 MB; counting its frames takes over a second of CPU
+    started = time.process_time()
+    with pytest.raises(InvalidInput, match="animated"):
+        decode_image(data, SIZE, LIMITS)
+    assert time.process_time() - started < 0.25  # the second frame is as far as it looks
+    assert decode_image(_gif_of_frames(1), SIZE, LIMITS).shape == (*SIZE, 3)

@@ -168,3 +168,118 @@ def test_model_metadata_names_the_tensors_and_the_classes() -> None:
     assert meta["outputs"][1] == {"name": "PROBABILITIES", "datatype": "FP32", "shape": [-1, 2]}
     assert meta["parameters"]["classes"] == ["cat", "dog"]
     assert [o["name"] for o in model_metadata(PLAIN)["outputs"]] == ["EMBEDDING"]
+
+
+def pixels_input(shape: list[Any], data: Any = None) -> dict[str, Any]:
+    tensor = {"name": "PIXELS", "datatype": "UINT8", "shape": shape}
+    return tensor if data is None else {**tensor, "data": data}
+
+
+@pytest.mark.parametrize(
+    ("doc", "says"),
+    [
+        (
+            {"inputs": [image_input(1, data=["eA=="])], "output": [{"name": "EMBEDDING"}]},
+            'unknown key "output" in the inference request; valid: id, inputs, outputs, parameters',
+        ),
+        (
+            {"inputs": [image_input(1, data=["eA=="], parameter={"binary_data_size": 1})]},
+            'unknown key "parameter" in an input; valid: data, datatype, name, parameters, shape',
+        ),
+        (
+            {
+                "inputs": [image_input(1, data=["eA=="])],
+                "outputs": [{"name": "EMBEDDING", "binary_data": True}],
+            },
+            'unknown key "binary_data" in an output; valid: name, parameters',
+        ),
+    ],
+)
+def test_a_key_the_protocol_does_not_define_is_refused_naming_it(
+    doc: dict[str, Any], says: str
+) -> None:
+    with pytest.raises(InvalidInput) as refused:
+        read_infer(orjson.dumps(doc), None, INFO, LIMITS)
+    assert str(refused.value) == says
+
+
+def test_every_field_the_official_triton_client_sends_is_accepted() -> None:
+    triton = pytest.importorskip("tritonclient.http")
+    pixels = np.arange(12, dtype=np.uint8).reshape(1, 2, 2, 3)
+    tensor = triton.InferInput("PIXELS", list(pixels.shape), "UINT8")
+    tensor.set_data_from_numpy(pixels, binary_data=False)
+    output = triton.InferRequestedOutput("EMBEDDING", binary_data=True)
+    body, length = triton.InferenceServerClient.generate_request_body(
+        [tensor],
+        [output],
+        request_id="r1",
+        sequence_id=3,
+        sequence_start=True,
+        sequence_end=True,
+        priority=2,
+        timeout=5_000_000,
+        parameters={"tenant": "a"},
+    )
+    request = read_infer(body, length, INFO, LIMITS)
+    np.testing.assert_array_equal(request.images[0], pixels[0])
+    assert request.id == "r1" and request.timeout_s == 5.0
+    assert request.outputs == {"EMBEDDING": True}
+    images = triton.InferInput("IMAGE", [2], "BYTES")
+    images.set_data_from_numpy(np.array([b"one", b"two"], dtype=object), binary_data=True)
+    body, length = triton.InferenceServerClient.generate_request_body([images])
+    assert read_infer(body, length, INFO, LIMITS).images == [b"one", b"two"]
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        [1, 2**32, 2**32, 3],  # 2**64 * 3 elements: past int64, where numpy's product wraps
+        [1, 2**62, 4, 3],  # wraps to 0
+        [1, 2**63, 2, 3],  # past int64 before any product
+        [1, 2**62, 2**62, 3],
+        [1, 2**63 - 1, 2**63 - 1, 3],
+        [1, 1_000_000, 1_000_000, 3],
+        [1] * 100_000 + [2] * 100_000,  # a product of a hundred thousand dimensions
+    ],
+)
+def test_a_shape_of_more_elements_than_a_body_may_hold_is_invalid(shape: list[int]) -> None:
+    doc = {"inputs": [pixels_input(shape, [0, 0, 0])]}
+    with pytest.raises(InvalidInput, match="elements, the most a request may carry"):
+        read_infer(orjson.dumps(doc), None, INFO, LIMITS)
+
+
+@pytest.mark.parametrize("shape", [[1, -2, -2, 3], [1, True, 1, 3], [1, 1.0, 1, 3], "1,1,1,3"])
+def test_a_shape_of_anything_but_non_negative_integers_is_invalid(shape: Any) -> None:
+    doc = {"inputs": [pixels_input(shape, [0, 0, 0])]}
+    with pytest.raises(InvalidInput, match="shape must be a list of non-negative integers"):
+        read_infer(orjson.dumps(doc), None, INFO, LIMITS)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        ["0", "1", "2"],  # numbers as strings
+        [0, 1, "2"],
+        [0.0, 1.0, 2.0],  # floats, even whole ones
+        [True, False, True],
+        [0, 1, True],
+        [0, 1, None],
+        [0, 1, {"v": 2}],
+        "AAEC",
+        {"0": 0},
+    ],
+)
+def test_uint8_data_must_be_json_integers(data: Any) -> None:
+    doc = {"inputs": [pixels_input([1, 1, 1, 3], data)]}
+    with pytest.raises(InvalidInput, match="data must be a list of integers 0-255"):
+        read_infer(orjson.dumps(doc), None, INFO, LIMITS)
+
+
+def test_uint8_data_may_be_nested_row_major_but_evenly() -> None:
+    nested = [[[[0, 1, 2], [3, 4, 5]], [[6, 7, 8], [9, 10, 11]]]]
+    doc = {"inputs": [pixels_input([1, 2, 2, 3], nested)]}
+    [pixels] = read_infer(orjson.dumps(doc), None, INFO, LIMITS).images
+    np.testing.assert_array_equal(pixels, np.arange(12).reshape(2, 2, 3))
+    doc = {"inputs": [pixels_input([1, 1, 1, 3], [[0, 1], 2])]}
+    with pytest.raises(InvalidInput, match="data nests its lists unevenly"):
+        read_infer(orjson.dumps(doc), None, INFO, LIMITS)

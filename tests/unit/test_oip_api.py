@@ -143,3 +143,23 @@ def _unit() -> Any:
     from batchserve.models.batches import Prediction
 
     return Prediction(np.ones(8, dtype=np.float32) / np.sqrt(8), np.ones(3, np.float32) / 3)
+
+
+def test_a_shape_past_int64_or_string_pixels_are_400_not_500() -> None:
+    h = Harness()
+    for shape, data in [
+        ([1, 2**62, 4, 3], []),  # numpy's product wraps to 0, the size of no data
+        ([1, 2**63, 2, 3], []),  # past int64 before any product
+        ([1, 1, 1, 3], ["0", "1", "2"]),  # was read as numbers
+    ]:
+        tensor = {"name": "PIXELS", "datatype": "UINT8", "shape": shape, "data": data}
+        status, _, error = h.request("POST", INFER, orjson.dumps({"inputs": [tensor]}))
+        assert status == 400 and list(error) == ["error"], (shape, error)
+
+
+def test_an_unknown_key_of_an_inference_request_is_400_naming_it() -> None:
+    h = Harness()
+    body = orjson.loads(infer_json([RED]))
+    body["inputs"][0]["dtype"] = "BYTES"
+    status, _, error = h.request("POST", INFER, orjson.dumps(body))
+    assert status == 400 and error["error"].startswith('unknown key "dtype" in an input')

@@ -9,9 +9,11 @@ from typing import Any
 import jsonschema
 from openapi_spec_validator import validate
 
-from batchserve.http.bodies import RequestLimits
+from batchserve.http.bodies import B64_KEYS, IMAGE_KEYS, RequestLimits
+from batchserve.http.inputs import ITEM_KEYS, ITEMS_KEYS, SEARCH_KEYS
 from batchserve.http.openapi.document import document
 from batchserve.http.v1 import BatchserveAPI
+from batchserve.http.v2_wire import INPUT_KEYS, OUTPUT_KEYS, REQUEST_KEYS
 from batchserve.testing import encode_multipart
 from tests.unit.test_api import BLUE, RED, Harness, add
 
@@ -69,3 +71,28 @@ def test_the_servers_answers_conform_to_the_document() -> None:
     conforms(doc, "Error", error)
     added = h.request("POST", "/v1/items", json={"items": [{"id": "b", "b64": ""}]})
     conforms(doc, "Error", added[2])
+
+
+def test_json_bodies_in_the_document_take_exactly_the_keys_the_server_reads() -> None:
+    doc = document(RequestLimits(max_images=3))
+    paths, components = doc["paths"], doc["components"]["schemas"]
+
+    def body(path: str, kind: str = "application/json") -> dict[str, Any]:
+        return paths[path]["post"]["requestBody"]["content"][kind]["schema"]  # type: ignore[no-any-return]
+
+    items = body("/v1/items")["properties"]["items"]["items"]
+    infer = components["InferRequest"]
+    closed = [
+        (body("/v1/embed"), IMAGE_KEYS),
+        (body("/v1/search"), SEARCH_KEYS),
+        (body("/v1/items"), ITEMS_KEYS),
+        (items, ITEM_KEYS),
+        (components["Base64Image"]["oneOf"][0], B64_KEYS),
+        (infer, REQUEST_KEYS),
+        (infer["properties"]["inputs"]["items"], INPUT_KEYS),
+        (infer["properties"]["outputs"]["items"], OUTPUT_KEYS),
+    ]
+    for schema, keys in closed:
+        assert schema["additionalProperties"] is False and set(schema["properties"]) == keys
+    assert "at most 12 parts" in body("/v1/embed", "multipart/form-data")["description"]
+    assert "at most 12 parts" in body("/v1/items", "multipart/form-data")["description"]

@@ -26,10 +26,10 @@ Doc = dict[str, Any]
 
 #: Statuses a route for the model may answer besides 200, and why.
 _ERRORS = {
-    "400": "invalid input (undecodable image, bad option, bad JSON)",
+    "400": "invalid input (undecodable image, bad option, bad JSON, a JSON key it does not take)",
     "401": "a bearer token is required",
     "403": "the token does not grant this",
-    "413": "the body, an image or the number of images is over the limit",
+    "413": "the body, an image, the number of images or of multipart parts is over the limit",
     "415": "the Content-Type is not accepted",
     "503": "the model or the index is loading, the queue is full, or the server is draining",
     "504": "the request's deadline passed",
@@ -56,6 +56,7 @@ def _images_body(limits: RequestLimits, extra_json: Doc | None = None) -> Doc:
     files = {"type": "array", "items": {"type": "string", "contentMediaType": "image/*"}}
     json_images: Doc = {
         "type": "object",
+        "additionalProperties": False,
         "properties": {
             "images": {
                 "type": "array",
@@ -67,7 +68,9 @@ def _images_body(limits: RequestLimits, extra_json: Doc | None = None) -> Doc:
     }
     return {
         "required": True,
-        "description": f"At most {limits.max_images} images and {limits.max_body_bytes} bytes.",
+        "description": f"At most {limits.max_images} images and {limits.max_body_bytes} bytes; "
+        f"a multipart body at most {limits.max_parts} parts. A JSON body holds no key but "
+        "those listed.",
         "content": {
             "image/*": {"schema": {"type": "string", "contentMediaType": "image/*"}},
             "application/octet-stream": {"schema": {"type": "string"}},
@@ -76,7 +79,7 @@ def _images_body(limits: RequestLimits, extra_json: Doc | None = None) -> Doc:
                     "type": "object",
                     "description": "Parts with a filename, or named "
                     + ", ".join(sorted(IMAGE_FIELDS))
-                    + ", are images.",
+                    + f", are images; at most {limits.max_parts} parts.",
                     "properties": {"image": files},
                 }
             },
@@ -92,6 +95,7 @@ def _items_body(limits: RequestLimits) -> Doc:
     item = {
         "type": "object",
         "required": ["id", "b64"],
+        "additionalProperties": False,
         "properties": {
             "id": ref("ItemId"),
             "label": {"type": "string", "maxLength": MAX_LABEL_CHARS},
@@ -106,7 +110,8 @@ def _items_body(limits: RequestLimits) -> Doc:
                 "schema": {
                     "type": "object",
                     "description": "One `id` per file; `label` and `metadata` (JSON text) "
-                    "once for all files or once per file.",
+                    "once for all files or once per file; at most "
+                    f"{limits.max_parts} parts.",
                     "required": ["image", "id"],
                     "properties": {
                         "image": {"type": "array", "items": {"type": "string"}},
@@ -123,6 +128,7 @@ def _items_body(limits: RequestLimits) -> Doc:
                 "schema": {
                     "type": "object",
                     "required": ["items"],
+                    "additionalProperties": False,
                     "properties": {
                         "items": {
                             "type": "array",
@@ -197,13 +203,20 @@ def _deadline_parameters() -> list[Doc]:
 def _model_paths(limits: RequestLimits) -> Doc:
     """The routes whose images go through the model."""
     model_errors = _errors("400", "401", "403", "413", "415", "503", "504")
-    vectors = {
+    vectors: Doc = {
         "vectors": {
             "type": "array",
             "maxItems": limits.max_images,
             "items": {"type": "array", "items": {"type": "number"}},
             "description": "query embeddings of the model's dim (instead of images)",
-        }
+        },
+        **{
+            option["name"]: {
+                "description": f"{option['description']}: as the query parameter "
+                f"{option['name']}, which overrides it"
+            }
+            for option in _search_parameters()
+        },
     }
     return {
         "/v1/embed": {

@@ -70,7 +70,12 @@ def _wire_schemas() -> Doc:
         },
         "Base64Image": {
             "oneOf": [
-                {"type": "object", "required": ["b64"], "properties": {"b64": {"type": "string"}}},
+                {
+                    "type": "object",
+                    "required": ["b64"],
+                    "additionalProperties": False,
+                    "properties": {"b64": {"type": "string"}},
+                },
                 {"type": "string"},
             ]
         },
@@ -211,11 +216,28 @@ def _v2_schemas() -> Doc:
     tensor = {
         "type": "object",
         "required": ["name", "datatype", "shape"],
+        "additionalProperties": False,
         "properties": {
             "name": {"enum": ["IMAGE", "PIXELS"]},
             "datatype": {"enum": ["BYTES", "UINT8"]},
-            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-            "data": {"type": "array", "description": "base64 strings (IMAGE), 0-255 (PIXELS)"},
+            "shape": {
+                "type": "array",
+                "items": {"type": "integer", "minimum": 0},
+                "description": "at most as many elements in all as the body may hold bytes",
+            },
+            "data": {
+                "type": "array",
+                "description": "base64 strings (IMAGE), JSON integers 0-255 (PIXELS)",
+            },
+            "parameters": {"type": "object"},
+        },
+    }
+    asked = {
+        "type": "object",
+        "required": ["name"],
+        "additionalProperties": False,
+        "properties": {
+            "name": {"enum": ["EMBEDDING", "PROBABILITIES"]},
             "parameters": {"type": "object"},
         },
     }
@@ -239,10 +261,11 @@ def _v2_schemas() -> Doc:
         "InferRequest": {
             "type": "object",
             "required": ["inputs"],
+            "additionalProperties": False,
             "properties": {
                 "id": {"type": "string"},
                 "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": tensor},
-                "outputs": {"type": "array", "items": {"type": "object"}},
+                "outputs": {"type": "array", "minItems": 1, "items": asked},
                 "parameters": {"type": "object"},
             },
         },
