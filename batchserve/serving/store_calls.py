@@ -25,7 +25,9 @@ def search_vectors(
 
 
 def similar(store: ItemStore, item_id: str, task: SearchTask) -> list[Match]:
-    """The nearest items of a stored item, itself excluded; NotFound when there is none."""
+    """The nearest items of a stored item, itself excluded; NotFound when there is none.
+    Its vector is read from the catalog (the index gives no vector back), so with a
+    shared catalog out of reach this is NotReady (503), as writes are."""
     found = store.catalog.get(item_id)
     vector = store.embedding(item_id)
     if found is None or vector is None:
@@ -36,6 +38,8 @@ def similar(store: ItemStore, item_id: str, task: SearchTask) -> list[Match]:
 
 
 def get(store: ItemStore, item_id: str) -> Item:
+    """The item ``item_id``; NotFound when there is none. With a shared catalog out of
+    reach, the record the store keeps in memory (``ItemStore.get``)."""
     item = store.get(item_id)
     if item is None:
         raise NotFound(f"no item with id {item_id!r}")
@@ -49,7 +53,9 @@ def delete(store: ItemStore, item_id: str) -> bool:
 
 
 def page(store: ItemStore, limit: int, before: int | None) -> list[Item]:
-    """Up to ``limit`` items, newest first, older than row ``before``."""
+    """Up to ``limit`` items, newest first, older than row ``before``: from the catalog
+    only (503 while a shared one is out of reach), as a page from memory would cost a scan
+    of every item on the store thread, which searches wait for."""
     return store.catalog.page(limit, before)
 
 

@@ -5,6 +5,11 @@ needs a lock. A batch of searches is ONE index search per distinct filter (one i
 when no query filters); a batch of adds is one SQLite transaction and one index add.
 Snapshots of the index are written atomically and loaded at start; the catalog's change
 log brings a snapshot up to date, or the index is rebuilt from the catalog.
+
+With a shared catalog (PostgreSQL), the store keeps in memory the record of every item its
+index holds, so that searches and reads by id go on while the catalog is out of reach;
+writes, listings, thumbnails and similar-item searches (which read the stored vector) need
+the catalog, and fail with its NotReady (HTTP 503, Retry-After) meanwhile.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from batchserve.errors import ConfigError
+from batchserve.errors import ConfigError, NotReady
 from batchserve.models.views import VIEW_WEIGHT
 from batchserve.settings import setting
 from batchserve.storage.catalog import Catalog, row_shape
@@ -211,9 +216,17 @@ class ItemStore:
         )
         self.catalog.check_model(fingerprint)
         #: A catalog other processes write too (PostgreSQL): this index follows its change
-        #: log, and keeps the items searches show in memory, so searches go on without it.
+        #: log, and keeps the items searches show in memory, so searches and reads by id go
+        #: on without it.
         self.shared = self.catalog.shared
         self._items: dict[int, Item] = {}
+        #: The row in ``_items`` of each id there.
+        self._fids: dict[str, int] = {}
+        #: With a shared catalog, its error while it is out of reach: set when a call to it
+        #: fails, cleared when ``catch_up`` (the follower, every interval) next succeeds.
+        #: Meanwhile reads by id come from memory at once, not after a connection attempt
+        #: that would hold the store thread, and the searches queued behind, for seconds.
+        self._outage: NotReady | None = None
         #: The change of the catalog up to which the index is current.
         self.applied_seq = 0
         self.snapshot_dir = data_dir / "snapshots"
@@ -278,12 +291,17 @@ class ItemStore:
         changes already reflected by a rebuild are harmless. ``known`` holds items this
         process just wrote, whose embeddings need not be read back."""
         applied = 0
-        while changes := self.catalog.changes_since(self.applied_seq, limit):
-            self._apply(changes, known or {})
-            self.applied_seq = changes[-1][0]
-            applied += len(changes)
-            if len(changes) < limit:
-                break
+        try:
+            while changes := self.catalog.changes_since(self.applied_seq, limit):
+                self._apply(changes, known or {})
+                self.applied_seq = changes[-1][0]
+                applied += len(changes)
+                if len(changes) < limit:
+                    break
+        except NotReady as e:
+            self._outage = e
+            raise
+        self._outage = None
         return applied
 
     def behind(self) -> int:
@@ -334,6 +352,7 @@ class ItemStore:
         if self.shared:
             items = self.catalog.items_by_fid(fids)
             self._items.update(items)
+            self._fids.update((item.id, fid) for fid, item in items.items())
             rows = {fid: (item.label, item.predicted_class) for fid, item in items.items()}
         elif len(fids) > 1000:
             wanted = set(fids)
@@ -383,7 +402,9 @@ class ItemStore:
 
     def _forget(self, fids: Sequence[int]) -> None:
         for fid in fids:
-            self._items.pop(fid, None)
+            item = self._items.pop(fid, None)
+            if item is not None and self._fids.get(item.id) == fid:
+                del self._fids[item.id]
             label, klass = self._groups.pop(fid, (None, None))
             if label is not None:
                 self._by_label[label].discard(fid)
@@ -393,7 +414,35 @@ class ItemStore:
     # -- reads ----------------------------------------------------------------------------
 
     def get(self, item_id: str) -> Item | None:
-        return self.catalog.get(item_id)
+        """The item ``item_id``, or None: from the catalog, or, while a shared catalog is out
+        of reach, from memory (``_remembered``)."""
+        if not self.shared:
+            return self.catalog.get(item_id)
+        if self._outage is None:
+            try:
+                return self.catalog.get(item_id)
+            except NotReady as e:
+                self._outage = e
+        return self._remembered(item_id, self._outage)
+
+    def _remembered(self, item_id: str, outage: NotReady) -> Item | None:
+        """The item ``item_id`` as this replica's index holds it, the catalog's log applied
+        up to ``applied_seq``: the view its searches show, as current as they are.
+
+        An id not in memory is None (404) when memory holds the record of every row in the
+        index: then the view is complete, every item added up to ``applied_seq`` and not
+        deleted since is there, so the id had no item then. Only changes committed after
+        the replica's last pass over the log can be missing, as they are from its searches;
+        none can commit while the catalog is down. A row whose record was gone when it was
+        read (deleted or replaced in the catalog between the log's read and the record's,
+        its change not applied yet) leaves the view incomplete: that row's id may be the
+        one asked, so the outage is reported (503) instead."""
+        fid = self._fids.get(item_id)
+        if fid is not None:
+            return self._items[fid]
+        if len(self._items) == len(self._groups):  # _items' rows are a subset of _groups'
+            return None
+        raise outage.with_traceback(None)  # one error kept: its traceback must not grow
 
     def embedding(self, item_id: str) -> npt.NDArray[np.float32] | None:
         found = self.catalog.embedding(item_id)

@@ -1,9 +1,10 @@
 """Replicas on one shared PostgreSQL catalog, each with its own index, started as a user
 would (`batchserve serve --catalog postgresql://...`): an item added or deleted through one
 is found (or gone) through the other within a bound; concurrent adds of distinct and
-clashing ids converge to the same contents everywhere; with PostgreSQL down, searches go on
-and writes get a prompt 503 with Retry-After; it comes back and nothing acknowledged is
-lost; a restarted replica starts from its snapshot and replays the rest."""
+clashing ids converge to the same contents everywhere; with PostgreSQL down, searches and
+reads by id go on (from memory) and writes get a prompt 503 with Retry-After; it comes back
+and nothing acknowledged is lost; a restarted replica starts from its snapshot and replays
+the rest."""
 
 from __future__ import annotations
 
@@ -124,6 +125,32 @@ def test_with_postgresql_down_searches_go_on_and_writes_get_a_prompt_503(
         postgres.start()
     eventually(lambda: add(one, "after-outage", "rocket").status == 200, "writes again")
     eventually(lambda: status_of(other, "after-outage") == 200, "the other catches up")
+
+
+def test_with_postgresql_down_items_are_read_from_memory_and_deletes_get_a_503(
+    replicas: list[Server], postgres: PostgresCluster
+) -> None:
+    one, other = replicas
+    assert add(one, "kept-in-memory", "brick").status == 200
+    eventually(lambda: status_of(other, "kept-in-memory") == 200, "the add on the other")
+    before = [r.request("GET", "/v1/items/kept-in-memory").json() for r in replicas]
+    postgres.stop()
+    try:
+        for server, known in zip(replicas, before, strict=True):
+            found = server.request("GET", "/v1/items/kept-in-memory")
+            assert found.status == 200 and found.json() == known
+            assert status_of(server, "never-added") == 404  # its view is complete
+        started = time.monotonic()
+        refused = other.request("DELETE", "/v1/items/kept-in-memory")
+        assert refused.status == 503 and "retry-after" in refused.headers
+        assert refused.json()["error"]["code"] == "catalog_unavailable"
+        assert time.monotonic() - started < 5.0
+        assert status_of(other, "kept-in-memory") == 200  # not deleted
+    finally:
+        postgres.start()
+    eventually(lambda: add(one, "after-reads", "rocket").status == 200, "writes again")
+    eventually(lambda: status_of(other, "after-reads") == 200, "the other follows again")
+    assert status_of(one, "kept-in-memory") == 200
 
 
 def test_a_restarted_replica_replays_what_it_missed_from_its_snapshot(

@@ -7,16 +7,24 @@ import json
 import os
 import sqlite3
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from batchserve.errors import InvalidInput
+from batchserve.errors import InvalidInput, NotReady
 from batchserve.http.wire import index_json
 from batchserve.storage.catalog import ModelMismatch
 from batchserve.storage.index import IndexParams, VectorIndex
-from batchserve.storage.records import MAX_METADATA_DEPTH, Match, NewItem, check_metadata
+from batchserve.storage.records import (
+    MAX_METADATA_DEPTH,
+    Item,
+    Match,
+    NewItem,
+    check_metadata,
+)
+from batchserve.storage.sqlite import SqliteCatalog
 from batchserve.storage.store import DataDirLocked, ItemStore, SearchQuery, lock_data_dir
 
 DIM = 16
@@ -501,6 +509,130 @@ def test_a_snapshot_holds_what_the_index_applied_and_a_restart_replays_the_rest(
     report = again.open()
     assert report.snapshot_seq == 4 and report.replayed == 3 and not report.rebuilt
     assert again.index.size == 5 and again.behind() == 0
+
+
+class SharedCatalog(SqliteCatalog):
+    """SQLite standing in for a catalog other replicas share: while ``down``, every call
+    the tests make fails with NotReady, as PostgresCatalog's CatalogUnavailable does.
+    ``vanished`` ids' records are not found by fid, as if deleted just after the log was
+    read; ``gets`` counts reads by id."""
+
+    shared = True
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, DIM)
+        self.down = False
+        self.vanished: set[str] = set()
+        self.gets = 0
+
+    def _reach(self) -> None:
+        if self.down:
+            raise NotReady("the shared catalog is unavailable", retry_after_s=1)
+
+    def get(self, item_id: str) -> Item | None:
+        self.gets += 1
+        self._reach()
+        return super().get(item_id)
+
+    def upsert(self, items: Sequence[NewItem]) -> tuple[list[int], list[int]]:
+        self._reach()
+        return super().upsert(items)
+
+    def delete(self, item_id: str) -> int | None:
+        self._reach()
+        return super().delete(item_id)
+
+    def page(self, limit: int, before_fid: int | None = None) -> list[Item]:
+        self._reach()
+        return super().page(limit, before_fid)
+
+    def items_by_fid(self, fids: Sequence[int]) -> dict[int, Item]:
+        self._reach()
+        found = super().items_by_fid(fids)
+        return {fid: item for fid, item in found.items() if item.id not in self.vanished}
+
+    def last_seq(self) -> int:
+        self._reach()
+        return super().last_seq()
+
+    def changes_since(self, seq: int, limit: int | None = None) -> list[tuple[int, str, int]]:
+        self._reach()
+        return super().changes_since(seq, limit)
+
+
+def shared_store(path: Path, catalog: SharedCatalog) -> ItemStore:
+    s = ItemStore(path, VectorIndex(DIM, IndexParams()), dict(MODEL), catalog=catalog)
+    s.open()
+    return s
+
+
+def test_with_the_shared_catalog_down_items_are_read_from_memory_and_writes_fail(
+    tmp_path: Path,
+) -> None:
+    catalog = SharedCatalog(tmp_path / "shared.sqlite3")
+    replica = shared_store(tmp_path / "replica", catalog)
+    replica.add(items(0, 3))
+    replica.add([NewItem("id1", vec(101), "b", {"again": True})])  # replaced: a new row
+    replica.delete("id2")
+    before = {i: replica.get(i) for i in ("id0", "id1")}
+    catalog.down = True
+    assert {i: replica.get(i) for i in ("id0", "id1")} == before
+    assert before["id1"] is not None and before["id1"].metadata == {"again": True}
+    assert replica.get("id2") is None and replica.get("never") is None  # 404, not 503
+    with pytest.raises(NotReady):
+        replica.delete("id0")
+    with pytest.raises(NotReady):
+        replica.add(items(5, 1))
+    with pytest.raises(NotReady):
+        replica.catalog.page(10)
+    assert replica.get("id0") == before["id0"]  # the delete did not happen
+    assert replica.search([SearchQuery(vec(0), k=1)])[0][0].id == "id0"
+
+
+def test_with_the_shared_catalog_up_items_are_read_from_it(tmp_path: Path) -> None:
+    catalog = SharedCatalog(tmp_path / "shared.sqlite3")
+    replica = shared_store(tmp_path / "replica", catalog)
+    writer = shared_store(tmp_path / "writer", catalog)
+    writer.add(items(0, 2))
+    found = replica.get("id1")  # not applied here yet: read from the catalog
+    assert found is not None and found.metadata == {"i": 1} and replica.behind() == 2
+    catalog.down = True
+    assert replica.get("id1") is None  # memory: as the replica's searches see it
+    catalog.down = False
+    assert replica.catch_up() == 2
+    writer.delete("id1")
+    assert replica.get("id1") is None and replica.get("id0") is not None
+
+
+def test_while_the_shared_catalog_is_out_of_reach_reads_do_not_wait_on_it(
+    tmp_path: Path,
+) -> None:
+    catalog = SharedCatalog(tmp_path / "shared.sqlite3")
+    replica = shared_store(tmp_path / "replica", catalog)
+    replica.add(items(0, 2))
+    catalog.down = True
+    gets = catalog.gets
+    for _ in range(3):
+        assert replica.get("id0") is not None and replica.get("nope") is None
+    assert catalog.gets == gets + 1  # one failure; then memory until the log is followed
+    catalog.down = False
+    replica.catch_up()  # as the follower does every interval: the catalog is back
+    replica.get("id0")
+    assert catalog.gets == gets + 2
+
+
+def test_an_id_memory_may_lack_is_503_not_404_while_the_shared_catalog_is_down(
+    tmp_path: Path,
+) -> None:
+    catalog = SharedCatalog(tmp_path / "shared.sqlite3")
+    replica = shared_store(tmp_path / "replica", catalog)
+    replica.add(items(0, 2))
+    catalog.vanished = {"id5"}  # its record gone when the row was read: replaced, say
+    replica.add(items(5, 1))
+    catalog.down = True
+    with pytest.raises(NotReady):
+        replica.get("other")  # could be the id of the row memory has no record of
+    assert replica.get("id0") is not None
 
 
 def deep(levels: int) -> dict[str, object]:
