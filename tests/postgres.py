@@ -14,6 +14,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -124,6 +125,40 @@ class PostgresCluster:
     def stop(self, mode: str = "fast") -> None:
         """Stop the server: ``fast`` ends sessions cleanly, ``immediate`` is a crash."""
         self._run("pg_ctl", "stop", "-D", str(self.data), "-m", mode, "-w")
+
+    def pids(self) -> list[int]:
+        """The postmaster's pid (from the data folder's postmaster.pid), then those of its
+        children: the backends and background processes, from /proc."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with suppress(OSError):
+                # The parent's pid is the second field after the command, which is in
+                # parentheses and may hold spaces.
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
+                    children.append(int(stat.parent.name))
+        return [postmaster, *children]
+
+    @contextmanager
+    def stopped(self) -> Iterator[None]:
+        """The server hung: the postmaster and all its processes stopped with SIGSTOP, as a
+        stalled disk or host does (the kernel still accepts connections and answers
+        keepalives; nothing else answers); continued with SIGCONT on exit, whatever
+        happened."""
+        stopped: list[int] = []
+        try:
+            postmaster = self.pids()[0]
+            os.kill(postmaster, signal.SIGSTOP)  # first: it forks no more children
+            stopped.append(postmaster)
+            for pid in self.pids()[1:]:
+                with suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+                    stopped.append(pid)
+            yield
+        finally:
+            for pid in stopped:
+                with suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"

@@ -38,6 +38,14 @@ once, which is safe by these rules:
    upsert is safe to retry (the id is replaced), and the log still tells every replica.
    A connection idle inside a transaction past ``statement_timeout_s`` is ended by the
    server, so a replica that vanishes mid-write cannot hold the log lock for long.
+7. A server that accepts connections and never answers (its processes stopped, or stuck on
+   a stalled disk) fires none of its own timeouts, and the kernel still answers TCP keepalives:
+   so every wait for an answer is also bounded on the client side (``Watchdog``). Past
+   ``connect_timeout_s + statement_timeout_s`` the connection's socket is shut down, the
+   call raises ``CatalogUnavailable`` and the pool drops the connection. While the
+   database is unavailable, a call finding no pooled connection ready is refused after
+   ``_FAILING_WAIT_S`` (the pool reconnects meanwhile), so that the store thread, where
+   searches wait their turn, is not held up call after call.
 
 Writes are few statements sent as pipelines (one round trip each); reads of the whole table
 (``vectors()``, ``groups()``) use a server-side cursor and hold one pooled connection while
@@ -50,6 +58,9 @@ import hashlib
 import json
 import logging
 import math
+import os
+import socket
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -82,6 +93,12 @@ LOG_LOCK = (LOCK_CLASS, 2)
 #: from 1 s, doubling) before it waits for the next caller to ask: longer, and a server back
 #: after a long outage may wait out a long backoff step before the pool sees it.
 _RECONNECT_S = 5.0
+
+#: While the database is unavailable, how long a call waits for a pooled connection (the
+#: pool reconnects in the background meanwhile, and a waiting call prompts it to): a call
+#: that cannot be answered is refused at once, instead of holding up the store thread, where
+#: searches wait behind it.
+_FAILING_WAIT_S = 0.25
 
 #: TCP keepalives: a server gone without closing the connection (a host down, a network
 #: partition) fails a waiting call after about 20 s instead of never.
@@ -170,10 +187,116 @@ def id_lock_key(item_id: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-def _ensure_synchronous_commit(conn: psycopg.Connection[TupleRow]) -> None:
-    row = conn.execute("SHOW synchronous_commit").fetchone()
-    if row is not None and row[0] == "off":
-        conn.execute("SET synchronous_commit = on")
+class NoAnswer(psycopg.OperationalError):
+    """The server did not answer in time: ``Watchdog`` cut the connection."""
+
+
+class Watchdog:
+    """Bounds waits on PostgreSQL on the client side: while a connection is watched, if it
+    has not finished within ``bound_s`` of being watched (or of the last ``renew``), its
+    socket is shut down, so that the call blocked on it fails at once with an error and the
+    connection is discarded. The server's own ``statement_timeout`` cannot do this when its
+    process is stopped or hung (``kill -STOP``, a stalled disk), nor can psycopg's cancel
+    (a cancel request is one more connection nobody accepts), and TCP keepalives go on
+    succeeding because the kernel answers them. One thread, started by the first watch
+    (after ``close`` too).
+    """
+
+    def __init__(self, bound_s: float, name: str = "batchserve-pg-watchdog") -> None:
+        self.bound_s = bound_s
+        self._name = name
+        self._cond = threading.Condition()
+        #: id(connection) -> its watch; at most a pool's worth of entries.
+        self._watched: dict[int, _Watch] = {}
+        self._wake_at = math.inf
+        self._thread: threading.Thread | None = None
+        #: Connections cut since created.
+        self.cuts = 0
+
+    @contextmanager
+    def watching(self, conn: psycopg.Connection[Any]) -> Iterator[None]:
+        """Bound the waits on ``conn`` inside the block; a driver error of a connection so
+        cut is re-raised as ``NoAnswer``."""
+        watch = _Watch(os.dup(conn.pgconn.socket), time.monotonic() + self.bound_s)
+        with self._cond:
+            self._watched[id(conn)] = watch
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+            if watch.deadline < self._wake_at:
+                self._cond.notify()
+        try:
+            yield
+        except psycopg.Error as e:
+            if watch.cut:
+                raise NoAnswer(
+                    f"no answer from the server within {self.bound_s:g} s (stopped or hung?): "
+                    "the connection was cut on the client side"
+                ) from e
+            raise
+        finally:
+            with self._cond:
+                del self._watched[id(conn)]
+                os.close(watch.fd)
+
+    def renew(self, conn: psycopg.Connection[Any]) -> None:
+        """A new wait begins on ``conn`` (a statement, a commit): ``bound_s`` from now."""
+        with self._cond:
+            self._watched[id(conn)].deadline = time.monotonic() + self.bound_s
+
+    @contextmanager
+    def paused(self, conn: psycopg.Connection[Any]) -> Iterator[None]:
+        """Not waiting on ``conn`` inside the block (a reader's iterator handed out rows);
+        renewed after it."""
+        with self._cond:
+            self._watched[id(conn)].deadline = math.inf
+        try:
+            yield
+        finally:
+            self.renew(conn)
+
+    def close(self) -> None:
+        """Stop the thread (when nothing is watched)."""
+        with self._cond:
+            thread, self._thread = self._thread, None
+            self._cond.notify()
+        if thread is not None:
+            thread.join()
+
+    def _run(self) -> None:
+        me = threading.current_thread()
+        with self._cond:
+            while self._thread is me:
+                now = time.monotonic()
+                for watch in self._watched.values():
+                    if watch.deadline <= now and not watch.cut:
+                        watch.cut_off()
+                        self.cuts += 1
+                self._wake_at = min(
+                    (w.deadline for w in self._watched.values() if not w.cut), default=math.inf
+                )
+                self._cond.wait(None if self._wake_at == math.inf else self._wake_at - now)
+
+
+class _Watch:
+    """A watched connection: a duplicate of its socket's descriptor (so that cutting it
+    never touches a descriptor number reused since) and when to cut it."""
+
+    def __init__(self, fd: int, deadline: float) -> None:
+        self.fd = fd
+        self.deadline = deadline
+        self.cut = False
+
+    def cut_off(self) -> None:
+        self.cut = True
+        sock = socket.socket(fileno=os.dup(self.fd))
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already disconnected: the blocked call fails by itself
+        finally:
+            sock.close()
+        log.debug("cut a connection to the catalog that did not answer in time")
 
 
 class PostgresCatalog:
@@ -181,8 +304,11 @@ class PostgresCatalog:
 
     ``connect_timeout_s`` bounds a connection attempt (libpq rounds it up to whole seconds,
     at least 2) and a wait for a pooled connection; ``statement_timeout_s`` bounds each
-    statement on the server, lock waits included. Creates the schema if missing; raises
-    ``CatalogUnavailable`` if the server cannot be reached.
+    statement on the server, lock waits included. On the client side, every wait for an
+    answer (a pooled connection's check, a statement or pipeline, a commit, a chunk of rows)
+    is cut after ``bound_s``, their sum, so that the server's own timeout, when it can fire,
+    comes first. Creates the schema if missing; raises ``CatalogUnavailable`` if the server
+    cannot be reached.
     """
 
     #: Other processes write it too: a store follows its change log (store.ItemStore).
@@ -209,6 +335,9 @@ class PostgresCatalog:
         if given := conninfo_to_dict(url).get("options"):
             options = f"{given} {options}"
         self._connect_timeout_s = _libpq_timeout_s(connect_timeout_s)
+        #: The longest wait for an answer on the client side, in seconds.
+        self.bound_s = self._connect_timeout_s + statement_timeout_s
+        self._watchdog = Watchdog(self.bound_s)
         self._kwargs: dict[str, Any] = {
             "autocommit": True,
             "connect_timeout": self._connect_timeout_s,
@@ -220,41 +349,68 @@ class PostgresCatalog:
         self.commits = 0
         #: Whether the last call found the database unavailable (its log line said why).
         self._failing = False
-        with self._unavailable():
-            # A direct connection first: its error says why (refused, no such database).
-            with psycopg.connect(url, **self._kwargs) as conn, conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", SCHEMA_LOCK)
-                conn.execute(SCHEMA)
-            self._pool: ConnectionPool[psycopg.Connection[TupleRow]] = ConnectionPool(
-                url,
-                min_size=pool_min,
-                max_size=pool_max,
-                kwargs=self._kwargs,
-                configure=_ensure_synchronous_commit,
-                # One more round trip per call, so that a connection broken while idle (a
-                # server restart) is replaced instead of failing the call.
-                check=ConnectionPool.check_connection,
-                timeout=connect_timeout_s,
-                reconnect_timeout=_RECONNECT_S,
-                name="batchserve-catalog",
-                open=False,
-            )
-            self._pool.open(wait=True, timeout=2.0 * self._connect_timeout_s)
+        self._pool: ConnectionPool[psycopg.Connection[TupleRow]] = ConnectionPool(
+            url,
+            min_size=pool_min,
+            max_size=pool_max,
+            kwargs=self._kwargs,
+            configure=self._configure,
+            # One more round trip per call, so that a connection broken while idle (a
+            # server restart) is replaced instead of failing the call.
+            check=self._check,
+            timeout=connect_timeout_s,
+            reconnect_timeout=_RECONNECT_S,
+            name="batchserve-catalog",
+            open=False,
+        )
+        try:
+            with self._unavailable():
+                # A direct connection first: its error says why (refused, no such database).
+                with (
+                    psycopg.connect(url, **self._kwargs) as conn,
+                    self._watchdog.watching(conn),
+                    conn.transaction(),
+                ):
+                    conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", SCHEMA_LOCK)
+                    conn.execute(SCHEMA)
+                self._pool.open(wait=True, timeout=2.0 * self._connect_timeout_s)
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         self._pool.close()
+        self._watchdog.close()
+
+    def _configure(self, conn: psycopg.Connection[TupleRow]) -> None:
+        """A new pooled connection: commits wait for the WAL flush (rule 1)."""
+        with self._watchdog.watching(conn):
+            row = conn.execute("SHOW synchronous_commit").fetchone()
+            if row is not None and row[0] == "off":
+                conn.execute("SET synchronous_commit = on")
+
+    def _check(self, conn: psycopg.Connection[TupleRow]) -> None:
+        """A pooled connection still answers (else the pool replaces it)."""
+        with self._watchdog.watching(conn):
+            ConnectionPool.check_connection(conn)
 
     @contextmanager
     def _unavailable(self) -> Iterator[None]:
         """Driver errors of reaching the database as CatalogUnavailable; where and why go
         to the log (a warning at the first failure after a success, as the follower logs an
         outage once), never into the message a client reads."""
+        cuts = self._watchdog.cuts
         try:
             yield
         except PoolClosed:
             raise
         except psycopg.OperationalError as e:
-            detail = f"the catalog database {self.where} is unavailable: {e}"
+            why = str(e)
+            if self._watchdog.cuts != cuts and not isinstance(e, NoAnswer):
+                # The pool's check of a connection was cut: the pool says only that it had
+                # none to give.
+                why = f"no answer from the server within {self.bound_s:g} s; {why}"
+            detail = f"the catalog database {self.where} is unavailable: {why}"
             log.log(logging.DEBUG if self._failing else logging.WARNING, "%s", detail)
             self._failing = True
             raise CatalogUnavailable(detail) from e
@@ -262,7 +418,14 @@ class PostgresCatalog:
 
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[TupleRow]]:
-        with self._unavailable(), self._pool.connection() as conn:
+        """A pooled connection, watched: a call's waits on it are bounded from its start
+        (calls of several waits renew the bound at each)."""
+        wait_s = _FAILING_WAIT_S if self._failing else None  # None: connect_timeout_s
+        with (
+            self._unavailable(),
+            self._pool.connection(timeout=wait_s) as conn,
+            self._watchdog.watching(conn),
+        ):
             yield conn
 
     @contextmanager
@@ -270,6 +433,7 @@ class PostgresCatalog:
         with self._connection() as conn:
             with conn.transaction():
                 yield conn
+                self._watchdog.renew(conn)  # the commit
             self.commits += 1
 
     def _one(self, query: str, params: Sequence[Any] = ()) -> TupleRow | None:
@@ -365,11 +529,13 @@ class PostgresCatalog:
         # Ascending keys: two transactions locking overlapping ids cannot deadlock. unnest
         # yields the array in order, and the locks are taken row by row.
         keys = sorted({id_lock_key(i) for i in item_ids})
+        self._watchdog.renew(conn)
         conn.execute("SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k", (keys,))
 
     def _append(self, conn: psycopg.Connection[TupleRow], log: Sequence[tuple[str, int]]) -> None:
         """Log ``log`` (op, fid) in order and notify followers, under the log lock (held to
         commit, so that seq order is commit order: see the module's docstring)."""
+        self._watchdog.renew(conn)
         with conn.pipeline():
             conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", LOG_LOCK)
             with conn.cursor() as cursor:
@@ -431,6 +597,7 @@ class PostgresCatalog:
         found: dict[int, Item] = {}
         with self._connection() as conn:
             for start in range(0, len(unique), _BATCH):
+                self._watchdog.renew(conn)
                 rows = conn.execute(
                     f"{_ITEM_COLUMNS} WHERE fid = ANY(%s::bigint[])",
                     (unique[start : start + _BATCH],),
@@ -458,6 +625,7 @@ class PostgresCatalog:
         step = min(chunk, _BATCH)
         with self._connection() as conn:
             for start in range(0, len(unique), step):
+                self._watchdog.renew(conn)
                 with conn.cursor(binary=True) as cursor:
                     rows = cursor.execute(
                         "SELECT fid, embedding FROM items "
@@ -465,7 +633,8 @@ class PostgresCatalog:
                         (unique[start : start + step],),
                     ).fetchall()
                 if rows:
-                    yield self._stack(rows)
+                    with self._watchdog.paused(conn):
+                        yield self._stack(rows)
 
     def _stream(self, query: str, chunk: int) -> Iterator[list[TupleRow]]:
         """The rows of ``query`` in lists of ``chunk``, from a server-side cursor (one
@@ -478,7 +647,8 @@ class PostgresCatalog:
                 cursor.itersize = chunk
                 cursor.execute(query)
                 while rows := cursor.fetchmany(chunk):
-                    yield rows
+                    with self._watchdog.paused(conn):  # the caller's time, not the server's
+                        yield rows
 
     def _stack(self, rows: list[TupleRow]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
@@ -500,6 +670,7 @@ class PostgresCatalog:
         present: dict[str, str | None] = {}
         with self._connection() as conn:
             for start in range(0, len(item_ids), _BATCH):
+                self._watchdog.renew(conn)
                 rows = conn.execute(
                     "SELECT items.id, sources.sha256 FROM items LEFT JOIN sources "
                     "ON sources.fid = items.fid WHERE items.id = ANY(%s::text[])",
@@ -535,11 +706,19 @@ class ChangeListener:
     waiting thread, not the constructor's) and reopened after errors.
 
     For one thread: ``wait`` and ``close`` are called by the thread that follows the log.
+    No call blocks past about ``connect_timeout_s + statement_timeout_s`` (or its
+    ``timeout_s``), even when the server is stopped: a wait for notifications ends on the
+    client side, and ``LISTEN`` is cut by a watchdog.
     """
 
-    def __init__(self, url: str, connect_timeout_s: float = 2.0) -> None:
+    def __init__(
+        self, url: str, connect_timeout_s: float = 2.0, statement_timeout_s: float = 5.0
+    ) -> None:
         self.url = url
         self._connect_timeout_s = _libpq_timeout_s(connect_timeout_s)
+        self._watchdog = Watchdog(
+            self._connect_timeout_s + statement_timeout_s, "batchserve-listen-watchdog"
+        )
         self._conn: psycopg.Connection[TupleRow] | None = None
 
     def _connect(self) -> bool:
@@ -554,7 +733,8 @@ class ChangeListener:
         except psycopg.OperationalError:
             return False
         try:
-            conn.execute(f"LISTEN {CHANNEL}")
+            with self._watchdog.watching(conn):
+                conn.execute(f"LISTEN {CHANNEL}")
         except psycopg.OperationalError:
             conn.close()
             return False
@@ -583,9 +763,12 @@ class ChangeListener:
         return received > 0
 
     def close(self) -> None:
+        """Close the connection (``wait`` opens another); a thread that follows the log
+        calls it once more when it stops."""
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        self._watchdog.close()
 
 
 def _item(row: Sequence[Any]) -> Item:
