@@ -1,19 +1,22 @@
 """The two stages after the Batcher: the model on the inference thread, then the item store
 on the store thread, with one search and one add per batch.
 
-A ``Job`` is a decoded image and what to do with it (embed, search, add); ``submit_job``
-queues its images (an add with item views: its image and each view, as items of their own).
-The ``PipelineRunner`` runs a batch of jobs through the model, tells the Batcher it is free
-for the next batch (so the next batch can start on the model while this one is searched),
-then hands every search and add of the batch (an add with views once its last image is
-embedded) to the store thread in one call.
+A ``Job`` is a decoded image and what to do with it (embed, search, add); ``submit_jobs``
+queues a request's jobs, each image as an item of its own. The adds of one request are
+joined (``JoinedAdds``): their images (and item views) go through the model one by one, and
+the adds are stored together, all or none. The ``PipelineRunner`` runs a batch of jobs
+through the model, tells the Batcher it is free for the next batch (so the next batch can
+start on the model while this one is searched), then hands every search and add of the
+batch (a request's adds once the last of their images is embedded) to the store thread in
+one call.
 
-Threads: ``PipelineRunner``, ``StoreWorker``'s methods, ``submit_job`` and ``ViewedAdd`` run
-on the reactor; ``apply_tasks`` runs on the store thread, through ``StoreWorker.call``.
+Threads: ``PipelineRunner``, ``StoreWorker``'s methods, ``submit_jobs`` and ``JoinedAdds``
+run on the reactor; ``apply_tasks`` runs on the store thread, through ``StoreWorker.call``.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -34,40 +37,55 @@ from batchserve.storage.store import ItemStore, OpenReport, SearchQuery
 T = TypeVar("T")
 
 
-class ViewedAdd:
-    """An add stored with the embeddings of its item views: the item's image and each view
-    go through the model as jobs of their own, and the add joins the store stage of the
-    batch in which the last of them is embedded. Reactor thread only."""
+class JoinedAdds:
+    """The adds of one request, stored together or not at all: every image of every add
+    (the item's own, then its views) goes through the model as a job of its own, and all
+    the adds join the store stage of the batch in which the last of those images is
+    embedded: one catalog transaction and one index add with the rest of that batch's adds.
+    An image that fails, is cancelled or passes its deadline fails the request's other
+    images too (``gather``), so the last is never embedded and nothing is stored.
+    Reactor thread only."""
 
-    def __init__(self, task: AddTask, images: int) -> None:
-        self.task = task
-        self._predictions: list[Prediction | None] = [None] * images
+    def __init__(self, adds: Sequence[tuple[AddTask, int]]) -> None:
+        """``adds``: each add and how many images it sends through the model."""
+        self._tasks = [task for task, _images in adds]
+        self._starts = list(itertools.accumulate((n for _t, n in adds), initial=0))
+        self._predictions: list[Prediction | None] = [None] * self._starts[-1]
+        self._missing = self._starts[-1]
 
-    def embedded(self, image: int, prediction: Prediction) -> tuple[AddTask, Prediction] | None:
-        """Record the model's answer for image ``image`` (0: the item's own, then its
-        views); once every image is in, the add (with its views' embeddings, float32
-        [views, dim]) and the item's own prediction."""
+    def embedded(
+        self, image: int, prediction: Prediction
+    ) -> list[tuple[AddTask, Prediction]] | None:
+        """Record the model's answer for image ``image`` (counted across the request's adds,
+        each add's own image first, then its views); once every image is in, each add (with
+        its views' embeddings, float32 [views, dim]) and its item's own prediction."""
+        if self._predictions[image] is None:
+            self._missing -= 1
         self._predictions[image] = prediction
-        if any(p is None for p in self._predictions):
+        if self._missing:
             return None
-        whole, *views = [p for p in self._predictions if p is not None]
-        stacked = np.stack([v.embedding for v in views]) if views else None
-        return replace(self.task, views=stacked), whole
+        predictions = [p for p in self._predictions if p is not None]
+        done = []
+        for task, (start, end) in zip(self._tasks, itertools.pairwise(self._starts), strict=True):
+            whole, *views = predictions[start:end]
+            stacked = np.stack([v.embedding for v in views]) if views else None
+            done.append((replace(task, views=stacked), whole))
+        return done
 
 
 @dataclass(frozen=True)
 class Part:
-    """Image ``image`` of a ``ViewedAdd`` (0: the item's own, then its views)."""
+    """Image ``image`` of a request's ``JoinedAdds``."""
 
-    add: ViewedAdd
+    add: JoinedAdds
     image: int
 
 
 @dataclass(frozen=True)
 class Job:
     """A decoded image [H, W, 3] and what to do with it. An add with item views carries
-    them [views, H, W, 3] until ``parts`` splits it into one embed per image; each of those
-    knows the add it is ``part`` of."""
+    them [views, H, W, 3] until ``submit_jobs`` queues one embed per image; each of those
+    knows the request's adds it is ``part`` of."""
 
     image: npt.NDArray[np.uint8]
     task: Task
@@ -78,16 +96,6 @@ class Job:
     def images(self) -> int:
         """How many images this job sends through the model."""
         return 1 if self.views is None else 1 + len(self.views)
-
-    def parts(self) -> list[Job]:
-        """The jobs queued for this one: itself; for an add with views, an embed of its
-        image and one of each view, which the store stage joins back into the add."""
-        if self.views is None:
-            return [self]
-        assert isinstance(self.task, AddTask), "only adds carry item views"
-        add = ViewedAdd(self.task, self.images)
-        images = [self.image, *self.views]
-        return [Job(image, EmbedTask(), part=Part(add, i)) for i, image in enumerate(images)]
 
 
 @dataclass(frozen=True)
@@ -102,25 +110,49 @@ class Outcome:
     batch_size: int = 0
 
 
-def submit_job(batcher: Batcher[Job, Outcome], job: Job, timeout_s: float) -> Deferred[Outcome]:
-    """Queue ``job``'s images; fires with its outcome once all are through the pipeline
-    (for an add with views: the item's own, with the longest model and store times of
-    their batches). Fails as a whole with the first of its images that fails; cancelling
-    it cancels every one still queued."""
-    parts = job.parts()
-    if len(parts) == 1:
-        return batcher.submit(parts[0], timeout_s=timeout_s)
-    found = gather([batcher.submit(part, timeout_s=timeout_s) for part in parts])
-    return found.addCallback(_joined)
+def submit_jobs(
+    batcher: Batcher[Job, Outcome], jobs: Sequence[Job], timeout_s: float
+) -> Deferred[list[Outcome]]:
+    """Queue the images of one request's ``jobs``, each as an item of its own (so batches
+    fill as before); fires with one outcome per job, in order, once all are through the
+    pipeline (for an add: its own image's, with the longest model and store times of its
+    images' batches). The request's adds are joined (``JoinedAdds``): stored all together
+    in one transaction, or none of them. Fails as a whole with the first of its images that
+    fails; cancelling it cancels every one still queued."""
+    adds = [(job.task, job.images) for job in jobs if isinstance(job.task, AddTask)]
+    joined = JoinedAdds(adds) if adds else None
+    images = itertools.count()  # the request's add images, numbered across its adds
+    queued: list[Job] = []
+    spans: list[range] = []
+    for job in jobs:
+        start = len(queued)
+        if joined is not None and isinstance(job.task, AddTask):
+            pictures = [job.image] if job.views is None else [job.image, *job.views]
+            queued.extend(Job(p, EmbedTask(), part=Part(joined, next(images))) for p in pictures)
+        else:
+            queued.append(job)
+        spans.append(range(start, len(queued)))
+    found = gather([batcher.submit(job, timeout_s=timeout_s) for job in queued])
+
+    def per_job(outcomes: list[Outcome]) -> list[Outcome]:
+        return [
+            _joined(job, outcomes[s.start : s.stop]) for job, s in zip(jobs, spans, strict=True)
+        ]
+
+    return found.addCallback(per_job)
 
 
-def _joined(outcomes: list[Outcome]) -> Outcome:
+def _joined(job: Job, outcomes: list[Outcome]) -> Outcome:
+    """One job's outcome from those of its images. Every image of a request succeeded, so
+    its adds were stored: the last image embedded answers only once the store committed
+    them all."""
     whole = outcomes[0]
     return replace(
         whole,
-        added=next((o.added for o in outcomes if o.added is not None), None),
+        added=job.task.id if isinstance(job.task, AddTask) else whole.added,
         model_s=max(o.model_s for o in outcomes),
         search_s=max(o.search_s for o in outcomes),
+        batch_size=max(o.batch_size for o in outcomes),
     )
 
 
@@ -208,7 +240,9 @@ def apply_tasks(
     observer: StoreObserver | None = None,
 ) -> dict[int, Outcome | Failure]:
     """On the store thread: every add of a batch in one transaction and one index add, then
-    every search of the batch in one index search (per distinct filter)."""
+    every search of the batch in one index search (per distinct filter). ``work`` is
+    (item, task, prediction); the adds of one request share the item whose image completed
+    them, and its outcome: they are stored together or fail together."""
     results: dict[int, Outcome | Failure] = {}
     adds = [(i, t, p) for i, t, p in work if isinstance(t, AddTask)]
     searches = [(i, t, p) for i, t, p in work if isinstance(t, SearchTask)]
@@ -309,16 +343,24 @@ class PipelineRunner:
         ) -> Sequence[Outcome | Failure | None]:
             search_s = time.perf_counter() - model_done
             for i, result in results.items():
-                if isinstance(result, Outcome):
+                current = outcomes[i]
+                if isinstance(result, Outcome) and isinstance(current, Outcome):
+                    # Each image keeps its own prediction, also when it completed adds.
                     result = replace(
-                        result, model_s=model_s, search_s=search_s, batch_size=len(batch)
+                        current, matches=result.matches, added=result.added, search_s=search_s
                     )
                 outcomes[i] = result
             return outcomes
 
         def search_and_add() -> Deferred[Sequence[Outcome | Failure | None]]:
             batch.free()  # the next batch may start on the model while this one is searched
-            d = self._store.call(apply_tasks, work, self._classes(), self._observer)
+            # While the previous batch was in the store, a request may have failed (one of its
+            # images cancelled or past its deadline): what it asked is no longer done.
+            live = set(batch.live_indices())
+            wanted = [(i, task, p) for i, task, p in work if i in live]
+            if not wanted:
+                return succeed(outcomes)
+            d = self._store.call(apply_tasks, wanted, self._classes(), self._observer)
             return d.addCallback(merge)
 
         return self._store_stage_lock.run(search_and_add)
@@ -328,9 +370,10 @@ def _store_work(
     batch: Batch[Job], predictions: Sequence[Prediction | None]
 ) -> list[tuple[int, Task, Prediction]]:
     """The searches and adds of ``batch`` for the store thread: (item, task, prediction).
-    An image of an add with views completes its add when it is the last one embedded; the
-    add goes in its place. Only images still wanted count: once one of an add's images is
-    refused, cancelled or past its deadline, the add fails as a whole and is never stored."""
+    An image of a request's adds completes them when it is the last one embedded; they all
+    go in its place. Only images still wanted count: once one of a request's images is
+    refused, cancelled or past its deadline, the request fails as a whole and none of its
+    adds is stored."""
     work: list[tuple[int, Task, Prediction]] = []
     live: set[int] | None = None
     for i, (job, p) in enumerate(zip(batch.payloads, predictions, strict=True)):
@@ -338,8 +381,8 @@ def _store_work(
             continue
         if job.part is not None:
             live = set(batch.live_indices()) if live is None else live
-            if i in live and (add := job.part.add.embedded(job.part.image, p)) is not None:
-                work.append((i, *add))
+            if i in live and (adds := job.part.add.embedded(job.part.image, p)) is not None:
+                work.extend((i, task, whole) for task, whole in adds)
         elif not isinstance(job.task, EmbedTask):
             work.append((i, job.task, p))
     return work

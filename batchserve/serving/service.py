@@ -1,6 +1,7 @@
 """The reactor side of a request: admit it (model and index ready, room in the queue), send
 its body to the decode pool to be read and decoded, queue each decoded image in the Batcher
-as its own job, and gather the results in request order. Item reads, deletes and searches by
+as its own job (a request's adds joined, to be stored all or none), and gather the results
+in request order. Item reads, deletes and searches by
 vector go to the store thread.
 
 Runs on the reactor thread only. What runs on the decode pool is in ``decoding.py``, what
@@ -26,7 +27,7 @@ from batchserve.models.batches import Prediction
 from batchserve.models.images import DecodeLimits
 from batchserve.models.spec import ModelInfo
 from batchserve.serving import store_calls
-from batchserve.serving.batching import Batcher, gather
+from batchserve.serving.batching import Batcher
 from batchserve.serving.decoding import (
     DecodeObserver,
     Picture,
@@ -35,7 +36,7 @@ from batchserve.serving.decoding import (
     decoded_jobs,
     search_jobs,
 )
-from batchserve.serving.pipeline import Job, Outcome, StoreWorker, submit_job
+from batchserve.serving.pipeline import Job, Outcome, StoreWorker, submit_jobs
 from batchserve.serving.records import AddTask, EmbedTask, Label, SearchRequest, SearchTask, Task
 from batchserve.serving.timings import Timings
 from batchserve.storage.records import Item, Match
@@ -170,10 +171,14 @@ class ImageService:
     def add(
         self, read: Reader[Sequence[tuple[bytes, AddTask]]], call: Call | None = None
     ) -> Deferred[list[str]]:
-        """Store each image under its id; fires once every row is committed. Each item is
-        stored in the store stage of the batch that finished it (with item views: of its
-        last view), as one catalog transaction with the rest of that batch's adds, so the
-        items of one request may be committed in different transactions."""
+        """Store each image under its id; fires with the ids, in order, once every row is
+        committed. The items of one request are stored atomically: each image (and item
+        view) goes through the model on its own, and once the last of them is embedded all
+        the request's items are stored in that batch's store stage, in one catalog
+        transaction (with the rest of that batch's adds) and one index add. If any image
+        fails, is cancelled or passes the deadline, or the store fails, none is stored
+        (a deadline that passes while the store commits them fails the request with all
+        of them stored)."""
         d = self._through_model(read, call, needs_index=True)
         return d.addCallback(lambda outcomes: [o.added or "" for o in outcomes])
 
@@ -272,8 +277,7 @@ class ImageService:
             )
             return outcomes
 
-        found = gather([submit_job(self._batcher, job, left_s) for job in jobs])
-        return found.addCallback(timed)
+        return submit_jobs(self._batcher, jobs, left_s).addCallback(timed)
 
     # -- on the store thread ---------------------------------------------------------------
 

@@ -264,6 +264,12 @@ def _item_paths(limits: RequestLimits) -> Doc:
         "/v1/items": {
             "post": {
                 "summary": "Add items (an existing id is replaced); durable before the 200",
+                "description": "The items of one request are stored atomically, all or none: "
+                "they become visible together, in one catalog transaction, once every image "
+                "is embedded. A request that fails (an undecodable image, a storage error, "
+                "the deadline, the client hanging up) stores none of its items; only a 504 "
+                "that comes while they are being committed leaves all of them stored. An "
+                "existing id is replaced, so sending a failed request again whole is safe.",
                 "parameters": [
                     _parameter("id", ref("ItemId"), "the id of a raw image body"),
                     _parameter("label", {"type": "string"}, "its label"),
@@ -271,7 +277,7 @@ def _item_paths(limits: RequestLimits) -> Doc:
                     *_deadline_parameters(),
                 ],
                 "requestBody": _items_body(limits),
-                "responses": {**_ok("Added", "the ids added"), **model_errors},
+                "responses": {**_ok("Added", "the ids added, in request order"), **model_errors},
             },
             "get": {
                 "summary": "List the stored items, newest first, a page at a time",
