@@ -129,6 +129,24 @@ def auto_pq_m(dim: int) -> int:
     return 1
 
 
+class _Counted:
+    """A FAISS index whose searches are counted as each one enters FAISS: a caller that
+    searched query by query would count one call per query."""
+
+    __slots__ = ("_calls", "_index")
+
+    def __init__(self, index: Any, calls: Counter[str]) -> None:
+        self._index = index
+        self._calls = calls
+
+    def search(
+        self, queries: Vectors, k: int, params: Any = None
+    ) -> tuple[npt.NDArray[np.float32], Ids]:
+        self._calls["search"] += 1
+        scores, ids = self._index.search(queries, k, params=params)
+        return scores, ids
+
+
 class VectorIndex:
     """Inner-product search over unit vectors with external int64 ids."""
 
@@ -147,8 +165,9 @@ class VectorIndex:
         self._gpu_resources: Any = None
         self._gpu_stale = True
         self.device = self._choose_device(params.device)
-        #: Calls into the index, counted where they are made: "search" (one per FAISS
-        #: search or exact subset product, whatever the number of queries), "add", "remove".
+        #: Calls into the index, counted where they are made: "search" (one per call of a
+        #: FAISS index's ``search``, counted by ``_Counted`` as FAISS is called, or per exact
+        #: subset product, whatever the number of queries), "add", "remove".
         self.calls: Counter[str] = Counter()
 
     # -- construction -------------------------------------------------------------------
@@ -280,7 +299,6 @@ class VectorIndex:
         if allowed is not None:
             return self._search_within(queries, k, as_ids(allowed))
         fetch = k + len(self._tombstones)
-        self.calls["search"] += 1
         with self._threads_for(len(queries)):
             scores, ids = self._searcher().search(queries, fetch, params=self._search_params())
         return self._drop_tombstones(scores, ids, k)
@@ -324,9 +342,8 @@ class VectorIndex:
                 found = np.pad(found, ((0, 0), (0, pad)), constant_values=-1)
             return scores.astype(np.float32), found.astype(np.int64)
         params = self._search_params(faiss.IDSelectorBatch(allowed))
-        self.calls["search"] += 1
         with self._threads_for(len(queries)):
-            scores, ids = self._cpu.search(queries, k, params=params)
+            scores, ids = _Counted(self._cpu, self.calls).search(queries, k, params=params)
         return scores, ids
 
     def _reconstruct(self, ids: Ids) -> tuple[Ids, Vectors]:
@@ -345,15 +362,16 @@ class VectorIndex:
                 return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)
             return np.array(present, dtype=np.int64), np.stack(vectors)
 
-    def _searcher(self) -> Any:
+    def _searcher(self) -> _Counted:
+        """The index searches run on (the GPU clone, else the CPU master), counted."""
         if self.device != "gpu":
-            return self._cpu
+            return _Counted(self._cpu, self.calls)
         if self._gpu is None or self._gpu_stale:
             if self._gpu_resources is None:
                 self._gpu_resources = faiss.StandardGpuResources()
             self._gpu = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self._cpu)
             self._gpu_stale = False
-        return self._gpu
+        return _Counted(self._gpu, self.calls)
 
     def _search_params(self, selector: Any = None) -> Any:
         kind = self.kind_in_use

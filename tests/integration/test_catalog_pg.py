@@ -482,7 +482,7 @@ def test_an_outage_fails_calls_quickly_and_the_same_catalog_recovers(
                 started = time.monotonic()
                 with pytest.raises(CatalogUnavailable) as raised:
                     call()
-                assert time.monotonic() - started < 3.0
+                assert time.monotonic() - started < 15  # the 2 s timeout, not the pool's 30 s
                 assert (
                     raised.value.retry_after_s == 1 and raised.value.code == "catalog_unavailable"
                 )

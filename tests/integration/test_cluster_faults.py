@@ -3,10 +3,12 @@
 no acknowledged write (the survivor and the restarted replica hold every one), and clients
 see only success, a clear 5xx or a lost connection, never a wrong answer; PostgreSQL
 stopped and started mid-stream: reads never fail, writes get 503 and then succeed, and no
-replica crashes. Bounded: each stream runs a few seconds."""
+replica crashes. Each stream is paced by events, not seconds: the fault comes once writes
+were acknowledged, and the stream ends once every client made requests after it."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -23,7 +25,10 @@ from tests.integration.test_local_cluster import PHOTO, Cluster
 from tests.integration.test_local_cluster import cluster as cluster  # the fixture
 
 JPEG = {"Content-Type": "image/jpeg"}
-STREAM_S = 6.0
+#: Writes acknowledged before the fault is done, and requests each client makes after it.
+BEFORE_FAULT, AFTER_FAULT = 5, 3
+#: A stream that has not reached those events by then has failed (a guard, not a pace).
+STREAM_LIMIT_S = 150.0
 
 
 @dataclass
@@ -52,28 +57,49 @@ def write(cluster: Cluster, item_id: str, out: Outcomes) -> None:
 
 
 def stream(
-    cluster: Cluster, prefix: str, fault_at_s: float, fault: Callable[[], None], workers: int = 4
+    cluster: Cluster,
+    prefix: str,
+    fault: Callable[[], None],
+    workers: int = 4,
+    until: Callable[[], bool] = lambda: True,
 ) -> Outcomes:
-    """``workers`` clients writing new items through nginx for STREAM_S seconds, with
-    ``fault`` done once at ``fault_at_s``."""
+    """``workers`` clients writing new items through nginx: ``fault`` is done once
+    BEFORE_FAULT writes were acknowledged, and each client stops once it has begun
+    AFTER_FAULT requests since (and ``until()`` holds)."""
     out = Outcomes()
-    deadline = time.monotonic() + STREAM_S
-    counter = iter(range(10**6))
-    counter_lock = threading.Lock()
+    deadline = time.monotonic() + STREAM_LIMIT_S
+    counter = itertools.count()
+    acknowledged, faulted = threading.Event(), threading.Event()
+    finished: list[int] = []
 
     def client() -> None:
+        after = 0
         while time.monotonic() < deadline:
-            with counter_lock:
-                n = next(counter)
-            write(cluster, f"{prefix}-{n}", out)
+            if faulted.is_set():
+                if after >= AFTER_FAULT and until():
+                    with out.lock:
+                        finished.append(after)
+                    return
+                after += 1
+            try:
+                write(cluster, f"{prefix}-{next(counter)}", out)
+            except ValueError as e:  # an answer that is not JSON
+                with out.lock:
+                    out.wrong.append(repr(e))
+            if len(out.acknowledged) >= BEFORE_FAULT:
+                acknowledged.set()
 
     threads = [threading.Thread(target=client) for _ in range(workers)]
     for t in threads:
         t.start()
-    time.sleep(fault_at_s)
-    fault()
-    for t in threads:
-        t.join(timeout=STREAM_S + 60)
+    try:
+        assert acknowledged.wait(STREAM_LIMIT_S), f"no {BEFORE_FAULT} writes acknowledged: {out}"
+        fault()
+    finally:
+        faulted.set()
+        for t in threads:
+            t.join(timeout=STREAM_LIMIT_S + 60)
+    assert len(finished) == workers, f"the clients did not get past the fault: {out}"
     return out
 
 
@@ -90,9 +116,9 @@ def test_a_replica_killed_mid_stream_loses_no_acknowledged_write(
 ) -> None:
     victim = cluster.directory / "run" / "replica-2.pid"
     pid = int(victim.read_text())
-    out = stream(cluster, "kill", 2.0, lambda: os.kill(pid, signal.SIGKILL))
+    out = stream(cluster, "kill", lambda: os.kill(pid, signal.SIGKILL))
     print(f"SIGKILL: {len(out.acknowledged)} acknowledged, refused {out.refused}, lost {out.lost}")
-    assert out.wrong == [] and len(out.acknowledged) > 10, out
+    assert out.wrong == [] and len(out.acknowledged) >= BEFORE_FAULT, out
     survivor = cluster.replica_ports[0]
     wait_until(lambda: all(has(survivor, cluster, i) for i in out.acknowledged), "survivor")
     restarted = start_server(
@@ -113,25 +139,36 @@ def test_postgresql_stopped_mid_stream_fails_writes_with_503_never_reads(
 ) -> None:
     survivor = cluster.replica_ports[0]
     reads: list[int] = []
+    down = threading.Event()  # PostgreSQL stopped, until the stream ends
+    reads_while_down: list[int] = []
     stop_reading = threading.Event()
 
     def reader() -> None:
         while not stop_reading.is_set():
+            during = down.is_set()
             done = cluster.request(survivor, "POST", "/v1/search?k=3", PHOTO.read_bytes(), JPEG)
             reads.append(done.status)
+            if during:
+                reads_while_down.append(done.status)
+
+    def stop_postgres() -> None:
+        pg("stop", "-m", "fast")
+        down.set()
 
     pg = pg_ctl(cluster)
     thread = threading.Thread(target=reader)
     thread.start()
     try:
-        out = stream(cluster, "outage", 1.0, lambda: pg("stop", "-m", "fast"), workers=2)
+        out = stream(
+            cluster, "outage", stop_postgres, workers=2, until=lambda: len(reads_while_down) >= 3
+        )
     finally:
         pg("start")
         stop_reading.set()
         thread.join(timeout=60)
     print(f"outage: {len(reads)} reads {set(reads)}, {len(out.acknowledged)} writes acknowledged,"
           f" refused {len(out.refused)} ({set(out.refused)}), lost {out.lost}")  # fmt: skip
-    assert set(reads) == {200} and len(reads) > 5
+    assert set(reads) == {200} and len(reads_while_down) >= 3
     assert out.wrong == [] and 503 in out.refused, out
     wait_until(lambda: write_ok(cluster, "after-outage"), "writes again", timeout_s=30)
     assert cluster.request(survivor, "GET", "/readyz").status == 200

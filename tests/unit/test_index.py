@@ -175,6 +175,36 @@ def test_a_search_of_many_queries_is_one_call_into_the_index(kind: str) -> None:
     assert set(within.ravel().tolist()) <= set(ids[::2].tolist())
 
 
+@pytest.mark.parametrize(
+    ("kind", "n", "allowed"),
+    [("flat", 600, None), ("hnsw", 600, None), ("ivf", 600, None), ("ivf", 24_000, 20_001)],
+)
+def test_the_search_count_is_of_calls_into_faiss_one_per_batch_of_queries(
+    kind: str, n: int, allowed: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counted as FAISS is called: searching a batch query by query would count (and here
+    be seen entering FAISS) once per query. An allowed set past 20,000 ids is searched by
+    FAISS with a selector, not as an exact product."""
+    entered: list[int] = []
+    for faiss_class in (faiss.IndexIDMap2, faiss.IndexIVFFlat):
+        real = faiss_class.search
+
+        def search(self: Any, x: np.ndarray, *args: Any, real: Any = real, **kw: Any) -> Any:
+            entered.append(len(x))
+            return real(self, x, *args, **kw)
+
+        monkeypatch.setattr(faiss_class, "search", search)
+    base = clustered(n, 8, seed=4)
+    ids = np.arange(n, dtype=np.int64)
+    index = VectorIndex(8, IndexParams(kind=kind, train_min=500, nlist=16))
+    index.rebuild(ids, base)
+    assert index.kind_in_use == kind
+    subset = None if allowed is None else ids[:allowed]
+    _scores, found = index.search(base[:7], 3, subset)
+    assert entered == [7] and index.calls["search"] == 1
+    assert found.shape == (7, 3)
+
+
 def test_adds_and_removes_are_one_call_each_whatever_their_size() -> None:
     index = VectorIndex(16, IndexParams(kind="flat"))
     index.add(np.arange(50, dtype=np.int64), clustered(50, 16))

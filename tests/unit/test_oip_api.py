@@ -55,6 +55,23 @@ def test_not_ready_until_the_model_is_loaded() -> None:
     assert status == 503 and "loading" in error["error"] and "retry-after" in headers
 
 
+def test_a_full_queue_is_503_with_retry_after_through_v2_as_through_v1() -> None:
+    runner: FakeRunner[Any] = FakeRunner()
+    h = Harness(runner=runner, max_queue=1)
+    json_type = {"Content-Type": "application/json"}
+    h.send("POST", INFER, infer_json([RED]), json_type)
+    h.clock.advance(9.0)  # a batch that took 9 s
+    runner.complete(lambda _job: _unit())
+    h.send("POST", INFER, infer_json([RED]), json_type)  # in flight
+    h.send("POST", INFER, infer_json([RED]), json_type)  # queued: the queue is full
+    status, headers, error = h.request("POST", INFER, infer_json([RED]), json_type)
+    assert status == 503 and "queue" in error["error"]
+    # One batch in flight and one image queued, at 0.8 x 0.05 + 0.2 x 9 = 1.84 s a batch.
+    assert headers["retry-after"] == "2" == str(h.batcher.retry_after_s())
+    assert 'batchserve_rejected_total{reason="queue_full"} 1.0' in h.metrics.render().decode()
+    assert h.post_image("/v1/embed", RED)[1]["retry-after"] == headers["retry-after"]
+
+
 def test_json_inference_equals_v1_embed() -> None:
     h = Harness()
     status, headers, doc = h.request("POST", INFER, infer_json([RED, BLUE], id="q1"))

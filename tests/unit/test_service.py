@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,7 @@ from batchserve.errors import (
     Overloaded,
 )
 from batchserve.models.images import DecodeLimits
+from batchserve.serving import decoding
 from batchserve.serving.batching import Batcher, BatchPolicy, gather
 from batchserve.serving.pipeline import StoreWorker
 from batchserve.serving.records import AddTask, EmbedTask, SearchRequest, SearchTask
@@ -431,12 +433,16 @@ def test_similar_honours_k_min_score_label_and_same_class(tmp_path: Path) -> Non
 # -- what operators see --------------------------------------------------------------------
 
 
-def test_decode_time_is_reported_once_per_image(tmp_path: Path) -> None:
+def test_decode_time_is_reported_once_per_image_in_seconds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The decoder's clock, read as each decode begins and ends: 0.25 s, then 0.5 s.
+    readings = iter([10.0, 10.25, 20.0, 20.5])
+    monkeypatch.setattr(decoding, "time", SimpleNamespace(perf_counter=lambda: next(readings)))
     h = IndexedService(tmp_path)
     h.service.embed(lambda: [encode_image(), encode_image()])
     h.pool.finish_all()
-    assert len(h.observer.decode_s) == 2
-    assert all(0 <= s < 1 for s in h.observer.decode_s)
+    assert h.observer.decode_s == [0.25, 0.5]
 
 
 def test_images_past_the_deadline_after_decoding_are_counted_as_deadline_rejections(
