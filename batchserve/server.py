@@ -1,10 +1,10 @@
 """The one place where the server's objects are built and wired, and its lifecycle.
 
-``build(settings, reactor)`` returns a ``Server``; ``start()`` listens, loads the model and
-the index and fires once the server is ready; ``stop()`` stops listening, answers what is in
-flight, stops the model thread and writes the final snapshot. The CLI runs it under
-``twisted.internet.task.react``; tests build the same graph with fakes in place of the
-model, the thread pools and the reactor.
+``build(settings, reactor)`` returns a ``Server``; ``start()`` loads the model and the
+index, then listens, and fires once the server is ready; ``stop()`` fails /readyz, stops
+listening, closes idle connections, answers what it took, stops the model thread and writes
+the final snapshot. The CLI runs it under ``twisted.internet.task.react``; tests build the
+same graph with fakes in place of the model, the thread pools and the reactor.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from twisted.web.server import Site
 from batchserve import __version__
 from batchserve.config import ServeSettings
 from batchserve.http.auth import Tokens
+from batchserve.http.drain import Connections
 from batchserve.http.site import make_site
 from batchserve.http.v1 import BatchserveAPI
 from batchserve.models.batches import Prediction
@@ -223,6 +224,9 @@ class Server:
         self._snapshots.clock = self.reactor
         self._follower: Follower | None = None
         self._stop_listening: threading.Event | None = None
+        #: What the API listens with: its open connections, for the drain to close.
+        self.connections = Connections(self.site)
+        self._stopping = False
 
     @property
     def address(self) -> IPv4Address | IPv6Address:
@@ -231,11 +235,16 @@ class Server:
         return _tcp_address(self.port)
 
     def start(self) -> Deferred[None]:
-        """Listen, then load the model and open the index; fires once the server is ready
-        (after indexing the demo photos on a first start), or fails with why it cannot."""
+        """Load the model and open the index, then listen; fires once the server is ready
+        (after indexing the demo photos on a first start), or fails with why it cannot.
+
+        The API's port opens only once the server is ready: until then a connection is
+        refused, which a load balancer retries on another replica at once (nginx does, see
+        deploy/nginx/batchserve.conf), where a 503 "not ready" would reach the client. The
+        metrics port (``--metrics-address``) opens at once."""
         self._started_s = time.monotonic()
         self.threads.start()
-        self._listen()
+        self._listen_metrics()
         d: Deferred[Any] = self.model.start()
         d.addCallback(self._model_ready)
         d.addCallback(self._index_ready)
@@ -243,11 +252,11 @@ class Server:
 
     def _listen(self) -> None:
         settings = self.settings.server
-        # A Site is a ServerFactory of HTTP channels; IReactorTCP asks for a ServerFactory
-        # of its default protocol type, and ServerFactory is invariant in it.
+        # Connections wraps the Site's channels; IReactorTCP asks for a ServerFactory of its
+        # default protocol type.
         self.port = self.reactor.listenTCP(
             settings.port,
-            self.site,  # type: ignore[arg-type]
+            self.connections,  # type: ignore[arg-type]
             interface=settings.host,
         )
         secured = settings.api_token or settings.write_token
@@ -258,6 +267,9 @@ class Server:
             port=self.address.port,
             auth=" (bearer tokens required)" if secured else "",
         )
+
+    def _listen_metrics(self) -> None:
+        settings = self.settings.server
         if settings.metrics_address:
             host, port = settings.metrics_host_port()
             page = Site(MetricsPage(self.metrics))
@@ -321,7 +333,10 @@ class Server:
         self._stop_listening = listen(ChangeListener(store.catalog), self.reactor, self._follower)
 
     def _ready(self, _: object) -> None:
+        if self._stopping:  # told to stop while starting: never opens the API
+            return
         self.service.mark_started()
+        self._listen()
         log.info("ready in {s:.1f} s", s=time.monotonic() - self._started_s)
 
     def _snapshot(self) -> Deferred[Any]:
@@ -329,8 +344,11 @@ class Server:
         return d.addErrback(_snapshot_failed)
 
     def stop(self) -> Deferred[None]:
-        """Stop listening, answer what is in flight (up to ``drain_timeout_s``), stop the
-        model thread and the pools, write the final snapshot."""
+        """Drain (up to ``drain_timeout_s``): fail /readyz, stop listening, close idle
+        connections, answer the requests taken, each with ``Connection: close`` (see
+        batchserve/http/drain.py); then stop the model thread and the pools, write the
+        final snapshot."""
+        self._stopping = True
         drain_s = self.settings.server.drain_timeout_s
         log.info(
             "shutting down: {n} requests in flight, waiting up to {s:g} s",
@@ -343,10 +361,13 @@ class Server:
             self._follower.stop()
         if self._stop_listening is not None:
             self._stop_listening.set()
+        # All in this turn of the reactor: no connection is accepted between stopping
+        # listening and closing the idle ones.
         ports = [p for p in (self.port, self._metrics_port) if p is not None]
-        d: Deferred[Any] = gatherResults([maybeDeferred(p.stopListening) for p in ports])
-        d.addCallback(lambda _: self.api.in_flight.drain(drain_s, self.reactor))
-        d.addCallback(self._drained)
+        stopped = gatherResults([maybeDeferred(p.stopListening) for p in ports])
+        drained = self.api.in_flight.drain(drain_s, self.reactor, self.connections)
+        d: Deferred[Any] = gatherResults([stopped, drained])
+        d.addCallback(lambda results: self._drained(results[1]))
         return d.addBoth(self._closed)
 
     def _drained(self, all_answered: bool) -> Deferred[None]:

@@ -28,7 +28,7 @@ from batchserve.errors import (
 )
 from batchserve.http.auth import Tokens
 from batchserve.http.bodies import RequestLimits, carries_images
-from batchserve.http.drain import InFlight
+from batchserve.http.drain import InFlight, close_after_response
 from batchserve.http.inputs import MAX_TIMEOUT_MS, MIN_TIMEOUT_MS, bounded_int
 from batchserve.http.site import state_of
 from batchserve.http.wire import (
@@ -62,14 +62,6 @@ Work = Callable[[], Deferred[Any] | Any]
 
 #: How a route writes a domain error: its status, headers and body.
 ErrorBody = Callable[[IRequest, BatchserveError], bytes]
-
-
-def close_after_response(request: IRequest) -> None:
-    """Answer, then close the connection (a client should reconnect to another server)."""
-    request.setHeader(b"Connection", b"close")
-    channel = getattr(request, "channel", None)
-    if channel is not None:
-        channel.persistent = False
 
 
 class Responder:
@@ -126,17 +118,20 @@ class Responder:
         def record(result: Any) -> Any:
             if entered:
                 self.in_flight.leave()
+            if self.in_flight.closing:
+                # Draining: the connection's last response, whether the request was taken
+                # before the drain or refused after it.
+                close_after_response(request)
             if not isinstance(result, Failure):
                 code = getattr(request, "code", 200)
                 self._metrics.request_done(route, int(code), time.perf_counter() - started)
             return result
 
         try:
-            self.in_flight.enter()
+            self.in_flight.enter(request)
         except NotReady as e:
             entered = False
             d: Deferred[Any] = fail(e)
-            close_after_response(request)
         else:
             entered = True
             d = maybeDeferred(self._checked, request, route, work)

@@ -23,7 +23,7 @@ from batchserve.errors import NotFound
 from batchserve.http import web
 from batchserve.http.auth import Tokens
 from batchserve.http.bodies import RequestLimits, read_images
-from batchserve.http.drain import InFlight
+from batchserve.http.drain import InFlight, close_after_response
 from batchserve.http.inputs import (
     DEFAULT_PAGE,
     DEFAULT_TOP_K,
@@ -231,6 +231,7 @@ class BatchserveAPI:
     def readyz(self, request: IRequest) -> bytes:
         if self.in_flight.closing:
             request.setHeader(b"Retry-After", b"1")
+            close_after_response(request)
             return json_body(request, 503, {"status": "shutting down"})
         if not self._service.ready:
             request.setHeader(b"Retry-After", b"5")

@@ -1,12 +1,25 @@
-"""The builder: settings reach the objects it wires."""
+"""The builder: settings reach the objects it wires. The lifecycle: the API's port opens
+only once the server is ready; stopping closes idle connections and answers, with
+``Connection: close``, a request that was still arriving."""
 
 from __future__ import annotations
 
-from twisted.internet.testing import MemoryReactorClock
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 
 from batchserve.config import ServerSettings, ServeSettings
-from batchserve.server import build
-from batchserve.testing import FakeModel, SyncModelRunner
+from batchserve.models.spec import ModelInfo
+from batchserve.server import Threads, build
+from batchserve.storage.index import IndexParams, VectorIndex
+from batchserve.storage.store import ItemStore, StoreSettings
+from batchserve.testing import FakeModel, SyncModelRunner, result_of, run_now
+from tests.unit.test_api import RED, Harness
 
 
 def test_the_decode_pool_gets_its_size_and_priority_from_the_settings() -> None:
@@ -16,3 +29,87 @@ def test_the_decode_pool_gets_its_size_and_priority_from_the_settings() -> None:
     assert (decode.min, decode.max, decode.threadFactory.nice) == (3, 3, 7)  # type: ignore[attr-defined]
     assert (index.min, index.max, index.threadFactory.nice) == (1, 1, 0)  # type: ignore[attr-defined]
     assert server.batcher.policy is settings.batching
+
+
+class SlowToLoad(SyncModelRunner):
+    """A model whose loading ends when the test says."""
+
+    def __init__(self) -> None:
+        super().__init__(FakeModel(), loaded=False)
+        self.loaded: Deferred[None] = Deferred()
+
+    def start(self) -> Deferred[ModelInfo]:
+        return self.loaded.addCallback(lambda _: result_of(super(SlowToLoad, self).start()))
+
+
+def test_the_api_port_opens_only_once_the_server_is_ready(tmp_path: Path) -> None:
+    reactor, model = MemoryReactorClock(), SlowToLoad()
+    settings = ServeSettings(
+        server=ServerSettings(port=8123, metrics_address="127.0.0.1:9123"),
+        store=StoreSettings(demo=False),
+    )
+    server = build(
+        settings,
+        reactor,
+        model=model,
+        threads=Threads(decode=run_now, store=run_now),
+        store=lambda info: ItemStore(
+            tmp_path, VectorIndex(info.dim, IndexParams()), info.fingerprint()
+        ),
+    )
+    started = server.start()
+    # Loading: only the metrics port; a connection to the API's would be refused.
+    assert [port for port, *_ in reactor.tcpServers] == [9123]
+    model.loaded.callback(None)
+    assert result_of(started) is None
+    assert [port for port, *_ in reactor.tcpServers] == [9123, 8123]
+    assert reactor.tcpServers[1][1] is server.connections
+
+
+def connect(h: Harness) -> tuple[Any, StringTransport]:
+    protocol = h.server.connections.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def test_stopping_closes_idle_connections_and_answers_a_request_still_arriving() -> None:
+    h = Harness()
+    idle, idle_transport = connect(h)
+    arriving, arriving_transport = connect(h)
+    head = (
+        b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+        + f"Content-Length: {len(RED)}\r\n\r\n".encode()
+    )
+    arriving.dataReceived(head + RED[:100])
+
+    stopped = h.server.stop()
+    assert idle_transport.disconnecting and not arriving_transport.disconnecting
+    assert h.request("GET", "/readyz")[0] == 503
+    arriving.dataReceived(RED[100:])
+    answer = arriving_transport.value()
+    assert answer.startswith(b"HTTP/1.1 200") and b"Connection: close" in answer
+    assert arriving_transport.disconnecting
+    assert not stopped.called  # until both connections are gone
+    for protocol in (idle, arriving):
+        protocol.connectionLost(Failure(ConnectionDone()))
+    assert result_of(stopped) is None
+
+
+def test_a_server_told_to_stop_while_loading_never_opens_the_api(tmp_path: Path) -> None:
+    reactor, model = MemoryReactorClock(), SlowToLoad()
+    settings = ServeSettings(server=ServerSettings(port=8123), store=StoreSettings(demo=False))
+    server = build(
+        settings,
+        reactor,
+        model=model,
+        threads=Threads(decode=run_now, store=run_now),
+        store=lambda info: ItemStore(
+            tmp_path, VectorIndex(info.dim, IndexParams()), info.fingerprint()
+        ),
+    )
+    started = server.start()
+    stopped = server.stop()
+    model.loaded.callback(None)
+    assert result_of(started) is None and result_of(stopped) is None
+    assert reactor.tcpServers == []
