@@ -29,7 +29,7 @@ from batchserve.errors import (
 from batchserve.http import web
 from batchserve.serving.service import Call
 from batchserve.storage.records import Item, Match
-from batchserve.storage.store import IndexState
+from batchserve.storage.store import ChangeLogState, IndexState
 
 if TYPE_CHECKING:
     from batchserve.models.spec import ModelInfo
@@ -185,7 +185,19 @@ def index_json(state: IndexState) -> dict[str, Any]:
             "commits": state.commits,
             "applied_seq": state.applied_seq,
             "behind": state.behind,
+            **change_log_json(state.change_log),
         },
+    }
+
+
+def change_log_json(state: ChangeLogState | None) -> dict[str, Any]:
+    """A shared catalog's change log as this replica sees it (nothing for SQLite)."""
+    if state is None:
+        return {}
+    return {
+        "replica_id": state.replica_id,
+        "pruned_seq": state.pruned_seq,
+        "rebuilt_behind_horizon": state.rebuilt_behind_horizon,
     }
 
 

@@ -1,8 +1,11 @@
 """Keeping a replica's index current with a shared catalog: its change log is applied on
 the store thread every ``interval_s`` (polling, the fallback), and at once when the
-catalog notifies a change (PostgreSQL LISTEN/NOTIFY, on a thread of its own). How far
-behind the index is goes to the metrics; an unreachable catalog is logged once, and the
-follower goes on trying until it is back."""
+catalog notifies a change (PostgreSQL LISTEN/NOTIFY, on a thread of its own). The periodic
+passes, not the notified ones, also record in the catalog how far this replica has applied
+its log and prune what every live replica has applied, past the catalog's retention
+(``ItemStore.prune_change_log``), off the write path. How far behind the index is goes to
+the metrics; an unreachable catalog is logged once, and the follower goes on trying until it
+is back."""
 
 from __future__ import annotations
 
@@ -32,8 +35,10 @@ class Notifications(Protocol):
     def close(self) -> None: ...
 
 
-def _follow(store: ItemStore) -> int:
+def _follow(store: ItemStore, prune: bool) -> int:
     store.catch_up()
+    if prune:
+        store.prune_change_log()
     return store.behind()
 
 
@@ -50,10 +55,12 @@ class Follower:
         self._store = store
         self._interval_s = interval_s
         self._observer = observer
-        self._loop = LoopingCall(self.poke)
+        self._loop = LoopingCall(self._tick)
         self._loop.clock = clock
         self._running = False
         self._again = False
+        #: A periodic pass is due: the next pass also prunes the change log.
+        self._prune = False
         self._failing = False
 
     def start(self) -> None:
@@ -63,6 +70,10 @@ class Follower:
         if self._loop.running:
             self._loop.stop()
 
+    def _tick(self) -> None:
+        self._prune = True
+        self.poke()
+
     def poke(self) -> None:
         """Apply what the catalog holds now (once more after the pass under way, if any)."""
         if self._running:
@@ -71,7 +82,8 @@ class Follower:
         if not self._store.ready:
             return
         self._running, self._again = True, False
-        d = self._store.call(_follow)
+        prune, self._prune = self._prune, False
+        d = self._store.call(_follow, prune)
         d.addCallbacks(self._done, self._failed)
 
     def _done(self, behind: int) -> None:

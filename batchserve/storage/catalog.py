@@ -5,8 +5,10 @@ made them.
 
 A catalog holds one row per item under a row id (``fid``) that is never reused, and an
 ordered change log of every add and delete, so that an index snapshot taken at change
-``seq`` is brought up to date by replaying the changes after it. It is used from one thread
-(the store thread); numpy in, numpy out.
+``seq`` is brought up to date by replaying the changes after it. The log's oldest changes are
+pruned (``prune_changes``); ``pruned_seq`` is the last change pruned, and the log is complete
+only after it: ``changes_since`` an earlier change raises ``ChangeLogPruned`` rather than
+return a log with a gap. It is used from one thread (the store thread); numpy in, numpy out.
 """
 
 from __future__ import annotations
@@ -19,6 +21,13 @@ import numpy.typing as npt
 
 from batchserve.errors import ConfigError
 from batchserve.storage.records import Item, NewItem
+
+#: The meta key of the last change pruned from the log.
+PRUNED_SEQ = "changes_pruned_seq"
+
+#: Changes deleted per statement when pruning the log: short transactions, none that holds
+#: the log for a whole backlog.
+PRUNE_BATCH = 1000
 
 
 class Catalog(Protocol):
@@ -77,11 +86,38 @@ class Catalog(Protocol):
 
     def digests(self, item_ids: Sequence[str]) -> dict[str, str | None]: ...
 
-    def last_seq(self) -> int: ...
+    def last_seq(self) -> int:
+        """The last change logged (pruned or not; 0 before any)."""
+        ...
 
-    def changes_since(self, seq: int, limit: int | None = None) -> list[tuple[int, str, int]]: ...
+    def pruned_seq(self) -> int:
+        """The last change pruned from the log (0: none): every change after it is kept."""
+        ...
 
-    def prune_changes(self, upto_seq: int) -> None: ...
+    def changes_since(self, seq: int, limit: int | None = None) -> list[tuple[int, str, int]]:
+        """(seq, 'add' or 'del', fid) of the changes after ``seq``, oldest first, at most
+        ``limit``; ``ChangeLogPruned`` when changes after ``seq`` were pruned."""
+        ...
+
+    def record_replica(self, replica_id: str, applied_seq: int) -> None:
+        """Record that replica ``replica_id`` has applied the log up to ``applied_seq``, now:
+        a shared catalog keeps the changes after it while that record is live."""
+        ...
+
+    def prune_changes(self, upto_seq: int) -> int:
+        """Forget the changes up to ``upto_seq`` that the catalog's retention lets go, in
+        small batches; return how many."""
+        ...
+
+
+class ChangeLogPruned(Exception):
+    """Changes after ``seq`` were pruned from the log, up to ``pruned_seq``: replaying it
+    from ``seq`` would miss them (the index is rebuilt from the items instead)."""
+
+    def __init__(self, seq: int, pruned_seq: int) -> None:
+        super().__init__(f"the change log is pruned up to change {pruned_seq}, past {seq}")
+        self.seq = seq
+        self.pruned_seq = pruned_seq
 
 
 def row_shape(dim: int, views: int) -> tuple[int, ...]:

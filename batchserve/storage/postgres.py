@@ -46,6 +46,13 @@ once, which is safe by these rules:
    database is unavailable, a call finding no pooled connection ready is refused after
    ``_FAILING_WAIT_S`` (the pool reconnects meanwhile), so that the store thread, where
    searches wait their turn, is not held up call after call.
+8. The log is pruned, never past a live replica: each records in ``replicas`` how far it has
+   applied the log (its id, ``applied_seq``, when seen, on the database's clock); a pruning
+   pass deletes, PRUNE_BATCH rows a statement, the oldest changes that every replica seen
+   within ``replica_expiry_s`` has applied and that are older than ``change_log_retention_s``,
+   and raises ``pruned_seq`` (in ``meta``) in the same transaction. A reader reads the log,
+   then ``pruned_seq``: a pass that deleted what it was to read committed before the second
+   read, so a gap is always seen (``ChangeLogPruned``).
 
 Writes are few statements sent as pipelines (one round trip each); reads of the whole table
 (``vectors()``, ``groups()``) use a server-side cursor and hold one pooled connection while
@@ -72,7 +79,14 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolClosed
 
 from batchserve.errors import NotReady
-from batchserve.storage.catalog import check_fingerprint, check_row, row_shape
+from batchserve.storage.catalog import (
+    PRUNE_BATCH,
+    PRUNED_SEQ,
+    ChangeLogPruned,
+    check_fingerprint,
+    check_row,
+    row_shape,
+)
 from batchserve.storage.records import Item, NewItem
 from batchserve.storage.watchdog import NoAnswer, Watchdog
 
@@ -86,6 +100,8 @@ CHANNEL = "batchserve_changes"
 LOCK_CLASS = 0x62737276  # "bsrv"
 SCHEMA_LOCK = (LOCK_CLASS, 1)
 LOG_LOCK = (LOCK_CLASS, 2)
+#: Held by the one replica pruning the log at a time (the others skip their pass).
+PRUNE_LOCK = (LOCK_CLASS, 3)
 
 #: How long the pool keeps reconnecting in the background after a failure (with backoff
 #: from 1 s, doubling) before it waits for the next caller to ask: longer, and a server back
@@ -131,9 +147,49 @@ CREATE TABLE IF NOT EXISTS sources (
 CREATE TABLE IF NOT EXISTS changes (
     seq bigserial PRIMARY KEY,
     op text NOT NULL CHECK (op IN ('add', 'del')),
-    fid bigint NOT NULL
+    fid bigint NOT NULL,
+    at timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE TABLE IF NOT EXISTS meta (key text PRIMARY KEY, value text NOT NULL);
+CREATE TABLE IF NOT EXISTS replicas (
+    id text PRIMARY KEY,
+    applied_seq bigint NOT NULL,
+    seen timestamptz NOT NULL
+);
+DO $$ BEGIN  -- a log from before retention: its changes count as logged now
+    IF NOT EXISTS (SELECT FROM information_schema.columns WHERE table_schema = current_schema()
+                   AND table_name = 'changes' AND column_name = 'at') THEN
+        ALTER TABLE changes ADD COLUMN at timestamptz NOT NULL DEFAULT now();
+        ALTER TABLE changes ALTER COLUMN at SET DEFAULT clock_timestamp();
+    END IF;
+END $$;
+"""
+
+#: One pruning statement (rule 8): forget expired replicas; delete the oldest PRUNE_BATCH
+#: changes up to what every live replica applied, stopping at the first one younger than the
+#: retention; raise ``pruned_seq`` to the last deleted.
+_PRUNE = f"""
+WITH expired AS (
+    DELETE FROM replicas WHERE seen < now() - make_interval(secs => %(expiry_s)s)
+), bound AS (
+    SELECT least(%(upto)s, min(applied_seq)) AS seq FROM replicas
+    WHERE seen >= now() - make_interval(secs => %(expiry_s)s)
+), batch AS (
+    SELECT seq, at FROM changes WHERE seq <= (SELECT seq FROM bound)
+    ORDER BY seq LIMIT {PRUNE_BATCH}
+), young AS (
+    SELECT min(seq) AS seq FROM batch
+    WHERE at > clock_timestamp() - make_interval(secs => %(keep_s)s)
+), gone AS (
+    DELETE FROM changes WHERE seq IN (SELECT seq FROM batch
+        WHERE seq < coalesce((SELECT seq FROM young), (SELECT seq FROM bound) + 1))
+    RETURNING seq
+), horizon AS (
+    INSERT INTO meta SELECT '{PRUNED_SEQ}', max(seq)::text FROM gone HAVING count(*) > 0
+    ON CONFLICT (key) DO UPDATE SET value = excluded.value
+    WHERE meta.value::bigint < excluded.value::bigint
+)
+SELECT count(*) FROM gone
 """
 
 _INSERT_ITEM = """
@@ -193,8 +249,9 @@ class PostgresCatalog:
     statement on the server, lock waits included. On the client side, every wait for an
     answer (a pooled connection's check, a statement or pipeline, a commit, a chunk of rows)
     is cut after ``bound_s``, their sum, so that the server's own timeout, when it can fire,
-    comes first. Creates the schema if missing; raises ``CatalogUnavailable`` if the server
-    cannot be reached.
+    comes first. A change stays in the log ``change_log_retention_s`` at least, and while a
+    replica seen within ``replica_expiry_s`` has not applied it (rule 8). Creates the schema
+    if missing; raises ``CatalogUnavailable`` if the server cannot be reached.
     """
 
     #: Other processes write it too: a store follows its change log (store.ItemStore).
@@ -209,8 +266,12 @@ class PostgresCatalog:
         pool_max: int = 4,
         connect_timeout_s: float = 2.0,
         statement_timeout_s: float = 5.0,
+        change_log_retention_s: float = 3600.0,
+        replica_expiry_s: float = 86400.0,
     ) -> None:
         self.dim = dim
+        self.change_log_retention_s = change_log_retention_s
+        self.replica_expiry_s = replica_expiry_s
         #: Crop views per item: each item's ``embedding`` holds its embedding, then theirs.
         self.views = views
         self.where = _where(url)
@@ -568,22 +629,63 @@ class PostgresCatalog:
     # -- change log -----------------------------------------------------------------------
 
     def last_seq(self) -> int:
-        row = self._one("SELECT max(seq) FROM changes")
+        row = self._one(
+            "SELECT greatest((SELECT max(seq) FROM changes), "
+            "(SELECT value::bigint FROM meta WHERE key = %s))",
+            (PRUNED_SEQ,),
+        )
         return 0 if row is None or row[0] is None else int(row[0])
 
+    def pruned_seq(self) -> int:
+        """The last change pruned (0: none); changes after it are all in the log."""
+        return int(self.get_meta(PRUNED_SEQ) or 0)
+
     def changes_since(self, seq: int, limit: int | None = None) -> list[tuple[int, str, int]]:
-        """(seq, 'add' or 'del', fid) after ``seq``, in commit order, at most ``limit``."""
+        """(seq, 'add' or 'del', fid) after ``seq``, in commit order, at most ``limit``;
+        ``ChangeLogPruned`` when changes after ``seq`` were pruned."""
         with self._connection() as conn:
             rows = conn.execute(
                 "SELECT seq, op, fid FROM changes WHERE seq > %s ORDER BY seq LIMIT %s::bigint",
                 (seq, limit),
-            )
-            return [(int(s), str(op), int(fid)) for s, op, fid in rows]
+            ).fetchall()
+            # After the log, in a later snapshot: sees any pass that pruned what it read.
+            pruned = conn.execute("SELECT value FROM meta WHERE key = %s", (PRUNED_SEQ,))
+            horizon = int(row[0]) if (row := pruned.fetchone()) is not None else 0
+        if seq < horizon:
+            raise ChangeLogPruned(seq, horizon)
+        return [(int(s), str(op), int(fid)) for s, op, fid in rows]
 
-    def prune_changes(self, upto_seq: int) -> None:
-        """Keep the log: does nothing. Replicas share it, and one replica's snapshots say
-        nothing of how far the others (or one starting from an older snapshot) have read;
-        pruning needs a retention agreed by all of them, which is not built yet."""
+    def record_replica(self, replica_id: str, applied_seq: int) -> None:
+        """Record how far replica ``replica_id`` has applied the log, seen now."""
+        with self._connection() as conn:
+            conn.execute(
+                "INSERT INTO replicas VALUES (%s, %s, now()) ON CONFLICT (id) DO UPDATE "
+                "SET applied_seq = excluded.applied_seq, seen = excluded.seen",
+                (replica_id, applied_seq),
+            )
+
+    def prune_changes(self, upto_seq: int, batches: int = 10) -> int:
+        """Delete the changes up to ``upto_seq`` that every live replica has applied and that
+        are older than the retention (rule 8): at most ``batches`` statements, each its own
+        transaction, none while another replica prunes. Returns the changes deleted."""
+        pruned = 0
+        params = {
+            "upto": upto_seq,
+            "keep_s": self.change_log_retention_s,
+            "expiry_s": self.replica_expiry_s,
+        }
+        with self._connection() as conn:
+            for _ in range(batches):
+                self._watchdog.renew(conn)
+                with conn.transaction():
+                    got = conn.execute("SELECT pg_try_advisory_xact_lock(%s, %s)", PRUNE_LOCK)
+                    if not (row := got.fetchone()) or not row[0]:
+                        break
+                    deleted = int((conn.execute(_PRUNE, params).fetchone() or (0,))[0])
+                pruned += deleted
+                if deleted < PRUNE_BATCH:
+                    break
+        return pruned
 
 
 class ChangeListener:

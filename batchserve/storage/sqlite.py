@@ -24,7 +24,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from batchserve.storage.catalog import check_fingerprint, check_row, row_shape
+from batchserve.storage.catalog import (
+    PRUNE_BATCH,
+    PRUNED_SEQ,
+    ChangeLogPruned,
+    check_fingerprint,
+    check_row,
+    row_shape,
+)
 from batchserve.storage.records import Item, NewItem
 
 SCHEMA = """
@@ -278,10 +285,17 @@ class SqliteCatalog:
 
     def last_seq(self) -> int:
         row = self._db.execute("SELECT MAX(seq) FROM changes").fetchone()
-        return int(row[0] or 0)
+        return max(int(row[0] or 0), self.pruned_seq())
+
+    def pruned_seq(self) -> int:
+        """The last change pruned (0: none); changes after it are all in the log."""
+        return int(self.get_meta(PRUNED_SEQ) or 0)
 
     def changes_since(self, seq: int, limit: int | None = None) -> list[tuple[int, str, int]]:
-        """(seq, op, fid) of the changes after ``seq``, oldest first, at most ``limit``."""
+        """(seq, op, fid) of the changes after ``seq``, oldest first, at most ``limit``;
+        ``ChangeLogPruned`` when changes after ``seq`` were pruned."""
+        if seq < (pruned := self.pruned_seq()):
+            raise ChangeLogPruned(seq, pruned)
         return [
             (int(s), str(op), int(fid))
             for s, op, fid in self._db.execute(
@@ -290,9 +304,32 @@ class SqliteCatalog:
             )
         ]
 
-    def prune_changes(self, upto_seq: int) -> None:
-        """Forget changes already in every kept snapshot."""
-        self._db.execute("DELETE FROM changes WHERE seq <= ?", (upto_seq,))
+    def record_replica(self, replica_id: str, applied_seq: int) -> None:
+        """Nothing to record: this process alone reads the log (``prune_changes``' caller
+        knows how far)."""
+
+    def prune_changes(self, upto_seq: int) -> int:
+        """Forget the changes up to ``upto_seq`` (already in every kept snapshot), a batch
+        of PRUNE_BATCH per transaction; return how many."""
+        pruned = 0
+        while True:
+            self._db.execute("BEGIN IMMEDIATE")  # not counted in ``commits``: no item changed
+            try:
+                rows = self._db.execute(
+                    "DELETE FROM changes WHERE seq IN "
+                    "(SELECT seq FROM changes WHERE seq <= ? ORDER BY seq LIMIT ?) RETURNING seq",
+                    (upto_seq, PRUNE_BATCH),
+                ).fetchall()
+                if rows:
+                    last = max(int(r[0]) for r in rows)
+                    self.set_meta(PRUNED_SEQ, str(max(last, self.pruned_seq())))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            pruned += len(rows)
+            if len(rows) < PRUNE_BATCH:
+                return pruned
 
 
 def _item(row: Sequence[Any]) -> Item:

@@ -4,7 +4,9 @@ Everything here runs on the index thread, one call at a time, so neither FAISS n
 needs a lock. A batch of searches is ONE index search per distinct filter (one in total
 when no query filters); a batch of adds is one SQLite transaction and one index add.
 Snapshots of the index are written atomically and loaded at start; the catalog's change
-log brings a snapshot up to date, or the index is rebuilt from the catalog.
+log brings a snapshot up to date, or the index is rebuilt from the catalog. A log pruned past
+what the index applied (a snapshot older than its oldest change, a replica away past its
+expiry) is never replayed with its gap: the index is rebuilt from the catalog's items.
 
 With a shared catalog (PostgreSQL), the store keeps in memory the record of every item its
 index holds, so that searches and reads by id go on while the catalog is out of reach;
@@ -16,8 +18,10 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import time
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,9 +34,11 @@ import numpy.typing as npt
 from batchserve.errors import ConfigError, NotReady
 from batchserve.models.views import VIEW_WEIGHT
 from batchserve.settings import setting
-from batchserve.storage.catalog import Catalog, row_shape
+from batchserve.storage.catalog import Catalog, ChangeLogPruned, row_shape
 from batchserve.storage.records import Item, Match, NewItem
 from batchserve.storage.sqlite import SqliteCatalog
+
+log = logging.getLogger(__name__)
 
 KEEP_SNAPSHOTS = 2
 
@@ -61,6 +67,19 @@ class StoreSettings:
         "announced at once by LISTEN/NOTIFY)",
         above=0,
     )
+    change_log_retention_s: float = setting(
+        3600.0,
+        "with a shared catalog, seconds a change stays in its log at least (keep it above "
+        "--snapshot-interval-s); older changes that every live replica has applied are pruned, "
+        "and a replica whose snapshot is older than the log rebuilds its index from the catalog",
+        at_least=0,
+    )
+    replica_expiry_s: float = setting(
+        86400.0,
+        "with a shared catalog, seconds after which a replica not heard from (stopped, or cut "
+        "off) no longer holds back the pruning of its change log",
+        above=0,
+    )
 
     def __post_init__(self) -> None:
         if self.catalog != "sqlite" and not self.shared_catalog:
@@ -83,7 +102,13 @@ class StoreSettings:
                 "a postgresql:// catalog needs the postgres extra: "
                 "pip install 'batchserve[postgres]'"
             ) from e
-        return PostgresCatalog(self.catalog, dim, views)
+        return PostgresCatalog(
+            self.catalog,
+            dim,
+            views,
+            change_log_retention_s=self.change_log_retention_s,
+            replica_expiry_s=self.replica_expiry_s,
+        )
 
 
 class SearchableIndex(Protocol):
@@ -147,6 +172,8 @@ class OpenReport:
     snapshot_seq: int | None = None
     replayed: int = 0
     rebuilt: bool = False
+    #: Rebuilt because the catalog's log was pruned past the snapshot (or while replaying).
+    behind_horizon: bool = False
     seconds: float = 0.0
     skipped_snapshots: list[str] = field(default_factory=list)
 
@@ -171,13 +198,25 @@ def lock_data_dir(data_dir: Path) -> int:
 
 
 @dataclass(frozen=True)
+class ChangeLogState:
+    """With a shared catalog: this replica's id in the catalog's ``replicas`` table, the last
+    change pruned from the log (all later ones are kept), and how many times this replica
+    found the log pruned past what its index held, and rebuilt the index from the catalog."""
+
+    replica_id: str
+    pruned_seq: int
+    rebuilt_behind_horizon: int
+
+
+@dataclass(frozen=True)
 class IndexState:
     """What the store holds now, as ``ItemStore.describe`` reports it: the index's kind
     as configured and the structure searched now (``flat`` until an IVF kind is trained),
     its live items, vectors per item (1 + item views), embedding length, device, and the
     labels in use; calls made into the index since the start, by kind; the catalog's
     durability as it reports it, its write transactions since it was opened, the last
-    change of its log applied to the index and the changes not applied yet."""
+    change of its log applied to the index and the changes not applied yet; with a shared
+    catalog, how this replica stands with its log's pruning."""
 
     kind: str
     kind_in_use: str
@@ -193,6 +232,24 @@ class IndexState:
     commits: int
     applied_seq: int
     behind: int
+    change_log: ChangeLogState | None = None
+
+
+def replica_id(data_dir: Path) -> str:
+    """The id of the replica whose data dir is ``data_dir``: made once, kept in the dir."""
+    path = data_dir / "replica-id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    made = uuid.uuid4().hex
+    tmp = path.with_name(path.name + ".tmp")
+    with open(os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600), "w") as f:
+        f.write(made + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return made
 
 
 class ItemStore:
@@ -231,6 +288,10 @@ class ItemStore:
         self.applied_seq = 0
         self.snapshot_dir = data_dir / "snapshots"
         self.snapshot_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        #: This replica's record in the catalog of how far it has applied the change log.
+        self.replica_id = replica_id(data_dir)
+        #: Rebuilds from the catalog because its log was pruned past ``applied_seq``.
+        self.rebuilt_behind_horizon = 0
         self._by_label: dict[str, set[int]] = defaultdict(set)
         self._by_class: dict[str, set[int]] = defaultdict(set)
         self._groups: dict[int, tuple[str | None, str | None]] = {}
@@ -240,13 +301,34 @@ class ItemStore:
 
     def open(self) -> OpenReport:
         """Load the newest usable snapshot and replay the changes after it, or rebuild from
-        the catalog; either way the index is then current with the catalog."""
+        the catalog (also when its log was pruned past the snapshot); either way the index
+        is then current with the catalog."""
         started = time.perf_counter()
         report = OpenReport()
+        rebuilds = self.rebuilt_behind_horizon
+        if self._load_snapshot(report):
+            self.catalog.record_replica(self.replica_id, self.applied_seq)
+            report.replayed = self.catch_up()  # or rebuilds, if pruned past it meanwhile
+        else:
+            self._rebuild_from(self.catalog.last_seq())
+        report.behind_horizon = self.rebuilt_behind_horizon != rebuilds
+        if self._snapshot_seq == -1:
+            report.rebuilt, report.replayed = True, 0
+        self.maintain()
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def _load_snapshot(self, report: OpenReport) -> bool:
+        """Load the newest usable snapshot that the catalog's log still follows; whether
+        one was."""
+        pruned = self.catalog.pruned_seq()
         for meta_path in sorted(self.snapshot_dir.glob("index-*.json"), reverse=True):
             try:
                 meta = json.loads(meta_path.read_text())
                 self._check_snapshot(meta)
+                if int(meta["seq"]) < pruned:  # the older ones are older still
+                    self._behind_horizon(f"snapshot {meta_path.name}", int(meta["seq"]), pruned)
+                    return False
                 fids = np.load(meta_path.with_suffix(".fids.npy"))
                 self.index.load(
                     meta_path.with_suffix(".faiss"), meta["tombstones"], meta["trained"]
@@ -256,17 +338,28 @@ class ItemStore:
                 continue
             report.snapshot_seq = self._snapshot_seq = self.applied_seq = int(meta["seq"])
             self._remember_rows([int(f) for f in fids])
-            report.replayed = self.catch_up()
-            break
-        else:
-            self.applied_seq = self.catalog.last_seq()  # later changes are replayed
-            self._rebuild()
-            self.catch_up()
-            report.rebuilt = True
-            self._snapshot_seq = -1  # nothing on disk yet: the next snapshot is due
-        self.maintain()
-        report.seconds = time.perf_counter() - started
-        return report
+            return True
+        return False
+
+    def _rebuild_from(self, seq: int) -> None:
+        """Rebuild the index from the catalog's items, then apply its changes after ``seq``
+        (read before the items: changes also in the items are harmless to apply)."""
+        self.applied_seq = seq
+        # Recorded first: the changes after ``seq`` are kept while the rebuild reads.
+        self.catalog.record_replica(self.replica_id, seq)
+        self._rebuild()
+        self._snapshot_seq = -1  # no snapshot on disk holds this index: the next one is due
+        self.catch_up()
+
+    def _behind_horizon(self, what: str, seq: int, pruned: int) -> None:
+        log.warning(
+            "%s applied the change log up to change %d, but the log was pruned up to change "
+            "%d: rebuilding the index from the catalog instead of replaying",
+            what,
+            seq,
+            pruned,
+        )
+        self.rebuilt_behind_horizon += 1
 
     def _check_snapshot(self, meta: dict[str, Any]) -> None:
         if meta["fingerprint"] != self.fingerprint:
@@ -292,7 +385,16 @@ class ItemStore:
         process just wrote, whose embeddings need not be read back."""
         applied = 0
         try:
-            while changes := self.catalog.changes_since(self.applied_seq, limit):
+            while True:
+                try:
+                    changes = self.catalog.changes_since(self.applied_seq, limit)
+                except ChangeLogPruned as e:
+                    # Never replay a log with a gap: the items are the truth.
+                    self._behind_horizon("the index", e.seq, e.pruned_seq)
+                    self._rebuild_from(self.catalog.last_seq())
+                    return applied
+                if not changes:
+                    break
                 self._apply(changes, known or {})
                 self.applied_seq = changes[-1][0]
                 applied += len(changes)
@@ -307,6 +409,16 @@ class ItemStore:
     def behind(self) -> int:
         """Changes in the catalog not yet in the index."""
         return max(0, self.catalog.last_seq() - self.applied_seq)
+
+    def prune_change_log(self) -> int:
+        """With a shared catalog: record there how far this replica has applied its change
+        log, then prune the changes that every live replica has applied and that are past
+        the catalog's retention (a few short statements). The follower's periodic pass, on
+        this thread; returns the changes pruned."""
+        if not self.shared:
+            return 0  # pruned as snapshots are written: this process alone reads the log
+        self.catalog.record_replica(self.replica_id, self.applied_seq)
+        return self.catalog.prune_changes(self.applied_seq)
 
     def _apply(self, changes: Sequence[tuple[int, str, int]], known: dict[int, NewItem]) -> None:
         before = set(self._groups)
@@ -570,7 +682,21 @@ class ItemStore:
             commits=self.catalog.commits,
             applied_seq=self.applied_seq,
             behind=self.behind(),
+            change_log=ChangeLogState(
+                self.replica_id, self.catalog.pruned_seq(), self.rebuilt_behind_horizon
+            )
+            if self.shared
+            else None,
         )
 
     def close(self) -> None:
-        self.catalog.close()
+        """Close the catalog; with a shared one, first record how far this replica applied
+        its log (as its final snapshot holds it), so that its record holds no more of the
+        log than a restart replays."""
+        try:
+            if self.shared and self._outage is None:  # not a wait on a catalog known down
+                self.catalog.record_replica(self.replica_id, self.applied_seq)
+        except NotReady:
+            pass  # its last record stands, until it expires
+        finally:
+            self.catalog.close()

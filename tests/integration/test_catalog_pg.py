@@ -20,7 +20,7 @@ import pytest
 from psycopg import sql
 
 from batchserve.errors import NotReady
-from batchserve.storage.catalog import ModelMismatch
+from batchserve.storage.catalog import ChangeLogPruned, ModelMismatch
 from batchserve.storage.postgres import (
     LOG_LOCK,
     CatalogUnavailable,
@@ -581,5 +581,120 @@ def test_commits_wait_for_the_wal_flush_even_where_the_server_says_not_to(
         assert durability["engine"] == "postgresql"
         assert durability["synchronous_commit"] == "on"
         assert durability["fsync"] == "on"
+    finally:
+        catalog.close()
+
+
+# -- the change log's retention -----------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def pruning(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AnyCatalog]:
+    """A catalog whose log is pruned as far as asked: no retention, no replica recorded."""
+    opened: AnyCatalog
+    if request.param == "sqlite":
+        opened = SqliteCatalog(tmp_path / "catalog.sqlite3", DIM)
+    else:
+        opened = PostgresCatalog(request.getfixturevalue("pg_url"), DIM, change_log_retention_s=0)
+    yield opened
+    opened.close()
+
+
+def test_a_pruned_log_is_read_only_from_after_its_last_pruned_change(pruning: AnyCatalog) -> None:
+    pruning.upsert([item(i) for i in range(5)])
+    changes = pruning.changes_since(0)
+    assert pruning.pruned_seq() == 0
+    assert pruning.prune_changes(changes[2][0]) == 3
+    assert pruning.pruned_seq() == changes[2][0]
+    assert pruning.changes_since(changes[2][0]) == changes[3:]
+    for behind in (0, changes[1][0]):  # a replay from there would miss changes
+        with pytest.raises(ChangeLogPruned) as pruned:
+            pruning.changes_since(behind)
+        assert pruned.value.pruned_seq == changes[2][0]
+    assert pruning.prune_changes(changes[-1][0]) == 2
+    assert pruning.last_seq() == changes[-1][0]  # the last change, though none is left
+    (fid,), _ = pruning.upsert([item(9)])
+    assert pruning.changes_since(changes[-1][0]) == [(changes[-1][0] + 1, "add", fid)]
+
+
+def catalog_with(url: str, retention_s: float = 0.0, expiry_s: float = 3600.0) -> PostgresCatalog:
+    return PostgresCatalog(url, DIM, change_log_retention_s=retention_s, replica_expiry_s=expiry_s)
+
+
+def log_rows(url: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM changes").fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def test_the_log_is_kept_for_the_slowest_live_replica(pg_url: str) -> None:
+    catalog = catalog_with(pg_url)
+    try:
+        catalog.upsert([item(i) for i in range(10)])
+        catalog.record_replica("fast", 10)
+        catalog.record_replica("slow", 4)
+        assert catalog.prune_changes(10) == 4 and catalog.pruned_seq() == 4
+        assert len(catalog.changes_since(4)) == 6
+        catalog.record_replica("slow", 7)
+        assert catalog.prune_changes(5) == 1  # nor past what the caller asks
+        assert catalog.prune_changes(10) == 2 and log_rows(pg_url) == 3
+    finally:
+        catalog.close()
+
+
+def test_the_log_is_kept_for_its_retention_whatever_the_replicas_applied(pg_url: str) -> None:
+    keeping = catalog_with(pg_url, retention_s=3600)
+    try:
+        keeping.upsert([item(i) for i in range(10)])
+        keeping.record_replica("only", 10)
+        assert keeping.prune_changes(10) == 0 and keeping.pruned_seq() == 0
+        with psycopg.connect(pg_url, autocommit=True) as conn:  # six of them an hour old
+            conn.execute("UPDATE changes SET at = at - interval '61 minutes' WHERE seq <= 6")
+        assert keeping.prune_changes(10) == 6 and keeping.pruned_seq() == 6
+    finally:
+        keeping.close()
+
+
+def test_a_replica_not_seen_within_the_expiry_no_longer_holds_the_log(pg_url: str) -> None:
+    catalog = catalog_with(pg_url, expiry_s=3600)
+    try:
+        catalog.upsert([item(i) for i in range(10)])
+        catalog.record_replica("gone", 2)
+        catalog.record_replica("here", 10)
+        assert catalog.prune_changes(10) == 2
+        with psycopg.connect(pg_url, autocommit=True) as conn:  # as if a day had passed
+            conn.execute("UPDATE replicas SET seen = seen - interval '1 day' WHERE id = 'gone'")
+        assert catalog.prune_changes(10) == 8 and log_rows(pg_url) == 0
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            assert conn.execute("SELECT id FROM replicas").fetchall() == [("here",)]
+    finally:
+        catalog.close()
+
+
+def test_a_pass_deletes_at_most_its_batches_of_a_thousand_changes(pg_url: str) -> None:
+    catalog = catalog_with(pg_url)
+    try:
+        catalog.upsert([item(i) for i in range(2500)])
+        assert catalog.prune_changes(2500, batches=1) == 1000
+        assert catalog.prune_changes(2500, batches=1) == 1000
+        assert catalog.prune_changes(2500) == 500 and catalog.pruned_seq() == 2500
+    finally:
+        catalog.close()
+
+
+def test_a_log_from_before_retention_gets_its_times_and_a_replicas_table(pg_url: str) -> None:
+    with psycopg.connect(pg_url, autocommit=True) as conn:  # the schema as it was
+        conn.execute(
+            "CREATE TABLE changes (seq bigserial PRIMARY KEY, "
+            "op text NOT NULL CHECK (op IN ('add', 'del')), fid bigint NOT NULL)"
+        )
+        conn.execute("INSERT INTO changes (op, fid) VALUES ('add', 1), ('add', 2)")
+    catalog = catalog_with(pg_url, retention_s=3600)
+    try:
+        catalog.record_replica("r", 2)
+        assert catalog.prune_changes(2) == 0  # logged "now", as far as retention goes
+        assert [seq for seq, _op, _fid in catalog.changes_since(0)] == [1, 2]
+        catalog.upsert([item(0)])
+        assert catalog.last_seq() == 3
     finally:
         catalog.close()

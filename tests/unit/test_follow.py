@@ -1,5 +1,6 @@
 """A replica's index follows a shared catalog: polled on the reactor's clock, poked by
-notifications, one pass at a time, its lag reported, an outage logged once."""
+notifications, one pass at a time, its lag reported, an outage logged once; the polls, not the
+notified passes, record how far it applied the log and prune it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from batchserve.errors import NotReady
 from batchserve.serving.follower import Follower
 from batchserve.serving.pipeline import StoreWorker
 from batchserve.testing import result_of, run_now
-from tests.unit.test_store import follower, items, store
+from tests.unit.test_store import SharedCatalog, follower, items, shared_store, store
 
 
 class Lag:
@@ -101,3 +102,27 @@ def test_an_unreachable_catalog_is_logged_once_and_retried() -> None:
         "cannot follow the shared catalog: {error}",
         "the shared catalog is reachable again; the index is following it",
     ]
+
+
+def test_the_polls_record_the_replica_and_prune_the_log_and_notified_passes_do_not(
+    tmp_path: Path,
+) -> None:
+    catalog = SharedCatalog(tmp_path / "shared.sqlite3")
+    writer = shared_store(tmp_path / "writer", catalog)
+    replica = shared_store(tmp_path / "replica", catalog)
+    clock = Clock()
+    follow = Follower(worker_for(replica), clock, 1.0)
+    follow.start()
+    opened = len(catalog.recorded)
+    writer.add(items(0, 3))
+    follow.poke()  # a notification: applied, nothing recorded or pruned
+    assert replica.index.size == 3 and len(catalog.recorded) == opened
+    assert len(catalog.changes_since(0)) == 3
+    clock.advance(1.0)
+    assert catalog.recorded[opened:] == [(replica.replica_id, 3)]
+    assert catalog.pruned_seq() == 3 and catalog.changes_since(3) == []
+    writer.add(items(3, 2))
+    clock.advance(1.0)  # each poll: applied, recorded, pruned
+    assert catalog.recorded[-1] == (replica.replica_id, 5) and catalog.pruned_seq() == 5
+    assert replica.index.size == 5 and replica.rebuilt_behind_horizon == 0
+    follow.stop()

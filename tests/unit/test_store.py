@@ -15,7 +15,7 @@ import pytest
 
 from batchserve.errors import InvalidInput, NotReady
 from batchserve.http.wire import index_json
-from batchserve.storage.catalog import ModelMismatch
+from batchserve.storage.catalog import ChangeLogPruned, ModelMismatch
 from batchserve.storage.index import IndexParams, VectorIndex
 from batchserve.storage.records import (
     MAX_METADATA_DEPTH,
@@ -25,7 +25,13 @@ from batchserve.storage.records import (
     check_metadata,
 )
 from batchserve.storage.sqlite import SqliteCatalog
-from batchserve.storage.store import DataDirLocked, ItemStore, SearchQuery, lock_data_dir
+from batchserve.storage.store import (
+    DataDirLocked,
+    ItemStore,
+    SearchQuery,
+    lock_data_dir,
+    replica_id,
+)
 
 DIM = 16
 MODEL = {"name": "m", "weights_sha256": "abc", "dim": DIM}
@@ -185,8 +191,11 @@ def test_old_changes_are_pruned_but_the_kept_snapshots_still_replay(tmp_path: Pa
     for start in range(0, 30, 10):
         s.add(items(start, 10))
         s.snapshot()
-    # Changes up to the older kept snapshot (seq 20) are gone; the first left is 21.
-    assert s.catalog.changes_since(0)[0][0] == 21
+    # Changes up to the older kept snapshot (seq 20) are gone; the first left is 21, and
+    # the log is not read from before it as if complete.
+    assert s.catalog.pruned_seq() == 20 and s.catalog.changes_since(20)[0][0] == 21
+    with pytest.raises(ChangeLogPruned):
+        s.catalog.changes_since(0)
     s.add(items(30, 5))
     s.close()
     newest = max((tmp_path / "snapshots").glob("*.faiss"))
@@ -515,7 +524,8 @@ class SharedCatalog(SqliteCatalog):
     """SQLite standing in for a catalog other replicas share: while ``down``, every call
     the tests make fails with NotReady, as PostgresCatalog's CatalogUnavailable does.
     ``vanished`` ids' records are not found by fid, as if deleted just after the log was
-    read; ``gets`` counts reads by id."""
+    read; ``gets`` counts reads by id; ``recorded`` holds the replicas' records of how far
+    they applied the log, in order."""
 
     shared = True
 
@@ -524,6 +534,11 @@ class SharedCatalog(SqliteCatalog):
         self.down = False
         self.vanished: set[str] = set()
         self.gets = 0
+        self.recorded: list[tuple[str, int]] = []
+
+    def record_replica(self, replica_id: str, applied_seq: int) -> None:
+        self._reach()
+        self.recorded.append((replica_id, applied_seq))
 
     def _reach(self) -> None:
         if self.down:
@@ -633,6 +648,100 @@ def test_an_id_memory_may_lack_is_503_not_404_while_the_shared_catalog_is_down(
     with pytest.raises(NotReady):
         replica.get("other")  # could be the id of the row memory has no record of
     assert replica.get("id0") is not None
+
+
+def index_ids(s: ItemStore) -> set[str]:
+    """The ids of every item the store's index holds (a flat index: every one is found)."""
+    return {m.id for m in s.search([SearchQuery(vec(0), k=1000)])[0]}
+
+
+def catalog_ids(catalog: SqliteCatalog) -> set[str]:
+    return {item.id for item in catalog.page(1000)}
+
+
+def churn(writer: ItemStore, start: int) -> None:
+    """Adds, replacements and deletes: changes a replica away from the log misses."""
+    writer.add(items(start, 6, label="b"))
+    writer.add([NewItem("id0", vec(500), "c")])  # a new row; the old one's delete is logged
+    writer.delete("id1")
+    writer.delete(f"id{start}")
+
+
+def test_a_replica_behind_the_pruned_log_rebuilds_from_the_catalog_instead_of_replaying(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    catalog = SharedCatalog(tmp_path / "shared.sqlite3")
+    writer = shared_store(tmp_path / "writer", catalog)
+    replica = shared_store(tmp_path / "replica", catalog)
+    writer.add(items(0, 4))
+    replica.catch_up()
+    away = replica.applied_seq
+    churn(writer, 10)
+    assert catalog.prune_changes(catalog.last_seq() - 2) > 0  # past what the replica applied
+    with pytest.raises(ChangeLogPruned):
+        catalog.changes_since(away)  # the log from there would miss changes
+    with caplog.at_level("WARNING", logger="batchserve.storage.store"):
+        replica.catch_up()
+    assert index_ids(replica) == catalog_ids(catalog) == index_ids(writer)
+    assert replica.applied_seq == catalog.last_seq() and replica.behind() == 0
+    assert "rebuilding the index from the catalog" in caplog.text
+    assert (
+        replica.get("id1") is None
+        and replica.search([SearchQuery(vec(500), k=1)])[0][0].id == "id0"
+    )
+    state = index_json(replica.describe())["catalog"]
+    assert state["rebuilt_behind_horizon"] == 1 and state["pruned_seq"] == catalog.pruned_seq()
+    assert state["replica_id"] == replica.replica_id != writer.replica_id
+    assert replica.snapshot() is not None  # the index no snapshot held is written down
+
+
+def test_a_snapshot_older_than_the_pruned_log_is_not_replayed(tmp_path: Path) -> None:
+    catalog = SharedCatalog(tmp_path / "shared.sqlite3")
+    writer = shared_store(tmp_path / "writer", catalog)
+    writer.add(items(0, 4))
+    replica = shared_store(tmp_path / "replica", catalog)
+    assert replica.snapshot() is not None
+    churn(writer, 10)
+    catalog.prune_changes(catalog.last_seq())  # every change: nothing left to replay
+    again = ItemStore(tmp_path / "replica", VectorIndex(DIM, IndexParams()), dict(MODEL), catalog)
+    report = again.open()
+    assert report.rebuilt and report.behind_horizon and report.snapshot_seq is None
+    assert index_ids(again) == catalog_ids(catalog) and again.behind() == 0
+    assert again.rebuilt_behind_horizon == 1 and again.replica_id == replica.replica_id
+    assert catalog.recorded[-1] == (again.replica_id, catalog.last_seq())  # before the rebuild
+
+
+def test_a_log_pruned_to_its_last_change_is_complete_from_there(tmp_path: Path) -> None:
+    catalog = SharedCatalog(tmp_path / "shared.sqlite3")
+    writer = shared_store(tmp_path / "writer", catalog)
+    writer.add(items(0, 4))
+    last = catalog.last_seq()
+    assert catalog.prune_changes(last) == 4
+    assert catalog.last_seq() == catalog.pruned_seq() == last  # not 0: seqs go on from it
+    assert catalog.changes_since(last) == []
+    newcomer = shared_store(tmp_path / "newcomer", catalog)
+    writer.add(items(4, 1))
+    assert newcomer.catch_up() == 1 and index_ids(newcomer) == catalog_ids(catalog)
+    assert newcomer.rebuilt_behind_horizon == writer.rebuilt_behind_horizon == 0
+
+
+def test_pruning_the_log_records_how_far_the_replica_applied_it_first(tmp_path: Path) -> None:
+    catalog = SharedCatalog(tmp_path / "shared.sqlite3")
+    replica = shared_store(tmp_path / "replica", catalog)
+    replica.add(items(0, 3))
+    assert replica.prune_change_log() == 3  # SQLite's prune keeps no retention of its own
+    assert catalog.recorded[-1] == (replica.replica_id, 3)
+    alone = store(tmp_path / "alone")  # its own catalog: pruned as snapshots are written
+    alone.add(items(0, 3))
+    assert alone.prune_change_log() == 0 and len(alone.catalog.changes_since(0)) == 3
+
+
+def test_a_replica_id_is_made_once_per_data_dir_and_kept_there(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = replica_id(tmp_path / "a")
+    assert replica_id(tmp_path / "a") == first != replica_id(tmp_path / "b")
+    assert stat.S_IMODE((tmp_path / "a" / "replica-id").stat().st_mode) == 0o600
 
 
 def deep(levels: int) -> dict[str, object]:
