@@ -118,7 +118,7 @@ def index_command(job: BulkJob, path: str) -> int:
     from batchserve.bulk.command import index_into
     from batchserve.bulk.report import Progress, print_summary
     from batchserve.bulk.sources import sources_for
-    from batchserve.storage.store import lock_data_dir
+    from batchserve.storage.data_dir import lock_data_dir
 
     os.umask(0o077)
     sources = list(sources_for(path))

@@ -37,8 +37,8 @@ from batchserve.models.images import DecodeLimits
 from batchserve.models.spec import ModelSpec
 from batchserve.serving.batching import BatchPolicy
 from batchserve.settings import Meta, part, setting
+from batchserve.storage.data_dir import StoreSettings
 from batchserve.storage.index import IndexParams
-from batchserve.storage.store import StoreSettings
 
 ENV_PREFIX = "BATCHSERVE_"
 

@@ -52,13 +52,8 @@ from batchserve.serving.pipeline import Job, Outcome, PipelineRunner, StoreWorke
 from batchserve.serving.records import AddTask
 from batchserve.serving.service import ImageService, PoolRunner
 from batchserve.serving.threads import NamedThreadPool, name_this_thread
-from batchserve.storage.data_dir import open_store
-from batchserve.storage.store import (
-    IndexState,
-    ItemStore,
-    OpenReport,
-    lock_data_dir,
-)
+from batchserve.storage.data_dir import lock_data_dir
+from batchserve.storage.store import IndexState, ItemStore, OpenReport, open_store
 
 log = Logger(namespace="batchserve")
 
@@ -325,7 +320,7 @@ class Server:
 
     def _follow(self) -> None:
         """Keep the index current with the shared catalog: poll, and listen."""
-        from batchserve.storage.postgres import ChangeListener
+        from batchserve.storage.listener import ChangeListener
 
         store = self.settings.store
         self._follower = Follower(self.store, self.reactor, store.follow_interval_s, self.metrics)

@@ -97,7 +97,7 @@ class IndexOutput:
 def open_output(job: BulkJob, info: ModelInfo) -> IndexOutput:
     """The store of the job's data dir (which refuses another model's catalog) and the
     Parquet file, as the job asks."""
-    from batchserve.storage.data_dir import open_store
+    from batchserve.storage.store import open_store
 
     store = None
     if job.bulk.write_data_dir:

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from batchserve.bulk.settings import BulkJob, RaySettings
     from batchserve.bulk.sources import Source
     from batchserve.models.spec import ModelInfo
-    from batchserve.storage.store import StoreSettings
+    from batchserve.storage.data_dir import StoreSettings
 
 INSTALL_HINT = "--engine ray needs Ray: pip install 'batchserve[ray]'"
 

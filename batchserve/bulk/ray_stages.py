@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from batchserve.models.images import DecodeLimits
     from batchserve.models.spec import ModelInfo, ModelSpec
     from batchserve.storage.catalog import Catalog
-    from batchserve.storage.store import StoreSettings
+    from batchserve.storage.data_dir import StoreSettings
 
 
 def model_info(spec: ModelSpec) -> ModelInfo:

@@ -11,8 +11,8 @@ from batchserve.errors import ConfigError
 from batchserve.models.images import DecodeLimits
 from batchserve.models.spec import ModelSpec
 from batchserve.settings import setting
+from batchserve.storage.data_dir import StoreSettings
 from batchserve.storage.index import IndexParams
-from batchserve.storage.store import StoreSettings
 
 
 @dataclass(frozen=True)

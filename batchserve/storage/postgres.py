@@ -64,7 +64,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -87,21 +86,22 @@ from batchserve.storage.catalog import (
     check_row,
     row_shape,
 )
+from batchserve.storage.postgres_schema import (
+    CHANNEL,
+    INSERT_ITEM,
+    ITEM_COLUMNS,
+    KEEPALIVES,
+    LOG_LOCK,
+    PRUNE,
+    PRUNE_LOCK,
+    SCHEMA,
+    SCHEMA_LOCK,
+    libpq_timeout_s,
+)
 from batchserve.storage.records import Item, NewItem
 from batchserve.storage.watchdog import NoAnswer, Watchdog
 
 log = logging.getLogger(__name__)
-
-#: LISTEN/NOTIFY channel of the change log; the payload is the last seq committed.
-CHANNEL = "batchserve_changes"
-
-#: Advisory locks in the two-int key space: (batchserve's class, lock). Part of the protocol
-#: between writers: anything else that writes the catalog takes them as this module does.
-LOCK_CLASS = 0x62737276  # "bsrv"
-SCHEMA_LOCK = (LOCK_CLASS, 1)
-LOG_LOCK = (LOCK_CLASS, 2)
-#: Held by the one replica pruning the log at a time (the others skip their pass).
-PRUNE_LOCK = (LOCK_CLASS, 3)
 
 #: How long the pool keeps reconnecting in the background after a failure (with backoff
 #: from 1 s, doubling) before it waits for the next caller to ask: longer, and a server back
@@ -114,100 +114,8 @@ _RECONNECT_S = 5.0
 #: searches wait behind it.
 _FAILING_WAIT_S = 0.25
 
-#: TCP keepalives: a server gone without closing the connection (a host down, a network
-#: partition) fails a waiting call after about 20 s instead of never.
-_KEEPALIVES: dict[str, Any] = {
-    "keepalives": 1,
-    "keepalives_idle": 5,
-    "keepalives_interval": 5,
-    "keepalives_count": 3,
-}
-
 #: Rows per query when reading rows by fid or id.
 _BATCH = 1000
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS items (
-    fid bigserial PRIMARY KEY,
-    id text NOT NULL UNIQUE,
-    label text,
-    class text,
-    metadata jsonb NOT NULL DEFAULT '{}',
-    embedding bytea NOT NULL,
-    created double precision NOT NULL
-);
-CREATE TABLE IF NOT EXISTS thumbnails (
-    fid bigint PRIMARY KEY REFERENCES items (fid) ON DELETE CASCADE,
-    jpeg bytea NOT NULL
-);
-CREATE TABLE IF NOT EXISTS sources (
-    fid bigint PRIMARY KEY REFERENCES items (fid) ON DELETE CASCADE,
-    sha256 text NOT NULL
-);
-CREATE TABLE IF NOT EXISTS changes (
-    seq bigserial PRIMARY KEY,
-    op text NOT NULL CHECK (op IN ('add', 'del')),
-    fid bigint NOT NULL,
-    at timestamptz NOT NULL DEFAULT clock_timestamp()
-);
-CREATE TABLE IF NOT EXISTS meta (key text PRIMARY KEY, value text NOT NULL);
-CREATE TABLE IF NOT EXISTS replicas (
-    id text PRIMARY KEY,
-    applied_seq bigint NOT NULL,
-    seen timestamptz NOT NULL
-);
-DO $$ BEGIN  -- a log from before retention: its changes count as logged now
-    IF NOT EXISTS (SELECT FROM information_schema.columns WHERE table_schema = current_schema()
-                   AND table_name = 'changes' AND column_name = 'at') THEN
-        ALTER TABLE changes ADD COLUMN at timestamptz NOT NULL DEFAULT now();
-        ALTER TABLE changes ALTER COLUMN at SET DEFAULT clock_timestamp();
-    END IF;
-END $$;
-"""
-
-#: One pruning statement (rule 8): forget expired replicas; delete the oldest PRUNE_BATCH
-#: changes up to what every live replica applied, stopping at the first one younger than the
-#: retention; raise ``pruned_seq`` to the last deleted.
-_PRUNE = f"""
-WITH expired AS (
-    DELETE FROM replicas WHERE seen < now() - make_interval(secs => %(expiry_s)s)
-), bound AS (
-    SELECT least(%(upto)s, min(applied_seq)) AS seq FROM replicas
-    WHERE seen >= now() - make_interval(secs => %(expiry_s)s)
-), batch AS (
-    SELECT seq, at FROM changes WHERE seq <= (SELECT seq FROM bound)
-    ORDER BY seq LIMIT {PRUNE_BATCH}
-), young AS (
-    SELECT min(seq) AS seq FROM batch
-    WHERE at > clock_timestamp() - make_interval(secs => %(keep_s)s)
-), gone AS (
-    DELETE FROM changes WHERE seq IN (SELECT seq FROM batch
-        WHERE seq < coalesce((SELECT seq FROM young), (SELECT seq FROM bound) + 1))
-    RETURNING seq
-), horizon AS (
-    INSERT INTO meta SELECT '{PRUNED_SEQ}', max(seq)::text FROM gone HAVING count(*) > 0
-    ON CONFLICT (key) DO UPDATE SET value = excluded.value
-    WHERE meta.value::bigint < excluded.value::bigint
-)
-SELECT count(*) FROM gone
-"""
-
-_INSERT_ITEM = """
-WITH added AS (
-    INSERT INTO items (id, label, class, metadata, embedding, created)
-    VALUES (%(id)s, %(label)s, %(class)s, %(metadata)s, %(embedding)s, %(created)s)
-    RETURNING fid
-), thumbnail AS (
-    INSERT INTO thumbnails (fid, jpeg)
-    SELECT fid, %(jpeg)s::bytea FROM added WHERE %(jpeg)s::bytea IS NOT NULL
-), source AS (
-    INSERT INTO sources (fid, sha256)
-    SELECT fid, %(digest)s::text FROM added WHERE %(digest)s::text IS NOT NULL
-)
-SELECT fid FROM added
-"""
-
-_ITEM_COLUMNS = "SELECT fid, id, label, class, metadata, created FROM items"
 
 
 class CatalogUnavailable(NotReady):
@@ -221,11 +129,6 @@ class CatalogUnavailable(NotReady):
     def __init__(self, detail: str, retry_after_s: int = 1) -> None:
         super().__init__("the shared catalog is unavailable", retry_after_s)
         self.detail = detail
-
-
-def _libpq_timeout_s(seconds: float) -> int:
-    """libpq's ``connect_timeout``: whole seconds, at least 2."""
-    return max(2, math.ceil(seconds))
 
 
 def _where(url: str) -> str:
@@ -281,7 +184,7 @@ class PostgresCatalog:
         )
         if given := conninfo_to_dict(url).get("options"):
             options = f"{given} {options}"
-        self._connect_timeout_s = _libpq_timeout_s(connect_timeout_s)
+        self._connect_timeout_s = libpq_timeout_s(connect_timeout_s)
         #: The longest wait for an answer on the client side, in seconds.
         self.bound_s = self._connect_timeout_s + statement_timeout_s
         self._watchdog = Watchdog(self.bound_s)
@@ -290,7 +193,7 @@ class PostgresCatalog:
             "connect_timeout": self._connect_timeout_s,
             "options": options,
             "application_name": "batchserve",
-            **_KEEPALIVES,
+            **KEEPALIVES,
         }
         #: Write transactions committed since opening (one per upsert or delete).
         self.commits = 0
@@ -434,7 +337,7 @@ class PostgresCatalog:
                     (
                         conn.execute("DELETE FROM items WHERE id = %s RETURNING fid", (item.id,)),
                         conn.execute(
-                            _INSERT_ITEM,
+                            INSERT_ITEM,
                             {
                                 "id": item.id,
                                 "label": item.label,
@@ -515,17 +418,17 @@ class PostgresCatalog:
         return 0 if row is None else int(row[0])
 
     def get(self, item_id: str) -> Item | None:
-        row = self._one(f"{_ITEM_COLUMNS} WHERE id = %s", (item_id,))
+        row = self._one(f"{ITEM_COLUMNS} WHERE id = %s", (item_id,))
         return None if row is None else _item(row)
 
     def page(self, limit: int, before_fid: int | None = None) -> list[Item]:
         """Up to ``limit`` items, newest first, older than row ``before_fid`` if given."""
         with self._connection() as conn:
             if before_fid is None:
-                rows = conn.execute(f"{_ITEM_COLUMNS} ORDER BY fid DESC LIMIT %s", (limit,))
+                rows = conn.execute(f"{ITEM_COLUMNS} ORDER BY fid DESC LIMIT %s", (limit,))
             else:
                 rows = conn.execute(
-                    f"{_ITEM_COLUMNS} WHERE fid < %s ORDER BY fid DESC LIMIT %s",
+                    f"{ITEM_COLUMNS} WHERE fid < %s ORDER BY fid DESC LIMIT %s",
                     (before_fid, limit),
                 )
             return [_item(row) for row in rows]
@@ -546,7 +449,7 @@ class PostgresCatalog:
             for start in range(0, len(unique), _BATCH):
                 self._watchdog.renew(conn)
                 rows = conn.execute(
-                    f"{_ITEM_COLUMNS} WHERE fid = ANY(%s::bigint[])",
+                    f"{ITEM_COLUMNS} WHERE fid = ANY(%s::bigint[])",
                     (unique[start : start + _BATCH],),
                 )
                 found.update((int(row[0]), _item(row)) for row in rows)
@@ -681,82 +584,11 @@ class PostgresCatalog:
                     got = conn.execute("SELECT pg_try_advisory_xact_lock(%s, %s)", PRUNE_LOCK)
                     if not (row := got.fetchone()) or not row[0]:
                         break
-                    deleted = int((conn.execute(_PRUNE, params).fetchone() or (0,))[0])
+                    deleted = int((conn.execute(PRUNE, params).fetchone() or (0,))[0])
                 pruned += deleted
                 if deleted < PRUNE_BATCH:
                     break
         return pruned
-
-
-class ChangeListener:
-    """Wakes a follower of the change log when any process commits a change: a dedicated
-    autocommit connection listening on ``CHANNEL``, opened by the first ``wait`` (on the
-    waiting thread, not the constructor's) and reopened after errors.
-
-    For one thread: ``wait`` and ``close`` are called by the thread that follows the log.
-    No call blocks past about ``connect_timeout_s + statement_timeout_s`` (or its
-    ``timeout_s``), even when the server is stopped: a wait for notifications ends on the
-    client side, and ``LISTEN`` is cut by a watchdog.
-    """
-
-    def __init__(
-        self, url: str, connect_timeout_s: float = 2.0, statement_timeout_s: float = 5.0
-    ) -> None:
-        self.url = url
-        self._connect_timeout_s = _libpq_timeout_s(connect_timeout_s)
-        self._watchdog = Watchdog(
-            self._connect_timeout_s + statement_timeout_s, "batchserve-listen-watchdog"
-        )
-        self._conn: psycopg.Connection[TupleRow] | None = None
-
-    def _connect(self) -> bool:
-        try:
-            conn = psycopg.connect(
-                self.url,
-                autocommit=True,
-                connect_timeout=self._connect_timeout_s,
-                application_name="batchserve-listener",
-                **_KEEPALIVES,
-            )
-        except psycopg.OperationalError:
-            return False
-        try:
-            with self._watchdog.watching(conn):
-                conn.execute(f"LISTEN {CHANNEL}")
-        except psycopg.OperationalError:
-            conn.close()
-            return False
-        self._conn = conn
-        return True
-
-    def wait(self, timeout_s: float) -> bool:
-        """Wait up to ``timeout_s`` for a change. True when one was notified, or when the
-        connection was just opened (changes before it were not notified: read the log);
-        False on timeout, and while PostgreSQL is unreachable (after waiting out
-        ``timeout_s``, so that a caller's loop does not spin)."""
-        deadline = time.monotonic() + timeout_s
-        if self._conn is None:
-            if self._connect():
-                return True
-            time.sleep(max(0.0, deadline - time.monotonic()))
-            return False
-        try:
-            received = sum(1 for _ in self._conn.notifies(timeout=timeout_s, stop_after=1))
-            if received:
-                # Several commits wake a follower once: it reads the whole log anyway.
-                sum(1 for _ in self._conn.notifies(timeout=0.0))
-        except psycopg.OperationalError:
-            self.close()
-            return False
-        return received > 0
-
-    def close(self) -> None:
-        """Close the connection (``wait`` opens another); a thread that follows the log
-        calls it once more when it stops."""
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-        self._watchdog.close()
 
 
 def _item(row: Sequence[Any]) -> Item:

@@ -16,12 +16,10 @@ the catalog, and fail with its NotReady (HTTP 503, Retry-After) meanwhile.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import time
-import uuid
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,84 +29,19 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from batchserve.errors import ConfigError, NotReady
+from batchserve.errors import NotReady
+from batchserve.models.spec import ModelInfo
 from batchserve.models.views import VIEW_WEIGHT
-from batchserve.settings import setting
 from batchserve.storage.catalog import Catalog, ChangeLogPruned, row_shape
+from batchserve.storage.data_dir import StoreSettings, replica_id
+from batchserve.storage.index import IndexParams, VectorIndex
 from batchserve.storage.records import Item, Match, NewItem
 from batchserve.storage.sqlite import SqliteCatalog
+from batchserve.storage.viewed_index import ViewedIndex
 
 log = logging.getLogger(__name__)
 
 KEEP_SNAPSHOTS = 2
-
-
-@dataclass(frozen=True)
-class StoreSettings:
-    """Where items live and how often the index is written down. Times in seconds."""
-
-    data_dir: str = setting("data", "directory for the catalog and index snapshots")
-    snapshot_interval_s: float = setting(
-        300.0,
-        "seconds between index snapshots (only when something changed; also at exit)",
-        above=0,
-    )
-    demo: bool = setting(
-        True, "on a first start with an empty data dir, index the sample photos shipped"
-    )
-    catalog: str = setting(
-        "sqlite",
-        "where items live: 'sqlite' (the embedded catalog in the data dir), or a "
-        "postgresql://user@host:port/db URL that several replicas share",
-    )
-    follow_interval_s: float = setting(
-        1.0,
-        "with a shared catalog, seconds between polls of its change log (a change is also "
-        "announced at once by LISTEN/NOTIFY)",
-        above=0,
-    )
-    change_log_retention_s: float = setting(
-        3600.0,
-        "with a shared catalog, seconds a change stays in its log at least (keep it above "
-        "--snapshot-interval-s); older changes that every live replica has applied are pruned, "
-        "and a replica whose snapshot is older than the log rebuilds its index from the catalog",
-        at_least=0,
-    )
-    replica_expiry_s: float = setting(
-        86400.0,
-        "with a shared catalog, seconds after which a replica not heard from (stopped, or cut "
-        "off) no longer holds back the pruning of its change log",
-        above=0,
-    )
-
-    def __post_init__(self) -> None:
-        if self.catalog != "sqlite" and not self.shared_catalog:
-            raise ConfigError(
-                f"catalog must be 'sqlite' or a postgresql:// URL, got {self.catalog!r}"
-            )
-
-    @property
-    def shared_catalog(self) -> bool:
-        return self.catalog.startswith(("postgresql://", "postgres://"))
-
-    def open_catalog(self, dim: int, views: int = 0) -> Catalog | None:
-        """The catalog these settings name: None for the data dir's own SQLite catalog."""
-        if not self.shared_catalog:
-            return None
-        try:
-            from batchserve.storage.postgres import PostgresCatalog
-        except ImportError as e:
-            raise ConfigError(
-                "a postgresql:// catalog needs the postgres extra: "
-                "pip install 'batchserve[postgres]'"
-            ) from e
-        return PostgresCatalog(
-            self.catalog,
-            dim,
-            views,
-            change_log_retention_s=self.change_log_retention_s,
-            replica_expiry_s=self.replica_expiry_s,
-        )
 
 
 class SearchableIndex(Protocol):
@@ -178,25 +111,6 @@ class OpenReport:
     skipped_snapshots: list[str] = field(default_factory=list)
 
 
-class DataDirLocked(ConfigError):
-    code = "data_dir_locked"
-
-
-def lock_data_dir(data_dir: Path) -> int:
-    """Take the data dir's exclusive lock (one server or indexer at a time); return the fd,
-    held until the process exits."""
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(data_dir / "lock", os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as e:
-        os.close(fd)
-        raise DataDirLocked(
-            f"{data_dir} is in use by another batchserve process (server or indexer)"
-        ) from e
-    return fd
-
-
 @dataclass(frozen=True)
 class ChangeLogState:
     """With a shared catalog: this replica's id in the catalog's ``replicas`` table, the last
@@ -233,23 +147,6 @@ class IndexState:
     applied_seq: int
     behind: int
     change_log: ChangeLogState | None = None
-
-
-def replica_id(data_dir: Path) -> str:
-    """The id of the replica whose data dir is ``data_dir``: made once, kept in the dir."""
-    path = data_dir / "replica-id"
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        pass
-    made = uuid.uuid4().hex
-    tmp = path.with_name(path.name + ".tmp")
-    with open(os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600), "w") as f:
-        f.write(made + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return made
 
 
 class ItemStore:
@@ -700,3 +597,15 @@ class ItemStore:
             pass  # its last record stands, until it expires
         finally:
             self.catalog.close()
+
+
+def open_store(settings: StoreSettings, params: IndexParams, info: ModelInfo) -> ItemStore:
+    """The item store for ``info``'s embeddings in the data dir, on its own catalog or a
+    shared one (either refuses another model's)."""
+    rows = VectorIndex(info.dim, params)
+    # With crop views, an index of rows, several per item, used by item.
+    index: SearchableIndex = ViewedIndex(rows, info.views) if info.views else rows
+    catalog = settings.open_catalog(info.dim, info.views)
+    return ItemStore(
+        Path(settings.data_dir), index, info.fingerprint(), catalog=catalog, views=info.views
+    )

@@ -12,7 +12,7 @@ from typing import Any
 
 from batchserve.bulk.command import index_into
 from batchserve.config import BulkSettings
-from batchserve.storage.store import StoreSettings
+from batchserve.storage.data_dir import StoreSettings
 from bench.harness import fill
 
 

@@ -21,13 +21,9 @@ from psycopg import sql
 
 from batchserve.errors import NotReady
 from batchserve.storage.catalog import ChangeLogPruned, ModelMismatch
-from batchserve.storage.postgres import (
-    LOG_LOCK,
-    CatalogUnavailable,
-    ChangeListener,
-    PostgresCatalog,
-    id_lock_key,
-)
+from batchserve.storage.listener import ChangeListener
+from batchserve.storage.postgres import CatalogUnavailable, PostgresCatalog, id_lock_key
+from batchserve.storage.postgres_schema import LOG_LOCK
 from batchserve.storage.records import NewItem
 from batchserve.storage.sqlite import SqliteCatalog
 from tests.postgres import PostgresCluster, free_port, postgres_cluster

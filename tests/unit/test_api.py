@@ -28,9 +28,10 @@ from batchserve.serving.batching import BatchPolicy
 from batchserve.serving.inference import InferenceWorker
 from batchserve.serving.metrics import Metrics, MetricsPage
 from batchserve.serving.records import AddTask, SearchRequest, SearchTask
+from batchserve.storage.data_dir import StoreSettings
 from batchserve.storage.index import IndexParams, VectorIndex
 from batchserve.storage.records import MAX_METADATA_DEPTH
-from batchserve.storage.store import ItemStore, StoreSettings
+from batchserve.storage.store import ItemStore
 from batchserve.testing import (
     FakeModel,
     FakeRunner,

@@ -25,8 +25,9 @@ from batchserve.models.views import CROP_VIEWS
 from batchserve.server import Threads, build
 from batchserve.serving.batching import Batch, BatchPolicy
 from batchserve.serving.records import AddTask
+from batchserve.storage.data_dir import StoreSettings
 from batchserve.storage.records import NewItem
-from batchserve.storage.store import ItemStore, StoreSettings
+from batchserve.storage.store import ItemStore
 from batchserve.testing import FakeModel, SyncModelRunner, encode_image, result_of, run_now
 
 TIMEOUT_S = 0.5

@@ -30,7 +30,7 @@ from batchserve.errors import ConfigError
 from batchserve.http.bodies import RequestLimits
 from batchserve.serving.batching import BatchPolicy
 from batchserve.settings import setting
-from batchserve.storage.store import StoreSettings
+from batchserve.storage.data_dir import StoreSettings
 from batchserve.train.settings import TrainSettings
 
 

@@ -20,7 +20,7 @@ from batchserve.models.images import DecodeLimits, decode_image
 from batchserve.models.views import CROP_VIEWS, VIEW_WEIGHT, crop_boxes
 from batchserve.server import Server, Threads, build
 from batchserve.serving.records import AddTask, SearchRequest, SearchTask
-from batchserve.storage.store import StoreSettings
+from batchserve.storage.data_dir import StoreSettings
 from batchserve.testing import FakeModel, SyncModelRunner, result_of, run_now
 
 RED, BLUE = (230, 30, 30), (30, 40, 220)

@@ -16,8 +16,9 @@ from twisted.python.failure import Failure
 from batchserve.config import ServerSettings, ServeSettings
 from batchserve.models.spec import ModelInfo
 from batchserve.server import Threads, build
+from batchserve.storage.data_dir import StoreSettings
 from batchserve.storage.index import IndexParams, VectorIndex
-from batchserve.storage.store import ItemStore, StoreSettings
+from batchserve.storage.store import ItemStore
 from batchserve.testing import FakeModel, SyncModelRunner, result_of, run_now
 from tests.unit.test_api import RED, Harness
 

@@ -16,6 +16,7 @@ import pytest
 from batchserve.errors import InvalidInput, NotReady
 from batchserve.http.wire import index_json
 from batchserve.storage.catalog import ChangeLogPruned, ModelMismatch
+from batchserve.storage.data_dir import DataDirLocked, lock_data_dir, replica_id
 from batchserve.storage.index import IndexParams, VectorIndex
 from batchserve.storage.records import (
     MAX_METADATA_DEPTH,
@@ -25,13 +26,7 @@ from batchserve.storage.records import (
     check_metadata,
 )
 from batchserve.storage.sqlite import SqliteCatalog
-from batchserve.storage.store import (
-    DataDirLocked,
-    ItemStore,
-    SearchQuery,
-    lock_data_dir,
-    replica_id,
-)
+from batchserve.storage.store import ItemStore, SearchQuery
 
 DIM = 16
 MODEL = {"name": "m", "weights_sha256": "abc", "dim": DIM}
@@ -168,7 +163,8 @@ def test_data_dir_lock_is_exclusive(tmp_path: Path) -> None:
 
     lock_data_dir(tmp_path)
     code = (
-        "import sys; from pathlib import Path; from batchserve.storage.store import lock_data_dir\n"
+        "import sys; from pathlib import Path\n"
+        "from batchserve.storage.data_dir import lock_data_dir\n"
         f"lock_data_dir(Path({str(tmp_path)!r}))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
