@@ -31,7 +31,9 @@ from typing import Any, TypeVar
 
 from batchserve.bulk.settings import BulkJob, EngineSettings, RaySettings
 from batchserve.errors import ConfigError
+from batchserve.http.auth import ALLOWED_HOST, BrowserGuard
 from batchserve.http.bodies import RequestLimits
+from batchserve.http.site import ConnectionLimits
 from batchserve.models import views
 from batchserve.models.images import DecodeLimits
 from batchserve.models.spec import ModelSpec
@@ -264,6 +266,37 @@ class ServerSettings:
     write_token: str = setting(
         "", "bearer token for adding and deleting items (empty: api_token, if set)"
     )
+    allowed_hosts: str = setting(
+        "localhost",
+        "while no token is set, the names a request's Host may give besides IP addresses and "
+        "--host (comma-separated; '.example.com' also allows its subdomains, '*' any name): "
+        "other names get 421, so that a page on a name re-pointed at this server (DNS "
+        "rebinding) cannot call it; health checks and /metrics answer any name",
+    )
+    header_timeout_s: float = setting(
+        10.0,
+        "longest time from a request's first byte to the end of its headers (408 and the "
+        "connection closed after), however steadily the bytes come",
+        above=0,
+    )
+    body_timeout_s: float = setting(
+        60.0,
+        "longest time from a request's first byte to the end of its body (408 and the "
+        "connection closed after), however steadily the bytes come: 60 s carries 7 MB at "
+        "1 Mbit/s; raise it for larger bodies over slow links",
+        above=0,
+    )
+    idle_timeout_s: float = setting(
+        75.0,
+        "longest wait for the next request on an open connection, before it is closed "
+        "(longer than a proxy's keep-alive, nginx's 60 s, so that the proxy closes first)",
+        above=0,
+    )
+    max_connections: int = setting(
+        1000,
+        "connections open at once on the API port; a new one past this is answered 503 and closed",
+        at_least=1,
+    )
     metrics_address: str = setting(
         "", "HOST:PORT to serve /metrics on instead of the API port (empty: the API port)"
     )
@@ -308,6 +341,28 @@ class ServerSettings:
         if self.metrics_address:
             self.metrics_host_port()
         self.trusted_proxies()
+        for name in (n.strip().lower() for n in self.allowed_hosts.split(",")):
+            if name and not ALLOWED_HOST.fullmatch(name):
+                raise ConfigError(
+                    "allowed_hosts must be host names, '.domain' or '*', comma-separated; "
+                    f"got {name!r}"
+                )
+
+    def browser_guard(self) -> BrowserGuard | None:
+        """What screens requests for pages of other sites while no token is set (see
+        http/auth.py); None once a token is set."""
+        if self.api_token or self.write_token:
+            return None
+        return BrowserGuard.allowing(self.allowed_hosts, self.host)
+
+    def connection_limits(self) -> ConnectionLimits:
+        """What the API's Site holds its connections to (see http/site.py)."""
+        return ConnectionLimits(
+            header_timeout_s=self.header_timeout_s,
+            body_timeout_s=self.body_timeout_s,
+            idle_timeout_s=self.idle_timeout_s,
+            max_connections=self.max_connections,
+        )
 
     def metrics_host_port(self) -> tuple[str, int]:
         """``metrics_address`` split into host and port; ConfigError when malformed."""

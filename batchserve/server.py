@@ -9,6 +9,7 @@ same graph with fakes in place of the model, the thread pools and the reactor.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import threading
 import time
@@ -178,6 +179,9 @@ def build(
         settings.server.access_log,
         api.refuse_early,
         settings.server.trusted_proxies(),
+        guard=settings.server.browser_guard(),
+        limits=settings.server.connection_limits(),
+        clock=reactor,
     )
     return Server(
         settings, reactor, metrics, worker, threads, store_worker, batcher, service, api, site
@@ -188,6 +192,17 @@ def _tcp_address(port: IListeningPort) -> IPv4Address | IPv6Address:
     address = port.getHost()
     assert isinstance(address, IPv4Address | IPv6Address), "listenTCP listens on an IP address"
     return address
+
+
+def _beyond_loopback(host: str) -> bool:
+    """Whether a server listening on ``host`` (--host) takes connections from other hosts:
+    on any address but a loopback one, or a name other than localhost."""
+    if host.lower().rstrip(".") == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return True
 
 
 def _loaded(info: ModelInfo | None) -> ModelInfo:
@@ -262,12 +277,31 @@ class Server:
             port=self.address.port,
             auth=" (bearer tokens required)" if secured else "",
         )
+        if not secured and _beyond_loopback(settings.host):
+            # Docker's images listen on 0.0.0.0 with no token: refusing to start would
+            # break them, so say it where the operator looks.
+            log.warn(
+                "listening on {host}, beyond this host, with no token: anyone who can reach "
+                "port {port} can read, add and delete items. Set --api-token (or "
+                "BATCHSERVE_API_TOKEN; --write-token for a token of its own for writes), or "
+                "--host 127.0.0.1. Until a token is set, a request that names this server by "
+                "a name other than localhost gets 421 unless --allowed-hosts lists it",
+                host=self.address.host,
+                port=self.address.port,
+            )
 
     def _listen_metrics(self) -> None:
         settings = self.settings.server
         if settings.metrics_address:
             host, port = settings.metrics_host_port()
-            page = Site(MetricsPage(self.metrics))
+            # The API's Site, for its Server header (no version) and connection limits.
+            page = make_site(
+                MetricsPage(self.metrics),
+                max_body_bytes=0,
+                access_log=False,
+                limits=settings.connection_limits(),
+                clock=self.reactor,
+            )
             page.noisy = False
             self._metrics_port = self.reactor.listenTCP(
                 port,

@@ -1,11 +1,21 @@
 """The Twisted Site that serves the API: request bodies bounded, requests refused from their
-headers when their work cannot be taken, multipart left to the API, access log on or off.
+headers when their work cannot be taken or when a browser's page may not send them, slow
+and surplus connections closed, multipart left to the API, access log on or off.
 
 A request is judged twice before its handler runs, both times from its headers alone, so
 that what will be refused is never buffered nor parsed: a ``Content-Length`` over the limit
-(answered 413 by the handler), and ``refuse_early(request, method, path)``, which may return
-how to answer the request at once. Under overload most requests are refusals; this keeps
-their cost to reading the bytes off the socket, not routing, parsing and JSON-encoding them.
+(answered 413 by the handler), and then, unless the site's ``BrowserGuard`` (http/auth.py;
+only while no token is set) refuses it, ``refuse_early(request, method, path)``, which may
+return how to answer the request at once. Under overload most requests are refusals; this
+keeps their cost to reading the bytes off the socket, not routing, parsing and JSON-encoding
+them.
+
+A connection may not hold the server by sending slowly or not at all (``ConnectionLimits``):
+a request's headers must be in within ``header_timeout_s`` of its first byte and all of it
+within ``body_timeout_s`` (a deadline, not restarted by each byte as Twisted's idle timer
+is), else 408 and the connection closes; between requests a connection may idle for
+``idle_timeout_s`` (Twisted's own timer); past ``max_connections`` open at once, a new one
+is answered 503 and closed. Responses name the server ``batchserve``, with no version.
 
 The access line names the client: the TCP peer, or, when the peer is a trusted proxy (nginx
 in front of the replicas), the client its forwarding header names (``forwarded_client``).
@@ -14,6 +24,7 @@ in front of the replicas), the client its forwarding header names (``forwarded_c
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -21,15 +32,30 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
-from twisted.web.server import Request, Site, version
+from twisted.web.server import Request, Site
 
+from batchserve.http.auth import BrowserGuard, Refusal
 from batchserve.http.bodies import RequestLimits
+from batchserve.http.wire import error_body
 from batchserve.serving import logs
 from batchserve.serving.service import Call
+
+log = Logger(namespace="batchserve")
+
+#: Every response's Server header: the software, not its version (which would tell a
+#: scanner which known flaws to try); the version is in the start-up log line.
+SERVER = b"batchserve"
+
+#: Reason phrases Twisted does not know.
+_REASONS = {421: b"Misdirected Request"}
 
 #: Writes a whole response to ``request`` and finishes it.
 EarlyAnswer = Callable[[Request], None]
@@ -70,13 +96,116 @@ def _let_through(request: Request, method: bytes, path: bytes) -> EarlyAnswer | 
     return None
 
 
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """How long a connection may take to send a request, and how many may be open at once:
+    what keeps clients that send slowly, or never, from holding the server (slowloris)."""
+
+    #: From a request's first byte to the end of its headers, seconds.
+    header_timeout_s: float
+    #: From a request's first byte to the end of its body, seconds.
+    body_timeout_s: float
+    #: Longest wait for the next request on an open connection, seconds (Twisted's idle
+    #: timer, which each byte received restarts).
+    idle_timeout_s: float
+    #: Connections open at once; a new one past this is answered 503 and closed.
+    max_connections: int
+
+
+def raw_answer(status: int, reason: bytes, code: str, message: str) -> bytes:
+    """A whole response, written to a connection with no request to answer through (one
+    whose request never arrived in time, or one over the limit): a JSON error, then the
+    connection closes."""
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    head = [
+        b"HTTP/1.1 %d %s" % (status, reason),
+        b"Server: " + SERVER,
+        b"Date: " + datetimeToString(),
+        b"Content-Type: application/json",
+        b"Content-Length: %d" % len(body),
+        b"Connection: close",
+    ]
+    if status == 503:
+        head.append(b"Retry-After: 1")
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+class OpenConnections:
+    """How many connections a site has open, against its limit."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.count = 0
+        self._refusing = False
+
+    def opened(self) -> bool:
+        """Count a new connection; whether it is within the limit (if not, it is counted
+        until it closes all the same). The first refusal after a connection was let in is
+        logged, not each one: a flood would flood the log."""
+        self.count += 1
+        if self.limit is None or self.count <= self.limit:
+            self._refusing = False
+            return True
+        if not self._refusing:
+            log.warn(
+                "{n} connections open, over --max-connections {limit}: new ones get 503",
+                n=self.count,
+                limit=self.limit,
+            )
+            self._refusing = True
+        return False
+
+    def closed(self) -> None:
+        self.count -= 1
+
+
 class RequestLineChannel(HTTPChannel):
     """An HTTPChannel that keeps the request line of the request whose headers it is
     reading, so that the request can be judged from its method and path once its headers
-    are in, before its body (Twisted sets ``Request.method`` and ``uri`` only after it)."""
+    are in, before its body (Twisted sets ``Request.method`` and ``uri`` only after it); and
+    that holds each request it reads to its ``ConnectionLimits`` (set by the site that
+    builds it; none: Twisted's idle timer alone)."""
 
     request_line = b""
     _awaiting_request_line = True
+    limits: ConnectionLimits | None = None
+    connections: OpenConnections | None = None
+    #: The site's clock (Twisted's ``callLater`` on the channel comes from it too).
+    clock: IReactorTime | None = None
+    #: A request's headers or body are being read, and must be in by this call.
+    _deadline: IDelayedCall | None = None
+    _started_s = 0.0
+    #: Between a request's last byte and its answer: no deadline runs.
+    _answering = False
+    _counted = False
+    _closing = False
+
+    def connectionMade(self) -> None:  # noqa: N802 (Twisted API)
+        super().connectionMade()
+        if self.connections is None:
+            return
+        self._counted = True
+        if not self.connections.opened():
+            self._close_with(
+                raw_answer(
+                    503,
+                    b"Service Unavailable",
+                    "overloaded",
+                    "too many connections are open to this server; retry shortly",
+                )
+            )
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted API)
+        if self._closing:
+            return
+        if self._deadline is None and not self._answering and self.limits is not None:
+            # The first byte of a request (or of bytes sent early, replayed once the request
+            # before them is answered): its headers must be in within header_timeout_s.
+            assert self.clock is not None, "the site that sets limits sets its clock"
+            self._started_s = self.clock.seconds()
+            limit_s = self.limits.header_timeout_s
+            self._deadline = self.clock.callLater(limit_s, self._too_slow, "headers", limit_s)
+        super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:  # noqa: N802 (Twisted API)
         if self._awaiting_request_line and line:
@@ -86,7 +215,53 @@ class RequestLineChannel(HTTPChannel):
 
     def allHeadersReceived(self) -> None:  # noqa: N802 (Twisted API)
         self._awaiting_request_line = True  # the next line starts the next request
+        if self._deadline is not None and self.limits is not None and self.clock is not None:
+            # The body's deadline counts from the request's first byte too.
+            self._deadline.cancel()
+            left_s = self._started_s + self.limits.body_timeout_s - self.clock.seconds()
+            self._deadline = self.clock.callLater(
+                max(0.0, left_s), self._too_slow, "body", self.limits.body_timeout_s
+            )
         super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:  # noqa: N802 (Twisted API)
+        # Before Twisted's: it may answer the request at once and read the next one.
+        self._stop_deadline()
+        self._answering = True
+        super().allContentReceived()
+
+    def requestDone(self, request: Request) -> None:  # noqa: N802 (Twisted API)
+        self._answering = False  # bytes of the next request, replayed now, start its clock
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
+        self._stop_deadline()
+        if self._counted and self.connections is not None:
+            self._counted = False
+            self.connections.closed()
+        super().connectionLost(reason)
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self, part: str, limit_s: float) -> None:
+        self._deadline = None
+        message = f"the request's {part} did not arrive within {limit_s:g} s of its start"
+        self._close_with(raw_answer(408, b"Request Timeout", "request_timeout", message))
+
+    def _close_with(self, answer: bytes) -> None:
+        """Answer with ``answer`` and close; what the client sends from now on is dropped.
+        Twisted's idle time-out closes so too: once what was written is sent, or by force
+        ``abortTimeout`` seconds on, should the client read nothing."""
+        self._closing = True
+        self.persistent = False
+        self.setTimeout(None)  # the idle timer has nothing left to close
+        assert self.transport is not None, "a connected channel has a transport"
+        self.transport.write(answer)
+        self.timeoutConnection()
 
 
 class BoundedRequest(Request):
@@ -98,6 +273,8 @@ class BoundedRequest(Request):
     max_body_bytes = RequestLimits().max_body_bytes
     early_answer: EarlyAnswer | None = None
     refuse_early: RefuseEarly = staticmethod(_let_through)
+    #: Screens every request while no token is set (``bounded_request_factory``).
+    guard: BrowserGuard | None = None
     state: RequestState
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -119,7 +296,9 @@ class BoundedRequest(Request):
             method, _, rest = line.partition(b" ")
             path = rest.partition(b" ")[0]
             if method and path:
-                self.early_answer = self.refuse_early(self, method, path)
+                self.early_answer = self._screened(method, path) or self.refuse_early(
+                    self, method, path
+                )
         dropped = state.body_over_limit or self.early_answer is not None
         super().gotLength(0 if dropped else length)
 
@@ -133,6 +312,13 @@ class BoundedRequest(Request):
             return
         super().handleContentChunk(data)
 
+    def _screened(self, method: bytes, path: bytes) -> EarlyAnswer | None:
+        """The guard's refusal of this request, as an answer; None when it passes."""
+        if self.guard is None:
+            return None
+        refusal = self.guard.refusal(method, path, self.requestHeaders, self.isSecure())
+        return None if refusal is None else partial(_refuse, refusal)
+
     def process(self) -> None:
         if self.early_answer is None:
             super().process()
@@ -140,18 +326,36 @@ class BoundedRequest(Request):
         # What Request.process does before routing, then the answer: no resource lookup.
         # Site.buildProtocol gives each channel its site.
         self.site = self.channel.site  # type: ignore[attr-defined]
-        self.setHeader(b"Server", version)
         self.setHeader(b"Date", datetimeToString())
         self.early_answer(self)
 
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting:
+            # Request.process sets Twisted's name and version; every answer, refusals and
+            # errors included, is written through here first.
+            self.responseHeaders.setRawHeaders(b"Server", [SERVER])
+        super().write(data)
+
+
+def _refuse(refusal: Refusal, request: Request) -> None:
+    body = error_body(request, refusal.status, refusal.code, refusal.message)
+    if refusal.status in _REASONS:
+        request.setResponseCode(refusal.status, _REASONS[refusal.status])
+    request.write(body)
+    request.finish()
+
 
 def bounded_request_factory(
-    max_body_bytes: int, refuse_early: RefuseEarly | None = None
+    max_body_bytes: int,
+    refuse_early: RefuseEarly | None = None,
+    guard: BrowserGuard | None = None,
 ) -> type[BoundedRequest]:
-    """A BoundedRequest class with its limit and refusal, for ``Site(requestFactory=...)``."""
+    """A BoundedRequest class with its limit, guard and refusal, for
+    ``Site(requestFactory=...)``."""
     attributes = {
         "max_body_bytes": max_body_bytes,
         "refuse_early": staticmethod(refuse_early or _let_through),
+        "guard": guard,
     }
     return type("BoundedRequest", (BoundedRequest,), attributes)
 
@@ -288,8 +492,29 @@ def log_access(request: Request, trusted_proxies: Sequence[IPNetwork] = ()) -> N
 
 
 class _Site(Site):
+    """The Site of ``make_site``: its channels keep their request lines, held to its
+    connection limits, counted in ``connections``."""
+
     # Twisted declares the protocol factory as a method; a channel class is what it calls.
     protocol = RequestLineChannel  # type: ignore[assignment]
+
+    def __init__(self, resource: IResource, limits: ConnectionLimits | None, **kwargs: Any) -> None:
+        if limits is not None:
+            kwargs["timeout"] = limits.idle_timeout_s
+        super().__init__(resource, **kwargs)
+        self.limits = limits
+        self.connections = OpenConnections(limits.max_connections if limits else None)
+
+    # Twisted's annotation names the generic channel its own protocol attribute builds.
+    def buildProtocol(  # type: ignore[override]  # noqa: N802 (Twisted API)
+        self, addr: IAddress | None
+    ) -> RequestLineChannel:
+        channel = super().buildProtocol(addr)
+        assert isinstance(channel, RequestLineChannel), "protocol is a RequestLineChannel"
+        channel.limits = self.limits
+        channel.connections = self.connections
+        channel.clock = self.reactor
+        return channel
 
 
 def make_site(
@@ -298,15 +523,22 @@ def make_site(
     access_log: bool,
     refuse_early: RefuseEarly | None = None,
     trusted_proxies: Sequence[IPNetwork] = (),
+    guard: BrowserGuard | None = None,
+    limits: ConnectionLimits | None = None,
+    clock: IReactorTime | None = None,
 ) -> Site:
-    """A Site that serves ``resource`` as batchserve does: bodies bounded, requests refused
-    from their headers by ``refuse_early``, multipart left to the API (Twisted would parse
-    it a second time, on the reactor), one access line per request (or none), naming the
-    client that a peer in ``trusted_proxies`` forwarded for (none: the peer)."""
+    """A Site that serves ``resource`` as batchserve does: bodies bounded, requests screened
+    by ``guard`` (none: every request passes) and then refused from their headers by
+    ``refuse_early``, connections held to ``limits`` (none: Twisted's 12 h idle timer
+    alone) on ``clock`` (none: the global reactor), multipart left to the API (Twisted would
+    parse it a second time, on the reactor), one access line per request (or none), naming
+    the client that a peer in ``trusted_proxies`` forwarded for (none: the peer)."""
     site = _Site(
         resource,
-        requestFactory=bounded_request_factory(max_body_bytes, refuse_early),
+        limits,
+        requestFactory=bounded_request_factory(max_body_bytes, refuse_early, guard),
         parsePOSTFormSubmission=False,
+        reactor=clock,
     )
     logged = partial(log_access, trusted_proxies=tuple(trusted_proxies))
     site.log = logged if access_log else _no_access_log  # type: ignore[method-assign,assignment]

@@ -1009,3 +1009,57 @@ def test_a_v2_shape_past_its_limit_or_data_not_of_its_datatype_is_400(
     )
     assert response.status == 400, response.body[:300]
     assert "shape" in response.json()["error"] or "0-255" in response.json()["error"]
+
+
+# -- pages of other sites, names re-pointed at the server, slow clients (no token set) --------
+
+
+def test_a_form_posted_from_another_site_adds_nothing_and_the_servers_own_page_adds(
+    strict: Server,
+) -> None:
+    body, ctype = multipart({"id": "from-a-page"}, [("image", "a.jpg", JPEG)])
+    assert ctype is not None
+    elsewhere = {"Content-Type": ctype, "Origin": "http://evil.example"}
+    response = strict.request("POST", ITEMS, body, {**elsewhere, "Sec-Fetch-Site": "cross-site"})
+    assert response.status == 403 and response.json()["error"]["code"] == "forbidden"
+    assert strict.request("GET", f"{ITEMS}/from-a-page").status == 404
+    own = {"Content-Type": ctype, "Origin": f"http://127.0.0.1:{strict.port}"}
+    response = strict.request("POST", ITEMS, body, {**own, "Sec-Fetch-Site": "same-origin"})
+    assert response.status == 200, response.body[:300]
+    assert strict.request("DELETE", f"{ITEMS}/from-a-page", None, own).status == 200
+
+
+def test_a_name_re_pointed_at_the_server_is_misdirected_and_no_version_is_told(
+    strict: Server,
+) -> None:
+    rebound = {"Host": f"rebind.evil.example:{strict.port}"}
+    response = strict.request("GET", ITEMS, None, rebound)
+    assert response.status == 421, response.body[:300]
+    assert response.json()["error"]["code"] == "misdirected_request"
+    assert strict.request("GET", "/healthz", None, rebound).status == 200
+    assert strict.request("GET", "/healthz").headers["server"] == "batchserve"
+
+
+def test_headers_sent_a_byte_at_a_time_are_cut_off_after_header_timeout_s(
+    strict: Server,
+) -> None:
+    import select
+    import socket
+    import time
+
+    answer = b""
+    with socket.create_connection(("127.0.0.1", strict.port), timeout=30) as sock:
+        started = time.monotonic()
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        while time.monotonic() - started < 30:
+            if select.select([sock], [], [], 0.5)[0]:  # a byte every 0.5 s until answered
+                chunk = sock.recv(65536)
+                answer += chunk
+                if not chunk:
+                    break
+                continue
+            sock.sendall(b"a")
+        elapsed = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert b'"request_timeout"' in answer
+    assert 9.5 < elapsed < 15, elapsed  # --header-timeout-s 10, from the first byte

@@ -5,9 +5,10 @@ from __future__ import annotations
 import hmac
 
 import pytest
+from twisted.web.http_headers import Headers
 
 from batchserve.errors import Forbidden, Unauthorized
-from batchserve.http.auth import Tokens
+from batchserve.http.auth import BrowserGuard, Tokens
 
 
 def test_no_tokens_set_opens_everything() -> None:
@@ -57,3 +58,28 @@ def test_every_accepted_token_is_compared_in_constant_time(
     monkeypatch.setattr(hmac, "compare_digest", spy)
     Tokens(api="a", write="w").check(b"Bearer a", write=False)
     assert compared == [(b"a", b"a"), (b"a", b"w")]  # no early exit on the first match
+
+
+@pytest.mark.parametrize(
+    ("host", "origin", "same"),
+    [
+        (b"localhost:8080", b"http://localhost:8080", True),
+        (b"localhost", b"http://localhost:80", True),  # a default port, written or not
+        (b"LocalHost:8080", b"http://localhost:8080", True),
+        (b"[::1]:8080", b"http://[::1]:8080", True),
+        (b"localhost:8080", b"http://localhost:8081", False),
+        (b"localhost:8080", b"https://localhost:8080", False),
+        (b"localhost:8080", b"http://127.0.0.1:8080", False),
+        (b"localhost:8080", b"null", False),
+        (b"localhost:8080", b"http://localhost:8080/path", False),
+    ],
+)
+def test_only_a_request_from_the_servers_own_origin_may_write(
+    host: bytes, origin: bytes, same: bool
+) -> None:
+    guard = BrowserGuard.allowing("localhost")
+    headers = Headers({b"host": [host], b"origin": [origin]})
+    refusal = guard.refusal(b"POST", b"/v1/items", headers)
+    assert (refusal is None) == same
+    assert refusal is None or (refusal.status, refusal.code) == (403, "forbidden")
+    assert guard.refusal(b"GET", b"/v1/items", headers) is None  # reads: the browser's care

@@ -15,7 +15,7 @@ from PIL import Image
 
 from batchserve.http import web
 from batchserve.storage.records import NewItem
-from batchserve.testing import FakeRunner, encode_image, result_of
+from batchserve.testing import FakeRunner, SiteClient, encode_image, result_of
 from tests.unit.test_api import BLUE, RED, Harness, _prediction, add
 
 
@@ -300,3 +300,23 @@ def test_api_json_is_never_sniffed_or_stored_while_pages_keep_their_caching() ->
     thumbnail = h.request("GET", "/v1/items/red/thumbnail")[1]
     assert thumbnail["cache-control"] == "private, no-cache"
     assert thumbnail["x-content-type-options"] == "nosniff"
+
+
+def test_every_response_names_the_server_without_a_version() -> None:
+    h = Harness(metrics_here=False, runner=FakeRunner(), max_queue=1)
+    answers = [
+        h.request("GET", "/healthz"),
+        h.request("GET", "/"),
+        h.request("GET", "/v1/nowhere"),
+        h.request("PUT", "/v1/embed"),
+    ]
+    h.post("/v1/embed", RED)  # runs: the FakeRunner never finishes it
+    h.post("/v1/embed", RED)  # fills the queue
+    answers.append(h.post_image("/v1/embed", RED))  # refused from its headers
+    assert [status for status, _, _ in answers] == [200, 200, 404, 405, 503]
+    for _, headers, _ in answers:
+        assert headers["server"] == "batchserve"
+    # The metrics port (--metrics-address) too.
+    [metrics_site] = [factory for port, factory, _, _ in h.clock.tcpServers if port == 0]
+    response = result_of(SiteClient(metrics_site).request("GET", "/metrics"))
+    assert response.code == 200 and response.headers["server"] == "batchserve"

@@ -11,13 +11,22 @@ from typing import Any
 
 import pytest
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
 from batchserve.http.auth import Tokens
-from batchserve.http.site import BoundedRequest, IPNetwork, forwarded_client, make_site
+from batchserve.http.site import (
+    BoundedRequest,
+    ConnectionLimits,
+    IPNetwork,
+    forwarded_client,
+    make_site,
+)
 from batchserve.serving import logs
 from batchserve.testing import FakeRunner, SiteClient, encode_multipart, result_of
 from tests.unit.test_api import RED, Harness
@@ -329,3 +338,101 @@ def test_the_access_line_names_the_client_a_trusted_proxy_forwarded_for() -> Non
         globalLogPublisher.removeObserver(seen.append)
     lines = [e for e in seen if e.get("log_namespace") == logs.ACCESS_NAMESPACE]
     assert [line["client"] for line in lines] == ["203.0.113.7", "198.51.100.1", NGINX]
+
+
+# -- slow and surplus connections ----------------------------------------------------------
+
+
+def test_headers_that_trickle_in_are_cut_off_header_timeout_s_after_the_first_byte() -> None:
+    h = Harness()  # the server's defaults: header_timeout_s 10, on the server's clock
+    connection = Connection(h.server.site)
+    connection.send("GET /healthz HTTP/1.1\nHost: localhost\n")
+    for _ in range(9):  # a header a second: each one restarts Twisted's idle timer
+        h.clock.advance(1.0)
+        connection.send("X-Slow: 1\n")
+    h.clock.advance(0.9)  # 9.9 s since the first byte
+    assert connection.transport.value() == b"" and not connection.transport.disconnecting
+    h.clock.advance(0.2)
+    [(status, headers, doc)] = connection.responses()
+    assert status == 408 and doc["error"]["code"] == "request_timeout"
+    assert "headers did not arrive within 10 s" in doc["error"]["message"]
+    assert headers["connection"] == "close" and headers["server"] == "batchserve"
+    assert connection.transport.disconnecting
+    connection.send("\n")  # the blank line, too late: dropped, never answered
+    assert connection.transport.value() == b""
+
+
+def test_a_body_that_trickles_in_is_cut_off_body_timeout_s_after_the_first_byte() -> None:
+    h = Harness()
+    connection = Connection(h.server.site)
+    connection.send(post("/v1/embed", b"x" * 1000).replace("Host: x", "Host: localhost"))
+    for _ in range(59):  # ten bytes a second: 1000 would take 100 s
+        h.clock.advance(1.0)
+        connection.send("", b"x" * 10)
+    h.clock.advance(0.9)
+    assert connection.transport.value() == b"" and not connection.transport.disconnecting
+    h.clock.advance(0.2)
+    [(status, _, doc)] = connection.responses()
+    assert status == 408 and "body did not arrive within 60 s" in doc["error"]["message"]
+    assert connection.transport.disconnecting
+    assert 'route="/v1/embed"' not in h.metrics.render().decode()  # never reached its handler
+
+
+def test_each_request_on_a_connection_has_its_own_deadline_and_idling_has_its_own() -> None:
+    h = Harness()
+    connection = Connection(h.server.site)
+    for _ in range(3):  # 3 requests, 40 s apart: 80 s on one connection, each in time
+        connection.send("GET /healthz HTTP/1.1\nHost: localhost\n\n")
+        assert [r[0] for r in connection.responses()] == [200]
+        h.clock.advance(40.0)
+    connection.send("GET /healthz HTTP/1.1\n")
+    h.clock.advance(9.9)
+    assert not connection.transport.disconnecting
+    h.clock.advance(0.2)
+    assert [r[0] for r in connection.responses()] == [408]
+
+    idle = Connection(h.server.site)  # idle_timeout_s 75: Twisted's timer, not its 12 h
+    h.clock.advance(74.9)
+    assert not idle.transport.disconnecting
+    h.clock.advance(0.2)
+    assert idle.transport.disconnecting and idle.transport.value() == b""
+
+
+def test_a_request_being_answered_is_never_cut_off_by_the_read_deadlines() -> None:
+    h = Harness(hold=True, timeout_s=120.0)
+    connection = Connection(h.server.site)
+    connection.send(post("/v1/embed", RED).replace("Host: x", "Host: localhost"), RED)
+    h.clock.advance(100.0)  # past the header and body deadlines, and the idle timer
+    assert connection.transport.value() == b"" and not connection.transport.disconnecting
+    h.runner.release_all()
+    assert [r[0] for r in connection.responses()] == [200]
+    assert not connection.transport.disconnecting
+
+
+def limited_site(max_connections: int) -> Site:
+    limits = ConnectionLimits(
+        header_timeout_s=10.0,
+        body_timeout_s=60.0,
+        idle_timeout_s=75.0,
+        max_connections=max_connections,
+    )
+    return make_site(Harness().api.resource(), 200_000, False, limits=limits, clock=Clock())
+
+
+def test_a_connection_past_max_connections_is_answered_503_and_closed() -> None:
+    site = limited_site(max_connections=2)
+    first, second = Connection(site), Connection(site)
+    over = Connection(site)
+    [(status, headers, doc)] = over.responses()
+    assert status == 503 and doc["error"]["code"] == "overloaded"
+    assert headers["retry-after"] == "1" and over.transport.disconnecting
+    over.send("GET /healthz HTTP/1.1\nHost: localhost\n\n")  # never read
+    assert over.transport.value() == b""
+    for connection in (first, second):
+        assert not connection.transport.disconnecting
+    over.channel.connectionLost(Failure(ConnectionDone()))
+    first.channel.connectionLost(Failure(ConnectionDone()))
+    after = Connection(site)  # one closed: room for one more
+    after.send("GET /healthz HTTP/1.1\nHost: localhost\n\n")
+    assert [r[0] for r in after.responses()] == [200]
+    assert [r[0] for r in Connection(site).responses()] == [503]
