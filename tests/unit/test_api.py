@@ -788,7 +788,7 @@ def test_a_refused_request_during_drain_closes_its_connection() -> None:
     transport = StringTransport()
     channel.makeConnection(transport)
     channel.dataReceived(
-        b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+        b"POST /v1/embed HTTP/1.1\r\nHost: localhost\r\nContent-Type: image/jpeg\r\n"
         + f"Content-Length: {len(RED)}\r\n\r\n".encode()
         + RED
     )

@@ -79,7 +79,7 @@ def test_stopping_closes_idle_connections_and_answers_a_request_still_arriving()
     idle, idle_transport = connect(h)
     arriving, arriving_transport = connect(h)
     head = (
-        b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+        b"POST /v1/embed HTTP/1.1\r\nHost: localhost\r\nContent-Type: image/jpeg\r\n"
         + f"Content-Length: {len(RED)}\r\n\r\n".encode()
     )
     arriving.dataReceived(head + RED[:100])
