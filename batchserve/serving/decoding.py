@@ -1,14 +1,18 @@
-"""What runs on the decode pool for a request: reading its body, decoding its images (and an
-add's item views) to model input, making thumbnails, and checking query vectors.
+"""What runs on the decode pool for a request: reading its body, checking its images'
+pixels against the request's budget, decoding them (an add's item views and thumbnail from
+the same decode) to model input, and checking query vectors.
 
 Runs on the decode pool's threads only, never on the reactor: no Twisted here, and nothing
-touched that the reactor also touches (the observer must be thread-safe). The service sends
-whole requests here with ``run_in_pool`` and gets back ``Job`` lists to queue.
+touched that the reactor also touches (the observer must be thread-safe; a ``RequestWatch``
+is the one object both sides hold). The service sends whole requests here with
+``run_in_pool`` and gets back ``Job`` lists to queue. Between images a request's watch is
+checked: past its deadline, or once its client hung up, its remaining images are not decoded.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,13 +21,13 @@ from typing import Protocol, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from batchserve.errors import InvalidInput
+from batchserve.errors import DeadlineExceeded, InvalidInput
 from batchserve.models.images import (
     DecodeLimits,
+    check_request_pixels,
+    decode_add_for,
     decode_for,
-    decode_item_for,
     fit_pixels,
-    make_thumbnail,
 )
 from batchserve.models.spec import ModelInfo
 from batchserve.serving.pipeline import Job
@@ -44,6 +48,41 @@ class DecodeObserver(Protocol):
         ...
 
 
+class HungUp(Exception):
+    """A request's client hung up, so its decoding stopped. Nobody waits for this error: the
+    request's Deferred was cancelled when the client went."""
+
+
+class RequestWatch:
+    """What a request's decoding checks between its images: whether its client hung up
+    (``hang_up``, called on the reactor) and whether its deadline passed (``now()`` at or
+    past ``deadline_s()``, read on the decode thread: ``now`` must be safe to call from any
+    thread, as the reactor's ``seconds``, which is ``time.time``, is)."""
+
+    def __init__(self, now: Callable[[], float], deadline_s: Callable[[], float]) -> None:
+        self._now = now
+        self._deadline_s = deadline_s
+        self._hung_up = threading.Event()
+        #: Images of the request not decoded because it stopped (read once it failed).
+        self.dropped = 0
+
+    def hang_up(self) -> None:
+        """The client is gone: decode none of the request's images from now on."""
+        self._hung_up.set()
+
+    def check(self, decoded: int, total: int) -> None:
+        """Before the request's next image, ``decoded`` of its ``total`` done: HungUp once
+        its client hung up, DeadlineExceeded once its deadline passed."""
+        self.dropped = total - decoded
+        if self._hung_up.is_set():
+            raise HungUp(f"the client hung up; {decoded} of {total} images decoded")
+        if self._now() >= self._deadline_s():
+            raise DeadlineExceeded(
+                f"deadline passed while the images were decoded ({decoded} of {total} "
+                "decoded; the rest were not)"
+            )
+
+
 @dataclass(frozen=True)
 class VectorSearch:
     """A search by query vectors, checked and L2-normalised: [N, dim] float32."""
@@ -57,21 +96,25 @@ def decoded_jobs(
     info: ModelInfo,
     limits: DecodeLimits,
     observer: DecodeObserver | None,
+    watch: RequestWatch | None = None,
 ) -> list[Job]:
-    """Read the request, then decode every image: one bad image fails the request before
-    the model sees (or the catalog stores) any of its images. An add of an encoded image,
-    for a model whose recipe has item views, carries its views [views, H, W, 3]."""
+    """Read the request, check its images' headers (each image's limits, and the pixels
+    they declare in all against ``limits.max_request_pixels``), then decode every image,
+    checking ``watch`` between them: one bad image fails the request before the model sees
+    (or the catalog stores) any of its images. An add of an encoded image carries its
+    thumbnail and, for a model whose recipe has item views, its views [views, H, W, 3],
+    all from one decode."""
     entries = read()
     if not entries:
         raise InvalidInput("no image in the request")
+    if watch is not None:
+        watch.check(0, len(entries))  # it may have waited in the pool, or been slow to read
+    check_request_pixels([data for data, _ in entries if isinstance(data, bytes)], limits)
     jobs = []
-    for data, task in entries:
-        task = _with_thumbnail(task, data, limits)
-        if isinstance(task, AddTask) and info.views and isinstance(data, bytes):
-            pictures = _decode(data, info, limits, observer, item_views=True)
-            jobs.append(Job(pictures[0], task, views=pictures[1:]))
-        else:
-            jobs.append(Job(_decode(data, info, limits, observer), task))
+    for index, (data, task) in enumerate(entries):
+        if index and watch is not None:
+            watch.check(index, len(entries))
+        jobs.append(_job(data, task, info, limits, observer))
     return jobs
 
 
@@ -80,6 +123,7 @@ def search_jobs(
     info: ModelInfo,
     limits: DecodeLimits,
     observer: DecodeObserver | None,
+    watch: RequestWatch | None = None,
 ) -> list[Job] | VectorSearch:
     """Read a search: its query images decoded as jobs, or its query vectors checked."""
     request = read()
@@ -90,35 +134,32 @@ def search_jobs(
     if request.task.same_class and not info.classes:
         raise InvalidInput(f"same_class needs a classifier; {info.name} has none")
     entries = [(data, request.task) for data in request.images]
-    return decoded_jobs(lambda: entries, info, limits, observer)
+    return decoded_jobs(lambda: entries, info, limits, observer, watch)
 
 
-def _with_thumbnail(task: Task, data: Picture, limits: DecodeLimits) -> Task:
-    """An add stores a thumbnail of its image beside the embedding."""
-    if isinstance(task, AddTask) and task.thumbnail is None and isinstance(data, bytes):
-        return dataclasses.replace(task, thumbnail=make_thumbnail(data, limits))
-    return task
-
-
-def _decode(
+def _job(
     data: Picture,
+    task: Task,
     info: ModelInfo,
     limits: DecodeLimits,
     observer: DecodeObserver | None,
-    item_views: bool = False,
-) -> npt.NDArray[np.uint8]:
-    """The image as model input [H, W, 3]; with ``item_views``, it and its crop views
-    [1 + views, H, W, 3] (encoded images only: adds never carry pixels)."""
+) -> Job:
+    """One image as a job: model input [H, W, 3]; an add of an encoded image decoded once
+    for its input, its item views (when the model's recipe has them) and its thumbnail.
+    Adds never carry pixels."""
     started = time.perf_counter()
     if isinstance(data, np.ndarray):
-        array = fit_pixels(data, info.input_size)
-    elif item_views:
-        array = decode_item_for(data, info, limits)
+        job = Job(fit_pixels(data, info.input_size), task)
+    elif isinstance(task, AddTask):
+        item = decode_add_for(data, info, limits)
+        if task.thumbnail is None:
+            task = dataclasses.replace(task, thumbnail=item.thumbnail)
+        job = Job(item.pictures[0], task, views=item.pictures[1:] if info.views else None)
     else:
-        array = decode_for(data, info, limits)
+        job = Job(decode_for(data, info, limits), task)
     if observer is not None:
         observer.decoded(time.perf_counter() - started)
-    return array
+    return job
 
 
 def unit_vectors(vectors: Sequence[Sequence[float]], dim: int) -> npt.NDArray[np.float32]:

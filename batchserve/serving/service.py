@@ -7,7 +7,8 @@ vector go to the store thread.
 Runs on the reactor thread only. What runs on the decode pool is in ``decoding.py``, what
 runs on the store thread in ``store_calls.py`` (and the pipeline's ``apply_tasks``). Returns
 Deferreds; knows nothing of HTTP: a request's body comes as a function that reads it.
-Cancelling a returned Deferred (the client hung up) cancels every image still queued.
+Cancelling a returned Deferred (the client hung up) cancels every image still queued, and
+stops the decode pool before the request's next image.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 from batchserve.errors import DeadlineExceeded, InvalidInput, NotReady, Overloaded
 from batchserve.models.batches import Prediction
@@ -32,6 +34,7 @@ from batchserve.serving.decoding import (
     DecodeObserver,
     Picture,
     Reader,
+    RequestWatch,
     VectorSearch,
     decoded_jobs,
     search_jobs,
@@ -238,22 +241,40 @@ class ImageService:
         return call.admitted_s + timeout_s
 
     def _off_reactor(self, call: Call, fn: Callable[..., T], *args: Any) -> Deferred[T]:
-        """Run ``fn(*args)`` on the decode pool, counted as a request being read."""
+        """Run ``fn(*args, watch)`` on the decode pool, counted as a request being read.
+        The watch stops its decoding between images once the request's deadline passes, or
+        once the returned Deferred is cancelled (the client hung up)."""
         self._reading += 1
+        watch = RequestWatch(self._clock.seconds, lambda: self._deadline_s(call))
 
         def timed() -> T:
             started = time.perf_counter()
             try:
-                return fn(*args)
+                return fn(*args, watch)
             finally:
                 call.timings.decode_s = time.perf_counter() - started
+
+        def stopped(failure: Failure) -> Failure:
+            if failure.check(DeadlineExceeded):
+                for _image in range(watch.dropped):
+                    self._batcher.count_rejection("deadline")
+            return failure
 
         def done(result: T) -> T:
             self._reading -= 1
             return result
 
-        d: Deferred[T] = self._run_in_pool(timed)
-        return d.addBoth(done)
+        def settle(result: T | Failure) -> None:
+            if d.called:  # cancelled: nobody waits for what the pool made of it
+                return
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+        d: Deferred[T] = Deferred(lambda _d: watch.hang_up())
+        self._run_in_pool(timed).addBoth(settle)
+        return d.addErrback(stopped).addBoth(done)
 
     def _submit_all(self, jobs: Sequence[Job], call: Call) -> Deferred[list[Outcome]]:
         left_s = self._deadline_s(call) - self._clock.seconds()

@@ -1011,6 +1011,90 @@ def test_a_v2_shape_past_its_limit_or_data_not_of_its_datatype_is_400(
     assert "shape" in response.json()["error"] or "0-255" in response.json()["error"]
 
 
+# -- what one request may cost the decode pool: its pixels, its deadline, its client ----------
+
+#: The pixel budget of one request on ``budgeted``: 17 images of 25 MP are over it.
+REQUEST_PIXELS = 400_000_000
+
+
+@pytest.fixture(scope="module")
+def budgeted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server with one decode thread, so that a request's images decode one after another
+    and a later request waits for them."""
+    running = start_server(
+        tmp_path_factory.mktemp("budgeted"),
+        "--decode-threads",
+        "1",
+        "--max-request-pixels",
+        str(REQUEST_PIXELS),
+        "--no-demo",
+    )
+    yield running
+    stop_server(running)
+
+
+def slow_pngs(count: int) -> Body:
+    """``count`` white 2500x2000 PNGs (19 kB each; about 0.1 s each to decode and trim here)."""
+    out = io.BytesIO()
+    Image.new("RGB", (2500, 2000), (255, 255, 255)).save(out, "PNG")
+    return multipart({}, [("image", f"{i}.png", out.getvalue()) for i in range(count)])
+
+
+def decoded_images(server: Server) -> float:
+    from .conftest import metric
+
+    return metric(server, "batchserve_decode_seconds_count")
+
+
+def test_a_request_over_its_pixel_budget_is_413_naming_it(budgeted: Server) -> None:
+    body, ctype = multipart(
+        {}, [("image", f"{i}.jpg", jpeg_declaring(5000, 5000)) for i in range(17)]
+    )
+    assert ctype is not None
+    before = decoded_images(budgeted)
+    response = budgeted.request("POST", EMBED, body, {"Content-Type": ctype})
+    assert response.status == 413, response.body[:300]
+    error = response.json()["error"]
+    assert error["code"] == TOO_LARGE and "max_request_pixels" in error["message"], error
+    assert f"limit for one request is {REQUEST_PIXELS} pixels" in error["message"], error
+    assert decoded_images(budgeted) == before  # refused from the headers
+
+
+def test_a_request_past_its_deadline_stops_decoding_its_images(budgeted: Server) -> None:
+    body, ctype = slow_pngs(64)  # about 7 s of decoding; the deadline is 1 s
+    assert ctype is not None
+    response = budgeted.request(
+        "POST", EMBED, body, {"Content-Type": ctype, "X-Timeout-Ms": "1000"}
+    )
+    assert response.status == 504, response.body[:300]
+    message = response.json()["error"]["message"]
+    assert "of 64 decoded; the rest were not" in message, message
+    assert int(message.split("(")[1].split(" of ")[0]) < 64
+
+
+def test_a_client_that_hangs_up_stops_the_decoding_of_its_images(budgeted: Server) -> None:
+    import socket
+
+    from .conftest import wait_until
+
+    body, ctype = slow_pngs(64)  # about 7 s of decoding
+    before = decoded_images(budgeted)
+    head = (
+        f"POST {EMBED} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", budgeted.port)) as hung_up:
+        hung_up.sendall(head.encode() + body)
+        # Hang up once its images decode (before, Twisted closes the body it would read).
+        wait_until(lambda: decoded_images(budgeted) > before, "its first image decoded")
+        at_hang_up = decoded_images(budgeted) - before
+    # One decode thread: this embed decodes once the hung-up request's decoding stopped.
+    response = budgeted.request("POST", EMBED, JPEG, {"Content-Type": "image/jpeg"})
+    assert response.status == 200, response.body[:300]
+    decoded = decoded_images(budgeted) - before - 1
+    assert decoded <= at_hang_up + 2 and decoded < 64, (at_hang_up, decoded)
+
+
 # -- pages of other sites, names re-pointed at the server, slow clients (no token set) --------
 
 

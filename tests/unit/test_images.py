@@ -322,3 +322,78 @@ def test_a_gif_of_many_frames_is_refused_without_walking_them() -> None:
         decode_image(data, SIZE, LIMITS)
     assert time.process_time() - started < 0.25  # the second frame is as far as it looks
     assert decode_image(_gif_of_frames(1), SIZE, LIMITS).shape == (*SIZE, 3)
+
+
+def test_a_16_bit_image_is_scaled_to_8_bits_without_a_float64_copy() -> None:
+    import tracemalloc
+
+    ramp = np.linspace(1000, 60000, 1000 * 600).astype(np.uint16).reshape(600, 1000)
+    out = io.BytesIO()
+    Image.frombytes("I;16", (1000, 600), ramp.astype("<u2").tobytes()).save(out, "PNG")
+    tracemalloc.start()
+    try:
+        array = decode_image(out.getvalue(), (600, 1000), LIMITS)  # its own size: no resize
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # The full range stretched to 0..255, truncated (the oracle may use float64; the decoder
+    # may not: a float64 copy of these 0.6 MP alone is 4.8 MB, and that path peaked at 10 MB).
+    low, high = float(ramp.min()), float(ramp.max())
+    expected = ((ramp - low) * (255.0 / (high - low))).astype(np.uint8)
+    assert all(np.array_equal(array[:, :, c], expected) for c in range(3))
+    assert peak < 4_500_000, peak  # the RGB result and the bytes it is read from: 3.6 MB
+
+
+def test_only_the_accepted_formats_plugins_open_an_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import TiffImagePlugin
+
+    opened: list[str] = []
+    monkeypatch.setattr(TiffImagePlugin.TiffImageFile, "_open", lambda self: opened.append("TIFF"))
+    with pytest.raises(UnsupportedMediaType, match="TIFF"):  # still named, by its signature
+        decode_image(encode_image(fmt="TIFF"), SIZE, LIMITS)
+    assert opened == []
+    ppm = encode_image(fmt="PPM")  # a format Pillow reads, not accepted: never opened
+    with pytest.raises(InvalidInput, match="cannot identify"):
+        decode_image(ppm, SIZE, LIMITS)
+
+
+def test_transparency_flattens_onto_white_as_alpha_compositing_does() -> None:
+    rng = np.random.default_rng(4)
+    rgba = Image.fromarray(rng.integers(0, 256, (30, 40, 4), dtype=np.uint8), "RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    expected = np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    out = io.BytesIO()
+    rgba.save(out, "PNG")
+    assert np.array_equal(decode_image(out.getvalue(), (30, 40), LIMITS), expected)
+
+
+def _uniform_run_oracle(lines: np.ndarray) -> int:
+    """Border trimming's run as first written (int16 and float64, 8 lines at a time)."""
+    from batchserve.models import images
+
+    reference = np.median(lines[0], axis=0)
+    if not images._white_or_black(reference):
+        return 0
+    limit = int(len(lines) * images._MAX_TRIM)
+    for start in range(0, limit, 8):
+        chunk = lines[start : min(start + 8, limit)].astype(np.int16)
+        close = (np.abs(chunk - reference).max(axis=2) <= images._BORDER_TOLERANCE).mean(axis=1)
+        uniform = close >= images._BORDER_SHARE
+        if not uniform.all():
+            return start + int(np.argmin(uniform))
+    return limit
+
+
+def test_border_runs_are_those_of_the_first_written_trimming() -> None:
+    from batchserve.models.images import _uniform_run
+
+    rng = np.random.default_rng(7)
+    for trial in range(150):
+        h, w = (int(n) for n in rng.integers(5, 400, 2))
+        base = [rng.integers(0, 256, 3), np.full(3, 255), np.zeros(3, dtype=int)][trial % 3]
+        pixels = np.clip(base + rng.integers(-30, 31, (h, w, 3)), 0, 255).astype(np.uint8)
+        edge = int(rng.integers(0, h))
+        pixels[edge:] = rng.integers(0, 256, (h - edge, w, 3))
+        across = pixels.transpose(1, 0, 2)
+        for lines in (pixels, pixels[::-1], across, across[::-1]):
+            assert _uniform_run(lines) == _uniform_run_oracle(lines)
