@@ -29,7 +29,7 @@ class TrainSettings:
             "trim_borders",
         ),
     )
-    images: DecodeLimits = part(DecodeLimits)
+    images: DecodeLimits = part(DecodeLimits, only=("max_image_pixels",))
     name: str = setting("", "model name (default: MODEL_DIR's name)")
     embedding_dim: int = setting(256, "size of the new embedding", at_least=1)
     dropout: float = setting(0.2, "dropout after the embedding", at_least=0, at_most=0.99)
