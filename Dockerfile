@@ -62,7 +62,7 @@ EXPOSE 8080
 VOLUME ["/data"]
 
 # The slim image has no curl. /readyz answers 200 once the model is loaded and warmed up
-# (503 before, and while draining); a proxy set for the server's own requests is bypassed.
+# (the port opens then; 503 while draining); a proxy set for the server's own requests is bypassed.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:%s/readyz' % os.environ.get('BATCHSERVE_PORT', '8080'), timeout=2)"]
 

@@ -117,6 +117,10 @@ _FAILING_WAIT_S = 0.25
 #: Rows per query when reading rows by fid or id.
 _BATCH = 1000
 
+#: Vector bytes per fetch when reading vectors: 10,000 rows of an item with six views are
+#: 300 MB, which would not arrive within a statement's bound on a slow link.
+_FETCH_BYTES = 16 * 1024 * 1024
+
 
 class CatalogUnavailable(NotReady):
     """The catalog's PostgreSQL cannot be reached or did not answer in time (HTTP 503).
@@ -465,8 +469,11 @@ class PostgresCatalog:
         self, fids: Sequence[int] | None = None, chunk: int = 10_000
     ) -> Iterator[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
         """(fids int64 [n], vectors float32 [n, dim], or with crop views [n, 1 + views, dim])
-        of the given rows, or of every row, in chunks of at most ``chunk`` rows, ascending
-        fid."""
+        of the given rows, or of every row, in chunks of at most ``chunk`` rows (and of about
+        ``_FETCH_BYTES`` of vectors, so that each fetch ends well within the statement's
+        bound), ascending fid."""
+        row_bytes = 4 * self.dim * (1 + self.views)
+        chunk = max(1, min(chunk, _FETCH_BYTES // row_bytes))
         if fids is None:
             for rows in self._stream("SELECT fid, embedding FROM items ORDER BY fid", chunk):
                 yield self._stack(rows)

@@ -438,19 +438,12 @@ class ItemStore:
         """The item ``item_id`` as this replica's index holds it, the catalog's log applied
         up to ``applied_seq``: the view its searches show, as current as they are.
 
-        An id not in memory is None (404) when memory holds the record of every row in the
-        index: then the view is complete, every item added up to ``applied_seq`` and not
-        deleted since is there, so the id had no item then. Only changes committed after
-        the replica's last pass over the log can be missing, as they are from its searches;
-        none can commit while the catalog is down. A row whose record was gone when it was
-        read (deleted or replaced in the catalog between the log's read and the record's,
-        its change not applied yet) leaves the view incomplete: that row's id may be the
-        one asked, so the outage is reported (503) instead."""
+        An id not in memory is refused with the outage (503), never answered 404: the
+        catalog may be out of reach from this replica alone, while other replicas go on
+        adding items that this one has not seen yet."""
         fid = self._fids.get(item_id)
         if fid is not None:
             return self._items[fid]
-        if len(self._items) == len(self._groups):  # _items' rows are a subset of _groups'
-            return None
         raise outage.with_traceback(None)  # one error kept: its traceback must not grow
 
     def embedding(self, item_id: str) -> npt.NDArray[np.float32] | None:

@@ -20,6 +20,7 @@ import pytest
 from psycopg import sql
 
 from batchserve.errors import NotReady
+from batchserve.storage import postgres as pg_catalog
 from batchserve.storage.catalog import ChangeLogPruned, ModelMismatch
 from batchserve.storage.listener import ChangeListener
 from batchserve.storage.postgres import CatalogUnavailable, PostgresCatalog, id_lock_key
@@ -543,6 +544,21 @@ def test_a_read_of_every_row_left_half_way_gives_its_connection_back(pg_url: str
             next(iter(rows))
             rows.close()  # as when a caller breaks out of its loop
             assert catalog.count() == 5  # the one connection is back in the pool
+    finally:
+        catalog.close()
+
+
+def test_a_read_of_every_row_fetches_at_most_its_bytes_at_a_time(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each fetch must arrive within the statement's bound, however large the rows: at most
+    # _FETCH_BYTES of vectors (here three rows' worth), whatever chunk the caller asks.
+    monkeypatch.setattr(pg_catalog, "_FETCH_BYTES", 3 * 4 * DIM)
+    catalog = PostgresCatalog(pg_url, DIM)
+    try:
+        fids, _ = catalog.upsert([item(i) for i in range(7)])
+        assert [len(f) for f, _v in catalog.vectors(chunk=10_000)] == [3, 3, 1]
+        assert [len(f) for f, _v in catalog.vectors(fids, chunk=10_000)] == [3, 3, 1]
     finally:
         catalog.close()
 

@@ -18,8 +18,9 @@ from batchserve.config import ServerSettings, ServeSettings
 from batchserve.errors import ConfigError
 from batchserve.http.auth import BrowserGuard, Tokens
 from batchserve.server import Threads, build
+from batchserve.storage.data_dir import StoreSettings
 from batchserve.storage.index import IndexParams, VectorIndex
-from batchserve.storage.store import ItemStore, StoreSettings
+from batchserve.storage.store import ItemStore
 from batchserve.testing import SyncModelRunner, encode_multipart, result_of, run_now
 from tests.unit.test_api import BLUE, RED, Harness, ModelVia
 from tests.unit.test_site import Connection
@@ -76,6 +77,19 @@ def test_a_page_of_another_origin_on_this_host_is_another_origin() -> None:
     for origin in ("http://127.0.0.1:3000", "https://127.0.0.1:8080", "http://localhost:8080"):
         assert raw(h, head.format(origin=origin), body)[0] == 403, origin
     assert stored(h) == []
+
+
+def test_a_page_the_browser_calls_same_origin_may_write_behind_a_proxy_that_moves_it() -> None:
+    # A proxy that serves the page on another port than the Host it sends: the browser's
+    # Sec-Fetch-Site, which no page can set, says the page is the server's own.
+    h = Harness()
+    body, ctype = form_add("from-own-page")
+    head = (
+        "POST /v1/items HTTP/1.1\nHost: 127.0.0.1:8081\nOrigin: http://127.0.0.1:8080\n"
+        f"Sec-Fetch-Site: same-origin\nContent-Type: {ctype}\nContent-Length: {len(body)}\n\n"
+    )
+    assert raw(h, head, body)[0] == 200
+    assert stored(h) == ["from-own-page"]
 
 
 def test_the_servers_own_page_adds_searches_and_deletes() -> None:

@@ -589,7 +589,9 @@ def test_with_the_shared_catalog_down_items_are_read_from_memory_and_writes_fail
     catalog.down = True
     assert {i: replica.get(i) for i in ("id0", "id1")} == before
     assert before["id1"] is not None and before["id1"].metadata == {"again": True}
-    assert replica.get("id2") is None and replica.get("never") is None  # 404, not 503
+    for unknown in ("id2", "never"):  # deleted, never added: perhaps added elsewhere since
+        with pytest.raises(NotReady):
+            replica.get(unknown)
     with pytest.raises(NotReady):
         replica.delete("id0")
     with pytest.raises(NotReady):
@@ -608,7 +610,8 @@ def test_with_the_shared_catalog_up_items_are_read_from_it(tmp_path: Path) -> No
     found = replica.get("id1")  # not applied here yet: read from the catalog
     assert found is not None and found.metadata == {"i": 1} and replica.behind() == 2
     catalog.down = True
-    assert replica.get("id1") is None  # memory: as the replica's searches see it
+    with pytest.raises(NotReady):
+        replica.get("id1")  # not in memory: 503, as the replica's searches do not see it
     catalog.down = False
     assert replica.catch_up() == 2
     writer.delete("id1")
@@ -624,7 +627,9 @@ def test_while_the_shared_catalog_is_out_of_reach_reads_do_not_wait_on_it(
     catalog.down = True
     gets = catalog.gets
     for _ in range(3):
-        assert replica.get("id0") is not None and replica.get("nope") is None
+        assert replica.get("id0") is not None
+        with pytest.raises(NotReady):
+            replica.get("nope")
     assert catalog.gets == gets + 1  # one failure; then memory until the log is followed
     catalog.down = False
     replica.catch_up()  # as the follower does every interval: the catalog is back
@@ -632,7 +637,7 @@ def test_while_the_shared_catalog_is_out_of_reach_reads_do_not_wait_on_it(
     assert catalog.gets == gets + 2
 
 
-def test_an_id_memory_may_lack_is_503_not_404_while_the_shared_catalog_is_down(
+def test_an_id_not_in_memory_is_503_not_404_while_the_shared_catalog_is_down(
     tmp_path: Path,
 ) -> None:
     catalog = SharedCatalog(tmp_path / "shared.sqlite3")
