@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.harness.procs import ServerProcess
-from tests.postgres import unavailable
+from tests.postgres import PostgresCluster, postgres_cluster, unavailable
 
 READY_TIMEOUT_S = 180.0
 
@@ -141,3 +141,16 @@ def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 60.0
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.01)
     return time.monotonic()
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresCluster]:
+    """A PostgreSQL server of the test module's own (its tests may stop it)."""
+    with postgres_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def pg_url(postgres: PostgresCluster) -> str:
+    """A new empty database on the module's PostgreSQL."""
+    return postgres.create_database()

@@ -22,7 +22,7 @@ from psycopg_pool import ConnectionPool
 from batchserve.storage import postgres as catalog_module
 from batchserve.storage.postgres import PostgresCatalog
 from batchserve.storage.records import NewItem
-from tests.postgres import PostgresCluster, postgres_cluster
+from tests.postgres import PostgresCluster
 
 DIM = 8
 #: Read on the writing connection just before its COMMIT: what the commit will wait for,
@@ -34,12 +34,6 @@ AT_COMMIT = "SELECT current_setting('synchronous_commit'), pg_current_wal_insert
 class Commit:
     synchronous_commit: str
     wal_end: str
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresCluster]:
-    with postgres_cluster() as cluster:
-        yield cluster
 
 
 @pytest.fixture

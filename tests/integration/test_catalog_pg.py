@@ -27,7 +27,7 @@ from batchserve.storage.postgres import CatalogUnavailable, PostgresCatalog, id_
 from batchserve.storage.postgres_schema import LOG_LOCK
 from batchserve.storage.records import NewItem
 from batchserve.storage.sqlite import SqliteCatalog
-from tests.postgres import PostgresCluster, free_port, postgres_cluster
+from tests.postgres import PostgresCluster, free_port
 
 DIM = 8
 MODEL = {"name": "m1", "dim": DIM, "weights_sha256": "a" * 64}
@@ -65,18 +65,6 @@ def replay(changes: list[tuple[int, str, int]], live: set[int] | None = None) ->
 
 def table_fids(catalog: AnyCatalog) -> set[int]:
     return {int(f) for fids, _v in catalog.vectors() for f in fids}
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresCluster]:
-    with postgres_cluster() as cluster:
-        yield cluster
-
-
-@pytest.fixture
-def pg_url(postgres: PostgresCluster) -> str:
-    """A new empty database."""
-    return postgres.create_database()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -8,7 +8,6 @@ behind the pruned log (the real model) says in its log and /v1/index that it reb
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,21 +19,9 @@ from batchserve.storage.postgres import PostgresCatalog
 from batchserve.storage.records import NewItem
 from batchserve.storage.store import ItemStore, SearchQuery
 from tests.integration.conftest import start_server, stop_server
-from tests.postgres import PostgresCluster, postgres_cluster
 
 DIM = 8
 MODEL = {"name": "m", "weights_sha256": "abc", "dim": DIM}
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresCluster]:
-    with postgres_cluster() as cluster:
-        yield cluster
-
-
-@pytest.fixture
-def url(postgres: PostgresCluster) -> str:
-    return postgres.create_database()
 
 
 def vec(seed: int) -> np.ndarray:
@@ -46,10 +33,10 @@ def items(ids: range, round_: int = 0) -> list[NewItem]:
     return [NewItem(f"id{i}", vec(i + 100_000 * round_), "a", {"round": round_}) for i in ids]
 
 
-def replica(directory: Path, url: str) -> ItemStore:
+def replica(directory: Path, pg_url: str) -> ItemStore:
     """A replica's store: no retention (changes every live replica applied are pruned at
     once), the default expiry of a replica's record (a day)."""
-    catalog = PostgresCatalog(url, DIM, change_log_retention_s=0)
+    catalog = PostgresCatalog(pg_url, DIM, change_log_retention_s=0)
     return ItemStore(directory, VectorIndex(DIM, IndexParams()), dict(MODEL), catalog=catalog)
 
 
@@ -58,13 +45,13 @@ def index_ids(store: ItemStore) -> set[str]:
     return {m.id for m in store.search([SearchQuery(vec(0), k=10_000)])[0]}
 
 
-def catalog_ids(url: str) -> set[str]:
-    with psycopg.connect(url, autocommit=True) as conn:
+def catalog_ids(pg_url: str) -> set[str]:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
         return {str(row[0]) for row in conn.execute("SELECT id FROM items")}
 
 
-def log_rows(url: str) -> int:
-    with psycopg.connect(url, autocommit=True) as conn:
+def log_rows(pg_url: str) -> int:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
         row = conn.execute("SELECT count(*) FROM changes").fetchone()
     return 0 if row is None else int(row[0])
 
@@ -82,32 +69,32 @@ def five_thousand_changes(writer: ItemStore) -> None:
 
 
 def test_a_replica_down_past_its_expiry_while_5000_changes_are_pruned_rebuilds_when_back(
-    tmp_path: Path, url: str, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, pg_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    writer = replica(tmp_path / "writer", url)
+    writer = replica(tmp_path / "writer", pg_url)
     writer.open()
     writer.add(items(range(500)))
-    away = replica(tmp_path / "away", url)
+    away = replica(tmp_path / "away", pg_url)
     away.open()
     assert away.snapshot() is not None and index_ids(away) == index_ids(writer)
     snapshot_seq = away.applied_seq
     away.close()
-    with psycopg.connect(url, autocommit=True) as conn:  # as if it had been away for a day
+    with psycopg.connect(pg_url, autocommit=True) as conn:  # as if it had been away for a day
         conn.execute(
             "UPDATE replicas SET seen = seen - interval '25 hours' WHERE id = %s",
             (away.replica_id,),
         )
     five_thousand_changes(writer)
     assert writer.catalog.pruned_seq() == writer.applied_seq == snapshot_seq + 5000
-    assert log_rows(url) == 0
+    assert log_rows(pg_url) == 0
 
-    back = replica(tmp_path / "away", url)
+    back = replica(tmp_path / "away", pg_url)
     with caplog.at_level("WARNING", logger="batchserve.storage.store"):
         report = back.open()  # the server is ready only once this returns
     try:
         assert report.rebuilt and report.behind_horizon and report.snapshot_seq is None
         assert "rebuilding the index from the catalog instead of replaying" in caplog.text
-        assert index_ids(back) == catalog_ids(url) == index_ids(writer)
+        assert index_ids(back) == catalog_ids(pg_url) == index_ids(writer)
         assert len(index_ids(back)) == 500
         for i in (1, 499, 501, 999):  # the vectors of the last writes, not the snapshot's
             seed = i + 100_000 * 4 if i < 500 else i
@@ -121,35 +108,35 @@ def test_a_replica_down_past_its_expiry_while_5000_changes_are_pruned_rebuilds_w
 
 
 def test_a_replica_back_within_its_expiry_held_the_log_and_replays_it(
-    tmp_path: Path, url: str
+    tmp_path: Path, pg_url: str
 ) -> None:
-    writer = replica(tmp_path / "writer", url)
+    writer = replica(tmp_path / "writer", pg_url)
     writer.open()
     writer.add(items(range(500)))
-    away = replica(tmp_path / "away", url)
+    away = replica(tmp_path / "away", pg_url)
     away.open()
     away.snapshot()
     snapshot_seq = away.applied_seq
     away.close()
     five_thousand_changes(writer)
-    assert writer.catalog.pruned_seq() <= snapshot_seq and log_rows(url) == 5000
+    assert writer.catalog.pruned_seq() <= snapshot_seq and log_rows(pg_url) == 5000
 
-    back = replica(tmp_path / "away", url)
+    back = replica(tmp_path / "away", pg_url)
     report = back.open()
     try:
         assert not report.rebuilt and not report.behind_horizon
         assert report.snapshot_seq == snapshot_seq and report.replayed == 5000
-        assert index_ids(back) == catalog_ids(url)
+        assert index_ids(back) == catalog_ids(pg_url)
         back.prune_change_log()  # its periodic pass: the log it held can go
-        assert log_rows(url) == 0
+        assert log_rows(pg_url) == 0
     finally:
         back.close()
         writer.close()
 
 
-def test_the_log_stays_under_its_bound_through_20000_changes(tmp_path: Path, url: str) -> None:
-    writer = replica(tmp_path / "writer", url)
-    follower = replica(tmp_path / "follower", url)
+def test_the_log_stays_under_its_bound_through_20000_changes(tmp_path: Path, pg_url: str) -> None:
+    writer = replica(tmp_path / "writer", pg_url)
+    follower = replica(tmp_path / "follower", pg_url)
     writer.open()
     writer.add(items(range(500)))
     follower.open()
@@ -159,36 +146,36 @@ def test_the_log_stays_under_its_bound_through_20000_changes(tmp_path: Path, url
             writer.add(items(range(500), round_))
             # Before the passes: this batch, and the last one if the follower has not
             # applied it yet.
-            assert log_rows(url) <= 2 * batch, round_
+            assert log_rows(pg_url) <= 2 * batch, round_
             if round_ % 2:  # the follower's periodic pass comes every other batch
                 follower.catch_up()
                 follower.prune_change_log()
             writer.prune_change_log()
             # After them: at most the batch the follower has not applied.
-            assert log_rows(url) <= batch, round_
+            assert log_rows(pg_url) <= batch, round_
         assert writer.applied_seq == 500 + 20 * batch
         follower.catch_up()
-        assert index_ids(follower) == catalog_ids(url) and follower.rebuilt_behind_horizon == 0
+        assert index_ids(follower) == catalog_ids(pg_url) and follower.rebuilt_behind_horizon == 0
     finally:
         follower.close()
         writer.close()
 
 
 def test_a_server_back_behind_the_pruned_log_says_it_rebuilt_in_its_log_and_v1_index(
-    tmp_path: Path, url: str
+    tmp_path: Path, pg_url: str
 ) -> None:
-    args = ("--catalog", url, "--no-demo", "--change-log-retention-s", "0")
+    args = ("--catalog", pg_url, "--no-demo", "--change-log-retention-s", "0")
     server = start_server(tmp_path, *args)
     try:
         first = server.request("GET", "/v1/index").json()
         assert first["catalog"]["rebuilt_behind_horizon"] == first["catalog"]["pruned_seq"] == 0
     finally:
         stop_server(server)  # its final snapshot, at change 0
-    with psycopg.connect(url, autocommit=True) as conn:  # away for a day
+    with psycopg.connect(pg_url, autocommit=True) as conn:  # away for a day
         conn.execute("UPDATE replicas SET seen = seen - interval '25 hours'")
     # Another replica's writes, and its pass pruning them: vectors of the served model's shape.
     dim, views = first["dim"], first["vectors_per_item"] - 1
-    writer = PostgresCatalog(url, dim, views, change_log_retention_s=0)
+    writer = PostgresCatalog(pg_url, dim, views, change_log_retention_s=0)
     try:
         rows = np.random.default_rng(0).normal(size=(3, 1 + views, dim)).astype(np.float32)
         rows /= np.linalg.norm(rows, axis=-1, keepdims=True)

@@ -25,7 +25,7 @@ from batchserve.storage.postgres_schema import LOG_LOCK
 from batchserve.storage.records import NewItem
 from tests.integration.conftest import Response, Server, start_server, stop_server, wait_until
 from tests.integration.test_catalog_pg import DIM, item, waiting_advisory_locks
-from tests.postgres import PostgresCluster, postgres_cluster
+from tests.postgres import PostgresCluster
 
 T = TypeVar("T")
 
@@ -34,17 +34,6 @@ CONNECT_S = 2.0
 STATEMENT_S = 1.0
 #: Scheduling and the pool's own bookkeeping on a shared machine.
 MARGIN_S = 2.0
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresCluster]:
-    with postgres_cluster() as cluster:
-        yield cluster
-
-
-@pytest.fixture
-def pg_url(postgres: PostgresCluster) -> str:
-    return postgres.create_database()
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,13 +102,16 @@ def logs_of(directory: Path) -> str:
     return "\n".join(out)
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
+@contextmanager
+def started_cluster(prefix: str) -> Iterator[tuple[Path, int]]:
+    """``deploy/local-cluster start`` of ``REPLICAS`` replicas in a new folder named from
+    ``prefix``: (its folder, nginx's port); stopped and removed afterwards, whatever a test
+    left running (a second stop only says "stopped")."""
     system_binary("nginx", NGINX_INSTALL)
     require_postgres()
     # Not pytest's tmp_path: under root, PostgreSQL runs as `postgres` and nginx's workers as
     # www-data, and neither may enter /tmp/pytest-of-root.
-    root = Path(tempfile.mkdtemp(prefix="batchserve-cluster-"))
+    root = Path(tempfile.mkdtemp(prefix=prefix))
     root.chmod(0o755)
     directory = root / "cluster"
     port = free_port()
@@ -118,15 +122,20 @@ def cluster() -> Iterator[Cluster]:
             timeout_s=START_TIMEOUT_S,
         )  # fmt: skip
         assert started.returncode == 0, started.stdout + started.stderr + logs_of(directory)
+        yield directory, port
+    finally:
+        local_cluster("stop", "--dir", str(directory), timeout_s=STOP_TIMEOUT_S)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    with started_cluster("batchserve-cluster-") as (directory, port):
         replica_ports = [
             int((directory / "run" / f"replica-{i}.port").read_text())
             for i in range(1, REPLICAS + 1)
         ]
         yield Cluster(directory, port, replica_ports)
-    finally:
-        # Whatever a test left running; a second stop only says "stopped".
-        local_cluster("stop", "--dir", str(directory), timeout_s=STOP_TIMEOUT_S)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_shipped_config_matches_the_servers_defaults() -> None:

@@ -26,7 +26,7 @@ from PIL import Image
 
 from batchserve.demo import sample_photos
 from batchserve.storage.sqlite import SqliteCatalog
-from tests.postgres import PostgresCluster, free_port, postgres_cluster, unavailable
+from tests.postgres import PostgresCluster, free_port, unavailable
 
 RAY_BIN = Path(sys.executable).parent / "ray"
 
@@ -307,12 +307,6 @@ def test_a_two_node_cluster_shares_the_job_and_gets_the_same_result(
     )
     assert refused.returncode == 2 and f"cannot reach Ray at '{address}'" in refused.stderr
     assert "RAY_AUTH_TOKEN" in refused.stderr
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresCluster]:
-    with postgres_cluster() as cluster:
-        yield cluster
 
 
 def catalog_rows(url: str) -> dict[str, tuple[np.ndarray, str | None]]:

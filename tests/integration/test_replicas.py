@@ -18,16 +18,10 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import Server, start_server, stop_server
-from tests.postgres import PostgresCluster, postgres_cluster
+from tests.postgres import PostgresCluster
 
 CONVERGE_S = 15.0
 JPEG = {"Content-Type": "image/jpeg"}
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresCluster]:
-    with postgres_cluster() as cluster:
-        yield cluster
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import shutil
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -19,17 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from bench.harness.procs import free_port
-from tests.integration.conftest import http_request, system_binary, wait_until
+from tests.integration.conftest import http_request, wait_until
 from tests.integration.test_local_cluster import (
-    NGINX_INSTALL,
     READY_TIMEOUT_S,
-    START_TIMEOUT_S,
-    STOP_TIMEOUT_S,
     local_cluster,
     logs_of,
+    started_cluster,
 )
-from tests.postgres import require_postgres
 
 DEMO = Path(__file__).resolve().parents[2] / "batchserve" / "data" / "demo"
 PHOTOS = [DEMO / name for name in ("cat.jpg", "brick.jpg", "retina.jpg")]
@@ -62,24 +56,8 @@ class Running:
 
 @pytest.fixture
 def cluster() -> Iterator[Running]:
-    system_binary("nginx", NGINX_INSTALL)
-    require_postgres()
-    # Not pytest's tmp_path: under root, PostgreSQL and nginx's workers run as other users.
-    root = Path(tempfile.mkdtemp(prefix="batchserve-rolling-"))
-    root.chmod(0o755)
-    directory = root / "cluster"
-    port = free_port()
-    try:
-        started = local_cluster(
-            "start", "-n", str(REPLICAS), "--dir", str(directory), "--port", str(port),
-            "--ready-timeout-s", str(READY_TIMEOUT_S), "--", "--no-demo",
-            timeout_s=START_TIMEOUT_S,
-        )  # fmt: skip
-        assert started.returncode == 0, started.stdout + started.stderr + logs_of(directory)
+    with started_cluster("batchserve-rolling-") as (directory, port):
         yield Running(directory, port)
-    finally:
-        local_cluster("stop", "--dir", str(directory), timeout_s=STOP_TIMEOUT_S)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @dataclass
