@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 
 from batchserve.config import ServerSettings, ServeSettings
 from batchserve.models.spec import ModelInfo
-from batchserve.server import Threads, build
+from batchserve.server import Server, Threads, build
 from batchserve.storage.data_dir import StoreSettings
 from batchserve.storage.index import IndexParams, VectorIndex
 from batchserve.storage.store import ItemStore
@@ -43,21 +43,28 @@ class SlowToLoad(SyncModelRunner):
         return self.loaded.addCallback(lambda _: result_of(super(SlowToLoad, self).start()))
 
 
+def loading_server(
+    settings: ServeSettings, reactor: MemoryReactorClock, model: SlowToLoad, data_dir: Path
+) -> Server:
+    """The server for ``settings`` on ``reactor``, its model ``model``, inline threads."""
+    return build(
+        settings,
+        reactor,
+        model=model,
+        threads=Threads(decode=run_now, store=run_now),
+        store=lambda info: ItemStore(
+            data_dir, VectorIndex(info.dim, IndexParams()), info.fingerprint()
+        ),
+    )
+
+
 def test_the_api_port_opens_only_once_the_server_is_ready(tmp_path: Path) -> None:
     reactor, model = MemoryReactorClock(), SlowToLoad()
     settings = ServeSettings(
         server=ServerSettings(port=8123, metrics_address="127.0.0.1:9123"),
         store=StoreSettings(demo=False),
     )
-    server = build(
-        settings,
-        reactor,
-        model=model,
-        threads=Threads(decode=run_now, store=run_now),
-        store=lambda info: ItemStore(
-            tmp_path, VectorIndex(info.dim, IndexParams()), info.fingerprint()
-        ),
-    )
+    server = loading_server(settings, reactor, model, tmp_path)
     started = server.start()
     # Loading: only the metrics port; a connection to the API's would be refused.
     assert [port for port, *_ in reactor.tcpServers] == [9123]
@@ -100,15 +107,7 @@ def test_stopping_closes_idle_connections_and_answers_a_request_still_arriving()
 def test_a_server_told_to_stop_while_loading_never_opens_the_api(tmp_path: Path) -> None:
     reactor, model = MemoryReactorClock(), SlowToLoad()
     settings = ServeSettings(server=ServerSettings(port=8123), store=StoreSettings(demo=False))
-    server = build(
-        settings,
-        reactor,
-        model=model,
-        threads=Threads(decode=run_now, store=run_now),
-        store=lambda info: ItemStore(
-            tmp_path, VectorIndex(info.dim, IndexParams()), info.fingerprint()
-        ),
-    )
+    server = loading_server(settings, reactor, model, tmp_path)
     started = server.start()
     stopped = server.stop()
     model.loaded.callback(None)
