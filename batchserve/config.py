@@ -312,6 +312,14 @@ class ServerSettings:
         at_least=0,
         at_most=19,
     )
+    refusals_per_image: float = setting(
+        3.0,
+        "while the queue is full, 503s answered at once per image the model takes a second; "
+        "beyond that rate (clients retrying at once, ignoring Retry-After) each waits its "
+        "turn, at most its Retry-After, so a flood cannot take the cores from the model "
+        "(0: every 503 at once)",
+        at_least=0,
+    )
     drain_timeout_s: float = setting(
         30.0, "on SIGTERM, longest wait for requests in flight before stopping anyway", at_least=0
     )

@@ -41,6 +41,7 @@ from batchserve import __version__
 from batchserve.config import ServeSettings
 from batchserve.http.auth import Tokens
 from batchserve.http.drain import Connections
+from batchserve.http.pacing import RefusalPacer
 from batchserve.http.site import make_site
 from batchserve.http.v1 import BatchserveAPI
 from batchserve.models.batches import Prediction
@@ -172,6 +173,7 @@ def build(
         settings.limits,
         Tokens(api=settings.server.api_token, write=settings.server.write_token),
         metrics_here=not settings.server.metrics_address,
+        pacer=RefusalPacer(reactor, batcher.images_per_s, settings.server.refusals_per_image),
     )
     site = make_site(
         api.resource(),
@@ -263,10 +265,12 @@ class Server:
     def _listen(self) -> None:
         settings = self.settings.server
         # Connections wraps the Site's channels; IReactorTCP asks for a ServerFactory of its
-        # default protocol type.
+        # default protocol type. The kernel holds as many connections not yet accepted as may
+        # be open (Twisted's default, 50, resets clients that connect in a burst).
         self.port = self.reactor.listenTCP(
             settings.port,
             self.connections,  # type: ignore[arg-type]
+            backlog=settings.max_connections,
             interface=settings.host,
         )
         secured = settings.api_token or settings.write_token

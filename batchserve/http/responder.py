@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import IO, Any
 
 from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -30,6 +31,7 @@ from batchserve.http.auth import Tokens
 from batchserve.http.bodies import RequestLimits, carries_images
 from batchserve.http.drain import InFlight, close_after_response
 from batchserve.http.inputs import MAX_TIMEOUT_MS, MIN_TIMEOUT_MS, bounded_int
+from batchserve.http.pacing import RefusalPacer
 from batchserve.http.site import state_of
 from batchserve.http.wire import (
     Prepared,
@@ -77,8 +79,10 @@ class Responder:
         limits: RequestLimits,
         tokens: Tokens,
         known_params: Mapping[tuple[str, str], set[str]],
+        pacer: RefusalPacer | None = None,
     ) -> None:
         self._service = service
+        self._pacer = pacer
         self._metrics = metrics
         self._limits = limits
         self._tokens = tokens
@@ -96,6 +100,7 @@ class Responder:
         the body ``errors`` writes), record metrics."""
         started = time.perf_counter()
         state_of(request).route = route
+        self._release_room(request)  # the handler checks room itself, now the body is in
 
         def ok(doc: Any) -> bytes:
             if isinstance(doc, Prepared):
@@ -103,11 +108,15 @@ class Responder:
                 return doc.write_to(request)
             return json_body(request, 200, doc)
 
-        def failed(failure: Failure) -> bytes | Failure:
+        def failed(failure: Failure) -> bytes | Failure | Deferred[bytes]:
             if failure.check(CancelledError):
                 self._metrics.request_done(route, CLIENT_CLOSED, time.perf_counter() - started)
                 return failure  # Klein drops it: the client is gone
             error = failure.value
+            wait_s = self._hold_s(error)
+            if wait_s > 0:
+                assert self._pacer is not None, "only a pacer holds a refusal"
+                return deferLater(self._pacer.clock, wait_s, errors, request, error)
             if isinstance(error, BatchserveError):
                 if status_for(error) >= 500 and not isinstance(error, Overloaded | NotReady):
                     log.error("{route}: {error}", route=route, error=error)
@@ -164,19 +173,54 @@ class Responder:
         """The one admission check of a request for the model, from its headers: its token,
         then room for it (see ImageService.admit). Raises the domain error to answer."""
         self._tokens.check(request.getHeader(b"authorization"), route == "/v1/items")
-        self._service.admit(needs_index=route in ("/v1/search", "/v1/items"))
-        state_of(request).admitted_early = True
+        self._service.admit(needs_index=route in ("/v1/search", "/v1/items"), reserve=True)
+        state = state_of(request)
+        state.admitted_early = state.holds_room = True
+        # Given back when its handler runs, or when it ends without one (the client hung up
+        # before its body was in).
+        finished: Deferred[None] = request.notifyFinish()  # type: ignore[attr-defined]
+        finished.addBoth(lambda _: self._release_room(request))
+
+    def _release_room(self, request: IRequest) -> None:
+        state = state_of(request)
+        if state.holds_room:
+            state.holds_room = False
+            self._service.release()
 
     def _answer_now(self, route: str, error: BatchserveError) -> Callable[[IRequest], None]:
         started = time.perf_counter()
 
-        def answer(request: IRequest) -> None:
-            state_of(request).route = route
+        def write(request: IRequest) -> None:
             request.write(domain_error_body(request, error))
             request.finish()
             self._metrics.request_done(route, status_for(error), time.perf_counter() - started)
 
+        def answer(request: IRequest) -> None:
+            state_of(request).route = route
+            wait_s = self._hold_s(error)
+            if wait_s <= 0:
+                write(request)
+                return
+            assert self._pacer is not None, "only a pacer holds a refusal"
+            held = self._pacer.clock.callLater(wait_s, write, request)
+
+            def gone(_reason: Failure) -> None:
+                if held.active():  # the client hung up while its refusal was held
+                    held.cancel()
+
+            request.notifyFinish().addErrback(gone)  # type: ignore[attr-defined]
+
         return answer
+
+    def _hold_s(self, error: object) -> float:
+        """How long to hold the answer to ``error``: a refusal for want of room may wait
+        its turn (see pacing.py); nothing else waits."""
+        if self._pacer is None or not isinstance(error, Overloaded):
+            return 0.0
+        wait_s = self._pacer.delay_s(error.retry_after_s)
+        if wait_s > 0:
+            self._metrics.refusal_held()
+        return wait_s
 
     def _checked(self, request: IRequest, route: str, work: Work) -> Deferred[Any] | Any:
         """``work()`` once the request's token and query parameters are checked."""

@@ -36,6 +36,7 @@ from batchserve.http.inputs import (
 )
 from batchserve.http.openapi import docs_page
 from batchserve.http.openapi import document as openapi
+from batchserve.http.pacing import RefusalPacer
 from batchserve.http.responder import Responder
 from batchserve.http.routing import PathSegment, Utf8URLs
 from batchserve.http.v2 import OpenInferenceAPI
@@ -70,6 +71,7 @@ class BatchserveAPI:
         limits: RequestLimits,
         tokens: Tokens | None = None,
         metrics_here: bool = True,
+        pacer: RefusalPacer | None = None,
     ) -> None:
         self._service = service
         self._metrics = metrics
@@ -78,7 +80,9 @@ class BatchserveAPI:
         self._openapi = openapi.document(limits)
         self._docs: web.Asset | None = None
         known_params = openapi.query_parameters(self._openapi)
-        self._responder = Responder(service, metrics, limits, tokens or Tokens(), known_params)
+        self._responder = Responder(
+            service, metrics, limits, tokens or Tokens(), known_params, pacer
+        )
         self.in_flight: InFlight = self._responder.in_flight
 
     def resource(self) -> IResource:

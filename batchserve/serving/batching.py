@@ -8,6 +8,11 @@ fewer than ``max_inflight`` batches are already with the runner:
   load the queue fills while the previous batch computes;
 - the oldest item has waited ``max_delay_s`` (only matters with ``max_inflight`` > 1).
 
+A full batch may also go one ahead of ``max_inflight`` (``full_batch_ahead``): it waits in
+the runner's own queue, so the model starts it the moment the previous batch ends instead
+of idling until the reactor hears of that end (which, under load, is when the reactor is
+busiest).
+
 Every item has a deadline: one still queued when it passes is dropped and fails with
 DeadlineExceeded; one in flight fails at its deadline and its result is discarded. Cancelling
 an item's Deferred (Klein does so when the client hangs up) removes it from the queue, and the
@@ -60,6 +65,11 @@ class BatchPolicy:
         512, "images waiting for the model before requests get 503", at_least=1
     )
     max_inflight: int = setting(1, "batches handed to the inference thread at once", at_least=1)
+    full_batch_ahead: bool = setting(
+        True,
+        "hand a full batch to the inference thread while the previous one still runs (one "
+        "beyond max_inflight), so the model never waits for the reactor between full batches",
+    )
     timeout_s: float = setting(10.0, "per-request deadline in seconds (504 after)", above=0)
     batch_sizes: str = setting(
         "", "comma-separated padded batch sizes (default: 1, 2, 4, ... up to max_batch_size)"
@@ -197,8 +207,10 @@ class Batcher(Generic[In, Out]):
         self._timer: IDelayedCall | None = None
         self._flushing = False
         self._flush_again = False
-        # Moving average of a batch's run time, for the Retry-After estimate.
+        # Moving average of a batch's run time (from when the runner could start it, not
+        # from when it was handed over ahead), for Retry-After and the rate estimate.
         self._batch_s = 0.05
+        self._last_release_s = float("-inf")
 
     @property
     def policy(self) -> BatchPolicy:
@@ -218,6 +230,10 @@ class Batcher(Generic[In, Out]):
         """Whole seconds a rejected client should wait: the time to drain the queue."""
         batches = self.queued / self._policy.max_batch_size + self._inflight
         return max(1, math.ceil(batches * self._batch_s))
+
+    def images_per_s(self) -> float:
+        """The rate the runner takes items when batches are full, as recent batches ran."""
+        return self._policy.max_batch_size / self._batch_s
 
     def count_rejection(self, reason: str) -> None:
         """Count an item refused before it reached the queue (for the metrics)."""
@@ -303,13 +319,16 @@ class Batcher(Generic[In, Out]):
 
     def _flush_once(self) -> None:
         policy = self._policy
-        while self._queue and self._inflight < policy.max_inflight:
-            oldest = next(iter(self._queue.values()))
+        ahead = 1 if policy.full_batch_ahead else 0
+        while self._queue and self._inflight < policy.max_inflight + ahead:
             now = self._clock.seconds()
-            due_s = oldest.enqueued_s + policy.max_delay_s
-            full = len(self._queue) >= policy.max_batch_size
-            idle = self._inflight == 0
-            if full or idle or now + _EPSILON_S >= due_s:
+            if len(self._queue) >= policy.max_batch_size:
+                self._dispatch(now)
+                continue
+            if self._inflight >= policy.max_inflight:
+                break  # only a full batch goes ahead
+            due_s = next(iter(self._queue.values())).enqueued_s + policy.max_delay_s
+            if self._inflight == 0 or now + _EPSILON_S >= due_s:
                 self._dispatch(now)
                 continue
             self._arm_timer(due_s - now)
@@ -385,8 +404,10 @@ class Batcher(Generic[In, Out]):
 
     def _release_slot(self, started_s: float) -> None:
         self._inflight -= 1
-        elapsed = self._clock.seconds() - started_s
-        self._batch_s = 0.8 * self._batch_s + 0.2 * elapsed
+        now = self._clock.seconds()
+        elapsed = now - max(started_s, self._last_release_s)
+        self._last_release_s = now
+        self._batch_s = 0.8 * self._batch_s + 0.2 * max(elapsed, _EPSILON_S)
         self._flush()
 
 

@@ -69,7 +69,9 @@ def request_id(header: bytes | None) -> str:
 
 
 def log_access(fields: dict[str, Any]) -> None:
-    access.info(ACCESS_FORMAT, **fields)
+    # The line is formatted here by str.format (in C); Twisted's own formatting of eleven
+    # fields, in Python, was a sixth of the reactor's time per request in a flood.
+    access.info("{access_line}", access_line=ACCESS_FORMAT.format(**fields), **fields)
 
 
 def _time(event: LogEvent) -> str:

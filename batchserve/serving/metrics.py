@@ -122,6 +122,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.refusals_held = Counter(
+            "batchserve_refusals_held",
+            "503s answered late because refusals came faster than --refusals-per-image allows "
+            "(clients retrying at once)",
+            registry=r,
+        )
         self.model_info = Info("batchserve_model", "The model being served", registry=r)
         self.search_seconds = Histogram(
             "batchserve_search_seconds",
@@ -161,6 +167,9 @@ class Metrics:
 
     def item_rejected(self, reason: str) -> None:
         self.rejected.labels(reason).inc()
+
+    def refusal_held(self) -> None:
+        self.refusals_held.inc()
 
     # InferenceObserver (called on the inference thread; prometheus_client is thread-safe)
     def inference_done(self, padded_size: int, seconds: float) -> None:

@@ -99,6 +99,7 @@ class ImageService:
         self._limits = limits
         self._observer = observer
         self._reading = 0
+        self._reserved = 0
         self._started = store is None
 
     @property
@@ -118,7 +119,7 @@ class ImageService:
     @property
     def reading(self) -> int:
         """Requests accepted whose bodies are still being read and decoded."""
-        return self._reading
+        return self._reading + self._reserved
 
     def loaded(self, needs_index: bool = False) -> ModelInfo:
         """The loaded model; NotReady while it (or, with ``needs_index``, the index) loads."""
@@ -129,15 +130,25 @@ class ImageService:
             raise NotReady("the index is loading; retry shortly")
         return info
 
-    def admit(self, needs_index: bool = False) -> ModelInfo:
+    def admit(self, needs_index: bool = False, reserve: bool = False) -> ModelInfo:
         """The loaded model, if a request for it may start now: NotReady while the model
         (or, with ``needs_index``, the index) loads, Overloaded (counted) when the queue has
         no room for one more image beside the requests still being read. The HTTP layer
         calls it from a request's headers, before its body is in; the service again when
-        the body is in; the queue checks the full count once the images are decoded."""
+        the body is in; the queue checks the full count once the images are decoded.
+        ``reserve``: the request holds its room until ``release``."""
         info = self.loaded(needs_index)
-        self._batcher.check_room(1, pending=self._reading)
+        self._batcher.check_room(1, pending=self.reading)
+        if reserve:
+            # Admitted from its headers, its body still to come: it holds its room until
+            # its handler runs (``release``), so that a burst of requests is not admitted
+            # into one free slot and then refused after its images are decoded.
+            self._reserved += 1
         return info
+
+    def release(self) -> None:
+        """Give back the room ``admit(reserve=True)`` held."""
+        self._reserved -= 1
 
     # -- through the model ----------------------------------------------------------------
 
@@ -284,7 +295,7 @@ class ImageService:
             return fail(DeadlineExceeded("deadline passed while the images were decoded"))
         try:
             # All of a request's images (item views included) fit in the queue, or none is.
-            self._batcher.check_room(sum(job.images for job in jobs), pending=self._reading)
+            self._batcher.check_room(sum(job.images for job in jobs), pending=self.reading)
         except Overloaded as e:
             return fail(e)
         submitted = time.perf_counter()

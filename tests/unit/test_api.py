@@ -91,6 +91,7 @@ class Harness:
         max_queue: int = 512,
         timeout_s: float = 10.0,
         index_thread: Any = None,
+        refusals_per_image: float = 3.0,
     ) -> None:
         self.model = FakeModel()
         self.directory = tempfile.TemporaryDirectory()
@@ -102,6 +103,7 @@ class Harness:
                 api_token=tokens.api,
                 write_token=tokens.write,
                 metrics_address="" if metrics_here else "127.0.0.1:0",
+                refusals_per_image=refusals_per_image,
             ),
             limits=RequestLimits(max_body_bytes=200_000, max_images=3),
             images=DecodeLimits(max_pixels=1_000_000),

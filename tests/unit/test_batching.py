@@ -23,6 +23,7 @@ def make(**policy: Any) -> tuple[Batcher[int, int], FakeRunner[int], Clock]:
         "max_delay_s": 0.010,
         "max_queue": 100,
         "max_inflight": 1,
+        "full_batch_ahead": False,
         "timeout_s": 1.0,
     }
     defaults.update(policy)
@@ -96,6 +97,41 @@ def test_max_inflight_caps_batches_handed_over() -> None:
     runner.complete()
     assert len(runner.pending) == 2
     assert runner.sizes == [1, 2, 2]
+
+
+def test_a_full_batch_goes_one_ahead_of_max_inflight() -> None:
+    batcher, runner, clock = make(max_batch_size=2, full_batch_ahead=True)
+    batcher.submit(0)  # runner idle: goes alone
+    batcher.submit(1)
+    clock.advance(0.5)
+    assert runner.sizes == [1]  # a partial batch waits for the runner, however long
+    batcher.submit(2)  # full: handed over while the first still runs
+    assert runner.sizes == [1, 2] and batcher.inflight == 2
+    batcher.submit(3)
+    batcher.submit(4)
+    assert runner.sizes == [1, 2]  # never more than one ahead
+    runner.complete()
+    assert runner.sizes == [1, 2, 2]
+
+
+def test_a_batch_handed_over_ahead_is_timed_from_when_the_runner_could_start_it() -> None:
+    batcher, runner, clock = make(max_batch_size=2, full_batch_ahead=True)
+    for i in range(5):
+        batcher.submit(i)  # 1 alone, then a full batch of 2 ahead of it
+    for _ in range(30):
+        clock.advance(0.1)
+        runner.complete()  # each batch takes 0.1 s once the runner starts it
+        batcher.submit(0)
+        batcher.submit(1)
+    # Timed from their hand-over, batches waiting ahead would look twice as long.
+    assert batcher.images_per_s() == pytest.approx(2 / 0.1, rel=0.01)
+
+
+def test_without_full_batch_ahead_the_runner_takes_one_batch_at_a_time() -> None:
+    batcher, runner, _clock = make(max_batch_size=2)
+    for i in range(5):
+        batcher.submit(i)
+    assert runner.sizes == [1] and batcher.inflight == 1
 
 
 def test_results_reach_their_own_deferreds_in_order() -> None:
@@ -246,7 +282,7 @@ def test_synchronous_runner_drains_a_long_queue_at_a_constant_stack_depth() -> N
 
     runner = EchoRunner()
     batcher: Batcher[int, int] = Batcher(
-        runner, BatchPolicy(max_batch_size=4, max_queue=4000), Clock()
+        runner, BatchPolicy(max_batch_size=4, max_queue=4000, full_batch_ahead=False), Clock()
     )
     results = [batcher.submit(i) for i in range(3000)]
     assert batcher.queued == 2999

@@ -74,6 +74,20 @@ def test_the_api_port_opens_only_once_the_server_is_ready(tmp_path: Path) -> Non
     assert reactor.tcpServers[1][1] is server.connections
 
 
+def test_the_api_port_holds_a_backlog_of_max_connections(tmp_path: Path) -> None:
+    # Twisted's default backlog, 50, resets clients that connect in a burst.
+    reactor, model = MemoryReactorClock(), SlowToLoad()
+    settings = ServeSettings(
+        server=ServerSettings(port=8123, max_connections=1500), store=StoreSettings(demo=False)
+    )
+    server = loading_server(settings, reactor, model, tmp_path)
+    started = server.start()
+    model.loaded.callback(None)
+    assert result_of(started) is None
+    [(port, _factory, backlog, _interface)] = reactor.tcpServers
+    assert (port, backlog) == (8123, 1500)
+
+
 def connect(h: Harness) -> tuple[Any, StringTransport]:
     protocol = h.server.connections.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
     transport = StringTransport()

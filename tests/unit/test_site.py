@@ -16,6 +16,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
@@ -436,3 +437,82 @@ def test_a_connection_past_max_connections_is_answered_503_and_closed() -> None:
     after.send("GET /healthz HTTP/1.1\nHost: localhost\n\n")
     assert [r[0] for r in after.responses()] == [200]
     assert [r[0] for r in Connection(site).responses()] == [503]
+
+
+def test_a_request_admitted_from_its_headers_holds_its_room_until_its_handler_runs() -> None:
+    h = Harness(runner=FakeRunner(), max_queue=1)
+    h.service.embed(lambda: [RED])  # runs: the queue is empty again, with room for one
+    site = make_site(h.api.resource(), 200_000, False, h.api.refuse_early)
+    first, second = Connection(site), Connection(site)
+    first.send(post("/v1/embed", RED), RED[:10])  # admitted; its body still coming
+    assert h.service.reading == 1
+    second.send(post("/v1/embed", RED), RED)  # no room beside the first: refused at once
+    [(status, _, _)] = second.responses()
+    assert status == 503
+    first.send("", RED[10:])  # its handler runs and queues its image
+    assert first.responses() == [] and h.batcher.queued == 1 and h.service.reading == 0
+
+
+def test_a_client_that_hangs_up_before_its_body_gives_its_room_back() -> None:
+    h = Harness(runner=FakeRunner(), max_queue=1)
+    h.service.embed(lambda: [RED])
+    site = make_site(h.api.resource(), 200_000, False, h.api.refuse_early)
+    gone = Connection(site)
+    gone.send(post("/v1/embed", RED), RED[:10])
+    assert h.service.reading == 1
+    gone.channel.connectionLost(Failure(ConnectionDone("the client hung up")))
+    assert h.service.reading == 0
+    later = Connection(site)
+    later.send(post("/v1/embed", RED), RED)
+    assert later.responses() == [] and h.batcher.queued == 1  # taken, not refused
+
+
+def paced_harness() -> tuple[Harness, Site]:
+    """A full queue, with refusals paced at the floor rate: 20 a second, after a burst of
+    a second's worth (21: the one due now and the 20 due within the second)."""
+    h, site, _made = full_harness(refusals_per_image=0.001)
+    return h, site
+
+
+def test_refusals_beyond_the_paced_rate_are_answered_in_their_turn() -> None:
+    h, site = paced_harness()
+    burst = [Connection(site) for _ in range(21)]
+    for connection in burst:
+        connection.send(post("/v1/embed", RED), RED)
+        assert [r[0] for r in connection.responses()] == [503]  # at once
+    held = Connection(site)
+    held.send(post("/v1/embed", RED), RED)
+    assert held.responses() == []  # its turn is 1/20 s away
+    h.clock.advance(0.06)
+    [(status, headers, doc)] = held.responses()
+    assert (status, doc["error"]["code"]) == (503, "overloaded") and "retry-after" in headers
+    assert "batchserve_refusals_held_total 1.0" in h.metrics.render().decode()
+
+
+def test_a_held_refusal_whose_client_hangs_up_is_never_written() -> None:
+    h, site = paced_harness()
+    for _ in range(21):
+        Connection(site).send(post("/v1/embed", RED), RED)
+    held = Connection(site)
+    held.send(post("/v1/embed", RED), RED)
+    held.channel.connectionLost(Failure(ConnectionDone("the client hung up")))
+    assert not [c for c in h.clock.getDelayedCalls() if getattr(c.func, "__name__", "") == "write"]
+    h.clock.advance(1.0)
+    assert held.transport.value() == b""
+
+
+def test_a_connection_is_asked_once_whether_it_is_tls(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[bool] = []
+    original = HTTPChannel.isSecure
+
+    def counting(channel: HTTPChannel) -> bool:
+        asked.append(True)
+        return original(channel)
+
+    monkeypatch.setattr(HTTPChannel, "isSecure", counting)
+    _, site, _made = full_harness()
+    connection = Connection(site)
+    for _ in range(3):
+        connection.send("GET /healthz HTTP/1.1\nHost: x\n\n")  # Klein asks of each
+    assert [r[0] for r in connection.responses()] == [200, 200, 200]
+    assert len(asked) == 1
