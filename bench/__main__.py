@@ -234,7 +234,7 @@ def _report_parser(commands: Any) -> None:
         ("--bulk-images", int, 2000, "images for the bulk-indexing benchmark"),
         ("--engines-images", int, 2000, "images indexed by the local engine and by Ray"),
         ("--kinds-items", int, 100_000, "vectors for the index-kinds comparison"),
-        ("--overload-s", float, 60.0, "seconds of the 3x overload scenario"),
+        ("--overload-s", float, 60.0, "seconds of 3x overload, over all its rounds"),
         ("--frontend-s", float, 20.0, "seconds per phase of the front-end scenario"),
         ("--versus-rounds", int, 5, "rounds per side of batchserve against (b)"),
         ("--replica-items", int, 100_000, "items of the shared catalog a new replica opens"),

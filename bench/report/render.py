@@ -168,12 +168,19 @@ def _search_cost(data: Data) -> str:
 
 def _overload(data: Data) -> str:
     f = data["overload"]
+    flood = (
+        f", and {f['flood_goodput_of_peak']:.0%} of the peak with {f['flood_clients']} "
+        "clients retrying at once"
+        if "flood_goodput_of_peak" in f
+        else ""
+    )
     return (
-        f"- **{f['goodput_of_peak']:.0%} of the peak goodput at {f['factor']:g}x overload**: "
-        f"offered {f['offered_per_s']:.0f} requests/s for {f['seconds']:.0f} s against a peak "
-        f"of {f['peak_per_s']:g} images/s, it answered {f['goodput_per_s']:g} requests/s "
-        f"within the deadline and refused the rest with 503 and Retry-After in "
-        f"{f['rejected_p50_ms']} ms (p50), in at most {f['rss_max_mib']} MiB; {_on(f)}."
+        f"- **{f['goodput_of_peak']:.0%} of the peak goodput at {f['factor']:g}x overload** "
+        f"(median of {len(f.get('rounds', [])) or 1} rounds): offered {f['offered_per_s']:.0f} "
+        f"requests/s against a peak of {f['peak_per_s']:g} images/s, it answered "
+        f"{f['goodput_per_s']:g} requests/s within the deadline and refused the rest with "
+        f"503 and Retry-After in {f['rejected_p50_ms']} ms (p50), in at most "
+        f"{f['rss_max_mib']} MiB{flood}; {_on(f)}."
     )
 
 
