@@ -40,6 +40,7 @@ from bench.scenarios import (
     retrieval,
     search,
     versus,
+    writers,
 )
 
 
@@ -141,6 +142,7 @@ def report_steps(args: argparse.Namespace) -> list[tuple[str, Callable[[], Any]]
             args.replica_items > 0,
         ),
         ("cluster", lambda: cluster.measure(args.cluster_s), args.cluster_s > 0),
+        ("writers", lambda: writers.measure(args.writers_s), args.writers_s > 0),
     ]
     only = {name for name in args.only.split(",") if name} if args.only else None
     return [(name, fn) for name, fn, on in steps if on and (only is None or name in only)]
@@ -239,6 +241,7 @@ def _report_parser(commands: Any) -> None:
         ("--versus-rounds", int, 5, "rounds per side of batchserve against (b)"),
         ("--replica-items", int, 100_000, "items of the shared catalog a new replica opens"),
         ("--cluster-s", float, 15.0, "seconds of search through nginx per replica count"),
+        ("--writers-s", float, 5.0, "seconds per run of the catalog writers (1 and 2)"),
     )
     for flag, kind, default, text in skips:
         rep.add_argument(flag, type=kind, default=default, help=f"{text} (0: skip)")

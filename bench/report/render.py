@@ -93,6 +93,7 @@ RENDERERS: dict[str, Callable[[Data], Lines]] = {
     "versus": lambda d: sections_scenarios.versus(d["versus"]),
     "replica_start": lambda d: sections_scenarios.replica_start(d["replica_start"]),
     "cluster": lambda d: sections_scenarios.cluster(d["cluster"]),
+    "writers": lambda d: sections_scenarios.writers(d["writers"]),
 }
 
 

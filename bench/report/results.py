@@ -31,6 +31,7 @@ SECTIONS = (
     "versus",
     "replica_start",
     "cluster",
+    "writers",
 )
 
 Section = dict[str, Any]

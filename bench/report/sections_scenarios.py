@@ -211,6 +211,35 @@ def replica_start(s: Section) -> Lines:
     ]
 
 
+def writers(s: Section) -> Lines:
+    rows = []
+    for batch in (32, 1):
+        b = s[f"batch_{batch}"]
+        rows.append(
+            f"| {batch} | {b['one_writer_per_s']:,} | {b['two_writers_per_s']:,} | "
+            f"{b['two_over_one']} | {b['two_writers_own_locks_per_s']:,} | "
+            f"{b['own_locks_over_shared']} |"
+        )
+    return [
+        "## Writes from two replicas at once on a shared PostgreSQL catalog",
+        "",
+        "A throwaway PostgreSQL on the same machine takes upserts from 1, then 2 writer "
+        "processes (each a replica's catalog), each item 1280 floats and a "
+        f"{s['thumbnail_bytes'] // 1024} KB thumbnail, {s['seconds']:g} s a run, "
+        f"{s['rounds']} alternating rounds, ratios within a round, medians. Each write "
+        "transaction holds one global lock from appending to the change log to its commit "
+        "(the log's order is commit order); the last columns give each writer a lock of its "
+        "own (unsafe, measurement only): what two writers would gain without the shared "
+        "lock. `bench/scenarios/writers.py`.",
+        "",
+        "| items per upsert | 1 writer items/s | 2 writers items/s | 2 / 1 | "
+        "2 writers, own locks | own / shared |",
+        "|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+    ]
+
+
 def cluster(s: Section) -> Lines:
     one, two = s["search"]["1"], s["search"]["2"]
     return [
