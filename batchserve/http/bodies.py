@@ -129,6 +129,7 @@ def parse_body(
     body: BodySource,
     limits: RequestLimits,
     json_keys: Collection[str] = IMAGE_KEYS,
+    text_fields: Collection[str] = (),
 ) -> Body:
     """Split a request body into images, fields and JSON, checking the limits.
 
@@ -136,7 +137,8 @@ def parse_body(
     part with a filename, or named ``image``/``images``/``file``, is an image; other parts
     are text fields; at most ``limits.max_parts`` parts. JSON: ``{"images": [{"b64":
     "..."}, ...]}`` (a ``data:`` URL prefix is allowed), with no key outside ``json_keys``;
-    the others are for the caller to read (``doc``).
+    the others are for the caller to read (``doc``). A multipart text field not named in
+    ``text_fields`` is refused, as an unknown JSON key is (a typo loses nothing silently).
     """
     kind = media_type(content_type)
     if not kind:
@@ -148,6 +150,7 @@ def parse_body(
         parsed = Body(images=[_read_all(source, limits)])
     elif kind == "multipart/form-data":
         parsed = _from_multipart(content_type or "", source, limits)
+        check_fields(parsed.fields, text_fields)
     elif is_json(kind):
         doc = read_json(source, limits)
         check_keys(doc, json_keys, "the JSON body")
@@ -166,6 +169,17 @@ def parse_body(
         if not image:
             raise InvalidInput(f"image {i} is empty")
     return parsed
+
+
+def check_fields(fields: Collection[str], known: Collection[str]) -> None:
+    """InvalidInput naming the first multipart text field not in ``known``."""
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        takes = ", ".join(sorted(known))
+        raise InvalidInput(
+            f"unknown multipart field {unknown[0]!r}: send images as file parts"
+            + (f", and text fields {takes}" if takes else " (this route takes no text field)")
+        )
 
 
 def _read_all(source: IO[bytes], limits: RequestLimits) -> bytes:

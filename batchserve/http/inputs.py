@@ -38,6 +38,8 @@ SEARCH_KEYS = IMAGE_KEYS | {"vectors"} | frozenset(SearchTask.__dataclass_fields
 #: The keys of a JSON body of items, and of each item.
 ITEMS_KEYS = frozenset({"items"})
 ITEM_KEYS = frozenset({"id", "label", "metadata", "b64"})
+#: The multipart text fields of an add, beside its image files.
+ITEM_FIELDS = frozenset({"id", "label", "metadata"})
 
 
 def read_vectors(value: object, limits: RequestLimits) -> list[list[float]]:
@@ -98,7 +100,7 @@ def read_items(
             )
             items.append((image, task))
         return items
-    parsed = parse_body(content_type, body, limits)
+    parsed = parse_body(content_type, body, limits, text_fields=ITEM_FIELDS)
     if not parsed.images:
         raise InvalidInput('no image to add (send a file field named "image")')
     n = len(parsed.images)

@@ -231,7 +231,15 @@ IMAGE_CASES = [
     post("text as image/png", EMBED, raw(b"just some text\n", "image/png"), 400, BAD, UNREADABLE),
     post("missing Content-Type", EMBED, raw(JPEG, None), 415, UNSUPPORTED, "missing Content-Type"),
     post("wrong Content-Type", EMBED, raw(JPEG, "application/xml"), 415, UNSUPPORTED, "xml"),
-    post("multipart without a file", EMBED, multipart({"note": "x"}, []), 400, BAD, "no image"),
+    post("multipart without a file", ITEMS, multipart({"id": "x"}, []), 400, BAD, "no image"),
+    post(
+        "a multipart field the route does not take",
+        EMBED,
+        multipart({"note": "x"}, [("image", "a.jpg", JPEG)]),
+        400,
+        BAD,
+        "unknown multipart field 'note'",
+    ),
     post(
         "multipart with a bad boundary",
         EMBED,

@@ -182,14 +182,22 @@ def test_embed_raw_body_returns_one_unit_embedding() -> None:
 
 def test_embed_multipart_with_several_files_keeps_request_order() -> None:
     h = Harness()
-    body, ctype = encode_multipart(
-        [("image", "a.jpg", RED), ("image", "b.png", BLUE)], fields={"note": "not an image"}
-    )
+    body, ctype = encode_multipart([("image", "a.jpg", RED), ("image", "b.png", BLUE)])
     code, _, doc = h.post_image("/v1/embed", body, ctype)
     assert code == 200
     got = [np.array(r["embedding"]) for r in doc["results"]]
     np.testing.assert_allclose(got[0], embedding_of(h, RED), atol=1e-6)
     np.testing.assert_allclose(got[1], embedding_of(h, BLUE), atol=1e-6)
+
+
+def test_a_stray_multipart_field_is_a_400_naming_it() -> None:
+    h = Harness()
+    body, ctype = encode_multipart([("image", "a.jpg", RED)], fields={"lable": "cat"})
+    code, _, doc = h.post_image("/v1/items?id=a", body, ctype)
+    assert code == 400 and "'lable'" in doc["error"]["message"]
+    assert h.request("GET", "/v1/items/a")[0] == 404  # nothing was added
+    code, _, doc = h.post_image("/v1/embed", body, ctype)
+    assert code == 400 and "takes no text field" in doc["error"]["message"]
 
 
 def test_several_images_enter_the_batcher_as_separate_items() -> None:

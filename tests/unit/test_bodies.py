@@ -27,7 +27,7 @@ def test_a_multipart_body_spooled_to_a_file_is_parsed_across_chunk_boundaries() 
     with tempfile.TemporaryFile() as spooled:  # as Twisted keeps a large body
         spooled.write(body)
         spooled.seek(0)
-        parsed = parse_body(content_type, spooled, LIMITS)
+        parsed = parse_body(content_type, spooled, LIMITS, text_fields={"id"})
     assert parsed.images == images
     assert parsed.fields == {"id": ["x"]}
 
@@ -36,8 +36,17 @@ def test_parts_named_as_images_are_images_and_other_parts_are_text_fields() -> N
     body, content_type = encode_multipart([("upload", "a.png", b"A")], {"label": "cat"})
     body = body.replace(b'; filename="a.png"', b"")  # a part named "upload" with no filename
     images_too, _ = encode_multipart([("file", "b.png", b"B")])
-    assert parse_body(content_type, body, LIMITS).fields == {"label": ["cat"], "upload": ["A"]}
+    fields = parse_body(content_type, body, LIMITS, text_fields={"label", "upload"}).fields
+    assert fields == {"label": ["cat"], "upload": ["A"]}
     assert parse_body(content_type, images_too, LIMITS).images == [b"B"]
+
+
+def test_a_multipart_text_field_the_route_does_not_take_is_refused_by_name() -> None:
+    body, content_type = encode_multipart([("image", "a.png", b"A")], {"lable": "cat"})
+    with pytest.raises(InvalidInput, match="unknown multipart field 'lable'.*id, label, metadata"):
+        parse_body(content_type, body, LIMITS, text_fields={"id", "label", "metadata"})
+    with pytest.raises(InvalidInput, match="this route takes no text field"):
+        parse_body(content_type, body, LIMITS)
 
 
 @pytest.mark.parametrize(

@@ -79,8 +79,10 @@ def _images_body(limits: RequestLimits, extra_json: Doc | None = None) -> Doc:
                     "type": "object",
                     "description": "Parts with a filename, or named "
                     + ", ".join(sorted(IMAGE_FIELDS))
-                    + f", are images; at most {limits.max_parts} parts.",
+                    + f", are images; at most {limits.max_parts} parts; a text field is "
+                    "refused (400).",
                     "properties": {"image": files},
+                    "additionalProperties": False,
                 }
             },
             "application/json": {
@@ -111,8 +113,9 @@ def _items_body(limits: RequestLimits) -> Doc:
                     "type": "object",
                     "description": "One `id` per file; `label` and `metadata` (JSON text) "
                     "once for all files or once per file; at most "
-                    f"{limits.max_parts} parts.",
+                    f"{limits.max_parts} parts; any other text field is refused (400).",
                     "required": ["image", "id"],
+                    "additionalProperties": False,
                     "properties": {
                         "image": {"type": "array", "items": {"type": "string"}},
                         "id": {"type": "array", "items": ref("ItemId")},
