@@ -239,7 +239,8 @@ class BatchserveAPI:
             return json_body(request, 503, {"status": "shutting down"})
         if not self._service.ready:
             request.setHeader(b"Retry-After", b"5")
-            return json_body(request, 503, {"status": "loading"})
+            rebuilding = self._service.index_state == "rebuilding"
+            return json_body(request, 503, {"status": "rebuilding" if rebuilding else "loading"})
         return json_body(request, 200, {"status": "ready"})
 
     @app.route("/openapi.json", methods=["GET"])

@@ -186,7 +186,13 @@ class StoreWorker:
 
     @property
     def ready(self) -> bool:
-        return self._store is not None
+        """Open, and not rebuilding its index (a replica found behind the change log's
+        pruned horizon rebuilds while it runs: not ready until it has)."""
+        return self._store is not None and not self._store.rebuilding
+
+    @property
+    def rebuilding(self) -> bool:
+        return self._store is not None and self._store.rebuilding
 
     def start(self) -> Deferred[OpenReport]:
         """Open the store on the store thread (snapshot load and replay, or rebuild)."""

@@ -112,6 +112,14 @@ class ImageService:
         """Model warm, index loaded, and start-up work (the demo photos) done."""
         return self._started and self._model.ready and (self._store is None or self._store.ready)
 
+    @property
+    def index_state(self) -> str:
+        """ "rebuilding" while a running replica rebuilds its index from the catalog (behind
+        the change log's pruned horizon), else "loading" until it is open, then "ready"."""
+        if self._store is not None and self._store.rebuilding:
+            return "rebuilding"
+        return "ready" if self._store is None or self._store.ready else "loading"
+
     def mark_started(self) -> None:
         """Start-up is over: /readyz may answer 200 once the model and index are up."""
         self._started = True
@@ -127,7 +135,7 @@ class ImageService:
         if info is None:
             raise NotReady("the model is loading; retry shortly")
         if needs_index and (self._store is None or not self._store.ready):
-            raise NotReady("the index is loading; retry shortly")
+            raise NotReady(f"the index is {self.index_state}; retry shortly")
         return info
 
     def admit(self, needs_index: bool = False, reserve: bool = False) -> ModelInfo:

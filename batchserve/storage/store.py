@@ -189,6 +189,8 @@ class ItemStore:
         self.replica_id = replica_id(data_dir)
         #: Rebuilds from the catalog because its log was pruned past ``applied_seq``.
         self.rebuilt_behind_horizon = 0
+        #: The index is being rebuilt from the catalog (at open, or behind the horizon).
+        self.rebuilding = False
         self._by_label: dict[str, set[int]] = defaultdict(set)
         self._by_class: dict[str, set[int]] = defaultdict(set)
         self._groups: dict[int, tuple[str | None, str | None]] = {}
@@ -244,7 +246,11 @@ class ItemStore:
         self.applied_seq = seq
         # Recorded first: the changes after ``seq`` are kept while the rebuild reads.
         self.catalog.record_replica(self.replica_id, seq)
-        self._rebuild()
+        self.rebuilding = True  # read by /readyz on the reactor thread
+        try:
+            self._rebuild()
+        finally:
+            self.rebuilding = False
         self._snapshot_seq = -1  # no snapshot on disk holds this index: the next one is due
         self.catch_up()
 

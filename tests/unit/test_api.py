@@ -336,6 +336,19 @@ def test_not_ready_is_503_and_readyz_says_so() -> None:
     assert h.request("GET", "/healthz")[0] == 200
 
 
+def test_a_replica_rebuilding_its_index_is_not_ready_and_says_so() -> None:
+    h = Harness()
+    store = h.server.store._store
+    assert store is not None and h.request("GET", "/readyz")[0] == 200
+    store.rebuilding = True  # as the store thread sets it while it rebuilds
+    status, _, doc = h.request("GET", "/readyz")
+    assert (status, doc["status"]) == (503, "rebuilding")
+    status, _, doc = h.post_image("/v1/search", RED)
+    assert status == 503 and "the index is rebuilding" in doc["error"]["message"]
+    store.rebuilding = False
+    assert h.request("GET", "/readyz")[0] == 200
+
+
 def test_readyz_model_and_healthz_when_ready() -> None:
     h = Harness()
     assert h.request("GET", "/readyz")[0] == 200

@@ -43,7 +43,7 @@ def test_parts_named_as_images_are_images_and_other_parts_are_text_fields() -> N
 
 def test_a_multipart_text_field_the_route_does_not_take_is_refused_by_name() -> None:
     body, content_type = encode_multipart([("image", "a.png", b"A")], {"lable": "cat"})
-    with pytest.raises(InvalidInput, match="unknown multipart field 'lable'.*id, label, metadata"):
+    with pytest.raises(InvalidInput, match=r"unknown multipart field 'lable'.*id, label, metadata"):
         parse_body(content_type, body, LIMITS, text_fields={"id", "label", "metadata"})
     with pytest.raises(InvalidInput, match="this route takes no text field"):
         parse_body(content_type, body, LIMITS)

@@ -696,6 +696,29 @@ def test_a_replica_behind_the_pruned_log_rebuilds_from_the_catalog_instead_of_re
     assert replica.snapshot() is not None  # the index no snapshot held is written down
 
 
+def test_a_replica_is_marked_rebuilding_while_it_rebuilds_behind_the_horizon(
+    tmp_path: Path,
+) -> None:
+    catalog = SharedCatalog(tmp_path / "shared.sqlite3")
+    writer = shared_store(tmp_path / "writer", catalog)
+    replica = shared_store(tmp_path / "replica", catalog)
+    writer.add(items(0, 4))
+    replica.catch_up()
+    churn(writer, 10)
+    catalog.prune_changes(catalog.last_seq() - 2)
+    seen: list[bool] = []
+    rebuild = replica._rebuild
+
+    def watched() -> None:
+        seen.append(replica.rebuilding)  # as /readyz reads it from the reactor thread
+        rebuild()
+
+    replica._rebuild = watched  # type: ignore[method-assign]
+    assert not replica.rebuilding
+    replica.catch_up()
+    assert seen == [True] and not replica.rebuilding
+
+
 def test_a_snapshot_older_than_the_pruned_log_is_not_replayed(tmp_path: Path) -> None:
     catalog = SharedCatalog(tmp_path / "shared.sqlite3")
     writer = shared_store(tmp_path / "writer", catalog)
