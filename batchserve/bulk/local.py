@@ -25,7 +25,7 @@ from batchserve.bulk.report import BulkReport
 from batchserve.bulk.sources import Source, read_bytes, sha256_hex
 from batchserve.errors import BatchserveError
 from batchserve.models.batches import pad_batch, padded_size, predicted_class
-from batchserve.models.images import DecodeLimits, decode_item_for, make_thumbnail
+from batchserve.models.images import DecodeLimits, decode_add_for
 from batchserve.models.spec import EmbeddingModel, ModelInfo
 from batchserve.storage.records import NewItem
 
@@ -61,9 +61,10 @@ def load_source(
     digest = sha256_hex(data)
     if digest == known_digest:
         return None
-    pictures = decode_item_for(data, info, limits)
+    item = decode_add_for(data, info, limits)  # one decode for its input, views, thumbnail
+    pictures = item.pictures
     views = pictures[1:] if info.views else None
-    return Decoded(pictures[0], make_thumbnail(data, limits), digest, views)
+    return Decoded(pictures[0], item.thumbnail, digest, views)
 
 
 def load_timed(path: str, known_digest: str | None, info: ModelInfo, limits: DecodeLimits) -> Timed:

@@ -278,3 +278,27 @@ def test_bulk_indexing_with_crop_views_stores_each_items_views(tmp_path: Path) -
     corner = store.catalog.items_by_fid(fids.tolist())
     row = next(i for i, f in enumerate(fids) if corner[int(f)].id == "corner.png")
     np.testing.assert_allclose(vectors[row], model.predict(pictures).embeddings, atol=1e-6)
+
+
+def test_a_source_is_decoded_once_for_its_input_and_thumbnail_as_the_server_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchserve.bulk.local import load_source
+    from batchserve.models import images
+
+    path = tmp_path / "photo.png"
+    Image.fromarray(np.full((300, 400, 3), 90, np.uint8)).save(path)
+    info, limits = FakeModel().info, DecodeLimits()
+    opened = []
+    open_checked = images._open_checked
+
+    def counting(data: bytes, given: DecodeLimits) -> object:
+        opened.append(len(data))
+        return open_checked(data, given)
+
+    monkeypatch.setattr(images, "_open_checked", counting)
+    loaded = load_source(str(path), None, info, limits)
+    assert loaded is not None and len(opened) == 1  # a PNG: one decode, as an upload's add
+    server = images.decode_add_for(path.read_bytes(), info, limits)
+    assert loaded.thumbnail == server.thumbnail
+    np.testing.assert_array_equal(loaded.pixels, server.pictures[0])
