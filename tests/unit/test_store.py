@@ -668,9 +668,9 @@ def churn(writer: ItemStore, start: int) -> None:
     writer.delete(f"id{start}")
 
 
-def test_a_replica_behind_the_pruned_log_rebuilds_from_the_catalog_instead_of_replaying(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def behind_the_horizon(tmp_path: Path) -> tuple[SharedCatalog, ItemStore, ItemStore, int]:
+    """A writer and a replica on one shared catalog, the replica having applied its log up
+    to the seq returned, and the log since pruned past that."""
     catalog = SharedCatalog(tmp_path / "shared.sqlite3")
     writer = shared_store(tmp_path / "writer", catalog)
     replica = shared_store(tmp_path / "replica", catalog)
@@ -679,6 +679,13 @@ def test_a_replica_behind_the_pruned_log_rebuilds_from_the_catalog_instead_of_re
     away = replica.applied_seq
     churn(writer, 10)
     assert catalog.prune_changes(catalog.last_seq() - 2) > 0  # past what the replica applied
+    return catalog, writer, replica, away
+
+
+def test_a_replica_behind_the_pruned_log_rebuilds_from_the_catalog_instead_of_replaying(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    catalog, writer, replica, away = behind_the_horizon(tmp_path)
     with pytest.raises(ChangeLogPruned):
         catalog.changes_since(away)  # the log from there would miss changes
     with caplog.at_level("WARNING", logger="batchserve.storage.store"):
@@ -699,13 +706,7 @@ def test_a_replica_behind_the_pruned_log_rebuilds_from_the_catalog_instead_of_re
 def test_a_replica_is_marked_rebuilding_while_it_rebuilds_behind_the_horizon(
     tmp_path: Path,
 ) -> None:
-    catalog = SharedCatalog(tmp_path / "shared.sqlite3")
-    writer = shared_store(tmp_path / "writer", catalog)
-    replica = shared_store(tmp_path / "replica", catalog)
-    writer.add(items(0, 4))
-    replica.catch_up()
-    churn(writer, 10)
-    catalog.prune_changes(catalog.last_seq() - 2)
+    _catalog, _writer, replica, _away = behind_the_horizon(tmp_path)
     seen: list[bool] = []
     rebuild = replica._rebuild
 
