@@ -102,7 +102,7 @@ class _Item(Generic[In, Out]):
         self.enqueued_s = enqueued_s
         self.deferred: Deferred[Out] | None = None
         self.deadline: IDelayedCall | None = None
-        # Set and read on the reactor thread only (a runner's thread gets Batch.frozen()).
+        # Set on the reactor thread; a runner's thread reads it as it starts a frozen batch.
         self.done = False
 
 
@@ -141,16 +141,19 @@ class Batch(Generic[In_co]):
         return Batch(self._items, [fn(p) for p in self.payloads], self.runner_free)
 
     def live_indices(self) -> list[int]:
-        """Indices of the items still wanted (not cancelled, not expired)."""
-        if self._frozen_live is not None:
-            return list(self._frozen_live)
-        return [i for i, item in enumerate(self._items) if not item.done]
+        """Indices of the items still wanted (not cancelled, not expired). A frozen batch
+        reads them again when its runner starts it (an item dropped while the batch waited
+        behind another is skipped); reading ``done`` from the runner's thread is a plain
+        attribute read, and an item dropped while its batch starts is computed all the
+        same, its result discarded by the Batcher."""
+        frozen = self._frozen_live
+        candidates = range(len(self._items)) if frozen is None else frozen
+        return [i for i in candidates if not self._items[i].done]
 
     def frozen(self) -> Batch[In_co]:
-        """This batch as it stands now, for another thread: its live items are decided on
-        the reactor, here, and never read from the items again. (An item dropped after this
-        is computed all the same, and its result discarded by the Batcher.) Its
-        ``runner_free`` is its own: only the reactor fires the batch's."""
+        """This batch as it stands now, for another thread: the items live now, of which
+        ``live_indices`` gives those still live when asked. Its ``runner_free`` is its own:
+        only the reactor fires the batch's."""
         copy = Batch(self._items, self.payloads)
         copy._frozen_live = self.live_indices()
         return copy
@@ -293,7 +296,7 @@ class Batcher(Generic[In, Out]):
         if queued:
             self._observer.queue_size(len(self._queue))
         self._observer.item_rejected("deadline")
-        where = "in the queue" if queued else "while its batch ran"
+        where = "in the queue" if queued else "after its batch was handed to the model"
         assert item.deferred is not None
         item.deferred.errback(DeadlineExceeded(f"deadline passed {where}"))
 

@@ -41,21 +41,32 @@ def pool() -> Iterator[ThreadPoolExecutor]:
         yield executor
 
 
-def start_with(tmp: Path, model: GatedModel, form: str, settings: dict[str, int | float]) -> Server:
+def start_with(
+    tmp: Path, model: GatedModel, form: str, settings: dict[str, int | float | bool]
+) -> Server:
     """The server on ``model`` with ``settings`` given in ``form``."""
     args = ["--model", str(model.path), "--no-demo"]
     env: dict[str, str] = {}
     if form == "flags":
         for name, value in settings.items():
-            args += [f"--{name.replace('_', '-')}", str(value)]
+            flag = name.replace("_", "-")
+            if isinstance(value, bool):
+                args.append(f"--{flag}" if value else f"--no-{flag}")
+            else:
+                args += [f"--{flag}", str(value)]
     elif form == "env":
-        env = {f"BATCHSERVE_{name.upper()}": str(value) for name, value in settings.items()}
+        env = {f"BATCHSERVE_{name.upper()}": _text(value) for name, value in settings.items()}
     else:
         path = tmp / "batchserve.toml"
-        path.write_text("".join(f"{name} = {value}\n" for name, value in settings.items()))
+        path.write_text("".join(f"{name} = {_text(v)}\n" for name, v in settings.items()))
         args += ["--config", str(path)]
     model.open()
     return start_server(tmp / "server", *args, env=env)
+
+
+def _text(value: int | float | bool) -> str:
+    """A setting's value as an environment variable or TOML writes it."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def send(pool: ThreadPoolExecutor, server: Server, image: bytes) -> Future[Response]:
@@ -77,11 +88,13 @@ def test_max_delay_and_max_queue_are_observed_from_outside(
         model,
         form,
         # Two batches may be with the model at once, so a lone image waits max_delay_s for
-        # company instead of going at once; a deadline far away.
+        # company instead of going at once, and no third goes ahead of them; a deadline far
+        # away.
         {
             "max_queue": 3,
             "max_delay_s": 0.4,
             "max_inflight": 2,
+            "full_batch_ahead": False,
             "max_batch_size": 2,
             "timeout_s": 120,
         },
@@ -131,7 +144,9 @@ def test_max_delay_and_max_queue_are_observed_from_outside(
 def test_timeout_s_is_the_deadline_and_expired_images_never_reach_the_model(
     form: str, model: GatedModel, tmp_path: Path, pool: ThreadPoolExecutor
 ) -> None:
-    server = start_with(tmp_path, model, form, {"timeout_s": 1.5, "max_batch_size": 1})
+    # No batch goes ahead of the one at the model: the second image waits in the queue.
+    settings = {"timeout_s": 1.5, "max_batch_size": 1, "full_batch_ahead": False}
+    server = start_with(tmp_path, model, form, settings)
     try:
         model.close()
         started = len(model.calls())
@@ -146,7 +161,8 @@ def test_timeout_s_is_the_deadline_and_expired_images_never_reach_the_model(
         assert expired.json()["error"]["code"] == "deadline_exceeded"
         assert "in the queue" in expired.json()["error"]["message"]
         held = busy.result(timeout=60)
-        assert held.status == 504 and "while its batch ran" in held.json()["error"]["message"]
+        message = held.json()["error"]["message"]
+        assert held.status == 504 and "after its batch was handed to the model" in message
 
         model.open()
         # A later image is computed; the expired one, queued before it, never was.

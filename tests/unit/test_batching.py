@@ -217,19 +217,27 @@ def test_item_cancelled_after_handover_is_not_live_when_batch_starts() -> None:
     assert result_of(b).check(CancelledError)
 
 
-def test_a_frozen_batch_keeps_the_live_items_of_the_moment_it_was_frozen() -> None:
-    # What the inference thread gets: it never reads the items the reactor owns.
+def test_a_frozen_batch_skips_what_was_dropped_before_its_runner_starts_it() -> None:
+    # What the inference thread gets: a batch handed over ahead waits behind another, and
+    # an image cancelled (or past its deadline) meanwhile is not computed.
     batcher, runner, _clock = make(max_inflight=2, max_batch_size=2)
     batcher.submit(0)
     a = batcher.submit(1)
     b = batcher.submit(2)
     frozen = runner.batches[1].frozen()
     b.cancel()
-    assert frozen.live_indices() == [0, 1] and frozen.payloads == [1, 2]
-    assert runner.batches[1].live_indices() == [0]
+    assert frozen.live_indices() == [0] and frozen.payloads == [1, 2]
     runner.complete()
-    runner.complete()  # b's result, computed all the same, is discarded
+    runner.complete()
     assert result_of(a) == 1 and result_of(b).check(CancelledError)
+
+
+def test_an_item_dropped_before_freezing_stays_dropped() -> None:
+    batcher, runner, _clock = make(max_inflight=2, max_batch_size=2)
+    batcher.submit(0)
+    batcher.submit(1)
+    batcher.submit(2).cancel()
+    assert runner.batches[1].frozen().live_indices() == [0]
 
 
 def test_failed_batch_fails_only_its_items_and_next_batch_runs() -> None:
