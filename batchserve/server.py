@@ -39,6 +39,7 @@ from twisted.web.server import Site
 
 from batchserve import __version__
 from batchserve.config import ServeSettings
+from batchserve.http import ports
 from batchserve.http.auth import Tokens
 from batchserve.http.drain import Connections
 from batchserve.http.pacing import RefusalPacer
@@ -54,7 +55,7 @@ from batchserve.serving.pipeline import Job, Outcome, PipelineRunner, StoreWorke
 from batchserve.serving.records import AddTask
 from batchserve.serving.service import ImageService, PoolRunner
 from batchserve.serving.threads import NamedThreadPool, name_this_thread
-from batchserve.storage.data_dir import lock_data_dir
+from batchserve.storage.data_dir import lock_data_dir, remove_if_untouched
 from batchserve.storage.store import IndexState, ItemStore, OpenReport, open_store
 
 log = Logger(namespace="batchserve")
@@ -470,11 +471,22 @@ def serve(settings: ServeSettings) -> None:
         d.addCallbacks(lambda _: Deferred(), partial(_cannot_start, reactor))
         return d
 
+    server = settings.server
+    ports.check_free(server.host, server.port)  # before anything is loaded or made
+    if server.metrics_address:
+        ports.check_free(*server.metrics_host_port(), flag="--metrics-address")
     name_this_thread("batchserve")  # the reactor's thread, as top -H and /proc show it
-    logs.start_logging(settings.server.log_level, settings.server.log_format)
+    logs.start_logging(server.log_level, server.log_format)
     os.umask(0o077)  # every file the server creates is readable by its own user only
-    lock_data_dir(Path(settings.store.data_dir))
-    react(main)
+    data_dir = Path(settings.store.data_dir)
+    made = not data_dir.exists()
+    lock_data_dir(data_dir)
+    try:
+        react(main)
+    except SystemExit as e:
+        if e.code and made:
+            remove_if_untouched(data_dir)  # a failed first start leaves no empty data dir
+        raise
 
 
 def _cannot_start(reactor: IReactorCore, failure: Failure) -> Failure:

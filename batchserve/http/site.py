@@ -514,6 +514,7 @@ class _Site(Site):
 
     # Twisted declares the protocol factory as a method; a channel class is what it calls.
     protocol = RequestLineChannel  # type: ignore[assignment]
+    noisy = False  # no "Starting factory <_Site object at 0x...>" in the log
 
     def __init__(self, resource: IResource, limits: ConnectionLimits | None, **kwargs: Any) -> None:
         if limits is not None:

@@ -128,9 +128,19 @@ OBSERVERS: dict[str, Callable[[IO[str]], ILogObserver]] = {
 }
 
 
+#: Twisted's own chatter (ports opening and closing, the main loop's end), below warnings
+#: kept out of the log unless it is at debug.
+QUIET_NAMESPACES = ("twisted", "log_legacy")
+
+
 def filtered(observer: ILogObserver, level_name: str) -> ILogObserver:
-    """``observer`` seeing only events at ``level_name`` (debug ... critical) and above."""
-    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level_name))
+    """``observer`` seeing only events at ``level_name`` (debug ... critical) and above;
+    below debug, Twisted's internals only from warnings up."""
+    level = LogLevel.levelWithName(level_name)
+    predicate = LogLevelFilterPredicate(defaultLogLevel=level)
+    if level != LogLevel.debug:
+        for namespace in QUIET_NAMESPACES:
+            predicate.setLogLevelForNamespace(namespace, max(level, LogLevel.warn))
     return FilteringLogObserver(observer, [predicate])
 
 

@@ -101,6 +101,19 @@ def lock_data_dir(data_dir: Path) -> int:
     return fd
 
 
+def remove_if_untouched(data_dir: Path) -> bool:
+    """Remove ``data_dir`` when it holds nothing but its lock (a start that failed before
+    it wrote anything: a model that did not load); whether it was removed."""
+    try:
+        if [p.name for p in data_dir.iterdir()] != ["lock"]:
+            return False
+        (data_dir / "lock").unlink()
+        data_dir.rmdir()
+    except OSError:
+        return False
+    return True
+
+
 def replica_id(data_dir: Path) -> str:
     """The id of the replica whose data dir is ``data_dir``: made once, kept in the dir."""
     path = data_dir / "replica-id"

@@ -86,6 +86,8 @@ def overload(f: Section) -> Lines:
         f"{f['rejected_p99_ms']} |",
         f"| probe 503s carrying Retry-After | {f['probe_503s_with_retry_after']} of "
         f"{f['probe_503s']} |",
+        f"| probe 503s (one client beside the load): p50 / max ms | "
+        f"{f.get('probe_503_p50_ms', '-')} / {f.get('probe_503_max_ms', '-')} |",
         f"| other statuses | {f['other_statuses'] or 'none'} |",
         f"| resident memory: start / max / end MiB | {f['rss_start_mib']} / "
         f"{f['rss_max_mib']} / {f['rss_end_mib']} |",
@@ -108,12 +110,13 @@ def overload(f: Section) -> Lines:
     lines.append("")
     if rounds:
         lines += [
-            f"| round | peak/s | goodput at {x}/s | ratio | 503 p99 ms | flood 200/s | "
-            "flood ratio | 503s held/s |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| round | peak/s | goodput at {x}/s | ratio | 503 p99 ms | probe 503 max ms | "
+            "flood 200/s | flood ratio | 503s held/s |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             *(
                 f"| {i} | {r['peak_per_s']} | {r['goodput_per_s']} | {r['goodput_of_peak']} "
-                f"| {r['rejected_p99_ms']} | {r.get('flood_ok_per_s', '-')} | "
+                f"| {r['rejected_p99_ms']} | {r.get('probe_503_max_ms', '-')} | "
+                f"{r.get('flood_ok_per_s', '-')} | "
                 f"{r.get('flood_goodput_of_peak', '-')} | {r.get('flood_held_per_s', '-')} |"
                 for i, r in enumerate(rounds, 1)
             ),
@@ -262,5 +265,18 @@ def cluster(s: Section) -> Lines:
         f"{errors_text(one['errors'])} |",
         f"| 2 | {two['images_per_s']} | {two['p50_ms']} | {two['p99_ms']} | "
         f"{errors_text(two['errors'])} |",
+        "",
+        *_restart_lines(s.get("restart")),
+    ]
+
+
+def _restart_lines(r: Section | None) -> Lines:
+    if r is None:
+        return []
+    return [
+        f"A rolling restart under load: `deploy/local-cluster restart` ({r['restart_s']} s, "
+        f"the two replicas one by one) while 8 clients search through nginx for "
+        f"{r['load_s']:g} s: **{r['failed']} of {r['requests']} requests failed** "
+        f"(statuses {r['statuses']}).",
         "",
     ]

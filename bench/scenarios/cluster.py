@@ -12,6 +12,8 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,9 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "deploy" / "local-cluster"
 WRITES = 60
 WRITE_RATE = 5.0  # writes/s: a steady stream, not a saturating one
+#: Seconds of searches through nginx around a rolling restart of two replicas (each
+#: restart waits for its replica to be ready again: the model's load, ~7 s here).
+RESTART_LOAD_S = 45.0
 
 
 def _script(*args: str) -> None:
@@ -94,11 +99,41 @@ def search_through_nginx(cluster: _Cluster, images: list[bytes], seconds: float)
     return point.measure(base, spec)
 
 
+def restart_under_load(cluster: _Cluster, images: list[bytes]) -> dict[str, Any]:
+    """``deploy/local-cluster restart`` (the replicas one by one) while 8 clients search
+    through nginx without pause: what the clients saw, every status counted."""
+    base = f"http://127.0.0.1:{cluster.port}"
+    spec = load.LoadSpec(
+        url=base + "/v1/search?k=10",
+        requests=build_requests(base, "/v1/search?k=10", images),
+        duration_s=RESTART_LOAD_S,
+        warmup_s=0.0,
+        concurrency=8,
+        timeout_s=30.0,
+    )
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(load.run, spec)
+        time.sleep(3.0)
+        started = time.perf_counter()
+        _script("restart", "--dir", str(cluster.directory))
+        restart_s = time.perf_counter() - started
+        result = running.result()
+    statuses = Counter(s.status for s in result.measured())
+    return {
+        "requests": sum(statuses.values()),
+        "failed": sum(n for status, n in statuses.items() if status != 200),
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "restart_s": round(restart_s, 1),
+        "load_s": RESTART_LOAD_S,
+    }
+
+
 def measure(seconds: float) -> dict[str, Any]:
     images = bench_images.sample_photos()
     with _Cluster(2) as two:
         delays = convergence_ms(two, images[0])
         searched_two = search_through_nginx(two, images, seconds)
+        restarted = restart_under_load(two, images)
     with _Cluster(1) as one:
         searched_one = search_through_nginx(one, images, seconds)
     cuts = statistics.quantiles(delays, n=100, method="inclusive")
@@ -114,4 +149,5 @@ def measure(seconds: float) -> dict[str, Any]:
         },
         "clients": 32,
         "seconds": seconds,
+        "restart": restarted,
     }

@@ -30,6 +30,7 @@ ROUND_KEYS = (
     "goodput_per_s",
     "goodput_of_peak",
     "rejected_p99_ms",
+    "probe_503_max_ms",
     "flood_ok_per_s",
     "flood_goodput_of_peak",
     "flood_held_per_s",
@@ -111,6 +112,14 @@ def summarise(
         "rejected_p99_ms": round(result.percentile_ms(99, status=503), 1),
         "other_statuses": {str(s): sum(1 for m in measured if m.status == s) for s in other},
         "probe_503s": len(probed_503),
+        # The probe's own client, one request at a time beside the load: a 503's time as a
+        # client that is not the flooding generator sees it.
+        "probe_503_p50_ms": round(1000 * statistics.median(p[2] for p in probed_503), 1)
+        if probed_503
+        else float("nan"),
+        "probe_503_max_ms": round(1000 * max(p[2] for p in probed_503), 1)
+        if probed_503
+        else float("nan"),
         "probe_503s_with_retry_after": sum(1 for p in probed_503 if p[1]),
         "rss_start_mib": round(watch.rss[0] / 2**20) if watch.rss else 0,
         "rss_max_mib": round(max(watch.rss) / 2**20) if watch.rss else 0,

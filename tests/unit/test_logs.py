@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from twisted.logger import LogLevel, globalLogPublisher
+from twisted.web.resource import Resource
 
 from batchserve.serving import logs
 from tests.unit.test_api import RED, Harness
@@ -129,3 +130,26 @@ def test_tensorflow_is_quiet_below_debug(monkeypatch: pytest.MonkeyPatch) -> Non
     logs.quiet_framework_logs("info")
     assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "2"
     assert logging.getLogger("tensorflow").level == logging.ERROR
+
+
+def test_twisted_internals_stay_out_of_the_log_below_debug() -> None:
+    from twisted.logger import Logger, LogPublisher
+
+    lines: dict[str, str] = {}
+    for level in ("info", "debug"):
+        out = io.StringIO()
+        publisher = LogPublisher(logs.filtered(logs.OBSERVERS["text"](out), level))
+        Logger(namespace="log_legacy", observer=publisher).info("_Site starting on 8080")
+        Logger(namespace="twisted.internet.base", observer=publisher).info("Main loop ended")
+        Logger(namespace="twisted.internet.base", observer=publisher).warn("a real warning")
+        Logger(namespace="batchserve", observer=publisher).info("ready in 6 s")
+        lines[level] = out.getvalue()
+    assert "starting on" not in lines["info"] and "Main loop" not in lines["info"]
+    assert "a real warning" in lines["info"] and "ready in 6 s" in lines["info"]
+    assert "starting on" in lines["debug"] and "Main loop" in lines["debug"]
+
+
+def test_the_site_does_not_log_its_factory_starting() -> None:
+    from batchserve.http.site import make_site
+
+    assert make_site(Resource(), 1000, access_log=False).noisy is False

@@ -4,9 +4,11 @@ only once the server is ready; stopping closes idle connections and answers, wit
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
+import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
@@ -14,9 +16,11 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from batchserve.config import ServerSettings, ServeSettings
+from batchserve.errors import ConfigError
+from batchserve.http.ports import check_free
 from batchserve.models.spec import ModelInfo
 from batchserve.server import Server, Threads, build
-from batchserve.storage.data_dir import StoreSettings
+from batchserve.storage.data_dir import StoreSettings, lock_data_dir, remove_if_untouched
 from batchserve.storage.index import IndexParams, VectorIndex
 from batchserve.storage.store import ItemStore
 from batchserve.testing import FakeModel, SyncModelRunner, result_of, run_now
@@ -127,3 +131,28 @@ def test_a_server_told_to_stop_while_loading_never_opens_the_api(tmp_path: Path)
     model.loaded.callback(None)
     assert result_of(started) is None and result_of(stopped) is None
     assert reactor.tcpServers == []
+
+
+def test_a_port_in_use_is_named_with_the_way_out() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError) as raised:
+            check_free("127.0.0.1", port)
+        assert str(raised.value) == (
+            f"127.0.0.1:{port} is in use: pass --port N, or --port 0 for any free port"
+        )
+        with pytest.raises(ConfigError, match="pass another --metrics-address"):
+            check_free("127.0.0.1", port, flag="--metrics-address")
+    check_free("127.0.0.1", port)  # free again
+    check_free("127.0.0.1", 0)  # the kernel picks one
+
+
+def test_a_data_dir_holding_only_its_lock_is_removed_and_any_other_kept(tmp_path: Path) -> None:
+    fresh, used = tmp_path / "fresh", tmp_path / "used"
+    lock_data_dir(fresh)
+    lock_data_dir(used)
+    (used / "catalog.sqlite3").write_bytes(b"")
+    assert remove_if_untouched(fresh) and not fresh.exists()
+    assert not remove_if_untouched(used) and (used / "lock").exists()
