@@ -286,7 +286,35 @@ class BatchserveAPI:
             method = request.method.decode("latin-1")
             description = f"{method} is not allowed here; allowed: {', '.join(valid)}"
             return error_body(request, status, code, description)
-        return error_body(request, status, code, error.description or error.name)
+        return error_body(
+            request, status, code, _not_found_hint(request, status) or description_of(error)
+        )
+
+
+def description_of(error: HTTPException) -> str:
+    return error.description or error.name
+
+
+#: Routes that end in an item id, by their prefix.
+_ID_ROUTES = (b"/v1/items/",)
+
+
+def _not_found_hint(request: IRequest, status: int) -> str | None:
+    """For a 404 on a path that reads as an item id with a ``/`` in it (``GET
+    /v1/items/sample/cat``), how to send such an id; None otherwise."""
+    path = request.path
+    if status != 404 or not path.startswith(_ID_ROUTES):
+        return None
+    rest = path[len(_ID_ROUTES[0]) :].decode("utf-8", "replace")
+    for suffix in ("/similar", "/thumbnail"):
+        rest = rest.removesuffix(suffix)
+    if "/" not in rest:
+        return None
+    encoded = rest.replace("/", "%2F")
+    return (
+        f"no route for {path.decode('utf-8', 'replace')}: an id with a '/' in it goes in the "
+        f"path with the '/' written as %2F (/v1/items/{encoded})"
+    )
 
 
 def _int_arg(request: IRequest, name: str, default: int, low: int, high: int) -> int:

@@ -349,6 +349,19 @@ def test_a_replica_rebuilding_its_index_is_not_ready_and_says_so() -> None:
     assert h.request("GET", "/readyz")[0] == 200
 
 
+def test_a_404_for_an_id_with_a_slash_says_to_write_it_as_2f() -> None:
+    h = Harness()
+    for path, encoded in [
+        ("/v1/items/sample/cat", "/v1/items/sample%2Fcat"),
+        ("/v1/items/a/b/similar", "/v1/items/a%2Fb"),
+    ]:
+        status, _, doc = h.request("GET", path)
+        assert status == 404 and encoded in doc["error"]["message"], doc
+        assert "%2F" in doc["error"]["message"]
+    status, _, doc = h.request("GET", "/v1/nowhere/at/all")
+    assert status == 404 and "%2F" not in doc["error"]["message"]
+
+
 def test_readyz_model_and_healthz_when_ready() -> None:
     h = Harness()
     assert h.request("GET", "/readyz")[0] == 200
