@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 from batchserve.cli import build_parser
@@ -135,3 +136,12 @@ def test_the_headline_says_what_the_numbers_say() -> None:
     assert f"serves {ratio(ours, a):.1f}x the images/s of Flask" in text
     lower = versus["batchserve"]["p99_ms"] < versus["baseline"]["p99_ms"]
     assert ("at a lower p99" in text) == lower and ("at a higher p99" in text) == (not lower)
+
+
+def test_the_folders_the_readmes_commands_make_are_git_ignored() -> None:
+    made = ["data/", "photos/cat.jpg", "models/furniture", "furniture/", "catalog/"]
+    made.append("data-furniture/")
+    for path in made:
+        assert path.split("/")[0] in README, f"{path} is not in the README any more"
+        ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT, check=False)
+        assert ignored.returncode == 0, f"{path} is not git-ignored"
