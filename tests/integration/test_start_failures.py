@@ -3,6 +3,7 @@ exits non-zero at once, and leaves nothing behind."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -43,3 +44,21 @@ def test_a_model_that_does_not_load_leaves_no_data_dir_behind(tmp_path: Path) ->
     assert done.returncode != 0, (done.stdout, done.stderr)
     assert "cannot start" in done.stdout + done.stderr
     assert not data_dir.exists()  # a rerun with the right model starts afresh
+
+
+def test_a_keras_application_offline_says_where_its_weights_go(tmp_path: Path) -> None:
+    # This machine reaches no network (nor does CI's): the download fails as it would for
+    # a user offline. A Keras cache of its own, so that no weights cached earlier are found.
+    data_dir = tmp_path / "data"
+    environ = {**os.environ, "KERAS_HOME": str(tmp_path / "keras")}
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "batchserve.cli", "serve", "--no-demo", "--port", "0",
+         "--data-dir", str(data_dir), "--model", "keras:EfficientNetB0"],
+        capture_output=True, text=True, timeout=300, env=environ,
+    )  # fmt: skip
+    assert done.returncode != 0, (done.stdout, done.stderr, time.monotonic() - started)
+    said = done.stdout + done.stderr
+    assert "keras:EfficientNetB0 needs its ImageNet weights" in said, said
+    assert "--weights PATH" in said and "--model builtin" in said
+    assert not data_dir.exists()
