@@ -118,7 +118,7 @@ def results_markdown(data: Data) -> str:
 
 
 def _on(section: dict[str, Any]) -> str:
-    return f"measured on {section['machine']}"
+    return f"measured {section['date']} on {section['machine']}"
 
 
 def _against_predict(data: Data) -> str:
@@ -280,7 +280,7 @@ def headline(data: Data) -> str:
     clauses = [f"at a {'lower' if p99 else 'higher'} p99"]
     clauses.append(f"in {'less' if memory else 'more'} memory")
     return textwrap.fill(
-        f"Measured on {versus['machine']}, with {versus['clients']} concurrent "
+        f"Measured {versus['date']} on {versus['machine']}, with {versus['clients']} concurrent "
         f"clients, batchserve serves "
         f"{sections.ratio(ours, a):.1f}x the images/s of Flask + `model.predict` and "
         f"{versus['median_ratio']:.2f}x the strongest per-request setup (Flask + a compiled "

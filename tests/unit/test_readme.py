@@ -110,13 +110,14 @@ def test_the_benchmark_lines_are_rendered_from_results_json() -> None:
     assert render.readme_numbers(README) == render.readme_block(RESULTS)
 
 
-def test_there_are_six_benchmark_lines_each_naming_its_machine() -> None:
+def test_there_are_six_benchmark_lines_each_naming_its_date_and_machine() -> None:
     lines = render.readme_block(RESULTS).splitlines()
-    machines = {section["machine"] for section in RESULTS.values()}
+    measured = {f"measured {s['date']} on {s['machine']}." for s in RESULTS.values()}
     assert len(lines) == 6
     for line in lines:
         assert line.startswith("- **")
-        assert any(line.endswith(f"measured on {machine}.") for machine in machines), line
+        assert re.search(r"measured \d{4}-\d{2}-\d{2} on ", line), line
+        assert any(line.endswith(m) for m in measured), line
     assert "[bench/RESULTS.md](bench/RESULTS.md)" in README
 
 
@@ -124,7 +125,8 @@ def test_the_headline_is_rendered_from_results_json() -> None:
     # Fails after a measurement until `python -m bench render` rewrites it.
     headline = between(README, render.HEADLINE_START, render.HEADLINE_END).strip()
     assert headline == render.headline(RESULTS)
-    assert f"Measured on {RESULTS['versus']['machine']}" in " ".join(headline.split())
+    versus = RESULTS["versus"]
+    assert f"Measured {versus['date']} on {versus['machine']}" in " ".join(headline.split())
 
 
 def test_the_headline_says_what_the_numbers_say() -> None:
