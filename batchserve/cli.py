@@ -128,6 +128,7 @@ def index_command(job: BulkJob, path: str) -> int:
     where = data_dir if job.bulk.write_data_dir else job.bulk.output
 
     def announce(already: int) -> None:
+        progress.start()  # the model is loaded: images/s counts from here, as the summary's
         print(
             f"indexing {len(sources)} images from {path} into {where} "
             f"({already} items there already) with the {job.bulk.engine} engine",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -41,16 +42,24 @@ class BulkReport:
 
 
 class Progress:
-    """A one-line progress report with images/s, redrawn at most twice a second."""
+    """A one-line progress report with images/s, redrawn at most twice a second. Its rate
+    counts from ``start`` (the model loaded, the job begun), as the summary's does."""
 
-    def __init__(self, out: TextIO, total: int | None) -> None:
+    def __init__(
+        self, out: TextIO, total: int | None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._out = out
         self._total = total
-        self._started = time.monotonic()
+        self._clock = clock
+        self._started = clock()
         self._shown = 0.0
 
+    def start(self) -> None:
+        """The job begins now: images/s counts from here."""
+        self._started = self._clock()
+
     def update(self, report: BulkReport, force: bool = False) -> None:
-        now = time.monotonic()
+        now = self._clock()
         if not force and now - self._shown < 0.5:
             return
         self._shown = now

@@ -16,7 +16,7 @@ from PIL import Image
 
 from batchserve.bulk.local import embed_sources
 from batchserve.bulk.outputs import EmbeddingsFile, IndexOutput, finish
-from batchserve.bulk.report import STAGES, BulkReport, print_summary
+from batchserve.bulk.report import STAGES, BulkReport, Progress, print_summary
 from batchserve.bulk.sources import Source, read_manifest, scan_directory, sha256_hex, sources_for
 from batchserve.errors import InvalidInput
 from batchserve.models.batches import predicted_class, split_outputs
@@ -302,3 +302,14 @@ def test_a_source_is_decoded_once_for_its_input_and_thumbnail_as_the_server_does
     server = images.decode_add_for(path.read_bytes(), info, limits)
     assert loaded.thumbnail == server.thumbnail
     np.testing.assert_array_equal(loaded.pixels, server.pictures[0])
+
+
+def test_progress_counts_images_per_s_from_the_jobs_start_as_the_summary_does() -> None:
+    now = [0.0]
+    out = io.StringIO()
+    progress = Progress(out, 100, clock=lambda: now[0])
+    now[0] = 6.0  # the model loads
+    progress.start()
+    now[0] = 8.0
+    progress.update(BulkReport(indexed=20), force=True)
+    assert out.getvalue().endswith("10 images/s")  # 20 in the 2 s since the start, not 8
