@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import ipaddress
 import os
 import tomllib
 import typing
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -123,7 +124,8 @@ def from_toml(path: str | Path, known: Sequence[Leaf]) -> dict[str, Any]:
     by_name = {leaf.name: leaf for leaf in known}
     unknown = sorted(set(table) - set(by_name))
     if unknown:
-        raise ConfigError(f"unknown settings in {path}: {', '.join(unknown)}")
+        named = ", ".join(name + _did_you_mean(_closest(name, by_name)) for name in unknown)
+        raise ConfigError(f"unknown settings in {path}: {named}")
     return {name: convert(name, by_name[name].kind, value) for name, value in table.items()}
 
 
@@ -141,8 +143,20 @@ def from_env(environ: Mapping[str, str], known: Sequence[Leaf]) -> dict[str, Any
         if name in by_name:
             values[name] = convert(key, by_name[name].kind, raw)
         elif name not in every:
-            raise ConfigError(f"unknown environment setting {key}")
+            close = _closest(name, every)
+            hint = _did_you_mean(ENV_PREFIX + close.upper() if close else None)
+            raise ConfigError(f"unknown environment setting {key}{hint}")
     return values
+
+
+def _closest(name: str, names: Iterable[str]) -> str | None:
+    """The setting a mistyped ``name`` most likely meant, if any is close."""
+    close = difflib.get_close_matches(name, list(names), n=1)
+    return close[0] if close else None
+
+
+def _did_you_mean(suggestion: str | None) -> str:
+    return f" (did you mean {suggestion}?)" if suggestion else ""
 
 
 def add_arguments(parser: argparse.ArgumentParser, root: type) -> None:
@@ -161,7 +175,9 @@ def add_arguments(parser: argparse.ArgumentParser, root: type) -> None:
                 groups[leaf.path[0]] = parser.add_argument_group(f"{leaf.path[0]} settings")
             where = groups[leaf.path[0]]
         flag = "--" + leaf.name.replace("_", "-")
-        help_text = f"{leaf.meta.help} (default: {leaf.default!r})"
+        help_text = leaf.meta.help
+        if "(default" not in help_text:  # a help that says its own default says it once
+            help_text += f" (default: {leaf.default!r})"
         if leaf.kind is bool:
             action: Any = argparse.BooleanOptionalAction
             where.add_argument(flag, dest=leaf.name, default=None, action=action, help=help_text)

@@ -70,8 +70,8 @@ class StoreSettings:
             from batchserve.storage.postgres import PostgresCatalog
         except ImportError as e:
             raise ConfigError(
-                "a postgresql:// catalog needs the postgres extra: "
-                "pip install 'batchserve[postgres]'"
+                "a postgresql:// catalog needs the postgres extra: in a clone, "
+                ".venv/bin/pip install -e '.[postgres]'; else pip install 'batchserve[postgres]'"
             ) from e
         return PostgresCatalog(
             self.catalog,
@@ -94,10 +94,15 @@ def lock_data_dir(data_dir: Path) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as e:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip()
         os.close(fd)
+        who = f"process {holder}" if holder.isdigit() else "another batchserve process"
         raise DataDirLocked(
-            f"{data_dir} is in use by another batchserve process (server or indexer)"
+            f"{data_dir} is in use by {who} (a server or an indexer): stop it, or pass "
+            "another --data-dir"
         ) from e
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # named to whoever finds it locked
     return fd
 
 

@@ -115,7 +115,7 @@ def test_each_command_shows_only_the_settings_it_uses() -> None:
         (["--port", "70000"], {}, "port must be at most 65535"),
         ([], {"BATCHSERVE_MAX_QUEUE": "many"}, "must be int"),
         ([], {"BATCHSERVE_WARMUP": "maybe"}, "true or false"),
-        ([], {"BATCHSERVE_MAX_QEUE": "5"}, "unknown environment setting"),
+        ([], {"BATCHSERVE_MAX_QEUE": "5"}, r"MAX_QEUE \(did you mean BATCHSERVE_MAX_QUEUE\?\)"),
         ([], {"BATCHSERVE_DEVICE": "tpu"}, "device must be one of"),
         (["--batch-sizes", "1,two"], {}, "batch_sizes must be integers"),
         (["--metrics-address", "9090"], {}, "metrics_address must be HOST:PORT"),
@@ -143,7 +143,7 @@ def test_a_setting_of_another_command_in_the_environment_is_ignored_not_refused(
 def test_unknown_key_in_file_is_refused(tmp_path: Path) -> None:
     toml = tmp_path / "c.toml"
     toml.write_text("max_batchsize = 4\n")
-    with pytest.raises(ConfigError, match=r"unknown settings.*max_batchsize"):
+    with pytest.raises(ConfigError, match=r"max_batchsize \(did you mean max_batch_size\?\)"):
         serve(["--config", str(toml)])
     toml.write_text("port = 4\n")  # a serve setting is not one of batchserve index
     with pytest.raises(ConfigError, match=r"unknown settings.*port"):
@@ -386,3 +386,14 @@ def test_bounds_are_checked_before_the_class_own_post_init_and_for_subclasses() 
     with pytest.raises(ConfigError, match="count over ten"):  # the inherited __post_init__
         _CheckedToo(count=11)
     assert _CheckedToo(count=10, share=1.0, kind="b").kind == "b"
+
+
+def test_no_option_states_its_default_twice() -> None:
+    import argparse
+
+    from batchserve.cli import build_parser
+
+    [commands] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, parser in commands.choices.items():
+        for action in parser._actions:
+            assert (action.help or "").count("(default") <= 1, (name, action.help)

@@ -202,19 +202,21 @@ def test_old_changes_are_pruned_but_the_kept_snapshots_still_replay(tmp_path: Pa
 
 
 def test_a_second_server_on_a_locked_data_dir_exits_with_one_clear_line(tmp_path: Path) -> None:
+    import os
     import subprocess
     import sys
 
     lock_data_dir(tmp_path)
+    command = [sys.executable, "-m", "batchserve.cli", "serve", "--port", "0"]
     done = subprocess.run(
-        [sys.executable, "-m", "batchserve.cli", "serve", "--data-dir", str(tmp_path)],
+        [*command, "--data-dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert done.returncode == 2
-    assert "is in use by another batchserve process" in done.stderr
-    assert "Traceback" not in done.stderr
+    assert f"is in use by process {os.getpid()} (a server or an indexer)" in done.stderr
+    assert "pass another --data-dir" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_a_snapshot_that_fails_midway_leaves_the_previous_one_to_open_from(
