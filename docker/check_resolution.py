@@ -136,7 +136,12 @@ def resolve(
             command += ["--constraint", str(constraints)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
         env["PIP_CONFIG_FILE"] = os.devnull  # no pip.conf: the index alone, as in docker build
-        subprocess.run([*command, *requirements], check=True, env=env)
+        done = subprocess.run(
+            [*command, *requirements], env=env, capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            said = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise Unresolved(f"pip could not resolve from {index_url} (it needs the index): {said}")
         installs = json.loads(report.read_text())["install"]
     wheels = {}
     for item in installs:
@@ -282,6 +287,28 @@ def check(image: str, index_url: str, write: bool) -> list[str]:
     return [f"{image}: {line}" for line in found]
 
 
+class Unresolved(Exception):
+    """What stops the check before it can compare anything, in one line."""
+
+
+#: The oldest pip this check reads the report of: 23.2, the one Python 3.11's venv bundles,
+#: fails to (a traceback, before); CI runs it on a current pip.
+MIN_PIP = (24, 0)
+
+
+def check_pip() -> None:
+    """Unresolved when this interpreter's pip is too old to report what it resolves."""
+    from importlib.metadata import version
+
+    found = version("pip")
+    numbers = tuple(int(part) for part in re.findall(r"\d+", found)[:2])
+    if numbers < MIN_PIP:
+        raise Unresolved(
+            f"needs pip {MIN_PIP[0]} or newer to read its resolution (found {found}): "
+            f"{sys.executable} -m pip install -U pip"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("images", nargs="*", metavar="IMAGE", help="cpu or gpu (default: both)")
@@ -291,7 +318,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if set(args.images) - set(IMAGES):
         parser.error(f"images are {' and '.join(IMAGES)}, not {args.images}")
     args.images = args.images or list(IMAGES)
-    found = [line for image in args.images for line in check(image, args.index_url, args.write)]
+    try:
+        check_pip()
+        found = [line for image in args.images for line in check(image, args.index_url, args.write)]
+    except Unresolved as e:
+        print(f"check_resolution: {e}", file=sys.stderr)
+        return 2
     for line in found:
         print(f"check_resolution: {line}", file=sys.stderr)
     if not found:

@@ -154,7 +154,8 @@ def test_nginx_answers_once_every_replica_is_ready(cluster: Cluster) -> None:
     status = local_cluster("status", "--dir", str(cluster.directory), timeout_s=30)
     assert status.returncode == 0, status.stdout + status.stderr
     for i, port in enumerate(cluster.replica_ports, start=1):
-        line = rf"^replica-{i} +ready .* http://127\.0\.0\.1:{port}$"
+        url = rf"http://127\.0\.0\.1:{port}"
+        line = rf"^replica-{i} +ready .* {url}  metrics {url}/metrics$"
         assert re.search(line, status.stdout, re.M), status.stdout
     assert f"nginx on http://127.0.0.1:{cluster.port}" in status.stdout
 

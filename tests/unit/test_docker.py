@@ -347,3 +347,27 @@ def test_hadolint_finds_nothing_in_either_dockerfile() -> None:
         timeout=60,
     )
     assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+
+
+def test_an_old_pip_is_one_line_saying_what_to_do(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("importlib.metadata.version", lambda _name: "23.2.1")
+    assert resolution.main([]) == 2
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and "needs pip 24 or newer" in said[0] and "install -U pip" in said[0]
+
+
+def test_a_resolution_pip_cannot_make_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def offline(command: list[str], **_kwargs: object) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution\n")
+
+    monkeypatch.setattr(resolution.subprocess, "run", offline)
+    assert resolution.main(["cpu"]) == 2
+    said = capsys.readouterr().err.strip().splitlines()
+    assert said == [
+        "check_resolution: pip could not resolve from https://pypi.org/simple (it needs the "
+        "index): ERROR: No matching distribution"
+    ]
