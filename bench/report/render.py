@@ -179,7 +179,8 @@ def _overload(data: Data) -> str:
         f"- **{f['goodput_of_peak']:.0%} of the peak goodput at {f['factor']:g}x overload** "
         f"(median of {len(f.get('rounds', [])) or 1} rounds): offered {f['offered_per_s']:.0f} "
         f"requests/s against a peak of {f['peak_per_s']:g} images/s, it answered "
-        f"{f['goodput_per_s']:g} requests/s within the deadline and refused the rest with "
+        f"{f['goodput_per_s']:g} requests/s within the deadline (in {f['ok_p50_ms'] / 1000:.1f} "
+        "s at p50, the queue's depth) and refused the rest with "
         f"503 and Retry-After in {f['rejected_p50_ms']} ms (p50), in at most "
         f"{f['rss_max_mib']} MiB{flood}; {_on(f)}."
     )
