@@ -5,6 +5,10 @@ signature so that it never retraces; and TensorFlow's threads and devices."""
 from __future__ import annotations
 
 import hashlib
+import os
+import re
+import sys
+import threading
 from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -27,12 +31,50 @@ def quiet_tensorflow(environ: MutableMapping[str, str]) -> None:
         environ.setdefault(name, value)
 
 
+#: What TensorFlow's libraries print to stderr as they load, whatever TF_CPP_MIN_LOG_LEVEL
+#: says: absl's preamble and its info lines (oneDNN's notice, once per library that loads).
+_START_UP_NOISE = re.compile(
+    r"WARNING: All log messages before absl::InitializeLog\(\) is called.*|I\d{4} .*\] .*"
+)
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its start-up lines kept off stderr (``index`` and ``train``
+    printed them twice); any other line it writes passes. Only in a process that asked for
+    quiet (``quiet_tensorflow``): at ``--log-level debug`` they are shown as they come."""
+    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") in ("", "0"):
+        return
+    saved = os.dup(2)
+    read_end, write_end = os.pipe()
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=_read_all, args=(read_end, chunks), daemon=True)
+    reader.start()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    try:
+        import tensorflow  # noqa: F401 (loaded here, where its lines are caught)
+    finally:
+        os.dup2(saved, 2)  # the pipe's last writer gone: the reader reaches its end
+        os.close(saved)
+        reader.join(timeout=5.0)
+    for line in b"".join(chunks).decode("utf-8", "replace").splitlines():
+        if line.strip() and not _START_UP_NOISE.fullmatch(line):
+            print(line, file=sys.stderr)
+
+
+def _read_all(fd: int, chunks: list[bytes]) -> None:
+    with os.fdopen(fd, "rb") as pipe:
+        while chunk := pipe.read(65536):
+            chunks.append(chunk)
+
+
 def configure_tensorflow(spec: ModelSpec) -> str:
     """Set TensorFlow's thread counts and devices; return the device the model will use.
 
     Must run before TensorFlow executes anything. GPU memory growth is turned on so that
     FAISS can share the card.
     """
+    import_tensorflow_quietly()
     import tensorflow as tf
 
     if spec.intra_op_threads:

@@ -26,6 +26,7 @@ import numpy as np
 
 from batchserve.errors import DatasetError
 from batchserve.models import model_dir
+from batchserve.models.compiled import import_tensorflow_quietly
 from batchserve.models.loaders import KerasBase, keras_base
 from batchserve.models.spec import sha256_file
 from batchserve.train import report
@@ -63,6 +64,7 @@ def train(settings: TrainSettings, log: Log = _stderr) -> model_dir.Manifest:
         f"{len(folders.classes)} classes; {len(folders.train)} training and "
         f"{len(folders.val)} validation files (validation: {folders.val_source})"
     )
+    import_tensorflow_quietly()  # before Keras loads it
     import keras
 
     keras.utils.set_random_seed(settings.seed)
