@@ -161,8 +161,9 @@ def test_sigterm_answers_every_request_already_taken_then_exits_0(tmp_path: Path
                 )
                 for _ in range(12)
             ]
-            # Every request is in the server: one held by the model, eleven queued.
-            wait_until(lambda: metric(server, "batchserve_queue_items") == 11, "12 requests in")
+            # Every request is in the server: one held by the model, one handed to it ahead
+            # (--full-batch-ahead), ten queued.
+            wait_until(lambda: metric(server, "batchserve_queue_items") == 10, "12 requests in")
             server.process.send_signal(signal.SIGTERM)
             wait_until(lambda: "shutting down" in server.log(), "the drain to start")
             model.open()
@@ -232,8 +233,9 @@ def test_clients_that_hang_up_have_their_queued_images_dropped(tmp_path: Path) -
             s = socket.create_connection(("127.0.0.1", server.port))
             s.sendall(head + body)
             sockets.append(s)
-        # Every image is in the server: one held by the model, 23 queued.
-        wait_until(lambda: metric(server, "batchserve_queue_items") == 23, "24 images in")
+        # Every image is in the server: one held by the model, one handed to it ahead
+        # (--full-batch-ahead), 22 queued.
+        wait_until(lambda: metric(server, "batchserve_queue_items") == 22, "24 images in")
         for s in sockets:
             s.close()
         wait_until(lambda: metric(server, "batchserve_queue_items") == 0, "the queue dropped")
@@ -245,7 +247,7 @@ def test_clients_that_hang_up_have_their_queued_images_dropped(tmp_path: Path) -
         png = {"Content-Type": "image/png"}
         assert server.request("POST", "/v1/embed", body, png).status == 200  # it goes on
         # The model ran the image it held when the clients left, then the new one: none of
-        # the 23 queued images of clients that were gone.
+        # the 23 others of clients that were gone, the one handed over ahead included.
         assert model.calls()[started:] == [1, 1]
     finally:
         model.open()
