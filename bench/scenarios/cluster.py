@@ -89,28 +89,28 @@ def search_through_nginx(cluster: _Cluster, images: list[bytes], seconds: float)
     with Client(cluster.replica_url(1)) as client:
         for i, image in enumerate(images[:8]):
             client.add(id=f"catalog-{i}", image=image)
-    spec = load.LoadSpec(
+    return point.measure(base, _searches(base, images, seconds, clients=32, warmup_s=3.0))
+
+
+def _searches(
+    base: str, images: list[bytes], seconds: float, clients: int, warmup_s: float
+) -> load.LoadSpec:
+    """``clients`` closed-loop clients searching by ``images`` through ``base``."""
+    return load.LoadSpec(
         url=base + "/v1/search?k=10",
         requests=build_requests(base, "/v1/search?k=10", images),
         duration_s=seconds,
-        warmup_s=3.0,
-        concurrency=32,
+        warmup_s=warmup_s,
+        concurrency=clients,
+        timeout_s=30.0,
     )
-    return point.measure(base, spec)
 
 
 def restart_under_load(cluster: _Cluster, images: list[bytes]) -> dict[str, Any]:
     """``deploy/local-cluster restart`` (the replicas one by one) while 8 clients search
     through nginx without pause: what the clients saw, every status counted."""
     base = f"http://127.0.0.1:{cluster.port}"
-    spec = load.LoadSpec(
-        url=base + "/v1/search?k=10",
-        requests=build_requests(base, "/v1/search?k=10", images),
-        duration_s=RESTART_LOAD_S,
-        warmup_s=0.0,
-        concurrency=8,
-        timeout_s=30.0,
-    )
+    spec = _searches(base, images, RESTART_LOAD_S, clients=8, warmup_s=0.0)
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(load.run, spec)
         time.sleep(3.0)
