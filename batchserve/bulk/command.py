@@ -34,16 +34,20 @@ def index_locally(
     progress: Callable[[BulkReport], None],
 ) -> BulkReport:
     """The local engine: the model in this process, decode threads beside it."""
+    from batchserve.bulk import rerun
     from batchserve.bulk.local import embed_sources
-    from batchserve.bulk.outputs import index_into_output
+    from batchserve.bulk.outputs import IndexOutput, index_into_output
+    from batchserve.bulk.report import BulkReport
     from batchserve.models.loaders import load_model
 
+    already = rerun.unchanged(job, sources)
+    if already is not None:  # nothing new: the model is not even loaded
+        announce(already)
+        return BulkReport(skipped=len(sources))
     model = load_model(job.model)
-    return index_into_output(
-        job,
-        model.info,
-        announce,
-        lambda output: embed_sources(
+
+    def embed(output: IndexOutput) -> BulkReport:
+        report = embed_sources(
             sources,
             output,
             model,
@@ -51,5 +55,9 @@ def index_locally(
             job.decode_threads + 1,
             job.images,
             progress=progress,
-        ),
-    )
+        )
+        if output.store is not None:
+            rerun.record(output.store.catalog, job)
+        return report
+
+    return index_into_output(job, model.info, announce, embed)
