@@ -12,7 +12,7 @@ from bench.scenarios.retrieval import LEGACY
 Section = dict[str, Any]
 Lines = list[str]
 
-BEFORE = "average pool (today)"
+BEFORE = "average pool (before 0.2)"
 DEFAULT = "GeM + trim borders (new default)"
 CROPS, BOTH = "GeM + trim + crop views", "GeM + trim + crop views + grey view"
 #: The methods the server offers as options, with their flags.

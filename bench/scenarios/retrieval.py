@@ -268,7 +268,7 @@ def _augmented_and_expanded(catalog: Array, queries: Array) -> tuple[Array, Arra
 def methods() -> dict[str, Method]:
     chosen = _pooled("trim", gem)
     return {
-        "average pool (today)": _pooled("squash", gap),
+        "average pool (before 0.2)": _pooled("squash", gap),
         "GeM": _pooled("squash", gem),
         "R-MAC": _pooled("squash", rmac),
         "GeM multi-scale (160+224)": _sum(_pooled("squash", gem), _pooled("squash 224", gem)),
