@@ -295,17 +295,17 @@ def description_of(error: HTTPException) -> str:
     return error.description or error.name
 
 
-#: Routes that end in an item id, by their prefix.
-_ID_ROUTES = (b"/v1/items/",)
+#: The prefix of the routes that end in an item id.
+_ITEM_ROUTE = b"/v1/items/"
 
 
 def _not_found_hint(request: IRequest, status: int) -> str | None:
     """For a 404 on a path that reads as an item id with a ``/`` in it (``GET
     /v1/items/sample/cat``), how to send such an id; None otherwise."""
     path = request.path
-    if status != 404 or not path.startswith(_ID_ROUTES):
+    if status != 404 or not path.startswith(_ITEM_ROUTE):
         return None
-    rest = path[len(_ID_ROUTES[0]) :].decode("utf-8", "replace")
+    rest = path[len(_ITEM_ROUTE) :].decode("utf-8", "replace")
     for suffix in ("/similar", "/thumbnail"):
         rest = rest.removesuffix(suffix)
     if "/" not in rest:

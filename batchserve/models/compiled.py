@@ -31,11 +31,17 @@ def quiet_tensorflow(environ: MutableMapping[str, str]) -> None:
         environ.setdefault(name, value)
 
 
-#: What TensorFlow's libraries print to stderr as they load, whatever TF_CPP_MIN_LOG_LEVEL
-#: says: absl's preamble and its info lines (oneDNN's notice, once per library that loads).
-_START_UP_NOISE = re.compile(
-    r"WARNING: All log messages before absl::InitializeLog\(\) is called.*|I\d{4} .*\] .*"
-)
+#: A native (absl / glog) log line, as TensorFlow's libraries write it to stderr whatever
+#: TF_CPP_MIN_LOG_LEVEL says: level letter, date, time, thread, file:line] text.
+NATIVE_LINE = re.compile(r"([IWEF])\d{4} [\d:.]+\s+\d+ ([^\]]+)\] (.*)")
+#: The line absl writes before its first one when nothing has set up its logging.
+ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called"
+
+
+def is_start_up_noise(line: str) -> bool:
+    """absl's preamble, or one of its info lines (oneDNN's notice, once per library)."""
+    found = NATIVE_LINE.fullmatch(line)
+    return line.startswith(ABSL_PREAMBLE) or (found is not None and found.group(1) == "I")
 
 
 def import_tensorflow_quietly() -> None:
@@ -58,7 +64,7 @@ def import_tensorflow_quietly() -> None:
         os.close(saved)
         reader.join(timeout=5.0)
     for line in b"".join(chunks).decode("utf-8", "replace").splitlines():
-        if line.strip() and not _START_UP_NOISE.fullmatch(line):
+        if line.strip() and not is_start_up_noise(line):
             print(line, file=sys.stderr)
 
 

@@ -33,7 +33,7 @@ from twisted.logger import (
 )
 from zope.interface import provider
 
-from batchserve.models.compiled import quiet_tensorflow
+from batchserve.models.compiled import ABSL_PREAMBLE, NATIVE_LINE, quiet_tensorflow
 
 ACCESS_NAMESPACE = "batchserve.access"
 ACCESS_FIELDS = (
@@ -179,15 +179,12 @@ _LEVELS = {
 }
 
 
-#: A native (absl / glog) log line: level letter, date, time, thread, file:line] text.
-_NATIVE = re.compile(r"([IWEF])\d{4} [\d:.]+\s+\d+ ([^\]]+)\] (.*)")
 _NATIVE_LEVELS = {
     "I": LogLevel.debug,
     "W": LogLevel.warn,
     "E": LogLevel.error,
     "F": LogLevel.critical,
 }
-_ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called"
 native = Logger(namespace="native")
 
 
@@ -225,11 +222,11 @@ def log_native_line(line: str) -> None:
     level, its warnings and errors at theirs, anything else as a warning."""
     if not line.strip():
         return
-    found = _NATIVE.fullmatch(line)
+    found = NATIVE_LINE.fullmatch(line)
     if found:
         level, where, text = found.groups()
         native.emit(_NATIVE_LEVELS[level], "{text} ({where})", text=text, where=where)
-    elif line.startswith(_ABSL_PREAMBLE):
+    elif line.startswith(ABSL_PREAMBLE):
         native.debug("{text}", text=line)
     else:
         native.warn("{text}", text=line)

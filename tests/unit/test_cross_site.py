@@ -40,6 +40,16 @@ def stored(h: Harness) -> list[str]:
     return [item["id"] for item in doc["items"]]
 
 
+def form_head(host: str, *headers: str, body: bytes, content_type: str) -> str:
+    """The head of a form's POST /v1/items to ``host`` with ``headers`` ("Name: value")."""
+    lines = [f"Host: {host}", *headers, f"Content-Type: {content_type}"]
+    return (
+        "POST /v1/items HTTP/1.1\n"
+        + "".join(f"{line}\n" for line in lines)
+        + (f"Content-Length: {len(body)}\n\n")
+    )
+
+
 def raw(h: Harness, head: str, body: bytes = b"") -> tuple[int, dict[str, str], Any]:
     """Send one request as written (its own Host header); its one response."""
     connection = Connection(h.server.site)
@@ -70,12 +80,9 @@ def test_a_cross_site_request_without_an_origin_cannot_delete() -> None:
 def test_a_page_of_another_origin_on_this_host_is_another_origin() -> None:
     h = Harness()
     body, ctype = form_add("planted")
-    head = (
-        "POST /v1/items HTTP/1.1\nHost: 127.0.0.1:8080\nOrigin: {origin}\n"
-        f"Content-Type: {ctype}\nContent-Length: {len(body)}\n\n"
-    )
     for origin in ("http://127.0.0.1:3000", "https://127.0.0.1:8080", "http://localhost:8080"):
-        assert raw(h, head.format(origin=origin), body)[0] == 403, origin
+        head = form_head("127.0.0.1:8080", f"Origin: {origin}", body=body, content_type=ctype)
+        assert raw(h, head, body)[0] == 403, origin
     assert stored(h) == []
 
 
@@ -84,10 +91,8 @@ def test_a_page_the_browser_calls_same_origin_may_write_behind_a_proxy_that_move
     # Sec-Fetch-Site, which no page can set, says the page is the server's own.
     h = Harness()
     body, ctype = form_add("from-own-page")
-    head = (
-        "POST /v1/items HTTP/1.1\nHost: 127.0.0.1:8081\nOrigin: http://127.0.0.1:8080\n"
-        f"Sec-Fetch-Site: same-origin\nContent-Type: {ctype}\nContent-Length: {len(body)}\n\n"
-    )
+    origin, same = "Origin: http://127.0.0.1:8080", "Sec-Fetch-Site: same-origin"
+    head = form_head("127.0.0.1:8081", origin, same, body=body, content_type=ctype)
     assert raw(h, head, body)[0] == 200
     assert stored(h) == ["from-own-page"]
 
@@ -95,10 +100,8 @@ def test_a_page_the_browser_calls_same_origin_may_write_behind_a_proxy_that_move
 def test_the_servers_own_page_adds_searches_and_deletes() -> None:
     h = Harness()
     body, ctype = form_add("mine")
-    own = (
-        "POST /v1/items HTTP/1.1\nHost: 127.0.0.1:8080\nOrigin: http://127.0.0.1:8080\n"
-        f"Sec-Fetch-Site: same-origin\nContent-Type: {ctype}\nContent-Length: {len(body)}\n\n"
-    )
+    origin, same = "Origin: http://127.0.0.1:8080", "Sec-Fetch-Site: same-origin"
+    own = form_head("127.0.0.1:8080", origin, same, body=body, content_type=ctype)
     status, _, doc = raw(h, own, body)
     assert status == 200 and doc["added"] == ["mine"]
     search = own.replace("/v1/items", "/v1/search").replace(str(len(body)), str(len(BLUE)))
@@ -113,10 +116,8 @@ def test_the_servers_own_page_adds_searches_and_deletes() -> None:
 def test_behind_a_tls_proxy_the_own_origin_is_https() -> None:
     h = Harness()
     body, ctype = form_add("mine")
-    head = (
-        "POST /v1/items HTTP/1.1\nHost: 127.0.0.1\nOrigin: https://127.0.0.1\n"
-        f"X-Forwarded-Proto: https\nContent-Type: {ctype}\nContent-Length: {len(body)}\n\n"
-    )
+    tls = ("Origin: https://127.0.0.1", "X-Forwarded-Proto: https")
+    head = form_head("127.0.0.1", *tls, body=body, content_type=ctype)
     assert raw(h, head, body)[0] == 200
 
 
@@ -165,10 +166,8 @@ def test_once_a_token_is_set_the_token_decides(tokens: Tokens) -> None:
     h = Harness(tokens=tokens)
     body, ctype = form_add("sent")
     token = tokens.write or tokens.api
-    head = (
-        f"POST /v1/items HTTP/1.1\nHost: search.example.com\nOrigin: http://evil.example\n"
-        f"Authorization: Bearer {token}\nContent-Type: {ctype}\nContent-Length: {len(body)}\n\n"
-    )
+    sent = ("Origin: http://evil.example", f"Authorization: Bearer {token}")
+    head = form_head("search.example.com", *sent, body=body, content_type=ctype)
     assert raw(h, head, body)[0] == 200
     assert raw(h, head.replace(token, "wrong"), body)[0] == 403
 
