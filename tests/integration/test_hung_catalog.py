@@ -181,8 +181,9 @@ def test_a_server_on_a_hung_catalog_searches_refuses_writes_in_time_and_stops_cl
             elsewhere.upsert([NewItem("elsewhere", vector, None, {})])
         finally:
             elsewhere.close()
+        # In its index ("before", "after" and "elsewhere"): a read by id asks the catalog.
         wait_until(
-            lambda: server.request("GET", "/v1/items/elsewhere").status == 200,
+            lambda: server.request("GET", "/v1/index").json()["size"] == 3,
             "the replica follows the catalog",
             timeout_s=10,
         )
