@@ -27,6 +27,7 @@ from bench.harness.bodies import ENCODINGS, build_requests
 from bench.report import plots, render, results
 from bench.scenarios import (
     ab,
+    backends,
     bulk,
     bulk_engines,
     ceiling,
@@ -137,6 +138,11 @@ def report_steps(args: argparse.Namespace) -> list[tuple[str, Callable[[], Any]]
         ("frontend", lambda: frontend.measure(images, args.frontend_s), args.frontend_s > 0),
         ("versus", lambda: versus.measure(images, args.versus_rounds), args.versus_rounds > 0),
         (
+            "backends",
+            lambda: backends.measure(images, args.backends_rounds),
+            args.backends_rounds > 0,
+        ),
+        (
             "replica_start",
             lambda: replica_start.measure(args.replica_items),
             args.replica_items > 0,
@@ -178,9 +184,13 @@ def ab_command(args: argparse.Namespace) -> int:
 
 
 def scenario_command(args: argparse.Namespace, argv: list[str]) -> int:
-    """One scenario on its own: ceiling, overload, frontend or versus."""
+    """One scenario on its own: ceiling, backends, overload, frontend or versus."""
     if args.command == "ceiling":
         numbers = ceiling.measure(args.duration)
+    elif args.command == "backends":
+        numbers = backends.measure(
+            _images(args.images), args.rounds, args.clients, args.duration, args.offline_s
+        )
     elif args.command == "overload":
         numbers = overload.measure(_images(args.images), seconds=args.duration)
     elif args.command == "frontend":
@@ -239,6 +249,7 @@ def _report_parser(commands: Any) -> None:
         ("--overload-s", float, 60.0, "seconds of 3x overload, over all its rounds"),
         ("--frontend-s", float, 20.0, "seconds per phase of the front-end scenario"),
         ("--versus-rounds", int, 5, "rounds per side of batchserve against (b)"),
+        ("--backends-rounds", int, 5, "rounds per server of the backends side by side"),
         ("--replica-items", int, 100_000, "items of the shared catalog a new replica opens"),
         ("--cluster-s", float, 15.0, "seconds of search through nginx per replica count"),
         ("--writers-s", float, 5.0, "seconds per run of the catalog writers (1 and 2)"),
@@ -260,7 +271,12 @@ def _scenario_parsers(commands: Any) -> None:
     v.add_argument("--duration", type=float, default=10.0, help="seconds per round")
     v.add_argument("--rounds", type=int, default=5, help="rounds per server")
     v.add_argument("--clients", type=int, default=32)
-    for p in (c, o, f, v):
+    b = commands.add_parser("backends", help="the model on each backend, and (b), side by side")
+    b.add_argument("--duration", type=float, default=10.0, help="seconds per round")
+    b.add_argument("--rounds", type=int, default=5, help="rounds per server")
+    b.add_argument("--clients", type=int, default=32)
+    b.add_argument("--offline-s", type=float, default=10.0, help="seconds of each limit loop")
+    for p in (c, o, f, v, b):
         p.add_argument("--images", help="directory of images to send (default: sample photos)")
         _outputs(p)
     a = commands.add_parser("ab", help="two batchserve settings or checkouts side by side")

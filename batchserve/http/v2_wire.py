@@ -66,7 +66,7 @@ def model_metadata(info: ModelInfo) -> dict[str, Any]:
     return {
         "name": info.name,
         "versions": [VERSION],
-        "platform": "batchserve_tensorflow",
+        "platform": f"batchserve_{info.backend}",
         "inputs": [
             {"name": IMAGE, "datatype": "BYTES", "shape": [-1]},
             {"name": PIXELS, "datatype": "UINT8", "shape": [-1, height, width, 3]},

@@ -160,6 +160,7 @@ def model_json(info: ModelInfo) -> dict[str, Any]:
         "weights_sha256": info.weights_sha256,
         "preprocess": info.preprocess,
         "device": info.device,
+        "backend": info.backend,
         # How an image becomes its embedding: pooling, fit, border trimming, crop views.
         "embedding": info.embedding,
     }

@@ -262,6 +262,11 @@ class TensorFlowModel:
     def info(self) -> ModelInfo:
         return self._info
 
+    @property
+    def concrete(self) -> Any:
+        """The traced serving function (what another runtime converts)."""
+        return self._concrete
+
     def predict(self, images: npt.NDArray[np.uint8]) -> ModelOutputs:
         import tensorflow as tf
 

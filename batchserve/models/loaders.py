@@ -23,6 +23,7 @@ from batchserve.models.spec import (
     APPLICATION_PREPROCESS,
     BUILTIN_FILE,
     BUILTIN_NAME,
+    EmbeddingModel,
     ModelSpec,
     builtin_classes,
     read_labels,
@@ -40,8 +41,18 @@ BUILTIN_TRAINED_ON = (
 log = logging.getLogger(__name__)
 
 
-def load_model(spec: ModelSpec) -> TensorFlowModel:
-    """Load the model ``spec`` names. Raises ModelLoadError with a clear message."""
+def load_model(spec: ModelSpec) -> EmbeddingModel:
+    """Load the model ``spec`` names, on the backend it names. Raises ModelLoadError with a
+    clear message."""
+    if spec.backend == "openvino":
+        from batchserve.models.openvino_model import load_openvino
+
+        return load_openvino(spec, load_tensorflow)
+    return load_tensorflow(spec)
+
+
+def load_tensorflow(spec: ModelSpec) -> TensorFlowModel:
+    """The model ``spec`` names, on TensorFlow."""
     device = configure_tensorflow(spec)
     source = spec.source
     if source == BUILTIN_NAME:

@@ -29,6 +29,9 @@ BUILTIN_NAME = "builtin"
 BUILTIN_SHA256 = "272e38e5be1439aa2b6459bae498b601a06edc16f8068e62b7db209d31b1fae1"
 BUILTIN_FILE = "models/dog_breed_mobilenetv2.h5"
 
+#: What can run a model (``--backend``).
+BACKENDS = ("tensorflow", "openvino")
+
 #: Pixel normalisation of Keras application families (keras.applications.*.preprocess_input).
 #: "none": the application normalises inside its own graph.
 APPLICATION_PREPROCESS = {
@@ -84,6 +87,16 @@ class ModelSpec:
     )
     classifier_output: str = setting("", "SavedModel output holding class probabilities")
     labels_file: str = setting("", "text file with one class label per line")
+    backend: str = setting(
+        "tensorflow",
+        "what runs the model: 'tensorflow', or 'openvino' (CPUs only: the model converted "
+        "once from TensorFlow and kept in --model-cache; later starts need no TensorFlow)",
+        choices=BACKENDS,
+    )
+    model_cache: str = setting(
+        "",
+        "folder for converted models ('': $XDG_CACHE_HOME/batchserve, else ~/.cache/batchserve)",
+    )
     device: str = setting("auto", "where the model runs", choices=("auto", "cpu", "gpu"))
     jit_compile: bool = setting(False, "compile the model with XLA (GPU only; slow on CPU)")
     pooling: str = setting(
@@ -115,7 +128,10 @@ class ModelSpec:
         "item and one more vector in the index",
     )
     intra_op_threads: int = setting(
-        0, "TensorFlow intra-op threads (0: TensorFlow decides)", at_least=0
+        0,
+        "threads one batch runs on: TensorFlow's intra-op threads, OpenVINO's inference "
+        "threads (0: the backend decides)",
+        at_least=0,
     )
     inter_op_threads: int = setting(
         0, "TensorFlow inter-op threads (0: TensorFlow decides)", at_least=0
@@ -141,6 +157,9 @@ class ModelInfo:
     preprocess: str = "none"
     device: str = "cpu"
     trained_on: str = ""
+    #: What runs it (``--backend``): not in the fingerprint, as every backend makes the
+    #: same embeddings (tests/integration/test_backends.py).
+    backend: str = "tensorflow"
     extra: dict[str, Any] = field(default_factory=dict)
     #: How images become embeddings besides the weights: pooling, fit, trim_borders.
     embedding: dict[str, Any] = field(default_factory=lambda: dict(LEGACY_EMBEDDING))

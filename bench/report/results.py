@@ -29,6 +29,7 @@ SECTIONS = (
     "overload",
     "frontend",
     "versus",
+    "backends",
     "replica_start",
     "cluster",
     "writers",

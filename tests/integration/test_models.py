@@ -14,6 +14,7 @@ from batchserve.models import spec as models
 from batchserve.models.compiled import TensorFlowModel
 from batchserve.models.loaders import load_model
 from batchserve.models.spec import ModelSpec
+from bench.harness import fill
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +33,8 @@ def test_builtin_model_is_mobilenetv2_with_unit_1280d_embeddings_and_19_breeds(
     assert info.input_size == (160, 160) and info.dim == 1280
     assert info.classes is not None and len(info.classes) == 19
     assert info.weights_sha256 == models.BUILTIN_SHA256 and info.pretrained
+    # The benchmarks' synthetic data dirs say they hold this model's embeddings.
+    assert info.fingerprint() == fill.BUILTIN_FINGERPRINT
     out = builtin.predict(random_images(3))
     assert out.embeddings.shape == (3, 1280) and out.embeddings.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(out.embeddings, axis=1), 1.0, atol=1e-5)

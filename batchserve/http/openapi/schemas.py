@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from batchserve.models.spec import BACKENDS
 from batchserve.storage.records import MAX_ID_CHARS
 
 Doc = dict[str, Any]
@@ -195,6 +196,11 @@ def _record_schemas() -> Doc:
             ],
             "properties": {
                 "trained_on": {"type": "string", "description": "what the model learned from"},
+                "backend": {
+                    "type": "string",
+                    "enum": list(BACKENDS),
+                    "description": "what runs the model (--backend)",
+                },
                 "embedding": {
                     "type": "object",
                     "description": "how an image becomes its embedding: pooling, fit, "

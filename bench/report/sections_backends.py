@@ -1,0 +1,54 @@
+"""The section of RESULTS.md for the model's backends side by side (``python -m bench
+backends``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+Section = dict[str, Any]
+Lines = list[str]
+
+#: How each side of the comparison is named in the table.
+NAMES = {
+    "openvino": "batchserve, `--backend openvino`",
+    "tensorflow": "batchserve, `--backend tensorflow`",
+    "flask": "(b) Flask + a compiled `tf.function`",
+}
+
+
+def backends(s: Section) -> Lines:
+    offline, sides = s["offline"], s["sides"]
+    return [
+        "## The model's backends side by side",
+        "",
+        "Each backend with no HTTP: the built-in model alone on random pixels, and the limit "
+        "(decoding the sample photos on one or two threads ahead of the model, the better "
+        "of the two, batch 32).",
+        "",
+        "| backend | model, batch 1 (images/s) | model, batch 32 | limit |",
+        "|---|---:|---:|---:|",
+        *[
+            f"| {name} | {o['batch_images_per_s']['1']} | {o['batch_images_per_s']['32']} | "
+            f"{o['limit_per_s']} |"
+            for name, o in offline.items()
+        ],
+        "",
+        f"Then a server on each and {s['baseline_name']} (a worker per core), all up at once; "
+        f"{s['clients']} clients, closed loop, on each in turn, {s['rounds']} rounds of "
+        f"{s['seconds']:g} s (after 2 s of warm-up).",
+        "",
+        "| server | images/s per round | median images/s | p50 ms | p99 ms (all rounds) |",
+        "|---|---|---:|---:|---:|",
+        *[
+            f"| {NAMES.get(name, name)} | {', '.join(f'{v:g}' for v in side['images_per_s'])} | "
+            f"{side['median_images_per_s']} | {side['p50_ms']} | {side['p99_ms']} |"
+            for name, side in sides.items()
+        ],
+        "",
+        *[
+            f"- {pair.replace('/', ' / ')}, median of the per-round ratios: **{median:.2f}x** "
+            f"(rounds: {', '.join(f'{r:.2f}' for r in s['ratios'][pair])})."
+            for pair, median in s["median_ratios"].items()
+        ],
+        "",
+    ]
