@@ -76,7 +76,13 @@ def _convert(
     spec: ModelSpec, ov: Any, folder: Path, load_tensorflow: Callable[[ModelSpec], TensorFlowModel]
 ) -> ModelInfo:
     started = time.monotonic()
-    tf_model: TensorFlowModel = load_tensorflow(dataclasses.replace(spec, device="cpu"))
+    try:
+        tf_model = load_tensorflow(dataclasses.replace(spec, device="cpu"))
+    except ImportError as e:
+        raise ModelLoadError(
+            f"--backend openvino converts the model from TensorFlow on its first start ({e}): "
+            f"install the cpu extra, or copy a converted model into {folder.parent}"
+        ) from e
     try:
         ir = ov.convert_model(tf_model.concrete)
     except Exception as e:  # the converter raises its own types for unsupported ops
