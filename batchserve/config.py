@@ -318,7 +318,8 @@ class ServerSettings:
     )
     decode_threads: int = setting(
         0,
-        "threads that read request bodies and decode images (0: one per CPU core)",
+        "images decoded at once (0: one per CPU core); requests take turns image by image, "
+        "so one of many slow images cannot hold the decoding while others wait",
         at_least=0,
     )
     decode_nice: int = setting(

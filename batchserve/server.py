@@ -55,6 +55,7 @@ from batchserve.serving.pipeline import Job, Outcome, PipelineRunner, StoreWorke
 from batchserve.serving.records import AddTask
 from batchserve.serving.service import ImageService, PoolRunner
 from batchserve.serving.threads import NamedThreadPool, name_this_thread
+from batchserve.serving.turns import REQUESTS_PER_TURN, DecodeTurns
 from batchserve.storage.data_dir import lock_data_dir, remove_if_untouched
 from batchserve.storage.store import IndexState, ItemStore, OpenReport, open_store
 
@@ -91,24 +92,32 @@ class ModelWorker(Protocol):
 class Threads:
     """Where blocking work runs: ``decode(f, *args)`` on the decode pool (reading bodies,
     decoding images), ``store(f, *args)`` on the one store thread (it owns the item store
-    and its index). Both return Deferreds that fire on the reactor."""
+    and its index). Both return Deferreds that fire on the reactor. The decode pool has a
+    thread for each request being read and decoded, up to ``REQUESTS_PER_TURN`` per decode
+    thread; ``turns`` lets as many images decode at once as there are decode threads, in
+    turn (serving/turns.py)."""
 
     decode: PoolRunner
     store: PoolRunner
     pools: Sequence[ThreadPool] = ()
+    turns: DecodeTurns | None = None
 
     @classmethod
     def pools_for(
         cls, reactor: IReactorFromThreads, decode_threads: int, decode_nice: int = 0
     ) -> Threads:
         decode = NamedThreadPool(
-            decode_threads, decode_threads, name="batchserve-decode", nice=decode_nice
+            decode_threads,
+            decode_threads * REQUESTS_PER_TURN,
+            name="batchserve-decode",
+            nice=decode_nice,
         )
         store = NamedThreadPool(1, 1, name="batchserve-store")
         return cls(
             partial(deferToThreadPool, reactor, decode),
             partial(deferToThreadPool, reactor, store),
             (decode, store),
+            DecodeTurns(decode_threads),
         )
 
     def start(self) -> None:
@@ -165,6 +174,7 @@ def build(
         reactor,
         store=store_worker,
         observer=metrics,
+        turns=threads.turns,
     )
     metrics.set_queue_capacity(settings.batching.max_queue)
     metrics.track_readiness(lambda: service.ready)

@@ -20,7 +20,6 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from batchserve import __version__
 from batchserve.errors import InvalidInput
 from batchserve.http.bodies import RequestLimits, check_count, check_keys
 from batchserve.models.batches import Prediction
@@ -28,6 +27,8 @@ from batchserve.models.spec import ModelInfo
 from batchserve.storage.records import parse_json
 
 VERSION = "1"
+#: What the server metadata gives as its version: the protocol's.
+PROTOCOL_VERSION = "2"
 IMAGE, PIXELS = "IMAGE", "PIXELS"
 EMBEDDING, PROBABILITIES = "EMBEDDING", "PROBABILITIES"
 #: The request parameter (Triton's) that carries a deadline, in microseconds.
@@ -54,7 +55,10 @@ class InferRequest:
 
 
 def server_metadata() -> dict[str, Any]:
-    return {"name": "batchserve", "version": __version__, "extensions": ["binary_tensor_data"]}
+    """The protocol's server metadata. Its version is the protocol's, not the software's
+    (which would tell an unauthenticated caller which known flaws to try; it is in the
+    start-up log)."""
+    return {"name": "batchserve", "version": PROTOCOL_VERSION, "extensions": ["binary_tensor_data"]}
 
 
 def model_metadata(info: ModelInfo) -> dict[str, Any]:

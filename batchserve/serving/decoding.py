@@ -15,6 +15,7 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -32,6 +33,7 @@ from batchserve.models.images import (
 from batchserve.models.spec import ModelInfo
 from batchserve.serving.pipeline import Job
 from batchserve.serving.records import AddTask, SearchRequest, SearchTask, Task
+from batchserve.serving.turns import DecodeTurns
 
 T = TypeVar("T")
 
@@ -59,9 +61,15 @@ class RequestWatch:
     past ``deadline_s()``, read on the decode thread: ``now`` must be safe to call from any
     thread, as the reactor's ``seconds``, which is ``time.time``, is)."""
 
-    def __init__(self, now: Callable[[], float], deadline_s: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        now: Callable[[], float],
+        deadline_s: Callable[[], float],
+        turns: DecodeTurns | None = None,
+    ) -> None:
         self._now = now
         self._deadline_s = deadline_s
+        self._turns = turns
         self._hung_up = threading.Event()
         #: Images of the request not decoded because it stopped (read once it failed).
         self.dropped = 0
@@ -69,6 +77,11 @@ class RequestWatch:
     def hang_up(self) -> None:
         """The client is gone: decode none of the request's images from now on."""
         self._hung_up.set()
+
+    def turn(self) -> AbstractContextManager[None]:
+        """Wait for the request's turn to decode its next image (see turns.py); at once
+        without turns."""
+        return self._turns.turn() if self._turns is not None else nullcontext()
 
     def check(self, decoded: int, total: int) -> None:
         """Before the request's next image, ``decoded`` of its ``total`` done: HungUp once
@@ -112,9 +125,12 @@ def decoded_jobs(
     check_request_pixels([data for data, _ in entries if isinstance(data, bytes)], limits)
     jobs = []
     for index, (data, task) in enumerate(entries):
-        if index and watch is not None:
-            watch.check(index, len(entries))
-        jobs.append(_job(data, task, info, limits, observer))
+        if watch is None:
+            jobs.append(_job(data, task, info, limits, observer))
+            continue
+        with watch.turn():
+            watch.check(index, len(entries))  # it may have waited for its turn
+            jobs.append(_job(data, task, info, limits, observer))
     return jobs
 
 

@@ -42,8 +42,9 @@ from batchserve.serving.decoding import (
 from batchserve.serving.pipeline import Job, Outcome, StoreWorker, submit_jobs
 from batchserve.serving.records import AddTask, EmbedTask, Label, SearchRequest, SearchTask, Task
 from batchserve.serving.timings import Timings
+from batchserve.serving.turns import DecodeTurns
 from batchserve.storage.records import Item, Match
-from batchserve.storage.store import IndexState
+from batchserve.storage.store import CatalogHealth, IndexState
 
 T = TypeVar("T")
 
@@ -90,8 +91,10 @@ class ImageService:
         clock: IReactorTime,
         store: StoreWorker | None = None,
         observer: DecodeObserver | None = None,
+        turns: DecodeTurns | None = None,
     ) -> None:
         self._batcher = batcher
+        self._turns = turns
         self._clock = clock
         self._run_in_pool = run_in_pool
         self._model = model
@@ -119,6 +122,12 @@ class ImageService:
         if self._store is not None and self._store.rebuilding:
             return "rebuilding"
         return "ready" if self._store is None or self._store.ready else "loading"
+
+    @property
+    def catalog_health(self) -> CatalogHealth | None:
+        """With a shared catalog, whether it answers (if not, why; searches and reads by id
+        go on from memory meanwhile); None with the embedded catalog or while loading."""
+        return None if self._store is None else self._store.catalog_health
 
     def mark_started(self) -> None:
         """Start-up is over: /readyz may answer 200 once the model and index are up."""
@@ -264,7 +273,7 @@ class ImageService:
         The watch stops its decoding between images once the request's deadline passes, or
         once the returned Deferred is cancelled (the client hung up)."""
         self._reading += 1
-        watch = RequestWatch(self._clock.seconds, lambda: self._deadline_s(call))
+        watch = RequestWatch(self._clock.seconds, lambda: self._deadline_s(call), self._turns)
 
         def timed() -> T:
             started = time.perf_counter()

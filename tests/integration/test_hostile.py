@@ -1103,6 +1103,66 @@ def test_a_client_that_hangs_up_stops_the_decoding_of_its_images(budgeted: Serve
     assert decoded <= at_hang_up + 10 and decoded < 64, (at_hang_up, decoded)
 
 
+def test_an_ordinary_request_is_answered_while_slow_images_decode(budgeted: Server) -> None:
+    import socket
+
+    from .conftest import wait_until
+
+    body, ctype = slow_pngs(64)  # about 7 s of decoding each, within the pixel budget
+    head = (
+        f"POST {EMBED} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    before = decoded_images(budgeted)
+    hostile = [socket.create_connection(("127.0.0.1", budgeted.port)) for _ in range(2)]
+    try:
+        for connection in hostile:
+            connection.sendall(head + body)
+        wait_until(lambda: decoded_images(budgeted) >= before + 2, "both decoding")
+        # One decode thread, taken in turns image by image: this one waits for an image of
+        # each slow request, not for their 14 s.
+        response = budgeted.request(
+            "POST", EMBED, JPEG, {"Content-Type": "image/jpeg", "X-Timeout-Ms": "3000"}
+        )
+        assert response.status == 200, response.body[:300]
+    finally:
+        for connection in hostile:
+            connection.close()  # hung up: their decoding stops
+
+
+def pipelined_404s(port: int, paths: list[str]) -> int:
+    """GET each path on one keep-alive connection, all sent ahead (pipelined), and count
+    the 404s that come back."""
+    import socket
+    import threading
+
+    wire = b"".join(f"GET {p} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode() for p in paths)
+    found, tail = 0, b""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as connection:
+        sender = threading.Thread(target=connection.sendall, args=(wire,), daemon=True)
+        sender.start()
+        while found < len(paths):
+            chunk = connection.recv(1 << 20)
+            assert chunk, f"closed after {found} answers"
+            seen = tail + chunk
+            found += seen.count(b"HTTP/1.1 404 ")
+            tail = seen[-12:]
+        sender.join(60)
+    return found
+
+
+def test_unknown_asset_names_by_the_thousand_leave_memory_where_it_was(strict: Server) -> None:
+    # Each name 8 kB, as tried: the old cache of misses grew ~170 MB over 20,000 of them.
+    from bench.harness.procs import tree_rss_bytes
+
+    names = [f"/web/{i:05d}{'x' * 8000}" for i in range(20_000)]
+    pipelined_404s(strict.port, names[:2_000])  # the allocator's own warm-up
+    before = tree_rss_bytes(strict.process.pid)
+    assert pipelined_404s(strict.port, names) == len(names)
+    grown = tree_rss_bytes(strict.process.pid) - before
+    assert grown < 32 * 2**20, f"resident memory grew {grown / 2**20:.0f} MiB"
+
+
 # -- pages of other sites, names re-pointed at the server, slow clients (no token set) --------
 
 

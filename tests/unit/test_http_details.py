@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import io
+import json
 import tracemalloc
 from typing import Any
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from batchserve import __version__
 from batchserve.http import web
 from batchserve.storage.records import NewItem
 from batchserve.testing import FakeRunner, SiteClient, encode_image, result_of
@@ -320,3 +322,15 @@ def test_every_response_names_the_server_without_a_version() -> None:
     [metrics_site] = [factory for port, factory, _, _ in h.clock.tcpServers if port == 0]
     response = result_of(SiteClient(metrics_site).request("GET", "/metrics"))
     assert response.code == 200 and response.headers["server"] == "batchserve"
+
+
+def test_no_unauthenticated_answer_gives_the_softwares_version() -> None:
+    # The API document and the v2 server metadata are open to all: each gives its
+    # protocol's version, never the software's (the start-up log has it).
+    h = Harness(metrics_here=False, runner=FakeRunner())
+    answers = {path: h.request("GET", path) for path in ("/openapi.json", "/docs", "/v2")}
+    for path, (status, _, body) in answers.items():
+        text = body.decode() if isinstance(body, bytes) else json.dumps(body)
+        assert status == 200 and __version__ not in text, path
+    assert answers["/openapi.json"][2]["info"]["version"] == "1"
+    assert answers["/v2"][2]["version"] == "2"

@@ -31,7 +31,9 @@ def test_the_decode_pool_gets_its_size_and_priority_from_the_settings() -> None:
     settings = ServeSettings(server=ServerSettings(decode_threads=3, decode_nice=7))
     server = build(settings, MemoryReactorClock(), model=SyncModelRunner(FakeModel()))
     decode, index = server.threads.pools
-    assert (decode.min, decode.max, decode.threadFactory.nice) == (3, 3, 7)  # type: ignore[attr-defined]
+    # A thread per request being decoded, as many images decoding at once as decode threads.
+    assert (decode.min, decode.max, decode.threadFactory.nice) == (3, 3 * 8, 7)  # type: ignore[attr-defined]
+    assert server.threads.turns is not None and server.threads.turns.slots == 3
     assert (index.min, index.max, index.threadFactory.nice) == (1, 1, 0)  # type: ignore[attr-defined]
     assert server.batcher.policy is settings.batching
 

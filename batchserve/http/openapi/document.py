@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from batchserve import __version__
 from batchserve.http import web
 from batchserve.http.bodies import IMAGE_FIELDS, RequestLimits
 from batchserve.http.inputs import (
@@ -34,6 +33,10 @@ _ERRORS = {
     "503": "the model or the index is loading, the queue is full, or the server is draining",
     "504": "the request's deadline passed",
 }
+
+#: The document's version: the HTTP API's (its paths say /v1), not the software's, which
+#: would tell an unauthenticated caller which known flaws to try (it is in the start-up log).
+API_VERSION = "1"
 
 
 def _json(schema: Doc) -> Doc:
@@ -511,7 +514,7 @@ def document(limits: RequestLimits) -> Doc:
         "openapi": "3.1.0",
         "info": {
             "title": "batchserve",
-            "version": __version__,
+            "version": API_VERSION,
             "description": "Image embeddings, classification and visual search, batched "
             'onto one model. Every error is {"error": {"code", "message"}}. With '
             "tokens configured, /v1 routes need `Authorization: Bearer <token>`.",
