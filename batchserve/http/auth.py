@@ -23,6 +23,7 @@ import hmac
 import ipaddress
 import re
 from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes
 
 from twisted.web.http_headers import Headers
 
@@ -57,6 +58,15 @@ class Tokens:
         if not any(matches):
             what = "adding or deleting items" if write else "this route"
             raise Forbidden(f"the bearer token does not allow {what}")
+
+
+def writes(method: bytes, path: bytes) -> bool:
+    """Whether a request adds or deletes items, which the write token guards: a POST or
+    DELETE, in any case (routing reads the method so), to a path under /v1/items, as its
+    route names it or as it was sent (percent-encoded or not)."""
+    return method.upper() in (b"POST", b"DELETE") and unquote_to_bytes(path).startswith(
+        b"/v1/items"
+    )
 
 
 # -- pages of other sites, while no token is set ---------------------------------------------

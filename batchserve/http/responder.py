@@ -4,7 +4,7 @@ mapped to responses, and metrics per request.
 
 A request for the model may be admitted or refused from its headers alone, before its
 body is buffered (``refuse_early``, called by the site); every other request is checked
-when its handler runs (``respond``).
+when its handler runs (``respond``), and its body is kept only if its token opens it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from batchserve.errors import (
     Overloaded,
     PayloadTooLarge,
 )
-from batchserve.http.auth import Tokens
+from batchserve.http.auth import Tokens, writes
 from batchserve.http.bodies import RequestLimits, carries_images
 from batchserve.http.drain import InFlight, close_after_response
 from batchserve.http.inputs import MAX_TIMEOUT_MS, MIN_TIMEOUT_MS, bounded_int
@@ -156,18 +156,38 @@ class Responder:
         handler would give, without its body ever being buffered or parsed (see site.py).
         None lets the request through to its handler, which decides: every request that is
         not plainly images (a JSON search may carry vectors), or that comes while the server
-        drains. A refused request counts as one image rejected."""
-        route = QUEUED_ROUTES.get(path.split(b"?", 1)[0]) if method == b"POST" else None
-        if route is None or self.in_flight.closing:
-            return None
-        content_type = request.getHeader(b"content-type")
-        if not carries_images(content_type.decode("latin-1") if content_type else None):
+        drains; the body of one whose token does not open it is dropped unread all the same
+        (``_screen_token``). A refused request counts as one image rejected."""
+        path = path.split(b"?", 1)[0]
+        route = self._image_route(request, method, path)
+        if route is None:
+            self._screen_token(request, method, path)
             return None
         try:
             self._admit(request, route)
         except BatchserveError as error:
             return self._answer_now(route, error)
         return None
+
+    def _image_route(self, request: IRequest, method: bytes, path: bytes) -> str | None:
+        """The queued route of a request that is plainly images, to admit from its headers;
+        None for any other, and for every request while the server drains."""
+        route = QUEUED_ROUTES.get(path) if method == b"POST" else None
+        if route is None or self.in_flight.closing:
+            return None
+        content_type = request.getHeader(b"content-type")
+        images = carries_images(content_type.decode("latin-1") if content_type else None)
+        return route if images else None
+
+    def _screen_token(self, request: IRequest, method: bytes, path: bytes) -> None:
+        """Drop unread the body of a request that its token does not open. Its handler
+        refuses it from the same header, as it would have, and reads no body first: every
+        route that reads one checks the token before (``_checked``, with the same rule for
+        writes); a route open to all reads none."""
+        try:
+            self._tokens.check(request.getHeader(b"authorization"), writes(method, path))
+        except BatchserveError:
+            state_of(request).body_unread = True
 
     def _admit(self, request: IRequest, route: str) -> None:
         """The one admission check of a request for the model, from its headers: its token,
@@ -225,7 +245,7 @@ class Responder:
     def _checked(self, request: IRequest, route: str, work: Work) -> Deferred[Any] | Any:
         """``work()`` once the request's token and query parameters are checked."""
         if not state_of(request).admitted_early:  # checked from its headers already
-            write = route.startswith("/v1/items") and request.method in (b"POST", b"DELETE")
+            write = writes(request.method, route.encode())
             self._tokens.check(request.getHeader(b"authorization"), write)
         known = self._known_params.get((request.method.decode("latin-1").lower(), route))
         unknown = sorted(set(self.query_of(request)) - (known or set()))

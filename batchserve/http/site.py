@@ -6,9 +6,11 @@ A request is judged twice before its handler runs, both times from its headers a
 that what will be refused is never buffered nor parsed: a ``Content-Length`` over the limit
 (answered 413 by the handler), and then, unless the site's ``BrowserGuard`` (http/auth.py;
 only while no token is set) refuses it, ``refuse_early(request, method, path)``, which may
-return how to answer the request at once. Under overload most requests are refusals; this
-keeps their cost to reading the bytes off the socket, not routing, parsing and JSON-encoding
-them.
+return how to answer the request at once, or mark its body unread (``body_unread``) when
+its token does not open it, for its handler to refuse from its headers: a client without a
+token never makes the server hold a body. Under overload most requests are refusals; this
+keeps their cost to reading the bytes off the socket, not routing, parsing and
+JSON-encoding them.
 
 A connection may not hold the server by sending slowly or not at all (``ConnectionLimits``):
 a request's headers must be in within ``header_timeout_s`` of its first byte and all of it
@@ -87,6 +89,8 @@ class RequestState:
     admitted_early: bool = False
     #: It holds room in the queue, from its headers until its handler runs.
     holds_room: bool = False
+    #: Its body is dropped as it arrives: its handler refuses it from its headers.
+    body_unread: bool = False
 
 
 def state_of(request: IRequest) -> RequestState:
@@ -279,7 +283,8 @@ class RequestLineChannel(HTTPChannel):
 class BoundedRequest(Request):
     """A Request that stops buffering its body once it is over ``max_body_bytes``, judged
     from Content-Length before any of the body arrives, or while it streams in; and that
-    drops its body unread when ``refuse_early`` answers it from its headers."""
+    drops its body unread when ``refuse_early`` answers it from its headers or marks it
+    ``body_unread``."""
 
     #: The setting's default; ``bounded_request_factory`` sets the one configured.
     max_body_bytes = RequestLimits().max_body_bytes
@@ -311,11 +316,14 @@ class BoundedRequest(Request):
                 self.early_answer = self._screened(method, path) or self.refuse_early(
                     self, method, path
                 )
-        dropped = state.body_over_limit or self.early_answer is not None
-        super().gotLength(0 if dropped else length)
+        super().gotLength(0 if self._drops_body() else length)
+
+    def _drops_body(self) -> bool:
+        state = self.state
+        return state.body_over_limit or state.body_unread or self.early_answer is not None
 
     def handleContentChunk(self, data: bytes) -> None:  # noqa: N802 (Twisted API)
-        if self.state.body_over_limit or self.early_answer is not None or self.content is None:
+        if self._drops_body() or self.content is None:
             return
         if self.content.tell() + len(data) > self.max_body_bytes:
             self.state.body_over_limit = True
