@@ -9,13 +9,14 @@ them as keys and a text line reads as a sentence.
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import os
 import re
+import secrets
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -59,13 +60,20 @@ _CLIENT_ID = re.compile(r"[!-~]{1,128}")
 access = Logger(namespace=ACCESS_NAMESPACE)
 
 
+#: A made request id is this process's random half, then a count: unique across processes
+#: and restarts as a random id is, at a tenth of uuid4's cost per request (a flood of
+#: refusals makes one for each).
+_ID_PREFIX = secrets.token_hex(8)
+_ID_COUNT = itertools.count()
+
+
 def request_id(header: bytes | None) -> str:
-    """The client's ``X-Request-Id`` when it is a sane one, else a new random id."""
+    """The client's ``X-Request-Id`` when it is a sane one, else a new id (32 hex digits)."""
     if header:
         text = header.decode("latin-1")
         if _CLIENT_ID.fullmatch(text):
             return text
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}{next(_ID_COUNT):016x}"
 
 
 def log_access(fields: dict[str, Any]) -> None:
@@ -84,7 +92,9 @@ def _level(event: LogEvent) -> str:
 
 
 def _message(event: LogEvent) -> str:
-    text = formatEvent(event)
+    # An access line is formatted already (log_access): Twisted's formatting of its one
+    # field, in Python, was a fifth of an access line's cost.
+    text = event.get("access_line") or formatEvent(event)
     failure = event.get("log_failure")
     if failure is not None:
         text += "\n" + failure.getTraceback()
