@@ -55,6 +55,7 @@ from batchserve.http.wire import (
 from batchserve.serving.metrics import Metrics
 from batchserve.serving.records import Label
 from batchserve.serving.service import ImageService
+from batchserve.storage.store import CatalogHealth
 
 
 class BatchserveAPI:
@@ -233,15 +234,25 @@ class BatchserveAPI:
 
     @app.route("/readyz", methods=["GET"])
     def readyz(self, request: IRequest) -> bytes:
+        """200 ``{"status": "ready"}`` once the model is warm and the index open; 503 while
+        loading, rebuilding or shutting down. With a shared catalog (PostgreSQL) the body
+        also says how the replica last found it: ``"catalog": "ok"``, or ``"catalog":
+        "unavailable"`` and ``"catalog_reason"`` (a few words: "no answer within 7 s",
+        "connection refused"; its address stays in the log). An unavailable catalog keeps
+        /readyz at 200: searches and reads by id go on from memory, so the replica stays in
+        the load balancer, and only its writes get 503 with Retry-After. With the embedded
+        SQLite catalog, which is never out of reach, there is no ``catalog`` field."""
         if self.in_flight.closing:
             request.setHeader(b"Retry-After", b"1")
             close_after_response(request)
             return json_body(request, 503, {"status": "shutting down"})
+        catalog = _catalog_fields(self._service.catalog_health)
         if not self._service.ready:
             request.setHeader(b"Retry-After", b"5")
             rebuilding = self._service.index_state == "rebuilding"
-            return json_body(request, 503, {"status": "rebuilding" if rebuilding else "loading"})
-        return json_body(request, 200, {"status": "ready"})
+            status = "rebuilding" if rebuilding else "loading"
+            return json_body(request, 503, {"status": status, **catalog})
+        return json_body(request, 200, {"status": "ready", **catalog})
 
     @app.route("/openapi.json", methods=["GET"])
     def openapi(self, request: IRequest) -> bytes:
@@ -289,6 +300,15 @@ class BatchserveAPI:
         return error_body(
             request, status, code, _not_found_hint(request, status) or description_of(error)
         )
+
+
+def _catalog_fields(health: CatalogHealth | None) -> dict[str, str]:
+    """/readyz's fields on a shared catalog (none for the embedded one)."""
+    if health is None:
+        return {}
+    if health.reachable:
+        return {"catalog": "ok"}
+    return {"catalog": "unavailable", "catalog_reason": health.reason or "unknown"}
 
 
 def description_of(error: HTTPException) -> str:

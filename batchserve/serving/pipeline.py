@@ -32,7 +32,7 @@ from batchserve.models.batches import Prediction, predicted_class
 from batchserve.serving.batching import Batch, Batcher, gather
 from batchserve.serving.records import AddTask, EmbedTask, SearchTask, Task
 from batchserve.storage.records import Match, NewItem
-from batchserve.storage.store import ItemStore, OpenReport, SearchQuery
+from batchserve.storage.store import CatalogHealth, ItemStore, OpenReport, SearchQuery
 
 T = TypeVar("T")
 
@@ -193,6 +193,13 @@ class StoreWorker:
     @property
     def rebuilding(self) -> bool:
         return self._store is not None and self._store.rebuilding
+
+    @property
+    def catalog_health(self) -> CatalogHealth | None:
+        """With a shared catalog, whether the store's last calls found it reachable, and
+        if not why; None with the embedded catalog, or before the store is open. Read on
+        the reactor thread, set on the store thread."""
+        return None if self._store is None else self._store.catalog_health
 
     def start(self) -> Deferred[OpenReport]:
         """Open the store on the store thread (snapshot load and replay, or rebuild)."""

@@ -11,7 +11,9 @@ expiry) is never replayed with its gap: the index is rebuilt from the catalog's 
 With a shared catalog (PostgreSQL), the store keeps in memory the record of every item its
 index holds, so that searches and reads by id go on while the catalog is out of reach;
 writes, listings, thumbnails and similar-item searches (which read the stored vector) need
-the catalog, and fail with its NotReady (HTTP 503, Retry-After) meanwhile.
+the catalog, and fail with its NotReady (HTTP 503, Retry-After) meanwhile. Once a call has
+found it out of reach, writes are refused at once, without waiting on it again, until the
+follower's next pass (``catch_up``) finds it back; ``catalog_health`` says which, and why.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -149,6 +153,57 @@ class IndexState:
     change_log: ChangeLogState | None = None
 
 
+@dataclass(frozen=True)
+class CatalogHealth:
+    """A shared catalog as this replica last found it: ``reachable``, or not and ``reason``,
+    a few words on why (as /readyz says it; the database's address stays in the log)."""
+
+    reachable: bool
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class _Outage:
+    """A shared catalog out of reach: the error that found it so (raised again for what
+    cannot be answered without it) and why, in a few words. One object, so that the reactor
+    thread reads both in one attribute read while the store thread replaces it."""
+
+    error: NotReady
+    reason: str
+
+
+#: The driver's words, as a catalog's error carries them in its ``detail`` (for the log: it
+#: names the database's address too), and the few words /readyz says instead.
+_NUMBER = r"(\d+(?:\.\d+)?)"
+_REASONS: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(rf"no answer from the server within {_NUMBER} s"), "no answer within {0} s"),
+    (re.compile(r"connection refused", re.IGNORECASE), "connection refused"),
+    (re.compile(r"the database system is (\w+ \w+)"), "the database is {0}"),
+    (re.compile(r"closed the connection|terminating connection"), "connection lost"),
+    (re.compile(rf"couldn't get a connection after {_NUMBER} sec"), "no connection within {0} s"),
+]
+
+
+def outage_reason(error: NotReady) -> str:
+    """Why ``error`` found a shared catalog out of reach, in a few words without its
+    address: "no answer within 7 s" (stopped or hung), "connection refused" (down), "no
+    connection within 2 s"...; else the error's own message."""
+    # PostgresCatalog's CatalogUnavailable keeps the driver's words in ``detail``; the store
+    # does not import it (nor its driver), so it reads the attribute where there is one.
+    detail = getattr(error, "detail", None)
+    text = detail if isinstance(detail, str) else str(error)
+    for pattern, reason in _REASONS:
+        found = pattern.search(text)
+        if found is not None:
+            return reason.format(*(_tidy(g) for g in found.groups()))
+    return str(error)
+
+
+def _tidy(word: str) -> str:
+    """A number as short as it goes ("2.00" -> "2"); other words as they are."""
+    return f"{float(word):g}" if re.fullmatch(_NUMBER, word) else word
+
+
 class ItemStore:
     """Items, their vectors and filters, under ``data_dir``."""
 
@@ -176,11 +231,12 @@ class ItemStore:
         self._items: dict[int, Item] = {}
         #: The row in ``_items`` of each id there.
         self._fids: dict[str, int] = {}
-        #: With a shared catalog, its error while it is out of reach: set when a call to it
-        #: fails, cleared when ``catch_up`` (the follower, every interval) next succeeds.
-        #: Meanwhile reads by id come from memory at once, not after a connection attempt
-        #: that would hold the store thread, and the searches queued behind, for seconds.
-        self._outage: NotReady | None = None
+        #: With a shared catalog, the error that found it out of reach (and why): set when a
+        #: call to it fails, cleared when ``catch_up`` (the follower, every interval) next
+        #: succeeds. Meanwhile reads by id come from memory and writes are refused at once,
+        #: not after a wait on the catalog that would hold the store thread, and the
+        #: searches queued behind, for up to its bound each time.
+        self._outage: _Outage | None = None
         #: The change of the catalog up to which the index is current.
         self.applied_seq = 0
         self.snapshot_dir = data_dir / "snapshots"
@@ -280,6 +336,35 @@ class ItemStore:
         """The index kind configured, which snapshots record."""
         return self.index.kind
 
+    @property
+    def catalog_health(self) -> CatalogHealth | None:
+        """With a shared catalog, whether the last calls found it reachable (and if not,
+        why); None with the embedded one. Read from any thread."""
+        if not self.shared:
+            return None
+        outage = self._outage  # one read: the store thread may replace it meanwhile
+        return CatalogHealth(True) if outage is None else CatalogHealth(False, outage.reason)
+
+    @contextmanager
+    def _reaching(self) -> Iterator[None]:
+        """Calls on the catalog: one that fails with NotReady marks it out of reach (the
+        first failure of an outage says why, until it is over)."""
+        try:
+            yield
+        except NotReady as e:
+            if self._outage is None:
+                self._outage = _Outage(e, outage_reason(e))
+            raise
+
+    def _refuse_writes_while_unreachable(self) -> None:
+        """While a shared catalog is known to be out of reach, a write fails at once: its
+        wait, on top of the one that found the outage, would hold the store thread (and
+        the searches behind it) past the catalog's bound. The follower's next pass tries
+        the catalog again."""
+        outage = self._outage
+        if outage is not None:
+            raise outage.error.with_traceback(None)
+
     def catch_up(self, known: dict[int, NewItem] | None = None, limit: int = 10_000) -> int:
         """Apply the catalog's changes after ``applied_seq`` to the index (this process's own
         writes and, with a shared catalog, every other's); return how many. Idempotent: an
@@ -287,7 +372,7 @@ class ItemStore:
         changes already reflected by a rebuild are harmless. ``known`` holds items this
         process just wrote, whose embeddings need not be read back."""
         applied = 0
-        try:
+        with self._reaching():
             while True:
                 try:
                     changes = self.catalog.changes_since(self.applied_seq, limit)
@@ -303,15 +388,13 @@ class ItemStore:
                 applied += len(changes)
                 if len(changes) < limit:
                     break
-        except NotReady as e:
-            self._outage = e
-            raise
         self._outage = None
         return applied
 
     def behind(self) -> int:
         """Changes in the catalog not yet in the index."""
-        return max(0, self.catalog.last_seq() - self.applied_seq)
+        with self._reaching():
+            return max(0, self.catalog.last_seq() - self.applied_seq)
 
     def prune_change_log(self) -> int:
         """With a shared catalog: record there how far this replica has applied its change
@@ -320,8 +403,9 @@ class ItemStore:
         this thread; returns the changes pruned."""
         if not self.shared:
             return 0  # pruned as snapshots are written: this process alone reads the log
-        self.catalog.record_replica(self.replica_id, self.applied_seq)
-        return self.catalog.prune_changes(self.applied_seq)
+        with self._reaching():
+            self.catalog.record_replica(self.replica_id, self.applied_seq)
+            return self.catalog.prune_changes(self.applied_seq)
 
     def _apply(self, changes: Sequence[tuple[int, str, int]], known: dict[int, NewItem]) -> None:
         before = set(self._groups)
@@ -342,9 +426,13 @@ class ItemStore:
             self.index.add(np.array(mine, dtype=np.int64), vectors)
             self._remember_rows(mine)
         others = [fid for fid in new if fid not in known]
+        added: list[int] = []
         for fids, vectors in self.catalog.vectors(others):  # rows deleted since: not there
             self.index.add(fids, vectors)
-            self._remember_rows([int(f) for f in fids])
+            added.extend(int(f) for f in fids)
+        # Once the vectors' reader is done: a read inside its loop would take a second
+        # pooled connection, which a hung server then makes a second wait of the bound.
+        self._remember_rows(added)
 
     def _rebuild(self) -> None:
         chunks = list(self.catalog.vectors())
@@ -394,14 +482,18 @@ class ItemStore:
             return []
         latest: dict[str, NewItem] = {item.id: item for item in items}  # last one wins
         batch = list(latest.values())
-        fids, _replaced = self.catalog.upsert(batch)
+        self._refuse_writes_while_unreachable()
+        with self._reaching():
+            fids, _replaced = self.catalog.upsert(batch)
         # The index follows the catalog's change log, these writes and any other's.
         self.catch_up(known=dict(zip(fids, batch, strict=True)))
         self.maintain()
         return [item.id for item in items]
 
     def delete(self, item_id: str) -> bool:
-        fid = self.catalog.delete(item_id)
+        self._refuse_writes_while_unreachable()
+        with self._reaching():
+            fid = self.catalog.delete(item_id)
         if fid is None:
             return False
         self.catch_up()
@@ -435,10 +527,13 @@ class ItemStore:
             return self.catalog.get(item_id)
         if self._outage is None:
             try:
-                return self.catalog.get(item_id)
-            except NotReady as e:
-                self._outage = e
-        return self._remembered(item_id, self._outage)
+                with self._reaching():
+                    return self.catalog.get(item_id)
+            except NotReady:
+                pass  # now marked out of reach: from memory
+        outage = self._outage
+        assert outage is not None
+        return self._remembered(item_id, outage.error)
 
     def _remembered(self, item_id: str, outage: NotReady) -> Item | None:
         """The item ``item_id`` as this replica's index holds it, the catalog's log applied

@@ -43,6 +43,7 @@ from batchserve.testing import (
     result_of,
     run_now,
 )
+from tests.unit.test_store import SharedCatalog
 
 URL = "http://127.0.0.1/"
 RED = encode_image(colour=(220, 20, 20))
@@ -92,6 +93,7 @@ class Harness:
         timeout_s: float = 10.0,
         index_thread: Any = None,
         refusals_per_image: float = 3.0,
+        catalog: Any = None,
     ) -> None:
         self.model = FakeModel()
         self.directory = tempfile.TemporaryDirectory()
@@ -117,7 +119,10 @@ class Harness:
             model=model or ModelVia(worker, self.runner),
             threads=Threads(decode=run_now, store=index_thread or run_now),
             store=lambda info: ItemStore(
-                Path(self.directory.name), VectorIndex(info.dim, IndexParams()), info.fingerprint()
+                Path(self.directory.name),
+                VectorIndex(info.dim, IndexParams()),
+                info.fingerprint(),
+                catalog=catalog,
             ),
         )
         self.batcher = self.server.batcher
@@ -347,6 +352,33 @@ def test_a_replica_rebuilding_its_index_is_not_ready_and_says_so() -> None:
     assert status == 503 and "the index is rebuilding" in doc["error"]["message"]
     store.rebuilding = False
     assert h.request("GET", "/readyz")[0] == 200
+
+
+def test_readyz_says_why_a_shared_catalog_is_out_of_reach_and_stays_200_for_reads() -> None:
+    assert "catalog" not in Harness().request("GET", "/readyz")[2]  # its own SQLite catalog
+    with tempfile.TemporaryDirectory() as shared:
+        catalog = SharedCatalog(Path(shared) / "catalog.sqlite3", dim=FakeModel().info.dim)
+        h = Harness(catalog=catalog)
+        assert add(h, "red", RED)[0] == 200
+        assert h.request("GET", "/readyz")[::2] == (200, {"status": "ready", "catalog": "ok"})
+        catalog.down = True  # hung: PostgresCatalog's calls fail after its bound
+        status, headers, doc = add(h, "blue", BLUE)
+        assert (status, headers["retry-after"]) == (503, "1")
+        assert doc["error"]["code"] == "catalog_unavailable"
+        down = {
+            "status": "ready",
+            "catalog": "unavailable",
+            "catalog_reason": "no answer within 7 s",
+        }
+        assert h.request("GET", "/readyz")[::2] == (200, down)
+        assert h.request("GET", "/v1/items/red")[0] == 200  # from memory
+        found = h.post_image("/v1/search?k=1", RED)[2]
+        assert found["results"][0]["matches"][0]["id"] == "red"
+        catalog.down = False
+        assert h.request("GET", "/readyz")[2] == down  # until the follower's next pass ...
+        result_of(h.server.store.call(ItemStore.catch_up))  # ... finds it back
+        assert h.request("GET", "/readyz")[::2] == (200, {"status": "ready", "catalog": "ok"})
+        assert add(h, "blue", BLUE)[0] == 200
 
 
 def test_a_404_for_an_id_with_a_slash_says_to_write_it_as_2f() -> None:

@@ -26,7 +26,7 @@ from batchserve.storage.records import (
     check_metadata,
 )
 from batchserve.storage.sqlite import SqliteCatalog
-from batchserve.storage.store import ItemStore, SearchQuery
+from batchserve.storage.store import CatalogHealth, ItemStore, SearchQuery, outage_reason
 
 DIM = 16
 MODEL = {"name": "m", "weights_sha256": "abc", "dim": DIM}
@@ -518,20 +518,41 @@ def test_a_snapshot_holds_what_the_index_applied_and_a_restart_replays_the_rest(
     assert again.index.size == 5 and again.behind() == 0
 
 
+class Unreachable(NotReady):
+    """As PostgresCatalog's CatalogUnavailable: a message for clients, and the driver's words
+    (with the database's address) in ``detail``, for the log."""
+
+    code = "catalog_unavailable"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("the shared catalog is unavailable", retry_after_s=1)
+        self.detail = detail
+
+
+#: What PostgresCatalog says of a server stopped with SIGSTOP, at the first call that finds it.
+HUNG = (
+    "the catalog database postgresql://127.0.0.1:5432/items is unavailable: no answer from "
+    "the server within 7 s; couldn't get a connection after 2.00 sec"
+)
+
+
 class SharedCatalog(SqliteCatalog):
     """SQLite standing in for a catalog other replicas share: while ``down``, every call
-    the tests make fails with NotReady, as PostgresCatalog's CatalogUnavailable does.
-    ``vanished`` ids' records are not found by fid, as if deleted just after the log was
-    read; ``gets`` counts reads by id; ``recorded`` holds the replicas' records of how far
-    they applied the log, in order."""
+    the tests make fails with NotReady (``Unreachable``, saying ``why``), as
+    PostgresCatalog's CatalogUnavailable does. ``vanished`` ids' records are not found by
+    fid, as if deleted just after the log was read; ``gets`` counts reads by id, ``writes``
+    upserts and deletes tried; ``recorded`` holds the replicas' records of how far they
+    applied the log, in order."""
 
     shared = True
 
-    def __init__(self, path: Path) -> None:
-        super().__init__(path, DIM)
+    def __init__(self, path: Path, dim: int = DIM) -> None:
+        super().__init__(path, dim)
         self.down = False
+        self.why = HUNG
         self.vanished: set[str] = set()
         self.gets = 0
+        self.writes = 0
         self.recorded: list[tuple[str, int]] = []
 
     def record_replica(self, replica_id: str, applied_seq: int) -> None:
@@ -540,7 +561,7 @@ class SharedCatalog(SqliteCatalog):
 
     def _reach(self) -> None:
         if self.down:
-            raise NotReady("the shared catalog is unavailable", retry_after_s=1)
+            raise Unreachable(self.why)
 
     def get(self, item_id: str) -> Item | None:
         self.gets += 1
@@ -548,10 +569,12 @@ class SharedCatalog(SqliteCatalog):
         return super().get(item_id)
 
     def upsert(self, items: Sequence[NewItem]) -> tuple[list[int], list[int]]:
+        self.writes += 1
         self._reach()
         return super().upsert(items)
 
     def delete(self, item_id: str) -> int | None:
+        self.writes += 1
         self._reach()
         return super().delete(item_id)
 
@@ -651,6 +674,95 @@ def test_an_id_not_in_memory_is_503_not_404_while_the_shared_catalog_is_down(
     with pytest.raises(NotReady):
         replica.get("other")  # could be the id of the row memory has no record of
     assert replica.get("id0") is not None
+
+
+def test_a_shared_catalog_out_of_reach_is_reported_with_why_until_the_follower_finds_it(
+    tmp_path: Path,
+) -> None:
+    assert store(tmp_path / "alone").catalog_health is None  # its own SQLite: no outage
+    catalog = SharedCatalog(tmp_path / "shared.sqlite3")
+    replica = shared_store(tmp_path / "replica", catalog)
+    replica.add(items(0, 2))
+    assert replica.catalog_health == CatalogHealth(True)
+    catalog.down = True
+    with pytest.raises(NotReady):
+        replica.catch_up()  # the follower's pass
+    assert replica.catalog_health == CatalogHealth(False, "no answer within 7 s")
+    catalog.why = "couldn't get a connection after 0.25 sec"  # the calls that follow
+    with pytest.raises(NotReady):
+        replica.catch_up()
+    assert replica.catalog_health == CatalogHealth(False, "no answer within 7 s")  # the first
+    catalog.down = False
+    assert replica.catalog_health == CatalogHealth(False, "no answer within 7 s")
+    replica.catch_up()
+    assert replica.catalog_health == CatalogHealth(True)
+
+
+def test_a_failed_write_or_read_marks_the_shared_catalog_out_of_reach_too(
+    tmp_path: Path,
+) -> None:
+    catalog = SharedCatalog(tmp_path / "shared.sqlite3")
+    replica = shared_store(tmp_path / "replica", catalog)
+    replica.add(items(0, 2))
+    catalog.down = True
+    with pytest.raises(NotReady):
+        replica.add(items(5, 1))
+    assert replica.catalog_health == CatalogHealth(False, "no answer within 7 s")
+    catalog.down = False
+    replica.catch_up()
+    catalog.down, catalog.why = True, "connection refused"
+    assert replica.get("id0") is not None  # from memory
+    assert replica.catalog_health == CatalogHealth(False, "connection refused")
+
+
+def test_while_the_shared_catalog_is_known_out_of_reach_writes_do_not_wait_on_it(
+    tmp_path: Path,
+) -> None:
+    catalog = SharedCatalog(tmp_path / "shared.sqlite3")
+    replica = shared_store(tmp_path / "replica", catalog)
+    replica.add(items(0, 2))
+    catalog.down = True
+    with pytest.raises(NotReady):
+        replica.catch_up()  # found out of reach (on a hung server: after the bound)
+    writes = catalog.writes
+    for write in (lambda: replica.add(items(5, 1)), lambda: replica.delete("id0")):
+        with pytest.raises(NotReady) as refused:
+            write()
+        assert refused.value.retry_after_s == 1 and refused.value.code == "catalog_unavailable"
+    assert catalog.writes == writes  # refused at once: no second wait of the bound
+    catalog.down = False
+    with pytest.raises(NotReady):
+        replica.add(items(5, 1))  # until the follower's next pass finds it back
+    replica.catch_up()
+    assert replica.add(items(5, 1)) == ["id5"] and replica.delete("id0")
+    assert index_ids(replica) == {"id1", "id5"}
+
+
+@pytest.mark.parametrize(
+    ("detail", "reason"),
+    [
+        (HUNG, "no answer within 7 s"),
+        (
+            "the catalog database postgresql://h:5432/d is unavailable: no answer from the "
+            "server within 3.5 s (stopped or hung?): the connection was cut on the client side",
+            "no answer within 3.5 s",
+        ),
+        (
+            'connection failed: connection to server at "10.0.0.5", port 5432 failed: '
+            "Connection refused\n\tIs the server running on that host and accepting TCP/IP?",
+            "connection refused",
+        ),
+        ("FATAL:  the database system is shutting down", "the database is shutting down"),
+        ("server closed the connection unexpectedly", "connection lost"),
+        ("couldn't get a connection after 2.00 sec", "no connection within 2 s"),
+        ("something else at postgresql://secret-host:5432/d", "the shared catalog is unavailable"),
+    ],
+)
+def test_why_the_catalog_is_out_of_reach_is_said_in_a_few_words_without_its_address(
+    detail: str, reason: str
+) -> None:
+    assert outage_reason(Unreachable(detail)) == reason
+    assert outage_reason(NotReady("the index is loading")) == "the index is loading"
 
 
 def index_ids(s: ItemStore) -> set[str]:
