@@ -13,6 +13,12 @@ the runner's own queue, so the model starts it the moment the previous batch end
 of idling until the reactor hears of that end (which, under load, is when the reactor is
 busiest).
 
+The queue has room for an item while it holds fewer than ``max_queue`` items and while the
+wait it would have, at the rate recent batches ran, stays within ``WAIT_SHARE`` of the
+deadline (``check_room``): when the model slows (a busy machine, a costlier model), the
+queue shortens with it, so that what is admitted is answered in time instead of decoded,
+queued and dropped at its deadline, work that takes the model's time from the rest.
+
 Every item has a deadline: one still queued when it passes is dropped and fails with
 DeadlineExceeded; one in flight fails at its deadline and its result is discarded. Cancelling
 an item's Deferred (Klein does so when the client hangs up) removes it from the queue, and the
@@ -50,6 +56,9 @@ log = Logger()
 
 #: Tolerance for comparing float clock times, so a timer firing at its due time counts as due.
 _EPSILON_S = 1e-9
+#: The longest expected queue wait admitted, as a share of the deadline: the rest is left
+#: for decoding, the batch itself, and the estimate's error.
+WAIT_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -244,13 +253,27 @@ class Batcher(Generic[In, Out]):
 
     def check_room(self, items: int, pending: int = 0) -> None:
         """Raise Overloaded (and count the rejection) unless ``items`` more fit in the queue
-        beside ``pending`` items that are on their way to it (being decoded)."""
-        if self.queued + pending + items > self._policy.max_queue:
-            self._observer.item_rejected("queue_full")
-            raise Overloaded(
-                f"queue full ({self._policy.max_queue} images); retry later",
-                retry_after_s=self.retry_after_s(),
+        beside ``pending`` items that are on their way to it (being decoded): within
+        ``max_queue``, and within the wait the deadline allows (``WAIT_SHARE``)."""
+        ahead = self.queued + pending
+        if ahead + items > self._policy.max_queue:
+            reason = f"queue full ({self._policy.max_queue} images)"
+        elif ahead and self.expected_wait_s(ahead) > WAIT_SHARE * self._policy.timeout_s:
+            reason = (
+                f"queue full ({ahead} images wait about {self.expected_wait_s(ahead):.1f} s "
+                f"of the {self._policy.timeout_s:g} s deadline)"
             )
+        else:
+            return
+        self._observer.item_rejected("queue_full")
+        raise Overloaded(f"{reason}; retry later", retry_after_s=self.retry_after_s())
+
+    def expected_wait_s(self, items: int) -> float:
+        """How long the last of ``items`` queued now would wait for its batch to end, at the
+        rate recent batches ran: the batches in flight, then full batches. A request with
+        nothing ahead of it is never refused by this estimate (its own images are its own
+        wait)."""
+        return (self._inflight + math.ceil(items / self._policy.max_batch_size)) * self._batch_s
 
     def submit(self, payload: In, timeout_s: float | None = None) -> Deferred[Out]:
         """Queue ``payload``; the Deferred fires with its result.

@@ -58,14 +58,16 @@ def overload(f: Section) -> Lines:
         f"## Overload: {x} the saturation rate, then a flood of "
         f"{f.get('flood_clients', 0)} clients",
         "",
-        f"{len(rounds) or 1} rounds on one server, each: the peak (closed loop, 64 clients), "
-        f"then an open loop offering {x} that peak for {f['seconds'] / max(1, len(rounds)):g} "
-        "s from 1 generator process on the same cores, then a flood: "
-        f"{f.get('flood_clients', 0)} clients that send again the moment they are answered, "
-        f"503 or not ({f.get('flood_tool', '-')}), for half as long. Request deadline "
-        f"{f['deadline_ms']:.0f} ms (`--timeout-s`), `max_queue` 512 (default). Ratios are "
-        "taken within their round (the machine's speed drifts); the median is quoted, and the "
-        "rest of the table is the round with the median overload ratio.",
+        f"The peak (closed loop, 64 clients), then {len(rounds) or 1} rounds on one server, "
+        f"each: an open loop offering {x} the last peak for "
+        f"{f['seconds'] / max(1, len(rounds)):g} s from 1 generator process on the same "
+        f"cores, a flood: {f.get('flood_clients', 0)} clients that send again the moment "
+        f"they are answered, 503 or not ({f.get('flood_tool', '-')}), for half as long, and "
+        f"the peak again. Request deadline {f['deadline_ms']:.0f} ms (`--timeout-s`), "
+        "`max_queue` 512 (default). Each round is taken against the mean of the peaks on "
+        "either side of it (this machine's speed drifts by tens of percent within a minute); "
+        "the median ratio is quoted, and the rest of the table is the round with the median "
+        "overload ratio.",
         "",
         "| figure | value |",
         "|---|---:|",

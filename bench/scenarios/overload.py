@@ -1,10 +1,12 @@
 """Overload: offer three times the saturation rate, then flood with 1,000 clients that
 retry at once, and see what holds.
 
-Each round measures the peak first on the same server (closed loop, 64 clients), then an
-open loop offers 3x that rate, then 1,000 closed-loop clients ignore Retry-After
-(``flood.py``). What must hold: no crash; resident memory bounded (sampled every second);
-goodput (answers within the request deadline) at least 90% of the round's peak in both;
+The peak is measured on the same server (closed loop, 64 clients); then each round offers
+3x the last peak (open loop), lets 1,000 closed-loop clients ignore Retry-After
+(``flood.py``), and measures the peak again; a round is judged against the mean of the
+peaks on either side of it. What must hold: no crash; resident memory bounded (sampled
+every second); goodput (answers within the request deadline) at least 90% of the peak in
+both;
 every rejection a fast 503 carrying ``Retry-After`` (checked by a probe once a second,
 beside the load); accepted requests done within their deadline.
 """
@@ -128,9 +130,7 @@ def summarise(
     }
 
 
-def peak_phase(
-    running: procs.ServerProcess, requests: list[bytes]
-) -> tuple[float, dict[str, float]]:
+def peak_phase(running: procs.ServerProcess, requests: list[bytes]) -> Peak:
     """The peak (closed loop, 64 clients, 10 s after 3 s of warm-up) and the model's share
     of it."""
     before = scrape.scrape(running.url)
@@ -138,7 +138,7 @@ def peak_phase(
     spec = load.LoadSpec(running.url + "/v1/embed", requests, 10, warmup_s=3, concurrency=64)
     peak = load.run(spec).achieved_per_s()
     view = scrape.difference(before, scrape.scrape(running.url))
-    return peak, model_figures(view, time.perf_counter() - started)
+    return Peak(peak, model_figures(view, time.perf_counter() - started))
 
 
 def overload_phase(
@@ -176,30 +176,45 @@ def overload_phase(
     return result, watch, model_figures(view, time.perf_counter() - started)
 
 
+@dataclass
+class Peak:
+    """A peak phase: closed-loop images/s and the model's share of it."""
+
+    per_s: float
+    model: dict[str, float]
+
+
 def one_round(
     running: procs.ServerProcess,
     images: list[bytes],
     requests: list[bytes],
+    before: Peak,
     seconds: float,
     factor: float,
     deadline_s: float,
-) -> dict[str, Any]:
-    """The peak, ``factor`` times it for ``seconds`` (open loop), then a flood of
-    ``FLOOD_CLIENTS`` closed-loop clients for ``seconds / 2``: one round's figures."""
-    peak, at_peak = peak_phase(running, requests)
+) -> tuple[dict[str, Any], Peak]:
+    """``factor`` times the peak before it for ``seconds`` (open loop), a flood of
+    ``FLOOD_CLIENTS`` closed-loop clients for ``seconds / 2``, then the peak again: one
+    round's figures, taken against the mean of the peaks on either side (this machine's
+    speed drifts by tens of percent over a minute; a peak taken once, before, would count
+    the drift as the overload's), and the peak after, which the next round starts from."""
     result, watch, under = overload_phase(
-        running, requests, images[0], factor * peak, seconds, deadline_s
+        running, requests, images[0], factor * before.per_s, seconds, deadline_s
     )
-    figures: dict[str, Any] = {"seconds": seconds, "factor": factor}
-    figures.update(summarise(result, peak, deadline_s, watch, alive=under is not None))
-    if under is None:
-        return figures
-    figures.update({f"peak_{k}": v for k, v in at_peak.items()})
-    figures.update(under)
     flooded = flood.measure(running.url, images, FLOOD_CLIENTS, seconds / 2, deadline_s)
-    flooded["flood_goodput_of_peak"] = round(flooded["flood_ok_per_s"] / peak, 3)
+    alive = under is not None and running.process.poll() is None
+    after = peak_phase(running, requests) if alive else before
+    reference = (before.per_s + after.per_s) / 2
+    figures: dict[str, Any] = {"seconds": seconds, "factor": factor}
+    figures.update(summarise(result, reference, deadline_s, watch, alive=alive))
+    if not alive or under is None:
+        return figures, after
+    figures["peaks_per_s"] = [round(before.per_s, 1), round(after.per_s, 1)]
+    figures.update({f"peak_{k}": v for k, v in before.model.items()})
+    figures.update(under)
+    flooded["flood_goodput_of_peak"] = round(flooded["flood_ok_per_s"] / reference, 3)
     figures.update(flooded)
-    return figures
+    return figures, after
 
 
 def measure(
@@ -207,21 +222,27 @@ def measure(
     seconds: float = 60.0,
     factor: float = 3.0,
     deadline_s: float = 10.0,
-    rounds: int = 3,
+    rounds: int = 5,
 ) -> dict[str, Any]:
-    """``rounds`` rounds on one server, each of its own peak, ``factor`` times it for
-    ``seconds / rounds``, and a flood (a noisy machine's speed drifts between phases: each
-    ratio is taken within its round). The figures of the round with the median 3x goodput,
-    the median of each ratio, and every round's."""
+    """The peak, then ``rounds`` rounds on one server, each ``factor`` times the last peak
+    for ``seconds / rounds``, a flood, and the peak again (a noisy machine's speed drifts
+    between phases: each ratio is taken against the peaks on either side of its round).
+    The figures of the round with the median 3x goodput, the median of each ratio, and
+    every round's."""
     # Room for the generator's 1,024 connections and the flood's 1,000 beside the probe
     # and the scrapes of /metrics (the default, 1,000, would refuse those).
     flags = ["--no-demo", "--timeout-s", f"{deadline_s:g}", "--max-connections", "1100"]
     with procs.temporary_server(flags, prefix="batchserve-bench-overload-") as running:
         requests = build_requests(running.url, "/v1/embed", images)
-        each = [
-            one_round(running, images, requests, seconds / rounds, factor, deadline_s)
-            for _ in range(rounds)
-        ]
+        peak = peak_phase(running, requests)
+        each = []
+        for _ in range(rounds):
+            figures, peak = one_round(
+                running, images, requests, peak, seconds / rounds, factor, deadline_s
+            )
+            each.append(figures)
+            if not figures["server_alive"]:
+                break
     alive = [r for r in each if r["server_alive"]]
     if len(alive) < len(each):
         return {**each[len(alive)], "rounds": each}

@@ -339,6 +339,25 @@ def test_observer_sees_batch_sizes_queue_waits_and_rejections() -> None:
     assert observer.queue[-1] == 0
 
 
+def test_the_queue_shortens_when_its_wait_would_pass_half_the_deadline() -> None:
+    batcher, runner, clock = make(max_batch_size=2, max_queue=1000, timeout_s=10.0)
+    batcher.submit(0)
+    clock.advance(2.0)
+    runner.complete()  # one batch took 2 s: a batch every 0.44 s (the moving average)
+    batcher.check_room(50)  # nothing ahead: its own images are its own wait
+    batcher.submit(0)  # in flight
+    for i in range(20):
+        batcher.submit(i)
+    batcher.check_room(1)  # (1 in flight + 10 batches ahead) x 0.44 s = 4.8 s: within 5 s
+    batcher.submit(20)
+    with pytest.raises(Overloaded) as refused:  # 11 batches ahead: 5.3 s, past half of 10
+        batcher.check_room(1)
+    assert "21 images wait about 5.3 s of the 10 s deadline" in str(refused.value)
+    assert refused.value.retry_after_s == 6  # ceil(12 x 0.44 s)
+    runner.complete()  # a batch of 2 is done: room again
+    batcher.check_room(1)
+
+
 def test_retry_after_grows_with_the_queue() -> None:
     batcher, runner, clock = make(max_batch_size=2, max_queue=1000, timeout_s=10.0)
     batcher.submit(0)
