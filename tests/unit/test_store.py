@@ -602,6 +602,14 @@ def shared_store(path: Path, catalog: SharedCatalog) -> ItemStore:
     return s
 
 
+def replica_of_two(tmp_path: Path) -> tuple[SharedCatalog, ItemStore]:
+    """A shared catalog and a replica on it that added id0 and id1."""
+    catalog = SharedCatalog(tmp_path / "shared.sqlite3")
+    replica = shared_store(tmp_path / "replica", catalog)
+    replica.add(items(0, 2))
+    return catalog, replica
+
+
 def test_with_the_shared_catalog_down_items_are_read_from_memory_and_writes_fail(
     tmp_path: Path,
 ) -> None:
@@ -646,9 +654,7 @@ def test_with_the_shared_catalog_up_items_are_read_from_it(tmp_path: Path) -> No
 def test_while_the_shared_catalog_is_out_of_reach_reads_do_not_wait_on_it(
     tmp_path: Path,
 ) -> None:
-    catalog = SharedCatalog(tmp_path / "shared.sqlite3")
-    replica = shared_store(tmp_path / "replica", catalog)
-    replica.add(items(0, 2))
+    catalog, replica = replica_of_two(tmp_path)
     catalog.down = True
     gets = catalog.gets
     for _ in range(3):
@@ -665,9 +671,7 @@ def test_while_the_shared_catalog_is_out_of_reach_reads_do_not_wait_on_it(
 def test_an_id_not_in_memory_is_503_not_404_while_the_shared_catalog_is_down(
     tmp_path: Path,
 ) -> None:
-    catalog = SharedCatalog(tmp_path / "shared.sqlite3")
-    replica = shared_store(tmp_path / "replica", catalog)
-    replica.add(items(0, 2))
+    catalog, replica = replica_of_two(tmp_path)
     catalog.vanished = {"id5"}  # its record gone when the row was read: replaced, say
     replica.add(items(5, 1))
     catalog.down = True
@@ -680,9 +684,7 @@ def test_a_shared_catalog_out_of_reach_is_reported_with_why_until_the_follower_f
     tmp_path: Path,
 ) -> None:
     assert store(tmp_path / "alone").catalog_health is None  # its own SQLite: no outage
-    catalog = SharedCatalog(tmp_path / "shared.sqlite3")
-    replica = shared_store(tmp_path / "replica", catalog)
-    replica.add(items(0, 2))
+    catalog, replica = replica_of_two(tmp_path)
     assert replica.catalog_health == CatalogHealth(True)
     catalog.down = True
     with pytest.raises(NotReady):
@@ -701,9 +703,7 @@ def test_a_shared_catalog_out_of_reach_is_reported_with_why_until_the_follower_f
 def test_a_failed_write_or_read_marks_the_shared_catalog_out_of_reach_too(
     tmp_path: Path,
 ) -> None:
-    catalog = SharedCatalog(tmp_path / "shared.sqlite3")
-    replica = shared_store(tmp_path / "replica", catalog)
-    replica.add(items(0, 2))
+    catalog, replica = replica_of_two(tmp_path)
     catalog.down = True
     with pytest.raises(NotReady):
         replica.add(items(5, 1))
@@ -718,9 +718,7 @@ def test_a_failed_write_or_read_marks_the_shared_catalog_out_of_reach_too(
 def test_while_the_shared_catalog_is_known_out_of_reach_writes_do_not_wait_on_it(
     tmp_path: Path,
 ) -> None:
-    catalog = SharedCatalog(tmp_path / "shared.sqlite3")
-    replica = shared_store(tmp_path / "replica", catalog)
-    replica.add(items(0, 2))
+    catalog, replica = replica_of_two(tmp_path)
     catalog.down = True
     with pytest.raises(NotReady):
         replica.catch_up()  # found out of reach (on a hung server: after the bound)
