@@ -172,7 +172,7 @@ class Responder:
     def _image_route(self, request: IRequest, method: bytes, path: bytes) -> str | None:
         """The queued route of a request that is plainly images, to admit from its headers;
         None for any other, and for every request while the server drains."""
-        route = QUEUED_ROUTES.get(path) if method == b"POST" else None
+        route = QUEUED_ROUTES.get(path) if method.upper() == b"POST" else None
         if route is None or self.in_flight.closing:
             return None
         content_type = request.getHeader(b"content-type")

@@ -64,7 +64,10 @@ def load_openvino(
         info = _convert(spec, ov, folder, load_tensorflow)
     else:
         log.info("model: OpenVINO's copy from %s", folder)
-    compiled = ov.Core().compile_model(str(folder / IR_FILE), "CPU", compile_config(spec))
+    try:
+        compiled = ov.Core().compile_model(str(folder / IR_FILE), "CPU", compile_config(spec))
+    except RuntimeError as e:  # OpenVINO's own checks of what it reads
+        raise converted.unusable(folder, str(e).splitlines()[0]) from e
     return OpenVinoModel(info, compiled)
 
 

@@ -222,6 +222,9 @@ class Batcher(Generic[In, Out]):
         # Moving average of a batch's run time (from when the runner could start it, not
         # from when it was handed over ahead), for Retry-After and the rate estimate.
         self._batch_s = 0.05
+        #: The moving average of a batch's time per image, and the images in flight.
+        self._image_s = self._batch_s / policy.max_batch_size
+        self._inflight_items = 0
         self._last_release_s = float("-inf")
 
     @property
@@ -259,6 +262,8 @@ class Batcher(Generic[In, Out]):
         if ahead + items > self._policy.max_queue:
             reason = f"queue full ({self._policy.max_queue} images)"
         elif ahead and self.expected_wait_s(ahead) > WAIT_SHARE * self._policy.timeout_s:
+            # A request with nothing queued ahead of it is never refused so: its own images
+            # are its own wait.
             reason = (
                 f"queue full ({ahead} images wait about {self.expected_wait_s(ahead):.1f} s "
                 f"of the {self._policy.timeout_s:g} s deadline)"
@@ -269,11 +274,10 @@ class Batcher(Generic[In, Out]):
         raise Overloaded(f"{reason}; retry later", retry_after_s=self.retry_after_s())
 
     def expected_wait_s(self, items: int) -> float:
-        """How long the last of ``items`` queued now would wait for its batch to end, at the
-        rate recent batches ran: the batches in flight, then full batches. A request with
-        nothing ahead of it is never refused by this estimate (its own images are its own
-        wait)."""
-        return (self._inflight + math.ceil(items / self._policy.max_batch_size)) * self._batch_s
+        """How long the last of ``items`` queued now would wait for its batch to end: the
+        images in flight and these, at the time per image recent batches took (a bound:
+        the batch running may be nearly done)."""
+        return (self._inflight_items + items) * self._image_s
 
     def submit(self, payload: In, timeout_s: float | None = None) -> Deferred[Out]:
         """Queue ``payload``; the Deferred fires with its result.
@@ -383,11 +387,12 @@ class Batcher(Generic[In, Out]):
         self._observer.queue_size(len(self._queue))
         self._observer.batch_started(len(items), [now - item.enqueued_s for item in items])
         self._inflight += 1
+        self._inflight_items += len(items)
         batch: Batch[In] = Batch(items)
         # The slot is the Batcher's own: it is given back once, when the runner says it is
         # free for the next batch or, failing that, when the batch's results are in.
         # (Released whether it fires or fails: a cancelled ``runner_free`` frees it too.)
-        batch.runner_free.addBoth(lambda _free: self._release_slot(now))
+        batch.runner_free.addBoth(lambda _free: self._release_slot(now, len(items)))
         d = maybeDeferred(self._runner.run, batch)
         d.addCallbacks(self._deliver, self._fail, callbackArgs=(items,), errbackArgs=(items,))
         d.addBoth(lambda _result: batch.free())
@@ -428,12 +433,14 @@ class Batcher(Generic[In, Out]):
             assert item.deferred is not None
             item.deferred.errback(failure)
 
-    def _release_slot(self, started_s: float) -> None:
+    def _release_slot(self, started_s: float, size: int) -> None:
         self._inflight -= 1
+        self._inflight_items -= size
         now = self._clock.seconds()
-        elapsed = now - max(started_s, self._last_release_s)
+        elapsed = max(now - max(started_s, self._last_release_s), _EPSILON_S)
         self._last_release_s = now
-        self._batch_s = 0.8 * self._batch_s + 0.2 * max(elapsed, _EPSILON_S)
+        self._batch_s = 0.8 * self._batch_s + 0.2 * elapsed
+        self._image_s = 0.8 * self._image_s + 0.2 * elapsed / size
         self._flush()
 
 

@@ -78,10 +78,13 @@ class RequestWatch:
         """The client is gone: decode none of the request's images from now on."""
         self._hung_up.set()
 
-    def turn(self) -> AbstractContextManager[None]:
-        """Wait for the request's turn to decode its next image (see turns.py); at once
-        without turns."""
-        return self._turns.turn() if self._turns is not None else nullcontext()
+    def turn(self, decoded: int, total: int) -> AbstractContextManager[None]:
+        """Wait for the request's turn to decode its next image (see turns.py), given up
+        once its client hangs up or its deadline passes (``check``); at once without
+        turns."""
+        if self._turns is None:
+            return nullcontext()
+        return self._turns.turn(lambda: self.check(decoded, total))
 
     def check(self, decoded: int, total: int) -> None:
         """Before the request's next image, ``decoded`` of its ``total`` done: HungUp once
@@ -128,7 +131,7 @@ def decoded_jobs(
         if watch is None:
             jobs.append(_job(data, task, info, limits, observer))
             continue
-        with watch.turn():
+        with watch.turn(index, len(entries)):
             watch.check(index, len(entries))  # it may have waited for its turn
             jobs.append(_job(data, task, info, limits, observer))
     return jobs

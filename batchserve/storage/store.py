@@ -352,7 +352,7 @@ class ItemStore:
         try:
             yield
         except NotReady as e:
-            if self._outage is None:
+            if self.shared and self._outage is None:
                 self._outage = _Outage(e, outage_reason(e))
             raise
 

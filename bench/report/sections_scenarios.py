@@ -51,6 +51,36 @@ def train(s: Section) -> Lines:
     ]
 
 
+def _overload_method(f: Section, x: str, rounds: list[dict[str, Any]]) -> str:
+    """How the overload figures were taken: each round against the peaks on either side of
+    it (its rounds carry both), or, as first measured, against the peak before it."""
+    count = len(rounds) or 1
+    seconds = f"{f['seconds'] / count:g}"
+    flood = (
+        f"a flood: {f.get('flood_clients', 0)} clients that send again the moment they are "
+        f"answered, 503 or not ({f.get('flood_tool', '-')}), for half as long"
+    )
+    limits = (
+        f"Request deadline {f['deadline_ms']:.0f} ms (`--timeout-s`), `max_queue` 512 (default)."
+    )
+    if any("peaks_per_s" in r for r in rounds):
+        return (
+            f"The peak (closed loop, 64 clients), then {count} rounds on one server, each: an "
+            f"open loop offering {x} the last peak for {seconds} s from 1 generator process "
+            f"on the same cores, {flood}, and the peak again. {limits} Each round is taken "
+            "against the mean of the peaks on either side of it (this machine's speed drifts "
+            "by tens of percent within a minute); the median ratio is quoted, and the rest of "
+            "the table is the round with the median overload ratio."
+        )
+    return (
+        f"{count} rounds on one server, each: the peak (closed loop, 64 clients), then an "
+        f"open loop offering {x} that peak for {seconds} s from 1 generator process on the "
+        f"same cores, then {flood}. {limits} Ratios are taken within their round (the "
+        "machine's speed drifts); the median is quoted, and the rest of the table is the "
+        "round with the median overload ratio."
+    )
+
+
 def overload(f: Section) -> Lines:
     x = f"{f['factor']:g}x"
     rounds = f.get("rounds", [])
@@ -58,16 +88,7 @@ def overload(f: Section) -> Lines:
         f"## Overload: {x} the saturation rate, then a flood of "
         f"{f.get('flood_clients', 0)} clients",
         "",
-        f"The peak (closed loop, 64 clients), then {len(rounds) or 1} rounds on one server, "
-        f"each: an open loop offering {x} the last peak for "
-        f"{f['seconds'] / max(1, len(rounds)):g} s from 1 generator process on the same "
-        f"cores, a flood: {f.get('flood_clients', 0)} clients that send again the moment "
-        f"they are answered, 503 or not ({f.get('flood_tool', '-')}), for half as long, and "
-        f"the peak again. Request deadline {f['deadline_ms']:.0f} ms (`--timeout-s`), "
-        "`max_queue` 512 (default). Each round is taken against the mean of the peaks on "
-        "either side of it (this machine's speed drifts by tens of percent within a minute); "
-        "the median ratio is quoted, and the rest of the table is the round with the median "
-        "overload ratio.",
+        _overload_method(f, x, rounds),
         "",
         "| figure | value |",
         "|---|---:|",

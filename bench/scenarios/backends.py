@@ -34,13 +34,14 @@ def offline_figures(images: list[bytes], backend: str, seconds: float) -> dict[s
 def alternate(
     urls: dict[str, str], images: list[bytes], rounds: int, clients: int, seconds: float
 ) -> dict[str, Any]:
-    """``rounds`` rounds, each server loaded in turn within a round; the ratio of each
-    server over each later one, taken within each round."""
+    """``rounds`` rounds, each server loaded in turn within a round, the order turned by
+    one each round (the machine's speed drifts within a round: no server keeps the same
+    place in it); the ratio of each server over each later one, taken within each round."""
     results: dict[str, list[Any]] = {name: [] for name in urls}
-    for _ in range(rounds):
-        for name, url in urls.items():
-            results[name].append(versus.one_round(url, images, clients, seconds))
     names = list(urls)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            results[name].append(versus.one_round(urls[name], images, clients, seconds))
     ratios = {
         f"{a}/{b}": [
             round(versus.ratio_of(x, y), 3) for x, y in zip(results[a], results[b], strict=True)

@@ -29,6 +29,7 @@ FLOOD_CLIENTS = 1000
 #: What each round reports beside the median round's whole figures.
 ROUND_KEYS = (
     "peak_per_s",
+    "peaks_per_s",
     "goodput_per_s",
     "goodput_of_peak",
     "rejected_p99_ms",
@@ -201,7 +202,9 @@ def one_round(
     result, watch, under = overload_phase(
         running, requests, images[0], factor * before.per_s, seconds, deadline_s
     )
-    flooded = flood.measure(running.url, images, FLOOD_CLIENTS, seconds / 2, deadline_s)
+    flooded: dict[str, Any] = {}
+    if under is not None:
+        flooded = flood.measure(running.url, images, FLOOD_CLIENTS, seconds / 2, deadline_s)
     alive = under is not None and running.process.poll() is None
     after = peak_phase(running, requests) if alive else before
     reference = (before.per_s + after.per_s) / 2
@@ -251,5 +254,5 @@ def measure(
     for ratio in ("goodput_of_peak", "flood_goodput_of_peak"):
         figures[ratio] = float(statistics.median(r[ratio] for r in alive))
     figures["seconds"] = seconds
-    figures["rounds"] = [{k: r[k] for k in ROUND_KEYS} for r in each]
+    figures["rounds"] = [{k: r[k] for k in ROUND_KEYS if k in r} for r in each]
     return figures

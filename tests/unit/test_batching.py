@@ -343,19 +343,34 @@ def test_the_queue_shortens_when_its_wait_would_pass_half_the_deadline() -> None
     batcher, runner, clock = make(max_batch_size=2, max_queue=1000, timeout_s=10.0)
     batcher.submit(0)
     clock.advance(2.0)
-    runner.complete()  # one batch took 2 s: a batch every 0.44 s (the moving average)
+    runner.complete()  # one image took 2 s: 0.42 s an image (0.8 x 0.025 + 0.2 x 2)
     batcher.check_room(50)  # nothing ahead: its own images are its own wait
     batcher.submit(0)  # in flight
-    for i in range(20):
+    for i in range(10):
         batcher.submit(i)
-    batcher.check_room(1)  # (1 in flight + 10 batches ahead) x 0.44 s = 4.8 s: within 5 s
-    batcher.submit(20)
-    with pytest.raises(Overloaded) as refused:  # 11 batches ahead: 5.3 s, past half of 10
+    batcher.check_room(1)  # (1 in flight + 10 queued) x 0.42 s = 4.6 s: within 5 s
+    batcher.submit(10)
+    with pytest.raises(Overloaded) as refused:  # 12 x 0.42 s = 5.0 s, past half of 10 s
         batcher.check_room(1)
-    assert "21 images wait about 5.3 s of the 10 s deadline" in str(refused.value)
-    assert refused.value.retry_after_s == 6  # ceil(12 x 0.44 s)
-    runner.complete()  # a batch of 2 is done: room again
+    assert "11 images wait about 5.0 s of the 10 s deadline" in str(refused.value)
+    assert refused.value.retry_after_s == 3  # ceil((11 / 2 + 1) batches x 0.44 s)
+    runner.complete()  # a batch is done and the next goes: room again
     batcher.check_room(1)
+
+
+def test_a_batch_in_flight_counts_its_images_not_a_whole_batch_time() -> None:
+    # Batches of 32 at 0.3 s against a 0.9 s deadline: one image queued behind a batch in
+    # flight waits ~0.3 s, and is admitted (two whole batch times would be 0.6 s).
+    batcher, runner, clock = make(max_batch_size=32, max_queue=1000, timeout_s=0.9)
+    batcher.submit(-1)  # alone in flight; each round's 32 queue behind, then run 0.3 s
+    for _ in range(12):
+        for i in range(32):
+            batcher.submit(i)
+        runner.complete()
+        clock.advance(0.3)
+    assert runner.sizes[-1] == 32 and batcher.inflight == 1
+    batcher.submit(0)
+    batcher.check_room(1)  # 33 images at ~0.01 s: ~0.3 s, under half of 0.9 s
 
 
 def test_retry_after_grows_with_the_queue() -> None:

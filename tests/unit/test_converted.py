@@ -78,5 +78,38 @@ def test_a_copy_already_there_is_kept(tmp_path: Path) -> None:
 
 def test_an_unreadable_info_says_what_to_remove(tmp_path: Path) -> None:
     (tmp_path / converted.INFO).write_text("{not json")
-    with pytest.raises(ModelLoadError, match=f"remove {tmp_path}"):
+    with pytest.raises(ModelLoadError, match=f"in {tmp_path} cannot be used .*: remove it"):
         converted.cached(tmp_path)
+
+
+def test_a_file_changed_after_it_was_written_is_refused_not_served(tmp_path: Path) -> None:
+    folder = tmp_path / "key"
+    info = ModelInfo("m", "src", (1, 1), 1)
+    converted.store(folder, info, lambda tmp: (tmp / "model.bin").write_bytes(b"weights"))
+    (folder / "model.bin").write_bytes(bytes(7))  # zeroed on a crashed disk, say
+    with pytest.raises(ModelLoadError, match=r"model\.bin is not the file that was written"):
+        converted.cached(folder)
+    (folder / converted.DIGESTS).unlink()
+    with pytest.raises(ModelLoadError, match="it is not whole"):
+        converted.cached(folder)
+
+
+def test_the_code_that_builds_the_function_is_part_of_the_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = converted.cache_key(ModelSpec(), RUNTIME)
+    code = tmp_path / "models"
+    code.mkdir()
+    (code / "compiled.py").write_text("# another version of the serving function")
+    monkeypatch.setattr(converted, "CODE", code)
+    assert converted.cache_key(ModelSpec(), RUNTIME) != key
+
+
+def test_every_file_of_a_trained_models_folder_is_part_of_its_name(tmp_path: Path) -> None:
+    trained = tmp_path / "furniture"
+    trained.mkdir()
+    (trained / "manifest.json").write_text('{"preprocess": "mobilenet_v2"}')
+    spec = ModelSpec(source=str(trained))
+    first = converted.cache_key(spec, RUNTIME)
+    (trained / "manifest.json").write_text('{"preprocess": "none"}')
+    assert converted.cache_key(spec, RUNTIME) != first

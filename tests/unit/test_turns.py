@@ -56,3 +56,30 @@ def test_as_many_decode_at_once_as_there_are_turns() -> None:
         assert not third_decoded.is_set()
     waiter.join(10)
     assert third_decoded.is_set() and turns.waiting == 0
+
+
+def test_a_waiter_told_to_stop_leaves_the_line_and_takes_no_turn() -> None:
+    turns = DecodeTurns(1, poll_s=0.001)
+    hung_up = threading.Event()
+    gave_up: list[BaseException] = []
+
+    def stop() -> None:
+        if hung_up.is_set():
+            raise TimeoutError("the client hung up")
+
+    def wait() -> None:
+        try:
+            with turns.turn(stop):
+                raise AssertionError("never its turn")
+        except TimeoutError as e:
+            gave_up.append(e)
+
+    with turns.turn():
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        until(lambda: turns.waiting == 1)
+        hung_up.set()
+        waiter.join(10)
+        assert turns.waiting == 0 and len(gave_up) == 1
+    with turns.turn():  # the turn given back is free: nobody holds it
+        pass
