@@ -68,6 +68,11 @@ class NotReady(BatchserveError):
         super().__init__(message)
         self.retry_after_s = retry_after_s
 
+    @property
+    def reason(self) -> str:
+        """Why, in a few words (``/readyz``); its message, unless it knows shorter ones."""
+        return str(self)
+
 
 class DeadlineExceeded(BatchserveError):
     """The request's deadline passed before its result was ready (HTTP 504)."""

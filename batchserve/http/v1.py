@@ -55,7 +55,7 @@ from batchserve.http.wire import (
 from batchserve.serving.metrics import Metrics
 from batchserve.serving.records import Label
 from batchserve.serving.service import ImageService
-from batchserve.storage.store import CatalogHealth
+from batchserve.storage.outage import CatalogHealth
 
 
 class BatchserveAPI:

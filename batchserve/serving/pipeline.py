@@ -31,8 +31,9 @@ from batchserve.errors import NotReady, StorageFailed
 from batchserve.models.batches import Prediction, predicted_class
 from batchserve.serving.batching import Batch, Batcher, gather
 from batchserve.serving.records import AddTask, EmbedTask, SearchTask, Task
+from batchserve.storage.outage import CatalogHealth
 from batchserve.storage.records import Match, NewItem
-from batchserve.storage.store import CatalogHealth, ItemStore, OpenReport, SearchQuery
+from batchserve.storage.store import ItemStore, OpenReport, SearchQuery
 
 T = TypeVar("T")
 

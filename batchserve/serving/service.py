@@ -43,8 +43,9 @@ from batchserve.serving.pipeline import Job, Outcome, StoreWorker, submit_jobs
 from batchserve.serving.records import AddTask, EmbedTask, Label, SearchRequest, SearchTask, Task
 from batchserve.serving.timings import Timings
 from batchserve.serving.turns import DecodeTurns
+from batchserve.storage.outage import CatalogHealth
 from batchserve.storage.records import Item, Match
-from batchserve.storage.store import CatalogHealth, IndexState
+from batchserve.storage.store import IndexState
 
 T = TypeVar("T")
 

@@ -86,6 +86,7 @@ from batchserve.storage.catalog import (
     check_row,
     row_shape,
 )
+from batchserve.storage.outage import few_words
 from batchserve.storage.postgres_schema import (
     CHANNEL,
     INSERT_ITEM,
@@ -133,6 +134,10 @@ class CatalogUnavailable(NotReady):
     def __init__(self, detail: str, retry_after_s: int = 1) -> None:
         super().__init__("the shared catalog is unavailable", retry_after_s)
         self.detail = detail
+
+    @property
+    def reason(self) -> str:
+        return few_words(self.detail) or str(self)
 
 
 def _where(url: str) -> str:

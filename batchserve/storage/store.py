@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping, Sequence
@@ -39,6 +38,7 @@ from batchserve.models.views import VIEW_WEIGHT
 from batchserve.storage.catalog import Catalog, ChangeLogPruned, row_shape
 from batchserve.storage.data_dir import StoreSettings, replica_id
 from batchserve.storage.index import IndexParams, VectorIndex
+from batchserve.storage.outage import CatalogHealth, Outage
 from batchserve.storage.records import Item, Match, NewItem
 from batchserve.storage.sqlite import SqliteCatalog
 from batchserve.storage.viewed_index import ViewedIndex
@@ -153,57 +153,6 @@ class IndexState:
     change_log: ChangeLogState | None = None
 
 
-@dataclass(frozen=True)
-class CatalogHealth:
-    """A shared catalog as this replica last found it: ``reachable``, or not and ``reason``,
-    a few words on why (as /readyz says it; the database's address stays in the log)."""
-
-    reachable: bool
-    reason: str | None = None
-
-
-@dataclass(frozen=True)
-class _Outage:
-    """A shared catalog out of reach: the error that found it so (raised again for what
-    cannot be answered without it) and why, in a few words. One object, so that the reactor
-    thread reads both in one attribute read while the store thread replaces it."""
-
-    error: NotReady
-    reason: str
-
-
-#: The driver's words, as a catalog's error carries them in its ``detail`` (for the log: it
-#: names the database's address too), and the few words /readyz says instead.
-_NUMBER = r"(\d+(?:\.\d+)?)"
-_REASONS: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(rf"no answer from the server within {_NUMBER} s"), "no answer within {0} s"),
-    (re.compile(r"connection refused", re.IGNORECASE), "connection refused"),
-    (re.compile(r"the database system is (\w+ \w+)"), "the database is {0}"),
-    (re.compile(r"closed the connection|terminating connection"), "connection lost"),
-    (re.compile(rf"couldn't get a connection after {_NUMBER} sec"), "no connection within {0} s"),
-]
-
-
-def outage_reason(error: NotReady) -> str:
-    """Why ``error`` found a shared catalog out of reach, in a few words without its
-    address: "no answer within 7 s" (stopped or hung), "connection refused" (down), "no
-    connection within 2 s"...; else the error's own message."""
-    # PostgresCatalog's CatalogUnavailable keeps the driver's words in ``detail``; the store
-    # does not import it (nor its driver), so it reads the attribute where there is one.
-    detail = getattr(error, "detail", None)
-    text = detail if isinstance(detail, str) else str(error)
-    for pattern, reason in _REASONS:
-        found = pattern.search(text)
-        if found is not None:
-            return reason.format(*(_tidy(g) for g in found.groups()))
-    return str(error)
-
-
-def _tidy(word: str) -> str:
-    """A number as short as it goes ("2.00" -> "2"); other words as they are."""
-    return f"{float(word):g}" if re.fullmatch(_NUMBER, word) else word
-
-
 class ItemStore:
     """Items, their vectors and filters, under ``data_dir``."""
 
@@ -236,7 +185,7 @@ class ItemStore:
         #: succeeds. Meanwhile reads by id come from memory and writes are refused at once,
         #: not after a wait on the catalog that would hold the store thread, and the
         #: searches queued behind, for up to its bound each time.
-        self._outage: _Outage | None = None
+        self._outage: Outage | None = None
         #: The change of the catalog up to which the index is current.
         self.applied_seq = 0
         self.snapshot_dir = data_dir / "snapshots"
@@ -353,7 +302,7 @@ class ItemStore:
             yield
         except NotReady as e:
             if self.shared and self._outage is None:
-                self._outage = _Outage(e, outage_reason(e))
+                self._outage = Outage(e, e.reason)
             raise
 
     def _refuse_writes_while_unreachable(self) -> None:

@@ -18,6 +18,7 @@ from batchserve.http.wire import index_json
 from batchserve.storage.catalog import ChangeLogPruned, ModelMismatch
 from batchserve.storage.data_dir import DataDirLocked, lock_data_dir, replica_id
 from batchserve.storage.index import IndexParams, VectorIndex
+from batchserve.storage.outage import CatalogHealth, few_words
 from batchserve.storage.records import (
     MAX_METADATA_DEPTH,
     Item,
@@ -26,7 +27,7 @@ from batchserve.storage.records import (
     check_metadata,
 )
 from batchserve.storage.sqlite import SqliteCatalog
-from batchserve.storage.store import CatalogHealth, ItemStore, SearchQuery, outage_reason
+from batchserve.storage.store import ItemStore, SearchQuery
 
 DIM = 16
 MODEL = {"name": "m", "weights_sha256": "abc", "dim": DIM}
@@ -528,6 +529,10 @@ class Unreachable(NotReady):
         super().__init__("the shared catalog is unavailable", retry_after_s=1)
         self.detail = detail
 
+    @property
+    def reason(self) -> str:
+        return few_words(self.detail) or str(self)
+
 
 #: What PostgresCatalog says of a server stopped with SIGSTOP, at the first call that finds it.
 HUNG = (
@@ -759,8 +764,8 @@ def test_while_the_shared_catalog_is_known_out_of_reach_writes_do_not_wait_on_it
 def test_why_the_catalog_is_out_of_reach_is_said_in_a_few_words_without_its_address(
     detail: str, reason: str
 ) -> None:
-    assert outage_reason(Unreachable(detail)) == reason
-    assert outage_reason(NotReady("the index is loading")) == "the index is loading"
+    assert Unreachable(detail).reason == reason
+    assert NotReady("the index is loading").reason == "the index is loading"
 
 
 def index_ids(s: ItemStore) -> set[str]:
