@@ -193,7 +193,11 @@ class Responder:
         """The one admission check of a request for the model, from its headers: its token,
         then room for it (see ImageService.admit). Raises the domain error to answer."""
         self._tokens.check(request.getHeader(b"authorization"), route == "/v1/items")
-        self._service.admit(needs_index=route in ("/v1/search", "/v1/items"), reserve=True)
+        self._service.admit(
+            needs_index=route in ("/v1/search", "/v1/items"),
+            reserve=True,
+            timeout_s=_header_timeout_s(request),
+        )
         state = state_of(request)
         state.admitted_early = state.holds_room = True
         # Given back when its handler runs, or when it ends without one (the client hung up
@@ -286,3 +290,16 @@ class Responder:
             for k, v in request.args.items()
             if v
         }
+
+
+def _header_timeout_s(request: IRequest) -> float | None:
+    """The deadline its X-Timeout-Ms header sets, to admit it by, when it is a valid one (an
+    invalid one is the handler's 400; ``timeout_ms`` in the query is read with the body)."""
+    raw = request.getHeader(TIMEOUT_HEADER)
+    if raw is None:
+        return None
+    try:
+        ms = bounded_int(raw.decode("latin-1"), "timeout_ms", MIN_TIMEOUT_MS, MAX_TIMEOUT_MS)
+    except BatchserveError:
+        return None
+    return ms / 1000

@@ -254,19 +254,21 @@ class Batcher(Generic[In, Out]):
         """Count an item refused before it reached the queue (for the metrics)."""
         self._observer.item_rejected(reason)
 
-    def check_room(self, items: int, pending: int = 0) -> None:
+    def check_room(self, items: int, pending: int = 0, timeout_s: float | None = None) -> None:
         """Raise Overloaded (and count the rejection) unless ``items`` more fit in the queue
         beside ``pending`` items that are on their way to it (being decoded): within
-        ``max_queue``, and within the wait the deadline allows (``WAIT_SHARE``)."""
+        ``max_queue``, and within the wait the deadline allows (``WAIT_SHARE``): the
+        policy's, or ``timeout_s``, the request's own, when shorter."""
         ahead = self.queued + pending
+        deadline_s = min(self._policy.timeout_s, timeout_s or self._policy.timeout_s)
         if ahead + items > self._policy.max_queue:
             reason = f"queue full ({self._policy.max_queue} images)"
-        elif ahead and self.expected_wait_s(ahead) > WAIT_SHARE * self._policy.timeout_s:
+        elif ahead and self.expected_wait_s(ahead) > WAIT_SHARE * deadline_s:
             # A request with nothing queued ahead of it is never refused so: its own images
             # are its own wait.
             reason = (
                 f"queue full ({ahead} images wait about {self.expected_wait_s(ahead):.1f} s "
-                f"of the {self._policy.timeout_s:g} s deadline)"
+                f"of the {deadline_s:g} s deadline)"
             )
         else:
             return

@@ -148,15 +148,18 @@ class ImageService:
             raise NotReady(f"the index is {self.index_state}; retry shortly")
         return info
 
-    def admit(self, needs_index: bool = False, reserve: bool = False) -> ModelInfo:
+    def admit(
+        self, needs_index: bool = False, reserve: bool = False, timeout_s: float | None = None
+    ) -> ModelInfo:
         """The loaded model, if a request for it may start now: NotReady while the model
         (or, with ``needs_index``, the index) loads, Overloaded (counted) when the queue has
         no room for one more image beside the requests still being read. The HTTP layer
         calls it from a request's headers, before its body is in; the service again when
         the body is in; the queue checks the full count once the images are decoded.
-        ``reserve``: the request holds its room until ``release``."""
+        ``reserve``: the request holds its room until ``release``; ``timeout_s``: its own
+        deadline, when it set one."""
         info = self.loaded(needs_index)
-        self._batcher.check_room(1, pending=self.reading)
+        self._batcher.check_room(1, pending=self.reading, timeout_s=timeout_s)
         if reserve:
             # Admitted from its headers, its body still to come: it holds its room until
             # its handler runs (``release``), so that a burst of requests is not admitted
@@ -252,11 +255,11 @@ class ImageService:
         call: Call | None,
         needs_index: bool = False,
     ) -> Deferred[list[Outcome]]:
+        call = call or Call()
         try:
-            info = self.admit(needs_index)
+            info = self.admit(needs_index, timeout_s=call.timeout_s)
         except (NotReady, Overloaded) as e:
             return fail(e)
-        call = call or Call()
         call.admitted_s = self._clock.seconds()
         d = self._off_reactor(call, decoded_jobs, read, info, self._limits, self._observer)
         return d.addCallback(self._submit_all, call)

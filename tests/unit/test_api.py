@@ -314,6 +314,31 @@ def test_full_queue_is_503_with_retry_after() -> None:
     assert 'batchserve_rejected_total{reason="queue_full"} 1.0' in h.metrics.render().decode()
 
 
+def test_a_request_is_refused_from_its_headers_by_its_own_shorter_deadline() -> None:
+    runner: FakeRunner[Any] = FakeRunner()
+    h = Harness(runner=runner)
+    h.post("/v1/embed", RED)
+    h.clock.advance(2.0)
+    runner.complete(lambda _job: _prediction())  # an image took 2 s: 0.4 s an image
+    h.post("/v1/embed", RED)  # in flight
+    h.post("/v1/embed", RED)  # queued: 2 x 0.4 s ahead of the next request
+    from tests.unit.test_early_token import requests_of
+    from tests.unit.test_site import Connection
+
+    made = requests_of(h.server.site)
+    connection = Connection(h.server.site)
+    connection.send(
+        "POST /v1/embed HTTP/1.1\nHost: localhost\nContent-Type: image/jpeg\n"
+        f"X-Timeout-Ms: 1000\nContent-Length: {len(RED)}\n\n",
+        RED,
+    )
+    [request] = made
+    assert request.early_answer is not None  # answered from its headers, its body dropped
+    [(status, _, doc)] = connection.responses()
+    assert status == 503 and "wait about 0.8 s of the 1 s deadline" in doc["error"]["message"]
+    assert not h.post("/v1/embed", RED).called  # the server's 10 s: admitted, it waits
+
+
 def test_deadline_passed_is_504() -> None:
     runner: FakeRunner[Any] = FakeRunner()
     h = Harness(runner=runner, timeout_s=0.5)

@@ -356,6 +356,9 @@ def test_the_queue_shortens_when_its_wait_would_pass_half_the_deadline() -> None
     assert refused.value.retry_after_s == 3  # ceil((11 / 2 + 1) batches x 0.44 s)
     runner.complete()  # a batch is done and the next goes: room again
     batcher.check_room(1)
+    with pytest.raises(Overloaded, match="of the 4 s deadline"):  # its own, shorter one
+        batcher.check_room(1, timeout_s=4.0)
+    batcher.check_room(1, timeout_s=60.0)  # a longer one than the server's: the server's
 
 
 def test_a_batch_in_flight_counts_its_images_not_a_whole_batch_time() -> None:
