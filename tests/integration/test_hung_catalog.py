@@ -324,7 +324,11 @@ def test_two_replicas_under_load_on_a_hung_catalog_read_refuse_writes_in_time_an
         reasons = {
             body.get("catalog_reason") for _r, _s, body in during if "catalog_reason" in body
         }
-        assert reasons == {"no answer within 7 s"}, during
+        # A hung server: no answer within the bound, or, for a call that found the pool's
+        # connections all held by hung calls, no connection within its wait.
+        assert reasons and all(
+            r == "no answer within 7 s" or r.startswith("no connection within") for r in reasons
+        ), during
         # Every search and read 200; every write 200, or 503 with Retry-After, in time.
         answers = stream.answers
         kinds = {kind: [a for a in answers if a.kind == kind] for kind in ("search", "get")}
