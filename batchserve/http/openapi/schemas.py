@@ -211,7 +211,19 @@ def _record_schemas() -> Doc:
         "Status": {
             "type": "object",
             "required": ["status"],
-            "properties": {"status": {"type": "string"}},
+            "properties": {
+                "status": {"type": "string"},
+                "catalog": {
+                    "type": "string",
+                    "enum": ["ok", "unavailable"],
+                    "description": "/readyz on a shared (PostgreSQL) catalog: whether this "
+                    "replica last found it reachable (reads and searches go on without it)",
+                },
+                "catalog_reason": {
+                    "type": "string",
+                    "description": "why it is unavailable, in a few words",
+                },
+            },
         },
         **_v2_schemas(),
     }
