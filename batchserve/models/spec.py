@@ -31,6 +31,10 @@ BUILTIN_FILE = "models/dog_breed_mobilenetv2.h5"
 
 #: What can run a model (``--backend``).
 BACKENDS = ("tensorflow", "openvino")
+#: Backends whose compiled model takes any batch size at no cost beyond its images (no
+#: retracing): batches go to them unpadded. OpenVINO's converted model has a dynamic batch
+#: dimension; TensorFlow's function would trace a graph for each new size.
+ANY_BATCH_SIZE = frozenset({"openvino"})
 
 #: Pixel normalisation of Keras application families (keras.applications.*.preprocess_input).
 #: "none": the application normalises inside its own graph.

@@ -81,7 +81,9 @@ class BatchPolicy:
     )
     timeout_s: float = setting(10.0, "per-request deadline in seconds (504 after)", above=0)
     batch_sizes: str = setting(
-        "", "comma-separated padded batch sizes (default: 1, 2, 4, ... up to max_batch_size)"
+        "",
+        "comma-separated padded batch sizes (default: 1, 2, 4, ... up to max_batch_size; "
+        "with --backend openvino, which takes any size, every size: no padding)",
     )
 
     def __post_init__(self) -> None:
@@ -92,11 +94,15 @@ class BatchPolicy:
         if sizes[0] < 1:
             raise ConfigError("batch_sizes must be positive")
 
-    def padded_batch_sizes(self) -> list[int]:
+    def padded_batch_sizes(self, any_size: bool = False) -> list[int]:
         """The batch sizes the model is compiled for, ascending; the largest is
-        ``max_batch_size``."""
+        ``max_batch_size``. Unless ``batch_sizes`` says: powers of two, or, for a model
+        that runs any batch size at no extra cost (``any_size``), every size (a batch of 20
+        padded to 32 would compute 12 images for nothing)."""
         if self.batch_sizes.strip():
             sizes = {int(s) for s in self.batch_sizes.split(",") if s.strip()}
+        elif any_size:
+            sizes = set(range(1, self.max_batch_size + 1))
         else:
             sizes = {1 << i for i in range(self.max_batch_size.bit_length())}
         sizes.add(self.max_batch_size)

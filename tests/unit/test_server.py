@@ -19,7 +19,7 @@ from batchserve.config import ServerSettings, ServeSettings
 from batchserve.errors import ConfigError
 from batchserve.http.ports import check_free
 from batchserve.models.spec import ModelInfo
-from batchserve.server import Server, Threads, build
+from batchserve.server import Server, Threads, build, default_model
 from batchserve.storage.data_dir import StoreSettings, lock_data_dir, remove_if_untouched
 from batchserve.storage.index import IndexParams, VectorIndex
 from batchserve.storage.store import ItemStore
@@ -36,6 +36,24 @@ def test_the_decode_pool_gets_its_size_and_priority_from_the_settings() -> None:
     assert server.threads.turns is not None and server.threads.turns.slots == 3
     assert (index.min, index.max, index.threadFactory.nice) == (1, 1, 0)  # type: ignore[attr-defined]
     assert server.batcher.policy is settings.batching
+
+
+@pytest.mark.parametrize(
+    ("flags", "sizes"),
+    [
+        ([], [1, 2, 4, 8, 16, 32]),  # TensorFlow: a traced graph per size, few sizes
+        (["--backend", "openvino"], list(range(1, 33))),  # any size: batches unpadded
+        (["--backend", "openvino", "--batch-sizes", "8,32"], [8, 32]),  # as told
+    ],
+)
+def test_the_model_runs_batches_padded_only_where_its_backend_needs_it(
+    flags: list[str], sizes: list[int]
+) -> None:
+    from batchserve.serving.metrics import Metrics
+    from tests.unit.test_config import serve
+
+    worker = default_model(serve(flags), MemoryReactorClock(), Metrics())
+    assert worker.sizes == sizes  # type: ignore[attr-defined]
 
 
 class SlowToLoad(SyncModelRunner):
