@@ -264,11 +264,7 @@ class Responder:
         """The request's own deadline: ``timeout_ms`` or the X-Timeout-Ms header (the
         shorter when both are given; each must be within bounds)."""
         given = [request.args.get(b"timeout_ms", [None])[0], request.getHeader(TIMEOUT_HEADER)]
-        asked = [
-            bounded_int(raw.decode("latin-1"), "timeout_ms", MIN_TIMEOUT_MS, MAX_TIMEOUT_MS)
-            for raw in given
-            if raw is not None
-        ]
+        asked = [_timeout_ms(raw) for raw in given if raw is not None]
         call = Call(timeout_s=min(asked) / 1000.0 if asked else None)
         state_of(request).call = call  # the access line reports its images and batch
         return call
@@ -299,7 +295,11 @@ def _header_timeout_s(request: IRequest) -> float | None:
     if raw is None:
         return None
     try:
-        ms = bounded_int(raw.decode("latin-1"), "timeout_ms", MIN_TIMEOUT_MS, MAX_TIMEOUT_MS)
+        return _timeout_ms(raw) / 1000
     except BatchserveError:
         return None
-    return ms / 1000
+
+
+def _timeout_ms(raw: bytes) -> int:
+    """A deadline as sent (``timeout_ms`` or X-Timeout-Ms), within its bounds."""
+    return bounded_int(raw.decode("latin-1"), "timeout_ms", MIN_TIMEOUT_MS, MAX_TIMEOUT_MS)
