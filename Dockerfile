@@ -1,6 +1,7 @@
-# batchserve on CPUs: tensorflow-cpu and faiss-cpu, every Python package exactly as
-# docker/requirements-cpu.txt pins it (python docker/check_resolution.py keeps that file
-# equal to what pip resolves for pyproject.toml's "cpu", "postgres" and "ray" extras; the
+# batchserve on CPUs: tensorflow-cpu, OpenVINO (-e BATCHSERVE_BACKEND=openvino) and faiss-cpu,
+# every Python package exactly as docker/requirements-cpu.txt pins it (python
+# docker/check_resolution.py keeps that file equal to what pip resolves for pyproject.toml's
+# "cpu", "openvino", "postgres" and "ray" extras; the
 # image also runs as a Ray node: --entrypoint ray ... start --block). amd64 only: it pins
 # x86_64 wheels by sha256.
 #
@@ -69,7 +70,7 @@ HEALTHCHECK --interval=15s --timeout=3s --start-period=120s --retries=3 \
 ARG VERSION=unknown
 ARG REVISION=unknown
 LABEL org.opencontainers.image.title="batchserve" \
-      org.opencontainers.image.description="Image-embedding and visual-search HTTP server (TensorFlow and FAISS on CPUs)" \
+      org.opencontainers.image.description="Image-embedding and visual-search HTTP server (TensorFlow or OpenVINO, and FAISS, on CPUs)" \
       org.opencontainers.image.licenses="MIT" \
       org.opencontainers.image.version="$VERSION" \
       org.opencontainers.image.revision="$REVISION" \

@@ -134,14 +134,14 @@ def default_model(
 ) -> ModelWorker:
     """The inference thread, loading the model the settings name (TensorFlow on it)."""
     from batchserve.models.loaders import load_model
-    from batchserve.models.spec import ANY_BATCH_SIZE
+    from batchserve.models.spec import takes_any_batch_size
     from batchserve.serving.inference import InferenceWorker
 
     spec = settings.model
     return InferenceWorker(
         lambda: load_model(spec),
         reactor,
-        settings.batching.padded_batch_sizes(any_size=spec.backend in ANY_BATCH_SIZE),
+        settings.batching.padded_batch_sizes(any_size=takes_any_batch_size(spec)),
         warmup=settings.server.warmup,
         observer=metrics,
     )

@@ -101,13 +101,19 @@ def render_lock(image: str, wheels: Mapping[str, Wheel]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+#: Extras an image has besides its own: the CPU image also runs --backend openvino.
+ALSO = {"cpu": ("openvino",), "gpu": ()}
+
+
 def wanted(image: str) -> list[str]:
     """The requirements ``pip install .[image,postgres,ray]`` resolves (the project itself
-    aside): every image can serve as a replica on a shared PostgreSQL catalog, and run as a
-    node of a Ray cluster for ``batchserve index --engine ray``."""
+    aside; the CPU image's with openvino too): every image can serve as a replica on a shared
+    PostgreSQL catalog, and run as a node of a Ray cluster for ``batchserve index --engine
+    ray``."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    return [*project["dependencies"], *extras[image], *extras["postgres"], *extras["ray"]]
+    also = [requirement for extra in ALSO[image] for requirement in extras[extra]]
+    return [*project["dependencies"], *extras[image], *also, *extras["postgres"], *extras["ray"]]
 
 
 def platforms() -> list[str]:

@@ -1,9 +1,11 @@
-"""The one compiled serving function of a model: uint8 pixels in, normalised inside the
-graph, L2-normalised embeddings (and class probabilities) out, under a fixed input
-signature so that it never retraces; and TensorFlow's threads and devices."""
+"""The one compiled serving function of a model (graph.py: uint8 pixels in, normalised
+inside the graph, L2-normalised embeddings and class probabilities out), compiled for its
+backend: on TensorFlow under a fixed input signature so that it never retraces, on JAX and
+PyTorch by keras_backends.py; and TensorFlow's threads, devices and start-up lines."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -17,7 +19,17 @@ import numpy as np
 import numpy.typing as npt
 
 from batchserve.errors import ModelLoadError
-from batchserve.models.spec import ModelInfo, ModelOutputs, ModelSpec, embedding_recipe, read_labels
+from batchserve.models import keras_backends
+from batchserve.models.graph import preprocess_fn, serving_function
+from batchserve.models.spec import (
+    KERAS_BACKENDS,
+    EmbeddingModel,
+    ModelInfo,
+    ModelOutputs,
+    ModelSpec,
+    embedding_recipe,
+    read_labels,
+)
 
 #: The environment that keeps TensorFlow's C++ info and warning lines (CPU features,
 #: plugins) out of a process's output; read when TensorFlow is imported.
@@ -80,6 +92,7 @@ def configure_tensorflow(spec: ModelSpec) -> str:
     Must run before TensorFlow executes anything. GPU memory growth is turned on so that
     FAISS can share the card.
     """
+    keras_backends.use_keras_backend("tensorflow")
     import_tensorflow_quietly()
     import tensorflow as tf
 
@@ -99,48 +112,11 @@ def configure_tensorflow(spec: ModelSpec) -> str:
     return "gpu"
 
 
-class InputHead:
-    """A classifier computed from the preprocessed input rather than from the features."""
-
-    def __init__(self, fn: Callable[[Any, Any], Any]) -> None:
-        self.fn = fn
-
-
 def weights_digest(variables: Any) -> str:
     digest = hashlib.sha256()
     for variable in variables:
         digest.update(np.ascontiguousarray(variable.numpy()).tobytes())
     return digest.hexdigest()
-
-
-def preprocess_fn(mode: str) -> Callable[[Any], Any]:
-    """Pixel normalisation in TensorFlow ops: float32 0..255 RGB in, model input out."""
-    import tensorflow as tf
-
-    if mode == "tf":
-        return lambda x: x / 127.5 - 1.0
-    if mode == "unit":
-        return lambda x: x / 255.0
-    if mode == "torch":
-        mean = tf.constant([0.485, 0.456, 0.406])
-        std = tf.constant([0.229, 0.224, 0.225])
-        return lambda x: (x / 255.0 - mean) / std
-    if mode == "caffe":
-        mean_bgr = tf.constant([103.939, 116.779, 123.68])
-        return lambda x: x[..., ::-1] - mean_bgr
-    if mode == "none":
-        return lambda x: x
-    raise ModelLoadError(f"unknown preprocess mode {mode!r}")
-
-
-def l2_normalise(features: Any) -> Any:
-    """Rows scaled to unit L2 norm. Scales by the largest magnitude first, so that tiny
-    features (random weights give norms near 1e-9) still come out with norm 1."""
-    import tensorflow as tf
-
-    scale = tf.reduce_max(tf.abs(features), axis=1, keepdims=True)
-    scaled = features / tf.maximum(scale, 1e-30)
-    return tf.math.l2_normalize(scaled, axis=1, epsilon=1e-12)
 
 
 def compile_model(
@@ -157,87 +133,58 @@ def compile_model(
     classes: list[str] | None,
     preprocess: str,
     trained_on: str,
-) -> TensorFlowModel:
-    import tensorflow as tf
-
+) -> EmbeddingModel:
+    """The serving function (graph.py) around ``features`` and ``head``, compiled for
+    ``spec.backend``: TensorFlow's (also what OpenVINO converts), or JAX's or PyTorch's."""
     if spec.labels_file:
         try:
             classes = read_labels(Path(spec.labels_file).read_text(encoding="utf-8"))
         except OSError as e:
             raise ModelLoadError(f"cannot read labels file {spec.labels_file}: {e}") from e
-    height, width = int(input_shape[0]), int(input_shape[1])
+    size = int(input_shape[0]), int(input_shape[1])
     mode = preprocess if spec.preprocess == "auto" else spec.preprocess
     traced: dict[str, bool] = {}
+    serve = serving_function(preprocess_fn(mode), features, head, spec, traced)
+    make: Callable[[ModelInfo], EmbeddingModel]
+    if spec.backend in KERAS_BACKENDS:
+        run, outputs = keras_backends.compile_serving(serve, spec, device, size)
+        make = functools.partial(keras_backends.KerasModel, run=run)
+    else:
+        concrete = _trace_tensorflow(serve, spec, device, size)
+        outputs = concrete.structured_outputs
+        make = functools.partial(TensorFlowModel, concrete=concrete)
+    dim, classes = _outputs(outputs, classes)
+    return make(
+        ModelInfo(
+            name=name,
+            source=source,
+            input_size=size,
+            dim=dim,
+            classes=classes,
+            pretrained=pretrained,
+            weights_sha256=digest,
+            preprocess=mode,
+            device=device,
+            trained_on=trained_on,
+            backend=spec.backend if spec.backend in KERAS_BACKENDS else "tensorflow",
+            embedding=embedding_recipe(spec, traced.get("pools_map", False)),
+        )
+    )
+
+
+def _trace_tensorflow(
+    serve: Callable[[Any], dict[str, Any]], spec: ModelSpec, device: str, size: tuple[int, int]
+) -> Any:
+    """``serve`` traced once by TensorFlow for uint8 batches of any size."""
+    import tensorflow as tf
+
     compiled = tf.function(
-        serving_function(preprocess_fn(mode), features, head, spec, traced),
-        input_signature=[tf.TensorSpec([None, height, width, 3], tf.uint8)],
+        serve,
+        input_signature=[tf.TensorSpec([None, *size, 3], tf.uint8)],
         jit_compile=spec.jit_compile and device == "gpu",
         autograph=False,
     )
-    concrete = compiled.get_concrete_function()
-    dim, classes = _outputs(concrete.structured_outputs, classes)
-    info = ModelInfo(
-        name=name,
-        source=source,
-        input_size=(height, width),
-        dim=dim,
-        classes=classes,
-        pretrained=pretrained,
-        weights_sha256=digest,
-        preprocess=mode,
-        device=device,
-        trained_on=trained_on,
-        embedding=embedding_recipe(spec, traced.get("pools_map", False)),
-    )
-    return TensorFlowModel(info, concrete)
-
-
-def serving_function(
-    normalise: Callable[[Any], Any],
-    features: Any,
-    head: Any,
-    spec: ModelSpec,
-    traced: dict[str, bool],
-) -> Callable[[Any], dict[str, Any]]:
-    """uint8 images -> {"embedding": unit rows, "probabilities": softmax rows (with a head)}:
-    the graph that ``compile_model`` traces once. A feature map is pooled as ``spec`` says
-    into the embedding (``traced["pools_map"]`` records that it was a map), and averaged for
-    the head, as the head was trained."""
-    import tensorflow as tf
-
-    def serve(images: Any) -> dict[str, Any]:
-        x = normalise(tf.cast(images, tf.float32))
-        feats = features(x, training=False) if hasattr(features, "layers") else features(x)
-        embedding = feats
-        if len(feats.shape) == 4:
-            traced["pools_map"] = True
-            embedding = pool_map(tf.cast(feats, tf.float32), spec)
-            feats = tf.reduce_mean(feats, axis=[1, 2])
-        out = {"embedding": l2_normalise(tf.cast(embedding, tf.float32))}
-        if isinstance(head, InputHead):
-            out["probabilities"] = tf.cast(head.fn(feats, x), tf.float32)
-        elif head is not None:
-            logits = head(feats, training=False)
-            activation = getattr(head, "activation", None)
-            if getattr(activation, "__name__", "") != "softmax":
-                logits = tf.nn.softmax(logits)
-            out["probabilities"] = tf.cast(logits, tf.float32)
-        return out
-
-    return serve
-
-
-def pool_map(feature_map: Any, spec: ModelSpec) -> Any:
-    """[N, h, w, c] -> [N, c]: generalized mean (GeM, ``spec.gem_p``; values clamped at a
-    small positive floor) or the plain average. GeM weighs the strongest responses more, so
-    a border, a crop or a banner moves the embedding less (bench/RESULTS.md, search
-    quality)."""
-    import tensorflow as tf
-
-    if p := spec.gem_exponent():
-        powered = tf.pow(tf.maximum(feature_map, 1e-6), p)
-        return tf.pow(tf.reduce_mean(powered, axis=[1, 2]), 1.0 / p)
-    return tf.reduce_mean(feature_map, axis=[1, 2])
+    return compiled.get_concrete_function()
 
 
 def _outputs(outputs: dict[str, Any], classes: list[str] | None) -> tuple[int, list[str] | None]:

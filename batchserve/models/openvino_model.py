@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 RUNTIME = "openvino"
 IR_FILE = "model.xml"  # with model.bin beside it
-#: The outputs the serving function names (compiled.serving_function).
+#: The outputs the serving function names (graph.serving_function).
 OUTPUTS = ("embedding", "probabilities")
 
 

@@ -30,11 +30,18 @@ BUILTIN_SHA256 = "272e38e5be1439aa2b6459bae498b601a06edc16f8068e62b7db209d31b1fa
 BUILTIN_FILE = "models/dog_breed_mobilenetv2.h5"
 
 #: What can run a model (``--backend``).
-BACKENDS = ("tensorflow", "openvino")
-#: Backends whose compiled model takes any batch size at no cost beyond its images (no
-#: retracing): batches go to them unpadded. OpenVINO's converted model has a dynamic batch
-#: dimension; TensorFlow's function would trace a graph for each new size.
-ANY_BATCH_SIZE = frozenset({"openvino"})
+BACKENDS = ("tensorflow", "jax", "torch", "openvino")
+#: Backends that run the model through Keras 3 on another framework (keras_backends.py).
+KERAS_BACKENDS = ("jax", "torch")
+
+
+def takes_any_batch_size(spec: ModelSpec) -> bool:
+    """Whether ``spec``'s compiled model takes any batch size at no cost beyond its images
+    (no retracing), so that batches go to it unpadded: OpenVINO's converted model (a dynamic
+    batch dimension) and PyTorch run eagerly. TensorFlow's function, ``jax.jit`` and
+    ``torch.compile`` make a program for each new size."""
+    return spec.backend == "openvino" or (spec.backend == "torch" and not spec.jit_compile)
+
 
 #: Pixel normalisation of Keras application families (keras.applications.*.preprocess_input).
 #: "none": the application normalises inside its own graph.
@@ -93,8 +100,10 @@ class ModelSpec:
     labels_file: str = setting("", "text file with one class label per line")
     backend: str = setting(
         "tensorflow",
-        "what runs the model: 'tensorflow', or 'openvino' (CPUs only: the model converted "
-        "once from TensorFlow and kept in --model-cache; later starts need no TensorFlow)",
+        "what runs the model: 'tensorflow'; 'jax' or 'torch' (through Keras 3, on their own "
+        "GPU builds where there is a GPU; no TensorFlow needed); or 'openvino' (CPUs only: the "
+        "model converted once from TensorFlow and kept in --model-cache; later starts need no "
+        "TensorFlow)",
         choices=BACKENDS,
     )
     model_cache: str = setting(
@@ -102,7 +111,11 @@ class ModelSpec:
         "folder for converted models ('': $XDG_CACHE_HOME/batchserve, else ~/.cache/batchserve)",
     )
     device: str = setting("auto", "where the model runs", choices=("auto", "cpu", "gpu"))
-    jit_compile: bool = setting(False, "compile the model with XLA (GPU only; slow on CPU)")
+    jit_compile: bool = setting(
+        False,
+        "compile the model further: XLA on TensorFlow (GPU only), torch.compile on PyTorch "
+        "(minutes at start-up; JAX is always compiled)",
+    )
     pooling: str = setting(
         "gem",
         "how a feature map becomes the embedding: 'gem' (generalized mean, finds edited "
@@ -133,8 +146,8 @@ class ModelSpec:
     )
     intra_op_threads: int = setting(
         0,
-        "threads one batch runs on: TensorFlow's intra-op threads, OpenVINO's inference "
-        "threads (0: the backend decides)",
+        "threads one batch runs on: TensorFlow's intra-op threads, PyTorch's threads, "
+        "OpenVINO's inference threads (0: the backend decides; JAX always does)",
         at_least=0,
     )
     inter_op_threads: int = setting(

@@ -83,7 +83,8 @@ class BatchPolicy:
     batch_sizes: str = setting(
         "",
         "comma-separated padded batch sizes (default: 1, 2, 4, ... up to max_batch_size; "
-        "with --backend openvino, which takes any size, every size: no padding)",
+        "with --backend openvino, or torch without --jit-compile, which take any size, every "
+        "size: no padding)",
     )
 
     def __post_init__(self) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from batchserve.models import model_dir
-from batchserve.models.compiled import preprocess_fn
+from batchserve.models.graph import preprocess_fn
 from batchserve.models.loaders import KerasBase
 from batchserve.train.settings import TrainSettings
 
@@ -50,7 +50,7 @@ def build_models(base: KerasBase, n_classes: int, settings: TrainSettings) -> tu
 
 
 def normalise_layer(mode: str) -> Any:
-    """The server's pixel normalisation (``compiled.preprocess_fn(mode)``) as a Keras layer.
+    """The server's pixel normalisation (``graph.preprocess_fn(mode)``) as a Keras layer.
 
     Only the training wrapper holds it; the exported model takes normalised pixels, so the
     class is never serialised and can live inside this function.

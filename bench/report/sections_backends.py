@@ -12,6 +12,8 @@ Lines = list[str]
 NAMES = {
     "openvino": "batchserve, `--backend openvino`",
     "tensorflow": "batchserve, `--backend tensorflow`",
+    "jax": "batchserve, `--backend jax`",
+    "torch": "batchserve, `--backend torch`",
     "flask": "(b) Flask + a compiled `tf.function`",
 }
 
