@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
@@ -19,19 +20,35 @@ def from_directory(path: Path, limit: int = 256) -> list[bytes]:
 def sample_photos(count: int = 32, size: tuple[int, int] = (640, 480)) -> list[bytes]:
     """``count`` JPEG photos of ``size`` (w, h): crops and flips of the real photos that
     scikit-image ships, so every request decodes a realistic camera-sized JPEG."""
-    from PIL import Image, ImageOps
+    from PIL import Image
     from skimage import data
 
-    photos = [
-        data.chelsea(),
-        data.astronaut(),
-        data.coffee(),
-        data.rocket(),
-        data.hubble_deep_field(),
-    ]
+    photos = [data.chelsea(), data.astronaut(), data.coffee(), data.rocket()]
+    photos.append(data.hubble_deep_field())
+    return variants([Image.fromarray(p) for p in photos], count, size)
+
+
+def demo_photos(count: int = 32, size: tuple[int, int] = (640, 480)) -> list[bytes]:
+    """The same from batchserve's own demo photos, where scikit-image is not installed (a
+    lent GPU machine)."""
+    import importlib.resources
+
+    from PIL import Image
+
+    folder = importlib.resources.files("batchserve").joinpath("data/demo")
+    names = sorted(f.name for f in folder.iterdir() if f.name.endswith(".jpg"))
+    photos = [Image.open(io.BytesIO(folder.joinpath(n).read_bytes())) for n in names]
+    return variants(photos, count, size)
+
+
+def variants(photos: list[Any], count: int, size: tuple[int, int]) -> list[bytes]:
+    """``count`` JPEGs of ``size``: each photo in turn, cropped a little more on each pass
+    through them and mirrored on every other pass."""
+    from PIL import ImageOps
+
     out = []
     for i in range(count):
-        image = Image.fromarray(photos[i % len(photos)]).convert("RGB")
+        image = photos[i % len(photos)].convert("RGB")
         w, h = image.size
         shrink = 1.0 - 0.05 * (i // len(photos) % 6)
         box_w, box_h = int(w * shrink), int(h * shrink)

@@ -30,6 +30,7 @@ SECTIONS = (
     "frontend",
     "versus",
     "backends",
+    "device",
     "replica_start",
     "cluster",
     "writers",

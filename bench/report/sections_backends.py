@@ -54,3 +54,41 @@ def backends(s: Section) -> Lines:
         ],
         "",
     ]
+
+
+def device(s: Section) -> Lines:
+    """The GPU path end to end (``python -m bench device``)."""
+    search = s["search"]
+    limit = s["limit"]
+    return [
+        f"## The GPU path end to end: {s['device']}",
+        "",
+        f"The built-in model on `--backend {s['backend']}`"
+        + (" (a quick run: fewer, shorter points)" if s.get("quick") else "")
+        + ". The model alone on random pixels (images/s by batch size): "
+        + ", ".join(f"{size}: {rate:g}" for size, rate in s["model_images_per_s"].items())
+        + f". One decode thread alone: {s['decode_per_s_per_thread']:g} images/s. FAISS, "
+        f"flat, {search['items']:,} items of {search['dim']}: "
+        + ", ".join(f"{ms:g} ms for {n} queries" for n, ms in search["ms_per_call"].items())
+        + ".",
+        "",
+        f"A server (`{' '.join(s['server']['flags'])}`) under closed-loop load from "
+        f"{s['server']['generators']} generator processes, {s['server']['seconds']:g} s a point:",
+        "",
+        "| images per request | clients | images/s | p50 ms | p99 ms | mean batch | GPU % "
+        "| server CPU % | reactor CPU % | generator CPU % |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *[
+            f"| {p['images_per_request']} | {p['clients']} | {p['images_per_s']:g} | "
+            f"{p['p50_ms']:g} | {p['p99_ms']:g} | {p['mean_batch']:g} | "
+            f"{'n/a' if p['gpu_util_pct'] is None else p['gpu_util_pct']} | "
+            f"{p['server_cpu_pct']:g} | {p['reactor_cpu_pct']:g} | {p['generator_cpu_pct']:g} |"
+            for p in s["points"]
+        ],
+        "",
+        f"At the best point ({s['best']['images_per_s']:g} images/s) the part nearest its "
+        f"limit was **{limit['nearest']}** (share of each part's own limit: "
+        + ", ".join(f"{name} {share:.2f}" for name, share in limit["shares"].items())
+        + ").",
+        "",
+    ]
