@@ -38,6 +38,7 @@ from bench.scenarios import (
     kinds,
     offline,
     overload,
+    precision,
     replica_start,
     retrieval,
     search,
@@ -299,6 +300,10 @@ def _scenario_parsers(commands: Any) -> None:
         help="rounds per embedding of /v1/embed (0: skip)",
     )
     _outputs(q)
+    precise = commands.add_parser("precision", help="OpenVINO in bfloat16 against float32")
+    precise.add_argument("--quick", action="store_true", help="the retrieval test's small set")
+    _outputs(precise)
+    commands.add_parser("device", help="the GPU path end to end (python -m bench device -h)")
     rendering = commands.add_parser("render", help="RESULTS.md and the README from results.json")
     rendering.add_argument("--plots", action="store_true", help="redraw the plots too")
     _outputs(rendering)
@@ -330,4 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         return ab_command(args)
     if args.command == "retrieval":
         return retrieval_command(args, argv)
+    if args.command == "precision":
+        publish(args, argv, "precision", precision.measure(quick=args.quick))
+        return 0
     return scenario_command(args, argv)

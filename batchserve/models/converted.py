@@ -42,7 +42,7 @@ DIGESTS = "files.json"
 CODE = Path(__file__).parent
 #: Settings that change how the model runs but not what it computes.
 RUNTIME_ONLY = ("backend", "model_cache", "device", "jit_compile", "intra_op_threads",
-                "inter_op_threads")  # fmt: skip
+                "inter_op_threads", "precision")  # fmt: skip
 
 
 def cache_root(spec: ModelSpec) -> Path:

@@ -2,8 +2,8 @@
 pixels in; embeddings and probabilities out, pooled and normalised as on TensorFlow)
 converted once from TensorFlow with ``openvino.convert_model``, kept in the cache of
 converted models, and compiled for the CPU. A start that finds it cached imports no
-TensorFlow. Runs in float32: OpenVINO would pick bfloat16 on CPUs that have it, which moves
-embeddings (min cosine 0.998 on the demo photos)."""
+TensorFlow. Runs in float32 unless ``--precision bf16``: OpenVINO would pick bfloat16 on
+CPUs that have it, which moves embeddings (``python -m bench precision``)."""
 
 from __future__ import annotations
 
@@ -41,8 +41,9 @@ def import_openvino() -> Any:
 
 
 def compile_config(spec: ModelSpec) -> dict[str, str]:
-    """OpenVINO's CPU settings: a batch at a time as fast as it goes, in float32."""
-    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    """OpenVINO's CPU settings: a batch at a time as fast as it goes, in float32 unless
+    ``--precision bf16``."""
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": spec.precision}
     if spec.intra_op_threads:
         config["INFERENCE_NUM_THREADS"] = str(spec.intra_op_threads)
     return config

@@ -106,6 +106,12 @@ class ModelSpec:
         "TensorFlow)",
         choices=BACKENDS,
     )
+    precision: str = setting(
+        "f32",
+        "OpenVINO's inference precision: 'f32', or 'bf16' on CPUs that have it (faster; the "
+        "embeddings move a little, bench/RESULTS.md 'OpenVINO in bfloat16')",
+        choices=("f32", "bf16"),
+    )
     model_cache: str = setting(
         "",
         "folder for converted models ('': $XDG_CACHE_HOME/batchserve, else ~/.cache/batchserve)",

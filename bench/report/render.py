@@ -99,6 +99,7 @@ RENDERERS: dict[str, Callable[[Data], Lines]] = {
     "frontend": lambda d: sections_scenarios.frontend(d["frontend"]),
     "versus": lambda d: sections_scenarios.versus(d["versus"]),
     "backends": lambda d: sections_backends.backends(d["backends"]),
+    "precision": lambda d: sections_backends.precision(d["precision"]),
     "device": lambda d: sections_backends.device(d["device"]),
     "replica_start": lambda d: sections_scenarios.replica_start(d["replica_start"]),
     "cluster": lambda d: sections_scenarios.cluster(d["cluster"]),

@@ -30,6 +30,7 @@ SECTIONS = (
     "frontend",
     "versus",
     "backends",
+    "precision",
     "device",
     "replica_start",
     "cluster",

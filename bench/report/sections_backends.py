@@ -92,3 +92,35 @@ def device(s: Section) -> Lines:
         + ").",
         "",
     ]
+
+
+def precision(s: Section) -> Lines:
+    """OpenVINO in bfloat16 against float32 (``python -m bench precision``)."""
+    f32, bf16 = s["precisions"]["f32"], s["precisions"]["bf16"]
+    kept = bf16["top1"] >= f32["top1"]
+    return [
+        "## OpenVINO in bfloat16",
+        "",
+        f"The built-in model on `--backend openvino`, the server's decoding: {s['queries']:,} "
+        f"edited photos searched among {s['catalog']:,} catalog images (the retrieval "
+        "benchmark's), embedded at each `--precision`; the model's own images/s, the "
+        f"precisions in turn, the median of {s.get('rounds', 1)} rounds.",
+        "",
+        "| precision | found first | in the top 5 | model, batch 1 (images/s) | batch 32 |",
+        "|---|---:|---:|---:|---:|",
+        *[
+            f"| {name} | {p['top1']:.3f} | {p['recall5']:.3f} | {p['images_per_s']['1']} | "
+            f"{p['images_per_s']['32']} |"
+            for name, p in s["precisions"].items()
+        ],
+        "",
+        f"Embeddings against float32's: min cosine {s['min_cosine']}, mean "
+        f"{s['mean_cosine']}. "
+        + (
+            "bfloat16 finds as many originals first."
+            if kept
+            else f"bfloat16 finds fewer originals first ({bf16['top1']:.3f} against "
+            f"{f32['top1']:.3f}): float32 stays the default."
+        ),
+        "",
+    ]

@@ -1,5 +1,6 @@
 """``python -m bench device``'s own arithmetic: which part was nearest its limit, the wheels
-it carries to a lent machine, and its section of RESULTS.md."""
+it carries to a lent machine, and its section of RESULTS.md; and the section on OpenVINO in
+bfloat16."""
 
 from __future__ import annotations
 
@@ -61,3 +62,19 @@ def test_the_section_names_the_device_every_point_and_the_limit() -> None:
     assert "| 8 | 8 | 300 | 20 | 40 | 8 | 41.5 | 150 | 50 | 30 |" in text
     assert "| 1 | 8 | 300 | 20 | 40 | 8 | n/a |" in text
     assert f"**{section['limit']['nearest']}**" in text
+
+
+def test_bfloat16_is_said_to_stay_off_when_it_finds_fewer_originals_first() -> None:
+    def section(bf16_top1: float) -> str:
+        rates = {"1": 400.0, "32": 460.0}
+        figures = {
+            "f32": {"top1": 0.814, "recall5": 0.884, "map": 0.85, "images_per_s": rates},
+            "bf16": {"top1": bf16_top1, "recall5": 0.886, "map": 0.85, "images_per_s": rates},
+        }
+        numbers = {"catalog": 1131, "queries": 1659, "rounds": 3, "precisions": figures,
+                   "min_cosine": 0.94, "mean_cosine": 0.99}  # fmt: skip
+        return "\n".join(sections_backends.precision(numbers))
+
+    assert "float32 stays the default" in section(0.811)
+    assert "| bf16 | 0.811 | 0.886 | 400.0 | 460.0 |" in section(0.811)
+    assert "bfloat16 finds as many originals first" in section(0.814)

@@ -27,6 +27,8 @@ def test_compiled_in_float32_for_latency_on_the_threads_asked_for() -> None:
     assert config == {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
     threads = openvino_model.compile_config(ModelSpec(backend="openvino", intra_op_threads=2))
     assert threads["INFERENCE_NUM_THREADS"] == "2"
+    bf16 = openvino_model.compile_config(ModelSpec(backend="openvino", precision="bf16"))
+    assert bf16["INFERENCE_PRECISION_HINT"] == "bf16"
 
 
 def test_a_first_start_without_tensorflow_says_what_to_install(tmp_path: Path) -> None:
