@@ -247,3 +247,24 @@ def start_baseline(module: str, workers: int, timeout_s: float = 180.0) -> Basel
             time.sleep(0.5)
     process.kill()
     raise SystemExit(f"baseline {module} did not start:\n{log.read_text()[-2000:]}")
+
+
+def start_bentoml(service: str, timeout_s: float = 180.0) -> Baseline:
+    """``bentoml serve bench.baselines.SERVICE`` on 127.0.0.1, once its /readyz says so
+    (its usage tracking off: the machine may have no network)."""
+    port = free_port()
+    log = Path(tempfile.mkdtemp(prefix="batchserve-bentoml-")) / "bentoml.log"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", BENTOML_DO_NOT_TRACK="true")
+    command = [sys.executable, "-m", "bentoml", "serve", f"bench.baselines.{service}",
+               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    with probe_client(url) as client:
+        while time.monotonic() < deadline and process.poll() is None:
+            if answers(client.ready):
+                return Baseline(service, process, url, log.parent)
+            time.sleep(0.5)
+    process.kill()
+    raise SystemExit(f"BentoML service {service} did not start:\n{log.read_text()[-2000:]}")

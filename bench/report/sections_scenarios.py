@@ -194,7 +194,50 @@ def frontend(s: Section) -> Lines:
     ]
 
 
+#: How each side of ``versus`` is named, and the runtime it runs the model on.
+VERSUS_SIDES = {
+    "batchserve": "batchserve (TensorFlow)",
+    "openvino": "batchserve, `--backend openvino`",
+    "baseline": "(b) Flask + a compiled `tf.function` (TensorFlow)",
+    "bentoml": "(c) BentoML 1.4, batchable API (TensorFlow)",
+}
+
+
 def versus(s: Section) -> Lines:
+    if "sides" not in s:
+        return versus_two(s)
+    return [
+        "## batchserve and its peers side by side",
+        "",
+        f"All servers up at once; {s['clients']} clients, closed loop, on each in turn: "
+        f"{s['rounds']} rounds each of {s['seconds']:g} s (after {s['warmup_s']:g} s of "
+        "warm-up), the order turned each round so that drift of the machine's speed hits all "
+        "alike. The same built-in model everywhere; the runtime in brackets: TensorFlow on "
+        "every side shows what batching alone gives, OpenVINO what a user gains by switching.",
+        "",
+        "| server | images/s per round | median images/s | p50 ms | p99 ms (all rounds) |",
+        "|---|---|---:|---:|---:|",
+        *[
+            f"| {VERSUS_SIDES.get(name, name)} | "
+            f"{', '.join(f'{v:g}' for v in side['images_per_s'])} | "
+            f"{side['median_images_per_s']} | {side['p50_ms']} | {side['p99_ms']} |"
+            for name, side in s["sides"].items()
+        ],
+        "",
+        *[
+            f"- {VERSUS_SIDES.get(a, a)} / {VERSUS_SIDES.get(b, b)}, median of the per-round "
+            f"ratios: **{s['median_ratios'][pair]:.2f}x** at p99 "
+            f"{s['sides'][a]['p99_ms']:.0f} against {s['sides'][b]['p99_ms']:.0f} ms (rounds: "
+            f"{', '.join(f'{r:.2f}' for r in s['ratios_by_pair'][pair])})."
+            for pair in s["median_ratios"]
+            for a, b in [pair.split("/")]
+        ],
+        "",
+    ]
+
+
+def versus_two(s: Section) -> Lines:
+    """A ``versus`` of two sides, as measured before the peers joined."""
     ours, theirs = s["batchserve"], s["baseline"]
     rounds = ", ".join(f"{r:.2f}" for r in s["ratios"])
     return [

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
-import statistics
 from typing import Any
 
 from batchserve.models.spec import BACKENDS
@@ -39,36 +38,6 @@ def offline_here(images: list[bytes], backend: str, seconds: float) -> dict[str,
     }
 
 
-def alternate(
-    urls: dict[str, str],
-    images: list[bytes],
-    rounds: int,
-    clients: int,
-    seconds: float,
-    pairs: list[tuple[str, str]],
-) -> dict[str, Any]:
-    """``rounds`` rounds, each server loaded in turn within a round, the order turned by
-    one each round (the machine's speed drifts within a round: no server keeps the same
-    place in it); the ratio of each pair's first server over its second, taken within each
-    round."""
-    results: dict[str, list[Any]] = {name: [] for name in urls}
-    names = list(urls)
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            results[name].append(versus.one_round(urls[name], images, clients, seconds))
-    ratios = {
-        f"{a}/{b}": [
-            round(versus.ratio_of(x, y), 3) for x, y in zip(results[a], results[b], strict=True)
-        ]
-        for a, b in pairs
-    }
-    return {
-        "sides": {name: versus.side(done) for name, done in results.items()},
-        "ratios": ratios,
-        "median_ratios": {pair: round(statistics.median(r), 3) for pair, r in ratios.items()},
-    }
-
-
 def measure(
     images: list[bytes],
     rounds: int = 5,
@@ -90,7 +59,7 @@ def measure(
         baseline = procs.start_baseline(versus.BASELINE, workers=os.cpu_count() or 2)
         stack.callback(baseline.stop)
         pairs = [(b, "flask") for b in ordered] + [("openvino", "tensorflow")]
-        compared = alternate(
+        compared = versus.rotate(
             {**urls, "flask": baseline.url}, images, rounds, clients, seconds, pairs
         )
     return {

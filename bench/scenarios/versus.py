@@ -1,11 +1,15 @@
-"""batchserve against baseline (b), Flask + a compiled ``tf.function`` under gunicorn, side
-by side (``python -m bench versus``): both servers up at once, the same closed-loop load on
-each in alternating short rounds (A, B, A, B, ...), so that drift of the machine's speed
-(thermal, other tenants) hits both alike. Quotes the median of the per-pair throughput
-ratios and each side's p99 over all its rounds."""
+"""batchserve against its peers side by side (``python -m bench versus``): baseline (b),
+Flask + a compiled ``tf.function`` under gunicorn, and peer (c), BentoML with adaptive
+batching around the same function. batchserve runs twice: on TensorFlow, the runtime of
+both peers (what batching alone gives), and on OpenVINO (what a user gains by switching).
+All up at once, the same closed-loop load on each in turn in short rounds, the order turned
+each round, so that drift of the machine's speed (thermal, other tenants) hits all alike.
+Quotes the median of the per-round throughput ratios and each side's p99 over all its
+rounds."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 from typing import Any
@@ -14,10 +18,13 @@ from bench.harness import load, procs
 from bench.harness.bodies import build_requests
 
 BASELINE = "flask_function"
+BENTOML = "bentoml_service:Embedder"
 
 
-def one_round(base: str, images: list[bytes], clients: int, seconds: float) -> load.LoadResult:
-    requests = build_requests(base, "/v1/embed", images)
+def one_round(
+    base: str, images: list[bytes], clients: int, seconds: float, encoding: str = "raw"
+) -> load.LoadResult:
+    requests = build_requests(base, "/v1/embed", images, encoding)
     spec = load.LoadSpec(base + "/v1/embed", requests, seconds, warmup_s=2, concurrency=clients)
     return load.run(spec)
 
@@ -57,22 +64,78 @@ def alternate(
     }
 
 
+def rotate(
+    urls: dict[str, str],
+    images: list[bytes],
+    rounds: int,
+    clients: int,
+    seconds: float,
+    pairs: list[tuple[str, str]],
+    encodings: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """``rounds`` rounds, each server loaded in turn within a round, the order turned by
+    one each round (the machine's speed drifts within a round: no server keeps the same
+    place in it); the ratio of each pair's first server over its second, taken within each
+    round. ``encodings``: a server's request bodies, when not raw images."""
+    results: dict[str, list[Any]] = {name: [] for name in urls}
+    names = list(urls)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            encoding = (encodings or {}).get(name, "raw")
+            results[name].append(one_round(urls[name], images, clients, seconds, encoding))
+    ratios = {
+        f"{a}/{b}": [round(ratio_of(x, y), 3) for x, y in zip(results[a], results[b], strict=True)]
+        for a, b in pairs
+    }
+    return {
+        "sides": {name: side(done) for name, done in results.items()},
+        "ratios": ratios,
+        "median_ratios": {pair: round(statistics.median(r), 3) for pair, r in ratios.items()},
+    }
+
+
+#: The sides of ``measure`` and the pairs it quotes.
+PAIRS = [
+    ("batchserve", "baseline"),
+    ("openvino", "baseline"),
+    ("batchserve", "bentoml"),
+    ("openvino", "bentoml"),
+]
+
+
 def measure(
     images: list[bytes], rounds: int = 5, clients: int = 32, seconds: float = 10.0
 ) -> dict[str, Any]:
-    """batchserve (default settings) and baseline (b) (a worker per core), both started
-    first and both up for the whole comparison."""
-    with procs.temporary_server(["--no-demo"], prefix="batchserve-bench-versus-") as running:
+    """batchserve on TensorFlow (default settings) and on OpenVINO, baseline (b) (a worker
+    per core) and BentoML (one worker), all started first and up for the whole comparison."""
+    with contextlib.ExitStack() as stack:
+        urls = {
+            "batchserve": stack.enter_context(procs.temporary_server(["--no-demo"])).url,
+            "openvino": stack.enter_context(
+                procs.temporary_server(["--no-demo", "--backend", "openvino"])
+            ).url,
+        }
         baseline = procs.start_baseline(BASELINE, workers=os.cpu_count() or 2)
-        try:
-            compared = alternate(running.url, baseline.url, images, rounds, clients, seconds)
-        finally:
-            baseline.stop()
+        stack.callback(baseline.stop)
+        bentoml = procs.start_bentoml(BENTOML)
+        stack.callback(bentoml.stop)
+        urls.update(baseline=baseline.url, bentoml=bentoml.url)
+        compared = rotate(
+            urls, images, rounds, clients, seconds, PAIRS, encodings={"bentoml": "multipart"}
+        )
+    sides = compared["sides"]
     return {
         "baseline_name": "(b) Flask + tf.function",
+        "peer_name": "(c) BentoML 1.4, adaptive batching, tf.function",
         "rounds": rounds,
         "clients": clients,
         "seconds": seconds,
         "warmup_s": 2,
-        **compared,
+        "ratios": compared["ratios"]["batchserve/baseline"],
+        "median_ratio": compared["median_ratios"]["batchserve/baseline"],
+        "batchserve": sides["batchserve"],
+        "baseline": sides["baseline"],
+        "sides": sides,
+        "ratios_by_pair": compared["ratios"],
+        "median_ratios": compared["median_ratios"],
     }

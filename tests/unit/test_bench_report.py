@@ -216,3 +216,23 @@ def test_ab_runs_another_checkout_from_its_data_dir_so_that_pythonpath_wins(
         (tmp_path / "b", ["--no-demo", "--decode-nice", "0"], {}, None),
         (tmp_path / "a", ["--no-demo"], {"PYTHONPATH": str(tmp_path / "old")}, tmp_path / "a"),
     ]
+
+
+def test_versus_names_the_runtime_of_every_side_and_quotes_each_pair() -> None:
+    def side(rate: float, p99: float) -> dict[str, Any]:
+        return {"images_per_s": [rate, rate], "median_images_per_s": rate, "p50_ms": 100.0,
+                "p99_ms": p99, "errors": {}}  # fmt: skip
+
+    sides = {"batchserve": side(90, 500), "openvino": side(200, 300),
+             "baseline": side(70, 550), "bentoml": side(80, 650)}  # fmt: skip
+    pairs = {"batchserve/baseline": [1.3, 1.2], "openvino/bentoml": [2.5, 2.4]}
+    section = {"clients": 32, "rounds": 2, "seconds": 10, "warmup_s": 2, "sides": sides,
+               "ratios_by_pair": pairs, "median_ratios": {"batchserve/baseline": 1.25,
+                                                          "openvino/bentoml": 2.45}}  # fmt: skip
+    text = "\n".join(sections_scenarios.versus(section))
+    assert "| (c) BentoML 1.4, batchable API (TensorFlow) | 80, 80 | 80 | 100.0 | 650 |" in text
+    assert (
+        "- batchserve, `--backend openvino` / (c) BentoML 1.4, batchable API (TensorFlow), "
+        "median of the per-round ratios: **2.45x** at p99 300 against 650 ms (rounds: 2.50, "
+        "2.40)."
+    ) in text
