@@ -1,4 +1,4 @@
-# batchserve on CPUs: tensorflow-cpu, OpenVINO (-e BATCHSERVE_BACKEND=openvino) and faiss-cpu,
+# batchserve on CPUs: tensorflow-cpu, OpenVINO (what --backend auto picks here) and faiss-cpu,
 # every Python package exactly as docker/requirements-cpu.txt pins it (python
 # docker/check_resolution.py keeps that file equal to what pip resolves for pyproject.toml's
 # "cpu", "openvino", "postgres" and "ray" extras; the

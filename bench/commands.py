@@ -90,7 +90,7 @@ def run_command(args: argparse.Namespace) -> int:
 def publish(args: argparse.Namespace, argv: list[str], name: str, numbers: Any) -> None:
     """Record one measured section, then render RESULTS.md, its plots and the README."""
     path = Path(args.results)
-    results.record(path, name, argv, numbers)
+    results.record(path, name, argv, {"default_backend": results.default_backend(), **numbers})
     data = results.load(path)
     out = Path(args.out)
     render.draw(data, out.parent, (name,))

@@ -30,6 +30,7 @@ from batchserve.models.spec import (
     EmbeddingModel,
     ModelSpec,
     builtin_classes,
+    chosen_backend,
     read_labels,
     sha256_file,
     sha256_tree,
@@ -46,13 +47,21 @@ log = logging.getLogger(__name__)
 
 
 def load_model(spec: ModelSpec) -> EmbeddingModel:
-    """Load the model ``spec`` names, on the backend it names. Raises ModelLoadError with a
-    clear message."""
-    if spec.backend == "openvino":
+    """Load the model ``spec`` names, on the backend it names (``auto``: the one
+    ``chosen_backend`` picks, TensorFlow where OpenVINO cannot serve the model). Raises
+    ModelLoadError with a clear message."""
+    backend = chosen_backend(spec)
+    if backend == "openvino":
         from batchserve.models.openvino_model import load_openvino
 
-        return load_openvino(spec, load_tensorflow)
-    return load_native(spec)
+        try:
+            return load_openvino(dataclasses.replace(spec, backend=backend), load_tensorflow)
+        except ModelLoadError as e:
+            if spec.backend != "auto":
+                raise
+            log.warning("--backend auto: OpenVINO cannot serve the model (%s): TensorFlow does", e)
+            backend = "tensorflow"
+    return load_native(dataclasses.replace(spec, backend=backend))
 
 
 def load_tensorflow(spec: ModelSpec) -> TensorFlowModel:

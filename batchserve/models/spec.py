@@ -29,10 +29,26 @@ BUILTIN_NAME = "builtin"
 BUILTIN_SHA256 = "272e38e5be1439aa2b6459bae498b601a06edc16f8068e62b7db209d31b1fae1"
 BUILTIN_FILE = "models/dog_breed_mobilenetv2.h5"
 
-#: What can run a model (``--backend``).
-BACKENDS = ("tensorflow", "jax", "torch", "openvino")
+#: What can run a model (``--backend``); ``auto`` picks one (``chosen_backend``).
+BACKENDS = ("auto", "tensorflow", "jax", "torch", "openvino")
 #: Backends that run the model through Keras 3 on another framework (keras_backends.py).
 KERAS_BACKENDS = ("jax", "torch")
+
+
+def chosen_backend(spec: ModelSpec) -> str:
+    """``spec.backend``, with ``auto`` made concrete: OpenVINO where it is installed and the
+    model runs on a CPU (``--device cpu``, or no NVIDIA GPU), as it serves about twice
+    TensorFlow's images/s there (bench/RESULTS.md, "The model's backends side by side");
+    else TensorFlow."""
+    if spec.backend != "auto":
+        return spec.backend
+    on_cpu = spec.device == "cpu" or (spec.device == "auto" and not nvidia_gpu())
+    return "openvino" if on_cpu and importlib.util.find_spec("openvino") else "tensorflow"
+
+
+def nvidia_gpu() -> bool:
+    """Whether the NVIDIA driver shows a GPU here (read without importing a framework)."""
+    return Path("/dev/nvidia0").exists() or any(Path("/proc/driver/nvidia/gpus").glob("*"))
 
 
 def takes_any_batch_size(spec: ModelSpec) -> bool:
@@ -40,7 +56,8 @@ def takes_any_batch_size(spec: ModelSpec) -> bool:
     (no retracing), so that batches go to it unpadded: OpenVINO's converted model (a dynamic
     batch dimension) and PyTorch run eagerly. TensorFlow's function, ``jax.jit`` and
     ``torch.compile`` make a program for each new size."""
-    return spec.backend == "openvino" or (spec.backend == "torch" and not spec.jit_compile)
+    backend = chosen_backend(spec)
+    return backend == "openvino" or (backend == "torch" and not spec.jit_compile)
 
 
 #: Pixel normalisation of Keras application families (keras.applications.*.preprocess_input).
@@ -99,11 +116,12 @@ class ModelSpec:
     classifier_output: str = setting("", "SavedModel output holding class probabilities")
     labels_file: str = setting("", "text file with one class label per line")
     backend: str = setting(
-        "tensorflow",
-        "what runs the model: 'tensorflow'; 'jax' or 'torch' (through Keras 3, on their own "
-        "GPU builds where there is a GPU; no TensorFlow needed); or 'openvino' (CPUs only: the "
-        "model converted once from TensorFlow and kept in --model-cache; later starts need no "
-        "TensorFlow)",
+        "auto",
+        "what runs the model: 'auto' (OpenVINO on a CPU where it is installed, ~2x "
+        "TensorFlow's images/s there; else TensorFlow); 'tensorflow'; 'openvino' (CPUs only: "
+        "the model converted once from TensorFlow and kept in --model-cache; later starts "
+        "need no TensorFlow); 'jax' or 'torch' (through Keras 3, on their own GPU builds "
+        "where there is a GPU; no TensorFlow needed)",
         choices=BACKENDS,
     )
     precision: str = setting(

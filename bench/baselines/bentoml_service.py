@@ -38,7 +38,7 @@ class Embedder:
         from batchserve.models.loaders import load_model
         from batchserve.models.spec import ModelSpec
 
-        self.model = load_model(ModelSpec())
+        self.model = load_model(ModelSpec(backend="tensorflow"))
         self.model.predict(np.zeros((1, *SIZE, 3), dtype=np.uint8))  # compile before serving
 
     @bentoml.api(  # type: ignore[untyped-decorator]

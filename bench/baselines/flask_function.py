@@ -17,7 +17,7 @@ from batchserve.models.loaders import load_model
 from batchserve.models.spec import ModelSpec
 from bench.baselines.common import answer, decode
 
-model = load_model(ModelSpec())
+model = load_model(ModelSpec(backend="tensorflow"))
 model.predict(np.zeros((1, 160, 160, 3), dtype=np.uint8))  # compile before serving
 app = Flask(__name__)
 

@@ -131,6 +131,17 @@ def _on(section: dict[str, Any]) -> str:
     return f"measured {section['date']} on {section['machine']}"
 
 
+#: How the README names what a default server ran on.
+RUNTIMES = {"tensorflow": "TensorFlow", "openvino": "OpenVINO"}
+
+
+def _runtime(section: dict[str, Any]) -> str:
+    """What the default server ran on when ``section`` was measured (TensorFlow before
+    ``--backend auto``, which did not record it)."""
+    backend = str(section.get("default_backend", "tensorflow"))
+    return f"batchserve on {RUNTIMES.get(backend, backend)}"
+
+
 def _against_predict(data: Data) -> str:
     servers = data["embed"]["servers"]
     ours = sections.at_clients(servers["batchserve"])
@@ -139,7 +150,7 @@ def _against_predict(data: Data) -> str:
         f"- **{sections.ratio(ours, a):.1f}x the images/s of Flask + `model.predict`** at 32 "
         f"concurrent clients ({ours['images_per_s']} against {a['images_per_s']} images/s, "
         f"p99 {ours['p99_ms']:.0f} against {a['p99_ms']:.0f} ms; the same model, gunicorn with "
-        f"one worker per core); {_on(data['embed'])}."
+        f"one worker per core; {_runtime(data['embed'])}); {_on(data['embed'])}."
     )
 
 
@@ -162,7 +173,8 @@ def _backends_against_tf_function(b: dict[str, Any]) -> str:
     ov, tf, flask = sides["openvino"], sides["tensorflow"], sides["flask"]
     return (
         f"- **{ratios['openvino/flask']:.2f}x the images/s of Flask + a compiled `tf.function`** "
-        f"with `--backend openvino` ({ratios['tensorflow/flask']:.2f}x with TensorFlow), the "
+        f"on OpenVINO, the default on CPUs ({ratios['tensorflow/flask']:.2f}x with `--backend "
+        "tensorflow`), the "
         f"strongest per-request setup: median of {b['rounds']} rounds at {b['clients']} "
         f"clients, the servers up at once and measured in turn ({ov['median_images_per_s']} "
         f"and {tf['median_images_per_s']} against {flask['median_images_per_s']} images/s, p99 "
@@ -177,7 +189,7 @@ def _against_limit(data: Data) -> str:
         f"- **{best['images_per_s'] / limit['limit_per_s']:.0%} of the offline limit** at "
         f"saturation: {best['images_per_s']} images/s over HTTP ({sections.load_text(best)}) "
         f"against {limit['limit_per_s']:.0f} images/s for decoding and embedding the same JPEGs "
-        f"in one loop, with no HTTP; {_on(data['embed'])}."
+        f"in one loop, with no HTTP ({_runtime(data['embed'])}); {_on(data['embed'])}."
     )
 
 
@@ -207,7 +219,7 @@ def _overload(data: Data) -> str:
         f"{f['goodput_per_s']:g} requests/s within the deadline (in {f['ok_p50_ms'] / 1000:.1f} "
         "s at p50, the queue's depth) and refused the rest with "
         f"503 and Retry-After in {f['rejected_p50_ms']} ms (p50), in at most "
-        f"{f['rss_max_mib']} MiB{flood}; {_on(f)}."
+        f"{f['rss_max_mib']} MiB{flood} ({_runtime(f)}); {_on(f)}."
     )
 
 
@@ -309,7 +321,8 @@ def headline(data: Data) -> str:
     return textwrap.fill(
         f"Measured {side_by_side['date']} on {side_by_side['machine']}, with "
         f"{side_by_side['clients']} concurrent clients, batchserve serves "
-        f"{sections.ratio(ours, a):.1f}x the images/s of Flask + `model.predict` and "
+        f"{sections.ratio(ours, a):.1f}x the images/s of Flask + `model.predict` "
+        f"({_runtime(data['embed'])}) and "
         f"{side_by_side['ratio']:.2f}x the strongest per-request setup (Flask + a compiled "
         f"`tf.function`; the median of {side_by_side['rounds']} rounds run in turn with the "
         f"servers up{side_by_side['more']}), {' and '.join(clauses)} (see "
@@ -324,9 +337,12 @@ def _against_b(data: Data) -> dict[str, Any]:
     OpenVINO's ratio beside it), else from ``versus``."""
     if "backends" in data:
         b = data["backends"]
-        ours, theirs = b["sides"]["tensorflow"], b["sides"]["flask"]
-        ratio = b["median_ratios"]["tensorflow/flask"]
-        more = f"; {b['median_ratios']['openvino/flask']:.2f}x with `--backend openvino`"
+        ours, theirs = b["sides"]["openvino"], b["sides"]["flask"]
+        ratio = b["median_ratios"]["openvino/flask"]
+        more = (
+            f"; on OpenVINO, the default on CPUs; {b['median_ratios']['tensorflow/flask']:.2f}x "
+            "with `--backend tensorflow`"
+        )
     else:
         b = data["versus"]
         ours, theirs, ratio, more = b["batchserve"], b["baseline"], b["median_ratio"], ""

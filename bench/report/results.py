@@ -53,6 +53,13 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, no GPU"
 
 
+def default_backend() -> str:
+    """What a server started without ``--backend`` runs the model on here."""
+    from batchserve.models.spec import ModelSpec, chosen_backend
+
+    return chosen_backend(ModelSpec())
+
+
 #: Options that say only where results are written: left out of the recorded command.
 OUTPUT_OPTIONS = ("--results", "--out", "--readme")
 

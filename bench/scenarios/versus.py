@@ -106,11 +106,14 @@ PAIRS = [
 def measure(
     images: list[bytes], rounds: int = 5, clients: int = 32, seconds: float = 10.0
 ) -> dict[str, Any]:
-    """batchserve on TensorFlow (default settings) and on OpenVINO, baseline (b) (a worker
-    per core) and BentoML (one worker), all started first and up for the whole comparison."""
+    """batchserve on TensorFlow and on OpenVINO (otherwise default settings), baseline (b)
+    (a worker per core) and BentoML (one worker), all started first and up for the whole
+    comparison."""
     with contextlib.ExitStack() as stack:
         urls = {
-            "batchserve": stack.enter_context(procs.temporary_server(["--no-demo"])).url,
+            "batchserve": stack.enter_context(
+                procs.temporary_server(["--no-demo", "--backend", "tensorflow"])
+            ).url,
             "openvino": stack.enter_context(
                 procs.temporary_server(["--no-demo", "--backend", "openvino"])
             ).url,

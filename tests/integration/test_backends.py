@@ -61,7 +61,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def on_tf() -> EmbeddingModel:
     """The built-in model on TensorFlow, in this process."""
-    return load_model(ModelSpec())
+    return load_model(ModelSpec(backend="tensorflow"))
 
 
 @pytest.fixture(scope="module")
@@ -210,8 +210,9 @@ class MadeOnTensorFlow:
 @pytest.fixture(scope="module")
 def made_on_tf(tmp_path_factory: pytest.TempPathFactory) -> MadeOnTensorFlow:
     directory = tmp_path_factory.mktemp("made-on-tensorflow")
-    server = start_server(directory, "--max-delay-s", "0.005")
+    server = start_server(directory, "--backend", "tensorflow", "--max-delay-s", "0.005")
     try:
+        assert server.request("GET", "/v1/model").json()["backend"] == "tensorflow"
         assert server.request("POST", "/v1/items?id=mine", photo("coffee"), JPEG).status == 200
         before = {name: embed(server, name) for name in NAMES}
         classes = classify(server, "cat")

@@ -19,7 +19,7 @@ from bench.harness import fill
 
 @pytest.fixture(scope="module")
 def builtin() -> TensorFlowModel:
-    return load_model(ModelSpec())
+    return load_model(ModelSpec(backend="tensorflow"))
 
 
 def random_images(n: int, size: int = 160, seed: int = 0) -> np.ndarray:
@@ -71,7 +71,7 @@ def test_builtin_with_another_hash_is_refused(
         f.write(b"tampered")
     monkeypatch.setattr(models, "builtin_model_path", lambda: copy)
     with pytest.raises(ModelLoadError, match="refusing to load"):
-        load_model(ModelSpec())
+        load_model(ModelSpec(backend="tensorflow"))
 
 
 def _small_classifier(size: int = 64) -> object:
@@ -91,7 +91,11 @@ def test_keras_file_serves_penultimate_features_and_its_head(tmp_path: Path) -> 
     model.save(path)  # type: ignore[attr-defined]
     labels = tmp_path / "labels.txt"
     labels.write_text("bed\nchair\nsofa\n")
-    loaded = load_model(ModelSpec(source=str(path), labels_file=str(labels), preprocess="unit"))
+    loaded = load_model(
+        ModelSpec(
+            backend="tensorflow", source=str(path), labels_file=str(labels), preprocess="unit"
+        )
+    )
     assert loaded.info.dim == 16 and loaded.info.classes == ["bed", "chair", "sofa"]
     assert loaded.info.input_size == (64, 64)
     images = random_images(4, size=64)
@@ -105,7 +109,9 @@ def test_keras_file_with_named_embedding_layer(tmp_path: Path) -> None:
     path = tmp_path / "mine.h5"
     _small_classifier().save(path)  # type: ignore[attr-defined]
     # Not the penultimate layer (what serves by default): the pooled convolution, 8 wide.
-    loaded = load_model(ModelSpec(source=str(path), embedding_output="pooled"))
+    loaded = load_model(
+        ModelSpec(backend="tensorflow", source=str(path), embedding_output="pooled")
+    )
     assert loaded.info.dim == 8 and loaded.info.classes is None
 
 
@@ -130,6 +136,7 @@ def test_saved_model_with_named_signature_and_outputs(tmp_path: Path) -> None:
     tf.saved_model.save(module, str(directory), signatures={"embed": module.embed})
     loaded = load_model(
         ModelSpec(
+            backend="tensorflow",
             source=str(directory),
             signature="embed",
             embedding_output="vector",
@@ -142,13 +149,24 @@ def test_saved_model_with_named_signature_and_outputs(tmp_path: Path) -> None:
     assert out.probabilities is not None and out.probabilities.shape == (2, 3)
 
     with pytest.raises(ModelLoadError, match="no signature 'serving'"):
-        load_model(ModelSpec(source=str(directory), signature="serving"))
+        load_model(ModelSpec(backend="tensorflow", source=str(directory), signature="serving"))
     with pytest.raises(ModelLoadError, match="no output 'nope'"):
-        load_model(ModelSpec(source=str(directory), signature="embed", embedding_output="nope"))
+        load_model(
+            ModelSpec(
+                backend="tensorflow",
+                source=str(directory),
+                signature="embed",
+                embedding_output="nope",
+            )
+        )
 
 
 def test_keras_application_by_name_with_random_weights_still_gives_unit_norms() -> None:
-    loaded = load_model(ModelSpec(source="keras:MobileNetV3Small", weights="none", input_size=96))
+    loaded = load_model(
+        ModelSpec(
+            backend="tensorflow", source="keras:MobileNetV3Small", weights="none", input_size=96
+        )
+    )
     assert loaded.info.pretrained is False and loaded.info.dim == 576
     out = loaded.predict(random_images(2, size=96))
     np.testing.assert_allclose(np.linalg.norm(out.embeddings, axis=1), 1.0, atol=1e-4)
@@ -156,8 +174,12 @@ def test_keras_application_by_name_with_random_weights_still_gives_unit_norms() 
 
 def test_unknown_sources_are_refused_clearly(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="no model named 'NoSuchNet'"):
-        load_model(ModelSpec(source="keras:NoSuchNet"))
+        load_model(ModelSpec(backend="tensorflow", source="keras:NoSuchNet"))
     with pytest.raises(ModelLoadError, match="neither"):
-        load_model(ModelSpec(source=str(tmp_path / "missing.onnx")))
+        load_model(ModelSpec(backend="tensorflow", source=str(tmp_path / "missing.onnx")))
     with pytest.raises(ModelLoadError, match="weights file"):
-        load_model(ModelSpec(source="keras:MobileNetV2", weights=str(tmp_path / "w.h5")))
+        load_model(
+            ModelSpec(
+                backend="tensorflow", source="keras:MobileNetV2", weights=str(tmp_path / "w.h5")
+            )
+        )

@@ -59,7 +59,7 @@ def test_the_benchmark_measures_the_embedding_the_server_computes() -> None:
     from batchserve.models.loaders import load_model
     from batchserve.models.spec import ModelSpec
 
-    model = load_model(ModelSpec())
+    model = load_model(ModelSpec(backend="tensorflow"))
     assert model.info.embedding == {"pooling": "gem-3", "fit": "squash", "trim_borders": True}
     pictures = build(scenes=2, distractor_scenes=0, edits=("white border",), real=2).queries
     data = []
@@ -144,7 +144,7 @@ def test_item_views_indexed_by_the_cli_are_the_benchmarks_and_find_a_crop_first(
     assert np.abs(stored.reshape(-1, 1280) - retrieval.gem(maps)).max() < 1e-4
     catalog.close()
 
-    model = load_model(ModelSpec(crop_views=True, grey_view=True))
+    model = load_model(ModelSpec(backend="tensorflow", crop_views=True, grey_view=True))
     index = ViewedIndex(VectorIndex(1280, IndexParams()), 6)
     store = ItemStore(tmp_path / "data", index, model.info.fingerprint(), views=6)
     store.open()

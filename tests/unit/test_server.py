@@ -41,8 +41,11 @@ def test_the_decode_pool_gets_its_size_and_priority_from_the_settings() -> None:
 @pytest.mark.parametrize(
     ("flags", "sizes"),
     [
-        ([], [1, 2, 4, 8, 16, 32]),  # TensorFlow: a traced graph per size, few sizes
+        (["--backend", "tensorflow"], [1, 2, 4, 8, 16, 32]),  # a traced graph per size
         (["--backend", "openvino"], list(range(1, 33))),  # any size: batches unpadded
+        (["--backend", "torch"], list(range(1, 33))),  # eager: any size
+        (["--backend", "torch", "--jit-compile"], [1, 2, 4, 8, 16, 32]),  # a program per size
+        (["--backend", "jax"], [1, 2, 4, 8, 16, 32]),  # jax.jit: a program per size
         (["--backend", "openvino", "--batch-sizes", "8,32"], [8, 32]),  # as told
     ],
 )
