@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from batchserve.errors import ModelLoadError
-from batchserve.models import views
+from batchserve.models import model_dir, views
 from batchserve.settings import setting
 
 BUILTIN_NAME = "builtin"
@@ -36,14 +36,22 @@ KERAS_BACKENDS = ("jax", "torch")
 
 
 def chosen_backend(spec: ModelSpec) -> str:
-    """``spec.backend``, with ``auto`` made concrete: OpenVINO where it is installed and the
-    model runs on a CPU (``--device cpu``, or no NVIDIA GPU), as it serves about twice
-    TensorFlow's images/s there (bench/RESULTS.md, "The model's backends side by side");
-    else TensorFlow."""
+    """``spec.backend``, with ``auto`` made concrete: OpenVINO where it is installed and a
+    model built of Keras layers runs on a CPU (``--device cpu``, or no NVIDIA GPU), as it
+    serves about twice TensorFlow's images/s there (bench/RESULTS.md, "The model's backends
+    side by side"); else TensorFlow. A SavedModel is any graph, whose ops (reading files,
+    printing) a conversion may drop without a word: TensorFlow runs it unless told."""
     if spec.backend != "auto":
         return spec.backend
     on_cpu = spec.device == "cpu" or (spec.device == "auto" and not nvidia_gpu())
-    return "openvino" if on_cpu and importlib.util.find_spec("openvino") else "tensorflow"
+    converts = on_cpu and not is_saved_model(spec.source)
+    return "openvino" if converts and importlib.util.find_spec("openvino") else "tensorflow"
+
+
+def is_saved_model(source: str) -> bool:
+    """Whether ``--model`` names a SavedModel directory (not one ``batchserve train`` wrote)."""
+    path = Path(source)
+    return path.is_dir() and not model_dir.is_model_dir(path)
 
 
 def nvidia_gpu() -> bool:

@@ -5,6 +5,7 @@ OpenVINO cannot serve the model it was given."""
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -37,6 +38,12 @@ def test_auto_is_openvino_on_a_cpu_where_it_is_installed(
     assert chosen_backend(ModelSpec(device="cpu")) == "openvino"
     installed(monkeypatch, "openvino")
     assert chosen_backend(ModelSpec()) == "tensorflow"
+
+
+def test_auto_leaves_a_savedmodel_to_tensorflow(no_gpu: None, tmp_path: Path) -> None:
+    (tmp_path / "saved_model.pb").write_bytes(b"")
+    assert chosen_backend(ModelSpec(source=str(tmp_path))) == "tensorflow"
+    assert chosen_backend(ModelSpec(source=str(tmp_path), backend="openvino")) == "openvino"
 
 
 def test_auto_is_tensorflow_where_there_is_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
