@@ -219,11 +219,6 @@ class TensorFlowModel:
 
         out = self._concrete(tf.constant(images))
         probabilities = out.get("probabilities")
-        return ModelOutputs(
-            embeddings=np.asarray(out["embedding"].numpy(), dtype=np.float32),
-            probabilities=(
-                None
-                if probabilities is None
-                else np.asarray(probabilities.numpy(), dtype=np.float32)
-            ),
+        return ModelOutputs.copied(
+            out["embedding"].numpy(), None if probabilities is None else probabilities.numpy()
         )

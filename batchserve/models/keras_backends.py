@@ -115,10 +115,4 @@ class KerasModel:
 
     def predict(self, images: npt.NDArray[np.uint8]) -> ModelOutputs:
         out = self._run(images)
-        probabilities = out.get("probabilities")
-        return ModelOutputs(
-            embeddings=np.asarray(out["embedding"], dtype=np.float32),
-            probabilities=None
-            if probabilities is None
-            else np.asarray(probabilities, dtype=np.float32),
-        )
+        return ModelOutputs.copied(out["embedding"], out.get("probabilities"))

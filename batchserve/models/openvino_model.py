@@ -132,11 +132,8 @@ class OpenVinoModel:
     def predict(self, images: npt.NDArray[np.uint8]) -> ModelOutputs:
         out = self._request.infer([np.ascontiguousarray(images)], share_inputs=True)
         probabilities = self._ports.get("probabilities")
-        return ModelOutputs(
-            embeddings=np.array(out[self._ports["embedding"]], dtype=np.float32),
-            probabilities=None
-            if probabilities is None
-            else np.array(out[probabilities], dtype=np.float32),
+        return ModelOutputs.copied(
+            out[self._ports["embedding"]], None if probabilities is None else out[probabilities]
         )
 
 

@@ -285,6 +285,15 @@ class ModelOutputs:
     embeddings: npt.NDArray[np.float32]
     probabilities: npt.NDArray[np.float32] | None
 
+    @classmethod
+    def copied(cls, embeddings: Any, probabilities: Any | None) -> ModelOutputs:
+        """A backend's arrays (or tensors numpy can read) copied out as float32: a runtime
+        may reuse its output buffers for the next batch."""
+        return cls(
+            np.array(embeddings, dtype=np.float32),
+            None if probabilities is None else np.array(probabilities, dtype=np.float32),
+        )
+
 
 class EmbeddingModel(Protocol):
     """The seam between the inference thread and TensorFlow (tests hand in fakes)."""
