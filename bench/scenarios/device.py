@@ -180,7 +180,9 @@ def server_figures(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every load point against one server, and the server's own view of itself."""
     top = max(plan.batch_sizes)
-    flags = ["--no-demo", "--backend", backend, "--device", device,
+    # The points measure throughput, not admission: a deadline long enough that a slow
+    # device (the CPU of --cpu) is never refused for the wait its own queue makes.
+    flags = ["--no-demo", "--backend", backend, "--device", device, "--timeout-s", "120",
              "--max-batch-size", str(top), "--max-queue", str(4 * top * 8)]  # fmt: skip
     points = []
     with procs.temporary_server(flags, prefix="batchserve-device-") as server:
