@@ -316,6 +316,14 @@ class ServerSettings:
     metrics_address: str = setting(
         "", "HOST:PORT to serve /metrics on instead of the API port (empty: the API port)"
     )
+    workers: int = setting(
+        0,
+        "HTTP edge processes in front of one model process (0: one process serves it all). "
+        "Each edge reads, checks, decodes and answers requests on a core of its own; the "
+        "model process batches every edge's images together and searches each batch once",
+        at_least=0,
+        at_most=64,
+    )
     decode_threads: int = setting(
         0,
         "images decoded at once (0: one per CPU core); requests take turns image by image, "

@@ -31,18 +31,14 @@ from twisted.internet.interfaces import (
     IReactorTime,
 )
 from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from twisted.web.server import Site
 
 from batchserve import __version__
 from batchserve.config import ServeSettings
 from batchserve.http import ports
-from batchserve.http.auth import Tokens
 from batchserve.http.drain import Connections
-from batchserve.http.pacing import RefusalPacer
 from batchserve.http.site import make_site
 from batchserve.http.v1 import BatchserveAPI
 from batchserve.models.batches import Prediction
@@ -51,13 +47,15 @@ from batchserve.serving import logs, store_calls
 from batchserve.serving.batching import Batch, Batcher
 from batchserve.serving.follower import Follower, listen
 from batchserve.serving.metrics import Metrics, MetricsPage
-from batchserve.serving.pipeline import Job, Outcome, PipelineRunner, StoreWorker
+from batchserve.serving.pipeline import Job, LocalQueue, Outcome, PipelineRunner, StoreWorker
 from batchserve.serving.records import AddTask
-from batchserve.serving.service import ImageService, PoolRunner
-from batchserve.serving.threads import NamedThreadPool, name_this_thread
-from batchserve.serving.turns import REQUESTS_PER_TURN, DecodeTurns
+from batchserve.serving.service import ImageService
+from batchserve.serving.threads import Threads, name_this_thread
 from batchserve.storage.data_dir import lock_data_dir, remove_if_untouched
 from batchserve.storage.store import IndexState, ItemStore, OpenReport, open_store
+from batchserve.workers.core import Core
+from batchserve.workers.front import api_and_site
+from batchserve.workers.supervisor import EdgeSupervisor, start_edges
 
 log = Logger(namespace="batchserve")
 
@@ -86,47 +84,6 @@ class ModelWorker(Protocol):
     def stop(self, timeout_s: float = 30.0) -> None: ...
 
     def run(self, batch: Batch[npt.NDArray[np.uint8]]) -> Deferred[Sequence[Prediction | None]]: ...
-
-
-@dataclass
-class Threads:
-    """Where blocking work runs: ``decode(f, *args)`` on the decode pool (reading bodies,
-    decoding images), ``store(f, *args)`` on the one store thread (it owns the item store
-    and its index). Both return Deferreds that fire on the reactor. The decode pool has a
-    thread for each request being read and decoded, up to ``REQUESTS_PER_TURN`` per decode
-    thread; ``turns`` lets as many images decode at once as there are decode threads, in
-    turn (serving/turns.py)."""
-
-    decode: PoolRunner
-    store: PoolRunner
-    pools: Sequence[ThreadPool] = ()
-    turns: DecodeTurns | None = None
-
-    @classmethod
-    def pools_for(
-        cls, reactor: IReactorFromThreads, decode_threads: int, decode_nice: int = 0
-    ) -> Threads:
-        decode = NamedThreadPool(
-            decode_threads,
-            decode_threads * REQUESTS_PER_TURN,
-            name="batchserve-decode",
-            nice=decode_nice,
-        )
-        store = NamedThreadPool(1, 1, name="batchserve-store")
-        return cls(
-            partial(deferToThreadPool, reactor, decode),
-            partial(deferToThreadPool, reactor, store),
-            (decode, store),
-            DecodeTurns(decode_threads),
-        )
-
-    def start(self) -> None:
-        for pool in self.pools:
-            pool.start()
-
-    def stop(self) -> None:
-        for pool in self.pools:
-            pool.stop()
 
 
 def default_model(
@@ -168,7 +125,7 @@ def build(
     )
     batcher = Batcher(pipeline, settings.batching, reactor, observer=metrics)
     service = ImageService(
-        batcher,
+        LocalQueue(batcher),
         threads.decode,
         worker,
         settings.images,
@@ -179,24 +136,7 @@ def build(
     )
     metrics.set_queue_capacity(settings.batching.max_queue)
     metrics.track_readiness(lambda: service.ready)
-    api = BatchserveAPI(
-        service,
-        metrics,
-        settings.limits,
-        Tokens(api=settings.server.api_token, write=settings.server.write_token),
-        metrics_here=not settings.server.metrics_address,
-        pacer=RefusalPacer(reactor, batcher.images_per_s, settings.server.refusals_per_image),
-    )
-    site = make_site(
-        api.resource(),
-        settings.limits.max_body_bytes,
-        settings.server.access_log,
-        api.refuse_early,
-        settings.server.trusted_proxies(),
-        guard=settings.server.browser_guard(),
-        limits=settings.server.connection_limits(),
-        clock=reactor,
-    )
+    api, site = api_and_site(settings, service, metrics, reactor, batcher.images_per_s)
     return Server(
         settings, reactor, metrics, worker, threads, store_worker, batcher, service, api, site
     )
@@ -251,10 +191,15 @@ class Server:
         #: What the API listens with: its open connections, for the drain to close.
         self.connections = Connections(self.site)
         self._stopping = False
+        #: With --workers N: the edge processes that serve the API for this core.
+        self.edges: EdgeSupervisor | None = None
 
     @property
     def address(self) -> IPv4Address | IPv6Address:
         """The address the API listens on once started."""
+        if self.edges is not None:
+            host, port = self.edges.address()
+            return IPv6Address("TCP", host, port) if ":" in host else IPv4Address("TCP", host, port)
         assert self.port is not None, "the server is not listening"
         return _tcp_address(self.port)
 
@@ -381,8 +326,37 @@ class Server:
         if self._stopping:  # told to stop while starting: never opens the API
             return
         self.service.mark_started()
-        self._listen()
+        if self.settings.server.workers:
+            self._start_edges()
+        else:
+            self._listen()
         log.info("ready in {s:.1f} s", s=time.monotonic() - self._started_s)
+
+    def _start_edges(self) -> None:
+        """Open the listening socket and start the edge processes that serve it."""
+        settings = self.settings
+        info = _loaded(self.model.info)
+        self.edges = start_edges(
+            settings,
+            self.reactor,
+            Core(
+                self.batcher,
+                self.store,
+                self.service,
+                self.metrics,
+                settings,
+                lambda: self.model.ready,
+            ),
+            info,
+        )
+        where = self.address
+        log.info(
+            "batchserve {version} listening on http://{host}:{port} with {n} edge processes",
+            version=__version__,
+            host=where.host,
+            port=where.port,
+            n=settings.server.workers,
+        )
 
     def _snapshot(self) -> Deferred[Any]:
         d: Deferred[Any] = self.store.call(_take_snapshot)
@@ -409,7 +383,11 @@ class Server:
         # All in this turn of the reactor: no connection is accepted between stopping
         # listening and closing the idle ones.
         ports = [p for p in (self.port, self._metrics_port) if p is not None]
-        stopped = gatherResults([maybeDeferred(p.stopListening) for p in ports])
+        stopping: list[Deferred[Any]] = [maybeDeferred(p.stopListening) for p in ports]
+        if self.edges is not None:
+            # The edges drain first (each answers what it took); the core then has none.
+            stopping.append(self.edges.stop())
+        stopped = gatherResults(stopping)
         drained = self.api.in_flight.drain(drain_s, self.reactor, self.connections)
         d: Deferred[Any] = gatherResults([stopped, drained])
         d.addCallback(lambda results: self._drained(results[1]))
@@ -487,7 +465,7 @@ def serve(settings: ServeSettings) -> None:
     if server.metrics_address:
         ports.check_free(*server.metrics_host_port(), flag="--metrics-address")
     name_this_thread("batchserve")  # the reactor's thread, as top -H and /proc show it
-    logs.start_logging(server.log_level, server.log_format)
+    logs.start_logging(server.log_level, server.log_format, "core" if server.workers else "")
     os.umask(0o077)  # every file the server creates is readable by its own user only
     data_dir = Path(settings.store.data_dir)
     made = not data_dir.exists()

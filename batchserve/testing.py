@@ -23,9 +23,9 @@ from batchserve.errors import InferenceFailed
 from batchserve.models.batches import Prediction
 from batchserve.models.spec import LEGACY_EMBEDDING, ModelInfo, ModelOutputs
 from batchserve.models.views import recipe
-from batchserve.server import Threads
 from batchserve.serving.batching import Batch
 from batchserve.serving.inference import run_batch
+from batchserve.serving.threads import Threads
 
 In = TypeVar("In")
 

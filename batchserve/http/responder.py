@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred
 from twisted.internet.task import deferLater
@@ -40,7 +40,6 @@ from batchserve.http.wire import (
     json_body,
     status_for,
 )
-from batchserve.serving.metrics import Metrics
 from batchserve.serving.service import Call, ImageService
 
 log = Logger()
@@ -66,6 +65,20 @@ Work = Callable[[], Deferred[Any] | Any]
 ErrorBody = Callable[[IRequest, BatchserveError], bytes]
 
 
+class ApiMetrics(Protocol):
+    """What the API counts, and the page it serves at /metrics: ``serving.metrics.Metrics``
+    in one process; in an edge process, counted by the core (``workers/edge.py``), whose
+    page comes as a Deferred."""
+
+    content_type: str
+
+    def request_done(self, route: str, code: int, seconds: float) -> None: ...
+
+    def refusal_held(self) -> None: ...
+
+    def render(self) -> bytes | Deferred[bytes]: ...
+
+
 class Responder:
     """Runs the routes' work under the API's rules and answers for them.
 
@@ -75,7 +88,7 @@ class Responder:
     def __init__(
         self,
         service: ImageService,
-        metrics: Metrics,
+        metrics: ApiMetrics,
         limits: RequestLimits,
         tokens: Tokens,
         known_params: Mapping[tuple[str, str], set[str]],

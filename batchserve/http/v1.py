@@ -37,7 +37,7 @@ from batchserve.http.inputs import (
 from batchserve.http.openapi import docs_page
 from batchserve.http.openapi import document as openapi
 from batchserve.http.pacing import RefusalPacer
-from batchserve.http.responder import Responder
+from batchserve.http.responder import ApiMetrics, Responder
 from batchserve.http.routing import PathSegment, Utf8URLs
 from batchserve.http.v2 import OpenInferenceAPI
 from batchserve.http.wire import (
@@ -52,7 +52,6 @@ from batchserve.http.wire import (
     page_doc,
     timed,
 )
-from batchserve.serving.metrics import Metrics
 from batchserve.serving.records import Label
 from batchserve.serving.service import ImageService
 from batchserve.storage.outage import CatalogHealth
@@ -68,7 +67,7 @@ class BatchserveAPI:
     def __init__(
         self,
         service: ImageService,
-        metrics: Metrics,
+        metrics: ApiMetrics,
         limits: RequestLimits,
         tokens: Tokens | None = None,
         metrics_here: bool = True,
@@ -278,7 +277,7 @@ class BatchserveAPI:
         return web.respond(request, found)
 
     @app.route("/metrics", methods=["GET"])
-    def metrics(self, request: IRequest) -> bytes:
+    def metrics(self, request: IRequest) -> bytes | Deferred[bytes]:
         if not self._metrics_here:
             return error_body(
                 request, 404, "not_found", "metrics are served on the metrics address"

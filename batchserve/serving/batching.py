@@ -62,6 +62,52 @@ WAIT_SHARE = 0.5
 
 
 @dataclass(frozen=True)
+class QueueState:
+    """The queue as admission sees it at one moment: items queued, batches and items with
+    the runner, and the moving averages of a batch's time and of its time per image."""
+
+    queued: int
+    inflight_batches: int
+    inflight_items: int
+    image_s: float
+    batch_s: float
+
+    def retry_after_s(self, policy: BatchPolicy) -> int:
+        """Whole seconds a rejected client should wait: the time to drain the queue."""
+        batches = self.queued / policy.max_batch_size + self.inflight_batches
+        return max(1, math.ceil(batches * self.batch_s))
+
+    def images_per_s(self, policy: BatchPolicy) -> float:
+        """The rate the runner takes items when batches are full."""
+        return policy.max_batch_size / self.batch_s
+
+    def expected_wait_s(self, items: int) -> float:
+        """How long the last of ``items`` queued now would wait for its batch to end: the
+        images in flight and these, at the time per image recent batches took (a bound:
+        the batch running may be nearly done)."""
+        return (self.inflight_items + items) * self.image_s
+
+    def refusal(
+        self, policy: BatchPolicy, items: int, pending: int = 0, timeout_s: float | None = None
+    ) -> str | None:
+        """Why ``items`` more do not fit beside ``pending`` on their way (being decoded),
+        or None when they do: within ``max_queue``, and within the wait the deadline allows
+        (``WAIT_SHARE``): the policy's, or ``timeout_s``, the request's own, when shorter."""
+        ahead = self.queued + pending
+        deadline_s = min(policy.timeout_s, timeout_s or policy.timeout_s)
+        if ahead + items > policy.max_queue:
+            return f"queue full ({policy.max_queue} images)"
+        if ahead and self.expected_wait_s(ahead) > WAIT_SHARE * deadline_s:
+            # A request with nothing queued ahead of it is never refused so: its own images
+            # are its own wait.
+            return (
+                f"queue full ({ahead} images wait about {self.expected_wait_s(ahead):.1f} s "
+                f"of the {deadline_s:g} s deadline)"
+            )
+        return None
+
+
+@dataclass(frozen=True)
 class BatchPolicy:
     """When batches are formed, and the padded sizes the model runs them at. Times in
     seconds."""
@@ -248,14 +294,23 @@ class Batcher(Generic[In, Out]):
         """Batches handed to the runner and not finished."""
         return self._inflight
 
+    def state(self) -> QueueState:
+        """What admission reads of the queue now (an edge process gets copies of it)."""
+        return QueueState(
+            self.queued,
+            self._inflight,
+            self._inflight_items,
+            self._image_s,
+            self._batch_s,
+        )
+
     def retry_after_s(self) -> int:
         """Whole seconds a rejected client should wait: the time to drain the queue."""
-        batches = self.queued / self._policy.max_batch_size + self._inflight
-        return max(1, math.ceil(batches * self._batch_s))
+        return self.state().retry_after_s(self._policy)
 
     def images_per_s(self) -> float:
         """The rate the runner takes items when batches are full, as recent batches ran."""
-        return self._policy.max_batch_size / self._batch_s
+        return self.state().images_per_s(self._policy)
 
     def count_rejection(self, reason: str) -> None:
         """Count an item refused before it reached the queue (for the metrics)."""
@@ -263,30 +318,17 @@ class Batcher(Generic[In, Out]):
 
     def check_room(self, items: int, pending: int = 0, timeout_s: float | None = None) -> None:
         """Raise Overloaded (and count the rejection) unless ``items`` more fit in the queue
-        beside ``pending`` items that are on their way to it (being decoded): within
-        ``max_queue``, and within the wait the deadline allows (``WAIT_SHARE``): the
-        policy's, or ``timeout_s``, the request's own, when shorter."""
-        ahead = self.queued + pending
-        deadline_s = min(self._policy.timeout_s, timeout_s or self._policy.timeout_s)
-        if ahead + items > self._policy.max_queue:
-            reason = f"queue full ({self._policy.max_queue} images)"
-        elif ahead and self.expected_wait_s(ahead) > WAIT_SHARE * deadline_s:
-            # A request with nothing queued ahead of it is never refused so: its own images
-            # are its own wait.
-            reason = (
-                f"queue full ({ahead} images wait about {self.expected_wait_s(ahead):.1f} s "
-                f"of the {deadline_s:g} s deadline)"
-            )
-        else:
+        beside ``pending`` items that are on their way to it (``QueueState.refusal``)."""
+        state = self.state()
+        reason = state.refusal(self._policy, items, pending, timeout_s)
+        if reason is None:
             return
         self._observer.item_rejected("queue_full")
-        raise Overloaded(f"{reason}; retry later", retry_after_s=self.retry_after_s())
+        raise Overloaded(f"{reason}; retry later", retry_after_s=state.retry_after_s(self._policy))
 
     def expected_wait_s(self, items: int) -> float:
-        """How long the last of ``items`` queued now would wait for its batch to end: the
-        images in flight and these, at the time per image recent batches took (a bound:
-        the batch running may be nearly done)."""
-        return (self._inflight_items + items) * self._image_s
+        """How long the last of ``items`` queued now would wait (``QueueState``)."""
+        return self.state().expected_wait_s(items)
 
     def submit(self, payload: In, timeout_s: float | None = None) -> Deferred[Out]:
         """Queue ``payload``; the Deferred fires with its result.

@@ -103,21 +103,24 @@ def _message(event: LogEvent) -> str:
     return text
 
 
-def text_observer(out: IO[str]) -> ILogObserver:
-    """``time level namespace: message``, one line per event (a traceback indented)."""
+def text_observer(out: IO[str], process: str = "") -> ILogObserver:
+    """``time level namespace: message``, one line per event (a traceback indented);
+    with ``process`` (a server of several processes: ``core``, ``edge-1`` ...), ``time
+    level [process] namespace: message``."""
+    tag = f"[{process}] " if process else ""
 
     @provider(ILogObserver)
     def observe(event: LogEvent) -> None:
         namespace = event.get("log_namespace", "-")
         message = _message(event).replace("\n", "\n    ")
-        out.write(f"{_time(event)} {_level(event):<5} {namespace}: {message}\n")
+        out.write(f"{_time(event)} {_level(event):<5} {tag}{namespace}: {message}\n")
 
     return observe  # type: ignore[no-any-return]  # zope's @provider is untyped
 
 
-def json_observer(out: IO[str]) -> ILogObserver:
+def json_observer(out: IO[str], process: str = "") -> ILogObserver:
     """One JSON object per line: time, level, logger, message, and an access event's
-    fields as keys of their own."""
+    fields as keys of their own; with ``process``, a ``process`` key naming it."""
 
     @provider(ILogObserver)
     def observe(event: LogEvent) -> None:
@@ -127,6 +130,8 @@ def json_observer(out: IO[str]) -> ILogObserver:
             "logger": event.get("log_namespace", "-"),
             "message": _message(event),
         }
+        if process:
+            line["process"] = process
         if line["logger"] == ACCESS_NAMESPACE:
             line.update({key: event.get(key) for key in ACCESS_FIELDS})
         out.write(orjson.dumps(line, default=str).decode() + "\n")
@@ -134,7 +139,7 @@ def json_observer(out: IO[str]) -> ILogObserver:
     return observe  # type: ignore[no-any-return]  # zope's @provider is untyped
 
 
-OBSERVERS: dict[str, Callable[[IO[str]], ILogObserver]] = {
+OBSERVERS: dict[str, Callable[[IO[str], str], ILogObserver]] = {
     "text": text_observer,
     "json": json_observer,
 }
@@ -156,14 +161,14 @@ def filtered(observer: ILogObserver, level_name: str) -> ILogObserver:
     return FilteringLogObserver(observer, [predicate])
 
 
-def start_logging(level_name: str, log_format: str) -> None:
+def start_logging(level_name: str, log_format: str, process: str = "") -> None:
     """Send Twisted's log (and Python's ``logging``, which TensorFlow and Keras use) to
     stderr as ``log_format`` lines from ``level_name`` up. Below debug, what native code
     writes to stderr (TensorFlow's C++ start-up lines) becomes log events too, so that every
     line of a JSON log is JSON; at debug it is written as it comes."""
     quiet_framework_logs(level_name)
     out = sys.stderr if level_name == "debug" else capture_native_stderr()
-    observer = filtered(OBSERVERS[log_format](out), level_name)
+    observer = filtered(OBSERVERS[log_format](out, process), level_name)
     logging.getLogger().addHandler(TwistedHandler())
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 

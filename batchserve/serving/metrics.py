@@ -136,6 +136,12 @@ class Metrics:
             registry=r,
         )
         self.index_items = Gauge("batchserve_index_items", "Items in the index", registry=r)
+        self.batch_edges_count = Histogram(
+            "batchserve_batch_edges",
+            "Edge processes whose images one batch held (--workers; one batch mixes them all)",
+            buckets=_BATCH_BUCKETS[:7],
+            registry=r,
+        )
         self.queue_capacity_items = Gauge(
             "batchserve_queue_capacity_items",
             "Images the queue holds before requests get 503 (the max_queue setting)",
@@ -178,6 +184,9 @@ class Metrics:
     # StoreObserver (called on the store thread)
     def search_done(self, seconds: float) -> None:
         self.search_seconds.observe(seconds)
+
+    def batch_edges(self, edges: int) -> None:
+        self.batch_edges_count.observe(edges)
 
     def index_size(self, items: int) -> None:
         self.index_items.set(items)

@@ -92,6 +92,8 @@ class Job:
     task: Task
     views: npt.NDArray[np.uint8] | None = None
     part: Part | None = None
+    #: The edge process that sent it (``--workers``); -1: this process's own request.
+    origin: int = -1
 
     @property
     def images(self) -> int:
@@ -129,7 +131,10 @@ def submit_jobs(
         start = len(queued)
         if joined is not None and isinstance(job.task, AddTask):
             pictures = [job.image] if job.views is None else [job.image, *job.views]
-            queued.extend(Job(p, EmbedTask(), part=Part(joined, next(images))) for p in pictures)
+            queued.extend(
+                Job(p, EmbedTask(), part=Part(joined, next(images)), origin=job.origin)
+                for p in pictures
+            )
         else:
             queued.append(job)
         spans.append(range(start, len(queued)))
@@ -157,10 +162,43 @@ def _joined(job: Job, outcomes: list[Outcome]) -> Outcome:
     )
 
 
+class LocalQueue:
+    """The Batcher of this process as a service's ``JobQueue``."""
+
+    def __init__(self, batcher: Batcher[Job, Outcome]) -> None:
+        self.batcher = batcher
+
+    @property
+    def timeout_s(self) -> float:
+        return self.batcher.policy.timeout_s
+
+    def check_room(self, items: int, pending: int = 0, timeout_s: float | None = None) -> None:
+        self.batcher.check_room(items, pending, timeout_s)
+
+    def count_rejection(self, reason: str) -> None:
+        self.batcher.count_rejection(reason)
+
+    def images_per_s(self) -> float:
+        return self.batcher.images_per_s()
+
+    def stage(self, jobs: list[Job]) -> list[Job]:
+        return jobs
+
+    def discard(self, jobs: Sequence[Job]) -> None:
+        pass
+
+    def submit_jobs(self, jobs: Sequence[Job], timeout_s: float) -> Deferred[list[Outcome]]:
+        return submit_jobs(self.batcher, jobs, timeout_s)
+
+
 class StoreObserver(Protocol):
     def search_done(self, seconds: float) -> None: ...
 
     def index_size(self, items: int) -> None: ...
+
+    def batch_edges(self, edges: int) -> None:
+        """How many edge processes' images a batch held (only with edges)."""
+        ...
 
 
 class ModelRunner(Protocol):
@@ -327,6 +365,9 @@ class PipelineRunner:
         self._store_stage_lock = DeferredLock()
 
     def run(self, batch: Batch[Job]) -> Deferred[Sequence[Outcome | Failure | None]]:
+        origins = {job.origin for job in batch.payloads if job.origin >= 0}
+        if origins and self._observer is not None:
+            self._observer.batch_edges(len(origins))
         images = batch.map(lambda job: job.image)
         started = time.perf_counter()
         d = self._model.run(images)

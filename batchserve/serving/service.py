@@ -29,7 +29,6 @@ from batchserve.models.batches import Prediction
 from batchserve.models.images import DecodeLimits
 from batchserve.models.spec import ModelInfo
 from batchserve.serving import store_calls
-from batchserve.serving.batching import Batcher
 from batchserve.serving.decoding import (
     DecodeObserver,
     Picture,
@@ -39,8 +38,9 @@ from batchserve.serving.decoding import (
     decoded_jobs,
     search_jobs,
 )
-from batchserve.serving.pipeline import Job, Outcome, StoreWorker, submit_jobs
+from batchserve.serving.pipeline import Job, Outcome
 from batchserve.serving.records import AddTask, EmbedTask, Label, SearchRequest, SearchTask, Task
+from batchserve.serving.threads import PoolRunner
 from batchserve.serving.timings import Timings
 from batchserve.serving.turns import DecodeTurns
 from batchserve.storage.outage import CatalogHealth
@@ -51,8 +51,57 @@ T = TypeVar("T")
 
 EMBED = EmbedTask()
 
-#: Runs a blocking function on a thread pool: ``run(f, *args) -> Deferred``.
-PoolRunner = Callable[..., Deferred[Any]]
+
+class JobQueue(Protocol):
+    """Where a request's decoded images go to be run, and what it says of its room: the
+    Batcher in this process (``pipeline.LocalQueue``), or the model core's, from an edge
+    process (``workers/edge.py``)."""
+
+    @property
+    def timeout_s(self) -> float:
+        """The server's deadline for a request (seconds), which also caps its own."""
+        ...
+
+    def check_room(self, items: int, pending: int = 0, timeout_s: float | None = None) -> None:
+        """Raise Overloaded (counted) unless ``items`` more fit (``Batcher.check_room``)."""
+        ...
+
+    def count_rejection(self, reason: str) -> None: ...
+
+    def images_per_s(self) -> float:
+        """The rate the model takes images when batches are full."""
+        ...
+
+    def stage(self, jobs: list[Job]) -> list[Job]:
+        """On the decode pool, once a request's images are decoded: the jobs as they will
+        be submitted (an edge copies the images into shared memory here)."""
+        ...
+
+    def discard(self, jobs: Sequence[Job]) -> None:
+        """Staged jobs that will not be submitted (the request failed or hung up first)."""
+        ...
+
+    def submit_jobs(self, jobs: Sequence[Job], timeout_s: float) -> Deferred[list[Outcome]]:
+        """Run a request's jobs (``pipeline.submit_jobs``): one outcome per job, in order."""
+        ...
+
+
+class ItemStoreThread(Protocol):
+    """The store thread, as the service uses it: ``pipeline.StoreWorker`` in this process,
+    or the core's, from an edge."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def rebuilding(self) -> bool: ...
+
+    @property
+    def catalog_health(self) -> CatalogHealth | None: ...
+
+    def call(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        """Run ``fn(store, *args)`` (a function of ``store_calls``) on the store thread."""
+        ...
 
 
 class ModelStatus(Protocol):
@@ -85,16 +134,16 @@ class ImageService:
 
     def __init__(
         self,
-        batcher: Batcher[Job, Outcome],
+        queue: JobQueue,
         run_in_pool: PoolRunner,
         model: ModelStatus,
         limits: DecodeLimits,
         clock: IReactorTime,
-        store: StoreWorker | None = None,
+        store: ItemStoreThread | None = None,
         observer: DecodeObserver | None = None,
         turns: DecodeTurns | None = None,
     ) -> None:
-        self._batcher = batcher
+        self._queue = queue
         self._turns = turns
         self._clock = clock
         self._run_in_pool = run_in_pool
@@ -159,7 +208,7 @@ class ImageService:
         ``reserve``: the request holds its room until ``release``; ``timeout_s``: its own
         deadline, when it set one."""
         info = self.loaded(needs_index)
-        self._batcher.check_room(1, pending=self.reading, timeout_s=timeout_s)
+        self._queue.check_room(1, pending=self.reading, timeout_s=timeout_s)
         if reserve:
             # Admitted from its headers, its body still to come: it holds its room until
             # its handler runs (``release``), so that a burst of requests is not admitted
@@ -229,7 +278,9 @@ class ImageService:
         # Whether the request holds images or vectors is known once it is read: a search by
         # vectors never reaches the model's queue, so only the queue refuses image searches.
         call.admitted_s = self._clock.seconds()
-        d = self._off_reactor(call, search_jobs, read, info, self._limits, self._observer)
+        d = self._off_reactor(
+            call, self._staged, search_jobs, read, info, self._limits, self._observer
+        )
 
         def route(prepared: list[Job] | VectorSearch) -> Deferred[list[list[Match]]]:
             if isinstance(prepared, VectorSearch):
@@ -261,16 +312,23 @@ class ImageService:
         except (NotReady, Overloaded) as e:
             return fail(e)
         call.admitted_s = self._clock.seconds()
-        d = self._off_reactor(call, decoded_jobs, read, info, self._limits, self._observer)
+        d = self._off_reactor(
+            call, self._staged, decoded_jobs, read, info, self._limits, self._observer
+        )
         return d.addCallback(self._submit_all, call)
 
     def _deadline_s(self, call: Call) -> float:
         # The deadline runs from admission: time spent reading and decoding counts. It is
         # worked out once the body is read, which may carry the request's own deadline.
-        timeout_s = self._batcher.policy.timeout_s
+        timeout_s = self._queue.timeout_s
         if call.timeout_s is not None:
             timeout_s = min(timeout_s, call.timeout_s)
         return call.admitted_s + timeout_s
+
+    def _staged(self, make: Callable[..., Any], *args: Any) -> Any:
+        """On the decode pool: the jobs ``make(*args)`` decodes, staged for the queue."""
+        made = make(*args)
+        return made if isinstance(made, VectorSearch) else self._queue.stage(made)
 
     def _off_reactor(self, call: Call, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         """Run ``fn(*args, watch)`` on the decode pool, counted as a request being read.
@@ -289,7 +347,7 @@ class ImageService:
         def stopped(failure: Failure) -> Failure:
             if failure.check(DeadlineExceeded):
                 for _image in range(watch.dropped):
-                    self._batcher.count_rejection("deadline")
+                    self._queue.count_rejection("deadline")
             return failure
 
         def done(result: T) -> T:
@@ -298,6 +356,8 @@ class ImageService:
 
         def settle(result: T | Failure) -> None:
             if d.called:  # cancelled: nobody waits for what the pool made of it
+                if isinstance(result, list):
+                    self._queue.discard(result)
                 return
             if isinstance(result, Failure):
                 d.errback(result)
@@ -312,12 +372,14 @@ class ImageService:
         left_s = self._deadline_s(call) - self._clock.seconds()
         if left_s <= 0:
             for _job in jobs:
-                self._batcher.count_rejection("deadline")
+                self._queue.count_rejection("deadline")
+            self._queue.discard(jobs)
             return fail(DeadlineExceeded("deadline passed while the images were decoded"))
         try:
             # All of a request's images (item views included) fit in the queue, or none is.
-            self._batcher.check_room(sum(job.images for job in jobs), pending=self.reading)
+            self._queue.check_room(sum(job.images for job in jobs), pending=self.reading)
         except Overloaded as e:
+            self._queue.discard(jobs)
             return fail(e)
         submitted = time.perf_counter()
 
@@ -330,7 +392,7 @@ class ImageService:
             )
             return outcomes
 
-        return submit_jobs(self._batcher, jobs, left_s).addCallback(timed)
+        return self._queue.submit_jobs(jobs, left_s).addCallback(timed)
 
     # -- on the store thread ---------------------------------------------------------------
 

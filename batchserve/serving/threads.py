@@ -10,9 +10,20 @@ import ctypes.util
 import os
 import sys
 import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
+
+from batchserve.serving.turns import REQUESTS_PER_TURN, DecodeTurns
+
+#: Runs a blocking function on a thread pool: ``run(f, *args) -> Deferred``.
+PoolRunner = Callable[..., Deferred[Any]]
 
 #: prctl's option to set the calling thread's name (at most 15 bytes are kept).
 _PR_SET_NAME = 15
@@ -70,3 +81,66 @@ class NamedThreadPool(ThreadPool):
 
         PoolThread.nice = nice
         self.threadFactory = PoolThread
+
+
+@dataclass
+class Threads:
+    """Where blocking work runs: ``decode(f, *args)`` on the decode pool (reading bodies,
+    decoding images), ``store(f, *args)`` on the one store thread (it owns the item store
+    and its index). Both return Deferreds that fire on the reactor. The decode pool has a
+    thread for each request being read and decoded, up to ``REQUESTS_PER_TURN`` per decode
+    thread; ``turns`` lets as many images decode at once as there are decode threads, in
+    turn (serving/turns.py)."""
+
+    decode: PoolRunner
+    store: PoolRunner
+    pools: Sequence[ThreadPool] = ()
+    turns: DecodeTurns | None = None
+
+    @classmethod
+    def pools_for(
+        cls, reactor: IReactorFromThreads, decode_threads: int, decode_nice: int = 0
+    ) -> Threads:
+        decode = NamedThreadPool(
+            decode_threads,
+            decode_threads * REQUESTS_PER_TURN,
+            name="batchserve-decode",
+            nice=decode_nice,
+        )
+        store = NamedThreadPool(1, 1, name="batchserve-store")
+        return cls(
+            partial(deferToThreadPool, reactor, decode),
+            partial(deferToThreadPool, reactor, store),
+            (decode, store),
+            DecodeTurns(decode_threads),
+        )
+
+    @classmethod
+    def decode_only(
+        cls, reactor: IReactorFromThreads, decode_threads: int, decode_nice: int = 0
+    ) -> Threads:
+        """The decode pool alone (an edge process: its store thread is the core's)."""
+        decode = NamedThreadPool(
+            decode_threads,
+            decode_threads * REQUESTS_PER_TURN,
+            name="batchserve-decode",
+            nice=decode_nice,
+        )
+        return cls(
+            partial(deferToThreadPool, reactor, decode),
+            _no_store,
+            (decode,),
+            DecodeTurns(decode_threads),
+        )
+
+    def start(self) -> None:
+        for pool in self.pools:
+            pool.start()
+
+    def stop(self) -> None:
+        for pool in self.pools:
+            pool.stop()
+
+
+def _no_store(fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    return fail(RuntimeError("an edge process has no store thread"))

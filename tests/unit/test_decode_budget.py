@@ -27,6 +27,7 @@ from batchserve.models.images import (
 from batchserve.models.spec import ModelInfo
 from batchserve.serving.batching import Batcher, BatchPolicy
 from batchserve.serving.decoding import HungUp, RequestWatch, decoded_jobs
+from batchserve.serving.pipeline import LocalQueue
 from batchserve.serving.records import AddTask, EmbedTask, Task
 from batchserve.serving.service import ImageService
 from batchserve.testing import FakeModel, FakeRunner, encode_image, result_of
@@ -206,7 +207,9 @@ def service_with(
     )
     pool = SlowPool()
     info = FakeModel().info
-    service = ImageService(batcher, pool, Ready(info), DecodeLimits(), clock, observer=observer)
+    service = ImageService(
+        LocalQueue(batcher), pool, Ready(info), DecodeLimits(), clock, observer=observer
+    )
     return service, pool, clock, runner, rejections
 
 

@@ -23,7 +23,7 @@ from batchserve.errors import (
 from batchserve.models.images import DecodeLimits
 from batchserve.serving import decoding
 from batchserve.serving.batching import Batcher, BatchPolicy, gather
-from batchserve.serving.pipeline import StoreWorker
+from batchserve.serving.pipeline import LocalQueue, StoreWorker
 from batchserve.serving.records import AddTask, EmbedTask, SearchRequest, SearchTask
 from batchserve.serving.service import ImageService
 from batchserve.storage.index import IndexParams, VectorIndex
@@ -91,7 +91,9 @@ def make(
         runner, BatchPolicy(timeout_s=timeout_s, max_queue=max_queue), clock
     )
     pool = SlowPool()
-    service = ImageService(batcher, pool, Ready(model or FakeModel()), DecodeLimits(), clock)
+    service = ImageService(
+        LocalQueue(batcher), pool, Ready(model or FakeModel()), DecodeLimits(), clock
+    )
     return service, batcher, runner, pool, clock
 
 
@@ -254,7 +256,7 @@ class IndexedService:
         )
         self.pool = SlowPool()
         self.service = ImageService(
-            self.batcher,
+            LocalQueue(self.batcher),
             self.pool,
             ModelState(self.model if model_loaded else None),
             DecodeLimits(),
