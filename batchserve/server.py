@@ -322,18 +322,22 @@ class Server:
         self._follower.start()
         self._stop_listening = listen(ChangeListener(store.catalog), self.reactor, self._follower)
 
-    def _ready(self, _: object) -> None:
+    def _ready(self, _: object) -> Deferred[None] | None:
         if self._stopping:  # told to stop while starting: never opens the API
-            return
+            return None
         self.service.mark_started()
         if self.settings.server.workers:
-            self._start_edges()
-        else:
-            self._listen()
+            return self._start_edges().addCallback(self._ready_now)
+        self._listen()
+        self._ready_now(None)
+        return None
+
+    def _ready_now(self, _: object) -> None:
         log.info("ready in {s:.1f} s", s=time.monotonic() - self._started_s)
 
-    def _start_edges(self) -> None:
-        """Open the listening socket and start the edge processes that serve it."""
+    def _start_edges(self) -> Deferred[None]:
+        """Open the listening socket and start the edge processes that serve it; fires once
+        every edge serves."""
         settings = self.settings
         info = _loaded(self.model.info)
         self.edges = start_edges(
@@ -357,6 +361,7 @@ class Server:
             port=where.port,
             n=settings.server.workers,
         )
+        return self.edges.serving()
 
     def _snapshot(self) -> Deferred[Any]:
         d: Deferred[Any] = self.store.call(_take_snapshot)

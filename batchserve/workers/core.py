@@ -19,11 +19,11 @@ Reactor thread only.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
@@ -58,6 +58,9 @@ STORE_CALLS: dict[str, Callable[..., Any]] = {
 
 #: What an edge may ask its metrics to count: the observer methods of its side.
 OBSERVED = frozenset({"request_done", "decoded", "item_rejected", "refusal_held"})
+
+#: The longest a metrics page waits for an edge's last counts.
+FLUSH_WAIT_S = 1.0
 
 #: A job as an edge sends it: the slot of its image, the slots of its views, its task.
 WireJob = tuple[int, tuple[int, ...], Task]
@@ -132,10 +135,11 @@ class EdgeChannel(ChannelProtocol):
             return self._store_call(*body)
         if name == "hello":
             self.edge = int(body)
+            self._edges.greeted(self.edge)
             info = self._core.service.info
-            return {"info": info, "settings": self._core.settings, "status": self._core.status()}
+            return {"info": info, "settings": self._core.settings, "status": self._edges.status()}
         if name == "metrics":
-            return self._core.metrics.render()
+            return self._edges.metrics_page()
         raise InvalidInput(f"unknown control request {name!r}")
 
     def heard(self, name: str, body: Any) -> None:
@@ -176,12 +180,19 @@ class EdgeChannels(Factory):
 
     noisy = False
 
-    def __init__(self, core: Core, clock: IReactorTime, interval_s: float = 0.05) -> None:
+    def __init__(
+        self, core: Core, clock: IReactorTime, edges: int = 1, interval_s: float = 0.05
+    ) -> None:
         self._core = core
+        self._edges = edges
+        self._greeted: set[int] = set()
+        #: Fires once every edge has said hello (the first time).
+        self.all_greeted: Deferred[None] = Deferred()
         self.channels: set[EdgeChannel] = set()
         self._last: tuple[Any, ...] | None = None
         self._telling = LoopingCall(self.tell_status)
         self._telling.clock = clock
+        self._clock = clock
         self._interval_s = interval_s
 
     def buildProtocol(self, addr: Any) -> EdgeChannel:  # noqa: N802 (Twisted API)
@@ -197,13 +208,36 @@ class EdgeChannels(Factory):
     def joined(self, channel: EdgeChannel) -> None:
         self.channels.add(channel)
 
+    def greeted(self, edge: int) -> None:
+        self._greeted.add(edge)
+        if len(self._greeted) == self._edges and not self.all_greeted.called:
+            self.all_greeted.callback(None)
+
     def left(self, channel: EdgeChannel) -> None:
         self.channels.discard(channel)
         log.info("edge {edge} disconnected from the core", edge=channel.edge)
 
+    def metrics_page(self) -> Deferred[bytes]:
+        """The core's metrics page, once every edge has sent what it counted so far (each
+        answers ``flush`` after its counts, on the same channel; an edge that does not
+        answer within ``FLUSH_WAIT_S`` is not waited for)."""
+        asked = [
+            channel.ask("flush").addTimeout(FLUSH_WAIT_S, self._clock) for channel in self.channels
+        ]
+        done: Deferred[Any] = DeferredList(asked, consumeErrors=True)
+        return done.addCallback(lambda _: self._core.metrics.render())
+
+    def status(self) -> CoreStatus:
+        """The core's status, ready only once every edge serves (the server is what
+        /readyz answers for, on any edge)."""
+        status = self._core.status()
+        if status.ready and not self.all_greeted.called:
+            return replace(status, ready=False)
+        return status
+
     def tell_status(self) -> None:
         """Tell every edge the core's status, if it changed since last told."""
-        status = self._core.status()
+        status = self.status()
         key = (*_without_queue(status), status.queue.queued, status.queue.inflight_items)
         if key == self._last:
             return

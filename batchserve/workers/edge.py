@@ -51,6 +51,14 @@ class CoreLink(ChannelProtocol):
         self._on_lost = on_lost
         self.status: CoreStatus | None = None
         self.info: ModelInfo | None = None
+        #: Sends what this edge counted to the core (``MetricsRelay.flush``).
+        self.flush_metrics: Callable[[], None] = lambda: None
+
+    def answer(self, name: str, body: Any) -> Any:
+        if name == "flush":  # a metrics page is wanted: send the counts first
+            self.flush_metrics()
+            return None
+        raise NotImplementedError(name)
 
     def heard(self, name: str, body: Any) -> None:
         if name == "status":
@@ -161,8 +169,9 @@ class CoreModel:
 
     @property
     def ready(self) -> bool:
+        """The core ready: its model warm and index open, and every edge serving."""
         status = self._link.status
-        return status is not None and status.model_ready and not self._link.closed
+        return status is not None and status.ready and not self._link.closed
 
 
 class CoreStore:
@@ -203,6 +212,7 @@ class MetricsRelay:
         self._flushing = LoopingCall(self.flush)
         self._flushing.clock = clock
         self._flush_s = flush_s
+        link.flush_metrics = self.flush
 
     def start(self) -> None:
         self._flushing.start(self._flush_s, now=False)
@@ -231,7 +241,6 @@ class MetricsRelay:
         self._events.append(("refusal_held", ()))
 
     def render(self) -> Deferred[bytes]:
-        """The core's metrics page, with what this edge has not sent yet counted first."""
-        self.flush()
+        """The core's metrics page, with what every edge counted up to now."""
         d: Deferred[bytes] = self._link.ask("metrics")
         return d

@@ -103,6 +103,12 @@ class Edge:
         if self.port is None:
             return None
         drain_s = self.settings.server.drain_timeout_s
+        log.info(
+            "edge {edge} draining: {n} requests in flight, waiting up to {s:g} s",
+            edge=self._args.edge,
+            n=self.api.in_flight.count,
+            s=drain_s,
+        )
         stopped = self.port.stopListening()
         drained = self.api.in_flight.drain(drain_s, self._reactor, self.connections)
 

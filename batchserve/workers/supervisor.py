@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.error import ProcessDone
+from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IListeningPort, IReactorProcess, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
@@ -125,6 +125,11 @@ class EdgeSupervisor:
         for edge in range(self.edges):
             self._spawn(edge)
 
+    def serving(self) -> Deferred[None]:
+        """Fires once every edge has connected to the core (each then serves at once)."""
+        assert self._channels is not None
+        return self._channels.all_greeted
+
     def address(self) -> tuple[str, int]:
         """The API's listening address (host, port)."""
         host, port = self._listening.getsockname()[:2]
@@ -163,7 +168,7 @@ class EdgeSupervisor:
         self._restart_s[process.edge] = (
             min(wait_s * 2, LONGEST_RESTART_S) if lived_s < YOUNG_S else FIRST_RESTART_S
         )
-        how = "exited" if reason.check(ProcessDone) else reason.getErrorMessage()
+        how = _how_it_ended(reason)
         log.warn(
             "edge {edge} {how} after {s:.1f} s; starting it again in {wait:g} s",
             edge=process.edge,
@@ -215,6 +220,17 @@ class EdgeSupervisor:
         return result
 
 
+def _how_it_ended(reason: Failure) -> str:
+    error = reason.value
+    if reason.check(ProcessDone):
+        return "exited"
+    if isinstance(error, ProcessTerminated) and error.signal is not None:
+        return f"was killed by signal {error.signal}"
+    if isinstance(error, ProcessTerminated):
+        return f"exited with status {error.exitCode}"
+    return f"ended ({reason.getErrorMessage()})"
+
+
 def _signal(process: EdgeProcess, sig: int) -> None:
     transport = process.transport
     if transport is not None and not process.ended.called:
@@ -254,7 +270,7 @@ def start_edges(
         shape,
         log_args,
         server.drain_timeout_s,
-        EdgeChannels(core, reactor),
+        EdgeChannels(core, reactor, server.workers),
     )
     edges.start()
     return edges
