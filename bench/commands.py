@@ -43,6 +43,7 @@ from bench.scenarios import (
     retrieval,
     search,
     versus,
+    workers,
     writers,
 )
 
@@ -138,6 +139,11 @@ def report_steps(args: argparse.Namespace) -> list[tuple[str, Callable[[], Any]]
         ("ceiling", lambda: ceiling.measure(args.duration), True),
         ("overload", lambda: overload.measure(images, args.overload_s), args.overload_s > 0),
         ("frontend", lambda: frontend.measure(images, args.frontend_s), args.frontend_s > 0),
+        (
+            "workers",
+            lambda: workers.measure(args.workers_rounds),
+            args.workers_rounds > 0,
+        ),
         ("versus", lambda: versus.measure(images, args.versus_rounds), args.versus_rounds > 0),
         (
             "backends",
@@ -186,7 +192,7 @@ def ab_command(args: argparse.Namespace) -> int:
 
 
 def scenario_command(args: argparse.Namespace, argv: list[str]) -> int:
-    """One scenario on its own: ceiling, backends, overload, frontend or versus."""
+    """One scenario on its own: ceiling, backends, overload, frontend, workers or versus."""
     if args.command == "ceiling":
         numbers = ceiling.measure(args.duration)
     elif args.command == "backends":
@@ -197,6 +203,8 @@ def scenario_command(args: argparse.Namespace, argv: list[str]) -> int:
         numbers = overload.measure(_images(args.images), seconds=args.duration)
     elif args.command == "frontend":
         numbers = frontend.measure(_images(args.images), args.duration, args.warmup)
+    elif args.command == "workers":
+        numbers = workers.measure(args.rounds, args.duration, args.model_rounds)
     else:
         numbers = versus.measure(_images(args.images), args.rounds, args.clients, args.duration)
     publish(args, argv, args.command, numbers)
@@ -250,6 +258,7 @@ def _report_parser(commands: Any) -> None:
         ("--kinds-items", int, 100_000, "vectors for the index-kinds comparison"),
         ("--overload-s", float, 60.0, "seconds of 3x overload, over all its rounds"),
         ("--frontend-s", float, 20.0, "seconds per phase of the front-end scenario"),
+        ("--workers-rounds", int, 4, "rounds per server of --workers 0, 1 and 2 side by side"),
         ("--versus-rounds", int, 5, "rounds per side of batchserve against (b)"),
         ("--backends-rounds", int, 5, "rounds per server of the backends side by side"),
         ("--replica-items", int, 100_000, "items of the shared catalog a new replica opens"),
@@ -281,6 +290,15 @@ def _scenario_parsers(commands: Any) -> None:
     for p in (c, o, f, v, b):
         p.add_argument("--images", help="directory of images to send (default: sample photos)")
         _outputs(p)
+    w = commands.add_parser(
+        "workers", help="--workers 2 against 1 and against one process, side by side"
+    )
+    w.add_argument("--rounds", type=int, default=4, help="rounds per server and phase")
+    w.add_argument("--duration", type=float, default=6.0, help="seconds per round")
+    w.add_argument(
+        "--model-rounds", type=int, default=4, help="rounds with the built-in model (0: skip)"
+    )
+    _outputs(w)
     a = commands.add_parser("ab", help="two batchserve settings or checkouts side by side")
     a.add_argument("--a-flags", default="", help="serve flags of server A")
     a.add_argument("--b-flags", default="", help="serve flags of server B")

@@ -20,6 +20,7 @@ from bench.report import (
     sections_bulk,
     sections_retrieval,
     sections_scenarios,
+    sections_workers,
 )
 
 BENCH = Path(__file__).parents[1]
@@ -97,6 +98,7 @@ RENDERERS: dict[str, Callable[[Data], Lines]] = {
     "train": lambda d: sections_scenarios.train(d["train"]),
     "overload": lambda d: sections_scenarios.overload(d["overload"]),
     "frontend": lambda d: sections_scenarios.frontend(d["frontend"]),
+    "workers": lambda d: sections_workers.workers(d["workers"]),
     "versus": lambda d: sections_scenarios.versus(d["versus"]),
     "backends": lambda d: sections_backends.backends(d["backends"]),
     "precision": lambda d: sections_backends.precision(d["precision"]),

@@ -28,6 +28,7 @@ SECTIONS = (
     "train",
     "overload",
     "frontend",
+    "workers",
     "versus",
     "backends",
     "precision",
