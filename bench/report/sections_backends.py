@@ -91,6 +91,30 @@ def device(s: Section) -> Lines:
         + ", ".join(f"{name} {share:.2f}" for name, share in limit["shares"].items())
         + ").",
         "",
+        *_device_edges(s.get("edges", [])),
+    ]
+
+
+def _device_edges(edges: list[Section]) -> Lines:
+    """The same server with edge processes (``--workers N``), one image per request."""
+    if not edges:
+        return []
+    return [
+        "With edge processes (`--workers N`), one image per request at "
+        f"{edges[0]['clients']} clients (CPU in % of one core; the edges' reactors are their "
+        "main threads):",
+        "",
+        "| edges | images/s | p99 ms | mean batch | GPU % | core CPU % | edges' CPU % "
+        "| edges' reactors CPU % | errors |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        *[
+            f"| {e['workers']} | {e['images_per_s']:g} | {e['p99_ms']:g} | {e['mean_batch']:g} | "
+            f"{'n/a' if e['gpu_util_pct'] is None else e['gpu_util_pct']} | "
+            f"{e['core_cpu_pct']:g} | {e['edges_cpu_pct']:g} | {e['edge_reactors_cpu_pct']:g} | "
+            f"{', '.join(f'{c}: {n}' for c, n in e['errors'].items()) or 'none'} |"
+            for e in edges
+        ],
+        "",
     ]
 
 

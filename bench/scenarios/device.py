@@ -34,12 +34,17 @@ class Plan:
     items: int
     seconds: float
     model_s: float
+    #: Edge processes (``--workers``) of the servers measured after the first (which has
+    #: none), each at the most clients with one image per request: the reactor-bound load.
+    edges: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, quick: bool) -> Plan:
         if quick:
-            return cls((1, 8, 32), (1, 8), 10_000, 3.0, 1.0)
-        return cls((1, 8, 32, 64, 128, 256), (1, 8, 32, 64, 128, 256), 100_000, 10.0, 4.0)
+            return cls((1, 8, 32), (1, 8), 10_000, 3.0, 1.0, (2,))
+        return cls(
+            (1, 8, 32, 64, 128, 256), (1, 8, 32, 64, 128, 256), 100_000, 10.0, 4.0, (1, 2, 4, 8)
+        )
 
 
 #: Images per request in the two kinds of request measured.
@@ -196,6 +201,33 @@ def server_figures(
     return points, {"flags": flags, "decode_threads": os.cpu_count() or 1}
 
 
+def edge_figures(flags: list[str], images: list[bytes], plan: Plan) -> list[dict[str, Any]]:
+    """For each count of edge processes in the plan, a server with that many (otherwise as
+    the first) at the most clients, one image per request: images/s, latency, GPU use, and
+    the CPU of the core and of the edges (% of one core)."""
+    from bench.scenarios.workers import edge_pids
+
+    clients = max(plan.clients)
+    figures = []
+    for edges in plan.edges:
+        with procs.temporary_server(
+            [*flags, "--workers", str(edges)], prefix="batchserve-device-"
+        ) as server:
+            meters = [CpuMeter(pid) for pid in (server.process.pid, *edge_pids(server))]
+            point = one_point(server.url, server.process.pid, images, 1, clients, plan.seconds)
+            used = [meter.read() for meter in meters]
+        point = {
+            "workers": edges,
+            **point,
+            "core_cpu_pct": used[0]["server_cpu_pct"],
+            "edges_cpu_pct": round(sum(u["server_cpu_pct"] for u in used[1:]), 1),
+            "edge_reactors_cpu_pct": round(sum(u["reactor_cpu_pct"] for u in used[1:]), 1),
+        }
+        print(f"device: {point}", flush=True)
+        figures.append(point)
+    return figures
+
+
 def limit(
     best: dict[str, Any], model: dict[str, float], decode_per_s: float, decode_threads: int
 ) -> dict[str, Any]:
@@ -228,6 +260,7 @@ def measure(backend: str, on_cpu: bool, quick: bool) -> dict[str, Any]:
     decode_per_s = offline.decode_rate(images, (160, 160), seconds=plan.model_s)
     search = search_figures(plan.items)
     points, server = server_figures(backend, device, images, plan)
+    edges = edge_figures(server["flags"], images, plan)
     best = max(points, key=lambda p: p["images_per_s"])
     return {
         "device": device_name(on_cpu),
@@ -239,6 +272,7 @@ def measure(backend: str, on_cpu: bool, quick: bool) -> dict[str, Any]:
         "search": search,
         "server": {**server, "generators": GENERATORS, "seconds": plan.seconds},
         "points": points,
+        "edges": edges,
         "best": best,
         "limit": limit(best, model, decode_per_s, server["decode_threads"]),
     }

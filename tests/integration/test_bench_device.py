@@ -35,6 +35,10 @@ def test_the_device_command_measures_the_whole_path_on_the_cpu(tmp_path: Path) -
         assert p["images_per_s"] > 0 and p["errors"] == {} and p["mean_batch"] >= 1
         assert p["server_cpu_pct"] > 0 and p["reactor_cpu_pct"] > 0
         assert p["gpu_util_pct"] is None  # no nvidia-smi here
+    [edged] = section["edges"]  # the same server with two edge processes
+    assert edged["workers"] == 2 and edged["clients"] == 8 and edged["errors"] == {}
+    assert edged["images_per_s"] > 0 and edged["edges_cpu_pct"] > 0
+    assert edged["edge_reactors_cpu_pct"] > 0 and edged["core_cpu_pct"] > 0
     # Eight clients of eight images batch more than one client of one image.
     assert points[3]["mean_batch"] > points[0]["mean_batch"]
     assert section["limit"]["nearest"] in {"model", "decode", "reactor", "load generator"}
