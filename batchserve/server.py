@@ -353,6 +353,8 @@ class Server:
             ),
             info,
         )
+        edges = self.edges
+        self.metrics.track_readiness(lambda: self.service.ready and edges.serving().called)
         where = self.address
         log.info(
             "batchserve {version} listening on http://{host}:{port} with {n} edge processes",

@@ -118,13 +118,17 @@ class EdgeQueue:
 
     def stage(self, jobs: list[Job]) -> list[Job]:
         """On a decode thread: each job's images copied into this edge's shared slots."""
-        staged = []
-        for job in jobs:
-            pictures = [job.image] if job.views is None else [job.image, *job.views]
-            image, *views = self._slots.put(pictures)
-            if views:
-                self._views[self._slot(image)] = views
-            staged.append(Job(image, job.task, part=job.part))
+        staged: list[Job] = []
+        try:
+            for job in jobs:
+                pictures = [job.image] if job.views is None else [job.image, *job.views]
+                image, *views = self._slots.put(pictures)
+                if views:
+                    self._views[self._slot(image)] = views
+                staged.append(Job(image, job.task, part=job.part))
+        except Overloaded:
+            self.discard(staged)  # this edge's slots are all taken: the request takes none
+            raise
         return staged
 
     def _slot(self, image: Any) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -150,6 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         reactor.stop()
 
     reactor.callWhenRunning(lambda: edge.start().addErrback(cannot_start))
+    # Ctrl-C in a terminal reaches the whole process group: the core stops its edges itself
+    # (SIGTERM, after which they drain), so an edge must not stop first and be restarted.
+    reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)
     reactor.run()
     return edge.exit_code
 

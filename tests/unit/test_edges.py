@@ -16,8 +16,8 @@ from batchserve.errors import DeadlineExceeded, NotFound, NotReady, Overloaded
 from batchserve.models.images import DecodeLimits, decode_for
 from batchserve.serving.batching import Batcher, BatchPolicy, QueueState
 from batchserve.serving.metrics import Metrics
-from batchserve.serving.pipeline import PipelineRunner, StoreWorker
-from batchserve.serving.records import AddTask, SearchRequest, SearchTask
+from batchserve.serving.pipeline import Job, PipelineRunner, StoreWorker
+from batchserve.serving.records import AddTask, EmbedTask, SearchRequest, SearchTask
 from batchserve.serving.service import ImageService
 from batchserve.serving.slots import Partition, RingShape, SlotRing, make_ring_file
 from batchserve.storage.index import IndexParams, VectorIndex
@@ -219,3 +219,18 @@ def test_edges_are_told_the_cores_status_when_it_changes(tmp_path: Path) -> None
     h.pump.flush()
     assert h.link.status is not None and h.link.status.queue.queued == 1
     h.channels.stop()
+
+
+def test_a_request_whose_images_do_not_all_fit_this_edges_slots_takes_none(
+    tmp_path: Path,
+) -> None:
+    h = Harness(tmp_path)
+    image = np.zeros((32, 32, 3), np.uint8)
+    jobs = [Job(image, EmbedTask()) for _ in range(5)]  # this edge has 4 slots
+    try:
+        h.queue.stage(jobs)
+    except Overloaded as e:
+        assert "4 shared slots" in str(e)
+    else:
+        raise AssertionError("staged more images than there are slots")
+    assert h.slots.free == 4
