@@ -326,7 +326,7 @@ class Server:
         if self._stopping:  # told to stop while starting: never opens the API
             return None
         self.service.mark_started()
-        if self.settings.server.workers:
+        if self.settings.server.edge_count():
             return self._start_edges().addCallback(self._ready_now)
         self._listen()
         self._ready_now(None)
@@ -361,7 +361,7 @@ class Server:
             version=__version__,
             host=where.host,
             port=where.port,
-            n=settings.server.workers,
+            n=settings.server.edge_count(),
         )
         return self.edges.serving()
 
@@ -472,7 +472,8 @@ def serve(settings: ServeSettings) -> None:
     if server.metrics_address:
         ports.check_free(*server.metrics_host_port(), flag="--metrics-address")
     name_this_thread("batchserve")  # the reactor's thread, as top -H and /proc show it
-    logs.start_logging(server.log_level, server.log_format, "core" if server.workers else "")
+    process = "core" if server.edge_count() else ""
+    logs.start_logging(server.log_level, server.log_format, process)
     os.umask(0o077)  # every file the server creates is readable by its own user only
     data_dir = Path(settings.store.data_dir)
     made = not data_dir.exists()

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -65,8 +66,8 @@ class Edge:
         return d.addCallback(self._serve)
 
     def _serve(self, hello: dict[str, Any]) -> None:
-        settings: ServeSettings = hello["settings"]
         args = self._args
+        settings = per_edge(hello["settings"], args.edges)
         ring = SlotRing(args.ring_fd, ring_from_arg(args.ring))
         relay = MetricsRelay(self.link, self._reactor)
         self.relay = relay
@@ -127,6 +128,14 @@ class Edge:
         log.error("the model core went away; this edge stops (exit {code})", code=CORE_GONE)
         self.exit_code = CORE_GONE
         self._reactor.stop()
+
+
+def per_edge(settings: ServeSettings, edges: int) -> ServeSettings:
+    """The server's settings as one of ``edges`` edges applies them: its share of the
+    connections the API port may hold open."""
+    server = settings.server
+    share = max(1, -(-server.max_connections // edges))
+    return replace(settings, server=replace(server, max_connections=share))
 
 
 async def _both(first: Any, second: Deferred[Any]) -> None:

@@ -255,22 +255,23 @@ def start_edges(
     bound and the batches in flight, at the model's input size), the listening socket, the
     control socket, and N edge processes."""
     server, policy = settings.server, settings.batching
+    count = server.edge_count()
     h, w = info.input_size
     in_flight = policy.max_queue + policy.max_batch_size * (policy.max_inflight + 1)
-    shape = RingShape.for_edges((h, w, 3), in_flight, server.workers)
+    shape = RingShape.for_edges((h, w, 3), in_flight, count)
     ring_fd = make_ring_file(shape)
     core.ring = SlotRing(ring_fd, shape)
     listening = listening_socket(server.host, server.port, server.max_connections)
     log_args = ["--log-level", server.log_level, "--log-format", server.log_format]
     edges = EdgeSupervisor(
         reactor,
-        server.workers,
+        count,
         listening,
         ring_fd,
         shape,
         log_args,
         server.drain_timeout_s,
-        EdgeChannels(core, reactor, server.workers),
+        EdgeChannels(core, reactor, count),
     )
     edges.start()
     return edges

@@ -102,6 +102,7 @@ class Harness:
         tokens = tokens or Tokens()
         settings = ServeSettings(
             server=ServerSettings(
+                workers="0",
                 api_token=tokens.api,
                 write_token=tokens.write,
                 metrics_address="" if metrics_here else "127.0.0.1:0",

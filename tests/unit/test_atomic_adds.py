@@ -17,7 +17,7 @@ import pytest
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.testing import MemoryReactorClock
 
-from batchserve.config import ServeSettings
+from batchserve.config import ServerSettings, ServeSettings
 from batchserve.errors import DeadlineExceeded, StorageFailed
 from batchserve.models.batches import Prediction
 from batchserve.models.images import DecodeLimits, decode_image
@@ -86,6 +86,7 @@ class Harness:
         self.thread = StoreThread()
         self.reactor = MemoryReactorClock()
         settings = ServeSettings(
+            server=ServerSettings(workers="0"),
             batching=BatchPolicy(max_batch_size=2, timeout_s=TIMEOUT_S),
             store=StoreSettings(data_dir=str(data_dir), demo=False),
         )

@@ -77,6 +77,7 @@ def test_every_setting_lands_in_its_component_from_its_env_name_and_its_flag() -
         "metrics_address": ("127.0.0.1:9", "127.0.0.1:9"),
         "catalog": (url, url),
         "forwarded_allow_ips": ("10.0.0.0/8", "10.0.0.0/8"),
+        "workers": ("3", "3"),
     }
     for leaf in leaves(ServeSettings):
         raw, want = special.get(leaf.name) or samples[leaf.kind]
@@ -397,3 +398,14 @@ def test_no_option_states_its_default_twice() -> None:
     for name, parser in commands.choices.items():
         for action in parser._actions:
             assert (action.help or "").count("(default") <= 1, (name, action.help)
+
+
+def test_workers_is_auto_a_count_or_0_and_auto_is_one_edge_per_core_up_to_8() -> None:
+    import os
+
+    assert serve([]).server.edge_count() == min(8, os.cpu_count() or 1)
+    assert serve(["--workers", "0"]).server.edge_count() == 0
+    assert serve(["--workers", "3"]).server.edge_count() == 3
+    for bad in ("-1", "65", "two"):
+        with pytest.raises(ConfigError, match="workers must be auto or a number"):
+            serve(["--workers", bad])

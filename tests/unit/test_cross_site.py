@@ -6,6 +6,7 @@ token says so at start. The real Site from the server's builder, in memory."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -199,7 +200,7 @@ def started(tmp_path: Path, server: ServerSettings) -> list[str]:
     """The warnings a server with these settings logs as it starts listening."""
     worker = SyncModelRunner(Harness().model, loaded=False)
     built = build(
-        ServeSettings(server=server, store=StoreSettings(demo=False)),
+        ServeSettings(server=replace(server, workers="0"), store=StoreSettings(demo=False)),
         MemoryReactorClock(),
         model=ModelVia(worker, worker),
         threads=Threads(decode=run_now, store=run_now),

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from twisted.internet.testing import MemoryReactorClock
 
-from batchserve.config import ServeSettings
+from batchserve.config import ServerSettings, ServeSettings
 from batchserve.models.images import DecodeLimits, decode_image
 from batchserve.models.views import CROP_VIEWS, VIEW_WEIGHT, crop_boxes
 from batchserve.server import Server, Threads, build
@@ -58,7 +58,10 @@ LOOK_ALIKE = (169, 33, 88)
 
 def serve(data_dir: Path, model: FakeModel) -> tuple[Server, SyncModelRunner]:
     worker = SyncModelRunner(model, loaded=False)
-    settings = ServeSettings(store=StoreSettings(data_dir=str(data_dir), demo=False))
+    settings = ServeSettings(
+        server=ServerSettings(workers="0"),
+        store=StoreSettings(data_dir=str(data_dir), demo=False),
+    )
     server = build(settings, MemoryReactorClock(), model=worker, threads=Threads(run_now, run_now))
     assert result_of(server.start()) is None
     return server, worker

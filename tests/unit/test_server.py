@@ -28,7 +28,7 @@ from tests.unit.test_api import RED, Harness
 
 
 def test_the_decode_pool_gets_its_size_and_priority_from_the_settings() -> None:
-    settings = ServeSettings(server=ServerSettings(decode_threads=3, decode_nice=7))
+    settings = ServeSettings(server=ServerSettings(decode_threads=3, decode_nice=7, workers="0"))
     server = build(settings, MemoryReactorClock(), model=SyncModelRunner(FakeModel()))
     decode, index = server.threads.pools
     # A thread per request being decoded, as many images decoding at once as decode threads.
@@ -88,7 +88,7 @@ def loading_server(
 def test_the_api_port_opens_only_once_the_server_is_ready(tmp_path: Path) -> None:
     reactor, model = MemoryReactorClock(), SlowToLoad()
     settings = ServeSettings(
-        server=ServerSettings(port=8123, metrics_address="127.0.0.1:9123"),
+        server=ServerSettings(port=8123, metrics_address="127.0.0.1:9123", workers="0"),
         store=StoreSettings(demo=False),
     )
     server = loading_server(settings, reactor, model, tmp_path)
@@ -105,7 +105,8 @@ def test_the_api_port_holds_a_backlog_of_max_connections(tmp_path: Path) -> None
     # Twisted's default backlog, 50, resets clients that connect in a burst.
     reactor, model = MemoryReactorClock(), SlowToLoad()
     settings = ServeSettings(
-        server=ServerSettings(port=8123, max_connections=1500), store=StoreSettings(demo=False)
+        server=ServerSettings(port=8123, max_connections=1500, workers="0"),
+        store=StoreSettings(demo=False),
     )
     server = loading_server(settings, reactor, model, tmp_path)
     started = server.start()
@@ -147,7 +148,9 @@ def test_stopping_closes_idle_connections_and_answers_a_request_still_arriving()
 
 def test_a_server_told_to_stop_while_loading_never_opens_the_api(tmp_path: Path) -> None:
     reactor, model = MemoryReactorClock(), SlowToLoad()
-    settings = ServeSettings(server=ServerSettings(port=8123), store=StoreSettings(demo=False))
+    settings = ServeSettings(
+        server=ServerSettings(port=8123, workers="0"), store=StoreSettings(demo=False)
+    )
     server = loading_server(settings, reactor, model, tmp_path)
     started = server.start()
     stopped = server.stop()
