@@ -263,6 +263,13 @@ def chosen_settings_table(root: type, names: Sequence[str]) -> str:
 MAX_PORT = 65535
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (a container's cpuset, not the host's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
 def _host_port(address: str, name: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > MAX_PORT:
@@ -427,7 +434,7 @@ class ServerSettings:
         built-in model at 1.09x the images/s of one process with a lower p99, and 1.53x the
         requests of small JPEGs; one edge, 1.08x and 0.94x."""
         if self.workers == "auto":
-            return min(8, os.cpu_count() or 1)
+            return min(8, usable_cores())
         return int(self.workers)
 
     def decode_thread_count(self) -> int:

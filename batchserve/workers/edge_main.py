@@ -21,7 +21,7 @@ from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
-from batchserve.config import ServeSettings
+from batchserve.config import ServeSettings, usable_cores
 from batchserve.http.drain import Connections
 from batchserve.serving import logs
 from batchserve.serving.service import ImageService
@@ -73,7 +73,7 @@ class Edge:
         self.relay = relay
         server = settings.server
         # The cores are shared among the edges: each decodes on its part of them.
-        decode_threads = server.decode_threads or max(1, (os.cpu_count() or 1) // args.edges)
+        decode_threads = server.decode_threads or max(1, usable_cores() // args.edges)
         threads = Threads.decode_only(self._reactor, decode_threads, server.decode_nice)
         self.threads = threads
         threads.start()

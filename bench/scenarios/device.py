@@ -190,7 +190,8 @@ def server_figures(
     flags = ["--no-demo", "--backend", backend, "--device", device, "--timeout-s", "120",
              "--max-batch-size", str(top), "--max-queue", str(4 * top * 8)]  # fmt: skip
     points = []
-    with procs.temporary_server(flags, prefix="batchserve-device-") as server:
+    # One process first: the reactor's share is its main thread's (edges: edge_figures).
+    with procs.temporary_server([*flags, "--workers", "0"], prefix="batchserve-device-") as server:
         pid = server.process.pid
         for per_request in PER_REQUEST:
             for clients in plan.clients:

@@ -205,7 +205,9 @@ def measure(images: list[bytes], seconds: float = 20.0, warmup_s: float = 3.0) -
     """The three phases on one server serving a near-zero-cost model."""
     directory = Path(tempfile.mkdtemp(prefix="batchserve-bench-frontend-"))
     model = build_model_apart(directory / "tiny.keras")
+    # One process: what one reactor thread can carry (edge processes: bench workers).
     flags = ["--no-demo", "--model", str(model), "--embedding-output", "embedding"]
+    flags += ["--workers", "0"]
     with procs.temporary_server(flags, directory=directory) as running:
         raw = phase(running, images, "raw", seconds, warmup_s)
         multipart = phase(running, images, "multipart", seconds, warmup_s)
