@@ -376,11 +376,18 @@ class Server:
         final snapshot."""
         self._stopping = True
         drain_s = self.settings.server.drain_timeout_s
-        log.info(
-            "shutting down: {n} requests in flight, waiting up to {s:g} s",
-            n=self.api.in_flight.count,
-            s=drain_s,
-        )
+        if self.edges is not None:
+            log.info(
+                "shutting down: {n} edge processes drain first, each up to {s:g} s",
+                n=self.edges.edges,
+                s=drain_s,
+            )
+        else:
+            log.info(
+                "shutting down: {n} requests in flight, waiting up to {s:g} s",
+                n=self.api.in_flight.count,
+                s=drain_s,
+            )
         if self._snapshots.running:
             self._snapshots.stop()
         if self._follower is not None:

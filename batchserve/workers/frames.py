@@ -75,28 +75,30 @@ def loads(data: bytes) -> Any:
     return _DataUnpickler(io.BytesIO(data)).load()
 
 
-def error_body(failure: Failure) -> tuple[str, str, float | None]:
-    """A failure as it crosses the channel: the batchserve error's class name, message and
-    Retry-After; anything else as an internal error."""
+def error_body(failure: Failure) -> tuple[str, str, float | None, str]:
+    """A failure as it crosses the channel: the class in ``batchserve.errors`` it is (a
+    subclass of a lower layer, such as the PostgreSQL catalog's ``CatalogUnavailable``, as
+    the error it extends), its message, Retry-After and code; anything else as an internal
+    error."""
     error = failure.value
     if isinstance(error, BatchserveError):
+        kind = next(k for k in type(error).__mro__ if k.__module__ == errors.__name__)
         retry = getattr(error, "retry_after_s", None)
-        return type(error).__name__, str(error), retry
-    return "InternalError", f"{type(error).__name__}: {error}", None
+        return kind.__name__, str(error), retry, error.code
+    return "InternalError", f"{type(error).__name__}: {error}", None, errors.InternalError.code
 
 
-def error_from(body: tuple[str, str, float | None]) -> Exception:
-    """The exception ``error_body`` described, rebuilt on this side."""
-    name, message, retry_after_s = body
+def error_from(body: tuple[str, str, float | None, str]) -> Exception:
+    """The exception ``error_body`` described, rebuilt on this side, with its code."""
+    name, message, retry_after_s, code = body
     kind = getattr(errors, name, None)
     if not (isinstance(kind, type) and issubclass(kind, BatchserveError)):
-        return RuntimeError(message)
+        return errors.InternalError(message)
+    error: BatchserveError = kind(message)
     if retry_after_s is not None:
-        try:
-            return kind(message, retry_after_s=retry_after_s)  # type: ignore[call-arg]
-        except TypeError:
-            pass
-    return kind(message)
+        error.retry_after_s = retry_after_s  # type: ignore[attr-defined]
+    error.code = code
+    return error
 
 
 class ChannelProtocol(Int32StringReceiver):

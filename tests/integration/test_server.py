@@ -150,6 +150,8 @@ def test_sigterm_answers_every_request_already_taken_then_exits_0(tmp_path: Path
         "1",
         "--drain-timeout-s",
         "60",
+        "--workers",
+        "0",  # one process; edges' drain: test_workers.py
     )
     png = {"Content-Type": "image/png"}
     try:

@@ -45,3 +45,15 @@ def test_an_error_crosses_with_its_kind_message_and_retry_after() -> None:
     assert isinstance(late, DeadlineExceeded)
     bug = frames.error_from(frames.error_body(Failure(KeyError("x"))))
     assert isinstance(bug, InternalError) and "KeyError" in str(bug)
+
+
+def test_a_lower_layers_error_crosses_as_the_error_it_extends_with_its_code() -> None:
+    from twisted.python.failure import Failure
+
+    from batchserve.errors import NotReady
+    from batchserve.storage.postgres import CatalogUnavailable
+
+    crossed = frames.error_from(frames.error_body(Failure(CatalogUnavailable("db at 10.0.0.1"))))
+    assert isinstance(crossed, NotReady) and crossed.retry_after_s == 1
+    assert crossed.code == "catalog_unavailable"
+    assert str(crossed) == "the shared catalog is unavailable"  # the address stays behind
