@@ -91,7 +91,11 @@ def run_command(args: argparse.Namespace) -> int:
 def publish(args: argparse.Namespace, argv: list[str], name: str, numbers: Any) -> None:
     """Record one measured section, then render RESULTS.md, its plots and the README."""
     path = Path(args.results)
-    results.record(path, name, argv, {"default_backend": results.default_backend(), **numbers})
+    defaults = {
+        "default_backend": results.default_backend(),
+        "default_edges": results.default_edges(),
+    }
+    results.record(path, name, argv, {**defaults, **numbers})
     data = results.load(path)
     out = Path(args.out)
     render.draw(data, out.parent, (name,))

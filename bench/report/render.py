@@ -139,9 +139,16 @@ RUNTIMES = {"tensorflow": "TensorFlow", "openvino": "OpenVINO"}
 
 def _runtime(section: dict[str, Any]) -> str:
     """What the default server ran on when ``section`` was measured (TensorFlow before
-    ``--backend auto``, which did not record it)."""
+    ``--backend auto``, which did not record it), and in what shape."""
     backend = str(section.get("default_backend", "tensorflow"))
-    return f"batchserve on {RUNTIMES.get(backend, backend)}"
+    return f"batchserve on {RUNTIMES.get(backend, backend)}, {_shape(section)}"
+
+
+def _shape(section: dict[str, Any]) -> str:
+    """The default server's processes when ``section`` was measured (one before
+    ``--workers``, which did not record it)."""
+    edges = int(section.get("default_edges", 0))
+    return f"{edges} edge processes" if edges else "one process"
 
 
 def _against_predict(data: Data) -> str:
@@ -180,7 +187,8 @@ def _backends_against_tf_function(b: dict[str, Any]) -> str:
         f"strongest per-request setup: median of {b['rounds']} rounds at {b['clients']} "
         f"clients, the servers up at once and measured in turn ({ov['median_images_per_s']} "
         f"and {tf['median_images_per_s']} against {flask['median_images_per_s']} images/s, p99 "
-        f"{ov['p99_ms']:.0f} and {tf['p99_ms']:.0f} against {flask['p99_ms']:.0f} ms); {_on(b)}."
+        f"{ov['p99_ms']:.0f} and {tf['p99_ms']:.0f} against {flask['p99_ms']:.0f} ms; "
+        f"{_shape(b)}); {_on(b)}."
     )
 
 

@@ -61,6 +61,13 @@ def default_backend() -> str:
     return chosen_backend(ModelSpec())
 
 
+def default_edges() -> int:
+    """Edge processes a server started without ``--workers`` runs with here (0: none)."""
+    from batchserve.config import ServerSettings
+
+    return ServerSettings().edge_count()
+
+
 #: Options that say only where results are written: left out of the recorded command.
 OUTPUT_OPTIONS = ("--results", "--out", "--readme")
 
