@@ -101,12 +101,7 @@ class Threads:
     def pools_for(
         cls, reactor: IReactorFromThreads, decode_threads: int, decode_nice: int = 0
     ) -> Threads:
-        decode = NamedThreadPool(
-            decode_threads,
-            decode_threads * REQUESTS_PER_TURN,
-            name="batchserve-decode",
-            nice=decode_nice,
-        )
+        decode = _decode_pool(decode_threads, decode_nice)
         store = NamedThreadPool(1, 1, name="batchserve-store")
         return cls(
             partial(deferToThreadPool, reactor, decode),
@@ -120,12 +115,7 @@ class Threads:
         cls, reactor: IReactorFromThreads, decode_threads: int, decode_nice: int = 0
     ) -> Threads:
         """The decode pool alone (an edge process: its store thread is the core's)."""
-        decode = NamedThreadPool(
-            decode_threads,
-            decode_threads * REQUESTS_PER_TURN,
-            name="batchserve-decode",
-            nice=decode_nice,
-        )
+        decode = _decode_pool(decode_threads, decode_nice)
         return cls(
             partial(deferToThreadPool, reactor, decode),
             _no_store,
@@ -140,6 +130,15 @@ class Threads:
     def stop(self) -> None:
         for pool in self.pools:
             pool.stop()
+
+
+def _decode_pool(decode_threads: int, decode_nice: int) -> NamedThreadPool:
+    return NamedThreadPool(
+        decode_threads,
+        decode_threads * REQUESTS_PER_TURN,
+        name="batchserve-decode",
+        nice=decode_nice,
+    )
 
 
 def _no_store(fn: Callable[..., Any], *args: Any) -> Deferred[Any]:

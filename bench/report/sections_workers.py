@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-Section = dict[str, Any]
-Lines = list[str]
+from bench.report.sections import Lines, Section, errors_text
 
 #: The phases, as the section names them.
 PHASES = {
@@ -16,7 +13,7 @@ PHASES = {
 
 
 def _side_row(name: str, side: Section) -> str:
-    errors = ", ".join(f"{code}: {n}" for code, n in side["errors"].items()) or "none"
+    errors = errors_text(side["errors"])
     return (
         f"| {name} | {', '.join(f'{v:g}' for v in side['images_per_s'])} | "
         f"{side['median_images_per_s']:g} | {side['p99_ms']:g} | "
