@@ -208,6 +208,14 @@ class EdgeChannels(Factory):
     def joined(self, channel: EdgeChannel) -> None:
         self.channels.add(channel)
 
+    def has_greeted(self, edge: int) -> bool:
+        return edge in self._greeted
+
+    def never_served(self, error: Exception) -> None:
+        """Starting failed: an edge could not start at all."""
+        if not self.all_greeted.called:
+            self.all_greeted.errback(error)
+
     def greeted(self, edge: int) -> None:
         self._greeted.add(edge)
         if len(self._greeted) == self._edges and not self.all_greeted.called:

@@ -49,6 +49,8 @@ log = Logger(namespace="batchserve.workers")
 FIRST_RESTART_S = 0.5
 LONGEST_RESTART_S = 10.0
 YOUNG_S = 10.0
+#: Edges that may die before they ever serve before the server gives up starting.
+FAILED_STARTS = 3
 #: Exit status of an edge whose core went away.
 CORE_GONE = 3
 
@@ -112,6 +114,7 @@ class EdgeSupervisor:
         self._stopping = False
         #: Edges started over the server's life (their restarts counted).
         self.starts = 0
+        self._failed_starts = 0
 
     def listen_control(self, factory: Any) -> None:
         """Take the edges' control channels (``core.EdgeChannels``) on a Unix socket in a
@@ -164,6 +167,18 @@ class EdgeSupervisor:
         if self._stopping:
             return
         lived_s = self._clock.seconds() - process.started_s
+        channels = self._channels
+        if channels is not None and not channels.has_greeted(process.edge):
+            # It died before it ever served: a broken install or settings, not bad luck.
+            self._failed_starts += 1
+            if self._failed_starts >= FAILED_STARTS:
+                channels.never_served(
+                    RuntimeError(
+                        f"edge {process.edge} {_how_it_ended(reason)} before it served, "
+                        f"{self._failed_starts} times (its lines above say why)"
+                    )
+                )
+                return
         wait_s = self._restart_s.get(process.edge, FIRST_RESTART_S)
         self._restart_s[process.edge] = (
             min(wait_s * 2, LONGEST_RESTART_S) if lived_s < YOUNG_S else FIRST_RESTART_S

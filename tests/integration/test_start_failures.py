@@ -62,3 +62,26 @@ def test_a_keras_application_offline_says_where_its_weights_go(tmp_path: Path) -
     assert "keras:EfficientNetB0 needs its ImageNet weights" in said, said
     assert "--weights PATH" in said and "--model builtin" in said
     assert not data_dir.exists()
+
+
+def test_edges_that_cannot_start_stop_the_server_with_why(tmp_path: Path) -> None:
+    # Every edge process dies at once, as one would with a broken install.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "sitecustomize.py").write_text(
+        "import sys\n"
+        "if 'batchserve.workers.edge_main' in sys.orig_argv:\n"
+        "    sys.exit('this edge cannot start')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(broken)}
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "batchserve.cli", "serve", "--no-demo", "--port", "0",
+         "--data-dir", str(tmp_path / "data"), "--workers", "1"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    log = done.stdout + done.stderr
+    assert done.returncode == 1, log
+    assert "this edge cannot start" in log
+    assert "cannot start: edge 0 exited with status 1 before it served, 3 times" in log
+    assert time.monotonic() - started < 60
