@@ -378,7 +378,7 @@ class ImageService:
         try:
             # All of a request's images (item views included) fit in the queue, or none is.
             self._queue.check_room(sum(job.images for job in jobs), pending=self.reading)
-        except Overloaded as e:
+        except (Overloaded, NotReady) as e:
             self._queue.discard(jobs)
             return fail(e)
         submitted = time.perf_counter()

@@ -6,7 +6,11 @@ The core process makes the file (``memfd_create``: it has no name, so nothing is
 its descriptor to every edge process it starts. Each edge owns a ``Partition`` of the slots:
 it writes a decoded image into a free slot of its own on a decode thread, sends the slot's
 number over the control channel, and frees the slot once the core has answered for it.
-The core reads the slot in place: the batch it builds from the slots is the first copy.
+The core reads the slot in place: the batch it builds from the slots is the first copy. A
+request that fails while its batch is with the model (its deadline passed, its client hung
+up) is answered at once, so its slot may be written again while the model still reads it:
+only that failed image's pixels tear, and its result is dropped. Nothing keeps a slot's
+view beyond its batch, nor writes to one but the edge that owns it.
 A restarted edge gets its predecessor's partition, all free: the core dropped what the dead
 edge had sent (and never answers it), so no slot is left taken.
 

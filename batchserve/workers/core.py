@@ -135,7 +135,6 @@ class EdgeChannel(ChannelProtocol):
             return self._store_call(*body)
         if name == "hello":
             self.edge = int(body)
-            self._edges.greeted(self.edge)
             info = self._core.service.info
             return {"info": info, "settings": self._core.settings, "status": self._edges.status()}
         if name == "metrics":
@@ -143,7 +142,9 @@ class EdgeChannel(ChannelProtocol):
         raise InvalidInput(f"unknown control request {name!r}")
 
     def heard(self, name: str, body: Any) -> None:
-        if name == "observe":
+        if name == "serving" and self.edge is not None:  # its port is open
+            self._edges.greeted(self.edge)
+        elif name == "observe":
             metrics = self._core.metrics
             for method, args in body:
                 if method in OBSERVED:

@@ -21,6 +21,7 @@ Reactor thread, except ``EdgeQueue.stage`` and ``MetricsRelay.decoded`` (decode 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -126,8 +127,8 @@ class EdgeQueue:
                 if views:
                     self._views[self._slot(image)] = views
                 staged.append(Job(image, job.task, part=job.part))
-        except Overloaded:
-            self.discard(staged)  # this edge's slots are all taken: the request takes none
+        except Exception:
+            self.discard(staged)  # e.g. this edge's slots are all taken: the request takes none
             raise
         return staged
 
@@ -213,6 +214,7 @@ class MetricsRelay:
     def __init__(self, link: CoreLink, clock: IReactorTime, flush_s: float = 0.5) -> None:
         self._link = link
         self._events: list[tuple[str, tuple[Any, ...]]] = []
+        self._lock = threading.Lock()
         self._flushing = LoopingCall(self.flush)
         self._flushing.clock = clock
         self._flush_s = flush_s
@@ -227,22 +229,26 @@ class MetricsRelay:
         self.flush()
 
     def flush(self) -> None:
-        # list.append on decode threads and this swap are each atomic under the GIL.
-        events, self._events = self._events, []
+        with self._lock:  # decode threads append while the reactor takes the list
+            events, self._events = self._events, []
         if events:
             self._link.tell("observe", events)
 
+    def _count(self, event: tuple[str, tuple[Any, ...]]) -> None:
+        with self._lock:
+            self._events.append(event)
+
     def request_done(self, route: str, code: int, seconds: float) -> None:
-        self._events.append(("request_done", (route, code, seconds)))
+        self._count(("request_done", (route, code, seconds)))
 
     def decoded(self, seconds: float) -> None:
-        self._events.append(("decoded", (seconds,)))
+        self._count(("decoded", (seconds,)))
 
     def item_rejected(self, reason: str) -> None:
-        self._events.append(("item_rejected", (reason,)))
+        self._count(("item_rejected", (reason,)))
 
     def refusal_held(self) -> None:
-        self._events.append(("refusal_held", ()))
+        self._count(("refusal_held", ()))
 
     def render(self) -> Deferred[bytes]:
         """The core's metrics page, with what every edge counted up to now."""

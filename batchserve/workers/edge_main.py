@@ -97,6 +97,7 @@ class Edge:
         relay.start()
         self.port = self._reactor.adoptStreamPort(args.listen_fd, args.family, self.connections)
         os.close(args.listen_fd)  # the port holds its own copy
+        self.link.tell("serving")
         log.info("edge {edge} serving (pid {pid})", edge=args.edge, pid=os.getpid())
 
     def stop(self) -> Deferred[Any] | None:
@@ -123,7 +124,7 @@ class Edge:
         return Deferred.fromCoroutine(_both(stopped, drained)).addBoth(done)
 
     def _core_lost(self) -> None:
-        if self._stopping:
+        if self._stopping or self.port is None:  # not serving yet: start() fails instead
             return
         log.error("the model core went away; this edge stops (exit {code})", code=CORE_GONE)
         self.exit_code = CORE_GONE

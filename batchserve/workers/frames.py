@@ -24,11 +24,14 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
+from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 
 from batchserve import errors
 from batchserve.errors import BatchserveError, NotReady
+
+log = Logger(namespace="batchserve.workers")
 
 #: Beside batchserve's own records (dataclasses and enums), what a frame may hold.
 _ALLOWED = {
@@ -58,10 +61,12 @@ class _DataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED:
             return super().find_class(module, name)
-        if module.startswith("batchserve."):
+        if module.startswith("batchserve.") and "." not in name:
             found = super().find_class(module, name)
-            if dataclasses.is_dataclass(found) or (
-                isinstance(found, type) and issubclass(found, enum.Enum)
+            if (
+                isinstance(found, type)
+                and found.__module__ == module
+                and (dataclasses.is_dataclass(found) or issubclass(found, enum.Enum))
             ):
                 return found
         raise Refused(f"a control frame may not hold {module}.{name}")
@@ -160,7 +165,7 @@ class ChannelProtocol(Int32StringReceiver):
         else:
             waiting, settled = self._waiting.pop(call, (None, None))
             if settled is not None:
-                settled()
+                _run_settled(settled)
             if waiting is None or waiting.called:
                 return
             if kind == "done":
@@ -189,15 +194,19 @@ class ChannelProtocol(Int32StringReceiver):
             return
         if isinstance(result, Failure):
             self.sendString(dumps(("failed", call, "", error_body(result))))
-        else:
-            self.sendString(dumps(("done", call, "", result)))
+            return
+        try:
+            frame = dumps(("done", call, "", result))
+        except Exception:  # an answer that cannot be framed is the request's error
+            frame = dumps(("failed", call, "", error_body(Failure())))
+        self.sendString(frame)
 
     def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802 (Twisted API)
         self.closed = True
         waiting, self._waiting = self._waiting, {}
         for d, settled in waiting.values():
             if settled is not None:
-                settled()
+                _run_settled(settled)
             if not d.called:
                 d.errback(Failure(NotReady("the model core went away; retry shortly")))
         answering, self._answering = self._answering, {}
@@ -215,3 +224,11 @@ class ChannelProtocol(Int32StringReceiver):
 
     def lost(self) -> None:
         """The channel closed (default: nothing more)."""
+
+
+def _run_settled(settled: Callable[[], None]) -> None:
+    # A clean-up that fails must not stop the frame's answer from reaching its caller.
+    try:
+        settled()
+    except Exception:
+        log.failure("a request's clean-up failed")

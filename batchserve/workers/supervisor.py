@@ -102,6 +102,8 @@ class EdgeSupervisor:
         self._clock: IReactorTime = reactor
         self.edges = edges
         self._listening = listening
+        host, port = listening.getsockname()[:2]
+        self._address = (str(host), int(port))
         self._ring_fd = ring_fd
         self._ring = ring
         self._log_args = list(log_args)
@@ -135,8 +137,7 @@ class EdgeSupervisor:
 
     def address(self) -> tuple[str, int]:
         """The API's listening address (host, port)."""
-        host, port = self._listening.getsockname()[:2]
-        return str(host), int(port)
+        return self._address
 
     def _spawn(self, edge: int) -> None:
         if self._stopping:
@@ -204,6 +205,9 @@ class EdgeSupervisor:
         for them to exit (up to the drain timeout and 5 s more, then SIGKILL), then close the
         listening socket and the control socket."""
         self._stopping = True
+        # The core's copy closes now: once the edges stop listening, a new connection is
+        # refused at once (which a load balancer retries elsewhere), not left in the backlog.
+        self._listening.close()
         if self._channels is not None:
             self._channels.stop()
         running = list(self._running.values())

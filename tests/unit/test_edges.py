@@ -30,6 +30,7 @@ from batchserve.testing import (
     result_of,
     run_now,
 )
+from batchserve.workers import frames
 from batchserve.workers.core import Core, EdgeChannel, EdgeChannels
 from batchserve.workers.edge import CoreLink, CoreModel, CoreStore, EdgeQueue, MetricsRelay
 
@@ -85,6 +86,8 @@ class Harness:
         )  # fmt: skip
         self.service.mark_started()
         result_of(self.flushed(self.link.hello(1)))
+        self.link.tell("serving")  # as an edge does once its port is open
+        self.pump.flush()
 
     def flushed(self, d: Deferred[Any]) -> Deferred[Any]:
         self.pump.flush()
@@ -234,3 +237,15 @@ def test_a_request_whose_images_do_not_all_fit_this_edges_slots_takes_none(
     else:
         raise AssertionError("staged more images than there are slots")
     assert h.slots.free == 4
+
+
+def test_the_core_is_ready_only_once_every_edge_serves(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    assert h.channels.status().ready and h.channels.all_greeted.called
+    late = EdgeChannels(h.core, h.clock, edges=2)
+    second = late.buildProtocol(None)
+    second.makeConnection(iosim.FakeTransport(second, isServer=True))
+    second.stringReceived(frames.dumps(("call", 1, "hello", 0)))
+    assert not late.status().ready  # greeted, but its port is not open yet
+    second.stringReceived(frames.dumps(("tell", 0, "serving", None)))
+    assert not late.status().ready  # one of two edges serves

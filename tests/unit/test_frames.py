@@ -57,3 +57,20 @@ def test_a_lower_layers_error_crosses_as_the_error_it_extends_with_its_code() ->
     assert isinstance(crossed, NotReady) and crossed.retry_after_s == 1
     assert crossed.code == "catalog_unavailable"
     assert str(crossed) == "the shared catalog is unavailable"  # the address stays behind
+
+
+def test_a_frame_may_name_only_a_records_class_itself_not_its_attributes_or_instances() -> None:
+    import io
+
+    from batchserve.config import ServeSettings
+
+    unpickler = frames._DataUnpickler(io.BytesIO(b""))
+    assert unpickler.find_class("batchserve.config", "ServeSettings") is ServeSettings
+    for module, name in [
+        ("batchserve.serving.pipeline", "Job.images"),  # an attribute path (protocol 4)
+        ("batchserve.workers.frames", "log"),  # an object, not a class
+        ("batchserve.config", "ServerSettings.edge_count"),
+        ("batchserve.serving.slots", "Partition"),  # a class, not a record
+    ]:
+        with pytest.raises(frames.Refused):
+            unpickler.find_class(module, name)
