@@ -349,7 +349,6 @@ class Server:
                 self.service,
                 self.metrics,
                 settings,
-                lambda: self.model.ready,
             ),
             info,
         )

@@ -72,7 +72,6 @@ class CoreStatus:
     /readyz reads it), the index's state, the shared catalog's health, and the queue."""
 
     ready: bool
-    model_ready: bool
     store_ready: bool
     rebuilding: bool
     catalog_health: CatalogHealth | None
@@ -98,14 +97,12 @@ class Core:
     service: CoreService
     metrics: Metrics
     settings: Any
-    model_ready: Callable[[], bool]
     #: The shared slots the edges' images are in (set once they are made).
     ring: SlotRing | None = None
 
     def status(self) -> CoreStatus:
         return CoreStatus(
             self.service.ready,
-            self.model_ready(),
             self.store.ready,
             self.store.rebuilding,
             self.store.catalog_health,
@@ -258,7 +255,6 @@ class EdgeChannels(Factory):
 def _without_queue(status: CoreStatus) -> tuple[Any, ...]:
     return (
         status.ready,
-        status.model_ready,
         status.store_ready,
         status.rebuilding,
         status.catalog_health,

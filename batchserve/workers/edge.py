@@ -152,14 +152,10 @@ class EdgeQueue:
         def answered(answer: tuple[list[Outcome], Any]) -> list[Outcome]:
             outcomes, queue = answer
             if self._link.status is not None:
-                self._link.status = _with_queue(self._link.status, queue)
+                self._link.status = replace(self._link.status, queue=queue)
             return outcomes
 
         return d.addCallback(answered)
-
-
-def _with_queue(status: CoreStatus, queue: Any) -> CoreStatus:
-    return replace(status, queue=queue)
 
 
 class CoreModel:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
@@ -112,7 +112,7 @@ class Edge:
             n=self.api.in_flight.count,
             s=drain_s,
         )
-        stopped = self.port.stopListening()
+        stopped: Deferred[Any] = maybeDeferred(self.port.stopListening)
         drained = self.api.in_flight.drain(drain_s, self._reactor, self.connections)
 
         def done(_: object) -> None:
@@ -121,7 +121,8 @@ class Edge:
             if self.link.transport is not None:
                 self.link.transport.loseConnection()
 
-        return Deferred.fromCoroutine(_both(stopped, drained)).addBoth(done)
+        both: Deferred[Any] = gatherResults([stopped, drained])
+        return both.addBoth(done)
 
     def _core_lost(self) -> None:
         if self._stopping or self.port is None:  # not serving yet: start() fails instead
@@ -137,12 +138,6 @@ def per_edge(settings: ServeSettings, edges: int) -> ServeSettings:
     server = settings.server
     share = max(1, -(-server.max_connections // edges))
     return replace(settings, server=replace(server, max_connections=share))
-
-
-async def _both(first: Any, second: Deferred[Any]) -> None:
-    if isinstance(first, Deferred):
-        await first
-    await second
 
 
 def main(argv: Sequence[str] | None = None) -> int:

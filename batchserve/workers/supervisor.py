@@ -114,18 +114,16 @@ class EdgeSupervisor:
         self._restart_s: dict[int, float] = {}
         self._control: IListeningPort | None = None
         self._stopping = False
-        #: Edges started over the server's life (their restarts counted).
-        self.starts = 0
         self._failed_starts = 0
 
-    def listen_control(self, factory: Any) -> None:
+    def _listen_control(self, factory: Any) -> None:
         """Take the edges' control channels (``core.EdgeChannels``) on a Unix socket in a
         folder only this user can open."""
         self._control = self._reactor.listenUNIX(self.control_path, factory, mode=0o600)  # type: ignore[attr-defined]
 
     def start(self) -> None:
         if self._channels is not None:
-            self.listen_control(self._channels)
+            self._listen_control(self._channels)
             self._channels.start()
         for edge in range(self.edges):
             self._spawn(edge)
@@ -160,7 +158,6 @@ class EdgeSupervisor:
         env = dict(os.environ)
         self._reactor.spawnProcess(process, sys.executable, args, env=env, childFDs=fds)
         self._running[edge] = process
-        self.starts += 1
 
     def ended(self, process: EdgeProcess, reason: Failure) -> None:
         if self._running.get(process.edge) is process:
@@ -193,12 +190,6 @@ class EdgeSupervisor:
             wait=wait_s,
         )
         self._clock.callLater(wait_s, self._spawn, process.edge)
-
-    def pids(self) -> dict[int, int]:
-        """The running edges' process ids, by edge."""
-        return {
-            edge: p.transport.pid for edge, p in self._running.items() if p.transport is not None
-        }
 
     def stop(self) -> Deferred[None]:
         """Drain every edge (SIGTERM: each stops accepting and answers what it took), wait

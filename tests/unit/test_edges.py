@@ -64,9 +64,7 @@ class Harness:
         self.batcher: Batcher[Any, Any] = Batcher(runner, self.policy, self.clock, self.metrics)
         shape = RingShape((32, 32, 3), 8, 2)
         fd = make_ring_file(shape)
-        self.core = Core(
-            self.batcher, self.store, _CoreService(self.model), self.metrics, None, lambda: True
-        )
+        self.core = Core(self.batcher, self.store, _CoreService(self.model), self.metrics, None)
         self.core.ring = SlotRing(fd, shape)
         self.channels = EdgeChannels(self.core, self.clock)
         self.server: EdgeChannel = self.channels.buildProtocol(None)
@@ -249,3 +247,13 @@ def test_the_core_is_ready_only_once_every_edge_serves(tmp_path: Path) -> None:
     assert not late.status().ready  # greeted, but its port is not open yet
     second.stringReceived(frames.dumps(("tell", 0, "serving", None)))
     assert not late.status().ready  # one of two edges serves
+
+
+def test_each_edge_holds_its_share_of_the_connections_the_port_may_hold() -> None:
+    from batchserve.config import ServerSettings, ServeSettings
+    from batchserve.workers.edge_main import per_edge
+
+    settings = ServeSettings(server=ServerSettings(max_connections=1000))
+    assert per_edge(settings, 3).server.max_connections == 334
+    assert per_edge(settings, 1).server.max_connections == 1000
+    assert per_edge(settings, 3).limits == settings.limits  # the rest as the core's
