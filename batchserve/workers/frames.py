@@ -57,8 +57,19 @@ class Refused(pickle.UnpicklingError):
     """A frame named a class that is not plain data."""
 
 
+#: What ``find_class`` allowed so far, by (module, name): every frame names the same few
+#: classes, and the checks below (an import, a class's checks) cost more than the lookup.
+_FOUND: dict[tuple[str, str], Any] = {}
+
+
 class _DataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
+        found = _FOUND.get((module, name))
+        if found is None:
+            found = _FOUND[module, name] = self._allowed(module, name)
+        return found
+
+    def _allowed(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED:
             return super().find_class(module, name)
         if module.startswith("batchserve.") and "." not in name:

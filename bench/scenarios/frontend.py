@@ -30,14 +30,17 @@ DECODE_THREAD = "batchserve-decode"[:15]
 
 
 def build_model(path: Path) -> Path:
-    """A near-zero-cost Keras model: uint8 160x160x3 -> Rescaling -> global average pool ->
-    Dense(32) (the embedding), saved as ``path`` (.keras)."""
+    """A near-zero-cost Keras model: uint8 160x160x3 -> the top-left 8x8 pixels -> Rescaling
+    -> Dense(32) (the embedding), saved as ``path`` (.keras). It reads 192 of each image's
+    76,800 values: on OpenVINO, one thread, a call costs about 0.15 ms whatever the batch
+    (a model that pooled every pixel cost 0.49 ms an image, as much as the reactor's work)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
     inputs = keras.Input((160, 160, 3), dtype="uint8")
-    x = keras.layers.Rescaling(1.0 / 255)(inputs)
-    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Cropping2D(((0, 152), (0, 152)))(inputs)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Rescaling(1.0 / 255)(x)
     outputs = keras.layers.Dense(32, name="embedding")(x)
     keras.Model(inputs, outputs).save(path)
     return path

@@ -74,3 +74,15 @@ def test_a_frame_may_name_only_a_records_class_itself_not_its_attributes_or_inst
     ]:
         with pytest.raises(frames.Refused):
             unpickler.find_class(module, name)
+
+
+def test_a_refused_class_stays_refused_after_allowed_ones_are_remembered() -> None:
+    from batchserve.serving.slots import Partition
+
+    task = AddTask("a", "cat", {}, b"", np.ones(2, np.float32))
+    for _ in range(2):
+        assert frames.loads(frames.dumps(task)).id == "a"
+        with pytest.raises(frames.Refused, match="Partition"):
+            frames.loads(pickle.dumps(Partition))
+    assert ("batchserve.serving.records", "AddTask") in frames._FOUND
+    assert all(name != "Partition" for _module, name in frames._FOUND)
