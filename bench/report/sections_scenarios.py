@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.report.sections import errors_text
+from bench.report.sections import POOLING_MODEL, errors_text
 
 Section = dict[str, Any]
 Lines = list[str]
@@ -167,8 +167,8 @@ def frontend(s: Section) -> Lines:
     return [
         "## The HTTP front end (`python -m bench frontend`)",
         "",
-        "A model that costs next to nothing (uint8 160x160x3 -> Rescaling -> global average "
-        "pooling -> Dense(32), built as a .keras file and served with `--model`), so that "
+        f"A model that costs next to nothing ({s.get('tiny_model', POOLING_MODEL)}, built as a "
+        ".keras file and served with `--model`), so that "
         f"reading, parsing and answering requests is what limits. {s['clients']} clients, "
         f"closed loop, {s['seconds']:g} s after {s['warmup_s']:g} s of warm-up, one 640x480 "
         f"JPEG (~{s['image_kib']} KiB) per request. CPU per request from /proc: the main "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.report.sections import Lines, Section, errors_text
+from bench.report.sections import POOLING_MODEL, Lines, Section, errors_text
 
 #: The phases, as the section names them.
 PHASES = {
@@ -51,8 +51,9 @@ def workers(s: Section) -> Lines:
         "",
         "Three servers up at once: one process (`--workers 0`), one edge process in front of "
         "the model core (`--workers 1`), and two (`--workers 2`), loaded in turn round after "
-        "round. The near-zero-cost model is the front end's (`python -m bench frontend`), run "
-        "on one thread (`--intra-op-threads 1`) so that it takes as little of the machine as "
+        "round. The near-zero-cost model is the front end's (`python -m bench frontend`: "
+        f"{s.get('tiny_model', POOLING_MODEL)}), run on one thread (`--intra-op-threads 1`) "
+        "so that it takes as little of the machine as "
         f"it can; this machine has {s['cores']} cores for the servers and the load generator "
         "together. CPU per request from /proc: the front reactor is each edge's main thread "
         "(with one process: its reactor), the edges' and the core's columns are all their "

@@ -27,6 +27,8 @@ CLIENTS = 64
 ROUTE = "/v1/embed"
 #: The kernel's name (comm, 15 characters) of a decode thread, where threads are named.
 DECODE_THREAD = "batchserve-decode"[:15]
+#: What ``build_model`` builds, as the results record it.
+MODEL = "uint8 160x160x3 -> its top-left 8x8 pixels -> Rescaling -> Dense(32)"
 
 
 def build_model(path: Path) -> Path:
@@ -217,6 +219,7 @@ def measure(images: list[bytes], seconds: float = 20.0, warmup_s: float = 3.0) -
         healthz = healthz_under_uploads(running, images, seconds)
         alive = running.process.poll() is None
     return {
+        "tiny_model": MODEL,
         "clients": CLIENTS,
         "seconds": seconds,
         "warmup_s": warmup_s,

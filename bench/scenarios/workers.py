@@ -248,6 +248,7 @@ def measure(rounds: int = 4, seconds: float = 6.0, model_rounds: int = 4) -> dic
             model_plan = {"model": (photos, 32)}
             numbers |= phases(directory / "model", [], model_plan, model_rounds, seconds + 4)
         numbers["transport"] = transport(photos[0])
+        numbers["tiny_model"] = frontend.MODEL
         numbers["cores"] = os.cpu_count()
         return numbers
     finally:
