@@ -23,7 +23,8 @@ import numpy.typing as npt
 
 from batchserve.models.spec import ModelInfo, ModelSpec, embedding_recipe
 from batchserve.models.views import CROP_VIEWS, VIEW_WEIGHT
-from bench.scenarios.retrieval_data import EDITS, QUICK_EDITS, Benchmark, Picture, build
+from bench.scenarios import verified
+from bench.scenarios.retrieval_data import EDITS, QUICK_EDITS, Benchmark, Picture, build, scene
 
 Array = npt.NDArray[np.float32]
 SIZE = 160
@@ -265,6 +266,10 @@ def _augmented_and_expanded(catalog: Array, queries: Array) -> tuple[Array, Arra
     return augmented, query_expansion(augmented, queries)
 
 
+#: The server's default embedding, among ``methods()``.
+DEFAULT = "GeM + trim borders (new default)"
+
+
 def methods() -> dict[str, Method]:
     chosen = _pooled("trim", gem)
     return {
@@ -275,7 +280,7 @@ def methods() -> dict[str, Method]:
         "GeM, blocks 13 + 16": _layers("squash"),
         "GeM + flip average": _sum(_pooled("squash", gem), _pooled("squash flip", gem)),
         "GeM + letterbox": _pooled("letterbox", gem),
-        "GeM + trim borders (new default)": chosen,
+        DEFAULT: chosen,
         "GeM + trim + letterbox": _pooled("trim + letterbox", gem),
         "GeM + trim + map window views": _windows("trim", 4),
         "GeM + trim + crop views, unweighed": _item_views("trim", CROPS, 1.0),
@@ -370,14 +375,30 @@ def measure(quick: bool = False) -> dict[str, Any]:
         bench = build(scenes=60, distractor_scenes=900, edits=tuple(EDITS))
     chosen = methods()
     needs = {n for needs, _fn in chosen.values() for n in needs}
-    features = extract(bench, Backbone(), needs)
+    backbone = Backbone()
+    features = extract(bench, backbone, needs)
     return {
         "originals": sum(p.original == p.name for p in bench.catalog),
         "distractors": sum(p.original is None for p in bench.catalog),
         "queries": len(bench.queries),
         "edits": list(dict.fromkeys(q.edit for q in bench.queries)),
         "methods": evaluate(bench, features, chosen),
+        "verified": measure_verified(bench, backbone, features, quick),
     }
+
+
+def measure_verified(
+    bench: Benchmark, backbone: Backbone, features: Features, quick: bool
+) -> dict[str, Any]:
+    """The default embedding's search re-ranked by local features (bench/scenarios/
+    verified.py), with as many non-copy queries (scenes not in the catalog) as copies."""
+    catalog, queries = methods()[DEFAULT][1](features)
+    rng = np.random.default_rng(11)
+    others = [Picture(f"unseen/{n}", scene(rng), None) for n in range(len(bench.queries))]
+    pixels = np.stack([PREPARATIONS["trim"](_jpeg(p)) for p in others])
+    other_rows = gem(backbone.maps(pixels)[1])
+    shortlists = verified.SHORTLISTS[:1] if quick else verified.SHORTLISTS
+    return verified.measure(bench, catalog, queries, others, other_rows, shortlists)
 
 
 #: ``batchserve serve`` flags of the embedding before GeM, letterboxing and trimming.

@@ -1,0 +1,123 @@
+"""Geometric verification: is one image a copy of another? Their local features
+(keypoints.py) are matched by descriptor (Hamming distance, Lowe's ratio test), and a
+similarity transform (rotation, uniform scale, shift) is fitted to the matches by RANSAC.
+A copy (cropped, zoomed, rotated, greyed, re-encoded, written over) shares many points in
+one consistent geometry; a look-alike shares few, and not in one geometry. The inliers of
+the fitted transform are the evidence."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from batchserve.models.keypoints import LocalFeatures
+
+#: Lowe's ratio: a match counts when its best distance is under this share of the second
+#: best (a point like many others matches none of them).
+RATIO = 0.8
+#: RANSAC's tolerance, in pixels of the 480-pixel frame.
+TOLERANCE_PX = 6.0
+#: The inliers a copy needs by default (bench/RESULTS.md, copy detection, chooses it).
+MIN_INLIERS = 12
+#: The scales a copy may be at, either way (a 64-pixel thumbnail of a 640-pixel photo is
+#: 10x smaller; both are scaled to the frame, so what remains is the crop's zoom).
+MAX_SCALE = 8.0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """``inliers`` matches agree on one transform; ``verified`` when they are at least
+    the threshold; ``transform`` names the fitted transform ("similarity") or "none";
+    ``coverage``: the share of the query's frame that the candidate's frame covers once
+    moved by the transform (1.0: the candidate holds all of the query; a crop of the
+    query's original holds a part)."""
+
+    verified: bool
+    inliers: int
+    transform: str
+    coverage: float = 0.0
+
+    @classmethod
+    def unmatched(cls) -> Verdict:
+        return cls(False, 0, "none")
+
+
+def matched_points(
+    query: LocalFeatures, candidate: LocalFeatures, ratio: float = RATIO
+) -> tuple[np.ndarray, np.ndarray]:
+    """The positions (query's, candidate's) [m, 2] of the descriptor matches that pass
+    the ratio test."""
+    import cv2
+
+    if len(query) < 2 or len(candidate) < 2:
+        return np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32)
+    pairs = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(query.descriptors, candidate.descriptors, k=2)
+    best: dict[int, Any] = {}  # one match per candidate point: a repeated pattern's many
+    for p in pairs:  # query points onto one of its points are one piece of evidence
+        if len(p) == 2 and p[0].distance < ratio * p[1].distance:
+            kept = best.get(p[0].trainIdx)
+            if kept is None or p[0].distance < kept.distance:
+                best[p[0].trainIdx] = p[0]
+    good = list(best.values())
+    source = np.array([query.points[m.queryIdx] for m in good], np.float32).reshape(-1, 2)
+    target = np.array([candidate.points[m.trainIdx] for m in good], np.float32).reshape(-1, 2)
+    return source, target
+
+
+def distinct_inliers(source: np.ndarray, target: np.ndarray) -> int:
+    """How many inlier pairs remain when points at one place (keypoints found at several
+    scales of one spot) count once, on either side."""
+
+    def places(points: np.ndarray) -> int:
+        return len(np.unique(np.rint(points).astype(np.int32), axis=0))
+
+    return min(places(source), places(target))
+
+
+def verify(
+    query: LocalFeatures, candidate: LocalFeatures, min_inliers: int = MIN_INLIERS
+) -> Verdict:
+    """Whether ``candidate`` is a copy of ``query`` (or the other way round), by the
+    inliers of a similarity transform between their matched keypoints."""
+    import cv2
+
+    source, target = matched_points(query, candidate)
+    if len(source) < max(3, min_inliers):
+        return Verdict.unmatched()
+    transform, mask = cv2.estimateAffinePartial2D(
+        source, target, method=cv2.RANSAC, ransacReprojThreshold=TOLERANCE_PX, maxIters=2000
+    )
+    if transform is None or mask is None:
+        return Verdict.unmatched()
+    scale = float(np.hypot(transform[0, 0], transform[1, 0]))
+    if not 1 / MAX_SCALE <= scale <= MAX_SCALE:
+        return Verdict.unmatched()
+    inside = mask.ravel().astype(bool)
+    inliers = distinct_inliers(source[inside], target[inside])
+    shared = coverage(transform, query.size, candidate.size)
+    return Verdict(inliers >= min_inliers, inliers, "similarity", shared)
+
+
+def coverage(transform: np.ndarray, query: tuple[int, int], candidate: tuple[int, int]) -> float:
+    """The share of the query's frame (``query``: width, height) inside the candidate's
+    frame mapped back onto it by the inverse of ``transform`` (query -> candidate, 2x3)."""
+    import cv2
+
+    back = cv2.invertAffineTransform(transform)
+    w, h = candidate
+    corners = np.array([[0, 0], [w, 0], [w, h], [0, h]], np.float32)
+    mapped = (corners @ back[:, :2].T + back[:, 2]).astype(np.float32)
+    qw, qh = query
+    frame = np.array([[0, 0], [qw, 0], [qw, qh], [0, qh]], np.float32)
+    area, _ = cv2.intersectConvexConvex(frame, mapped)
+    return round(float(area) / max(1.0, qw * qh), 3)
+
+
+def rank_key(verdict: Verdict, score: float) -> tuple[bool, float, int, float]:
+    """Sorts verified copies first, those that hold more of the query first (an original
+    before its crops), then by inliers; the rest by ``score`` (the embedding's)."""
+    if not verdict.verified:
+        return (True, 0.0, 0, -score)
+    return (False, -verdict.coverage, -verdict.inliers, -score)
