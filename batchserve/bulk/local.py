@@ -32,13 +32,15 @@ from batchserve.storage.records import NewItem
 
 @dataclass(frozen=True)
 class Decoded:
-    """A source's model input, its thumbnail (JPEG) and the digest of its bytes."""
+    """A source's model input, its thumbnail (JPEG), the digest of its bytes and its
+    local features (packed, models/keypoints.py)."""
 
     pixels: npt.NDArray[np.uint8]
     thumbnail: bytes
     digest: str
     #: uint8 [views, H, W, 3]: its crop views as model input, with ``--crop-views``.
     views: npt.NDArray[np.uint8] | None = None
+    features: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ def load_source(
     item = decode_add_for(data, info, limits)  # one decode for its input, views, thumbnail
     pictures = item.pictures
     views = pictures[1:] if info.views else None
-    return Decoded(pictures[0], item.thumbnail, digest, views)
+    return Decoded(pictures[0], item.thumbnail, digest, views, item.features)
 
 
 def load_timed(path: str, known_digest: str | None, info: ModelInfo, limits: DecodeLimits) -> Timed:
@@ -185,7 +187,7 @@ class _BatchEmbedder:
         wrote = time.perf_counter()
         self._output.write(
             [
-                NewItem(s.id, e, s.label, s.metadata, c, d.thumbnail, d.digest, v)
+                NewItem(s.id, e, s.label, s.metadata, c, d.thumbnail, d.digest, v, d.features)
                 for (s, d), e, c, v in zip(batch, embeddings, classes, views, strict=True)
             ]
         )

@@ -63,6 +63,9 @@ def decode_rows(
         "digest": np.array(
             [row.decoded.digest if row.decoded else "" for row in rows], dtype=object
         ),
+        "features": np.array(
+            [(row.decoded.features or b"") if row.decoded else b"" for row in rows], dtype=object
+        ),
         "pixels": pixels,
         "decode_s": np.array([row.seconds for row in rows]),
         "decode_node": np.array([node] * n, dtype=object),
@@ -163,4 +166,10 @@ def item_of(batch: dict[str, npt.NDArray[Any]], i: int) -> NewItem:
         bytes(batch["thumbnail"][i]),
         str(batch["digest"][i]),
         np.asarray(batch["view_embeddings"][i], np.float32) if "view_embeddings" in batch else None,
+        _optional_bytes(batch["features"][i]) if "features" in batch else None,
     )
+
+
+def _optional_bytes(value: Any) -> bytes | None:
+    """Bytes, or None for the empty bytes that stand for none in a batch's column."""
+    return bytes(value) if value is not None and len(value) else None

@@ -18,6 +18,7 @@ import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from batchserve.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from batchserve.models import keypoints
 from batchserve.models.views import CROP_FRACTION, crop_boxes
 from batchserve.settings import setting
 
@@ -119,11 +120,13 @@ def decode_for(data: bytes, info: ModelInfo, limits: DecodeLimits) -> npt.NDArra
 @dataclass(frozen=True)
 class DecodedItem:
     """An added image, decoded once: ``pictures`` uint8 [1 + views, H, W, 3] as
-    ``decode_item_for`` makes them, and ``thumbnail``, a JPEG made from the same decoded
-    pixels (upright, borders kept, at most ``THUMBNAIL_SIDE`` on its longer side)."""
+    ``decode_item_for`` makes them, ``thumbnail``, a JPEG made from the same decoded
+    pixels (upright, borders kept, at most ``THUMBNAIL_SIDE`` on its longer side), and
+    ``features``, its local features packed (keypoints.py)."""
 
     pictures: npt.NDArray[np.uint8]
     thumbnail: bytes
+    features: bytes
 
 
 def decode_item_for(data: bytes, info: ModelInfo, limits: DecodeLimits) -> npt.NDArray[np.uint8]:
@@ -132,26 +135,28 @@ def decode_item_for(data: bytes, info: ModelInfo, limits: DecodeLimits) -> npt.N
     the trimmed image, each fitted the same way from a JPEG draft large enough for a crop),
     then its grey view (the image in greyscale), as ``info.item_views`` asks. One decode
     serves the image and its crops, unless a JPEG's draft for the crops is larger."""
-    return _decode_item(data, info, limits, None)[0]
+    return _decode_item(data, info, limits, None)[0][0]
 
 
 def decode_add_for(
     data: bytes, info: ModelInfo, limits: DecodeLimits, side: int = THUMBNAIL_SIDE
 ) -> DecodedItem:
     """``data`` decoded as an add: its pictures as ``decode_item_for`` makes them, and its
-    thumbnail (at most ``side`` pixels on its longer side) from the same decoded pixels.
-    Only a JPEG that its pictures need at a smaller draft scale than the thumbnail (both
-    reduced: 1/8 of a 12 MP photo is 0.2 MP) is decoded again, at the thumbnail's scale;
-    a PNG, WebP, BMP or GIF, which has no draft mode, is always decoded once."""
-    pictures, thumbnail = _decode_item(data, info, limits, side)
-    assert thumbnail is not None
-    return DecodedItem(pictures, thumbnail)
+    thumbnail (at most ``side`` pixels on its longer side) and local features from the
+    same decoded pixels. Only a JPEG that its pictures need at a smaller draft scale than
+    the thumbnail or the features (all reduced: 1/8 of a 12 MP photo is 0.2 MP) is decoded
+    again, at their scale; a PNG, WebP, BMP or GIF, which has no draft mode, is always
+    decoded once."""
+    (pictures, thumbnail), features = _decode_item(data, info, limits, side)
+    assert thumbnail is not None and features is not None
+    return DecodedItem(pictures, thumbnail, features)
 
 
 def _decode_item(
     data: bytes, info: ModelInfo, limits: DecodeLimits, side: int | None
-) -> tuple[npt.NDArray[np.uint8], bytes | None]:
-    """``decode_item_for``'s pictures, and with ``side`` a thumbnail of the same pixels."""
+) -> tuple[tuple[npt.NDArray[np.uint8], bytes | None], bytes | None]:
+    """``decode_item_for``'s pictures; with ``side`` a thumbnail and the local features of
+    the same pixels."""
     height, width = info.input_size
     crops = int(info.item_views.get("crops", 0))
     crop_draft = (math.ceil(width / CROP_FRACTION), math.ceil(height / CROP_FRACTION))
@@ -164,13 +169,22 @@ def _decode_item(
         thumbnail_shared = side is None or _draft_scale(image, draft) <= _draft_scale(
             image, (side, side)
         )
+        frame = (keypoints.FRAME, keypoints.FRAME)
+        features_shared = _draft_scale(image, draft) <= _draft_scale(image, frame)
         upright = _upright(image, draft)
         if side is None:
-            thumbnail = None
-        elif thumbnail_shared:
-            thumbnail = _thumbnail_jpeg(upright, side)
+            thumbnail = features = None
         else:
-            thumbnail = make_thumbnail(data, limits, side)
+            thumbnail = (
+                _thumbnail_jpeg(upright, side)
+                if thumbnail_shared
+                else make_thumbnail(data, limits, side)
+            )
+            features = (
+                keypoints.extract(upright).to_bytes()
+                if features_shared
+                else make_features(data, limits)
+            )
         picture = _trimmed(upright) if info.trim_borders else upright
         if shared:
             whole = _fitted(picture, width, height, info.letterbox)
@@ -185,7 +199,7 @@ def _decode_item(
     if info.item_views.get("grey"):
         grey = Image.fromarray(whole, "RGB").convert("L").convert("RGB")
         pictures.append(np.asarray(grey, dtype=np.uint8))
-    return np.stack(pictures), thumbnail
+    return (np.stack(pictures), thumbnail), features
 
 
 def check_request_pixels(images: Iterable[bytes], limits: DecodeLimits) -> int:
@@ -224,6 +238,14 @@ def make_thumbnail(data: bytes, limits: DecodeLimits, side: int = THUMBNAIL_SIDE
     gets its thumbnail from ``decode_add_for``, which decodes its image only once.)"""
     with _open_checked(data, limits) as image:
         return _thumbnail_jpeg(_upright(image, (side, side)), side)
+
+
+def make_features(data: bytes, limits: DecodeLimits) -> bytes:
+    """``data``'s local features, packed (keypoints.py): decoded upright at the scale of
+    their frame (a JPEG at the smallest draft that keeps it). Raises as ``decode_image``
+    does. (An add gets them from ``decode_add_for``, with one decode where it can.)"""
+    with _open_checked(data, limits) as image:
+        return keypoints.extract(_upright(image, (keypoints.FRAME,) * 2)).to_bytes()
 
 
 def _thumbnail_jpeg(rgb: Image.Image, side: int) -> bytes:

@@ -307,6 +307,7 @@ def apply_tasks(
                 t.metadata,
                 predicted_class(p, classes),
                 t.thumbnail,
+                features=t.features,
                 views=t.views,
             )
             for _i, t, p in adds

@@ -34,12 +34,14 @@ class SearchTask:
 @dataclass(frozen=True)
 class AddTask:
     """Store the image's embedding under ``id`` (replacing an item of that id), with a
-    ``thumbnail`` (JPEG) made from the image when it was decoded."""
+    ``thumbnail`` (JPEG) and its ``features`` (packed local features, keypoints.py) made
+    from the image when it was decoded."""
 
     id: str
     label: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     thumbnail: bytes | None = None
+    features: bytes | None = None
     #: float32 [views, dim]: the embeddings of its crop views (``--crop-views``).
     views: npt.NDArray[np.float32] | None = None
 

@@ -356,6 +356,7 @@ class PostgresCatalog:
                                 "created": now,
                                 "jpeg": item.thumbnail or None,
                                 "digest": item.digest,
+                                "features": item.features,
                             },
                         ),
                     )
@@ -450,6 +451,20 @@ class PostgresCatalog:
             (item_id,),
         )
         return None if row is None else (int(row[0]), None if row[1] is None else bytes(row[1]))
+
+    def local_features(self, fids: Sequence[int]) -> dict[int, bytes]:
+        """The packed local features of each of ``fids`` that has them."""
+        found: dict[int, bytes] = {}
+        unique = list(dict.fromkeys(int(f) for f in fids))
+        with self._connection() as conn:
+            for start in range(0, len(unique), _BATCH):
+                self._watchdog.renew(conn)
+                rows = conn.execute(
+                    "SELECT fid, orb FROM features WHERE fid = ANY(%s::bigint[])",
+                    (unique[start : start + _BATCH],),
+                )
+                found.update((int(row[0]), bytes(row[1])) for row in rows)
+        return found
 
     def items_by_fid(self, fids: Sequence[int]) -> dict[int, Item]:
         unique = list(dict.fromkeys(int(f) for f in fids))

@@ -53,6 +53,10 @@ CREATE TABLE IF NOT EXISTS sources (
     fid bigint PRIMARY KEY REFERENCES items (fid) ON DELETE CASCADE,
     sha256 text NOT NULL
 );
+CREATE TABLE IF NOT EXISTS features (
+    fid bigint PRIMARY KEY REFERENCES items (fid) ON DELETE CASCADE,
+    orb bytea NOT NULL
+);
 CREATE TABLE IF NOT EXISTS changes (
     seq bigserial PRIMARY KEY,
     op text NOT NULL CHECK (op IN ('add', 'del')),
@@ -112,6 +116,9 @@ WITH added AS (
 ), source AS (
     INSERT INTO sources (fid, sha256)
     SELECT fid, %(digest)s::text FROM added WHERE %(digest)s::text IS NOT NULL
+), feature AS (
+    INSERT INTO features (fid, orb)
+    SELECT fid, %(features)s::bytea FROM added WHERE %(features)s::bytea IS NOT NULL
 )
 SELECT fid FROM added
 """

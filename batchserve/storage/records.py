@@ -39,6 +39,9 @@ class NewItem:
     digest: str | None = None
     #: float32 [views, dim]: the embeddings of its crop views (``--crop-views``), else None.
     views: npt.NDArray[np.float32] | None = None
+    #: Its local features, packed (models/keypoints.py), for verified search; None when
+    #: they were not made.
+    features: bytes | None = None
 
     @functools.cached_property
     def vectors(self) -> npt.NDArray[np.float32]:

@@ -52,9 +52,12 @@ CREATE TABLE IF NOT EXISTS changes (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS thumbnails (fid INTEGER PRIMARY KEY, jpeg BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS sources (fid INTEGER PRIMARY KEY, sha256 TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS features (fid INTEGER PRIMARY KEY, orb BLOB NOT NULL);
 """
 
 
+#: Row ids in one ``IN (...)`` list (SQLite allows 999 parameters at least).
+_IN_BATCH = 500
 #: SQLite's ``PRAGMA synchronous`` levels by number.
 _SYNCHRONOUS = {0: "off", 1: "normal", 2: "full", 3: "extra"}
 
@@ -139,6 +142,8 @@ class SqliteCatalog:
                     self._db.execute("INSERT INTO thumbnails VALUES (?, ?)", (fid, item.thumbnail))
                 if item.digest:
                     self._db.execute("INSERT INTO sources VALUES (?, ?)", (fid, item.digest))
+                if item.features is not None:
+                    self._db.execute("INSERT INTO features VALUES (?, ?)", (fid, item.features))
                 added.append(fid)
         return added, replaced
 
@@ -155,6 +160,7 @@ class SqliteCatalog:
         self._db.execute("DELETE FROM items WHERE fid = ?", (fid,))
         self._db.execute("DELETE FROM thumbnails WHERE fid = ?", (fid,))
         self._db.execute("DELETE FROM sources WHERE fid = ?", (fid,))
+        self._db.execute("DELETE FROM features WHERE fid = ?", (fid,))
         self._db.execute("INSERT INTO changes (op, fid) VALUES ('del', ?)", (fid,))
 
     def durability(self) -> dict[str, str]:
@@ -209,13 +215,26 @@ class SqliteCatalog:
         ).fetchone()
         return None if row is None else (int(row[0]), None if row[1] is None else bytes(row[1]))
 
+    def local_features(self, fids: Sequence[int]) -> dict[int, bytes]:
+        """The packed local features of each of ``fids`` that has them."""
+        found: dict[int, bytes] = {}
+        unique = list(dict.fromkeys(int(f) for f in fids))
+        for start in range(0, len(unique), _IN_BATCH):
+            chunk = unique[start : start + _IN_BATCH]
+            rows = self._db.execute(
+                f"SELECT fid, orb FROM features WHERE fid IN ({','.join('?' * len(chunk))})",
+                chunk,
+            )
+            found.update((int(row[0]), bytes(row[1])) for row in rows)
+        return found
+
     def items_by_fid(self, fids: Sequence[int]) -> dict[int, Item]:
         if not fids:
             return {}
         found: dict[int, Item] = {}
         unique = list(dict.fromkeys(int(f) for f in fids))
-        for start in range(0, len(unique), 500):
-            chunk = unique[start : start + 500]
+        for start in range(0, len(unique), _IN_BATCH):
+            chunk = unique[start : start + _IN_BATCH]
             marks = ",".join("?" * len(chunk))
             for row in self._db.execute(
                 "SELECT fid, id, label, class, metadata, created FROM items "

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bench.report import sections_verified
 from bench.scenarios.retrieval import LEGACY
 
 Section = dict[str, Any]
@@ -73,6 +74,7 @@ def retrieval(s: Section) -> Lines:
         "|---" + "|---:" * len(columns) + "|",
         *per_edit,
         "",
+        *sections_verified.verified(s, DEFAULT),
     ]
 
 

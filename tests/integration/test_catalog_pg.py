@@ -168,6 +168,17 @@ def test_thumbnail_says_whether_an_item_has_one(catalog: AnyCatalog) -> None:
     assert found is not None and found[1] is None
 
 
+def test_local_features_live_and_die_with_their_items(catalog: AnyCatalog) -> None:
+    fids, _ = catalog.upsert([item(0, features=b"\x01orb0"), item(1), item(2, features=b"orb2")])
+    assert catalog.local_features([fids[2], fids[1], fids[0], fids[2], 10_000]) == {
+        fids[0]: b"\x01orb0",
+        fids[2]: b"orb2",
+    }
+    new, _ = catalog.upsert([item(0)])  # replaced without features: the old ones go
+    catalog.delete("id2")
+    assert catalog.local_features([*fids, *new]) == {}
+
+
 def test_items_by_fid_skips_missing_fids_and_repeats(catalog: AnyCatalog) -> None:
     fids, _ = catalog.upsert([item(i) for i in range(3)])
     found = catalog.items_by_fid([fids[2], fids[0], fids[2], 10_000])

@@ -121,6 +121,18 @@ def test_bulk_indexing_stores_a_thumbnail_of_each_image(tmp_path: Path) -> None:
         assert thumb.convert("RGB").getpixel((32, 24))[0] > 200  # still red
 
 
+def test_bulk_indexing_stores_the_local_features_of_each_image(tmp_path: Path) -> None:
+    from batchserve.models.keypoints import FRAME, LocalFeatures
+
+    make_tree(tmp_path / "images")
+    model = FakeModel()
+    store = open_store(tmp_path / "data", model)
+    run(list(sources_for(str(tmp_path / "images"))), store, model)
+    fid = (store.catalog.thumbnail("reds/0.png") or (0, None))[0]
+    packed = store.catalog.local_features([fid])[fid]
+    assert LocalFeatures.from_bytes(packed).size == (FRAME, FRAME * 48 // 64)  # flat: none
+
+
 def test_a_rerun_skips_unchanged_files_and_indexes_a_changed_one_again(tmp_path: Path) -> None:
     make_tree(tmp_path / "images")
     model = FakeModel()

@@ -24,6 +24,7 @@ from batchserve.models.images import (
     decode_item_for,
     make_thumbnail,
 )
+from batchserve.models.keypoints import LocalFeatures
 from batchserve.models.spec import ModelInfo
 from batchserve.serving.batching import Batcher, BatchPolicy
 from batchserve.serving.decoding import HungUp, RequestWatch, decoded_jobs
@@ -273,13 +274,17 @@ def test_an_added_png_is_decoded_once_for_its_input_views_and_thumbnail(
         assert thumb.size == (256, 171)
 
 
-def test_an_added_jpeg_whose_input_draft_serves_its_thumbnail_is_decoded_once(
+def test_an_added_jpeg_whose_input_draft_serves_its_thumbnail_is_decoded_once_for_both(
     loads: list[str],
 ) -> None:
+    """... and once more for its local features, found in a 480-pixel frame: 1/8 of it is
+    350x263, too small for them; 1/4 is 700x525."""
     data = encode_image(fmt="JPEG", size=(2800, 2100), colour=(30, 90, 200))
     info = FakeModel(input_size=(32, 32)).info  # 1/8 for both: 350x263 covers 256
     (job,) = decoded_jobs(adds(data), info, DecodeLimits(), None)
-    assert loads == ["JPEG"]
+    assert loads == ["JPEG", "JPEG"]
+    assert isinstance(job.task, AddTask) and job.task.features is not None
+    assert LocalFeatures.from_bytes(job.task.features).size == (480, 360)
     assert np.array_equal(job.image, decode_for(data, info, DecodeLimits()))
     assert isinstance(job.task, AddTask) and job.task.thumbnail is not None
     with Image.open(io.BytesIO(job.task.thumbnail)) as thumb:

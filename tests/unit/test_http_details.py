@@ -182,6 +182,20 @@ def test_an_added_item_has_a_thumbnail_upright_with_its_aspect() -> None:
         assert thumb.size == (128, 256)
 
 
+def test_an_added_item_stores_its_local_features_found_in_the_frame() -> None:
+    from batchserve.models.keypoints import FRAME, LocalFeatures
+
+    h = Harness()
+    picture = Image.effect_noise((600, 300), 60).convert("RGB")  # texture: keypoints
+    out = io.BytesIO()
+    picture.save(out, "JPEG", quality=90)
+    assert add(h, "noisy", out.getvalue())[0] == 200
+    catalog = h.server.store._store.catalog
+    fid = catalog.thumbnail("noisy")[0]
+    features = LocalFeatures.from_bytes(catalog.local_features([fid])[fid])
+    assert features.size == (FRAME, FRAME // 2) and len(features) > 50
+
+
 def test_an_item_without_a_thumbnail_or_no_item_is_404() -> None:
     h = Harness()
     embedding = _prediction().embedding

@@ -438,6 +438,18 @@ def test_thumbnails_live_and_die_with_their_items(tmp_path: Path) -> None:
         assert db.execute("SELECT COUNT(*) FROM thumbnails").fetchone()[0] == 0
 
 
+def test_a_catalog_from_before_local_features_opens_and_has_none(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    s.add(items(0, 2))
+    s.close()
+    with sqlite3.connect(tmp_path / "catalog.sqlite3") as db:
+        db.execute("DROP TABLE features")  # as a catalog written before them
+    again = store(tmp_path)
+    assert again.catalog.local_features([1, 2]) == {}
+    again.add([NewItem("new", vec(9), features=b"orb")])
+    assert again.catalog.local_features([3]) == {3: b"orb"}
+
+
 def test_a_catalog_from_before_thumbnails_opens_and_has_none(tmp_path: Path) -> None:
     s = store(tmp_path)
     s.add(items(0, 2))
