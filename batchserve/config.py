@@ -479,7 +479,7 @@ class BulkSettings:
     engine and its outputs. ``job()`` is what the bulk engines run."""
 
     server: ServerSettings = part(ServerSettings, only=("decode_threads",))
-    images: DecodeLimits = part(DecodeLimits, only=("max_image_pixels",))
+    images: DecodeLimits = part(DecodeLimits, only=("max_image_pixels", "local_features"))
     model: ModelSpec = part(ModelSpec)
     batching: BatchPolicy = part(BatchPolicy, only=("max_batch_size", "batch_sizes"))
     index: IndexParams = part(IndexParams)

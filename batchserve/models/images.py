@@ -69,6 +69,9 @@ class DecodeLimits:
     300 MB, and so how far a request can run past its deadline (checked between images).
     ``max_request_pixels`` at 200 MP keeps 64 HD frames (133 MP) or eight 24 MP photos in
     a request, and bounds its decoding to about the default 10 s deadline.
+
+    ``local_features``: whether an add also finds the image's local features (what a
+    verified search matches; about 8 KB an item and 9 ms of one core an add).
     """
 
     max_pixels: int = setting(
@@ -79,6 +82,11 @@ class DecodeLimits:
         "most pixels in all the encoded images of one request, width times height summed "
         "from their headers (413 before any is decoded)",
         at_least=1,
+    )
+    local_features: bool = setting(
+        True,
+        "find each added image's local features (ORB keypoints, about 8 KB an item) for "
+        "verified search",
     )
 
 
@@ -142,11 +150,11 @@ def decode_add_for(
     data: bytes, info: ModelInfo, limits: DecodeLimits, side: int = THUMBNAIL_SIDE
 ) -> DecodedItem:
     """``data`` decoded as an add: its pictures as ``decode_item_for`` makes them, and its
-    thumbnail (at most ``side`` pixels on its longer side) and local features from the
-    same decoded pixels. Only a JPEG that its pictures need at a smaller draft scale than
-    the thumbnail or the features (all reduced: 1/8 of a 12 MP photo is 0.2 MP) is decoded
-    again, at their scale; a PNG, WebP, BMP or GIF, which has no draft mode, is always
-    decoded once."""
+    thumbnail (at most ``side`` pixels on its longer side) and local features (b"" with
+    ``limits.local_features`` off) from the same decoded pixels. Only a JPEG that its
+    pictures need at a smaller draft scale than the thumbnail or the features (all
+    reduced: 1/8 of a 12 MP photo is 0.2 MP) is decoded again, at their scale; a PNG, WebP,
+    BMP or GIF, which has no draft mode, is always decoded once."""
     (pictures, thumbnail), features = _decode_item(data, info, limits, side)
     assert thumbnail is not None and features is not None
     return DecodedItem(pictures, thumbnail, features)
@@ -180,11 +188,12 @@ def _decode_item(
                 if thumbnail_shared
                 else make_thumbnail(data, limits, side)
             )
-            features = (
-                keypoints.extract(upright).to_bytes()
-                if features_shared
-                else make_features(data, limits)
-            )
+            if not limits.local_features:
+                features = b""
+            elif features_shared:
+                features = keypoints.extract(upright).to_bytes()
+            else:
+                features = make_features(data, limits)
         picture = _trimmed(upright) if info.trim_borders else upright
         if shared:
             whole = _fitted(picture, width, height, info.letterbox)

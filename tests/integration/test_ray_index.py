@@ -41,12 +41,14 @@ def require_ray() -> None:
 @dataclass(frozen=True)
 class Indexed:
     """What one ``batchserve index`` run did: exit status, stderr, the catalog's items as
-    {id: (embedding, label, class, metadata)} and their thumbnails {id: JPEG or None}."""
+    {id: (embedding, label, class, metadata)}, their thumbnails {id: JPEG or None} and
+    their local features {id: packed or None}."""
 
     returncode: int
     stderr: str
     items: dict[str, tuple[np.ndarray, str | None, str | None, dict[str, object]]]
     thumbnails: dict[str, bytes | None]
+    features: dict[str, bytes | None]
 
 
 def write_photos(root: Path) -> Path:
@@ -75,7 +77,12 @@ def run_index(
         timeout=400,
         env=env,
     )
-    return Indexed(done.returncode, done.stderr, read_items(data_dir), read_thumbnails(data_dir))
+    items = read_items(data_dir)
+    thumbnails, features = (
+        read_side(data_dir, "thumbnails", "jpeg"),
+        read_side(data_dir, "features", "orb"),
+    )
+    return Indexed(done.returncode, done.stderr, items, thumbnails, features)
 
 
 def read_items(
@@ -91,14 +98,15 @@ def read_items(
     }
 
 
-def read_thumbnails(data_dir: Path) -> dict[str, bytes | None]:
+def read_side(data_dir: Path, table: str, column: str) -> dict[str, bytes | None]:
+    """{item id: its row's ``column`` of ``table`` (thumbnails, features) or None}."""
     path = data_dir / "catalog.sqlite3"
     if not path.exists():
         return {}
     with sqlite3.connect(path) as db:
         rows = db.execute(
-            "SELECT items.id, thumbnails.jpeg FROM items "
-            "LEFT JOIN thumbnails ON thumbnails.fid = items.fid"
+            f"SELECT items.id, {table}.{column} FROM items "
+            f"LEFT JOIN {table} ON {table}.fid = items.fid"
         ).fetchall()
     return {r[0]: None if r[1] is None else bytes(r[1]) for r in rows}
 
@@ -113,8 +121,8 @@ def failures(run: Indexed) -> list[str]:
 
 
 def assert_same_items(ray: Indexed, local: Indexed) -> None:
-    """The same ids, embeddings, labels, classes and metadata, and the same thumbnails (the
-    local engine stores one for every item)."""
+    """The same ids, embeddings, labels, classes and metadata, and the same thumbnails and
+    local features (the local engine stores both for every item)."""
     assert sorted(ray.items) == sorted(local.items)
     for item_id, (vector, *rest) in ray.items.items():
         reference, *expected = local.items[item_id]
@@ -122,6 +130,8 @@ def assert_same_items(ray: Indexed, local: Indexed) -> None:
         assert rest == expected, item_id
     assert all(local.thumbnails.values()) and len(local.thumbnails) == len(local.items)
     assert ray.thumbnails == local.thumbnails
+    assert all(local.features.values()) and len(local.features) == len(local.items)
+    assert ray.features == local.features
 
 
 @pytest.fixture(scope="module")

@@ -289,3 +289,13 @@ def test_an_added_jpeg_whose_input_draft_serves_its_thumbnail_is_decoded_once_fo
     assert isinstance(job.task, AddTask) and job.task.thumbnail is not None
     with Image.open(io.BytesIO(job.task.thumbnail)) as thumb:
         assert thumb.size == (256, 192)
+
+
+def test_an_add_without_local_features_is_decoded_once_and_carries_none(
+    loads: list[str],
+) -> None:
+    data = encode_image(fmt="JPEG", size=(2800, 2100), colour=(30, 90, 200))
+    info = FakeModel(input_size=(32, 32)).info
+    (job,) = decoded_jobs(adds(data), info, DecodeLimits(local_features=False), None)
+    assert loads == ["JPEG"]
+    assert isinstance(job.task, AddTask) and job.task.features is None
