@@ -66,7 +66,7 @@ def load_source(
     item = decode_add_for(data, info, limits)  # one decode for its input, views, thumbnail
     pictures = item.pictures
     views = pictures[1:] if info.views else None
-    return Decoded(pictures[0], item.thumbnail, digest, views, item.features or None)
+    return Decoded(pictures[0], item.thumbnail, digest, views, item.features)
 
 
 def load_timed(path: str, known_digest: str | None, info: ModelInfo, limits: DecodeLimits) -> Timed:

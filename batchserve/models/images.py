@@ -130,11 +130,11 @@ class DecodedItem:
     """An added image, decoded once: ``pictures`` uint8 [1 + views, H, W, 3] as
     ``decode_item_for`` makes them, ``thumbnail``, a JPEG made from the same decoded
     pixels (upright, borders kept, at most ``THUMBNAIL_SIDE`` on its longer side), and
-    ``features``, its local features packed (keypoints.py)."""
+    ``features``, its local features packed (keypoints.py; None when not asked for)."""
 
     pictures: npt.NDArray[np.uint8]
     thumbnail: bytes
-    features: bytes
+    features: bytes | None
 
 
 def decode_item_for(data: bytes, info: ModelInfo, limits: DecodeLimits) -> npt.NDArray[np.uint8]:
@@ -143,26 +143,26 @@ def decode_item_for(data: bytes, info: ModelInfo, limits: DecodeLimits) -> npt.N
     the trimmed image, each fitted the same way from a JPEG draft large enough for a crop),
     then its grey view (the image in greyscale), as ``info.item_views`` asks. One decode
     serves the image and its crops, unless a JPEG's draft for the crops is larger."""
-    return _decode_item(data, info, limits, None)[0][0]
+    return _decode_item(data, info, limits, None)[0]
 
 
 def decode_add_for(
     data: bytes, info: ModelInfo, limits: DecodeLimits, side: int = THUMBNAIL_SIDE
 ) -> DecodedItem:
     """``data`` decoded as an add: its pictures as ``decode_item_for`` makes them, and its
-    thumbnail (at most ``side`` pixels on its longer side) and local features (b"" with
+    thumbnail (at most ``side`` pixels on its longer side) and local features (None with
     ``limits.local_features`` off) from the same decoded pixels. Only a JPEG that its
     pictures need at a smaller draft scale than the thumbnail or the features (all
     reduced: 1/8 of a 12 MP photo is 0.2 MP) is decoded again, at their scale; a PNG, WebP,
     BMP or GIF, which has no draft mode, is always decoded once."""
-    (pictures, thumbnail), features = _decode_item(data, info, limits, side)
-    assert thumbnail is not None and features is not None
+    pictures, thumbnail, features = _decode_item(data, info, limits, side)
+    assert thumbnail is not None
     return DecodedItem(pictures, thumbnail, features)
 
 
 def _decode_item(
     data: bytes, info: ModelInfo, limits: DecodeLimits, side: int | None
-) -> tuple[tuple[npt.NDArray[np.uint8], bytes | None], bytes | None]:
+) -> tuple[npt.NDArray[np.uint8], bytes | None, bytes | None]:
     """``decode_item_for``'s pictures; with ``side`` a thumbnail and the local features of
     the same pixels."""
     height, width = info.input_size
@@ -189,7 +189,7 @@ def _decode_item(
                 else make_thumbnail(data, limits, side)
             )
             if not limits.local_features:
-                features = b""
+                features = None
             elif features_shared:
                 features = keypoints.extract(upright).to_bytes()
             else:
@@ -208,7 +208,7 @@ def _decode_item(
     if info.item_views.get("grey"):
         grey = Image.fromarray(whole, "RGB").convert("L").convert("RGB")
         pictures.append(np.asarray(grey, dtype=np.uint8))
-    return (np.stack(pictures), thumbnail), features
+    return np.stack(pictures), thumbnail, features
 
 
 def check_request_pixels(images: Iterable[bytes], limits: DecodeLimits) -> int:

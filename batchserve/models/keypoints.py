@@ -76,7 +76,7 @@ def extract(rgb: Image.Image, limit: int = MAX_KEYPOINTS) -> LocalFeatures:
     descriptors. A flat image may have none. OpenCV releases the GIL while it works."""
     import cv2
 
-    grey = frame_of(rgb.convert("RGB") if rgb.mode not in ("RGB", "L") else rgb)
+    grey = frame_of(rgb)
     orb = cv2.ORB.create(nfeatures=limit, fastThreshold=12)
     keypoints, descriptors = orb.detectAndCompute(grey, None)
     size = (grey.shape[1], grey.shape[0])

@@ -173,7 +173,7 @@ def _job(
         item = decode_add_for(data, info, limits)
         if task.thumbnail is None:
             task = dataclasses.replace(task, thumbnail=item.thumbnail)
-        if task.features is None and item.features:
+        if task.features is None:
             task = dataclasses.replace(task, features=item.features)
         job = Job(item.pictures[0], task, views=item.pictures[1:] if info.views else None)
     else:
