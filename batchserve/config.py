@@ -354,7 +354,11 @@ class ServerSettings:
     drain_timeout_s: float = setting(
         30.0, "on SIGTERM, longest wait for requests in flight before stopping anyway", at_least=0
     )
-    warmup: bool = setting(True, "run every padded batch size once before reporting ready")
+    warmup: bool = setting(
+        True,
+        "run each padded batch size once before reporting ready (the powers of two for a "
+        "model that takes any batch size)",
+    )
     access_log: bool = setting(
         True,
         "log one line per HTTP request: request id, method, route, status, bytes in and out, "

@@ -1,10 +1,10 @@
 """The inference thread: one long-lived thread that owns the model and runs whole batches.
 
 The thread loads the model (so TensorFlow's state lives on it), warms up every padded batch
-size, then takes batches from its queue. Each batch is stacked and padded up to the next
-allowed size, so the compiled function sees only a few shapes and never retraces. Results
-and failures go back to the reactor with ``reactor.callFromThread``; no Deferred is fired
-from this thread.
+size it compiles (the powers of two for a model that takes any size), then takes batches
+from its queue. Each batch is stacked and padded up to the next allowed size, so the
+compiled function sees only a few shapes and never retraces. Results and failures go back
+to the reactor with ``reactor.callFromThread``; no Deferred is fired from this thread.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ class InferenceWorker:
     """Runs batches of uint8 images on one thread; implements the Batcher's runner.
 
     ``load`` is called on the thread and returns the model. ``sizes`` are the padded batch
-    sizes, ascending. ``start()`` fires with the ModelInfo once the model is warm.
+    sizes; ``warm_sizes`` those run once before ``start()`` fires with the ModelInfo
+    (default: every padded size).
     """
 
     def __init__(
@@ -80,11 +81,13 @@ class InferenceWorker:
         sizes: Sequence[int],
         warmup: bool = True,
         observer: InferenceObserver | None = None,
+        warm_sizes: Sequence[int] | None = None,
     ) -> None:
         self._load = load
         self._reactor = reactor
         self._sizes = sorted(sizes)
         self._warmup = warmup
+        self._warm_sizes = sorted(warm_sizes) if warm_sizes is not None else self._sizes
         self._observer = observer
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -102,6 +105,10 @@ class InferenceWorker:
     @property
     def sizes(self) -> list[int]:
         return list(self._sizes)
+
+    @property
+    def warm_sizes(self) -> list[int]:
+        return list(self._warm_sizes)
 
     def start(self) -> Deferred[ModelInfo]:
         """Start the thread; the Deferred fires on the reactor when the model is warm, or
@@ -200,7 +207,7 @@ class InferenceWorker:
 
     def _warm(self, model: EmbeddingModel) -> None:
         height, width = model.info.input_size
-        for size in self._sizes:
+        for size in self._warm_sizes:
             started = time.perf_counter()
             model.predict(np.zeros((size, height, width, 3), dtype=np.uint8))
             log.info(

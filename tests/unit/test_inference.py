@@ -129,6 +129,16 @@ def test_worker_warms_every_size_then_answers_through_call_from_thread() -> None
     worker.stop()
 
 
+def test_worker_warms_only_the_sizes_it_is_told_to() -> None:
+    model = FakeModel()
+    reactor = ThreadReactor()
+    worker = InferenceWorker(lambda: model, reactor, SIZES, warm_sizes=[SIZES[-1], 1])  # type: ignore[arg-type]
+    worker.start()
+    reactor.run_next()
+    assert worker.ready and [shape[0] for shape in model.batch_shapes] == [1, SIZES[-1]]
+    worker.stop()
+
+
 def test_model_error_fails_only_that_batch_and_the_worker_goes_on() -> None:
     model = FakeModel()
     reactor = ThreadReactor()

@@ -38,25 +38,31 @@ def test_the_decode_pool_gets_its_size_and_priority_from_the_settings() -> None:
     assert server.batcher.policy is settings.batching
 
 
+POWERS = [1, 2, 4, 8, 16, 32]
+
+
 @pytest.mark.parametrize(
     ("flags", "sizes"),
     [
-        (["--backend", "tensorflow"], [1, 2, 4, 8, 16, 32]),  # a traced graph per size
+        (["--backend", "tensorflow"], POWERS),  # a traced graph per size
         (["--backend", "openvino"], list(range(1, 33))),  # any size: batches unpadded
         (["--backend", "torch"], list(range(1, 33))),  # eager: any size
-        (["--backend", "torch", "--jit-compile"], [1, 2, 4, 8, 16, 32]),  # a program per size
-        (["--backend", "jax"], [1, 2, 4, 8, 16, 32]),  # jax.jit: a program per size
+        (["--backend", "torch", "--jit-compile"], POWERS),  # a program per size
+        (["--backend", "jax"], POWERS),  # jax.jit: a program per size
         (["--backend", "openvino", "--batch-sizes", "8,32"], [8, 32]),  # as told
     ],
 )
 def test_the_model_runs_batches_padded_only_where_its_backend_needs_it(
     flags: list[str], sizes: list[int]
 ) -> None:
+    """Whatever sizes it runs, it warms up the powers of two (or the sizes it is told):
+    a model that takes any size compiles nothing for each."""
     from batchserve.serving.metrics import Metrics
     from tests.unit.test_config import serve
 
     worker = default_model(serve(flags), MemoryReactorClock(), Metrics())
     assert worker.sizes == sizes  # type: ignore[attr-defined]
+    assert worker.warm_sizes == (sizes if "--batch-sizes" in flags else POWERS)  # type: ignore[attr-defined]
 
 
 class SlowToLoad(SyncModelRunner):
