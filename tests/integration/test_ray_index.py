@@ -1,6 +1,7 @@
 """``batchserve index --engine ray`` against the local engine: a Ray started for the run (2
 CPUs) and a two-node cluster on this machine (a head and a worker, with token
-authentication), the built-in model, real JPEGs and a corrupt file."""
+authentication) that the other tests share, the built-in model, real JPEGs and a corrupt
+file."""
 
 from __future__ import annotations
 
@@ -120,6 +121,14 @@ def failures(run: Indexed) -> list[str]:
     ]
 
 
+Cluster = tuple[str, dict[str, str]]
+
+
+def on(cluster: Cluster) -> tuple[str, ...]:
+    """The flags of a run on ``cluster`` (its environment is ``cluster[1]``)."""
+    return ("--engine", "ray", "--ray-address", cluster[0])
+
+
 def assert_same_items(ray: Indexed, local: Indexed) -> None:
     """The same ids, embeddings, labels, classes and metadata, and the same thumbnails and
     local features (the local engine stores both for every item)."""
@@ -146,91 +155,6 @@ def ray_home(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {**os.environ, "HOME": str(tmp_path_factory.mktemp("home"))}
 
 
-@pytest.fixture(scope="module")
-def local(photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Indexed:
-    return run_index(photos, tmp_path_factory.mktemp("local") / "data")
-
-
-def test_ray_indexes_a_folder_as_the_local_engine_does_and_resumes(
-    photos: Path, local: Indexed, ray_home: dict[str, str], tmp_path: Path
-) -> None:
-    parquet, report = tmp_path / "embeddings.parquet", tmp_path / "report.json"
-    ray = run_index(
-        photos, tmp_path / "data", "--engine", "ray", "--ray-cpus", "2", "--output", str(parquet),
-        "--report", str(report), env=ray_home,
-    )  # fmt: skip
-    written_report = json.loads(report.read_text())
-    assert (written_report["indexed"], written_report["skipped"], written_report["nodes"]) == (
-        16,
-        0,
-        1,
-    )
-    assert [f["path"] for f in written_report["failed"]] == [str(photos / "whole" / "broken.jpg")]
-    assert set(written_report["stage_s"]) == {"read+decode", "embed", "write", "index"}
-    assert local.returncode == ray.returncode == 1, ray.stderr  # the corrupt file
-    assert len(ray.items) == 16
-    assert_same_items(ray, local)
-    assert "indexed 16 images" in ray.stderr and "1 failed" in ray.stderr
-    assert (
-        failures(ray)
-        == failures(local)
-        == [f"{photos / 'whole' / 'broken.jpg'}: cannot read image header: Truncated File Read"]
-    )
-    assert "busy time per stage" in ray.stderr and "embed" in ray.stderr
-    assert "MapBatches(decode_rows)" in ray.stderr  # Ray's own progress, decode its own stage
-    table = pq.read_table(parquet)
-    assert table.column_names == ["id", "label", "metadata", "class", "embedding"]
-    written = dict(zip(table["id"].to_pylist(), table["embedding"].to_pylist(), strict=True))
-    assert sorted(written) == sorted(ray.items)
-    assert all(np.allclose(written[i], ray.items[i][0]) for i in written)
-
-    edited = Path(shutil.copytree(photos, tmp_path / "edited"))  # same ids, one file changed
-    Image.new("RGB", (64, 48), (200, 30, 30)).save(edited / "cropped" / "0.jpg", "JPEG")
-    again = run_index(edited, tmp_path / "data", "--engine", "ray", "--ray-cpus", "2", env=ray_home)
-    assert "indexed 1 images" in again.stderr and "15 already present" in again.stderr
-    assert float(again.items["cropped/0.jpg"][0] @ ray.items["cropped/0.jpg"][0]) < 0.99
-    assert {k: v[0].tobytes() for k, v in again.items.items() if k != "cropped/0.jpg"} == {
-        k: v[0].tobytes() for k, v in ray.items.items() if k != "cropped/0.jpg"
-    }
-
-
-def test_ray_indexes_a_parquet_manifest_with_ids_labels_and_metadata(
-    photos: Path, local: Indexed, ray_home: dict[str, str], tmp_path: Path
-) -> None:
-    paths = sorted(p for p in photos.rglob("*.jpg") if p.name != "broken.jpg")
-    manifest = photos / "manifest.parquet"
-    pq.write_table(
-        pa.table(
-            {
-                "path": [p.relative_to(photos).as_posix() for p in paths],
-                "id": [f"sku-{n}" for n in range(len(paths))],
-                "label": ["catalogue"] * len(paths),
-                "metadata": [json.dumps({"n": n}) for n in range(len(paths))],
-            }
-        ),
-        manifest,
-    )
-    ray = run_index(manifest, tmp_path / "data", "--engine", "ray", "--ray-cpus", "2", env=ray_home)
-    assert ray.returncode == 0, ray.stderr
-    for n, path in enumerate(paths):
-        vector, label, _class, metadata = ray.items[f"sku-{n}"]
-        reference = local.items[path.relative_to(photos).as_posix()][0]
-        assert float(vector @ reference) >= 0.9999
-        assert (label, metadata) == ("catalogue", {"n": n})
-
-
-def test_ray_refuses_a_data_dir_of_another_model(
-    photos: Path, ray_home: dict[str, str], tmp_path: Path
-) -> None:
-    catalog = SqliteCatalog(tmp_path / "data" / "catalog.sqlite3", 1280)
-    catalog.check_model({"name": "another-model", "weights_sha256": "0" * 64, "dim": 1280})
-    catalog.close()
-    ray = run_index(photos, tmp_path / "data", "--engine", "ray", "--ray-cpus", "2", env=ray_home)
-    assert ray.returncode == 2, ray.stderr
-    assert "holds embeddings of model another-model" in ray.stderr
-    assert ray.items == {}
-
-
 class RayNode:
     """``ray start --block`` in a process group of its own, stopped with its group (``ray
     stop`` would stop every Ray on the machine)."""
@@ -250,11 +174,13 @@ class RayNode:
         self._log.close()
 
 
-@pytest.fixture()
-def cluster(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
-    """A head and a worker of one CPU each, with a token of their own; yields the head's
-    address and the environment a client needs to join."""
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A head and a worker of one CPU each, with a token of their own, shared by the
+    module's runs (a run on a cluster whose workers are up starts in seconds, not half a
+    minute); yields the head's address and the environment a client needs to join."""
     require_ray()
+    tmp_path = tmp_path_factory.mktemp("cluster")
     token = tmp_path / "token"
     token.write_text(uuid.uuid4().hex)
     env = {
@@ -301,11 +227,98 @@ def wait_for_nodes(address: str, env: dict[str, str], count: int) -> None:
     )
 
 
+@pytest.fixture(scope="module")
+def local(photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Indexed:
+    return run_index(photos, tmp_path_factory.mktemp("local") / "data")
+
+
+def test_ray_indexes_a_folder_as_the_local_engine_does_and_resumes(
+    photos: Path, local: Indexed, ray_home: dict[str, str], tmp_path: Path
+) -> None:
+    """Both runs start a Ray of their own (2 CPUs): the only test that does, and the first,
+    before the module's cluster is up (a run without an address would join it)."""
+    parquet, report = tmp_path / "embeddings.parquet", tmp_path / "report.json"
+    ray = run_index(
+        photos, tmp_path / "data", "--engine", "ray", "--ray-cpus", "2", "--output", str(parquet),
+        "--report", str(report), env=ray_home,
+    )  # fmt: skip
+    written_report = json.loads(report.read_text())
+    assert (written_report["indexed"], written_report["skipped"], written_report["nodes"]) == (
+        16,
+        0,
+        1,
+    )
+    assert [f["path"] for f in written_report["failed"]] == [str(photos / "whole" / "broken.jpg")]
+    assert set(written_report["stage_s"]) == {"read+decode", "embed", "write", "index"}
+    assert local.returncode == ray.returncode == 1, ray.stderr  # the corrupt file
+    assert len(ray.items) == 16
+    assert_same_items(ray, local)
+    assert "indexed 16 images" in ray.stderr and "1 failed" in ray.stderr
+    assert (
+        failures(ray)
+        == failures(local)
+        == [f"{photos / 'whole' / 'broken.jpg'}: cannot read image header: Truncated File Read"]
+    )
+    assert "busy time per stage" in ray.stderr and "embed" in ray.stderr
+    assert "MapBatches(decode_rows)" in ray.stderr  # Ray's own progress, decode its own stage
+    table = pq.read_table(parquet)
+    assert table.column_names == ["id", "label", "metadata", "class", "embedding"]
+    written = dict(zip(table["id"].to_pylist(), table["embedding"].to_pylist(), strict=True))
+    assert sorted(written) == sorted(ray.items)
+    assert all(np.allclose(written[i], ray.items[i][0]) for i in written)
+
+    edited = Path(shutil.copytree(photos, tmp_path / "edited"))  # same ids, one file changed
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(edited / "cropped" / "0.jpg", "JPEG")
+    again = run_index(edited, tmp_path / "data", "--engine", "ray", "--ray-cpus", "2", env=ray_home)
+    assert "indexed 1 images" in again.stderr and "15 already present" in again.stderr
+    assert float(again.items["cropped/0.jpg"][0] @ ray.items["cropped/0.jpg"][0]) < 0.99
+    assert {k: v[0].tobytes() for k, v in again.items.items() if k != "cropped/0.jpg"} == {
+        k: v[0].tobytes() for k, v in ray.items.items() if k != "cropped/0.jpg"
+    }
+
+
+def test_ray_indexes_a_parquet_manifest_with_ids_labels_and_metadata(
+    photos: Path, local: Indexed, cluster: Cluster, tmp_path: Path
+) -> None:
+    paths = sorted(p for p in photos.rglob("*.jpg") if p.name != "broken.jpg")
+    manifest = photos / "manifest.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "path": [p.relative_to(photos).as_posix() for p in paths],
+                "id": [f"sku-{n}" for n in range(len(paths))],
+                "label": ["catalogue"] * len(paths),
+                "metadata": [json.dumps({"n": n}) for n in range(len(paths))],
+            }
+        ),
+        manifest,
+    )
+    ray = run_index(manifest, tmp_path / "data", *on(cluster), env=cluster[1])
+    assert ray.returncode == 0, ray.stderr
+    for n, path in enumerate(paths):
+        vector, label, _class, metadata = ray.items[f"sku-{n}"]
+        reference = local.items[path.relative_to(photos).as_posix()][0]
+        assert float(vector @ reference) >= 0.9999
+        assert (label, metadata) == ("catalogue", {"n": n})
+
+
+def test_ray_refuses_a_data_dir_of_another_model(
+    photos: Path, cluster: Cluster, tmp_path: Path
+) -> None:
+    catalog = SqliteCatalog(tmp_path / "data" / "catalog.sqlite3", 1280)
+    catalog.check_model({"name": "another-model", "weights_sha256": "0" * 64, "dim": 1280})
+    catalog.close()
+    ray = run_index(photos, tmp_path / "data", *on(cluster), env=cluster[1])
+    assert ray.returncode == 2, ray.stderr
+    assert "holds embeddings of model another-model" in ray.stderr
+    assert ray.items == {}
+
+
 def test_a_two_node_cluster_shares_the_job_and_gets_the_same_result(
-    photos: Path, local: Indexed, cluster: tuple[str, dict[str, str]], tmp_path: Path
+    photos: Path, local: Indexed, cluster: Cluster, tmp_path: Path
 ) -> None:
     address, env = cluster
-    ray = run_index(photos, tmp_path / "data", "--engine", "ray", "--ray-address", address, env=env)
+    ray = run_index(photos, tmp_path / "data", *on(cluster), env=env)
     assert ray.returncode == 1, ray.stderr
     assert "busy time per stage on 2 nodes" in ray.stderr
     assert_same_items(ray, local)
@@ -341,13 +354,13 @@ def catalog_thumbnails(url: str) -> dict[str, bytes | None]:
 def test_ray_writes_a_postgresql_catalog_from_parallel_writers(
     photos: Path,
     local: Indexed,
-    ray_home: dict[str, str],
+    cluster: Cluster,
     postgres: PostgresCluster,
     tmp_path: Path,
 ) -> None:
     url = postgres.create_database()
-    flags = ("--engine", "ray", "--ray-cpus", "2", "--catalog", url)
-    ray = run_index(photos, tmp_path / "data", *flags, env=ray_home)
+    flags = (*on(cluster), "--catalog", url)
+    ray = run_index(photos, tmp_path / "data", *flags, env=cluster[1])
     assert ray.returncode == 1 and "indexed 16 images" in ray.stderr, ray.stderr
     stored = catalog_rows(url)
     assert sorted(stored) == sorted(local.items)
@@ -359,13 +372,13 @@ def test_ray_writes_a_postgresql_catalog_from_parallel_writers(
     assert "MapBatches(WriteRows)" in ray.stderr  # the writers, a stage of their own
     assert list((tmp_path / "data" / "snapshots").iterdir())  # the index, built and published
 
-    again = run_index(photos, tmp_path / "data", *flags, env=ray_home)
+    again = run_index(photos, tmp_path / "data", *flags, env=cluster[1])
     assert "indexed 0 images" in again.stderr and "16 already present" in again.stderr
 
 
 def test_ray_with_crop_views_writes_the_views_the_local_engine_writes(
     photos: Path,
-    ray_home: dict[str, str],
+    cluster: Cluster,
     postgres: PostgresCluster,
     tmp_path: Path,
 ) -> None:
@@ -375,8 +388,8 @@ def test_ray_with_crop_views_writes_the_views_the_local_engine_writes(
     local = run_index(photos, tmp_path / "local", "--crop-views")
     assert local.returncode == 1 and "indexed 16 images" in local.stderr, local.stderr
     url = postgres.create_database()
-    flags = ("--engine", "ray", "--ray-cpus", "2", "--catalog", url, "--crop-views")
-    ray = run_index(photos, tmp_path / "data", *flags, env=ray_home)
+    flags = (*on(cluster), "--catalog", url, "--crop-views")
+    ray = run_index(photos, tmp_path / "data", *flags, env=cluster[1])
     assert ray.returncode == 1 and "indexed 16 images" in ray.stderr, ray.stderr
     stored = catalog_rows(url)
     assert sorted(stored) == sorted(local.items)
