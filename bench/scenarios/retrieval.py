@@ -367,13 +367,25 @@ def evaluate(bench: Benchmark, features: Features, chosen: dict[str, Method]) ->
     return out
 
 
+#: The methods the quick version measures: the old and new defaults and the server's view
+#: recipes (the ones tests/integration/test_retrieval.py holds to floors).
+QUICK_METHODS = (
+    "average pool (before 0.2)",
+    DEFAULT,
+    "GeM + trim + crop views",
+    "GeM + trim + grey view",
+    "GeM + trim + crop views + grey view",
+)
+
+
 def measure(quick: bool = False) -> dict[str, Any]:
-    """The benchmark (or its quick version) for every method."""
+    """The benchmark for every method, or its quick version for ``QUICK_METHODS``."""
     if quick:
         bench = build(scenes=12, distractor_scenes=150, edits=QUICK_EDITS, real=8)
+        chosen = {name: methods()[name] for name in QUICK_METHODS}
     else:
         bench = build(scenes=60, distractor_scenes=900, edits=tuple(EDITS))
-    chosen = methods()
+        chosen = methods()
     needs = {n for needs, _fn in chosen.values() for n in needs}
     backbone = Backbone()
     features = extract(bench, backbone, needs)

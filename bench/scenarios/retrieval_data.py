@@ -81,19 +81,28 @@ def _object(image: Image.Image, rng: np.random.Generator) -> None:
             (x + rng.random() * w, y + rng.random() * h) for _ in range(int(rng.integers(3, 7)))
         ]
         draw.polygon(points, fill=255)
-    shadow = mask.filter(ImageFilter.GaussianBlur(12)).point(lambda v: v * 0.45)
-    image.paste(Image.new("RGB", image.size, (20, 20, 20)), (8, 10), shadow)
-    image.paste(Image.fromarray(_fill(rng, image.size)), (0, 0), mask)
+    box = (x, y, x + w + 1, y + h + 1)  # the shape's pixels, its outline included
+    # The shadow blurred near the shape only: beyond its reach the mask is 0 either way.
+    near = (max(x - 64, 0), max(y - 64, 0), min(x + w + 65, width), min(y + h + 65, height))
+    shadow = mask.crop(near).filter(ImageFilter.GaussianBlur(12)).point(lambda v: v * 0.45)
+    dark = Image.new("RGB", shadow.size, (20, 20, 20))
+    image.paste(dark, (near[0] + 8, near[1] + 10), shadow)
+    image.paste(Image.fromarray(_fill(rng, image.size, box)), box[:2], mask.crop(box))
 
 
-def _fill(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
-    """An object's surface: a lit colour gradient, with stripes, checks or grain."""
+def _fill(rng: np.random.Generator, size: tuple[int, int], box: tuple[int, ...]) -> np.ndarray:
+    """An object's surface in ``box`` of an image of ``size``: a lit colour gradient
+    across the image, with stripes, checks or grain."""
     width, height = size
+    left, top, right, bottom = box
     a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
-    yy, xx = np.mgrid[0:height, 0:width]
+    yy, xx = np.mgrid[top:bottom, left:right]
     angle = rng.random() * np.pi
-    t = (np.cos(angle) * xx + np.sin(angle) * yy) / (width + height)
-    t = (t - t.min()) / max(float(np.ptp(t)), 1e-9)
+    scale = width + height
+    corners = [(np.cos(angle) * cx + np.sin(angle) * cy) / scale
+               for cx in (0, width - 1) for cy in (0, height - 1)]  # fmt: skip
+    lowest, span = min(corners), max(max(corners) - min(corners), 1e-9)
+    t = ((np.cos(angle) * xx + np.sin(angle) * yy) / scale - lowest) / span
     surface = a * (1 - t[..., None]) + b * t[..., None]
     pattern = int(rng.integers(0, 4))
     period = int(rng.integers(8, 40))
@@ -101,8 +110,8 @@ def _fill(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
         surface *= (0.75 + 0.25 * ((xx + yy) // period % 2))[..., None]
     elif pattern == 2:
         surface *= (0.75 + 0.25 * ((xx // period + yy // period) % 2))[..., None]
-    elif pattern == 3:
-        surface += rng.normal(0, 18, surface.shape)
+    elif pattern == 3:  # drawn for the whole image, as the benchmark's figures were
+        surface += rng.normal(0, 18, (height, width, 3))[top:bottom, left:right]
     out: np.ndarray = np.clip(surface, 0, 255).astype(np.uint8)
     return out
 
