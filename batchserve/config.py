@@ -39,6 +39,7 @@ from batchserve.models import views
 from batchserve.models.images import DecodeLimits
 from batchserve.models.spec import ModelSpec
 from batchserve.serving.batching import BatchPolicy
+from batchserve.serving.verifying import VerifyPolicy
 from batchserve.settings import Meta, part, setting
 from batchserve.storage.data_dir import StoreSettings
 from batchserve.storage.index import IndexParams
@@ -463,6 +464,7 @@ class ServeSettings:
     batching: BatchPolicy = part(BatchPolicy)
     index: IndexParams = part(IndexParams)
     store: StoreSettings = part(StoreSettings)
+    verify: VerifyPolicy = part(VerifyPolicy)
 
     def __post_init__(self) -> None:
         # An add with item views queues each image with its views: a request of the most

@@ -136,6 +136,7 @@ def build(
         store=store_worker,
         observer=metrics,
         turns=threads.turns,
+        verify=settings.verify,
     )
     metrics.set_queue_capacity(settings.batching.max_queue)
     metrics.track_readiness(lambda: service.ready)

@@ -162,6 +162,7 @@ def search_task(options: Mapping[str, Any]) -> SearchTask:
         min_score=_min_score(options.get("min_score")),
         label=_label_filter(options.get("label")),
         same_class=_flag(options.get("same_class", False), "same_class"),
+        verify=None if options.get("verify") in (None, "") else _flag(options["verify"], "verify"),
     )
 
 

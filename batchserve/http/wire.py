@@ -203,13 +203,18 @@ def change_log_json(state: ChangeLogState | None) -> dict[str, Any]:
 
 
 def match_json(match: Match) -> dict[str, Any]:
-    return {
+    """A match; a verified search's also says whether it is a verified copy (null: its item
+    has no local features), with the inliers and the transform's kind."""
+    doc = {
         "id": match.id,
         "score": match.score,
         "label": match.label,
         "metadata": match.metadata,
         "class": match.predicted_class,
     }
+    if (checked := match.verification) is not None:
+        doc.update(verified=checked.verified, inliers=checked.inliers, transform=checked.transform)
+    return doc
 
 
 def item_json(item: Item) -> dict[str, Any]:

@@ -257,6 +257,17 @@ def make_features(data: bytes, limits: DecodeLimits) -> bytes:
         return keypoints.extract(_upright(image, (keypoints.FRAME,) * 2)).to_bytes()
 
 
+def make_query_features(
+    data: bytes, limits: DecodeLimits
+) -> tuple[keypoints.LocalFeatures, keypoints.LocalFeatures]:
+    """The local features of a verified search's query ``data``, found in the image and
+    in its mirror image (a flipped copy matches those), from one decode at their frame's
+    scale. Raises as ``decode_image`` does."""
+    with _open_checked(data, limits) as image:
+        upright = _upright(image, (keypoints.FRAME,) * 2)
+        return keypoints.extract(upright), keypoints.extract(ImageOps.mirror(upright))
+
+
 def _thumbnail_jpeg(rgb: Image.Image, side: int) -> bytes:
     """``rgb`` as a JPEG at most ``side`` pixels on its longer side, aspect kept, never
     enlarged."""

@@ -24,6 +24,8 @@ MIN_INLIERS = 12
 #: The scales a copy may be at, either way (a 64-pixel thumbnail of a 640-pixel photo is
 #: 10x smaller; both are scaled to the frame, so what remains is the crop's zoom).
 MAX_SCALE = 8.0
+#: The transform of a copy verified in the query's mirror image.
+MIRRORED = "mirrored similarity"
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,24 @@ def verify(
     inliers = distinct_inliers(source[inside], target[inside])
     shared = coverage(transform, query.size, candidate.size)
     return Verdict(inliers >= min_inliers, inliers, "similarity", shared)
+
+
+def verify_copy(
+    query: LocalFeatures,
+    mirrored: LocalFeatures | None,
+    candidate: LocalFeatures,
+    min_inliers: int = MIN_INLIERS,
+) -> Verdict:
+    """``verify``, and where that finds no copy, again with the query's ``mirrored``
+    features (found in its mirror image; ORB's descriptors are not the same mirrored):
+    a flipped copy is verified as a "mirrored similarity". The verdict with more inliers."""
+    upright = verify(query, candidate, min_inliers)
+    if upright.verified or mirrored is None:
+        return upright
+    flipped = verify(mirrored, candidate, min_inliers)
+    if flipped.inliers <= upright.inliers:
+        return upright
+    return Verdict(flipped.verified, flipped.inliers, MIRRORED, flipped.coverage)
 
 
 def coverage(transform: np.ndarray, query: tuple[int, int], candidate: tuple[int, int]) -> float:

@@ -23,12 +23,14 @@ class EmbedTask:
 @dataclass(frozen=True)
 class SearchTask:
     """Find the ``k`` nearest items (cosine similarity at least ``min_score``, with
-    ``label`` if given); ``same_class`` searches within the image's predicted class."""
+    ``label`` if given); ``same_class`` searches within the image's predicted class;
+    ``verify`` re-ranks them by local features (None: as the server's default says)."""
 
     k: int = 10
     min_score: float | None = None
     label: str | None = None
     same_class: bool = False
+    verify: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ stops the decode pool before the request's next image.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from batchserve.errors import DeadlineExceeded, InvalidInput, NotReady, Overload
 from batchserve.models.batches import Prediction
 from batchserve.models.images import DecodeLimits
 from batchserve.models.spec import ModelInfo
-from batchserve.serving import store_calls
+from batchserve.serving import store_calls, verifying
 from batchserve.serving.decoding import (
     DecodeObserver,
     Picture,
@@ -43,6 +44,7 @@ from batchserve.serving.records import AddTask, EmbedTask, Label, SearchRequest,
 from batchserve.serving.threads import PoolRunner
 from batchserve.serving.timings import Timings
 from batchserve.serving.turns import DecodeTurns
+from batchserve.serving.verifying import VerifyPolicy
 from batchserve.storage.outage import CatalogHealth
 from batchserve.storage.records import Item, Match
 from batchserve.storage.store import IndexState
@@ -142,8 +144,10 @@ class ImageService:
         store: ItemStoreThread | None = None,
         observer: DecodeObserver | None = None,
         turns: DecodeTurns | None = None,
+        verify: VerifyPolicy | None = None,
     ) -> None:
         self._queue = queue
+        self._verify = verify or VerifyPolicy()
         self._turns = turns
         self._clock = clock
         self._run_in_pool = run_in_pool
@@ -269,7 +273,8 @@ class ImageService:
     def search(
         self, read: Reader[SearchRequest], call: Call | None = None
     ) -> Deferred[list[list[Match]]]:
-        """The nearest items of each query image or vector, best first."""
+        """The nearest items of each query image or vector, best first; with ``verify``,
+        the embedding's shortlist verified by local features (verifying.py)."""
         try:
             info = self.loaded(needs_index=True)
         except NotReady as e:
@@ -278,17 +283,69 @@ class ImageService:
         # Whether the request holds images or vectors is known once it is read: a search by
         # vectors never reaches the model's queue, so only the queue refuses image searches.
         call.admitted_s = self._clock.seconds()
+        asked: list[SearchRequest] = []  # the request as read, on the decode pool
         d = self._off_reactor(
-            call, self._staged, search_jobs, read, info, self._limits, self._observer
+            call,
+            self._staged,
+            search_jobs,
+            lambda: self._shortlisted(read(), asked),
+            info,
+            self._limits,
+            self._observer,
         )
 
         def route(prepared: list[Job] | VectorSearch) -> Deferred[list[list[Match]]]:
             if isinstance(prepared, VectorSearch):
                 return self._timed_search(call, prepared)
-            found = self._submit_all(prepared, call)
-            return found.addCallback(lambda outcomes: [o.matches or [] for o in outcomes])
+            outcomes = self._submit_all(prepared, call)
+            found = outcomes.addCallback(lambda done: [o.matches or [] for o in done])
+            if self._verify.wanted(asked[0].task):
+                return found.addCallback(lambda matches: self._verified(matches, call, asked[0]))
+            return found
 
         return d.addCallback(route)
+
+    def _shortlisted(self, request: SearchRequest, asked: list[SearchRequest]) -> SearchRequest:
+        """``request`` (kept in ``asked``) as searched: a verified one asks the index for
+        the shortlist it verifies."""
+        asked.append(request)
+        if not self._verify.wanted(request.task):
+            return request
+        if request.vectors is not None:
+            raise InvalidInput("verify needs query images: a vector has no local features")
+        return dataclasses.replace(request, task=self._verify.shortlist(request.task))
+
+    def _verified(
+        self,
+        found: list[list[Match]],
+        call: Call,
+        asked: SearchRequest | None = None,
+        item_id: str | None = None,
+        k: int = 0,
+    ) -> Deferred[list[list[Match]]]:
+        """``found`` verified against the query images ``asked`` or the stored item
+        ``item_id``: the matches' local features read on the store thread, the query's
+        found and matched on the decode pool."""
+        started = time.perf_counter()
+        fids = sorted({m.fid for matches in found for m in matches})
+        k = asked.task.k if asked is not None else k
+        limits, inliers = self._limits, self._verify.copy_min_inliers
+
+        def rerank(stored: tuple[bytes | None, dict[int, bytes]]) -> list[list[Match]]:
+            packed, by_fid = stored
+            if asked is not None:
+                queries = verifying.image_queries(asked.images, limits)
+            else:
+                queries = [verifying.stored_query(packed)]
+            return verifying.rerank_all(queries, found, by_fid, k, inliers)
+
+        def timed(verified: list[list[Match]]) -> list[list[Match]]:
+            call.timings.verify_s = time.perf_counter() - started
+            return verified
+
+        d = self._store_call(store_calls.local_features, fids, item_id)
+        verified = d.addCallback(lambda stored: self._run_in_pool(rerank, stored))
+        return verified.addCallback(timed)
 
     def _timed_search(self, call: Call, search: VectorSearch) -> Deferred[list[list[Match]]]:
         started = time.perf_counter()
@@ -405,8 +462,15 @@ class ImageService:
         return self._store.call(fn, *args)
 
     def similar(self, item_id: str, task: SearchTask) -> Deferred[list[Match]]:
-        """The nearest items of a stored item, itself excluded."""
-        return self._store_call(store_calls.similar, item_id, task)
+        """The nearest items of a stored item, itself excluded; verified against its stored
+        local features when ``task`` (or the server's default) says."""
+        if not self._verify.wanted(task):
+            return self._store_call(store_calls.similar, item_id, task)
+        d = self._store_call(store_calls.similar, item_id, self._verify.shortlist(task))
+        verified = d.addCallback(
+            lambda found: self._verified([found], Call(), item_id=item_id, k=task.k)
+        )
+        return verified.addCallback(lambda per_query: per_query[0])
 
     def get(self, item_id: str) -> Deferred[Item]:
         return self._store_call(store_calls.get, item_id)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from batchserve.errors import NotFound
+from batchserve.errors import NotFound, NotReady
 from batchserve.serving.records import SearchTask
 from batchserve.storage.records import Item, Match
 from batchserve.storage.store import IndexState, ItemStore, SearchQuery
@@ -35,6 +35,23 @@ def similar(store: ItemStore, item_id: str, task: SearchTask) -> list[Match]:
     klass = found.predicted_class if task.same_class else None
     query = SearchQuery(vector, task.k, task.min_score, task.label, klass, exclude=item_id)
     return store.search([query])[0]
+
+
+def local_features(
+    store: ItemStore, fids: list[int], item_id: str | None = None
+) -> tuple[bytes | None, dict[int, bytes]]:
+    """For a verified search: the packed local features of the item ``item_id`` (the query
+    of similar items; None: none, or no item) and of the rows ``fids`` that have them (a
+    search's matches). With a shared catalog out of reach, none: the search goes on, its
+    matches unverified."""
+    try:
+        query = None
+        if item_id is not None:
+            found = store.catalog.get(item_id)
+            query = None if found is None else store.local_features([found.fid]).get(found.fid)
+        return query, store.local_features(fids)
+    except NotReady:
+        return None, {}
 
 
 def get(store: ItemStore, item_id: str) -> Item:

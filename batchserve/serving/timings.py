@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 #: The stages, in the order a request goes through them.
-STAGES = ("decode", "queue", "model", "search")
+STAGES = ("decode", "queue", "model", "search", "verify")
 
 
 @dataclass
@@ -19,6 +19,8 @@ class Timings:
     queue_s: float = 0.0
     model_s: float = 0.0
     search_s: float = 0.0
+    #: Verifying the matches of a verified search (serving/verifying.py).
+    verify_s: float = 0.0
 
     def through_pipeline(self, total_s: float, model_s: float, search_s: float) -> None:
         """Record a request's images back from the pipeline ``total_s`` after they were
@@ -27,7 +29,7 @@ class Timings:
         self.queue_s = max(0.0, total_s - model_s - search_s)
 
     def as_ms(self) -> dict[str, float]:
-        seconds = (self.decode_s, self.queue_s, self.model_s, self.search_s)
+        seconds = (self.decode_s, self.queue_s, self.model_s, self.search_s, self.verify_s)
         return {stage: round(s * 1000.0, 3) for stage, s in zip(STAGES, seconds, strict=True)}
 
     def server_timing(self) -> str:

@@ -67,14 +67,29 @@ class Item:
 
 
 @dataclass(frozen=True)
+class Verification:
+    """What geometric verification of local features found between a query and a match:
+    ``verified`` (a copy: at least the threshold's inliers agree on one transform; None:
+    the item has no local features, so it could not be verified), the ``inliers`` and the
+    ``transform``'s kind ("similarity", "mirrored similarity", or "none")."""
+
+    verified: bool | None
+    inliers: int = 0
+    transform: str = "none"
+
+
+@dataclass(frozen=True)
 class Match:
-    """A stored item found by a search, with its cosine similarity to the query."""
+    """A stored item found by a search, with its cosine similarity to the query; ``fid``,
+    its catalog row; ``verification`` when the search was verified."""
 
     id: str
     score: float
     label: str | None
     metadata: dict[str, Any]
     predicted_class: str | None = None
+    fid: int = field(default=0, compare=False)
+    verification: Verification | None = None
 
 
 def check_id(value: object) -> str:

@@ -496,6 +496,12 @@ class ItemStore:
             return self._items[fid]
         raise outage.with_traceback(None)  # one error kept: its traceback must not grow
 
+    def local_features(self, fids: Sequence[int]) -> dict[int, bytes]:
+        """The packed local features of the rows ``fids`` that have them, from the catalog
+        (NotReady while a shared one is out of reach)."""
+        with self._reaching():
+            return self.catalog.local_features(fids)
+
     def embedding(self, item_id: str) -> npt.NDArray[np.float32] | None:
         found = self.catalog.embedding(item_id)
         return None if found is None else found[1]
@@ -553,7 +559,12 @@ class ItemStore:
                 break
             out.append(
                 Match(
-                    item.id, round(float(score), 6), item.label, item.metadata, item.predicted_class
+                    item.id,
+                    round(float(score), 6),
+                    item.label,
+                    item.metadata,
+                    item.predicted_class,
+                    fid=fid,
                 )
             )
             if len(out) == query.k:

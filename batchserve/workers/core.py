@@ -53,6 +53,7 @@ STORE_CALLS: dict[str, Callable[..., Any]] = {
         store_calls.page,
         store_calls.thumbnail,
         store_calls.describe,
+        store_calls.local_features,
     )
 }
 

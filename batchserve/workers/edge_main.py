@@ -89,6 +89,7 @@ class Edge:
             store=CoreStore(self.link),
             observer=relay,
             turns=threads.turns,
+            verify=settings.verify,
         )
         service.mark_started()
         self.api, site = api_and_site(settings, service, relay, self._reactor, queue.images_per_s)

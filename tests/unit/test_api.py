@@ -898,3 +898,37 @@ def test_the_metrics_page_serves_only_metrics() -> None:
     assert response.code == 200
     assert b"batchserve_queue_items" in result_of(page.content(response))
     assert result_of(page.get(URL + "v1/index")).code == 404
+
+
+def test_a_verified_search_puts_the_verified_copy_first_with_its_evidence() -> None:
+    """Items stored with their local features; a rotated crop of one asked with
+    verify=true finds it verified, the others not; a vector cannot be verified; similar
+    items verify against the stored item's own features."""
+    from tests.unit.test_verification import picture, rotated_crop
+    from tests.unit.test_verified_search import jpeg
+
+    h = Harness()
+    for n in (1, 2, 3):
+        add(h, f"p{n}", jpeg(picture(n)))
+    query = jpeg(rotated_crop(picture(2)))
+    status, _, doc = h.post_image("/v1/search?k=3&verify=true", query)
+    assert status == 200, doc
+    matches = doc["results"][0]["matches"]
+    assert matches[0]["id"] == "p2" and matches[0]["verified"] is True
+    assert matches[0]["inliers"] >= 12 and matches[0]["transform"] == "similarity"
+    assert [m["verified"] for m in matches[1:]] == [False, False]
+    assert doc["timings_ms"]["verify"] > 0
+    _, _, plain = h.post_image("/v1/search?k=3", query)
+    assert "verified" not in plain["results"][0]["matches"][0]
+
+    vector = embedding_of(h, query).tolist()
+    status, _, doc = h.request("POST", "/v1/search", json={"vectors": [vector], "verify": True})
+    assert status == 400 and "verify needs query images" in doc["error"]["message"]
+
+    add(h, "copy", query)
+    status, _, doc = h.request("GET", "/v1/items/p2/similar?k=2&verify=true")
+    similar = doc["results"][0]["matches"]
+    assert status == 200 and [(m["id"], m["verified"]) for m in similar] == [
+        ("copy", True),
+        (similar[1]["id"], False),
+    ]

@@ -136,7 +136,7 @@ B64 = "eA=="  # base64 of b"x"
             "search",
             {"vectors": [[1, 0]], "lable": "a", "kk": 3},
             'unknown keys "lable", "kk" in the JSON body; valid: images, k, label, min_score, '
-            "same_class, vectors",
+            "same_class, vectors, verify",
         ),
         (
             "items",

@@ -124,7 +124,7 @@ def test_responses_through_the_model_say_where_the_time_went() -> None:
         status, headers, doc = h.post_image(path, RED)
         assert status == 200, path
         timings = doc["timings_ms"]
-        assert set(timings) == {"decode", "queue", "model", "search"}
+        assert set(timings) == {"decode", "queue", "model", "search", "verify"}
         assert all(v >= 0 for v in timings.values()) and timings["decode"] > 0
         served = dict(part.split(";dur=") for part in headers["server-timing"].split(", "))
         assert {k: float(v) for k, v in served.items()} == timings

@@ -134,3 +134,17 @@ def test_a_copy_that_holds_all_of_the_query_ranks_before_a_crop_with_more_inlier
         key=lambda r: verification.rank_key(r[1], r[2]),
     )
     assert [name for name, _v, _s in ranked] == ["whole", "part", "other"]
+
+
+def test_a_mirrored_copy_verifies_against_the_mirror_images_features() -> None:
+    original = picture(4)
+    flipped = ImageOps.mirror(rotated_crop(original))
+    candidate = keypoints.extract(original)
+    upright, mirrored = keypoints.extract(flipped), keypoints.extract(ImageOps.mirror(flipped))
+    assert not verification.verify(upright, candidate).verified  # ORB does not see a mirror
+    verdict = verification.verify_copy(upright, mirrored, candidate)
+    assert verdict.verified and verdict.transform == verification.MIRRORED
+    # Without the mirror image, what the upright query found.
+    assert verification.verify_copy(upright, None, candidate) == verification.verify(
+        upright, candidate
+    )

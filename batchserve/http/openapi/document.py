@@ -183,6 +183,13 @@ def _search_parameters() -> list[Doc]:
             {"type": "boolean", "default": False},
             "search only items whose predicted class is the query's",
         ),
+        _parameter(
+            "verify",
+            {"type": "boolean"},
+            "verify the embedding's shortlist (the server's verify_k) by local features: "
+            "verified copies first, each match with verified, inliers and transform "
+            "(default: the server's --verify); images only, not vectors",
+        ),
     ]
 
 

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from batchserve.models.spec import BACKENDS
+from batchserve.serving.timings import STAGES
 from batchserve.storage.records import MAX_ID_CHARS
 
 Doc = dict[str, Any]
@@ -103,7 +104,26 @@ def _record_schemas() -> Doc:
     match: Doc = {
         "type": "object",
         "required": ["id", "score", "label", "metadata", "class"],
-        "properties": {**fields, "score": {"type": "number"}},
+        "properties": {
+            **fields,
+            "score": {"type": "number"},
+            "verified": {
+                "type": ["boolean", "null"],
+                "description": "a verified search's verdict: a copy of the query, proven by "
+                "its local features (null: the item has none, so it cannot be verified)",
+            },
+            "inliers": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "matched keypoints that agree on one transform (verified searches)",
+            },
+            "transform": {
+                "type": "string",
+                "enum": ["similarity", "mirrored similarity", "none"],
+                "description": "the transform that maps the query onto the item (verified "
+                "searches)",
+            },
+        },
     }
     return {
         "Embeddings": {
@@ -159,12 +179,10 @@ def _record_schemas() -> Doc:
         "Timings": {
             "type": "object",
             "description": "milliseconds the request spent reading and decoding its images, "
-            "queued, in the model and in the index (also in the Server-Timing header)",
-            "required": ["decode", "queue", "model", "search"],
-            "properties": {
-                stage: {"type": "number", "minimum": 0}
-                for stage in ("decode", "queue", "model", "search")
-            },
+            "queued, in the model, in the index and verifying its matches (also in the "
+            "Server-Timing header)",
+            "required": list(STAGES),
+            "properties": {stage: {"type": "number", "minimum": 0} for stage in STAGES},
         },
         "Deleted": {
             "type": "object",
