@@ -75,10 +75,11 @@ class AsyncClient:
         label: str | None = None,
         same_class: bool = False,
         min_score: float | None = None,
+        verify: bool | None = None,
         timeout_ms: int | None = None,
     ) -> list[list[Match]]:
         """As ``Client.search``: by images or by vectors, exactly one."""
-        params = calls.filters(k, label, same_class, min_score)
+        params = calls.filters(k, label, same_class, min_score, verify)
         return await self._send(calls.search(images, vectors, params, timeout_ms))
 
     async def add(
@@ -110,9 +111,10 @@ class AsyncClient:
         label: str | None = None,
         same_class: bool = False,
         min_score: float | None = None,
+        verify: bool | None = None,
     ) -> list[Match]:
         """As ``Client.similar``."""
-        params = calls.filters(k, label, same_class, min_score)
+        params = calls.filters(k, label, same_class, min_score, verify)
         return await self._send(calls.similar(item_id, params))
 
     async def delete(self, item_id: str) -> None:

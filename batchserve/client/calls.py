@@ -134,9 +134,18 @@ def wait_for(timeout_ms: int | None) -> float:
     return 0.0 if timeout_ms is None else timeout_ms / 1000 + DEADLINE_GRACE_S
 
 
-def filters(k: int, label: str | None, same_class: bool, min_score: float | None) -> dict[str, str]:
-    """The query parameters of a search; defaults the server has are left out."""
+def filters(
+    k: int,
+    label: str | None,
+    same_class: bool,
+    min_score: float | None,
+    verify: bool | None = None,
+) -> dict[str, str]:
+    """The query parameters of a search; defaults the server has are left out (``verify``
+    None: the server's)."""
     params = {"k": str(k)}
+    if verify is not None:
+        params["verify"] = "true" if verify else "false"
     if label is not None:
         params["label"] = label
     if same_class:

@@ -21,13 +21,19 @@ class Label:
 @dataclass(frozen=True)
 class Match:
     """A stored item found by a search: ``score`` is its cosine similarity to the query
-    (-1 to 1), ``predicted_class`` the model's class for it (the API's ``class``)."""
+    (-1 to 1), ``predicted_class`` the model's class for it (the API's ``class``). A
+    verified search's (``verify=True``) also has ``verified`` (a copy of the query, proven
+    by local features; None: the item has none, or the search did not verify),
+    ``inliers`` and ``transform`` (None unless verified)."""
 
     id: str
     score: float
     label: str | None
     metadata: dict[str, Any]
     predicted_class: str | None
+    verified: bool | None = None
+    inliers: int | None = None
+    transform: str | None = None
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,16 @@ def label_of(doc: dict[str, Any]) -> Label:
 
 
 def match_of(doc: dict[str, Any]) -> Match:
-    return Match(str(doc["id"]), float(doc["score"]), doc["label"], doc["metadata"], doc["class"])
+    return Match(
+        str(doc["id"]),
+        float(doc["score"]),
+        doc["label"],
+        doc["metadata"],
+        doc["class"],
+        doc.get("verified"),
+        doc.get("inliers"),
+        doc.get("transform"),
+    )
 
 
 def stored_item_of(doc: dict[str, Any]) -> StoredItem:

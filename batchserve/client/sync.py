@@ -78,12 +78,15 @@ class Client:
         label: str | None = None,
         same_class: bool = False,
         min_score: float | None = None,
+        verify: bool | None = None,
         timeout_ms: int | None = None,
     ) -> list[list[Match]]:
         """The ``k`` items most similar to each image, or to each of ``vectors`` ([dim] or
         [N, dim]): exactly one of the two. ``label`` and ``same_class`` narrow the search;
-        ``min_score`` is the least cosine similarity."""
-        params = calls.filters(k, label, same_class, min_score)
+        ``min_score`` is the least cosine similarity. ``verify`` (images only; None: the
+        server's default) verifies the embedding's shortlist by local features: verified
+        copies first, each match with ``verified``, ``inliers`` and ``transform``."""
+        params = calls.filters(k, label, same_class, min_score, verify)
         return self._send(calls.search(images, vectors, params, timeout_ms))
 
     def add(
@@ -118,9 +121,11 @@ class Client:
         label: str | None = None,
         same_class: bool = False,
         min_score: float | None = None,
+        verify: bool | None = None,
     ) -> list[Match]:
-        """The ``k`` items most similar to stored item ``item_id``, itself left out."""
-        params = calls.filters(k, label, same_class, min_score)
+        """The ``k`` items most similar to stored item ``item_id``, itself left out;
+        ``verify`` as for ``search``, against the item's stored local features."""
+        params = calls.filters(k, label, same_class, min_score, verify)
         return self._send(calls.similar(item_id, params))
 
     def delete(self, item_id: str) -> None:

@@ -227,6 +227,10 @@ def test_search_sends_its_filters_and_deadline_in_the_query() -> None:
     assert dict(api.last.url.params) == {"k": "10"}
     client.similar("x", 4, label="a b", min_score=-0.5)
     assert dict(api.last.url.params) == {"k": "4", "label": "a b", "min_score": "-0.5"}
+    client.search(JPEG, verify=True)
+    assert dict(api.last.url.params) == {"k": "10", "verify": "true"}
+    client.similar("x", verify=False)
+    assert dict(api.last.url.params) == {"k": "10", "verify": "false"}
 
 
 def test_embed_classify_and_add_pass_timeout_ms_to_the_server() -> None:
@@ -339,6 +343,14 @@ def test_answers_are_read_into_records() -> None:
     item = client.get("a/b")
     assert item.created == datetime(2026, 11, 29, 21, 36, 1, 123000, tzinfo=UTC)
     assert (item.label, item.metadata, item.predicted_class) == ("pets", {"n": 1}, "pug")
+
+
+def test_a_verified_match_carries_its_evidence() -> None:
+    verified = {**MATCH, "verified": True, "inliers": 40, "transform": "mirrored similarity"}
+    api = Api(ok({"results": [{"matches": [verified, {**MATCH, "verified": None}]}]}))
+    [[copy, unverifiable]] = api.client().search(JPEG, verify=True)
+    assert (copy.verified, copy.inliers, copy.transform) == (True, 40, "mirrored similarity")
+    assert (unverifiable.verified, unverifiable.inliers) == (None, None)
 
 
 def test_similar_gives_the_matches_of_its_one_result() -> None:
