@@ -115,6 +115,17 @@ def test_a_visitor_searches_adds_finds_and_deletes(browser: Any, live: Server) -
     page.until(lambda: _shown(page.find("#results .match img")), "the top match's thumbnail")
     page.shot("02-results")
 
+    page.find("#verify").click()  # verified by local features: the photo itself is a copy
+    page.until(lambda: page.all("#results .match.verified"), "a verified copy")
+    [copy] = page.all("#results .match.verified")
+    assert copy.get_attribute("data-id") == "sample/cat" and "copy" in copy.text
+    assert "yes (" in copy.text and "inliers" in copy.text
+    assert all("no (" in m.text for m in page.all("#results .match:not(.verified)"))
+    assert "verify" in page.find("#timings").text
+    page.shot("02b-verified")
+    page.find("#verify").click()
+    page.until(lambda: not page.all("#results .match.verified"), "unverified results again")
+
     page.find("#add-id").send_keys("browser/cat")
     page.find("#add-label").send_keys("from-the-browser")
     page.find("#add-button").click()

@@ -182,8 +182,20 @@ function matchCard(match, thumbnails) {
   field(facts, "label", match.label ?? "—");
   field(facts, "class", match.class ?? "—");
   field(facts, "score", match.score.toFixed(3));
+  if ("verified" in match) field(facts, "copy", verdict(match));
   card.append(similarButton(match.id, thumbnails), facts, deleteButton(match.id));
+  if (match.verified) {
+    card.classList.add("verified");
+    card.append(el("span", "badge", "✓ copy"));
+  }
   return card;
+}
+
+/** What a verified search found of one match: a copy and its evidence, or why not. */
+function verdict(match) {
+  if (match.verified === null) return "cannot verify (no local features)";
+  const mirrored = match.transform === "mirrored similarity" ? ", mirrored" : "";
+  return `${match.verified ? "yes" : "no"} (${match.inliers} inliers${mirrored})`;
 }
 
 function storedTile(item, thumbnails) {
@@ -271,6 +283,7 @@ function searchParams() {
   if (label) params.set("label", label);
   if ($("same-class").checked) params.set("same_class", "true");
   if (minScore) params.set("min_score", minScore);
+  if ($("verify").checked) params.set("verify", "true");
   return params;
 }
 
@@ -309,8 +322,9 @@ function drawResults(doc) {
 /** "decode 3.1 ms · queue 0.4 ms · …" for the stages the server timed. */
 function formatTimings(timings) {
   if (!timings) return "";
-  return ["decode", "queue", "model", "search"]
+  return ["decode", "queue", "model", "search", "verify"]
     .filter((stage) => typeof timings[stage] === "number")
+    .filter((stage) => stage !== "verify" || timings.verify > 0) // a verified search's only
     .map((stage) => `${stage} ${timings[stage].toFixed(1)} ms`)
     .join(" · ");
 }
@@ -456,6 +470,7 @@ function wireControls() {
     });
   }
   $("same-class").addEventListener("change", runSearch);
+  $("verify").addEventListener("change", runSearch);
   // A new token may allow what the old one did not: load everything again.
   $("token").addEventListener("change", loadAll);
 }
