@@ -82,6 +82,10 @@ class AsyncClient:
         params = calls.filters(k, label, same_class, min_score, verify)
         return await self._send(calls.search(images, vectors, params, timeout_ms))
 
+    async def copies(self, images: Images, *, timeout_ms: int | None = None) -> list[list[Match]]:
+        """As ``Client.copies``."""
+        return await self._send(calls.copies(images, timeout_ms))
+
     async def add(
         self,
         items: NewItem | Sequence[NewItem] | None = None,

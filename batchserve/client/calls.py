@@ -215,6 +215,16 @@ def search(
     raise ValueError("search takes images or vectors: exactly one of them")
 
 
+def read_copies(response: httpx.Response) -> list[list[Match]]:
+    return [[match_of(d) for d in r["copies"]] for r in response.json()["results"]]
+
+
+def copies(
+    images: ImageSource | Sequence[ImageSource], timeout_ms: int | None
+) -> Call[list[list[Match]]]:
+    return images_call("/v1/duplicates", read_copies, images, {}, timeout_ms)
+
+
 def new_items(
     items: NewItem | Sequence[NewItem] | None,
     id: str | None,

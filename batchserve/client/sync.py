@@ -89,6 +89,12 @@ class Client:
         params = calls.filters(k, label, same_class, min_score, verify)
         return self._send(calls.search(images, vectors, params, timeout_ms))
 
+    def copies(self, images: Images, *, timeout_ms: int | None = None) -> list[list[Match]]:
+        """Each image's stored copies, proven by local features (``POST /v1/duplicates``),
+        those that hold more of it first: ``verified`` matches with their ``inliers`` and
+        ``transform``; an empty list for an image with none."""
+        return self._send(calls.copies(images, timeout_ms))
+
     def add(
         self,
         items: NewItem | Sequence[NewItem] | None = None,

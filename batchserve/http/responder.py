@@ -49,6 +49,7 @@ QUEUED_ROUTES = {
     b"/v1/embed": "/v1/embed",
     b"/v1/classify": "/v1/classify",
     b"/v1/search": "/v1/search",
+    b"/v1/duplicates": "/v1/duplicates",
     b"/v1/items": "/v1/items",
 }
 
@@ -207,7 +208,7 @@ class Responder:
         then room for it (see ImageService.admit). Raises the domain error to answer."""
         self._tokens.check(request.getHeader(b"authorization"), route == "/v1/items")
         self._service.admit(
-            needs_index=route in ("/v1/search", "/v1/items"),
+            needs_index=route in ("/v1/search", "/v1/duplicates", "/v1/items"),
             reserve=True,
             timeout_s=_header_timeout_s(request),
         )

@@ -43,6 +43,7 @@ from batchserve.http.v2 import OpenInferenceAPI
 from batchserve.http.wire import (
     Binary,
     allow,
+    copies_doc,
     error_body,
     index_json,
     item_json,
@@ -152,6 +153,17 @@ class BatchserveAPI:
             return d.addCallback(lambda found: timed(request, call, matches_doc(found)))
 
         return self._responder.respond(request, "/v1/search", work)
+
+    @app.route("/v1/duplicates", methods=["POST"])
+    def duplicates(self, request: IRequest) -> Deferred[bytes]:
+        def work() -> Deferred[Any]:
+            call = self._responder.call_of(request)
+            content_type, body = self._responder.body_of(request)
+            read = lambda: read_images(content_type, body, self._limits)  # noqa: E731
+            d = self._service.copies(read, call)
+            return d.addCallback(lambda found: timed(request, call, copies_doc(found)))
+
+        return self._responder.respond(request, "/v1/duplicates", work)
 
     @app.route("/v1/items", methods=["POST"])
     def add_items(self, request: IRequest) -> Deferred[bytes]:

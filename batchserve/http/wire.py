@@ -245,5 +245,10 @@ def timed(request: IRequest, call: Call, doc: dict[str, Any]) -> dict[str, Any]:
     return {**doc, "timings_ms": call.timings.as_ms()}
 
 
+def copies_doc(per_query: list[list[Match]]) -> dict[str, Any]:
+    """Each image's verified copies (``POST /v1/duplicates``)."""
+    return {"results": [{"copies": [match_json(m) for m in ms]} for ms in per_query]}
+
+
 def matches_doc(per_query: list[list[Match]]) -> dict[str, Any]:
     return {"results": [{"matches": [match_json(m) for m in ms]} for ms in per_query]}

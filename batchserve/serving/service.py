@@ -305,6 +305,16 @@ class ImageService:
 
         return d.addCallback(route)
 
+    def copies(
+        self, read: Reader[Sequence[bytes]], call: Call | None = None
+    ) -> Deferred[list[list[Match]]]:
+        """Each image's verified copies among the stored items, those that hold more of it
+        first (none: an empty list): a verified search of the embedding's top
+        ``verify_k``, its verified matches only."""
+        task = SearchTask(k=self._verify.verify_k, verify=True)
+        d = self.search(lambda: SearchRequest(task, images=list(read())), call)
+        return d.addCallback(lambda found: [[m for m in ms if _is_copy(m)] for ms in found])
+
     def _shortlisted(self, request: SearchRequest, asked: list[SearchRequest]) -> SearchRequest:
         """``request`` (kept in ``asked``) as searched: a verified one asks the index for
         the shortlist it verifies."""
@@ -488,6 +498,10 @@ class ImageService:
 
     def index_info(self) -> Deferred[IndexState]:
         return self._store_call(store_calls.describe)
+
+
+def _is_copy(match: Match) -> bool:
+    return match.verification is not None and match.verification.verified is True
 
 
 def top_labels(prediction: Prediction, classes: Sequence[str], top_k: int) -> list[Label]:

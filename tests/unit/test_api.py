@@ -925,6 +925,16 @@ def test_a_verified_search_puts_the_verified_copy_first_with_its_evidence() -> N
     status, _, doc = h.request("POST", "/v1/search", json={"vectors": [vector], "verify": True})
     assert status == 400 and "verify needs query images" in doc["error"]["message"]
 
+    # The copy decision: each image's verified copies only, possibly none.
+    body, ctype = encode_multipart(
+        [("image", "a.jpg", query), ("image", "b.jpg", jpeg(picture(9)))]
+    )
+    status, _, doc = h.post_image("/v1/duplicates", body, ctype)
+    assert status == 200, doc
+    [found, none] = doc["results"]
+    assert [(c["id"], c["verified"]) for c in found["copies"]] == [("p2", True)]
+    assert none == {"copies": []} and doc["timings_ms"]["verify"] > 0
+
     add(h, "copy", query)
     status, _, doc = h.request("GET", "/v1/items/p2/similar?k=2&verify=true")
     similar = doc["results"][0]["matches"]

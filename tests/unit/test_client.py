@@ -353,6 +353,17 @@ def test_a_verified_match_carries_its_evidence() -> None:
     assert (unverifiable.verified, unverifiable.inliers) == (None, None)
 
 
+def test_copies_asks_for_each_images_verified_copies() -> None:
+    copy = {**MATCH, "verified": True, "inliers": 25, "transform": "similarity"}
+    api = Api(ok({"results": [{"copies": [copy]}, {"copies": []}]}))
+    found = api.client().copies([JPEG, JPEG], timeout_ms=900)
+    assert api.last.url.path == "/v1/duplicates" and api.last.url.params["timeout_ms"] == "900"
+    assert [[(m.id, m.verified, m.inliers) for m in ms] for ms in found] == [
+        [("a/b", True, 25)],
+        [],
+    ]
+
+
 def test_similar_gives_the_matches_of_its_one_result() -> None:
     api = Api(ok({"results": [{"matches": [MATCH, {**MATCH, "id": "c"}]}]}))
     matches = api.client().similar("x", 2)

@@ -268,6 +268,17 @@ def _model_paths(limits: RequestLimits) -> Doc:
                 "responses": {**_ok("Matches", "the matches of each query"), **model_errors},
             }
         },
+        "/v1/duplicates": {
+            "post": {
+                "summary": "Find the stored copies of images, proven by local features",
+                "description": "Each image's verified copies among the stored items, those "
+                "that hold more of it first, each with its evidence (inliers, transform); an "
+                "empty list when it has none. The embedding's top verify_k are verified.",
+                "parameters": _deadline_parameters(),
+                "requestBody": _images_body(limits),
+                "responses": {**_ok("Copies", "the verified copies of each image"), **model_errors},
+            }
+        },
     }
 
 

@@ -159,6 +159,9 @@ def _record_schemas() -> Doc:
         "Matches": _results(
             {"type": "object", "properties": {"matches": {"type": "array", "items": match}}}
         ),
+        "Copies": _results(
+            {"type": "object", "properties": {"copies": {"type": "array", "items": match}}}
+        ),
         "Added": {
             "type": "object",
             "required": ["added"],
