@@ -21,6 +21,7 @@ from batchserve.models.compiled import quiet_tensorflow
 
 if TYPE_CHECKING:
     from batchserve.bulk.settings import BulkJob
+    from batchserve.config import DedupeSettings
 
 SETTINGS_HELP = (
     " Every flag can also be set with a BATCHSERVE_<NAME> environment variable or in a "
@@ -67,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("data_dir", metavar="DATA_DIR", help="class folders of images")
     train.add_argument("--out", required=True, metavar="MODEL_DIR", help="new directory to write")
     config.add_arguments(train, TrainSettings)
+    dedupe = commands.add_parser(
+        "dedupe",
+        help="list the groups of copies among the stored items",
+        description="Find the copies among the items of --data-dir (or --catalog): each "
+        "item's embedding shortlist (--verify-k) verified by the items' local features; "
+        "writes each group of copies (CSV: group,id,label, or JSON with the evidence). "
+        "Reads the catalog only: a server may go on serving from it." + SETTINGS_HELP,
+    )
+    config.add_arguments(dedupe, config.DedupeSettings)
     samples = commands.add_parser(
         "samples",
         help="write the sample photos to a folder, to try the API with",
@@ -143,6 +153,23 @@ def index_command(job: BulkJob, path: str) -> int:
     return 1 if report.failed else 0
 
 
+def dedupe_command(settings: DedupeSettings) -> int:
+    """``batchserve dedupe``: the groups of copies, to --output or stdout; a summary on
+    stderr."""
+    from batchserve.bulk.dedupe import dedupe, write
+
+    report = dedupe(settings.store, settings.verify, settings.dedupe)
+    print(write(report, settings.dedupe.output), end="")
+    grouped = sum(len(group) for group in report.groups)
+    print(
+        f"{len(report.groups)} groups of copies ({grouped} of {report.items} items) from "
+        f"{report.pairs_verified} pairs verified in {report.seconds:.1f} s; "
+        f"{report.without_features} items without local features left out",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def quiet_openmp(environ: MutableMapping[str, str]) -> None:
     """Make idle OpenMP threads (FAISS, its BLAS) sleep at once instead of spinning.
 
@@ -172,6 +199,8 @@ def run(args: argparse.Namespace) -> int:
         return train_command(args)
     if args.command == "samples":
         return samples_command(Path(args.dir))
+    if args.command == "dedupe":
+        return dedupe_command(config.load(config.DedupeSettings, args, os.environ))
     if args.command == "index":
         settings = config.load(config.BulkSettings, args, os.environ)
         return index_command(settings.job(), args.path)

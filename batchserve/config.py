@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from batchserve.bulk.dedupe import DedupeSettings as DedupeJob
 from batchserve.bulk.settings import BulkJob, EngineSettings, RaySettings
 from batchserve.errors import ConfigError
 from batchserve.http.auth import ALLOWED_HOST, BrowserGuard
@@ -38,8 +39,8 @@ from batchserve.http.site import ConnectionLimits
 from batchserve.models import views
 from batchserve.models.images import DecodeLimits
 from batchserve.models.spec import ModelSpec
+from batchserve.models.verification import VerifyPolicy
 from batchserve.serving.batching import BatchPolicy
-from batchserve.serving.verifying import VerifyPolicy
 from batchserve.settings import Meta, part, setting
 from batchserve.storage.data_dir import StoreSettings
 from batchserve.storage.index import IndexParams
@@ -508,11 +509,21 @@ class BulkSettings:
         )
 
 
+@dataclass(frozen=True)
+class DedupeSettings:
+    """``batchserve dedupe``: the catalog read, how its items are verified, and where the
+    groups of copies go."""
+
+    store: StoreSettings = part(StoreSettings, only=("data_dir", "catalog"))
+    verify: VerifyPolicy = part(VerifyPolicy, only=("verify_k", "copy_min_inliers"))
+    dedupe: DedupeJob = part(DedupeJob)
+
+
 def command_roots() -> list[type]:
     """The settings tree of every command (train's is imported here: it imports this)."""
     from batchserve.train.settings import TrainSettings
 
-    return [ServeSettings, BulkSettings, TrainSettings]
+    return [ServeSettings, BulkSettings, DedupeSettings, TrainSettings]
 
 
 #: The settings the README's table shows (the rest are in docs/settings.md).

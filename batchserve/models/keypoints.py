@@ -86,3 +86,13 @@ def extract(rgb: Image.Image, limit: int = MAX_KEYPOINTS) -> LocalFeatures:
         )
     points = np.array([k.pt for k in keypoints], np.float32)
     return LocalFeatures(points[:limit], np.asarray(descriptors[:limit], np.uint8), size)
+
+
+def unpacked(packed: bytes | None) -> LocalFeatures | None:
+    """Packed local features, or None for none or for another version's."""
+    if packed is None:
+        return None
+    try:
+        return LocalFeatures.from_bytes(packed)
+    except UnreadableFeatures:  # another version's: unverifiable, never misread
+        return None

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from batchserve.models.keypoints import LocalFeatures
+from batchserve.settings import setting
 
 #: Lowe's ratio: a match counts when its best distance is under this share of the second
 #: best (a point like many others matches none of them).
@@ -26,6 +27,35 @@ MIN_INLIERS = 12
 MAX_SCALE = 8.0
 #: The transform of a copy verified in the query's mirror image.
 MIRRORED = "mirrored similarity"
+
+
+@dataclass(frozen=True)
+class VerifyPolicy:
+    """Whether searches verify by default, how many matches they verify, and how many
+    inliers make a copy.
+
+    Measured (bench/RESULTS.md, "Verified by local features"): verifying the embedding's top
+    50 costs about 0.6 ms of a core per match and 8 ms per query image (its features, twice
+    with the mirror image), several times a search's own cost, so it is asked for, not on by
+    default; 12 inliers is the threshold the benchmark chose."""
+
+    verify: bool = setting(
+        False,
+        "verify every search by local features unless the request says verify=false (each "
+        "costs about 0.6 ms of a core per match verified)",
+    )
+    verify_k: int = setting(
+        50,
+        "matches of the embedding a verified search verifies (its shortlist); the k asked "
+        "are answered from them",
+        at_least=1,
+        at_most=1000,
+    )
+    copy_min_inliers: int = setting(
+        MIN_INLIERS,
+        "inliers (matched keypoints that agree on one transform) that make a verified copy",
+        at_least=3,
+    )
 
 
 @dataclass(frozen=True)

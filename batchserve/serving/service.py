@@ -29,6 +29,7 @@ from batchserve.errors import DeadlineExceeded, InvalidInput, NotReady, Overload
 from batchserve.models.batches import Prediction
 from batchserve.models.images import DecodeLimits
 from batchserve.models.spec import ModelInfo
+from batchserve.models.verification import VerifyPolicy
 from batchserve.serving import store_calls, verifying
 from batchserve.serving.decoding import (
     DecodeObserver,
@@ -44,7 +45,6 @@ from batchserve.serving.records import AddTask, EmbedTask, Label, SearchRequest,
 from batchserve.serving.threads import PoolRunner
 from batchserve.serving.timings import Timings
 from batchserve.serving.turns import DecodeTurns
-from batchserve.serving.verifying import VerifyPolicy
 from batchserve.storage.outage import CatalogHealth
 from batchserve.storage.records import Item, Match
 from batchserve.storage.store import IndexState
@@ -299,7 +299,7 @@ class ImageService:
                 return self._timed_search(call, prepared)
             outcomes = self._submit_all(prepared, call)
             found = outcomes.addCallback(lambda done: [o.matches or [] for o in done])
-            if self._verify.wanted(asked[0].task):
+            if verifying.wanted(self._verify, asked[0].task):
                 return found.addCallback(lambda matches: self._verified(matches, call, asked[0]))
             return found
 
@@ -319,11 +319,11 @@ class ImageService:
         """``request`` (kept in ``asked``) as searched: a verified one asks the index for
         the shortlist it verifies."""
         asked.append(request)
-        if not self._verify.wanted(request.task):
+        if not verifying.wanted(self._verify, request.task):
             return request
         if request.vectors is not None:
             raise InvalidInput("verify needs query images: a vector has no local features")
-        return dataclasses.replace(request, task=self._verify.shortlist(request.task))
+        return dataclasses.replace(request, task=verifying.shortlist(self._verify, request.task))
 
     def _verified(
         self,
@@ -474,9 +474,9 @@ class ImageService:
     def similar(self, item_id: str, task: SearchTask) -> Deferred[list[Match]]:
         """The nearest items of a stored item, itself excluded; verified against its stored
         local features when ``task`` (or the server's default) says."""
-        if not self._verify.wanted(task):
+        if not verifying.wanted(self._verify, task):
             return self._store_call(store_calls.similar, item_id, task)
-        d = self._store_call(store_calls.similar, item_id, self._verify.shortlist(task))
+        d = self._store_call(store_calls.similar, item_id, verifying.shortlist(self._verify, task))
         verified = d.addCallback(
             lambda found: self._verified([found], Call(), item_id=item_id, k=task.k)
         )

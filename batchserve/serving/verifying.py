@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
-from batchserve.models import verification
+from batchserve.models import keypoints, verification
 from batchserve.models.images import DecodeLimits, make_query_features
-from batchserve.models.keypoints import LocalFeatures, UnreadableFeatures
+from batchserve.models.keypoints import LocalFeatures
+from batchserve.models.verification import VerifyPolicy
 from batchserve.serving.records import SearchTask
-from batchserve.settings import setting
 from batchserve.storage.records import Match, Verification
 
 #: The query of one verified search: its features, and its mirror image's (None: not
@@ -31,41 +30,14 @@ from batchserve.storage.records import Match, Verification
 Query = tuple[LocalFeatures | None, LocalFeatures | None]
 
 
-@dataclass(frozen=True)
-class VerifyPolicy:
-    """Whether searches verify by default, how many matches they verify, and how many
-    inliers make a copy.
+def wanted(policy: VerifyPolicy, task: SearchTask) -> bool:
+    """Whether a search of ``task`` verifies: as it asks, else the server's default."""
+    return policy.verify if task.verify is None else task.verify
 
-    Measured (bench/RESULTS.md, "Verified by local features"): verifying the embedding's top
-    50 costs about 0.6 ms of a core per match and 8 ms per query image (its features, twice
-    with the mirror image), several times a search's own cost, so it is asked for, not on by
-    default; 12 inliers is the threshold the benchmark chose."""
 
-    verify: bool = setting(
-        False,
-        "verify every search by local features unless the request says verify=false (each "
-        "costs about 0.6 ms of a core per match verified)",
-    )
-    verify_k: int = setting(
-        50,
-        "matches of the embedding a verified search verifies (its shortlist); the k asked "
-        "are answered from them",
-        at_least=1,
-        at_most=1000,
-    )
-    copy_min_inliers: int = setting(
-        verification.MIN_INLIERS,
-        "inliers (matched keypoints that agree on one transform) that make a verified copy",
-        at_least=3,
-    )
-
-    def wanted(self, task: SearchTask) -> bool:
-        """Whether a search of ``task`` verifies: as it asks, else the server's default."""
-        return self.verify if task.verify is None else task.verify
-
-    def shortlist(self, task: SearchTask) -> SearchTask:
-        """``task`` asking the index for the matches it will verify."""
-        return dataclasses.replace(task, k=max(task.k, self.verify_k))
+def shortlist(policy: VerifyPolicy, task: SearchTask) -> SearchTask:
+    """``task`` asking the index for the matches it will verify."""
+    return dataclasses.replace(task, k=max(task.k, policy.verify_k))
 
 
 def image_queries(images: Sequence[bytes], limits: DecodeLimits) -> list[Query]:
@@ -75,7 +47,7 @@ def image_queries(images: Sequence[bytes], limits: DecodeLimits) -> list[Query]:
 
 def stored_query(packed: bytes | None) -> Query:
     """A stored item as the query (similar items): its features, no mirror image."""
-    return (_unpacked(packed), None)
+    return (keypoints.unpacked(packed), None)
 
 
 def rerank_all(
@@ -86,7 +58,7 @@ def rerank_all(
     min_inliers: int,
 ) -> list[list[Match]]:
     """On the decode pool: each query's matches verified and re-ranked (``rerank``)."""
-    candidates = {fid: _unpacked(packed) for fid, packed in stored.items()}
+    candidates = {fid: keypoints.unpacked(packed) for fid, packed in stored.items()}
     return [
         rerank(query, matches, candidates, k, min_inliers)
         for query, matches in zip(queries, found, strict=True)
@@ -114,12 +86,3 @@ def rerank(
         judged.append((verification.rank_key(verdict, match.score), match, checked))
     judged.sort(key=lambda entry: entry[0])  # stable: equal keys keep the score order
     return [dataclasses.replace(m, verification=v) for _key, m, v in judged[:k]]
-
-
-def _unpacked(packed: bytes | None) -> LocalFeatures | None:
-    if packed is None:
-        return None
-    try:
-        return LocalFeatures.from_bytes(packed)
-    except UnreadableFeatures:  # another version's: unverifiable, never misread
-        return None

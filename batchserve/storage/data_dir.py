@@ -4,6 +4,7 @@ lets one process at a time use it, and the id it gives its replica in a shared c
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import uuid
 from dataclasses import dataclass
@@ -80,6 +81,29 @@ class StoreSettings:
             change_log_retention_s=self.change_log_retention_s,
             replica_expiry_s=self.replica_expiry_s,
         )
+
+
+def open_as_made(settings: StoreSettings) -> Catalog:
+    """The catalog of an existing data dir (or a shared catalog) opened as its model made
+    it, its dim and item views read from the fingerprint it records: for jobs that read
+    what is stored without loading the model. ConfigError when there is none yet."""
+    from batchserve.models import views
+    from batchserve.storage.sqlite import SqliteCatalog
+
+    path = Path(settings.data_dir) / "catalog.sqlite3"
+    if not settings.shared_catalog and not path.exists():
+        raise ConfigError(f"{settings.data_dir} holds no catalog: serve or index into it first")
+    probe = settings.open_catalog(1) or SqliteCatalog(path, 1)
+    try:
+        recorded = probe.get_meta("model")
+    finally:
+        probe.close()
+    if recorded is None:
+        raise ConfigError(f"the catalog of {settings.data_dir} holds no items yet")
+    fingerprint = json.loads(recorded)
+    per_item = views.count(fingerprint.get("embedding", {}).get("views") or {})
+    dim = int(fingerprint["dim"])
+    return settings.open_catalog(dim, per_item) or SqliteCatalog(path, dim, per_item)
 
 
 class DataDirLocked(ConfigError):

@@ -13,9 +13,9 @@ from batchserve.http.inputs import search_task
 from batchserve.http.wire import match_json
 from batchserve.models import keypoints, verification
 from batchserve.models.images import DecodeLimits
+from batchserve.models.verification import VerifyPolicy
 from batchserve.serving import verifying
 from batchserve.serving.records import SearchTask
-from batchserve.serving.verifying import VerifyPolicy
 from batchserve.storage.records import Match, Verification
 from tests.unit.test_verification import picture, rotated_crop
 
@@ -77,9 +77,10 @@ def test_a_stored_query_without_features_verifies_nothing(stored: dict[int, byte
 
 def test_the_policy_verifies_as_asked_else_as_the_server_says() -> None:
     off, on = VerifyPolicy(), VerifyPolicy(verify=True, verify_k=40)
-    assert not off.wanted(SearchTask()) and off.wanted(SearchTask(verify=True))
-    assert on.wanted(SearchTask()) and not on.wanted(SearchTask(verify=False))
-    assert on.shortlist(SearchTask(k=5)).k == 40 and on.shortlist(SearchTask(k=60)).k == 60
+    wanted, shortlist = verifying.wanted, verifying.shortlist
+    assert not wanted(off, SearchTask()) and wanted(off, SearchTask(verify=True))
+    assert wanted(on, SearchTask()) and not wanted(on, SearchTask(verify=False))
+    assert shortlist(on, SearchTask(k=5)).k == 40 and shortlist(on, SearchTask(k=60)).k == 60
 
 
 def test_a_request_says_verify_in_its_query_string_or_json() -> None:
