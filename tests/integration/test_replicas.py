@@ -9,6 +9,7 @@ the rest."""
 from __future__ import annotations
 
 import importlib.resources
+import io
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from tests.integration.conftest import Server, start_server, stop_server
 from tests.postgres import PostgresCluster
@@ -96,6 +98,22 @@ def test_an_add_and_a_delete_through_one_are_seen_through_the_other(
     assert one.request("DELETE", "/v1/items/shared-cat").status == 200
     eventually(lambda: status_of(other, "shared-cat") == 404, "the delete on the other")
     assert seen_s < CONVERGE_S
+
+
+def test_local_features_made_on_one_replica_verify_on_the_other(replicas: list[Server]) -> None:
+    """An add's local features go to the shared catalog with it: a verified search through
+    the other replica proves a crop of it a copy."""
+    one, other = replicas
+    image = Image.open(io.BytesIO(photo("rocket")))
+    width, height = image.size
+    crop = io.BytesIO()
+    image.crop((width // 6, height // 6, width, height)).save(crop, "JPEG", quality=85)
+    assert add(one, "shared-rocket", "rocket").status == 200
+    eventually(follows(other, one), "the add in the other's index")
+    found = other.request("POST", "/v1/search?k=3&verify=true", crop.getvalue(), JPEG).json()
+    verified = {m["id"] for m in found["results"][0]["matches"] if m["verified"]}
+    assert verified == {"shared-rocket", "sample/rocket"}, found
+    assert one.request("DELETE", "/v1/items/shared-rocket").status == 200
 
 
 def test_concurrent_adds_of_distinct_and_clashing_ids_converge(replicas: list[Server]) -> None:
