@@ -42,6 +42,7 @@ from bench.scenarios import (
     replica_start,
     retrieval,
     search,
+    verify_cost,
     versus,
     workers,
     writers,
@@ -180,6 +181,8 @@ def retrieval_command(args: argparse.Namespace, argv: list[str]) -> int:
     numbers = retrieval.measure(quick=args.quick)
     if args.throughput_rounds:
         numbers["throughput"] = retrieval.measure_throughput(args.throughput_rounds)
+    if args.verify_rounds:
+        numbers["verify_cost"] = verify_cost.measure(args.verify_rounds)
     publish(args, argv, "retrieval", numbers)
     return 0
 
@@ -320,6 +323,12 @@ def _scenario_parsers(commands: Any) -> None:
         type=int,
         default=4,
         help="rounds per embedding of /v1/embed (0: skip)",
+    )
+    q.add_argument(
+        "--verify-rounds",
+        type=int,
+        default=3,
+        help="rounds of verified and unverified searches on one server (0: skip)",
     )
     _outputs(q)
     precise = commands.add_parser("precision", help="OpenVINO in bfloat16 against float32")

@@ -138,11 +138,11 @@ def verify_copy(
     candidate: LocalFeatures,
     min_inliers: int = MIN_INLIERS,
 ) -> Verdict:
-    """``verify``, and where that finds no copy, again with the query's ``mirrored``
-    features (found in its mirror image; ORB's descriptors are not the same mirrored):
-    a flipped copy is verified as a "mirrored similarity". The verdict with more inliers."""
+    """``verify``, and again with the query's ``mirrored`` features (found in its mirror
+    image; ORB's descriptors are not the same mirrored), so that a flipped copy is verified
+    as a "mirrored similarity": the verdict with more inliers (the upright one on a tie)."""
     upright = verify(query, candidate, min_inliers)
-    if upright.verified or mirrored is None:
+    if mirrored is None:
         return upright
     flipped = verify(mirrored, candidate, min_inliers)
     if flipped.inliers <= upright.inliers:

@@ -45,6 +45,29 @@ def verified(s: Section, default: str) -> Lines:
         *per_edit,
         "",
         *_copies(v, first),
+        *_cost(s.get("verify_cost")),
+    ]
+
+
+def _cost(c: Section | None) -> Lines:
+    """What a verified search costs on the real server, against an unverified one."""
+    if not c:
+        return []
+    plain, checked = c["unverified"], c["verified"]
+    return [
+        f"On the real server (default settings, {c['items']} items with their local features, "
+        f"the embedding's top {c['verify_k']} verified; median of {c['rounds']} alternating "
+        "rounds; `bench/scenarios/verify_cost.py`):",
+        "",
+        "| `POST /v1/search?k=10` | p50 at 1 client (ms) | p99 at 1 client (ms) | images/s at 32 "
+        "clients |",
+        "|---|---:|---:|---:|",
+        *(
+            f"| {name} | {f['p50_ms']} | {f['p99_ms']} | {f['images_per_s']} |"
+            for name, f in (("unverified", plain), ("`verify=true`", checked))
+        ),
+        f"| verified / unverified | {c['p50_ratio']}x | | {c['throughput_ratio']}x |",
+        "",
     ]
 
 

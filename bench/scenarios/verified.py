@@ -1,7 +1,7 @@
 """Verified search in the retrieval benchmark (``python -m bench retrieval``): each query's
 top ``k`` by the default embedding re-ranked by geometric verification of local features
-(batchserve/models/keypoints.py, verification.py): verified copies first, by inliers, then
-the rest by score.
+(batchserve/models/keypoints.py, verification.py), as the server verifies them (the query
+matched as it is and mirrored): verified copies first, then the rest by score.
 
 Copy detection: the copy queries and as many non-copy queries (generated scenes that are
 not in the catalog), each answered by its first match with a confidence (a verified match:
@@ -23,10 +23,13 @@ import numpy.typing as npt
 from PIL import Image
 
 from batchserve.models import keypoints, verification
+from batchserve.models.images import DecodeLimits, make_query_features
 from batchserve.models.keypoints import LocalFeatures
 from batchserve.models.verification import Verdict
 from bench.scenarios.retrieval_data import Benchmark, Picture
 
+#: A query's local features: found in the image, and in its mirror image.
+Query = tuple[LocalFeatures, LocalFeatures]
 #: The shortlists measured; the first is the one the summary quotes.
 SHORTLISTS = (50, 20, 100)
 #: The inlier thresholds measured (at the first shortlist).
@@ -45,16 +48,30 @@ def local_features(pictures: Sequence[Picture]) -> tuple[list[LocalFeatures], fl
     return found, 1000 * (time.perf_counter() - started) / max(1, len(pictures))
 
 
+def query_features(pictures: Sequence[Picture]) -> list[Query]:
+    """Each query's local features as the server finds them for a verified search (from
+    its JPEG, in the image and its mirror image)."""
+    found = []
+    for p in pictures:
+        out = io.BytesIO()
+        p.image.save(out, "JPEG", quality=95)
+        found.append(make_query_features(out.getvalue(), DecodeLimits()))
+    return found
+
+
 def verdicts_of(
     scores: npt.NDArray[np.float32],
     catalog: Sequence[LocalFeatures],
-    query: LocalFeatures,
+    query: Query,
     k: int,
 ) -> dict[int, Verdict]:
     """One query's verdicts on its top ``k`` catalog items (by ``scores``, its row), with
     no threshold: ``at`` applies one."""
     top = np.argsort(-scores)[:k]
-    return {int(i): verification.verify(query, catalog[i], min_inliers=0) for i in top}
+    upright, mirrored = query
+    return {
+        int(i): verification.verify_copy(upright, mirrored, catalog[i], min_inliers=0) for i in top
+    }
 
 
 def at(verdict: Verdict, threshold: int) -> Verdict:
@@ -112,8 +129,10 @@ def measure(
     """Top-1 per edit with verification for each shortlist, and copy detection with and
     without it. ``*_rows``: the default embedding's unit rows; ``others``: non-copy queries."""
     catalog_f, item_ms = local_features(bench.catalog)
-    query_f, query_ms = local_features(bench.queries)
-    other_f, _ = local_features(others)
+    started = time.perf_counter()
+    query_f = query_features(bench.queries)
+    query_ms = 1000 * (time.perf_counter() - started) / max(1, len(query_f))
+    other_f = query_features(others)
     index = {p.name: i for i, p in enumerate(bench.catalog)}
     truth = [index[str(q.original)] for q in bench.queries]
     scores = np.concatenate([query_rows, other_rows]) @ catalog_rows.T
