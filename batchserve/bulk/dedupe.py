@@ -33,6 +33,7 @@ from batchserve.models import verification
 from batchserve.models.keypoints import LocalFeatures, unpacked
 from batchserve.models.verification import VerifyPolicy
 from batchserve.settings import setting
+from batchserve.storage import hamming
 from batchserve.storage.catalog import Catalog
 from batchserve.storage.data_dir import StoreSettings, open_as_made
 from batchserve.storage.index import IndexParams, VectorIndex
@@ -177,7 +178,7 @@ def _verify_pair(
     """The inliers of a verified pair; None when it is not a copy."""
     a, b = features[pair[0]], features[pair[1]]
     assert a is not None and b is not None  # pairs are made of items with features
-    verdict = verification.verify(a, b, min_inliers)
+    verdict = verification.verify(a, b, min_inliers, hamming.two_nearest)
     return verdict.inliers if verdict.verified else None
 
 

@@ -7,10 +7,11 @@ the fitted transform are the evidence."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from batchserve.models.keypoints import LocalFeatures
 from batchserve.settings import setting
@@ -27,6 +28,13 @@ MIN_INLIERS = 12
 MAX_SCALE = 8.0
 #: The transform of a copy verified in the query's mirror image.
 MIRRORED = "mirrored similarity"
+
+#: Finds the two candidate descriptors nearest each query descriptor: (query, candidate)
+#: descriptors [n, 32], [m, 32] -> (Hamming distances [n, 2], candidate indices [n, 2]).
+Nearest = Callable[
+    [npt.NDArray[np.uint8], npt.NDArray[np.uint8]],
+    tuple[npt.NDArray[np.int32], npt.NDArray[np.int64]],
+]
 
 
 @dataclass(frozen=True)
@@ -76,26 +84,37 @@ class Verdict:
         return cls(False, 0, "none")
 
 
-def matched_points(
-    query: LocalFeatures, candidate: LocalFeatures, ratio: float = RATIO
-) -> tuple[np.ndarray, np.ndarray]:
-    """The positions (query's, candidate's) [m, 2] of the descriptor matches that pass
-    the ratio test."""
+def two_nearest(
+    query: npt.NDArray[np.uint8], candidate: npt.NDArray[np.uint8]
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int64]]:
+    """The Hamming distances [n, 2] and indices [n, 2] of the two candidate descriptors
+    nearest each query descriptor, by OpenCV (storage/hamming.py does it by FAISS, about
+    3x faster on one core)."""
     import cv2
 
+    distances, indices = cv2.batchDistance(
+        query, candidate, cv2.CV_32S, normType=cv2.NORM_HAMMING, K=2
+    )
+    return np.asarray(distances, np.int32), np.asarray(indices, np.int64)
+
+
+def matched_points(
+    query: LocalFeatures,
+    candidate: LocalFeatures,
+    ratio: float = RATIO,
+    nearest: Nearest = two_nearest,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """The positions (query's, candidate's) [m, 2] of the descriptor matches that pass
+    the ratio test, one per candidate point: a repeated pattern's many query points onto
+    one of its points are one piece of evidence (the nearest of them is kept)."""
     if len(query) < 2 or len(candidate) < 2:
         return np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32)
-    pairs = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(query.descriptors, candidate.descriptors, k=2)
-    best: dict[int, Any] = {}  # one match per candidate point: a repeated pattern's many
-    for p in pairs:  # query points onto one of its points are one piece of evidence
-        if len(p) == 2 and p[0].distance < ratio * p[1].distance:
-            kept = best.get(p[0].trainIdx)
-            if kept is None or p[0].distance < kept.distance:
-                best[p[0].trainIdx] = p[0]
-    good = list(best.values())
-    source = np.array([query.points[m.queryIdx] for m in good], np.float32).reshape(-1, 2)
-    target = np.array([candidate.points[m.trainIdx] for m in good], np.float32).reshape(-1, 2)
-    return source, target
+    distances, indices = nearest(query.descriptors, candidate.descriptors)
+    passed = np.flatnonzero(distances[:, 0] < ratio * distances[:, 1])
+    targets, best = indices[passed, 0], distances[passed, 0]
+    order = np.lexsort((best, targets))  # by candidate point, nearest first (stable)
+    kept = order[np.unique(targets[order], return_index=True)[1]]
+    return query.points[passed[kept]], candidate.points[targets[kept]]
 
 
 def distinct_inliers(source: np.ndarray, target: np.ndarray) -> int:
@@ -109,13 +128,16 @@ def distinct_inliers(source: np.ndarray, target: np.ndarray) -> int:
 
 
 def verify(
-    query: LocalFeatures, candidate: LocalFeatures, min_inliers: int = MIN_INLIERS
+    query: LocalFeatures,
+    candidate: LocalFeatures,
+    min_inliers: int = MIN_INLIERS,
+    nearest: Nearest = two_nearest,
 ) -> Verdict:
     """Whether ``candidate`` is a copy of ``query`` (or the other way round), by the
     inliers of a similarity transform between their matched keypoints."""
     import cv2
 
-    source, target = matched_points(query, candidate)
+    source, target = matched_points(query, candidate, nearest=nearest)
     if len(source) < max(3, min_inliers):
         return Verdict.unmatched()
     transform, mask = cv2.estimateAffinePartial2D(
@@ -137,14 +159,15 @@ def verify_copy(
     mirrored: LocalFeatures | None,
     candidate: LocalFeatures,
     min_inliers: int = MIN_INLIERS,
+    nearest: Nearest = two_nearest,
 ) -> Verdict:
     """``verify``, and again with the query's ``mirrored`` features (found in its mirror
     image; ORB's descriptors are not the same mirrored), so that a flipped copy is verified
     as a "mirrored similarity": the verdict with more inliers (the upright one on a tie)."""
-    upright = verify(query, candidate, min_inliers)
+    upright = verify(query, candidate, min_inliers, nearest)
     if mirrored is None:
         return upright
-    flipped = verify(mirrored, candidate, min_inliers)
+    flipped = verify(mirrored, candidate, min_inliers, nearest)
     if flipped.inliers <= upright.inliers:
         return upright
     return Verdict(flipped.verified, flipped.inliers, MIRRORED, flipped.coverage)

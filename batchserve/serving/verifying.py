@@ -23,6 +23,7 @@ from batchserve.models.images import DecodeLimits, make_query_features
 from batchserve.models.keypoints import LocalFeatures
 from batchserve.models.verification import VerifyPolicy
 from batchserve.serving.records import SearchTask
+from batchserve.storage import hamming
 from batchserve.storage.records import Match, Verification
 
 #: The query of one verified search: its features, and its mirror image's (None: not
@@ -81,7 +82,9 @@ def rerank(
         if upright is None or features is None:
             verdict, checked = verification.Verdict.unmatched(), Verification(None)
         else:
-            verdict = verification.verify_copy(upright, mirrored, features, min_inliers)
+            verdict = verification.verify_copy(
+                upright, mirrored, features, min_inliers, hamming.two_nearest
+            )
             checked = Verification(verdict.verified, verdict.inliers, verdict.transform)
         judged.append((verification.rank_key(verdict, match.score), match, checked))
     judged.sort(key=lambda entry: entry[0])  # stable: equal keys keep the score order

@@ -26,6 +26,7 @@ from batchserve.models import keypoints, verification
 from batchserve.models.images import DecodeLimits, make_query_features
 from batchserve.models.keypoints import LocalFeatures
 from batchserve.models.verification import Verdict
+from batchserve.storage import hamming
 from bench.scenarios.retrieval_data import Benchmark, Picture
 
 #: A query's local features: found in the image, and in its mirror image.
@@ -70,7 +71,8 @@ def verdicts_of(
     top = np.argsort(-scores)[:k]
     upright, mirrored = query
     return {
-        int(i): verification.verify_copy(upright, mirrored, catalog[i], min_inliers=0) for i in top
+        int(i): verification.verify_copy(upright, mirrored, catalog[i], 0, hamming.two_nearest)
+        for i in top
     }
 
 

@@ -148,3 +148,15 @@ def test_a_mirrored_copy_verifies_against_the_mirror_images_features() -> None:
     assert verification.verify_copy(upright, None, candidate) == verification.verify(
         upright, candidate
     )
+
+
+def test_faiss_finds_the_same_two_nearest_descriptors_as_opencv() -> None:
+    from batchserve.storage import hamming
+
+    query, candidate = keypoints.extract(picture(5)), keypoints.extract(rotated_crop(picture(5)))
+    by_opencv = verification.two_nearest(query.descriptors, candidate.descriptors)
+    by_faiss = hamming.two_nearest(query.descriptors, candidate.descriptors)
+    np.testing.assert_array_equal(by_opencv[0], by_faiss[0])  # distances; equal ones may swap
+    assert verification.verify(query, candidate) == verification.verify(
+        query, candidate, nearest=hamming.two_nearest
+    )
