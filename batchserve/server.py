@@ -137,7 +137,6 @@ def build(
         observer=metrics,
         turns=threads.turns,
         verify=settings.verify,
-        verify_parts=settings.server.decode_thread_count(),
     )
     metrics.set_queue_capacity(settings.batching.max_queue)
     metrics.track_readiness(lambda: service.ready)

@@ -21,7 +21,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
@@ -145,11 +145,9 @@ class ImageService:
         observer: DecodeObserver | None = None,
         turns: DecodeTurns | None = None,
         verify: VerifyPolicy | None = None,
-        verify_parts: int = 1,
     ) -> None:
         self._queue = queue
         self._verify = verify or VerifyPolicy()
-        self._verifier = verifying.Verifier(run_in_pool, verify_parts)
         self._turns = turns
         self._clock = clock
         self._run_in_pool = run_in_pool
@@ -343,24 +341,20 @@ class ImageService:
         k = asked.task.k if asked is not None else k
         limits, inliers = self._limits, self._verify.copy_min_inliers
 
-        def rerank(stored: tuple[bytes | None, dict[int, bytes]]) -> Deferred[list[list[Match]]]:
+        def rerank(stored: tuple[bytes | None, dict[int, bytes]]) -> list[list[Match]]:
             packed, by_fid = stored
             if asked is not None:
-                queries = self._run_in_pool(verifying.image_queries, asked.images, limits)
+                queries = verifying.image_queries(asked.images, limits)
             else:
-                queries = succeed([verifying.stored_query(packed)])
-            return queries.addCallback(
-                lambda found_queries: self._verifier.rerank(
-                    found_queries, found, by_fid, k, inliers
-                )
-            )
+                queries = [verifying.stored_query(packed)]
+            return verifying.rerank_all(queries, found, by_fid, k, inliers)
 
         def timed(verified: list[list[Match]]) -> list[list[Match]]:
             call.timings.verify_s = time.perf_counter() - started
             return verified
 
         d = self._store_call(store_calls.local_features, fids, item_id)
-        verified = d.addCallback(rerank)
+        verified = d.addCallback(lambda stored: self._run_in_pool(rerank, stored))
         return verified.addCallback(timed)
 
     def _timed_search(self, call: Call, search: VectorSearch) -> Deferred[list[list[Match]]]:

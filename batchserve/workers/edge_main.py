@@ -90,7 +90,6 @@ class Edge:
             observer=relay,
             turns=threads.turns,
             verify=settings.verify,
-            verify_parts=decode_threads,
         )
         service.mark_started()
         self.api, site = api_and_site(settings, service, relay, self._reactor, queue.images_per_s)

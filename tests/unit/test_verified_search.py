@@ -4,7 +4,6 @@ features, the policy that asks for it, and how a request says so and hears it.""
 from __future__ import annotations
 
 import io
-from typing import Any
 
 import pytest
 from PIL import Image, ImageOps
@@ -105,27 +104,3 @@ def test_a_match_says_its_verification_only_when_the_search_verified() -> None:
     assert (
         match_json(Match("a", 0.5, None, {}, verification=Verification(None)))["verified"] is None
     )
-
-
-def test_the_verifier_splits_a_shortlist_among_the_pool_and_ranks_it_whole(
-    stored: dict[int, bytes],
-) -> None:
-    """Parts of at least MIN_PART matches, one pool call each, merged in score order: the
-    same ranking as verifying them in one thread."""
-    from twisted.internet.defer import maybeDeferred
-
-    from batchserve.testing import result_of
-
-    calls: list[int] = []
-
-    def pool(fn: Any, *args: Any) -> Any:
-        calls.append(len(args[1]))
-        return maybeDeferred(fn, *args)
-
-    [query] = verifying.image_queries([jpeg(rotated_crop(picture(1)))], DecodeLimits())
-    found = [match(f"other-{n}", 0.9 - n / 100, 2 + n % 2) for n in range(20)]
-    found.append(match("copy", 0.3, 1))
-    ranked = result_of(verifying.Verifier(pool, 3).rerank([query], [found], stored, 5, 12))
-    assert calls == [8, 8, 5]
-    assert ranked == verifying.rerank_all([query], [found], stored, 5, 12)
-    assert [m.id for m in ranked[0]][:2] == ["copy", "other-0"]
