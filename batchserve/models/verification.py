@@ -53,7 +53,7 @@ class VerifyPolicy:
         "costs about 0.6 ms of a core per match verified)",
     )
     verify_k: int = setting(
-        50,
+        20,
         "matches of the embedding a verified search verifies (its shortlist); the k asked "
         "are answered from them",
         at_least=1,

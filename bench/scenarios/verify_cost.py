@@ -1,11 +1,11 @@
 """What a verified search costs on the real server (``python -m bench retrieval``): p50 and
 p99 of ``POST /v1/search?k=10`` at one client with ``verify=true`` and without, and the
 images/s at 32 clients, in alternating rounds on one server (the default settings: the
-embedding's top 50 verified).
+embedding's top ``verify_k`` verified).
 
 The server holds the quick retrieval benchmark's catalog (its photos, scenes, crops and
 distractors, each with its local features), so that every verified search has a full
-shortlist of 50; the queries are the benchmark's edited copies."""
+shortlist; the queries are the benchmark's edited copies."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from batchserve.models.verification import VerifyPolicy
 from bench.harness import load, point, procs
 from bench.harness.bodies import build_requests
 from bench.scenarios.retrieval_data import QUICK_EDITS, build
@@ -74,7 +75,7 @@ def measure(rounds: int = 3, seconds: float = 8.0) -> dict[str, Any]:
     return {
         "items": len(catalog),
         "rounds": rounds,
-        "verify_k": 50,
+        "verify_k": VerifyPolicy().verify_k,
         **medians,
         "p50_ratio": round(checked["p50_ms"] / plain["p50_ms"], 2),
         "throughput_ratio": round(checked["images_per_s"] / plain["images_per_s"], 2),
