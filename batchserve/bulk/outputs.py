@@ -68,13 +68,22 @@ class IndexOutput:
     """The store (None: ``--no-write-data-dir``) and the Parquet file (None: no
     ``--output``) a bulk index writes each batch to."""
 
-    def __init__(self, store: ItemStore | None, parquet: EmbeddingsFile | None = None) -> None:
+    def __init__(
+        self,
+        store: ItemStore | None,
+        parquet: EmbeddingsFile | None = None,
+        with_features: bool = True,
+    ) -> None:
         self.store = store
         self.parquet = parquet
+        #: The run finds local features: items stored without them are indexed again.
+        self.with_features = with_features
 
     def digests(self, item_ids: Sequence[str]) -> dict[str, Any]:
         """What the catalog knows of ``item_ids`` (none without a store)."""
-        return {} if self.store is None else self.store.catalog.digests(item_ids)
+        if self.store is None:
+            return {}
+        return self.store.catalog.digests(item_ids, self.with_features)
 
     def write(self, items: Sequence[NewItem]) -> None:
         """One batch: one catalog transaction and index add, and one Parquet row group."""
@@ -104,7 +113,7 @@ def open_output(job: BulkJob, info: ModelInfo) -> IndexOutput:
         store = open_store(job.store, job.index, info)
         store.open()
     parquet = EmbeddingsFile(Path(job.bulk.output), info.dim) if job.bulk.output else None
-    return IndexOutput(store, parquet)
+    return IndexOutput(store, parquet, job.images.local_features)
 
 
 def finish(output: IndexOutput, report: BulkReport) -> None:

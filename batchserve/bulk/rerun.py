@@ -36,7 +36,7 @@ def unchanged(job: BulkJob, sources: Sequence[Source]) -> int | None:
     try:
         if catalog.get_meta(INDEX_MODEL) != model_key(job):
             return None
-        known = catalog.digests([s.id for s in sources])
+        known = catalog.digests([s.id for s in sources], job.images.local_features)
         if any(known.get(s.id) is None for s in sources):
             return None
         for source in sources:  # the bytes, as the run itself would read them

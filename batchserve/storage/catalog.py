@@ -86,7 +86,9 @@ class Catalog(Protocol):
 
     def ids(self, item_ids: Sequence[str]) -> set[str]: ...
 
-    def digests(self, item_ids: Sequence[str]) -> dict[str, str | None]: ...
+    def digests(
+        self, item_ids: Sequence[str], with_features: bool = False
+    ) -> dict[str, str | None]: ...
 
     def last_seq(self) -> int:
         """The last change logged (pruned or not; 0 before any)."""
@@ -178,3 +180,11 @@ def _recipe(fingerprint: dict[str, Any]) -> str:
     crops = f", {item_views['crops']} crop views" if item_views.get("crops") else ""
     grey = ", a grey view" if item_views.get("grey") else ""
     return f"pooling {e.get('pooling')}, fit {e.get('fit')}, {trim}{crops}{grey}"
+
+
+def stale(digest: str | None, has_features: bool, with_features: bool) -> str | None:
+    """An item's source digest as ``Catalog.digests`` reports it: "" (no file's) for one
+    indexed from a file without local features when they are wanted."""
+    if with_features and digest is not None and not has_features:
+        return ""
+    return digest

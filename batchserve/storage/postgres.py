@@ -85,6 +85,7 @@ from batchserve.storage.catalog import (
     check_fingerprint,
     check_row,
     row_shape,
+    stale,
 )
 from batchserve.storage.outage import few_words
 from batchserve.storage.postgres_schema import (
@@ -542,18 +543,24 @@ class PostgresCatalog:
         """Which of ``item_ids`` are present."""
         return set(self.digests(item_ids))
 
-    def digests(self, item_ids: Sequence[str]) -> dict[str, str | None]:
-        """The source digest of each of ``item_ids`` present (None: indexed from no file)."""
+    def digests(
+        self, item_ids: Sequence[str], with_features: bool = False
+    ) -> dict[str, str | None]:
+        """As ``SqliteCatalog.digests``."""
         present: dict[str, str | None] = {}
         with self._connection() as conn:
             for start in range(0, len(item_ids), _BATCH):
                 self._watchdog.renew(conn)
                 rows = conn.execute(
-                    "SELECT items.id, sources.sha256 FROM items LEFT JOIN sources "
-                    "ON sources.fid = items.fid WHERE items.id = ANY(%s::text[])",
+                    "SELECT items.id, sources.sha256, features.fid IS NOT NULL FROM items "
+                    "LEFT JOIN sources ON sources.fid = items.fid "
+                    "LEFT JOIN features ON features.fid = items.fid "
+                    "WHERE items.id = ANY(%s::text[])",
                     (list(item_ids[start : start + _BATCH]),),
                 )
-                present.update((str(row[0]), row[1]) for row in rows)
+                present.update(
+                    (str(row[0]), stale(row[1], bool(row[2]), with_features)) for row in rows
+                )
         return present
 
     # -- change log -----------------------------------------------------------------------

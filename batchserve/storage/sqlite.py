@@ -31,6 +31,7 @@ from batchserve.storage.catalog import (
     check_fingerprint,
     check_row,
     row_shape,
+    stale,
 )
 from batchserve.storage.records import Item, NewItem
 
@@ -286,18 +287,23 @@ class SqliteCatalog:
         """Which of ``item_ids`` are present."""
         return set(self.digests(item_ids))
 
-    def digests(self, item_ids: Sequence[str]) -> dict[str, str | None]:
-        """The source digest of each of ``item_ids`` present (None: indexed from no file)."""
+    def digests(
+        self, item_ids: Sequence[str], with_features: bool = False
+    ) -> dict[str, str | None]:
+        """The source digest of each of ``item_ids`` present (None: indexed from no file;
+        with ``with_features``, "" for one stored without local features: no file matches
+        it, so a run that finds them indexes it again)."""
         present: dict[str, str | None] = {}
         for start in range(0, len(item_ids), 500):
             part = list(item_ids[start : start + 500])
             marks = ",".join("?" * len(part))
             rows = self._db.execute(
-                "SELECT items.id, sources.sha256 FROM items LEFT JOIN sources "
-                f"ON sources.fid = items.fid WHERE items.id IN ({marks})",
+                "SELECT items.id, sources.sha256, features.fid IS NOT NULL FROM items "
+                "LEFT JOIN sources ON sources.fid = items.fid "
+                f"LEFT JOIN features ON features.fid = items.fid WHERE items.id IN ({marks})",
                 part,
             )
-            present.update((str(r[0]), r[1]) for r in rows)
+            present.update((str(r[0]), stale(r[1], bool(r[2]), with_features)) for r in rows)
         return present
 
     # -- change log -----------------------------------------------------------------------

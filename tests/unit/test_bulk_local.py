@@ -325,3 +325,18 @@ def test_progress_counts_images_per_s_from_the_jobs_start_as_the_summary_does() 
     now[0] = 8.0
     progress.update(BulkReport(indexed=20), force=True)
     assert out.getvalue().endswith("10 images/s")  # 20 in the 2 s since the start, not 8
+
+
+def test_a_rerun_finds_the_local_features_of_items_indexed_without_them(tmp_path: Path) -> None:
+    """Indexed with --no-local-features (or before them), then again with them: every item
+    is indexed again and has them; a third run skips everything."""
+    make_tree(tmp_path / "images")
+    model = FakeModel()
+    store = open_store(tmp_path / "data", model)
+    sources = list(sources_for(str(tmp_path / "images")))
+    without = DecodeLimits(local_features=False)
+    first = embed_sources(sources, IndexOutput(store, None, False), model, [1, 2], 2, without)
+    assert first.indexed == 6 and store.catalog.local_features(range(1, 100)) == {}
+    assert run(sources, store, model).indexed == 6  # now finding them: all again
+    assert len(store.catalog.local_features(range(1, 100))) == 6
+    assert run(sources, store, model).skipped == 6

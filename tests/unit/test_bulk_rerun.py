@@ -17,8 +17,11 @@ from batchserve.storage.records import NewItem
 from batchserve.storage.sqlite import SqliteCatalog
 
 
-def indexed(tmp_path: Path, files: int = 3) -> tuple[BulkSettings, list[Source]]:
-    """A data dir whose catalog holds ``files`` photos as a local run leaves it."""
+def indexed(
+    tmp_path: Path, files: int = 3, features: bytes | None = b"packed"
+) -> tuple[BulkSettings, list[Source]]:
+    """A data dir whose catalog holds ``files`` photos as a local run leaves it (with
+    ``features`` for each)."""
     settings = BulkSettings(store=StoreSettings(data_dir=str(tmp_path / "data"), demo=False))
     sources = []
     catalog = SqliteCatalog(tmp_path / "data" / "catalog.sqlite3", dim=4)
@@ -27,7 +30,8 @@ def indexed(tmp_path: Path, files: int = 3) -> tuple[BulkSettings, list[Source]]
         path.write_bytes(b"photo %d" % i)
         sources.append(Source(str(path), f"photo-{i}"))
         vector = np.eye(4, dtype=np.float32)[i % 4]
-        catalog.upsert([NewItem(f"photo-{i}", vector, digest=sha256_hex(path.read_bytes()))])
+        digest = sha256_hex(path.read_bytes())
+        catalog.upsert([NewItem(f"photo-{i}", vector, digest=digest, features=features)])
     rerun.record(catalog, settings.job())
     catalog.close()
     return settings, sources
@@ -52,6 +56,16 @@ def test_a_new_a_changed_file_or_another_model_means_the_model_is_needed(
     other = dataclasses.replace(job, model=ModelSpec(source="keras:MobileNetV3Small"))
     assert rerun.unchanged(other, sources) is None
     assert rerun.unchanged(job, sources) == 3
+
+
+def test_items_without_local_features_need_the_model_unless_the_run_finds_none(
+    tmp_path: Path,
+) -> None:
+    settings, sources = indexed(tmp_path, features=None)  # indexed before local features
+    assert rerun.unchanged(settings.job(), sources) is None
+    job = settings.job()
+    without = dataclasses.replace(job, images=dataclasses.replace(job.images, local_features=False))
+    assert rerun.unchanged(without, sources) == 3
 
 
 def test_a_data_dir_not_made_yet_is_not_made_by_the_check(tmp_path: Path) -> None:
