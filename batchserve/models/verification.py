@@ -21,8 +21,11 @@ from batchserve.settings import setting
 RATIO = 0.8
 #: RANSAC's tolerance, in pixels of the 480-pixel frame.
 TOLERANCE_PX = 6.0
-#: The inliers a copy needs by default (bench/RESULTS.md, copy detection, chooses it).
-MIN_INLIERS = 12
+#: The inliers a copy needs by default, chosen on ``python -m bench retrieval`` (copy
+#: detection at the top 20, at c72c2be): with 18, 6.6% of its non-copy queries (generated
+#: scenes of repeated patterns) verify a match, against 21.2% with 12, at the same top-1
+#: (0.878 against 0.877) and a better µAP (0.817 against 0.803).
+MIN_INLIERS = 18
 #: The scales a copy may be at, either way (a 64-pixel thumbnail of a 640-pixel photo is
 #: 10x smaller; both are scaled to the frame, so what remains is the crop's zoom).
 MAX_SCALE = 8.0
@@ -42,15 +45,15 @@ class VerifyPolicy:
     """Whether searches verify by default, how many matches they verify, and how many
     inliers make a copy.
 
-    Measured (bench/RESULTS.md, "Verified by local features"): verifying the embedding's top
-    50 costs about 0.6 ms of a core per match and 8 ms per query image (its features, twice
-    with the mirror image), several times a search's own cost, so it is asked for, not on by
-    default; 12 inliers is the threshold the benchmark chose."""
+    Chosen on ``python -m bench retrieval`` (bench/RESULTS.md, "Verified by local
+    features"): the top 20 find as many originals first as the top 50 or 100, for less
+    work; a verified search still costs several times an unverified one (its p50 and
+    images/s there), so it is asked for, not on by default; ``MIN_INLIERS`` says why 18."""
 
     verify: bool = setting(
         False,
-        "verify every search by local features unless the request says verify=false (each "
-        "costs about 0.6 ms of a core per match verified)",
+        "verify every search by local features unless the request says verify=false (several "
+        "times a search's work: bench/RESULTS.md)",
     )
     verify_k: int = setting(
         20,

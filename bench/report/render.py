@@ -238,11 +238,15 @@ def _search_quality(data: Data) -> str:
     m = r["methods"]
     new, old = m[sections_retrieval.DEFAULT], m[sections_retrieval.BEFORE]
     crops, both = m[sections_retrieval.CROPS], m[sections_retrieval.BOTH]
+    verified = ""
+    if v := r.get("verified"):
+        k, shortlist = next(iter(v["shortlists"].items()))
+        verified = f"; {shortlist['top1']:.0%} with `verify=true`, its top {k} verified"
     return (
         f"- **the original of an edited photo found first {new['overall']['top1']:.0%} of the "
         f"time** ({old['overall']['top1']:.0%} with the embedding before 0.2; "
         f"{crops['overall']['top1']:.0%} with `--crop-views`, {both['overall']['top1']:.0%} "
-        f"adding `--grey-view`): {r['queries']:,} queries, "
+        f"adding `--grey-view`{verified}): {r['queries']:,} queries, "
         f"each an original edited one of {len(r['edits'])} ways, against "
         f"{r['originals'] + r['distractors']:,} images with hard distractors; {_on(r)}."
     )
