@@ -44,8 +44,9 @@ def _round(url: str, route: str, queries: list[bytes], clients: int, seconds: fl
     return point.measure(url, spec, 1, slo_ms=10_000.0)
 
 
-def measure(rounds: int = 3, seconds: float = 8.0) -> dict[str, Any]:
-    """Per route: the median over ``rounds`` of p50, p99 (1 client) and images/s (32)."""
+def measure(rounds: int = 3, seconds: float = 8.0, flags: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Per route: the median over ``rounds`` of p50, p99 (1 client) and images/s (32), on
+    a server started with ``flags`` besides the defaults."""
     bench = build(scenes=12, distractor_scenes=150, edits=QUICK_EDITS, real=8)
     catalog = [(p.name, _jpeg(p.image)) for p in bench.catalog]
     queries = [_jpeg(q.image) for q in bench.queries[:64]]
@@ -53,7 +54,7 @@ def measure(rounds: int = 3, seconds: float = 8.0) -> dict[str, Any]:
         route: {"p50_ms": [], "p99_ms": [], "images_per_s": []} for route in (PLAIN, VERIFIED)
     }
     with tempfile.TemporaryDirectory(prefix="batchserve-verify-") as directory:
-        server = procs.ServerProcess.start(Path(directory), ["--no-demo"])
+        server = procs.ServerProcess.start(Path(directory), ["--no-demo", *flags])
         try:
             _fill(server.url, catalog)
             for _ in range(rounds):
