@@ -300,7 +300,10 @@ class ImageService:
             outcomes = self._submit_all(prepared, call)
             found = outcomes.addCallback(lambda done: [o.matches or [] for o in done])
             if verifying.wanted(self._verify, asked[0].task):
-                return found.addCallback(lambda matches: self._verified(matches, call, asked[0]))
+                request = asked[0]
+                return found.addCallback(
+                    lambda matches: self._verified(matches, call, request.task.k, request.images)
+                )
             return found
 
         return d.addCallback(route)
@@ -329,22 +332,21 @@ class ImageService:
         self,
         found: list[list[Match]],
         call: Call,
-        asked: SearchRequest | None = None,
+        k: int,
+        images: Sequence[bytes] | None = None,
         item_id: str | None = None,
-        k: int = 0,
     ) -> Deferred[list[list[Match]]]:
-        """``found`` verified against the query images ``asked`` or the stored item
-        ``item_id``: the matches' local features read on the store thread, the query's
+        """The first ``k`` of ``found`` verified against the query ``images`` or the stored
+        item ``item_id``: the matches' local features read on the store thread, the query's
         found and matched on the decode pool."""
         started = time.perf_counter()
         fids = sorted({m.fid for matches in found for m in matches})
-        k = asked.task.k if asked is not None else k
         limits, inliers = self._limits, self._verify.copy_min_inliers
 
         def rerank(stored: tuple[bytes | None, dict[int, bytes]]) -> list[list[Match]]:
             packed, by_fid = stored
-            if asked is not None:
-                queries = verifying.image_queries(asked.images, limits)
+            if images is not None:
+                queries = verifying.image_queries(images, limits)
             else:
                 queries = [verifying.stored_query(packed)]
             return verifying.rerank_all(queries, found, by_fid, k, inliers)
@@ -478,7 +480,7 @@ class ImageService:
             return self._store_call(store_calls.similar, item_id, task)
         d = self._store_call(store_calls.similar, item_id, verifying.shortlist(self._verify, task))
         verified = d.addCallback(
-            lambda found: self._verified([found], Call(), item_id=item_id, k=task.k)
+            lambda found: self._verified([found], Call(), task.k, item_id=item_id)
         )
         return verified.addCallback(lambda per_query: per_query[0])
 

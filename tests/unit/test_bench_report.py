@@ -236,3 +236,21 @@ def test_versus_names_the_runtime_of_every_side_and_quotes_each_pair() -> None:
         "median of the per-round ratios: **2.45x** at p99 300 against 650 ms (rounds: 2.50, "
         "2.40)."
     ) in text
+
+
+def test_the_verified_search_part_shows_its_cost_on_the_server_and_the_readme_its_top1() -> None:
+    from bench.report.sections_verified import verified
+
+    data = results.load()
+    section = data["retrieval"]
+    cost = section["verify_cost"]
+    default = "GeM + trim borders (new default)"
+    lines = "\n".join(verified(section, default))
+    assert (
+        f"| verified / unverified | {cost['p50_ratio']}x | | {cost['throughput_ratio']}x |" in lines
+    )
+    assert f"| `verify=true` | {cost['verified']['p50_ms']} |" in lines
+    unmeasured = "\n".join(verified({**section, "verify_cost": None}, default))
+    assert "verified / unverified" not in unmeasured and "Copy detection" in unmeasured
+    top1 = section["verified"]["shortlists"]["20"]["top1"]
+    assert f"{top1:.0%} with `verify=true`, its top 20 verified" in render._search_quality(data)
